@@ -1,0 +1,83 @@
+"""The `lmforge` command. Each stage package contributes its subcommands through `register`."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+
+from lmforge import __version__
+
+# Stage modules that add subcommands; each has `register(subparsers)`.
+STAGES = ["lmforge.tokenizer.cli", "lmforge.quickstart"]
+
+EPILOG = """examples:
+  lmforge quickstart                                   run the whole chain offline on the built-in corpus
+  lmforge tokenizer train --input builtin:python-docs --vocab-size 8192 --out runs/tok
+  echo "你好, world" | lmforge tokenizer encode --tokenizer runs/tok
+  lmforge tokenizer inspect --tokenizer runs/tok --text "Tokenizers split text 成为 tokens"
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that suggests the nearest flag for a mistyped one."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"'{arg}' -> did you mean '{close[0]}'?")
+            if hints:
+                message += "\n  " + "\n  ".join(hints)
+        super().error(message)
+
+
+class UserError(Exception):
+    """An error to report to the user as one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = ArgumentParser(prog="lmforge", description="From raw documents to a served, fine-tuned LM.",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for module in STAGES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lmforge.config import ConfigError
+    from lmforge.data.sources import CorpusError
+    from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
+    from lmforge.tokenizer.chat import TemplateError
+
+    return (UserError, ConfigError, CorpusError, TrainingError, TokenizerFormatError, TokenizerError,
+            TemplateError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report on the subcommand's parser, which knows the flags to suggest
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except _user_errors() as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130

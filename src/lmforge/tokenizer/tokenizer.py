@@ -1,0 +1,361 @@
+"""`Tokenizer`: one interface for lmforge's byte-level BPE and for any HF tokenizer.json.
+
+Two implementations:
+  - `BPETokenizer`: byte-level BPE held as merge ranks (token bytes -> id). Encoding goes
+    through tiktoken built from those ranks (fast, offline); a pure-Python reference encoder
+    with the same semantics is kept (`encode(..., reference=True)`) and tested against it.
+  - `HFTokenizer`: wraps a `tokenizers.Tokenizer` (BPE, WordPiece, Unigram, ...), so a
+    pretrained model's own tokenizer works everywhere in lmforge.
+
+Encoding semantics of `BPETokenizer` (those of tiktoken): split the text with the
+pre-tokenizer regex; a piece whose bytes are a token is that token; otherwise start from
+single bytes and repeatedly merge the adjacent pair whose concatenation has the lowest
+rank (leftmost on ties). Byte fallback means no unknown token ever exists.
+
+Special tokens follow tiktoken's rules: by default a special token's text inside ordinary
+input is an error (`disallowed_special="all"`); `allowed_special` lists the ones to encode as
+specials; pass `disallowed_special=()` to encode their text as ordinary text.
+
+Lone surrogates (str code points U+D800-U+DFFF, which UTF-8 cannot represent) are encoded as
+their 3 "surrogatepass" bytes each, split apart from the surrounding text, and decoded back,
+so `decode(encode(s)) == s` for every Python str. (`HFTokenizer` rejects them: the Rust
+library cannot hold them.)
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import os
+import re
+from collections.abc import Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import regex
+
+from lmforge.tokenizer.chat import render_chat
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_SURROGATE_LEADS = range(0xA0, 0xC0)
+
+
+def _surrogate_or_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
+    """Decode error handler: 3-byte surrogate encodings back to the code point, else U+FFFD."""
+    data, i = exc.object, exc.start
+    if (i + 2 < len(data) and data[i] == 0xED and data[i + 1] in _SURROGATE_LEADS
+            and 0x80 <= data[i + 2] < 0xC0):
+        return bytes(data[i:i + 3]).decode("utf-8", "surrogatepass"), i + 3
+    return codecs.replace_errors(exc)
+
+
+codecs.register_error("lmforge.surrogates", _surrogate_or_replace)
+
+SpecialSet = Literal["all"] | Collection[str]
+
+
+class TokenizerError(ValueError):
+    """Input a tokenizer cannot take (unknown token id, lone surrogate for HF, ...)."""
+
+
+class DisallowedSpecialError(TokenizerError):
+    """Input text contains a special token's text that was not allowed."""
+
+
+class Tokenizer:
+    """The interface every tokenizer in lmforge offers (see the module docstring)."""
+
+    special_tokens: dict[str, int]
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+
+    # --- to implement -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """Encode text that holds no special tokens and no lone surrogates."""
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        raise NotImplementedError
+
+    def id_to_token(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    # --- shared behaviour ---------------------------------------------------------
+    def _encode_surrogates(self, text: str) -> list[int]:
+        raise TokenizerError("this tokenizer cannot encode lone surrogates (U+D800-U+DFFF); "
+                         "fix the text, e.g. text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')")
+
+    def encode_ordinary(self, text: str, **kw) -> list[int]:
+        """Encode `text`, treating special tokens' text as ordinary text."""
+        if _SURROGATES.search(text) is None:
+            return self._encode_ordinary(text, **kw)
+        return self._encode_surrogates(text, **kw)
+
+    @functools.cached_property
+    def _special_regex(self) -> re.Pattern | None:
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, names))) if names else None
+
+    def encode(self, text: str, allowed_special: SpecialSet = frozenset(),
+               disallowed_special: SpecialSet = "all", **kw) -> list[int]:
+        """Encode `text` to token ids (tiktoken's rules for special tokens)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise TokenizerError(f"allowed_special names tokens this tokenizer lacks: {sorted(unknown)}")
+        disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
+                      else set(disallowed_special))
+        if self._special_regex is None or not (allowed or disallowed):
+            return self.encode_ordinary(text, **kw)
+        ids: list[int] = []
+        start = 0
+        for m in self._special_regex.finditer(text):
+            token = m.group()
+            if token in disallowed:
+                raise DisallowedSpecialError(
+                    f"text contains the special token {token!r} at character {m.start()}; pass "
+                    f"allowed_special={{{token!r}}} to encode it as a special token, or "
+                    f"disallowed_special=() to encode it as ordinary text")
+            if token in allowed:
+                ids += self.encode_ordinary(text[start:m.start()], **kw)
+                ids.append(self.special_tokens[token])
+                start = m.end()
+        ids += self.encode_ordinary(text[start:], **kw)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, **kw) -> list[list[int]]:
+        """Encode many texts on a thread pool (the fast encoders release the GIL)."""
+        num_threads = num_threads or os.cpu_count() or 1
+        if num_threads == 1 or len(texts) < 2:
+            return [self.encode(t, **kw) for t in texts]
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(functools.partial(self.encode, **kw), texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", "lmforge.surrogates")
+
+    def token_spans(self, text: str, **kw) -> list[tuple[str, list[int]]]:
+        """Split the encoding of `text` into displayable spans: (text, ids that make it).
+
+        A character split over several byte-level tokens is one span with all of its ids.
+        """
+        spans: list[tuple[str, list[int]]] = []
+        pending: list[int] = []
+        for token_id in self.encode(text, **kw):
+            pending.append(token_id)
+            try:
+                piece = self.decode_bytes(pending).decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data":
+                    continue  # wait for the rest of the character
+                piece = self.decode(pending)
+            spans.append((piece, pending))
+            pending = []
+        if pending:
+            spans.append((self.decode(pending), pending))
+        return spans
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False, **extra) -> str | list[int]:
+        """Render a conversation with the tokenizer's chat template (HF semantics)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; set tokenizer.chat_template "
+                             "(a Jinja template, as in HF tokenizer_config.json)")
+        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+        return self.encode(text, allowed_special="all") if tokenize else text
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE from merge ranks; tiktoken fast path plus a pure-Python reference."""
+
+    def __init__(self, ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], pattern: str,
+                 special_tokens: dict[str, int] | None = None, *, chat_template: str | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None,
+                 name: str = "lmforge"):
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"a byte-level BPE vocabulary needs all 256 single bytes; missing {missing[:8]}")
+        self.ranks = ranks
+        self.merges = merges
+        self.pattern = pattern
+        self.special_tokens = dict(special_tokens or {})
+        clash = set(self.special_tokens.values()) & set(ranks.values())
+        if clash:
+            raise ValueError(f"special token ids clash with ordinary token ids: {sorted(clash)[:8]}")
+        self.chat_template, self.bos_token, self.eos_token, self.pad_token = chat_template, bos_token, eos_token, pad_token
+        self.name = name
+        self._decoder = {i: b for b, i in ranks.items()}
+        self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self._pat = regex.compile(pattern)
+        self._cache: dict[bytes, list[int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self._decoder) + 1
+
+    @functools.cached_property
+    def _tiktoken(self):
+        """The tiktoken Encoding for these ranks, or None if tiktoken cannot take the pattern."""
+        import tiktoken
+
+        try:
+            return tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                     special_tokens=self.special_tokens)
+        except ValueError:  # a custom regex that tiktoken's engine rejects
+            return None
+
+    # --- the pure-Python reference (tiktoken's algorithm, written out) -------------
+    def _bpe(self, piece: bytes) -> list[int]:
+        ranks = self.ranks
+        if piece in ranks:
+            return [ranks[piece]]
+        cached = self._cache.get(piece)
+        if cached is not None:
+            return cached
+        parts = [piece[i:i + 1] for i in range(len(piece))]
+        while len(parts) > 1:
+            best_rank, best_i = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best_rank is None or r < best_rank):
+                    best_rank, best_i = r, i
+            if best_rank is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        ids = [ranks[p] for p in parts]
+        if len(self._cache) < 100_000:
+            self._cache[piece] = ids
+        return ids
+
+    def _encode_reference(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._pat.findall(text):
+            ids += self._bpe(piece.encode("utf-8"))
+        return ids
+
+    def _encode_ordinary(self, text: str, reference: bool = False) -> list[int]:
+        fast = None if reference else self._tiktoken
+        if fast is None:
+            return self._encode_reference(text)
+        return fast.encode_ordinary(text)
+
+    def _encode_surrogates(self, text: str, reference: bool = False) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for m in _SURROGATES.finditer(text):
+            ids += self._encode_ordinary(text[start:m.start()], reference=reference)
+            ids += self._bpe(m.group().encode("utf-8", "surrogatepass"))
+            start = m.end()
+        return ids + self._encode_ordinary(text[start:], reference=reference)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, **kw) -> list[list[int]]:
+        fast = self._tiktoken
+        if fast is not None and not kw.get("reference") and not self.special_tokens \
+                and not any(_SURROGATES.search(t) for t in texts):
+            return fast.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+        return super().encode_batch(texts, num_threads, **kw)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        decoder = self._decoder
+        try:
+            return b"".join([decoder[i] for i in ids])
+        except KeyError as e:
+            raise TokenizerError(f"token id {e.args[0]} is outside the vocabulary (size {self.vocab_size})") from None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode_bytes([token_id])
+
+    def id_to_token(self, token_id: int) -> str:
+        from lmforge.tokenizer.formats import bytes_to_unicode_str
+
+        if token_id in self.special_tokens.values():
+            return self.decode([token_id])
+        return bytes_to_unicode_str(self.token_bytes(token_id))
+
+    def token_to_id(self, token: str) -> int | None:
+        from lmforge.tokenizer.formats import unicode_str_to_bytes
+
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        try:
+            return self.ranks.get(unicode_str_to_bytes(token))
+        except KeyError:
+            return None
+
+    def save(self, directory: str | os.PathLike) -> None:
+        from lmforge.tokenizer.formats import save_hf_tokenizer
+
+        save_hf_tokenizer(self, directory)
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
+
+
+class HFTokenizer(Tokenizer):
+    """Any HF `tokenizers` tokenizer (BPE, WordPiece, Unigram, ...) behind the lmforge interface."""
+
+    def __init__(self, tok, *, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None, config: dict | None = None):
+        self.tok = tok
+        # we split special tokens ourselves (tiktoken rules); inside ordinary text they are text
+        tok.encode_special_tokens = True
+        self.special_tokens = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.chat_template, self.bos_token, self.eos_token, self.pad_token = chat_template, bos_token, eos_token, pad_token
+        self.config = config or {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_spans(self, text: str, **kw) -> list[tuple[str, list[int]]]:
+        enc = self.tok.encode(text, add_special_tokens=False)
+        spans: list[tuple[str, list[int]]] = []
+        for token_id, (start, end) in zip(enc.ids, enc.offsets):
+            if spans and spans[-1][2] == (start, end):  # bytes of one character share an offset
+                spans[-1][1].append(token_id)
+            else:
+                spans.append((text[start:end], [token_id], (start, end)))
+        return [(s, ids) for s, ids, _ in spans]
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        from lmforge.tokenizer.formats import save_hf_wrapped
+
+        save_hf_wrapped(self, directory)
+
+    def __repr__(self) -> str:
+        model = type(self.tok.model).__name__
+        return f"HFTokenizer({model}, vocab_size={self.vocab_size})"
