@@ -68,7 +68,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     en, zh = compression["en"], compression["zh"]
     report = f"""# lmforge quickstart
 
-Run on {platform.node() or 'this machine'} ({platform.machine()}, Python {platform.python_version()}), {time.strftime('%Y-%m-%d %H:%M')}.
+Run on {platform.node() or 'this machine'} ({platform.machine()}, Python {platform.python_version()}),
+{time.strftime('%Y-%m-%d %H:%M')}.
 
 ## Corpus
 `{' '.join(cfg.corpus)}`: {corpus['documents']} documents, {corpus['characters']:,} characters, {corpus['bytes']:,} bytes.

@@ -7,10 +7,10 @@ Wherever lmforge accepts a corpus it accepts a list of these specs:
   - a glob such as `data/**/*.jsonl.gz`;
   - a built-in corpus such as `builtin:python-docs`.
 
-Text is never loaded whole: large files are read in blocks and cut only at line breaks
-that are followed by a non-space character, a point where the GPT-2, cl100k and o200k
+Text is never loaded whole: large files are read in blocks and cut only at a lone line
+break between two non-space characters, a point where the GPT-2, cl100k and o200k
 pre-tokenizer patterns always split, so training on the pieces gives the same counts as
-training on the whole file.
+training on the whole file (a test checks this for all three).
 
 Invalid UTF-8 is reported with the file, line and byte offset (`errors="strict"`, the
 default) or replaced with U+FFFD and counted (`errors="replace"`).
@@ -116,10 +116,15 @@ class _Decoder:
 
 
 def _safe_cut(text: str) -> int:
-    """Index after the last newline that is followed by a non-space character (0 if none)."""
+    """Index after the last lone newline between two non-space characters (0 if none).
+
+    There the GPT-2, cl100k and o200k patterns always end a piece (the newline is a piece of its
+    own, or ends a punctuation piece), whatever follows; "/" is excluded because o200k lets a
+    punctuation piece run on through newlines into slashes.
+    """
     pos = len(text)
-    while (pos := text.rfind("\n", 0, pos)) >= 0:
-        if pos + 1 < len(text) and not text[pos + 1].isspace():
+    while (pos := text.rfind("\n", 0, pos)) > 0:
+        if pos + 1 < len(text) and not text[pos - 1].isspace() and not text[pos + 1].isspace() and text[pos + 1] != "/":
             return pos + 1
     return 0
 

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import pytest
+
+from tests import corpora
+
+
+@pytest.fixture(scope="session")
+def mixed_corpus_dir(tmp_path_factory):
+    """A small English + Chinese corpus on disk, as a user would have it."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "en.txt").write_text(corpora.english(150_000), encoding="utf-8")
+    (d / "zh.md").write_text(corpora.chinese_news(60_000), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained(mixed_corpus_dir):
+    """One tokenizer trained on the mixed corpus, shared by the tests that only read it."""
+    from lmforge.tokenizer import train_tokenizer
+
+    return train_tokenizer([str(mixed_corpus_dir)], vocab_size=3000, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_dir(trained, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    trained.save(d)
+    return d

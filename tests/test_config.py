@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from lmforge.config import ConfigError, add_config_args, config_from_args, load_config, save_config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+
+
+@dataclass
+class Cfg:
+    vocab_size: int = 100
+    name: str = "x"
+    inputs: list[str] = field(default_factory=lambda: ["a"])
+    fast: bool = True
+    mode: str = field(default="strict", metadata={"choices": ["strict", "replace"]})
+    optim: Inner = field(default_factory=Inner)
+    workers: int | None = None
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    (tmp_path / "c.yaml").write_text("vocab_sise: 5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'vocab_sise'. Did you mean 'vocab_size'\?"):
+        load_config(Cfg, tmp_path / "c.yaml")
+    (tmp_path / "n.yaml").write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim: unknown key 'lrr'. Did you mean 'lr'\?"):
+        load_config(Cfg, tmp_path / "n.yaml")
+    with pytest.raises(ConfigError, match="Valid keys"):
+        load_config(Cfg, overrides={"zzzzzz": 1})
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"vocab_size": "ten"}, "vocab_size: expected an integer"),
+    ({"vocab_size": True}, "vocab_size: expected an integer"),
+    ({"fast": "maybe"}, "fast: expected true/false"),
+    ({"mode": "lenient"}, "mode: 'lenient' is not one of strict, replace"),
+    ({"inputs": {"a": 1}}, "inputs: expected a list"),
+    ({"optim": 3}, "optim: expected a mapping"),
+])
+def test_bad_values_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Cfg, overrides=data)
+
+
+def test_precedence_and_resolved_config(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"vocab_size": 7, "name": "from-file", "optim": {"lr": 0.5}}))
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Cfg)
+    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--name", "from-flag", "--no-fast",
+                              "--inputs", "p", "q"])
+    cfg = config_from_args(Cfg, args)
+    assert (cfg.vocab_size, cfg.name, cfg.fast, cfg.inputs, cfg.optim.lr) == (7, "from-flag", False, ["p", "q"], 0.5)
+    path = save_config(cfg, tmp_path / "out")
+    assert yaml.safe_load(path.read_text()) == {"vocab_size": 7, "name": "from-flag", "inputs": ["p", "q"],
+                                                 "fast": False, "mode": "strict", "optim": {"lr": 0.5},
+                                                 "workers": None}
+    assert load_config(Cfg, path) == cfg  # the saved config reproduces the run
+
+
+def test_unreadable_or_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(Cfg, tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(Cfg, tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Cfg, tmp_path / "list.yaml")
