@@ -87,6 +87,7 @@ def test_batch_encoding_equals_one_by_one(trained):
     expected = [trained.encode(t) for t in texts]
     assert trained.encode_batch(texts, num_threads=4) == expected
     assert trained.encode_batch(texts[:10], num_threads=1) == expected[:10]
+    assert trained.encode_batch(texts, num_threads=2, processes=True, reference=True) == expected
 
 
 def test_decode_invalid_utf8_like_python(trained):

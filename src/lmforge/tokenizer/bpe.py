@@ -18,6 +18,7 @@ import heapq
 import logging
 import multiprocessing as mp
 import os
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 
@@ -201,6 +202,7 @@ def train_bpe(chunks: Iterable[str], vocab_size: int, pattern: str, special_toke
                             f"(256 byte tokens + {len(specials)} special tokens)")
     if min_frequency < 1:
         raise TrainingError(f"min frequency must be at least 1, got {min_frequency}")
+    t0 = time.perf_counter()
     counts, stats = count_pretokens(chunks, pattern, specials, num_workers, show_progress)
     if not counts:
         raise TrainingError("the corpus is empty: no text to train on")
@@ -211,11 +213,14 @@ def train_bpe(chunks: Iterable[str], vocab_size: int, pattern: str, special_toke
         if len(b) > 1:  # a single byte has no pair to merge
             words.append(b)
             word_counts.append(c)
+    stats["count_seconds"] = time.perf_counter() - t0
     stats["unique_pretokens"] = len(counts)
     stats["pretokens"] = sum(counts.values())
     del counts
     token_bytes = [bytes([i]) for i in range(256)]
+    t0 = time.perf_counter()
     merges = merge_pairs(words, word_counts, token_bytes, vocab_size - len(specials), min_frequency, show_progress)
+    stats["merge_seconds"] = time.perf_counter() - t0
     if len(token_bytes) + len(specials) < vocab_size:
         log.warning("stopped at %d tokens (asked for %d): no pair occurs at least %d times; "
                     "use a larger corpus or a lower --min-frequency", len(token_bytes) + len(specials),

@@ -37,6 +37,17 @@ import regex
 from lmforge.tokenizer.chat import render_chat
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+_worker: dict = {}
+
+
+def _set_worker_tokenizer(tok: Tokenizer, kw: dict) -> None:
+    _worker["tok"], _worker["kw"] = tok, kw
+
+
+def _encode_share_in_worker(texts: Sequence[str]) -> list[list[int]]:
+    return [_worker["tok"].encode(t, **_worker["kw"]) for t in texts]
 _SURROGATE_LEADS = range(0xA0, 0xC0)
 
 
@@ -95,13 +106,15 @@ class Tokenizer:
     # --- shared behaviour ---------------------------------------------------------
     def _encode_surrogates(self, text: str) -> list[int]:
         raise TokenizerError("this tokenizer cannot encode lone surrogates (U+D800-U+DFFF); "
-                         "fix the text, e.g. text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')")
+                             "fix the text, e.g. text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')")
 
     def encode_ordinary(self, text: str, **kw) -> list[int]:
         """Encode `text`, treating special tokens' text as ordinary text."""
-        if _SURROGATES.search(text) is None:
+        try:
+            # the encoders raise UnicodeEncodeError on a lone surrogate, so the common case pays no pre-scan
             return self._encode_ordinary(text, **kw)
-        return self._encode_surrogates(text, **kw)
+        except UnicodeEncodeError:
+            return self._encode_surrogates(text, **kw)
 
     @functools.cached_property
     def _special_regex(self) -> re.Pattern | None:
@@ -113,6 +126,10 @@ class Tokenizer:
         """Encode `text` to token ids (tiktoken's rules for special tokens)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        special_regex = self._special_regex
+        if special_regex is None or (not allowed_special and disallowed_special == "all"
+                                     and special_regex.search(text) is None):
+            return self.encode_ordinary(text, **kw)  # the common case: one C-level scan, no set building
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
@@ -137,13 +154,28 @@ class Tokenizer:
         ids += self.encode_ordinary(text[start:], **kw)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, **kw) -> list[list[int]]:
-        """Encode many texts on a thread pool (the fast encoders release the GIL)."""
-        num_threads = num_threads or os.cpu_count() or 1
-        if num_threads == 1 or len(texts) < 2:
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, processes: bool = False,
+                     **kw) -> list[list[int]]:
+        """Encode many texts in parallel: threads (the fast encoders release the GIL) or processes.
+
+        Each worker takes one contiguous share of `texts`, so small documents cost no per-item
+        scheduling. Use `processes=True` for the pure-Python reference encoder.
+        """
+        n = min(num_threads or os.cpu_count() or 1, len(texts))
+        if n <= 1:
             return [self.encode(t, **kw) for t in texts]
-        with ThreadPoolExecutor(num_threads) as pool:
-            return list(pool.map(functools.partial(self.encode, **kw), texts))
+        size = -(-len(texts) // n)
+        shares = [texts[i:i + size] for i in range(0, len(texts), size)]
+        if processes:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(len(shares), initializer=_set_worker_tokenizer, initargs=(self, kw)) as pool:
+                parts = pool.map(_encode_share_in_worker, shares)
+        else:
+            with ThreadPoolExecutor(len(shares)) as pool:
+                parts = list(pool.map(lambda share: [self.encode(t, **kw) for t in share], shares))
+        return [ids for part in parts for ids in part]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; bytes that are not valid UTF-8 become U+FFFD."""
@@ -256,6 +288,10 @@ class BPETokenizer(Tokenizer):
         fast = None if reference else self._tiktoken
         if fast is None:
             return self._encode_reference(text)
+        core = getattr(fast, "_core_bpe", None)
+        if core is not None:
+            return core.encode_ordinary(text)  # raises UnicodeEncodeError on lone surrogates
+        text.encode("utf-8")  # public API fallback: tiktoken would silently replace surrogates
         return fast.encode_ordinary(text)
 
     def _encode_surrogates(self, text: str, reference: bool = False) -> list[int]:
@@ -267,12 +303,63 @@ class BPETokenizer(Tokenizer):
             start = m.end()
         return ids + self._encode_ordinary(text[start:], reference=reference)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, **kw) -> list[list[int]]:
+    _BATCH_SEPARATOR = "<|lmforge:document-separator|>"
+
+    @functools.cached_property
+    def _tiktoken_batch(self):
+        """tiktoken with one extra private special token that separates documents in a batch."""
+        import tiktoken
+
         fast = self._tiktoken
-        if fast is not None and not kw.get("reference") and not self.special_tokens \
-                and not any(_SURROGATES.search(t) for t in texts):
-            return fast.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
-        return super().encode_batch(texts, num_threads, **kw)
+        if fast is None or getattr(fast, "_core_bpe", None) is None:
+            return None
+        sep_id = self.vocab_size
+        enc = tiktoken.Encoding(f"{self.name}-batch", pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                special_tokens={**self.special_tokens, self._BATCH_SEPARATOR: sep_id})
+        return enc, sep_id
+
+    def _encode_group(self, group: Sequence[str]) -> list[list[int]]:
+        """Encode documents in one tiktoken call: joined by the private separator, which tiktoken
+        treats like any special token, so the text between two separators is encoded exactly as
+        a document on its own would be. The GIL is released for the whole group."""
+        enc, sep_id = self._tiktoken_batch
+        sep = self._BATCH_SEPARATOR
+        joined = sep.join(group)
+        special = self._special_regex
+        if (special is not None and special.search(joined)) or joined.count(sep) != len(group) - 1:
+            return [self.encode(t) for t in group]  # specials in the text: the per-document rules apply
+        try:
+            ids = enc._core_bpe.encode(joined, {sep})
+        except UnicodeEncodeError:
+            return [self.encode(t) for t in group]
+        out, start = [], 0
+        for _ in range(len(group) - 1):
+            end = ids.index(sep_id, start)
+            out.append(ids[start:end])
+            start = end + 1
+        out.append(ids[start:])
+        return out
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, processes: bool = False,
+                     **kw) -> list[list[int]]:
+        if processes or kw or self._tiktoken_batch is None or len(texts) < 2:
+            return super().encode_batch(texts, num_threads, processes, **kw)
+        # groups of about 256k characters: large enough that each call is mostly Rust, many enough to share
+        groups: list[list[str]] = [[]]
+        size = 0
+        for t in texts:
+            if size > 1 << 18:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += len(t)
+        n = min(num_threads or os.cpu_count() or 1, len(groups))
+        if n <= 1:
+            parts = [self._encode_group(g) for g in groups]
+        else:
+            with ThreadPoolExecutor(n) as pool:
+                parts = list(pool.map(self._encode_group, groups))
+        return [ids for part in parts for ids in part]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         decoder = self._decoder
@@ -327,6 +414,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def _encode_ordinary(self, text: str) -> list[int]:
+        text.encode("utf-8")  # the Rust library cannot take lone surrogates: raise UnicodeEncodeError first
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
