@@ -25,6 +25,11 @@ from collections.abc import Iterable, Iterator
 import regex
 from tqdm.auto import tqdm
 
+from lmforge.data.sources import iter_text_chunks
+from lmforge.tokenizer.chat import CHATML_TEMPLATE, CHATML_TOKENS
+from lmforge.tokenizer.patterns import resolve_pattern
+from lmforge.tokenizer.tokenizer import BPETokenizer
+
 log = logging.getLogger(__name__)
 
 TASK_BYTES = 4 << 20  # text handed to one worker at a time
@@ -234,18 +239,13 @@ DEFAULT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 def train_tokenizer(inputs: list[str] | str, vocab_size: int = 8192, pattern: str = "gpt2",
                     special_tokens: Iterable[str] = DEFAULT_SPECIALS, min_frequency: int = 2,
                     errors: str = "strict", text_field: str = "text", num_workers: int | None = None,
-                    show_progress: bool = True):
+                    show_progress: bool = True) -> BPETokenizer:
     """Train a byte-level BPE `BPETokenizer` on files, directories, globs or `builtin:` corpora.
 
     `pattern` is a preset (gpt2, cl100k, o200k) or a custom regex. Special tokens take the ids
     after the ordinary tokens; `<|endoftext|>` becomes the EOS token, and a tokenizer with the
     ChatML markers gets the ChatML chat template.
     """
-    from lmforge.data.sources import iter_text_chunks
-    from lmforge.tokenizer.chat import CHATML_TEMPLATE, CHATML_TOKENS
-    from lmforge.tokenizer.patterns import resolve_pattern
-    from lmforge.tokenizer.tokenizer import BPETokenizer
-
     regex_str = resolve_pattern(pattern)
     specials = list(dict.fromkeys(special_tokens))
     for s in specials:

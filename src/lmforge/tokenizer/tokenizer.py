@@ -24,6 +24,7 @@ library cannot hold them.)
 
 from __future__ import annotations
 
+import abc
 import codecs
 import functools
 import os
@@ -73,7 +74,7 @@ class DisallowedSpecialError(TokenizerError):
     """Input text contains a special token's text that was not allowed."""
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface every tokenizer in lmforge offers (see the module docstring)."""
 
     special_tokens: dict[str, int]
@@ -82,26 +83,31 @@ class Tokenizer:
     eos_token: str | None = None
     pad_token: str | None = None
 
-    # --- to implement -------------------------------------------------------------
+    # --- what each backend provides ----------------------------------------------
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids, special tokens included."""
 
+    @abc.abstractmethod
     def _encode_ordinary(self, text: str) -> list[int]:
         """Encode text that holds no special tokens and no lone surrogates."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abc.abstractmethod
     def id_to_token(self, token_id: int) -> str:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abc.abstractmethod
     def save(self, directory: str | os.PathLike) -> None:
-        raise NotImplementedError
+        """See the module docstring."""
 
     # --- shared behaviour ---------------------------------------------------------
     def _encode_surrogates(self, text: str) -> list[int]:
