@@ -95,19 +95,19 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """See the module docstring."""
+        """The raw bytes the ids stand for (may end inside a UTF-8 character)."""
 
     @abc.abstractmethod
     def id_to_token(self, token_id: int) -> str:
-        """See the module docstring."""
+        """The token's vocabulary entry (byte-level BPE: GPT-2's printable byte alphabet)."""
 
     @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None:
-        """See the module docstring."""
+        """Inverse of id_to_token; None for a string that is not a vocabulary entry."""
 
     @abc.abstractmethod
     def save(self, directory: str | os.PathLike) -> None:
-        """See the module docstring."""
+        """Write tokenizer.json and tokenizer_config.json (HF format) into `directory`."""
 
     # --- shared behaviour ---------------------------------------------------------
     def _encode_surrogates(self, text: str) -> list[int]:
