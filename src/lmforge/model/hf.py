@@ -1,0 +1,239 @@
+"""Hugging Face checkpoint interop: config.json and weight-name maps for GPT-2, Llama, Qwen2, Mistral.
+
+Conversion lives beside the model, not inside it: `load_hf_model(dir)` maps a local HF directory
+(model.safetensors, sharded safetensors with an index, or pytorch_model.bin read with
+weights_only=True) onto lmforge's `Transformer`; `save_hf_model(model, dir)` writes the same layout
+so `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from lmforge.files import write_json
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+
+SUPPORTED = ("gpt2", "llama", "qwen2", "mistral")
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mistral": "MistralForCausalLM"}
+# buffers some checkpoints carry that are recomputed, not learned
+_IGNORED = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint lmforge cannot load; the message names the file, model_type or tensor."""
+
+
+# --- config ------------------------------------------------------------------------------
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+    return float(theta), scaling
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """ModelConfig from an HF config.json dict."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise CheckpointError(f"{where}: GPT-2 activation '{act}' is not supported (tanh GELU only)")
+        return ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layers=hf["n_layer"], d_model=hf["n_embd"],
+                           n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                           max_seq_len=hf["n_positions"], norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True),
+                           bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act '{hf.get('hidden_act')}' is not supported (silu only)")
+    if hf.get("attention_bias") and model_type == "llama" or hf.get("mlp_bias"):
+        raise CheckpointError(f"{where}: attention_bias/mlp_bias on Llama are not supported yet")
+    theta, scaling = _rope_from_hf(hf)
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    return ModelConfig(arch=model_type, vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"],
+                       d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
+                       n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                       head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
+                       max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", pos="rope", rope_theta=theta,
+                       rope_scaling=scaling, qkv_bias=model_type == "qwen2", proj_bias=False,
+                       sliding_window=window, tie_embeddings=hf.get("tie_word_embeddings", False),
+                       bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) and x else x
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """HF config.json dict for a ModelConfig."""
+    common = {"architectures": [HF_CLASS[cfg.arch]], "model_type": cfg.arch, "vocab_size": cfg.vocab_size,
+              "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
+              "eos_token_id": cfg.eos_token_id, "torch_dtype": "float32", "dtype": "float32"}
+    if cfg.arch == "gpt2":
+        if cfg.pos != "learned" or cfg.mlp != "gelu" or cfg.norm != "layernorm" or cfg.n_kv_heads != cfg.n_heads:
+            raise CheckpointError("this config is not GPT-2 shaped (needs learned positions, GELU, LayerNorm, MHA)")
+        return {**common, "n_layer": cfg.n_layers, "n_embd": cfg.d_model, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
+                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    if cfg.pos != "rope" or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm" or cfg.proj_bias or cfg.qk_norm:
+        raise CheckpointError(f"this config cannot be written as '{cfg.arch}' (needs RoPE, SwiGLU, RMSNorm, no output biases)")
+    if cfg.qkv_bias != (cfg.arch == "qwen2"):
+        raise CheckpointError(f"q/k/v biases are {'required' if cfg.arch == 'qwen2' else 'not supported'} for '{cfg.arch}'")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+    out = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+           "rope_theta": cfg.rope_theta, "rope_parameters": rope, "attention_dropout": 0.0}
+    if cfg.rope_scaling:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.arch == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    elif cfg.arch == "qwen2":
+        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                   max_window_layers=cfg.n_layers)
+    elif cfg.sliding_window is not None:
+        raise CheckpointError("Llama has no sliding window; use arch 'mistral'")
+    return out
+
+
+# --- weights -----------------------------------------------------------------------------
+
+def _name_map(cfg: ModelConfig) -> dict[str, str]:
+    """lmforge parameter name -> HF tensor name (GPT-2's fused c_attn is handled separately)."""
+    m: dict[str, str] = {}
+    if cfg.arch == "gpt2":
+        m["embed.weight"], m["pos_embed.weight"] = "transformer.wte.weight", "transformer.wpe.weight"
+        for i in range(cfg.n_layers):
+            h = f"transformer.h.{i}"
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                for p in ("weight", "bias"):
+                    m[f"layers.{i}.{ours}.{p}"] = f"{h}.{theirs}.{p}"
+            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
+                for p in ("weight", "bias"):
+                    m[f"layers.{i}.{ours}.{p}"] = f"{h}.{theirs}.{p}"
+        m["norm.weight"], m["norm.bias"] = "transformer.ln_f.weight", "transformer.ln_f.bias"
+        return m
+    m["embed.weight"], m["norm.weight"] = "model.embed_tokens.weight", "model.norm.weight"
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.n_layers):
+        h = f"model.layers.{i}"
+        m[f"layers.{i}.attn_norm.weight"] = f"{h}.input_layernorm.weight"
+        m[f"layers.{i}.mlp_norm.weight"] = f"{h}.post_attention_layernorm.weight"
+        for p in ("q", "k", "v", "o"):
+            m[f"layers.{i}.attn.{p}_proj.weight"] = f"{h}.self_attn.{p}_proj.weight"
+        if cfg.qkv_bias:
+            for p in ("q", "k", "v"):
+                m[f"layers.{i}.attn.{p}_proj.bias"] = f"{h}.self_attn.{p}_proj.bias"
+        for p in ("gate", "up", "down"):
+            m[f"layers.{i}.mlp.{p}_proj.weight"] = f"{h}.mlp.{p}_proj.weight"
+    return m
+
+
+_GPT2_CONV1D = re.compile(r".*\.(c_attn|c_proj|c_fc)\.weight$")  # GPT-2 stores Linear weights transposed
+
+
+def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory (single or sharded safetensors, or pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if (d / "model.safetensors").exists():
+        return load_file(str(d / "model.safetensors"))
+    if (d / "model.safetensors.index.json").exists():
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            if not (d / shard).exists():
+                raise CheckpointError(f"{d / 'model.safetensors.index.json'} names shard {shard}, which is missing")
+            tensors.update(load_file(str(d / shard)))
+        return tensors
+    if (d / "pytorch_model.bin").exists():
+        return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
+    """Load a local HF causal-LM directory into lmforge's Transformer."""
+    d = Path(directory)
+    if not (d / "config.json").exists():
+        raise CheckpointError(f"{d}: no config.json (is this a Hugging Face model directory?)")
+    cfg = config_from_hf(json.loads((d / "config.json").read_text()), str(d / "config.json"))
+    tensors = read_state_dict(d)
+    if cfg.arch == "gpt2":  # original GPT-2 files have no "transformer." prefix
+        tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {}
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"{d}: tensor '{name}' is missing from the checkpoint")
+        used.add(name)
+        t = tensors[name]
+        return t.t() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(name) else t
+
+    for ours, theirs in _name_map(cfg).items():
+        state[ours] = take(theirs)
+    if cfg.arch == "gpt2":
+        for i in range(cfg.n_layers):
+            w, b = take(f"transformer.h.{i}.attn.c_attn.weight"), take(f"transformer.h.{i}.attn.c_attn.bias")
+            for j, p in enumerate(("q", "k", "v")):
+                state[f"layers.{i}.attn.{p}_proj.weight"] = w.chunk(3, dim=0)[j]
+                state[f"layers.{i}.attn.{p}_proj.bias"] = b.chunk(3, dim=0)[j]
+        used.add("lm_head.weight")  # tied to wte
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")
+    unknown = [k for k in tensors if k not in used and not _IGNORED.match(k)]
+    if unknown:
+        raise CheckpointError(f"{d}: tensors lmforge does not know: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    if model.rotary is not None:
+        model.rotary = type(model.rotary)(cfg)  # rebuilt off the meta device
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors (atomically) in the HF layout of the model's family."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    hf_config = config_to_hf(cfg)
+    ours = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, theirs in _name_map(cfg).items():
+        t = ours[name]
+        out[theirs] = t.t().contiguous() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(theirs) else t
+    if cfg.arch == "gpt2":
+        for i in range(cfg.n_layers):
+            a = f"layers.{i}.attn"
+            w = torch.cat([ours[f"{a}.{p}_proj.weight"] for p in "qkv"], dim=0)
+            out[f"transformer.h.{i}.attn.c_attn.weight"] = w.t().contiguous()
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([ours[f"{a}.{p}_proj.bias"] for p in "qkv"])
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    tmp = d / ".model.safetensors.tmp"
+    save_file(out, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, d / "model.safetensors")  # atomic: a crash never leaves a half-written checkpoint
+    write_json(d / "config.json", hf_config)

@@ -1,0 +1,275 @@
+"""The decoder: one pre-norm transformer whose family (GPT-2, Llama, Qwen2, Mistral) comes from ModelConfig.
+
+Reads top to bottom: norms, rotary embeddings, KV cache, attention, MLP, block, model.
+Numerics follow the reference implementations (HF transformers) so that published checkpoints
+give the same logits: RMSNorm in float32, rotate-half RoPE, GPT-2's tanh GELU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.config import ModelConfig
+
+# grouped-query attention inside SDPA needs torch 2.5; older versions repeat K/V heads instead
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.d_model
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
+
+
+def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scale for RoPE (Su et al. 2021) and its scaled variants.
+
+    linear: position interpolation (Chen et al. 2023); dynamic: NTK-aware base growth once the
+    sequence passes max_seq_len; yarn (Peng et al. 2023); llama3: wavelength-dependent smoothing.
+    Formulas as in transformers' modeling_rope_utils, so checkpoints match.
+    """
+    dim, base = cfg.head_dim, cfg.rope_theta
+    s = dict(cfg.rope_scaling or {})
+    kind = s.get("rope_type", s.get("type", "default"))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (base ** exponents)
+    scale = 1.0
+    if kind in ("default", None):
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "dynamic":
+        factor, max_len = s["factor"], s.get("original_max_position_embeddings", cfg.max_seq_len)
+        if seq_len is not None and seq_len > max_len:
+            base = base * ((factor * seq_len / max_len) - (factor - 1)) ** (dim / (dim - 2))
+            inv_freq = 1.0 / (base ** exponents)
+    elif kind == "yarn":
+        factor = s["factor"]
+        orig = s.get("original_max_position_embeddings") or cfg.max_seq_len
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+
+            def get_mscale(sc: float, m: float = 1.0) -> float:
+                return 1.0 if sc <= 1 else 0.1 * m * math.log(sc) + 1.0
+
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all \
+                else get_mscale(factor)
+        scale = float(attention_factor)
+    elif kind == "llama3":
+        factor, low_f, high_f = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low_f, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low_f) / (high_f - low_f)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high_f) * ~(wavelen > old_len / low_f)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    else:
+        raise ValueError(f"unsupported rope_scaling type '{kind}' (supported: linear, dynamic, yarn, llama3)")
+    return inv_freq, scale
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # a plain tensor, not a buffer: model.to(bfloat16) must not round the frequencies (the reference keeps fp32)
+        self.inv_freq, self.scale = rope_frequencies(cfg)
+        self.dynamic = (cfg.rope_scaling or {}).get("rope_type") == "dynamic"
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            inv_freq = rope_frequencies(self.cfg, int(positions.max()) + 1)[0].to(positions.device)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2), float32 as in the reference
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on (B, heads, T, head_dim); cos/sin are (B, T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, batch, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # slots filled so far (the same for every row; left padding keeps rows aligned)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} > {self.max_len} positions")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, q, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.d_model, bias=cfg.proj_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        groups = cfg.n_heads // cfg.n_kv_heads
+        if groups > 1 and not _SDPA_GQA:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+        # mask None means plain causal attention: SDPA can then use its flash / memory-efficient kernels
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **extra)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:  # Shazeer 2020
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.proj_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.proj_bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model; `forward` returns logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def _mask(self, B: int, T: int, start: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S) mask (True = attend), or None when plain causal attention suffices."""
+        window = self.cfg.sliding_window
+        S = start + T
+        if attention_mask is None and start == 0 and (window is None or window >= T):
+            return None
+        q = torch.arange(start, S, device=device)[:, None]
+        k = torch.arange(S, device=device)[None, :]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (q - k < window)
+        allowed = allowed[None, None].expand(B, 1, T, S)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :S].bool()
+            # a padding query sees no key; let it see itself so no row is all -inf (NaN in softmax)
+            allowed = allowed | (k == q)[None, None]
+        return allowed
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if attention_mask is not None:  # left padding: count only real tokens
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            else:
+                positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            if int(positions.max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
+            x = x + self.pos_embed(positions)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        mask = self._mask(B, T, start, attention_mask, input_ids.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        return F.linear(x, self.output_weight())
