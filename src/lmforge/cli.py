@@ -10,7 +10,7 @@ import sys
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.tokenizer.cli", "lmforge.quickstart"]
+STAGES = ["lmforge.tokenizer.cli", "lmforge.infer.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus
@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.config import ConfigError
     from lmforge.data.sources import CorpusError
+    from lmforge.model import CheckpointError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
     from lmforge.tokenizer.chat import TemplateError
 
-    return (UserError, ConfigError, CorpusError, TrainingError, TokenizerFormatError, TokenizerError,
+    return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
             TemplateError, FileNotFoundError, PermissionError)
 
 

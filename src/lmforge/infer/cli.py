@@ -1,0 +1,84 @@
+"""`lmforge generate` and `lmforge chat`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.config import add_config_args, config_from_args
+from lmforge.infer.generate import SamplingConfig
+
+
+def _load(model_dir: str, dtype: str):
+    import torch
+
+    from lmforge.model import load_hf_model
+    from lmforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_hf_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.infer.generate import stream
+
+    cfg = config_from_args(SamplingConfig, args)
+    model, tokenizer = _load(args.model, args.dtype)
+    for piece in stream(model, tokenizer, args.prompt, cfg):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmforge.infer.generate import stream
+
+    cfg = config_from_args(SamplingConfig, args)
+    model, tokenizer = _load(args.model, args.dtype)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if not tokenizer.chat_template:
+        print("(this tokenizer has no chat template: turns are joined as plain text)", file=sys.stderr)
+    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = (tokenizer.apply_chat_template(messages, add_generation_prompt=True) if tokenizer.chat_template
+                  else "\n".join(m["content"] for m in messages) + "\n")
+        stops = SamplingConfig(**{**cfg.__dict__, "stop_token_ids": cfg.stop_token_ids or
+                                  [tokenizer.special_tokens[t] for t in ("<|im_end|>", tokenizer.eos_token)
+                                   if t in tokenizer.special_tokens]})
+        sys.stdout.write("model> ")
+        reply = ""
+        for piece in stream(model, tokenizer, prompt, stops):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, metavar="DIR",
+                        help="HF-layout model directory (config.json, model.safetensors, tokenizer.json)")
+    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    g = sub.add_parser("generate", parents=[common], help="complete a prompt with a model (streams text)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  lmforge generate --model runs/m --prompt 'def main():' --temperature 0\n"
+                              "  lmforge generate --model runs/m --prompt '从前' --top-p 0.9 --seed 1 --max-new-tokens 64")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    add_config_args(g, SamplingConfig)
+    g.set_defaults(func=cmd_generate, _parser=g)
+    c = sub.add_parser("chat", parents=[common], help="interactive chat using the tokenizer's chat template",
+                       epilog="example: lmforge chat --model runs/sft --temperature 0.7")
+    c.add_argument("--system", help="system message")
+    add_config_args(c, SamplingConfig)
+    c.set_defaults(func=cmd_chat, _parser=c)
