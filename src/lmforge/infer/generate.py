@@ -29,9 +29,11 @@ class SamplingConfig:
     seed: int | None = field(default=None, metadata={"help": "fixes sampling"})
 
     def __post_init__(self):
-        checks = [(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"), (self.temperature >= 0, "temperature must be >= 0"),
+        checks = [(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
                   (self.top_k >= 0, "top_k must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (0 <= self.min_p < 1, "min_p must be in [0, 1)"), (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -79,7 +81,8 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + cfg.max_new_tokens
     if model.cfg.pos == "learned" and total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's {model.cfg.max_seq_len} positions")
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                         f"{model.cfg.max_seq_len} positions")
     ids = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, total), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -95,9 +98,10 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     for step in range(cfg.max_new_tokens):
         if cache is not None:
             start = cache.length
-            logits = model(ids[:, start:end], attention_mask=mask[:, :end] if padded else None, cache=cache)[:, -1]
+            logits = model(ids[:, start:end], attention_mask=mask[:, :end] if padded else None, cache=cache,
+                           logits_to_keep=1)[:, -1]
         else:
-            logits = model(ids[:, :end], attention_mask=mask[:, :end] if padded else None)[:, -1]
+            logits = model(ids[:, :end], attention_mask=mask[:, :end] if padded else None, logits_to_keep=1)[:, -1]
         previous = ids[:, :end] if cfg.repetition_penalty != 1.0 else None
         if previous is not None and padded:  # padding is not a previous token
             previous = torch.where(mask[:, :end].bool(), previous, ids[:, P - 1:P].expand_as(previous))
@@ -169,7 +173,7 @@ def stream(model: Transformer, tokenizer, prompt: str, cfg: SamplingConfig | Non
     text, emitted = "", 0
     hold = max((len(s) for s in cfg.stop_strings), default=1) - 1  # keep back what could start a stop string
     for _ in range(cfg.max_new_tokens):
-        logits = model(feed, cache=cache)[:, -1]
+        logits = model(feed, cache=cache, logits_to_keep=1)[:, -1]
         token = _next_tokens(logits, history if cfg.repetition_penalty != 1.0 else None, cfg, generator)
         tid = int(token)
         if tid in stop_ids:

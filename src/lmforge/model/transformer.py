@@ -251,8 +251,13 @@ class Transformer(nn.Module):
         return allowed
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token."""
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int | None = None) -> torch.Tensor:
+        """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token.
+
+        `logits_to_keep=k` computes logits for the last k positions only (generation needs 1), which
+        skips most of the output-head matmul and its (B, T, vocab) tensor.
+        """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -271,5 +276,7 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:
             cache.length += T
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         return F.linear(x, self.output_weight())

@@ -1,0 +1,106 @@
+"""Generation benchmark: lmforge vs transformers `generate` (KV cache), same weights, same prompts, CPU.
+
+Prints JSON: prefill and decode tokens/s at batch 1 and 8, and the peak resident memory each run adds
+(KV cache, activations) on top of the loaded weights.
+    .venv/bin/python benchmarks/generate.py [--preset smollm2-135m] [--prompt-len 64] [--new-tokens 32]
+
+Decode rate = batch x new_tokens / (time(1 + new_tokens) - time(1)), so prefill cancels out; both
+libraries run greedy decoding with min_new_tokens = max_new_tokens (no early stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from lmforge.infer import SamplingConfig, generate_ids  # noqa: E402
+from lmforge.model import Transformer, load_hf_model, preset, save_hf_model  # noqa: E402
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS counter (VmHWM)
+        f.write("5")
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    """VmHWM: peak resident memory since the last reset; VmRSS: resident now."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_model(Transformer(preset(args.preset)), tmp)
+        ours = load_hf_model(tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+    cfg = ours.cfg
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
+                          "torch": torch.__version__, "transformers": transformers.__version__},
+              "date": time.strftime("%Y-%m-%d"), "model": args.preset, "params_M": round(cfg.num_params() / 1e6, 1),
+              "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
+    for batch in args.batches:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+        lists = prompts.tolist()
+
+        def run_ours(n, lists=lists):
+            return generate_ids(ours, lists, SamplingConfig(max_new_tokens=n, temperature=0))
+
+        def run_hf(n, prompts=prompts):
+            with torch.no_grad():
+                return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+
+        a, b = run_ours(args.new_tokens), run_hf(args.new_tokens)[:, args.prompt_len:].tolist()
+        same = a == b
+        row = {"batch": batch, "greedy_tokens_identical": same}
+        for name, fn in (("lmforge", run_ours), ("transformers", run_hf)):
+            fn(2)  # warm-up
+            reset_peak_rss()
+            baseline = rss_mb("VmRSS")  # both models stay loaded, so report what a run adds on top
+            prefill = timed(lambda fn=fn: fn(1), args.repeats)
+            full = timed(lambda fn=fn: fn(1 + args.new_tokens), args.repeats)
+            row[name] = {"prefill_tok_s": round(batch * args.prompt_len / prefill, 1),
+                         "decode_tok_s": round(batch * args.new_tokens / max(full - prefill, 1e-9), 1),
+                         "peak_extra_rss_MB": round(rss_mb() - baseline, 1)}
+        for what in ("decode", "prefill"):
+            key = f"{what}_tok_s"
+            row[f"{what}_ratio_lmforge_over_transformers"] = round(row["lmforge"][key] / row["transformers"][key], 2)
+        print(json.dumps(row), file=sys.stderr)
+        result["runs"].append(row)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
