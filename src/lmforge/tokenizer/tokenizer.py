@@ -183,6 +183,14 @@ class Tokenizer(abc.ABC):
                 parts = list(pool.map(lambda share: [self.encode(t, **kw) for t in share], shares))
         return [ids for part in parts for ids in part]
 
+    def encode_for_model(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Model inputs for documents: special-token text is plain text; truncated to max_length ids.
+
+        HF tokenizers add their model's special tokens here (e.g. BERT's [CLS] ... [SEP]).
+        """
+        batch = self.encode_batch(list(texts), disallowed_special=())
+        return [ids[:max_length] for ids in batch] if max_length else batch
+
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", "lmforge.surrogates")
@@ -411,6 +419,10 @@ class HFTokenizer(Tokenizer):
         self.tok = tok
         # we split special tokens ourselves (tiktoken rules); inside ordinary text they are text
         tok.encode_special_tokens = True
+        # a tokenizer.json may carry padding/truncation settings; lmforge pads and truncates explicitly,
+        # and a silent cut of long texts in encode() would lose data
+        tok.no_padding()
+        tok.no_truncation()
         self.special_tokens = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self.chat_template, self.bos_token, self.eos_token, self.pad_token = chat_template, bos_token, eos_token, pad_token
         self.config = config or {}
@@ -422,6 +434,16 @@ class HFTokenizer(Tokenizer):
     def _encode_ordinary(self, text: str) -> list[int]:
         text.encode("utf-8")  # the Rust library cannot take lone surrogates: raise UnicodeEncodeError first
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_for_model(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        for t in texts:
+            t.encode("utf-8")  # lone surrogates: UnicodeEncodeError rather than a Rust-side TypeError
+        if max_length:  # the library truncates around its post-processor, keeping e.g. the final [SEP]
+            self.tok.enable_truncation(max_length)
+        try:
+            return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]
+        finally:
+            self.tok.no_truncation()
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
