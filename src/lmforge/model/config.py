@@ -26,7 +26,7 @@ class ModelConfig:
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
     norm_eps: float = 1e-5
     mlp: str = field(default="swiglu", metadata={"choices": ["swiglu", "gelu"]})
-    pos: str = field(default="rope", metadata={"choices": ["rope", "learned"]})
+    pos: str = field(default="rope", metadata={"choices": ["rope", "learned", "alibi"]})
     rope_theta: float = 10000.0
     # HF-style scaling: {"rope_type": "linear"|"dynamic"|"yarn"|"llama3", "factor": ..., ...}
     rope_scaling: dict[str, Any] | None = None
@@ -34,6 +34,8 @@ class ModelConfig:
     proj_bias: bool = False  # biases on the attention output and MLP projections (GPT-2)
     qk_norm: bool = False
     sliding_window: int | None = None
+    n_experts: int = 0  # > 0: mixture-of-experts MLP with this many experts
+    experts_top_k: int = 2  # experts each token is routed to
     tie_embeddings: bool = True
     init_std: float = 0.02
     bos_token_id: int | None = None
@@ -50,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.n_experts and not 1 <= self.experts_top_k <= self.n_experts:
+            raise ValueError(f"experts_top_k must be in 1..n_experts ({self.n_experts}), got {self.experts_top_k}")
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count (exact for the modules in transformer.py)."""
@@ -60,6 +64,8 @@ class ModelConfig:
             attn += 2 * hd
         n_mats = 3 if self.mlp == "swiglu" else 2
         mlp = n_mats * d * self.d_ff + ((self.d_ff + d) if self.proj_bias else 0)
+        if self.n_experts:
+            mlp = self.n_experts * mlp + d * self.n_experts  # experts + router
         norm = d * (2 if self.norm == "layernorm" else 1)
         per_layer = attn + mlp + 2 * norm
         total = self.n_layers * per_layer + norm

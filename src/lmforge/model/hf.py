@@ -171,9 +171,25 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub id, downloaded (needs huggingface_hub, online)."""
+    d = Path(path)
+    if d.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
+        return d
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"'{path}' is not a local directory; to fetch it from the Hugging Face Hub install "
+                              "huggingface_hub (pip install 'lmforge[hub]') and be online") from None
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
+    except Exception as e:
+        raise CheckpointError(f"'{path}' is not a local directory and the hub download failed: {e}") from None
+
+
 def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
-    """Load a local HF causal-LM directory into lmforge's Transformer."""
-    d = Path(directory)
+    """Load an HF causal-LM directory (or, online, a hub id like 'HuggingFaceTB/SmolLM2-135M') into lmforge."""
+    d = resolve_model_dir(directory)
     if not (d / "config.json").exists():
         raise CheckpointError(f"{d}: no config.json (is this a Hugging Face model directory?)")
     cfg = config_from_hf(json.loads((d / "config.json").read_text()), str(d / "config.json"))

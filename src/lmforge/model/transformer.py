@@ -120,6 +120,20 @@ class Rotary(nn.Module):
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2021): a geometric sequence from 2^(-8/n); for a head count that
+    is not a power of two, the closest power's slopes plus every other slope of the next power."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(closest)
+    if closest < n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on (B, heads, T, head_dim); cos/sin are (B, T, head_dim)."""
     half = x.shape[-1] // 2
@@ -194,11 +208,42 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
+class MoE(nn.Module):
+    """Mixture-of-experts MLP: a linear router sends each token to its top-k experts, whose outputs are
+    mixed by the renormalised router probabilities (Shazeer et al. 2017; Mixtral). `aux_loss` is the
+    Switch Transformer load-balancing loss (Fedus et al. 2021): n_experts * sum_e f_e * P_e, where f_e
+    is the fraction of routing slots that chose expert e and P_e its mean router probability; it is 1
+    for perfectly even routing."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.experts_top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        probs = self.router(h).float().softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(h.dtype)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(h[rows]) * weights[rows, slot, None])
+        n = len(self.experts)
+        fraction = torch.bincount(chosen.flatten(), minlength=n).float() / chosen.numel()
+        self.aux_loss = n * (fraction * probs.mean(0)).sum()
+        return out.view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
-        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg), (MoE(cfg) if cfg.n_experts else MLP(cfg))
 
     def forward(self, x, rope, mask, cache, layer):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
@@ -214,6 +259,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
+        self.alibi = alibi_slopes(cfg.n_heads) if cfg.pos == "alibi" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -233,10 +279,13 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def _mask(self, B: int, T: int, start: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-        """Boolean (B, 1, T, S) mask (True = attend), or None when plain causal attention suffices."""
+        """Boolean (B, 1, T, S) mask (True = attend), or None when plain causal attention suffices.
+
+        With ALiBi it is a float (B, heads, T, S) bias: -slope * distance where allowed, -inf elsewhere.
+        """
         window = self.cfg.sliding_window
         S = start + T
-        if attention_mask is None and start == 0 and (window is None or window >= T):
+        if attention_mask is None and start == 0 and (window is None or window >= T) and self.alibi is None:
             return None
         q = torch.arange(start, S, device=device)[:, None]
         k = torch.arange(S, device=device)[None, :]
@@ -248,6 +297,10 @@ class Transformer(nn.Module):
             allowed = allowed & attention_mask[:, None, None, :S].bool()
             # a padding query sees no key; let it see itself so no row is all -inf (NaN in softmax)
             allowed = allowed | (k == q)[None, None]
+        if self.alibi is not None:
+            distance = (q - k).clamp(min=0).float()  # slots: left padding keeps each row's slots contiguous
+            bias = -self.alibi.to(device)[:, None, None] * distance  # (heads, T, S)
+            return bias[None].masked_fill(~allowed, float("-inf"))
         return allowed
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -272,6 +325,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         mask = self._mask(B, T, start, attention_mask, input_ids.device)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:
@@ -280,3 +335,8 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         return F.linear(x, self.output_weight())
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""
+        losses = [layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE)]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
