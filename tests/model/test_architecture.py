@@ -32,9 +32,7 @@ def test_alibi_attention_equals_explicit_softmax():
     attn = model.layers[0].attn
     x = model.layers[0].attn_norm(model.embed(ids))
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    q, k, v = (t.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2) for t in attn.qkv_proj(x).chunk(3, dim=-1))
     scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim)
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     scores = scores - alibi_slopes(cfg.n_heads)[:, None, None] * (i - j)

@@ -116,35 +116,35 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # --- weights -----------------------------------------------------------------------------
 
-def _name_map(cfg: ModelConfig) -> dict[str, str]:
-    """lmforge parameter name -> HF tensor name (GPT-2's fused c_attn is handled separately)."""
-    m: dict[str, str] = {}
+def _name_map(cfg: ModelConfig) -> dict[str, list[str]]:
+    """lmforge parameter name -> the HF tensors it is made of (several: concatenated along dim 0)."""
+    m: dict[str, list[str]] = {}
     if cfg.arch == "gpt2":
-        m["embed.weight"], m["pos_embed.weight"] = "transformer.wte.weight", "transformer.wpe.weight"
+        m["embed.weight"], m["pos_embed.weight"] = ["transformer.wte.weight"], ["transformer.wpe.weight"]
         for i in range(cfg.n_layers):
             h = f"transformer.h.{i}"
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"), ("attn.qkv_proj", "attn.c_attn"),
+                                 ("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
                 for p in ("weight", "bias"):
-                    m[f"layers.{i}.{ours}.{p}"] = f"{h}.{theirs}.{p}"
-            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
-                for p in ("weight", "bias"):
-                    m[f"layers.{i}.{ours}.{p}"] = f"{h}.{theirs}.{p}"
-        m["norm.weight"], m["norm.bias"] = "transformer.ln_f.weight", "transformer.ln_f.bias"
+                    m[f"layers.{i}.{ours}.{p}"] = [f"{h}.{theirs}.{p}"]
+        m["norm.weight"], m["norm.bias"] = ["transformer.ln_f.weight"], ["transformer.ln_f.bias"]
         return m
-    m["embed.weight"], m["norm.weight"] = "model.embed_tokens.weight", "model.norm.weight"
+    m["embed.weight"], m["norm.weight"] = ["model.embed_tokens.weight"], ["model.norm.weight"]
     if not cfg.tie_embeddings:
-        m["lm_head.weight"] = "lm_head.weight"
+        m["lm_head.weight"] = ["lm_head.weight"]
     for i in range(cfg.n_layers):
         h = f"model.layers.{i}"
-        m[f"layers.{i}.attn_norm.weight"] = f"{h}.input_layernorm.weight"
-        m[f"layers.{i}.mlp_norm.weight"] = f"{h}.post_attention_layernorm.weight"
-        for p in ("q", "k", "v", "o"):
-            m[f"layers.{i}.attn.{p}_proj.weight"] = f"{h}.self_attn.{p}_proj.weight"
+        m[f"layers.{i}.attn_norm.weight"] = [f"{h}.input_layernorm.weight"]
+        m[f"layers.{i}.mlp_norm.weight"] = [f"{h}.post_attention_layernorm.weight"]
+        m[f"layers.{i}.attn.qkv_proj.weight"] = [f"{h}.self_attn.{p}_proj.weight" for p in "qkv"]
         if cfg.qkv_bias:
-            for p in ("q", "k", "v"):
-                m[f"layers.{i}.attn.{p}_proj.bias"] = f"{h}.self_attn.{p}_proj.bias"
-        for p in ("gate", "up", "down"):
-            m[f"layers.{i}.mlp.{p}_proj.weight"] = f"{h}.mlp.{p}_proj.weight"
+            m[f"layers.{i}.attn.qkv_proj.bias"] = [f"{h}.self_attn.{p}_proj.bias" for p in "qkv"]
+        m[f"layers.{i}.attn.o_proj.weight"] = [f"{h}.self_attn.o_proj.weight"]
+        if cfg.qk_norm:
+            m[f"layers.{i}.attn.q_norm.weight"] = [f"{h}.self_attn.q_norm.weight"]
+            m[f"layers.{i}.attn.k_norm.weight"] = [f"{h}.self_attn.k_norm.weight"]
+        m[f"layers.{i}.mlp.gate_up_proj.weight"] = [f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight"]
+        m[f"layers.{i}.mlp.down_proj.weight"] = [f"{h}.mlp.down_proj.weight"]
     return m
 
 
@@ -209,13 +209,9 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
         return t.t() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(name) else t
 
     for ours, theirs in _name_map(cfg).items():
-        state[ours] = take(theirs)
+        parts = [take(t) for t in theirs]
+        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if cfg.arch == "gpt2":
-        for i in range(cfg.n_layers):
-            w, b = take(f"transformer.h.{i}.attn.c_attn.weight"), take(f"transformer.h.{i}.attn.c_attn.bias")
-            for j, p in enumerate(("q", "k", "v")):
-                state[f"layers.{i}.attn.{p}_proj.weight"] = w.chunk(3, dim=0)[j]
-                state[f"layers.{i}.attn.{p}_proj.bias"] = b.chunk(3, dim=0)[j]
         used.add("lm_head.weight")  # tied to wte
     if cfg.tie_embeddings:
         used.add("lm_head.weight")
@@ -238,13 +234,13 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
     out: dict[str, torch.Tensor] = {}
     for name, theirs in _name_map(cfg).items():
         t = ours[name]
-        out[theirs] = t.t().contiguous() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(theirs) else t
-    if cfg.arch == "gpt2":
-        for i in range(cfg.n_layers):
-            a = f"layers.{i}.attn"
-            w = torch.cat([ours[f"{a}.{p}_proj.weight"] for p in "qkv"], dim=0)
-            out[f"transformer.h.{i}.attn.c_attn.weight"] = w.t().contiguous()
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([ours[f"{a}.{p}_proj.bias"] for p in "qkv"])
+        if len(theirs) > 1:  # a fused lmforge tensor: split into the HF tensors, in order
+            sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim] \
+                if len(theirs) == 3 else [cfg.d_ff, cfg.d_ff]
+            for part_name, part in zip(theirs, t.split(sizes, dim=0)):
+                out[part_name] = part.contiguous()
+        else:
+            out[theirs[0]] = t.t().contiguous() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(theirs[0]) else t
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if dtype is not None:

@@ -165,9 +165,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, q, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv, bias=cfg.qkv_bias)
+        self.split = [q, kv, kv]
+        # one fused projection for q, k, v: one matmul instead of three (checkpoints split it, see hf.py)
+        self.qkv_proj = nn.Linear(cfg.d_model, q + 2 * kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.d_model, bias=cfg.proj_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -175,9 +175,10 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -197,14 +198,16 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:  # Shazeer 2020
-            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.proj_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.proj_bias)
+        if self.swiglu:  # Shazeer 2020; gate and up fused into one matmul
+            self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.proj_bias)
+        else:
+            self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.proj_bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
@@ -285,7 +288,8 @@ class Transformer(nn.Module):
         """
         window = self.cfg.sliding_window
         S = start + T
-        if attention_mask is None and start == 0 and (window is None or window >= T) and self.alibi is None:
+        plain = attention_mask is None and self.alibi is None and (window is None or window >= S)
+        if plain and (start == 0 or T == 1):  # causal from scratch, or one new token that may see every key
             return None
         q = torch.arange(start, S, device=device)[:, None]
         k = torch.arange(S, device=device)[None, :]
