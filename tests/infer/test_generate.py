@@ -110,3 +110,24 @@ def test_generate_cli(trained, tmp_path, capsys):
     assert out == generate(model, trained, "def main():", SamplingConfig(max_new_tokens=10, temperature=0)) + "\n"
     assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "lmforge: error" in capsys.readouterr().err
+
+
+def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch):
+    from lmforge.cli import main
+    from lmforge.model import save_hf_model
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size)).eval()
+    save_hf_model(model, tmp_path)
+    trained.save(tmp_path)
+    answers = iter(["你好", "and then?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    first = [{"role": "user", "content": "你好"}]
+    expected = generate(model, trained, trained.apply_chat_template(first, add_generation_prompt=True),
+                        SamplingConfig(max_new_tokens=6, temperature=0,
+                                       stop_token_ids=[trained.special_tokens["<|im_end|>"],
+                                                       trained.special_tokens["<|endoftext|>"]]))
+    assert out.startswith("model> " + expected + "\n")
+    assert out.count("model> ") == 2

@@ -114,8 +114,11 @@ def test_other_hf_models_work_through_the_same_interface(tmp_path, kind):
     tok = load_tokenizer(tmp_path)
     assert isinstance(tok, HFTokenizer)
     text = corpora.english(5000) + corpora.chinese_reviews(2000)
-    assert tok.encode(text) == rust.encode(text, add_special_tokens=False).ids
-    assert tok.vocab_size == rust.get_vocab_size()
+    # the reference is the library reading the same file: a freshly trained Unigram object can itself
+    # encode differently from its own saved file in rare runs (seen ~1 in 12), an upstream quirk
+    reference = RustTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids
+    assert tok.vocab_size == reference.get_vocab_size()
     spans = tok.token_spans("hello world")
     assert [i for _, ids in spans for i in ids] == tok.encode("hello world")
     tok.save(tmp_path / "copy")
