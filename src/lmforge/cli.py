@@ -10,7 +10,7 @@ import sys
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.tokenizer.cli", "lmforge.infer.cli", "lmforge.quickstart"]
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.infer.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus
