@@ -90,7 +90,8 @@ def test_tokenize_corpus_writes_shards_that_read_back(trained_dir, tmp_path):
     assert starts[0] == 0 and all(expected[s - 1] == eos for s in starts[1:])
     # the split is a property of the document id: the same corpus in reverse order splits the same way
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs[::-1]), encoding="utf-8")
-    again = tokenize_corpus(TokenizeConfig(**{**cfg.__dict__, "input": [str(tmp_path / "r.jsonl")], "out": str(tmp_path / "tok2")}))
+    reversed_cfg = {**cfg.__dict__, "input": [str(tmp_path / "r.jsonl")], "out": str(tmp_path / "tok2")}
+    again = tokenize_corpus(TokenizeConfig(**reversed_cfg))
     assert again["splits"]["val"]["documents"] == n_val
     assert again["splits"]["val"]["tokens"] == manifest["splits"]["val"]["tokens"]
 
