@@ -10,7 +10,7 @@ import sys
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.infer.cli", "lmforge.quickstart"]
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.infer.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus
@@ -59,9 +59,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.model import CheckpointError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
     from lmforge.tokenizer.chat import TemplateError
+    from lmforge.train.trainer import TrainingStopped
 
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
-            TemplateError, FileNotFoundError, PermissionError)
+            TemplateError, TrainingStopped, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

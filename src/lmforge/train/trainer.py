@@ -1,0 +1,319 @@
+"""The training loop, one for pretraining now and for fine-tuning later: read it top to bottom.
+
+AdamW with decoupled weight decay on matrices only (Loshchilov & Hutter 2019); warmup then cosine,
+linear or warmup-stable-decay; gradient clipping; gradient accumulation from a global batch size;
+bf16 autocast (fp16 with a scaler on GPUs without bf16); evaluation with perplexity, the best
+checkpoint kept and early stopping; checkpoints that resume the exact same trajectory; metrics.jsonl.
+
+Checkpoints hold no pickle: the model is an HF directory (config.json + model.safetensors), the
+optimizer and RNG states are safetensors, the rest is JSON. Each is written to a temporary
+directory and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lmforge.files import write_json
+from lmforge.model import Transformer, load_hf_model, preset, save_hf_model
+from lmforge.model.hf import config_to_hf
+from lmforge.train.datasets import BatchLoader, PackedDataset, RandomOffsetBatches, SlidingWindowDataset, TokenStream
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="runs/tokens", metadata={"help": "token shard directory (lmforge data tokenize)"})
+    out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
+    model: str = field(default="tiny-llama", metadata={"help": "a preset name or an HF model directory to start from"})
+    model_overrides: dict = field(default_factory=dict, metadata={"help": "ModelConfig fields to change (YAML mapping)"})
+    dataset: str = field(default="packed", metadata={"help": "how windows are cut",
+                                                     "choices": ["packed", "sliding", "random"]})
+    max_length: int = field(default=256, metadata={"help": "tokens per training example"})
+    batch_size: int = field(default=16, metadata={"help": "global batch size (examples per optimizer step)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "examples per forward pass (0: = batch_size)"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of lr"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "decay after warmup", "choices": ["cosine", "linear", "wsd"]})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: final share of steps spent decaying"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    precision: str = field(default="fp32", metadata={"help": "autocast precision", "choices": ["fp32", "bf16", "fp16"]})
+    eval_every: int = field(default=100, metadata={"help": "steps between evaluations (0: only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
+    patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement (0: off)"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    moe_aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
+    seed: int = 0
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early on bad numbers (NaN/inf loss); the message says what and where."""
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate before optimizer step `step` (0-based)."""
+    low = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":  # warmup-stable-decay (Hu et al. 2024): flat, then linear decay at the end
+        decay_start = int(cfg.max_steps * (1 - cfg.decay_fraction))
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.lr - (cfg.lr - low) * min(frac, 1.0)
+    frac = min((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), 1.0)
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - low) * frac
+    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * frac))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (dim >= 2) only, never on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def default_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+class Trainer:
+    """`Trainer(cfg).fit()`; pass `loss_fn(logits, targets, batch) -> loss` for a custom objective."""
+
+    def __init__(self, cfg: TrainConfig, loss_fn: Callable = default_loss, device: str | None = None):
+        self.cfg, self.loss_fn = cfg, loss_fn
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self.manifest = json.loads((Path(cfg.data) / "manifest.json").read_text()) \
+            if (Path(cfg.data) / "manifest.json").exists() else None
+        if self.manifest is None:
+            raise FileNotFoundError(f"{cfg.data}: no manifest.json; create token shards with `lmforge data tokenize`")
+        if Path(cfg.model).is_dir():
+            self.model = load_hf_model(cfg.model)
+        else:
+            self.model = Transformer(preset(cfg.model, vocab_size=self.manifest["vocab_size"],
+                                            max_seq_len=max(cfg.max_length, 128), **cfg.model_overrides))
+        if self.model.cfg.vocab_size < self.manifest["vocab_size"]:
+            raise ValueError(f"the model's vocabulary ({self.model.cfg.vocab_size}) is smaller than the data's "
+                             f"({self.manifest['vocab_size']})")
+        self.model.to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg)
+        micro = cfg.micro_batch_size or cfg.batch_size
+        if cfg.batch_size % micro:
+            raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro}")
+        self.accum = cfg.batch_size // micro
+        train = TokenStream.open(cfg.data, "train")
+        self.val = TokenStream.open(cfg.data, "val") if self.manifest["splits"]["val"]["tokens"] > cfg.max_length + 1 else None
+        self.loader = self._loader(train, micro)
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.step, self.best_val, self.bad_evals = 0, float("inf"), 0
+        self.tokens_per_step = cfg.batch_size * cfg.max_length
+
+    def _loader(self, stream: TokenStream, micro: int):
+        cfg = self.cfg
+        if cfg.dataset == "random":
+            return RandomOffsetBatches(stream, cfg.max_length, micro, seed=cfg.seed)
+        ds = PackedDataset(stream, cfg.max_length) if cfg.dataset == "packed" else SlidingWindowDataset(stream, cfg.max_length)
+        if len(ds) < micro:  # packing needs documents as long as a window; fall back to sliding windows
+            ds = SlidingWindowDataset(stream, cfg.max_length)
+        return BatchLoader(ds, micro, seed=cfg.seed)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss and perplexity over fixed, evenly spaced windows (the same every time)."""
+        if self.val is None:
+            return {}
+        self.model.eval()
+        n = len(self.val) - self.cfg.max_length - 1
+        starts = torch.linspace(0, n, self.cfg.eval_batches * 4).long().view(self.cfg.eval_batches, 4)
+        losses = []
+        for row in starts:
+            chunks = [torch.from_numpy(self.val.slice(int(s), self.cfg.max_length + 1)) for s in row]
+            batch = torch.stack(chunks).to(self.device)
+            with self._autocast():
+                logits = self.forward(batch[:, :-1])
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item())
+        self.model.train()
+        loss = sum(losses) / len(losses)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns its mean loss."""
+        loss = self.accumulate_gradients()
+        self.optimizer_step()
+        return loss
+
+    def accumulate_gradients(self) -> float:
+        """Forward and backward over every micro-batch of one global batch (the mean, as one large batch)."""
+        cfg = self.cfg
+        total = 0.0
+        for _ in range(self.accum):
+            x, y = (t.to(self.device) for t in self.loader.next_batch())
+            with self._autocast():
+                logits = self.forward(x)
+                loss = self.loss_fn(logits, y, {"input_ids": x, "labels": y})
+                if self.model.cfg.n_experts:
+                    loss = loss + cfg.moe_aux_weight * self.model.aux_loss()
+            if not torch.isfinite(loss):
+                raise TrainingStopped(f"loss is {loss.item()} at step {self.step}; lower the learning rate or use "
+                                      f"fp32. The last good checkpoint is in {self.out} (if one was saved)")
+            scaled = loss / self.accum  # mean over micro-batches = the loss of the whole batch
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.item() / self.accum
+        return total
+
+    def optimizer_step(self) -> None:
+        cfg = self.cfg
+        lr = learning_rate(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_grad_norm, self.last_lr = float(norm), lr
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, name: str) -> Path:
+        from safetensors.torch import save_file
+
+        final = self.out / name
+        tmp = self.out / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_hf_model(self.model, tmp)
+        tensors, groups = {}, []
+        opt = self.optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
+                    else torch.tensor(value)
+        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "trainer_state.json", {"step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                                                "loader": self.loader.state_dict(), "param_groups": groups,
+                                                "config": asdict(self.cfg)})
+        self._copy_tokenizer(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
+        return final
+
+    def _copy_tokenizer(self, directory: Path) -> None:
+        src = Path(self.manifest.get("tokenizer") or "")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / name).exists():
+                shutil.copy(src / name, directory / name)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((directory / "trainer_state.json").read_text())
+        weights = load_hf_model(directory).state_dict()
+        self.model.load_state_dict(weights)
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        opt_state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
+
+    # --- the loop -------------------------------------------------------------------------
+    def fit(self, until_step: int | None = None, time_budget_s: float | None = None) -> dict:
+        """Train to cfg.max_steps (the schedule's length); `until_step` or `time_budget_s` stop earlier,
+        with a checkpoint, and a later run with resume=True continues the same trajectory."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (self.out / "latest.json").exists():
+            latest = json.loads((self.out / "latest.json").read_text())["checkpoint"]
+            self.load_checkpoint(self.out / latest)
+        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+        flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step
+        initial = self.evaluate() if self.step == 0 else {}
+        if initial:
+            metrics.write(json.dumps({"step": 0, **initial}) + "\n")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        summary = {"initial": initial}
+        self.model.train()
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                seconds = time.perf_counter() - t0
+                record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
+                          "grad_norm": round(self.last_grad_norm, 4), "tokens_per_s": round(self.tokens_per_step / seconds, 1),
+                          "flops_per_s": round(flops_per_step / seconds)}
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
+                stop_here = (until_step is not None and self.step >= until_step) or out_of_time
+                last = self.step == cfg.max_steps or stop_here
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    ev = self.evaluate()
+                    record.update(ev)
+                    if ev and ev["val_loss"] < self.best_val:
+                        self.best_val, self.bad_evals = ev["val_loss"], 0
+                        self.save_checkpoint("best")
+                    elif ev:
+                        self.bad_evals += 1
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                    self.save_checkpoint("last")
+                if cfg.patience and self.bad_evals >= cfg.patience:
+                    summary["early_stopped_at"] = self.step
+                    self.save_checkpoint("last")
+                    break
+                if stop_here:
+                    summary["stopped_at"] = self.step
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+        summary.update({"steps": self.step, "best_val_loss": self.best_val,
+                        "final": self.evaluate(), "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
+        return summary
