@@ -57,8 +57,10 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_writes_a_run_directory(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path / "qs")]) == 0
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--max-steps", "60", "--train-seconds", "120"]) == 0
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert all(summary["checks"].values())
+    assert summary["pretrain"]["val_ppl_after"] < summary["pretrain"]["val_ppl_before"] / 4
+    assert (tmp_path / "qs" / "pretrain" / "best" / "model.safetensors").exists()
     report = (tmp_path / "qs" / "report.md").read_text()
     assert "bytes/token" in report and (tmp_path / "qs" / "tokenizer" / "tokenizer.json").exists()

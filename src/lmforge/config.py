@@ -62,7 +62,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
+    if origin is dict or hint is dict:
+        if isinstance(value, str):  # from a flag: a YAML/JSON mapping such as "{d_model: 256}"
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: not a YAML mapping: {e}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
@@ -178,6 +183,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs["help"] = help_text
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is dict or hint is dict:
+            kwargs["metavar"] = "'{KEY: VALUE, ...}'"
         elif typing.get_origin(hint) in (list, tuple):
             kwargs["nargs"] = "+"
             kwargs["metavar"] = f.name.upper().rstrip("S") if f.name.endswith("s") else f.name.upper()

@@ -37,8 +37,11 @@ class TrainConfig:
     out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
     model: str = field(default="tiny-llama", metadata={"help": "a preset name or an HF model directory to start from"})
     model_overrides: dict = field(default_factory=dict, metadata={"help": "ModelConfig fields to change (YAML mapping)"})
-    dataset: str = field(default="packed", metadata={"help": "how windows are cut",
-                                                     "choices": ["packed", "sliding", "random"]})
+    dataset: str = field(default="sliding", metadata={
+        "help": "sliding: consecutive windows over all tokens (documents separated by EOS); packed: windows start at "
+                "document starts (the tail of a longer document is dropped unless allow_mid_doc); random: nanoGPT offsets",
+        "choices": ["sliding", "packed", "random"]})
+    allow_mid_doc: bool = field(default=False, metadata={"help": "packed: continue long documents in the next window"})
     max_length: int = field(default=256, metadata={"help": "tokens per training example"})
     batch_size: int = field(default=16, metadata={"help": "global batch size (examples per optimizer step)"})
     micro_batch_size: int = field(default=0, metadata={"help": "examples per forward pass (0: = batch_size)"})
@@ -113,8 +116,20 @@ class Trainer:
         if Path(cfg.model).is_dir():
             self.model = load_hf_model(cfg.model)
         else:
-            self.model = Transformer(preset(cfg.model, vocab_size=self.manifest["vocab_size"],
-                                            max_seq_len=max(cfg.max_length, 128), **cfg.model_overrides))
+            from lmforge.config import ConfigError
+            from lmforge.model import ModelConfig
+
+            valid = {f for f in ModelConfig.__dataclass_fields__}
+            unknown = set(cfg.model_overrides) - valid
+            if unknown:
+                import difflib
+
+                key = sorted(unknown)[0]
+                close = difflib.get_close_matches(key, valid, n=1)
+                raise ConfigError(f"model_overrides: unknown ModelConfig field '{key}'."
+                                  + (f" Did you mean '{close[0]}'?" if close else ""))
+            self.model = Transformer(preset(cfg.model, **{"vocab_size": self.manifest["vocab_size"],
+                                                          "max_seq_len": max(cfg.max_length, 128), **cfg.model_overrides}))
         if self.model.cfg.vocab_size < self.manifest["vocab_size"]:
             raise ValueError(f"the model's vocabulary ({self.model.cfg.vocab_size}) is smaller than the data's "
                              f"({self.manifest['vocab_size']})")
@@ -137,7 +152,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.dataset == "random":
             return RandomOffsetBatches(stream, cfg.max_length, micro, seed=cfg.seed)
-        ds = PackedDataset(stream, cfg.max_length) if cfg.dataset == "packed" else SlidingWindowDataset(stream, cfg.max_length)
+        ds = PackedDataset(stream, cfg.max_length, cfg.allow_mid_doc) if cfg.dataset == "packed" \
+            else SlidingWindowDataset(stream, cfg.max_length)
         if len(ds) < micro:  # packing needs documents as long as a window; fall back to sliding windows
             ds = SlidingWindowDataset(stream, cfg.max_length)
         return BatchLoader(ds, micro, seed=cfg.seed)
