@@ -12,6 +12,7 @@ directory and renamed, so a crash never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -106,7 +108,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, loss_fn: Callable = default_loss, device: str | None = None):
         self.cfg, self.loss_fn = cfg, loss_fn
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # under torchrun (WORLD_SIZE > 1): one process per device, DDP, each rank reads its own slice of every batch
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        self.device = torch.device(device or "cpu")
+        self.is_main = self.rank == 0
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         self.manifest = json.loads((Path(cfg.data) / "manifest.json").read_text()) \
@@ -134,15 +144,22 @@ class Trainer:
             raise ValueError(f"the model's vocabulary ({self.model.cfg.vocab_size}) is smaller than the data's "
                              f"({self.manifest['vocab_size']})")
         self.model.to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False)
+        wrapped = self.ddp or self.model
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg)
-        micro = cfg.micro_batch_size or cfg.batch_size
-        if cfg.batch_size % micro:
-            raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro}")
-        self.accum = cfg.batch_size // micro
+        micro = cfg.micro_batch_size or cfg.batch_size // self.world  # examples per forward, per process
+        if cfg.batch_size % (micro * self.world):
+            raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
+                             f"{self.world} processes")
+        self.accum = cfg.batch_size // (micro * self.world)
         train = TokenStream.open(cfg.data, "train")
         self.val = TokenStream.open(cfg.data, "val") if self.manifest["splits"]["val"]["tokens"] > cfg.max_length + 1 else None
-        self.loader = self._loader(train, micro)
+        self.loader = self._loader(train, micro * self.world)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step, self.best_val, self.bad_evals = 0, float("inf"), 0
@@ -151,12 +168,12 @@ class Trainer:
     def _loader(self, stream: TokenStream, micro: int):
         cfg = self.cfg
         if cfg.dataset == "random":
-            return RandomOffsetBatches(stream, cfg.max_length, micro, seed=cfg.seed)
+            return RandomOffsetBatches(stream, cfg.max_length, micro, seed=cfg.seed, rank=self.rank, world_size=self.world)
         ds = PackedDataset(stream, cfg.max_length, cfg.allow_mid_doc) if cfg.dataset == "packed" \
             else SlidingWindowDataset(stream, cfg.max_length)
         if len(ds) < micro:  # packing needs documents as long as a window; fall back to sliding windows
             ds = SlidingWindowDataset(stream, cfg.max_length)
-        return BatchLoader(ds, micro, seed=cfg.seed)
+        return BatchLoader(ds, micro, seed=cfg.seed, rank=self.rank, world_size=self.world)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -176,7 +193,7 @@ class Trainer:
             chunks = [torch.from_numpy(self.val.slice(int(s), self.cfg.max_length + 1)) for s in row]
             batch = torch.stack(chunks).to(self.device)
             with self._autocast():
-                logits = self.forward(batch[:, :-1])
+                logits = self.model(batch[:, :-1])  # the bare model: no collective inside evaluation
             losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item())
         self.model.train()
         loss = sum(losses) / len(losses)
@@ -191,21 +208,30 @@ class Trainer:
     def accumulate_gradients(self) -> float:
         """Forward and backward over every micro-batch of one global batch (the mean, as one large batch)."""
         cfg = self.cfg
-        total = 0.0
-        for _ in range(self.accum):
+        total = torch.zeros((), device=self.device)
+        for i in range(self.accum):
             x, y = (t.to(self.device) for t in self.loader.next_batch())
-            with self._autocast():
-                logits = self.forward(x)
-                loss = self.loss_fn(logits, y, {"input_ids": x, "labels": y})
-                if self.model.cfg.n_experts:
-                    loss = loss + cfg.moe_aux_weight * self.model.aux_loss()
-            if not torch.isfinite(loss):
-                raise TrainingStopped(f"loss is {loss.item()} at step {self.step}; lower the learning rate or use "
-                                      f"fp32. The last good checkpoint is in {self.out} (if one was saved)")
-            scaled = loss / self.accum  # mean over micro-batches = the loss of the whole batch
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += loss.item() / self.accum
-        return total
+            # DDP: gradients are averaged across processes on the last micro-batch only
+            sync = self.ddp is None or i == self.accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self._autocast():
+                    logits = self.forward(x)
+                    loss = self.loss_fn(logits, y, {"input_ids": x, "labels": y})
+                    if self.model.cfg.n_experts:
+                        loss = loss + cfg.moe_aux_weight * self.model.aux_loss()
+                bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
+                if self.world > 1:  # every process stops together, none waits forever in a collective
+                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                if bad.item():
+                    raise TrainingStopped(f"loss is {loss.item()} at step {self.step}; lower the learning rate or use "
+                                          f"fp32. The last good checkpoint is in {self.out} (if one was saved)")
+                scaled = loss / self.accum  # mean over micro-batches = the loss of the whole batch
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach().float() / self.accum
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return total.item()
 
     def optimizer_step(self) -> None:
         cfg = self.cfg
@@ -226,9 +252,17 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> Path:
+        """Rank 0 writes (every rank holds the same replica); the others wait for it."""
+        final = self.out / name
+        if self.is_main:
+            self._write_checkpoint(name, final)
+        if self.world > 1:
+            dist.barrier()
+        return final
+
+    def _write_checkpoint(self, name: str, final: Path) -> None:
         from safetensors.torch import save_file
 
-        final = self.out / name
         tmp = self.out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf_model(self.model, tmp)
@@ -250,7 +284,6 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
-        return final
 
     def _copy_tokenizer(self, directory: Path) -> None:
         src = Path(self.manifest.get("tokenizer") or "")
@@ -287,12 +320,14 @@ class Trainer:
         if cfg.resume and (self.out / "latest.json").exists():
             latest = json.loads((self.out / "latest.json").read_text())["checkpoint"]
             self.load_checkpoint(self.out / latest)
-        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+        # only rank 0 writes metrics; the others write to nowhere
+        metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
             metrics.write(json.dumps({"step": 0, **initial}) + "\n")
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (cfg.progress and self.is_main))
         summary = {"initial": initial}
         self.model.train()
         try:
@@ -306,6 +341,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
+                if self.world > 1 and time_budget_s is not None:  # clocks differ: stop when any process is out of time
+                    flag = torch.tensor(float(out_of_time), device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    out_of_time = bool(flag.item())
                 stop_here = (until_step is not None and self.step >= until_step) or out_of_time
                 last = self.step == cfg.max_steps or stop_here
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
