@@ -144,6 +144,8 @@ A Llama-style model (RMSNorm, RoPE, SwiGLU, grouped-query attention) with {n_par
 
 **Validation perplexity: {before:.0f} before training -> {after:.1f} at the best checkpoint.**
 
+![loss and perplexity](pretrain/loss.png)
+
 | step | validation loss | perplexity |
 |---|---|---|
 """ + "\n".join(f"| {r['step']} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} |" for r in evals) + """

@@ -99,6 +99,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 10) -> float:
+    """This machine's achieved dense matmul FLOP/s for (n x n) @ (n x n): the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
 def default_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -322,7 +337,9 @@ class Trainer:
             self.load_checkpoint(self.out / latest)
         # only rank 0 writes metrics; the others write to nowhere
         metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
-        flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step
+        flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step / self.world
+        peak = measure_matmul_peak(self.device, self.autocast_dtype or torch.float32,
+                                   n=4096 if self.device.type == "cuda" else 1024)
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
             metrics.write(json.dumps({"step": 0, **initial}) + "\n")
@@ -337,8 +354,9 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
                           "grad_norm": round(self.last_grad_norm, 4), "tokens_per_s": round(self.tokens_per_step / seconds, 1),
-                          "flops_per_s": round(flops_per_step / seconds)}
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                          "flops_per_s": round(flops_per_step / seconds),
+                          "mfu": round(flops_per_step / seconds / peak, 4)}  # vs this process's measured matmul peak
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.0%}")
                 bar.update(1)
                 out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
                 if self.world > 1 and time_budget_s is not None:  # clocks differ: stop when any process is out of time
@@ -369,6 +387,10 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
-        summary.update({"steps": self.step, "best_val_loss": self.best_val,
+        summary.update({"steps": self.step, "best_val_loss": self.best_val, "matmul_peak_flops": peak,
                         "final": self.evaluate(), "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
+        if self.is_main:
+            from lmforge.eval.plots import plot_training
+
+            summary["plot"] = str(plot_training(self.out / "metrics.jsonl", self.out / "loss.png", self.out.name))
         return summary
