@@ -95,3 +95,24 @@ def test_custom_loss_and_nan_stop(shards, tmp_path):
 def test_bf16_autocast_trains(shards, tmp_path):
     summary = Trainer(_cfg(shards, tmp_path, precision="bf16", max_steps=10, eval_every=10)).fit()
     assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
+
+
+def test_ema_hand_worked_and_resumed(shards, tmp_path):
+    t = Trainer(_cfg(shards, tmp_path / "ema", ema_decay=0.5, max_steps=4, eval_every=0))
+    w0 = [p.detach().clone() for p in t.model.parameters()]
+    t.train_step()
+    w1 = [p.detach().clone() for p in t.model.parameters()]
+    t.train_step()
+    w2 = [p.detach().clone() for p in t.model.parameters()]
+    for e, a, b, c in zip(t.ema, w0, w1, w2):  # ema = 0.5 * (0.5 * w0 + 0.5 * w1) + 0.5 * w2
+        assert torch.allclose(e, 0.25 * a + 0.25 * b + 0.5 * c, atol=1e-6)
+    # resume keeps the average, and the ema/ directory is a loadable model
+    Trainer(_cfg(shards, tmp_path / "a", ema_decay=0.9, eval_every=0)).fit()
+    Trainer(_cfg(shards, tmp_path / "b", ema_decay=0.9, eval_every=0)).fit(until_step=3)
+    Trainer(_cfg(shards, tmp_path / "b", ema_decay=0.9, eval_every=0, resume=True)).fit()
+    from lmforge.model import load_hf_model
+
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(load_hf_model(tmp_path / "a" / "last" / "ema")(ids),
+                              load_hf_model(tmp_path / "b" / "last" / "ema")(ids), atol=1e-6)

@@ -63,6 +63,8 @@ class TrainConfig:
     patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement (0: off)"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
     moe_aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
+    ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights "
+                                                            "with this decay, e.g. 0.999 (0: off); saved as ema/"})
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -179,6 +181,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step, self.best_val, self.bad_evals = 0, float("inf"), 0
         self.tokens_per_step = cfg.batch_size * cfg.max_length
+        if not 0 <= cfg.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+        self.ema = [p.detach().clone().float() for p in self.model.parameters()] if cfg.ema_decay else None
 
     def _loader(self, stream: TokenStream, micro: int):
         cfg = self.cfg
@@ -262,6 +267,10 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:  # ema <- decay * ema + (1 - decay) * weights
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.model.parameters()):
+                    e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
         self.step += 1
         self.last_grad_norm, self.last_lr = float(norm), lr
 
@@ -288,6 +297,10 @@ class Trainer:
                 tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
                     else torch.tensor(value)
         groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+        if self.ema is not None:
+            for i, e in enumerate(self.ema):
+                tensors[f"ema.{i}"] = e.detach().cpu().contiguous()
+            self._save_ema_model(tmp / "ema")
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -299,6 +312,17 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
+
+    def _save_ema_model(self, directory: Path) -> None:
+        """The averaged weights as their own HF model directory."""
+        live = [p.detach().clone() for p in self.model.parameters()]
+        with torch.no_grad():
+            for p, e in zip(self.model.parameters(), self.ema):
+                p.copy_(e)
+            save_hf_model(self.model, directory)
+            for p, w in zip(self.model.parameters(), live):
+                p.copy_(w)
+        self._copy_tokenizer(directory)
 
     def _copy_tokenizer(self, directory: Path) -> None:
         src = Path(self.manifest.get("tokenizer") or "")
@@ -315,7 +339,9 @@ class Trainer:
         tensors = load_file(str(directory / "optimizer.safetensors"))
         opt_state: dict = {}
         for key, value in tensors.items():
-            if key.startswith("state."):
+            if key.startswith("ema.") and self.ema is not None:
+                self.ema[int(key[4:])].copy_(value)
+            elif key.startswith("state."):
                 _, idx, name = key.split(".", 2)
                 opt_state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
