@@ -116,3 +116,15 @@ def test_ema_hand_worked_and_resumed(shards, tmp_path):
     with torch.no_grad():
         assert torch.allclose(load_hf_model(tmp_path / "a" / "last" / "ema")(ids),
                               load_hf_model(tmp_path / "b" / "last" / "ema")(ids), atol=1e-6)
+
+
+def test_tensorboard_logs_scalars(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(_cfg(shards, tmp_path, max_steps=3, eval_every=3, tensorboard=True)).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "lr", "val_ppl", "mfu"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert events.Scalars("loss")[0].value == pytest.approx(_losses(tmp_path)[0], rel=1e-5)

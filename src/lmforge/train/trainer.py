@@ -65,6 +65,8 @@ class TrainConfig:
     moe_aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights "
                                                             "with this decay, e.g. 0.999 (0: off); saved as ema/"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log scalars for TensorBoard in <out>/tensorboard "
+                                                                "(pip install tensorboard)"})
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -363,6 +365,13 @@ class Trainer:
             self.load_checkpoint(self.out / latest)
         # only rank 0 writes metrics; the others write to nowhere
         metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
+        tb = None
+        if cfg.tensorboard and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            tb = SummaryWriter(str(self.out / "tensorboard"))
         flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step / self.world
         peak = measure_matmul_peak(self.device, self.autocast_dtype or torch.float32,
                                    n=4096 if self.device.type == "cuda" else 1024)
@@ -401,6 +410,10 @@ class Trainer:
                         self.bad_evals += 1
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if tb is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            tb.add_scalar(key, value, self.step)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                     self.save_checkpoint("last")
                 if cfg.patience and self.bad_evals >= cfg.patience:
@@ -413,6 +426,8 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+            if tb is not None:
+                tb.close()
         summary.update({"steps": self.step, "best_val_loss": self.best_val, "matmul_peak_flops": peak,
                         "final": self.evaluate(), "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
         if self.is_main:
