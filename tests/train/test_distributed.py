@@ -37,3 +37,28 @@ def test_ddp_two_processes_equal_one(trained_dir, tmp_path):
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-4)
     assert (tmp_path / "two" / "last" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_and_resume(trained_dir, tmp_path):
+    tokenize_corpus(TokenizeConfig(input=["builtin:python-docs"], tokenizer=str(trained_dir), out=str(tmp_path / "tok"),
+                                   val_fraction=0.1, progress=False))
+    common = ["pretrain", "--data", str(tmp_path / "tok"), "--model", "tiny-llama", "--max-length", "32",
+              "--batch-size", "8", "--max-steps", "4", "--eval-every", "0", "--eval-batches", "2", "--no-progress",
+              "--seed", "3", "--warmup-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
+    subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    fsdp = ["--micro-batch-size", "2", "--distributed", "fsdp", "--out", str(tmp_path / "fsdp")]
+    run = subprocess.run([*torchrun, *common, *fsdp], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "fsdp"), rel=1e-4)
+    # the gathered checkpoint is a plain HF model and resumes in a single process (another world size)
+    from lmforge.model import load_hf_model
+
+    assert load_hf_model(tmp_path / "fsdp" / "last").cfg.n_layers == 2
+    more = [a if a != "4" else "6" for a in common]
+    subprocess.run([sys.executable, "-m", "lmforge", *more, "--micro-batch-size", "4", "--resume",
+                    "--out", str(tmp_path / "fsdp")], check=True, env=env, capture_output=True)
+    assert len(_losses(tmp_path / "fsdp")) == 6

@@ -70,6 +70,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    distributed: str = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (a replica per process) or fsdp (FSDP2 fully_shard: parameters, gradients and "
+                "optimizer state sharded across processes)", "choices": ["ddp", "fsdp"]})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -164,7 +167,14 @@ class Trainer:
                              f"({self.manifest['vocab_size']})")
         self.model.to(self.device)
         self.ddp = None
-        if self.world > 1:
+        self.fsdp = self.world > 1 and cfg.distributed == "fsdp"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.layers:  # one all-gather per block, then the embeddings/head at the root
+                fully_shard(layer)
+            fully_shard(self.model)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False)
@@ -235,6 +245,8 @@ class Trainer:
             x, y = (t.to(self.device) for t in self.loader.next_batch())
             # DDP: gradients are averaged across processes on the last micro-batch only
             sync = self.ddp is None or i == self.accum - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(i == self.accum - 1)
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
                     logits = self.forward(x)
@@ -274,26 +286,46 @@ class Trainer:
                 for e, p in zip(self.ema, self.model.parameters()):
                     e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
         self.step += 1
+        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+            norm = norm.full_tensor()
         self.last_grad_norm, self.last_lr = float(norm), lr
 
     # --- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> Path:
         """Rank 0 writes (every rank holds the same replica); the others wait for it."""
         final = self.out / name
+        full = self._gather_full_state() if self.fsdp else None  # a collective: every rank takes part
         if self.is_main:
-            self._write_checkpoint(name, final)
+            self._write_checkpoint(name, final, full)
         if self.world > 1:
             dist.barrier()
         return final
 
-    def _write_checkpoint(self, name: str, final: Path) -> None:
+    def _gather_full_state(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                get_optimizer_state_dict(self.model, self.optimizer, options=options))
+
+    def _write_checkpoint(self, name: str, final: Path, full: tuple[dict, dict] | None = None) -> None:
         from safetensors.torch import save_file
 
         tmp = self.out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_hf_model(self.model, tmp)
+        if full is None:
+            save_hf_model(self.model, tmp)
+            opt = self.optimizer.state_dict()
+        else:  # FSDP: the gathered full weights go through an unsharded CPU replica
+            replica = Transformer(self.model.cfg)
+            replica.load_state_dict(full[0])
+            save_hf_model(replica, tmp)
+            opt = full[1]
         tensors, groups = {}, []
-        opt = self.optimizer.state_dict()
         for idx, state in opt["state"].items():
             for key, value in state.items():
                 tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
@@ -337,16 +369,29 @@ class Trainer:
 
         state = json.loads((directory / "trainer_state.json").read_text())
         weights = load_hf_model(directory).state_dict()
-        self.model.load_state_dict(weights)
         tensors = load_file(str(directory / "optimizer.safetensors"))
         opt_state: dict = {}
         for key, value in tensors.items():
             if key.startswith("ema.") and self.ema is not None:
                 self.ema[int(key[4:])].copy_(value)
             elif key.startswith("state."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+                param, name = key[len("state."):].rsplit(".", 1)
+                param = int(param) if param.isdigit() else param  # index (plain/DDP) or parameter name (FSDP)
+                opt_state.setdefault(param, {})[name] = value.to(self.device) if name != "step" else value
+        full_opt = {"state": opt_state, "param_groups": state["param_groups"]}
+        if self.fsdp:  # every rank reads the full files and keeps its own shard (any world size)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, weights, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, full_opt, options=options)
+        else:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(full_opt)
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
