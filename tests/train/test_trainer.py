@@ -128,3 +128,10 @@ def test_tensorboard_logs_scalars(shards, tmp_path):
     assert {"loss", "lr", "val_ppl", "mfu"} <= set(tags)
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert events.Scalars("loss")[0].value == pytest.approx(_losses(tmp_path)[0], rel=1e-5)
+
+
+def test_fp16_with_gradient_scaler_trains(shards, tmp_path):
+    t = Trainer(_cfg(shards, tmp_path, precision="fp16", max_steps=10, eval_every=10))
+    assert t.scaler is not None
+    summary = t.fit()
+    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
