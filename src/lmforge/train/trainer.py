@@ -145,23 +145,7 @@ class Trainer:
             if (Path(cfg.data) / "manifest.json").exists() else None
         if self.manifest is None:
             raise FileNotFoundError(f"{cfg.data}: no manifest.json; create token shards with `lmforge data tokenize`")
-        if Path(cfg.model).is_dir():
-            self.model = load_hf_model(cfg.model)
-        else:
-            from lmforge.config import ConfigError
-            from lmforge.model import ModelConfig
-
-            valid = {f for f in ModelConfig.__dataclass_fields__}
-            unknown = set(cfg.model_overrides) - valid
-            if unknown:
-                import difflib
-
-                key = sorted(unknown)[0]
-                close = difflib.get_close_matches(key, valid, n=1)
-                raise ConfigError(f"model_overrides: unknown ModelConfig field '{key}'."
-                                  + (f" Did you mean '{close[0]}'?" if close else ""))
-            self.model = Transformer(preset(cfg.model, **{"vocab_size": self.manifest["vocab_size"],
-                                                          "max_seq_len": max(cfg.max_length, 128), **cfg.model_overrides}))
+        self.model = self._build_model()
         if self.model.cfg.vocab_size < self.manifest["vocab_size"]:
             raise ValueError(f"the model's vocabulary ({self.model.cfg.vocab_size}) is smaller than the data's "
                              f"({self.manifest['vocab_size']})")
@@ -195,7 +179,21 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.max_length
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+        if cfg.ema_decay and self.fsdp:
+            raise ValueError("ema_decay with --distributed fsdp is not supported yet (the average would be per shard)")
         self.ema = [p.detach().clone().float() for p in self.model.parameters()] if cfg.ema_decay else None
+
+    def _build_model(self) -> Transformer:
+        """An HF model directory to continue from, or a preset sized to the data's vocabulary."""
+        cfg = self.cfg
+        if Path(cfg.model).is_dir():
+            return load_hf_model(cfg.model)
+        from lmforge.config import from_dict
+        from lmforge.model import ModelConfig
+
+        from_dict(ModelConfig, dict(cfg.model_overrides), "model_overrides")  # unknown keys / bad values: clear errors
+        sizes = {"vocab_size": self.manifest["vocab_size"], "max_seq_len": max(cfg.max_length, 128)}
+        return Transformer(preset(cfg.model, **{**sizes, **cfg.model_overrides}))
 
     def _loader(self, stream: TokenStream, micro: int):
         cfg = self.cfg
