@@ -17,14 +17,19 @@ def _losses(out):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_equal_one(trained_dir, tmp_path):
+def _setup(trained_dir, tmp_path):
+    """Token shards of the built-in corpus, and the pretrain arguments both runs share."""
     tokenize_corpus(TokenizeConfig(input=["builtin:python-docs"], tokenizer=str(trained_dir), out=str(tmp_path / "tok"),
                                    val_fraction=0.1, progress=False))
     common = ["pretrain", "--data", str(tmp_path / "tok"), "--model", "tiny-llama", "--max-length", "32",
               "--batch-size", "8", "--max-steps", "4", "--eval-every", "0", "--eval-batches", "2", "--no-progress",
               "--seed", "3", "--warmup-steps", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return common, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(trained_dir, tmp_path):
+    common, env = _setup(trained_dir, tmp_path)
     # one process: micro-batches of 4, accumulated twice
     subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
@@ -41,12 +46,7 @@ def test_ddp_two_processes_equal_one(trained_dir, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_and_resume(trained_dir, tmp_path):
-    tokenize_corpus(TokenizeConfig(input=["builtin:python-docs"], tokenizer=str(trained_dir), out=str(tmp_path / "tok"),
-                                   val_fraction=0.1, progress=False))
-    common = ["pretrain", "--data", str(tmp_path / "tok"), "--model", "tiny-llama", "--max-length", "32",
-              "--batch-size", "8", "--max-steps", "4", "--eval-every", "0", "--eval-batches", "2", "--no-progress",
-              "--seed", "3", "--warmup-steps", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common, env = _setup(trained_dir, tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
     subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
