@@ -74,3 +74,14 @@ def test_unreadable_or_invalid_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(Cfg, tmp_path / "list.yaml")
+
+
+def test_shipped_recipes_load_and_unknown_ones_are_named():
+    from lmforge.train.trainer import TrainConfig
+
+    cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {"max_steps": 7})
+    assert cfg.model == "tiny-llama" and cfg.model_overrides["d_model"] == 256 and cfg.max_steps == 7
+    for name in ("pretrain-gpt2-124m", "pretrain-smollm-135m"):  # every shipped recipe is a valid TrainConfig
+        assert load_config(TrainConfig, f"recipe:{name}").precision == "bf16"
+    with pytest.raises(ConfigError, match="unknown recipe 'pretrain-tiny'. Did you mean 'pretrain-tiny-cpu'"):
+        load_config(TrainConfig, "recipe:pretrain-tiny")

@@ -125,9 +125,26 @@ def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
         raise ConfigError(f"{where}: {e}") from None
 
 
+RECIPE_PREFIX = "recipe:"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A file path, or `recipe:NAME` for a recipe shipped in lmforge/recipes/NAME.yaml."""
+    if str(path).startswith(RECIPE_PREFIX):
+        from importlib import resources
+
+        name = str(path)[len(RECIPE_PREFIX):]
+        recipes = resources.files("lmforge").joinpath("recipes")
+        available = sorted(p.name.removesuffix(".yaml") for p in recipes.iterdir() if p.name.endswith(".yaml"))
+        if name not in available:
+            raise ConfigError(f"unknown recipe '{name}'.{_nearest(name, available)}")
+        return Path(str(recipes.joinpath(f"{name}.yaml")))
+    return Path(path)
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML or JSON config file into a dict, with errors that name the file."""
-    path = Path(path)
+    """Read a YAML or JSON config file (or `recipe:NAME`) into a dict, with errors that name the file."""
+    path = resolve_config_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -168,7 +185,8 @@ def _flag(f: dataclasses.Field) -> str:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add `--config FILE` and one flag per field of `cls` (only given flags override)."""
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file; flags override its values")
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file, or recipe:NAME for a shipped "
+                                                         "recipe; flags override its values")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]

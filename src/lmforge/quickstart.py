@@ -70,6 +70,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log(f"[3/6] tokenizer checks: {checks}")
 
     # --- tokenize, pretrain, sample ---------------------------------------------------------
+    from lmforge.config import load_config
     from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
     from lmforge.infer import SamplingConfig, generate
     from lmforge.train.trainer import TrainConfig, Trainer
@@ -82,10 +83,10 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log(f"[4/6] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
 
     t0 = time.perf_counter()
-    train_cfg = TrainConfig(data=str(out / "tokens"), out=str(out / "pretrain"), model="tiny-llama",
-                            model_overrides={"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "d_ff": 704},
-                            max_length=128, batch_size=16, max_steps=cfg.max_steps, lr=3e-3, warmup_steps=20,
-                            eval_every=50, eval_batches=10, patience=3, seed=cfg.seed, progress=False)
+    # the shipped tiny CPU recipe, pointed at this run's shards
+    train_cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {
+        "data": str(out / "tokens"), "out": str(out / "pretrain"), "max_steps": cfg.max_steps, "eval_batches": 10,
+        "seed": cfg.seed, "progress": False})
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
     log(f"[5/6] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for up to {cfg.train_seconds:.0f} s ...")

@@ -38,17 +38,6 @@ import regex
 from lmforge.tokenizer.chat import render_chat
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-_worker: dict = {}
-
-
-def _set_worker_tokenizer(tok: Tokenizer, kw: dict) -> None:
-    _worker["tok"], _worker["kw"] = tok, kw
-
-
-def _encode_share_in_worker(texts: Sequence[str]) -> list[list[int]]:
-    return [_worker["tok"].encode(t, **_worker["kw"]) for t in texts]
 _SURROGATE_LEADS = range(0xA0, 0xC0)
 
 
@@ -62,6 +51,17 @@ def _surrogate_or_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
 
 
 codecs.register_error("lmforge.surrogates", _surrogate_or_replace)
+
+# encode_batch(processes=True): each worker process holds the tokenizer once, set by the pool initializer
+_worker: dict = {}
+
+
+def _set_worker_tokenizer(tok: Tokenizer, kw: dict) -> None:
+    _worker["tok"], _worker["kw"] = tok, kw
+
+
+def _encode_share_in_worker(texts: Sequence[str]) -> list[list[int]]:
+    return [_worker["tok"].encode(t, **_worker["kw"]) for t in texts]
 
 SpecialSet = Literal["all"] | Collection[str]
 

@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Pretrain a decoder on shards from `lmforge data tokenize`. Writes metrics.jsonl, "
                                    "config.yaml, and checkpoints best/ and last/ (HF layout, loadable by transformers).",
                        epilog="examples:\n  lmforge pretrain --data runs/tokens --model tiny-llama --max-steps 500 "
-                              "--out runs/pt\n  lmforge pretrain --config configs/pretrain-tiny-cpu.yaml --lr 1e-3\n"
-                              "  lmforge pretrain --config configs/pretrain-tiny-cpu.yaml --resume\n"
-                              "  torchrun --nproc_per_node 2 -m lmforge pretrain --config configs/pretrain-tiny-cpu.yaml   # DDP")
+                              "--out runs/pt\n  lmforge pretrain --config recipe:pretrain-tiny-cpu --lr 1e-3\n"
+                              "  lmforge pretrain --config recipe:pretrain-tiny-cpu --resume\n"
+                              "  torchrun --nproc_per_node 2 -m lmforge pretrain --config recipe:pretrain-tiny-cpu   # DDP")
     add_config_args(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain, _parser=p)
