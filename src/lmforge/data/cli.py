@@ -8,6 +8,8 @@ import sys
 from lmforge.config import add_config_args, config_from_args, save_config
 from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
 
+_FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on_error", "output_format", "text_field")
+
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     cfg = config_from_args(TokenizeConfig, args)
@@ -20,8 +22,75 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish(stats: dict, output: str) -> int:
+    from lmforge.data.report import stats_table, write_report
+
+    print(stats_table(stats))
+    print(f"kept documents -> {output}/data/  removed -> {output}/rejects/  report -> {write_report(output)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lmforge.data.pipeline import load_pipeline, run_pipeline
+
+    overrides = {k: getattr(args, k) for k in _FLAGS_OVER_FILE if getattr(args, k, None) is not None}
+    cfg = load_pipeline(args.pipeline, **overrides)
+    cfg.progress = sys.stderr.isatty()
+    return _finish(run_pipeline(cfg, overwrite=args.overwrite), cfg.output)
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from lmforge.data.pipeline import load_pipeline, run_pipeline
+
+    minhash = {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": args.ngram, "unit": args.unit,
+               "verify": args.verify, "keep": args.keep}
+    if args.bands is not None or args.rows is not None:
+        minhash.update(bands=args.bands, rows=args.rows)
+    steps = ([{"exact_dedup": {"keep": args.keep}}] if args.exact else []) + [{"minhash_dedup": minhash}]
+    cfg = load_pipeline(None, input=args.input, output=args.output, steps=steps, text_field=args.text_field,
+                        on_error=args.on_error, workers=args.workers, executor=args.executor,
+                        ray_address=args.ray_address, output_format=args.output_format)
+    cfg.progress = sys.stderr.isatty()
+    return _finish(run_pipeline(cfg, overwrite=args.overwrite), cfg.output)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from lmforge.data.report import load_stats, stats_table, write_report
+
+    print(stats_table(load_stats(args.output)))
+    print(f"report -> {write_report(args.output)}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from lmforge.data.classifier import train_classifier
+    from lmforge.data.sources import iter_documents
+
+    def texts(specs):
+        out = [d.text for d in iter_documents(specs, errors="replace", text_field=args.text_field)]
+        return out[: args.max_docs] if args.max_docs else out
+
+    pos, neg = texts(args.positive), texts(args.negative)
+    clf = train_classifier(pos, neg, args.out, bits=args.bits, ngrams=args.ngrams, epochs=args.epochs,
+                           heldout_fraction=args.heldout)
+    m = clf.metrics
+    print(f"trained on {m['train_examples']:,} documents ({len(pos):,} positive, {len(neg):,} negative); "
+          f"held-out accuracy {m.get('heldout_accuracy', float('nan')):.4f} on {m['heldout_examples']:,} -> {args.out}")
+    return 0
+
+
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], help="local process pool (default) or a Ray cluster")
+    p.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
+    p.add_argument("--ray-address", dest="ray_address", help="address of a running Ray cluster (default: start one)")
+    p.add_argument("--on-error", dest="on_error", choices=["fail", "skip"],
+                   help="bad input record: stop (default) or write it to rejects and go on")
+    p.add_argument("--output-format", dest="output_format", choices=["jsonl.gz", "parquet"])
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="corpus tools: tokenize into training shards",
+    p = sub.add_parser("data", help="corpus tools: clean, filter, deduplicate, tokenize",
                        description="Data stage tools.")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
@@ -34,3 +103,68 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "--val-fraction 0.005 --out runs/tokens")
     add_config_args(t, TokenizeConfig)
     t.set_defaults(func=cmd_tokenize, _parser=t)
+
+    r = dsub.add_parser("run", help="run a cleaning/filtering/dedup pipeline from a YAML file",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Run the steps of a pipeline file over its inputs; kept documents go to "
+                                    "OUTPUT/data, removed ones (with step and reason) to OUTPUT/rejects. A rerun "
+                                    "resumes where an interrupted one stopped. Steps: see docs/data.md.",
+                        epilog="example pipeline.yaml:\n  input: [raw/]\n  output: runs/clean\n  steps:\n"
+                               "    - fix_encoding\n    - whitespace\n    - pii\n    - language: {keep: [en, zh]}\n"
+                               "    - gopher_quality\n    - gopher_repetition\n    - minhash_dedup: {threshold: 0.8}\n\n"
+                               "examples:\n  lmforge data run pipeline.yaml\n"
+                               "  lmforge data run pipeline.yaml --executor ray --ray-address auto")
+    r.add_argument("pipeline", help="pipeline YAML/JSON file")
+    r.add_argument("--input", nargs="+", help="override the file's inputs")
+    r.add_argument("--output", help="override the file's output directory")
+    r.add_argument("--text-field", dest="text_field", help="text field of jsonl/csv/parquet input")
+    _executor_args(r)
+    r.set_defaults(func=cmd_run, _parser=r)
+
+    d = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash + LSH)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Exact duplicates (normalised text) then near-duplicates by MinHash LSH. "
+                                    "Bands x rows are derived from the threshold unless given.",
+                        epilog="examples:\n  lmforge data dedup --input corpus/ --output runs/dedup --threshold 0.8\n"
+                               "  lmforge data dedup --input zh.jsonl --output runs/zh --ngram 5 --unit char --verify")
+    d.add_argument("--input", nargs="+", required=True, help="files, directories, globs, builtin:python-docs")
+    d.add_argument("--output", required=True, help="output directory")
+    d.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity (default: 0.8)")
+    d.add_argument("--ngram", type=int, default=5, help="shingle size in words or characters (default: 5)")
+    d.add_argument("--unit", choices=["auto", "word", "char"], default="auto",
+                   help="shingle unit; auto = characters for CJK text, words otherwise")
+    d.add_argument("--num-perm", dest="num_perm", type=int, default=128, help="MinHash permutations (default: 128)")
+    d.add_argument("--bands", type=int, help="LSH bands (with --rows; default: derived from the threshold)")
+    d.add_argument("--rows", type=int, help="rows per band")
+    d.add_argument("--verify", action="store_true", help="confirm candidates by exact Jaccard (no false positives)")
+    d.add_argument("--keep", choices=["first", "longest", "score"], default="first",
+                   help="which member of a cluster survives (score: meta quality_score)")
+    d.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove exact duplicates first (default: on)")
+    d.add_argument("--text-field", dest="text_field", default="text")
+    _executor_args(d)
+    d.set_defaults(func=cmd_dedup, _parser=d)
+
+    st = dsub.add_parser("stats", help="print a pipeline's statistics and write report.md + stats.png",
+                         description="Per step: documents and characters in and out, removal reasons; "
+                                     "writes OUTPUT/report.md and OUTPUT/stats.png (funnel, length histograms).")
+    st.add_argument("output", help="output directory of `lmforge data run` or `lmforge data dedup`")
+    st.set_defaults(func=cmd_stats, _parser=st)
+
+    c = dsub.add_parser("train-classifier", help="train a quality classifier (hashed n-grams, linear)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Logistic regression over hashed word n-grams (character n-grams for Chinese); "
+                                    "reports held-out accuracy. Use it in a pipeline as "
+                                    "`quality_classifier: {model: DIR, threshold: 0.5}`.",
+                        epilog="example:\n  lmforge data train-classifier --positive wiki/ --negative crawl/ "
+                               "--out runs/quality")
+    c.add_argument("--positive", nargs="+", required=True, help="inputs of good documents")
+    c.add_argument("--negative", nargs="+", required=True, help="inputs of bad documents")
+    c.add_argument("--out", required=True, help="output directory for the model")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--bits", type=int, default=20, help="2^bits hashed feature buckets (default: 20)")
+    c.add_argument("--ngrams", type=int, nargs="+", default=[1, 2], help="n-gram sizes (default: 1 2)")
+    c.add_argument("--heldout", type=float, default=0.1, help="share held out for evaluation (default: 0.1)")
+    c.add_argument("--max-docs", dest="max_docs", type=int, default=0, help="use at most this many per class")
+    c.add_argument("--text-field", dest="text_field", default="text")
+    c.set_defaults(func=cmd_train_classifier, _parser=c)

@@ -1,9 +1,12 @@
 """Corpus sources: turn paths, directories, globs and `builtin:` names into text, streaming.
 
 Wherever lmforge accepts a corpus it accepts a list of these specs:
-  - a file: .txt .md .rst (any other name is read as plain text too), .jsonl (one JSON
-    object per line with a text field), optionally gzip-compressed (.gz);
-  - a directory: every .txt/.md/.rst/.jsonl(.gz) file below it, in sorted order;
+  - a file: .txt .md .rst (any other name is read as plain text too); .jsonl (one JSON
+    object per line with a text field) plain, .gz or .zst; .csv/.tsv (a header row naming a
+    text column); .parquet (a text column); .html/.htm (main text extracted with
+    trafilatura: navigation, menus and footers dropped); .pdf (the text layer, by pypdf);
+    .txt/.md may be gzip-compressed (.gz);
+  - a directory: every file with one of those suffixes below it, in sorted order;
   - a glob such as `data/**/*.jsonl.gz`;
   - a built-in corpus such as `builtin:python-docs`.
 
@@ -14,16 +17,23 @@ training on the whole file (a test checks this for all three).
 
 Invalid UTF-8 is reported with the file, line and byte offset (`errors="strict"`, the
 default) or replaced with U+FFFD and counted (`errors="replace"`).
+
+A bad record (malformed JSON line, CSV row with the wrong number of columns, missing or
+empty text field, unreadable PDF) raises CorpusError naming file and line, unless the
+caller passes `on_bad(where, reason, raw)`: then the record is handed to it (the data
+pipeline writes it to the rejects file) and reading goes on.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
+import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,7 +42,9 @@ from lmforge.data.document import Document
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz", ".jsonl.zst",
+                 ".csv", ".tsv", ".parquet", ".html", ".htm", ".pdf")
+OnBad = Callable[[str, str, str], None]  # (where: "file:line", reason, raw record)
 BLOCK_BYTES = 1 << 20
 
 
@@ -75,8 +87,22 @@ def resolve_inputs(specs: list[str] | str) -> list[str]:
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
+def _optional(module: str, path: str):
+    """Import a reader's optional dependency, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CorpusError(f"{path}: reading this format needs the '{module.split('.')[0]}' package: "
+                          "pip install 'lmforge[data]'") from None
+
+
 def _open_binary(path: str) -> BinaryIO:
     try:
+        if path.endswith(".zst"):
+            raw = _optional("zstandard", path).ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+            return io.BufferedReader(raw)  # line iteration needs a buffered reader
         return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
     except OSError as e:
         raise CorpusError(f"{path}: cannot open: {e.strerror or e}") from None
@@ -154,43 +180,169 @@ def _iter_plain_text(path: str, errors: str, block_bytes: int) -> Iterator[str]:
         yield pending
 
 
-def _iter_jsonl(path: str, errors: str, text_field: str) -> Iterator[Document]:
+def _reject_or_raise(on_bad: OnBad | None, where: str, reason: str, raw: str = "") -> None:
+    if on_bad is None:
+        raise CorpusError(f"{where}: {reason}")
+    on_bad(where, reason, raw)
+
+
+def _record_document(obj: dict, text_field: str, where: str, path: str, lineno: int,
+                     on_bad: OnBad | None, raw: str) -> Document | None:
+    text = obj.get(text_field)
+    if not isinstance(text, str) or not text.strip():
+        what = ("missing" if text is None else f"not a string ({type(text).__name__})" if not isinstance(text, str)
+                else "empty")
+        _reject_or_raise(on_bad, where, f"field '{text_field}' is {what}", raw)
+        return None
+    doc_id = str(obj.get("id", obj.get("_id", where)))
+    meta = {k: v for k, v in obj.items() if k not in (text_field, "id", "_id")}
+    return Document(id=doc_id, text=text, meta={**meta, "source": path, "line": lineno})
+
+
+def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
     decode = _Decoder(path, errors)
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = decode(raw)
+    f = _open_binary(path)
+    with f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()
+            except (OSError, EOFError) as e:  # a truncated .gz/.zst file
+                _reject_or_raise(on_bad, f"{path}:{lineno + 1}", f"read failed: {e}")
+                break
+            if not raw:
+                break
+            lineno += 1
+            try:
+                line = decode(raw)
+            except CorpusError as e:
+                _reject_or_raise(on_bad, f"{path}:{lineno}", str(e).split(": ", 1)[1], raw.decode("utf-8", "replace"))
+                continue
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                _reject_or_raise(on_bad, where, f"malformed JSON: {e.msg} (column {e.colno})", line)
+                continue
             if not isinstance(obj, dict):
-                raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            text = obj.get(text_field)
-            if not isinstance(text, str):
-                what = "missing" if text is None else f"not a string ({type(text).__name__})"
-                raise CorpusError(f"{path}:{lineno}: field '{text_field}' is {what}")
-            doc_id = str(obj.get("id", obj.get("_id", f"{path}:{lineno}")))
-            meta = {k: v for k, v in obj.items() if k not in (text_field, "id", "_id")}
-            yield Document(id=doc_id, text=text, meta={**meta, "source": path, "line": lineno})
+                _reject_or_raise(on_bad, where, f"expected a JSON object, got {type(obj).__name__}", line)
+                continue
+            doc = _record_document(obj, text_field, where, path, lineno, on_bad, line)
+            if doc is not None:
+                yield doc
     decode.close()
 
 
+def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+    delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
+    with _open_binary(path) as f:
+        raw = f.read()
+    text = _Decoder(path, errors)(raw)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        _reject_or_raise(on_bad, f"{path}:1", "empty file (expected a header row)")
+        return
+    if text_field not in header:
+        raise CorpusError(f"{path}:1: no column '{text_field}' in the header ({', '.join(header)}); "
+                          "pass --text-field to name the text column")
+    lineno = reader.line_num
+    for row in reader:
+        where = f"{path}:{lineno + 1}"
+        lineno = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            _reject_or_raise(on_bad, where, f"row has {len(row)} columns, the header has {len(header)}",
+                             delimiter.join(row))
+            continue
+        doc = _record_document(dict(zip(header, row)), text_field, where, path, lineno, on_bad, delimiter.join(row))
+        if doc is not None:
+            yield doc
+
+
+def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+    pq = _optional("pyarrow.parquet", path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise CorpusError(f"{path}: not a readable parquet file: {e}") from None
+    if text_field not in pf.schema_arrow.names:
+        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                          "pass --text-field to name the text column")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            row += 1
+            doc = _record_document(obj, text_field, f"{path}:row {row}", path, row, on_bad, "")
+            if doc is not None:
+                yield doc
+
+
+def _iter_html(path: str, errors: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+    trafilatura = _optional("trafilatura", path)
+    html = "".join(_iter_plain_text(path, errors, BLOCK_BYTES))
+    text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True) or ""
+    if not text.strip():
+        _reject_or_raise(on_bad, path, "no main text found in the HTML", html[:1000])
+        return
+    title = trafilatura.extract_metadata(html)
+    meta = {"source": path}
+    if title is not None and title.title:
+        meta["title"] = title.title
+    yield Document(id=path, text=text, meta=meta)
+
+
+def _iter_pdf(path: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+    pypdf = _optional("pypdf", path)
+    try:
+        reader = pypdf.PdfReader(path)
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except Exception as e:  # pypdf raises many types for damaged files
+        _reject_or_raise(on_bad, path, f"not a readable PDF: {e}")
+        return
+    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    if not text:
+        _reject_or_raise(on_bad, path, "the PDF has no text layer (scanned images need OCR first)")
+        return
+    yield Document(id=path, text=text, meta={"source": path, "pages": len(pages)})
+
+
 def _is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".jsonl.gz"))
+    return path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst"))
 
 
-def iter_documents(specs: list[str] | str, errors: str = "strict", text_field: str = "text") -> Iterator[Document]:
-    """Yield every Document of the inputs; a plain-text file is one Document."""
-    for item in resolve_inputs(specs):
-        if is_builtin(item):
-            yield from builtin_documents(item)
-        elif _is_jsonl(item):
-            yield from _iter_jsonl(item, errors, text_field)
+def iter_file_documents(path: str, errors: str = "strict", text_field: str = "text",
+                        on_bad: OnBad | None = None) -> Iterator[Document]:
+    """Documents of one input (a file or a `builtin:` name), by its suffix."""
+    if is_builtin(path):
+        yield from builtin_documents(path)
+    elif _is_jsonl(path):
+        yield from _iter_jsonl(path, errors, text_field, on_bad)
+    elif path.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+        yield from _iter_csv(path, errors, text_field, on_bad)
+    elif path.endswith(".parquet"):
+        yield from _iter_parquet(path, text_field, on_bad)
+    elif path.endswith((".html", ".htm")):
+        yield from _iter_html(path, errors, on_bad)
+    elif path.endswith(".pdf"):
+        yield from _iter_pdf(path, on_bad)
+    else:
+        text = "".join(_iter_plain_text(path, errors, BLOCK_BYTES))
+        if text.strip():
+            yield Document(id=path, text=text, meta={"source": path})
         else:
-            text = "".join(_iter_plain_text(item, errors, BLOCK_BYTES))
-            yield Document(id=item, text=text, meta={"source": item})
+            _reject_or_raise(on_bad, path, "empty file")
+
+
+def iter_documents(specs: list[str] | str, errors: str = "strict", text_field: str = "text",
+                   on_bad: OnBad | None = None) -> Iterator[Document]:
+    """Yield every Document of the inputs; a plain-text, HTML or PDF file is one Document."""
+    for item in resolve_inputs(specs):
+        yield from iter_file_documents(item, errors, text_field, on_bad)
 
 
 def iter_text_chunks(specs: list[str] | str, errors: str = "strict", text_field: str = "text",
@@ -203,7 +355,7 @@ def iter_text_chunks(specs: list[str] | str, errors: str = "strict", text_field:
     for item in resolve_inputs(specs):
         if is_builtin(item):
             yield from (d.text for d in builtin_documents(item))
-        elif _is_jsonl(item):
-            yield from (d.text for d in _iter_jsonl(item, errors, text_field))
-        else:
+        elif item.endswith((".txt", ".md", ".rst", ".text", ".txt.gz", ".md.gz")) or not item.endswith(TEXT_SUFFIXES):
             yield from _iter_plain_text(item, errors, block_bytes)
+        else:
+            yield from (d.text for d in iter_file_documents(item, errors, text_field))

@@ -35,3 +35,48 @@ def plot_training(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, titl
     plt.close(fig)
     os.replace(tmp, png)
     return png
+
+
+def plot_data_stats(stats: dict, png: str | os.PathLike) -> Path:
+    """Data pipeline funnel (documents left after each step, removals by step) and the
+    document length histograms of input and output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = stats["steps"]
+    names = [s["step"] for s in steps]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, max(3.6, 0.32 * len(steps) + 1.5)), dpi=110)
+    y = range(len(steps))
+    kept = [s["docs_out"] for s in steps]
+    removed = [s["docs_in"] - s["docs_out"] for s in steps]
+    a.barh(y, kept, color="#3b6ea8", label="kept")
+    a.barh(y, removed, left=kept, color="#c4572a", label="removed")
+    a.set_yticks(list(y), names)
+    a.invert_yaxis()
+    a.set(xlabel="documents", title="documents after each step")
+    a.legend(loc="lower right")
+    bins = stats["length_bins"]
+    centers = range(len(bins))
+    b.bar([c - 0.2 for c in centers], stats["lengths_in"], width=0.4, color="#999999", label="input")
+    b.bar([c + 0.2 for c in centers], stats["lengths_out"], width=0.4, color="#3b6ea8", label="kept")
+    b.set_xticks(list(centers)[::2], [_short(v) for v in bins[::2]], rotation=45)
+    b.set(xlabel="characters (at least)", ylabel="documents", title="document length")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3, axis="x" if ax is a else "y")
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def _short(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("k", 1 << 10)):
+        if n >= size:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -1,0 +1,95 @@
+"""Deduplication as pipeline steps. Both are global: each map task computes a small per-
+document record (a 64-bit key, or a MinHash signature, plus length and score), the
+pipeline gathers them (uint32 x num_perm per document on disk, never the texts) and
+`decide` returns which documents to keep and the cluster of each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmforge.data import dedup
+from lmforge.data.step import GlobalStep, register
+
+
+@dataclass
+class Decision:
+    keep: np.ndarray  # bool per document
+    cluster: np.ndarray  # int64: global index of the kept member of the document's cluster, -1 if none
+    stats: dict = field(default_factory=dict)
+
+
+def _scores(meta: Sequence[dict], field_name: str) -> np.ndarray:
+    return np.array([float(m.get(field_name, np.nan)) if isinstance(m.get(field_name), (int, float)) else np.nan
+                     for m in meta])
+
+
+@register("exact_dedup")
+@dataclass
+class ExactDedup(GlobalStep):
+    """Documents whose normalised text (NFKC, lower case, punctuation and spacing ignored) is identical."""
+
+    keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
+    score_field: str = "quality_score"
+
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        return dedup.exact_keys(texts)[:, None]
+
+    def decide(self, signatures: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
+               texts: Callable[[np.ndarray], list[str]]) -> Decision:
+        keys = signatures[:, 0]
+        _, labels = np.unique(keys, return_inverse=True)
+        # relabel each group by its smallest member so labels are node indices
+        first = np.full(labels.max() + 1 if len(labels) else 0, len(labels), np.int64)
+        np.minimum.at(first, labels, np.arange(len(labels)))
+        kept, cluster = dedup.choose_kept(first[labels], self.keep, lengths, scores)
+        return Decision(kept, cluster, {"duplicates": int((~kept).sum())})
+
+
+@register("minhash_dedup")
+@dataclass
+class MinHashDedup(GlobalStep):
+    """Near-duplicates by MinHash + LSH (see lmforge.data.dedup)."""
+
+    threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+    unit: str = field(default="auto", metadata={"choices": ["auto", "word", "char"]})
+    bands: int | None = None  # with rows: override the bands x rows derived from the threshold
+    rows: int | None = None
+    verify: bool = False  # check candidates' exact Jaccard (removes LSH false positives)
+    keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
+    score_field: str = "quality_score"
+    seed: int = 1
+
+    def __post_init__(self):
+        if (self.bands is None) != (self.rows is None):
+            from lmforge.config import ConfigError
+
+            raise ConfigError("minhash_dedup: give both bands and rows, or neither")
+        if self.bands is None:
+            self.bands, self.rows = dedup.lsh_params(self.threshold, self.num_perm)
+        self._hasher = None
+
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        if self._hasher is None:
+            self._hasher = dedup.MinHasher(self.num_perm, self.ngram, self.unit, self.seed)
+        return self._hasher.signatures(texts)
+
+    def decide(self, signatures: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
+               texts: Callable[[np.ndarray], list[str]]) -> Decision:
+        pairs = dedup.candidate_pairs(signatures, self.bands, self.rows, skip=dedup.is_empty(signatures))
+        n_candidates = len(pairs)
+        if self.verify and len(pairs):
+            involved = np.unique(pairs)
+            by_index = dict(zip(involved.tolist(), texts(involved)))
+            local = np.searchsorted(involved, pairs)
+            pairs = involved[dedup.verify_pairs([by_index[i] for i in involved.tolist()], local, self.threshold,
+                                                self.ngram, self.unit)]
+        labels = dedup.connected_components(len(signatures), pairs)
+        kept, cluster = dedup.choose_kept(labels, self.keep, lengths, scores)
+        return Decision(kept, cluster, {"candidate_pairs": int(n_candidates), "duplicate_pairs": int(len(pairs)),
+                                        "bands": self.bands, "rows": self.rows, "duplicates": int((~kept).sum())})

@@ -1,0 +1,231 @@
+"""The pipeline as a user runs it: readers of every format, bad input, rejects accounting,
+resume after an interruption, the Ray executor, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.config import ConfigError
+from lmforge.data.pipeline import PipelineConfig, load_pipeline, run_pipeline
+from lmforge.data.sources import CorpusError, iter_documents
+from tests.corpora import chinese_news, english
+
+
+def _read_gz(paths) -> list[dict]:
+    out = []
+    for p in sorted(paths):
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            out += [json.loads(line) for line in f]
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three shards of real English and Chinese paragraphs with planted duplicates and bad lines."""
+    d = tmp_path_factory.mktemp("pipeline_in")
+    rng = random.Random(0)
+    en = [p for p in english(400_000).split("\n\n") if len(p.split()) > 60][:120]
+    zh = [p for p in chinese_news(200_000).split("\n") if len(p) > 120][:60]
+    docs = [{"id": f"en{i}", "text": t} for i, t in enumerate(en)] + [{"id": f"zh{i}", "text": t} for i, t in enumerate(zh)]
+    copies = []
+    for d_ in docs[:20] + docs[-10:]:
+        words = d_["text"].split(" ")
+        copies.append({"id": d_["id"] + "-copy", "text": " ".join(words + ["extra"]) if len(words) > 5 else d_["text"] + "。"})
+    copies.append({"id": "exact-copy", "text": docs[5]["text"].upper()})
+    everything = docs + copies
+    rng.shuffle(everything)
+    thirds = [everything[i::3] for i in range(3)]
+    for i, part in enumerate(thirds):
+        with open(d / f"part{i}.jsonl", "w", encoding="utf-8") as f:
+            for j, rec in enumerate(part):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                if i == 1 and j == 3:
+                    f.write('{"id": "broken", "text": "unterminated\n')
+                    f.write(json.dumps({"id": "no-text", "body": "x"}) + "\n")
+    return d, len(everything)
+
+
+def _config(inp, out, **kw) -> PipelineConfig:
+    steps = kw.pop("steps", ["whitespace", "pii", {"language": {"keep": ["en", "zh"]}}, "gopher_repetition",
+                             "exact_dedup", {"minhash_dedup": {"threshold": 0.8, "verify": True}}])
+    return load_pipeline(None, input=[str(inp)], output=str(out), steps=steps, on_error="skip", workers=2,
+                         progress=False, **kw)
+
+
+def test_pipeline_accounts_for_every_document(corpus, tmp_path):
+    inp, n_docs = corpus
+    stats = run_pipeline(_config(inp, tmp_path / "out"))
+    kept = _read_gz((tmp_path / "out" / "data").glob("*.jsonl.gz"))
+    rejects = _read_gz((tmp_path / "out" / "rejects").glob("*.jsonl.gz"))
+    assert stats["documents_read"] == n_docs + 2  # two bad lines are records too
+    assert len(kept) == stats["documents_kept"]
+    assert len(kept) + len(rejects) == stats["documents_read"]
+    ids = [r["id"] for r in kept] + [r["id"] for r in rejects if r["id"]]
+    assert len(ids) == len(set(ids))  # nothing twice
+    read_rejects = [r for r in rejects if r["step"] == "read"]
+    assert sorted(r["reason"].split(":")[0] for r in read_rejects) == ["field 'text' is missing", "malformed JSON"]
+    assert all(r["where"].startswith(str(inp / "part1.jsonl") + ":") for r in read_rejects)
+    # no planted copy survives beside its original (a filter may have removed the original first)
+    kept_ids = {r["id"] for r in kept}
+    assert not any(i.endswith("-copy") and i.removesuffix("-copy") in kept_ids for i in kept_ids)  # noqa: B023
+    assert not ("exact-copy" in kept_ids and "en5" in kept_ids)
+    dup_rejects = [r for r in rejects if r["step"] in ("exact_dedup", "minhash_dedup")]
+    assert len(dup_rejects) >= 20
+    for r in dup_rejects:  # the last dedup step's survivors are in the output
+        if r["step"] != "minhash_dedup":
+            continue
+        original = r["reason"].split("duplicate of ")[1]
+        assert original in kept_ids
+    clustered = [r for r in kept if "minhash_dedup_cluster" in r]
+    assert clustered and all(r["minhash_dedup_cluster"] == r["id"] for r in clustered)
+    # per-step counts chain: each step starts with what the previous one kept
+    steps = stats["steps"]
+    for a, b in zip(steps, steps[1:]):
+        assert a["docs_out"] == b["docs_in"]
+    assert sum(s["docs_in"] - s["docs_out"] for s in steps) == len(rejects)
+
+
+def test_resume_after_interruption_gives_the_same_output(corpus, tmp_path):
+    inp, _ = corpus
+    full = tmp_path / "full"
+    run_pipeline(_config(inp, full))
+    expected = _read_gz((full / "data").glob("*.jsonl.gz"))
+    # simulate a crash in the last stage: one shard's output and marker never written
+    partial = tmp_path / "partial"
+    run_pipeline(_config(inp, partial))
+    (partial / "data" / "00001.jsonl.gz").unlink()
+    (partial / "work" / "stage2" / "00001.done.json").unlink()
+    (partial / "stats.json").unlink()
+    stats = run_pipeline(_config(inp, partial))
+    assert _read_gz((partial / "data").glob("*.jsonl.gz")) == expected
+    assert stats["documents_kept"] == len(expected)
+
+
+def test_output_of_a_different_pipeline_is_not_overwritten(corpus, tmp_path):
+    inp, _ = corpus
+    run_pipeline(_config(inp, tmp_path / "o", steps=["whitespace"]))
+    with pytest.raises(ConfigError, match="different pipeline"):
+        run_pipeline(_config(inp, tmp_path / "o", steps=["pii"]))
+    run_pipeline(_config(inp, tmp_path / "o", steps=["pii"]), overwrite=True)
+
+
+def test_on_error_fail_names_file_and_line(corpus, tmp_path):
+    inp, _ = corpus
+    cfg = _config(inp, tmp_path / "o", steps=["whitespace"])
+    cfg.on_error = "fail"
+    with pytest.raises(CorpusError, match=r"part1\.jsonl:5: malformed JSON"):
+        run_pipeline(cfg)
+    # shards that finished are complete; nothing half-written is left behind
+    assert not list((tmp_path / "o").rglob("*.tmp"))
+    _read_gz((tmp_path / "o").rglob("*.jsonl.gz"))
+
+
+def test_split_by_language_and_parquet_output(corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    inp, _ = corpus
+    out = tmp_path / "o"
+    run_pipeline(_config(inp, out, steps=["language"], split_by="language", output_format="parquet"))
+    langs = {p.name for p in (out / "data").iterdir()}
+    assert {"en", "zh"} <= langs
+    table = pq.read_table(next((out / "data" / "zh").glob("*.parquet")))
+    assert all(json.loads(m)["language"] == "zh" for m in table.column("meta").to_pylist())
+
+
+def test_unknown_step_and_parameter_errors():
+    with pytest.raises(ConfigError, match="Did you mean 'minhash_dedup'"):
+        load_pipeline(None, input=["builtin:python-docs"], output="x", steps=["minhash_dedupe"])
+    with pytest.raises(ConfigError, match="threshold"):
+        load_pipeline(None, input=["builtin:python-docs"], output="x", steps=[{"minhash_dedup": {"treshold": 0.7}}])
+
+
+def test_readers_of_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    (tmp_path / "a.csv").write_text('id,text\n1,"first, with comma"\n2,second\n3,too,many\n', encoding="utf-8")
+    (tmp_path / "b.tsv").write_text("text\tlang\n中文文本\tzh\n", encoding="utf-8")
+    pq.write_table(pa.table({"id": ["p1"], "text": ["from parquet"]}), tmp_path / "c.parquet")
+    with open(tmp_path / "d.jsonl.zst", "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress(json.dumps({"text": "zstd line"}).encode() + b"\n"))
+    article = " ".join(["This is the main article text that a reader wants to keep."] * 8)
+    (tmp_path / "e.html").write_text(
+        f"<html><head><title>T</title></head><body><nav><a href='/'>Home</a> | <a>About</a></nav>"
+        f"<article><h1>Title</h1><p>{article}</p><p>第二段中文内容，也应该保留下来。</p></article>"
+        f"<footer>Copyright 2026 Example Corp. All rights reserved.</footer></body></html>", encoding="utf-8")
+    _write_pdf(tmp_path / "f.pdf", "Hello from a PDF text layer")
+    bad = []
+    docs = list(iter_documents([str(tmp_path)], on_bad=lambda where, reason, raw: bad.append((where, reason))))
+    texts = {d.text.strip() for d in docs}
+    assert {"first, with comma", "second", "中文文本", "from parquet", "zstd line"} <= texts
+    html = next(d for d in docs if d.id.endswith("e.html"))
+    assert "main article text" in html.text and "第二段中文内容" in html.text and "About" not in html.text
+    pdf = next(d for d in docs if d.id.endswith("f.pdf"))
+    assert "Hello from a PDF text layer" in pdf.text
+    assert bad == [(f"{tmp_path / 'a.csv'}:4", "row has 3 columns, the header has 2")]
+    with pytest.raises(CorpusError, match=r"a\.csv:4: row has 3 columns"):
+        list(iter_documents([str(tmp_path / "a.csv")]))
+
+
+def _write_pdf(path, text: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(4, 2))
+    fig.text(0.1, 0.5, text)
+    fig.savefig(path, format="pdf")
+    plt.close(fig)
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_same_output_as_local(corpus, tmp_path):
+    pytest.importorskip("ray")
+    inp, _ = corpus
+    run_pipeline(_config(inp, tmp_path / "local"))
+    run_pipeline(_config(inp, tmp_path / "ray", executor="ray"))
+    import ray
+
+    ray.shutdown()
+    local = _read_gz((tmp_path / "local" / "data").glob("*.jsonl.gz"))
+    on_ray = _read_gz((tmp_path / "ray" / "data").glob("*.jsonl.gz"))
+    assert local == on_ray and local
+    assert _read_gz((tmp_path / "local" / "rejects").glob("*.gz")) == _read_gz((tmp_path / "ray" / "rejects").glob("*.gz"))
+
+
+def test_cli_dedup_stats_and_classifier(corpus, tmp_path):
+    inp, _ = corpus
+    cli = [sys.executable, "-m", "lmforge", "data"]
+    out = tmp_path / "dedup"
+    r = subprocess.run(cli + ["dedup", "--input", str(inp), "--output", str(out), "--verify", "--on-error", "skip"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "minhash_dedup" in r.stdout and (out / "report.md").exists() and (out / "stats.png").exists()
+    r = subprocess.run(cli + ["stats", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "exact_dedup" in r.stdout
+    r = subprocess.run(cli + ["dedup", "--input", str(inp), "--output", str(tmp_path / "x")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "malformed JSON" in r.stderr and "part1.jsonl:5" in r.stderr
+    words = english(400_000).split()
+    chunks = [" ".join(words[i:i + 60]) for i in range(0, len(words) - 60, 60)]
+    rng = random.Random(1)
+    (tmp_path / "pos").mkdir()
+    (tmp_path / "neg").mkdir()
+    with open(tmp_path / "pos" / "good.jsonl", "w") as fp, open(tmp_path / "neg" / "bad.jsonl", "w") as fn:
+        for c in chunks:
+            shuffled = c.split()
+            rng.shuffle(shuffled)
+            fp.write(json.dumps({"text": c}) + "\n")
+            fn.write(json.dumps({"text": " ".join(shuffled)}) + "\n")
+    r = subprocess.run(cli + ["train-classifier", "--positive", str(tmp_path / "pos"), "--negative", str(tmp_path / "neg"),
+                              "--out", str(tmp_path / "clf")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "clf" / "classifier.json").read_text())["metrics"]["heldout_accuracy"] > 0.8
