@@ -198,3 +198,25 @@ def test_exact_keys():
     k = D.exact_keys(["Hello, World!", "hello world", "hello  world.", "hello there", "你好，世界", "你好 世界"])
     assert k[0] == k[1] == k[2] != k[3]
     assert k[4] == k[5]
+
+
+def test_candidate_pairs_equal_brute_force_band_matching():
+    rng = np.random.default_rng(5)
+    sig = rng.integers(0, 4, (80, 12), dtype=np.uint64).astype(np.uint32)  # few values: many collisions
+    bands, rows = 4, 3
+    expected = {(i, j) for i in range(80) for j in range(i + 1, 80)
+                if any((sig[i, b * rows:(b + 1) * rows] == sig[j, b * rows:(b + 1) * rows]).all() for b in range(bands))}
+    got = {tuple(p) for p in D.candidate_pairs(sig, bands, rows, max_bucket_pairs=1000).tolist()}
+    assert got == expected
+    # above the bucket cap each bucket is a star: still connects every member
+    capped = D.candidate_pairs(sig, bands, rows, max_bucket_pairs=3)
+    assert (D.connected_components(80, capped) == D.connected_components(80, np.array(sorted(expected)))).all()
+
+
+def test_verify_pairs_equals_exact_jaccard():
+    docs = _paragraphs(english())[:40]
+    texts = docs + [d + " one more sentence at the end of it" for d in docs]
+    pairs = np.array([(i, i + 40) for i in range(0, 40, 2)] + [(i, j) for i in range(0, 80, 3) for j in range(i + 1, 80, 7)])
+    kept = {tuple(p) for p in D.verify_pairs(texts, pairs, 0.8, 5, "word").tolist()}
+    expected = {(int(i), int(j)) for i, j in pairs if _jaccard(_word_ngrams(texts[i], 5), _word_ngrams(texts[j], 5)) >= 0.8}
+    assert kept == expected and expected

@@ -26,6 +26,7 @@ the false positives LSH lets through.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import unicodedata
 from collections.abc import Sequence
@@ -76,10 +77,17 @@ def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     global _CLASSES
     if _CLASSES is None:
         _CLASSES = _build_classes()
-    prepared = [(t if t.isascii() else unicodedata.normalize("NFKC", t)).lower().replace("\0", " ") for t in texts]
+    prepared = [(t if t.isascii() or unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t))
+                .lower().replace("\0", " ") for t in texts]
     cps = np.frombuffer(("\0".join(prepared) + "\0").encode("utf-32-le"), np.uint32)
     cls = _CLASSES[cps]
     return cps, cls, np.flatnonzero(cls == _END)
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is several times slower on uint64)."""
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -274,11 +282,25 @@ def _probability_curve(threshold_lo: float, threshold_hi: float, bands: int, row
     return float(np.sum((y[1:] + y[:-1]) * np.diff(s)) / 2)
 
 
-def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+@functools.lru_cache(maxsize=256)
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5,
+               min_recall: float | None = None) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising the weighted false-positive
-    area (s < threshold) plus false-negative area (s >= threshold) of the S-curve."""
+    area (s < threshold) plus false-negative area (s >= threshold) of the S-curve
+    (datasketch's criterion).
+
+    With `min_recall` (used when candidates are verified, so false positives only cost
+    time): the steepest curve whose candidate probability at the threshold itself is at
+    least `min_recall`, which keeps recall high right down to the threshold.
+    """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if min_recall is not None:
+        for r in range(num_perm, 0, -1):
+            b = num_perm // r
+            if 1 - (1 - threshold ** r) ** b >= min_recall:
+                return b, r
+        return num_perm, 1
     best, best_err = (1, num_perm), float("inf")
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
@@ -288,6 +310,9 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
             if err < best_err:
                 best, best_err = (b, r), err
     return best
+
+
+VERIFIED_RECALL = 0.99  # candidate probability at the threshold when candidates are verified
 
 
 def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -303,38 +328,50 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return key
 
 
-def bucket_groups(keys: np.ndarray) -> list[np.ndarray]:
-    """Indices of documents sharing a key, one array per bucket of size >= 2 (one band)."""
-    order = np.argsort(keys, kind="stable")
+def _bucket_pairs(keys: np.ndarray, valid: np.ndarray, max_bucket_pairs: int) -> np.ndarray:
+    """Pairs (i, j), i < j, of documents sharing a key in one band, all vectorised: every
+    pair in a bucket of up to `max_bucket_pairs` members, the first member with each other
+    one in a larger bucket."""
+    idx = np.flatnonzero(valid)
+    order = idx[np.argsort(keys[idx], kind="stable")]
     k = keys[order]
-    cut = np.flatnonzero(k[1:] != k[:-1]) + 1
-    starts = np.concatenate([[0], cut])
-    ends = np.concatenate([cut, [len(k)]])
-    big = np.flatnonzero(ends - starts >= 2)
-    return [order[starts[g]:ends[g]] for g in big]
+    if len(k) < 2:
+        return np.zeros((0, 2), np.int64)
+    new_group = np.concatenate([[True], k[1:] != k[:-1]])
+    group = np.cumsum(new_group) - 1
+    start = np.flatnonzero(new_group)
+    size = np.diff(np.concatenate([start, [len(k)]]))[group]
+    out = []
+    small = size <= max_bucket_pairs
+    max_small = int(size[small & (size > 1)].max()) if (small & (size > 1)).any() else 1
+    for d in range(1, max_small):  # element i with element i+d of the same (small) bucket
+        same = (group[d:] == group[:-d]) & small[d:]
+        if not same.any():
+            break
+        out.append(np.stack([order[:-d][same], order[d:][same]], 1))
+    big = (~small) & ~new_group
+    if big.any():  # star: the bucket's first member with every other member
+        out.append(np.stack([order[start[group[big]]], order[big]], 1))
+    if not out:
+        return np.zeros((0, 2), np.int64)
+    pairs = np.concatenate(out)
+    return np.sort(pairs, axis=1)
 
 
 def candidate_pairs(signatures: np.ndarray, bands: int, rows: int, max_bucket_pairs: int = 64,
                     skip: np.ndarray | None = None) -> np.ndarray:
-    """Distinct (i, j), i < j, that share at least one band bucket: all pairs in a bucket
-    of up to `max_bucket_pairs` members, the first member paired with every other above that
-    (keeps the count linear for huge buckets of identical boilerplate)."""
+    """Distinct (i, j), i < j, sorted, that share at least one band bucket: all pairs in a
+    bucket of up to `max_bucket_pairs` members, the first member paired with every other
+    above that (keeps the count linear for huge buckets of identical boilerplate)."""
+    n = len(signatures)
     keys = band_keys(signatures, bands, rows)
-    valid = np.ones(len(signatures), bool) if skip is None else ~skip
-    pairs = []
-    for band in range(bands):
-        for group in bucket_groups(keys[:, band]):
-            group = np.sort(group[valid[group]])
-            if len(group) < 2:
-                continue
-            if len(group) <= max_bucket_pairs:
-                i, j = np.triu_indices(len(group), 1)
-                pairs.append(np.stack([group[i], group[j]], 1))
-            else:
-                pairs.append(np.stack([np.full(len(group) - 1, group[0]), group[1:]], 1))
-    if not pairs:
-        return np.zeros((0, 2), np.int64)
-    return np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
+    valid = np.ones(n, bool) if skip is None else ~skip
+    pairs = [_bucket_pairs(keys[:, band], valid, max_bucket_pairs) for band in range(bands)]
+    pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
+    if not len(pairs):
+        return pairs
+    code = _sorted_unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([code // n, code % n], 1)
 
 
 def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -417,26 +454,67 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.8, num_perm: int 
     if (bands is None) != (rows is None):
         raise ValueError("give both bands and rows, or neither")
     if bands is None:
-        bands, rows = lsh_params(threshold, num_perm)
+        bands, rows = lsh_params(threshold, num_perm, min_recall=VERIFIED_RECALL if verify else None)
     hasher = MinHasher(num_perm, ngram, unit, seed)
-    sig = np.concatenate([hasher.signatures(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]) \
-        if len(texts) else np.zeros((0, num_perm), np.uint32)
+    sigs, all_hashes, all_offsets, base = [], [], [np.zeros(1, np.int64)], 0
+    for i in range(0, len(texts), batch_size):
+        hashes, offsets = shingle_hashes(texts[i:i + batch_size], ngram, unit)
+        sigs.append(hasher.signatures_from_hashes(hashes, offsets))
+        if verify:  # keep the shingles: verification needs them and recomputing costs as much again
+            all_hashes.append(hashes)
+            all_offsets.append(offsets[1:] + base)
+            base += len(hashes)
+    sig = np.concatenate(sigs) if sigs else np.zeros((0, num_perm), np.uint32)
     pairs = candidate_pairs(sig, bands, rows, skip=is_empty(sig))
     n_candidates = len(pairs)
     if verify and len(pairs):
-        pairs = verify_pairs(texts, pairs, threshold, ngram, unit)
+        pairs = verify_pairs(texts, pairs, threshold, ngram, unit,
+                             shingles=(np.concatenate(all_hashes), np.concatenate(all_offsets)))
     labels = connected_components(len(texts), pairs)
     kept, cluster = choose_kept(labels, keep, lengths=np.array([len(t) for t in texts]), scores=scores)
     return DedupResult(kept, cluster, pairs, n_candidates, bands, rows)
 
 
-def verify_pairs(texts: Sequence[str], pairs: np.ndarray, threshold: float, ngram: int, unit: str) -> np.ndarray:
-    """The pairs whose exact shingle-set Jaccard reaches `threshold`."""
-    involved = np.unique(pairs)
-    hashes, offsets = shingle_hashes([texts[i] for i in involved], ngram, unit)
-    sets = {int(d): np.unique(hashes[offsets[k]:offsets[k + 1]]) for k, d in enumerate(involved)}
-    ok = np.array([_set_jaccard(sets[int(i)], sets[int(j)]) >= threshold for i, j in pairs], bool)
-    return pairs[ok]
+def verify_pairs(texts: Sequence[str], pairs: np.ndarray, threshold: float, ngram: int, unit: str,
+                 shingles: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The pairs whose exact shingle-set Jaccard reaches `threshold` (all pairs at once:
+    each document's distinct shingles are tagged with the pair id, sorted, and the
+    repeats counted). `shingles` = (hashes, offsets) of all texts, if already computed."""
+    if not len(pairs):
+        return pairs
+    involved = _sorted_unique(pairs.ravel())
+    if shingles is None:
+        hashes, offsets = shingle_hashes([texts[i] for i in involved], ngram, unit)
+    else:
+        all_hashes, all_offsets = shingles
+        counts = all_offsets[involved + 1] - all_offsets[involved]
+        take = np.repeat(all_offsets[involved], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts,
+                                                                                              counts))
+        hashes, offsets = all_hashes[take], np.concatenate([[0], np.cumsum(counts)])
+    # distinct shingles per document, as (document, hash) keys
+    owner = np.repeat(np.arange(len(involved)), np.diff(offsets))
+    doc_hash = _sorted_unique((owner.astype(np.uint64) << np.uint64(32)) | hashes.astype(np.uint64))
+    d_owner = (doc_hash >> np.uint64(32)).astype(np.int64)
+    d_hash = doc_hash & np.uint64(0xFFFFFFFF)
+    d_start = np.searchsorted(d_owner, np.arange(len(involved) + 1))
+    d_size = np.diff(d_start)
+    local = np.searchsorted(involved, pairs)
+    inter = np.zeros(len(pairs), np.int64)
+    chunk = max(1, 4_000_000 // max(1, int(d_size.mean()) * 2))
+    for lo in range(0, len(pairs), chunk):  # bounded memory
+        a, b = local[lo:lo + chunk, 0], local[lo:lo + chunk, 1]
+        pid = np.arange(len(a))
+        sa, sb = d_size[a], d_size[b]
+        ia = np.repeat(d_start[a], sa) + (np.arange(sa.sum()) - np.repeat(np.cumsum(sa) - sa, sa))
+        ib = np.repeat(d_start[b], sb) + (np.arange(sb.sum()) - np.repeat(np.cumsum(sb) - sb, sb))
+        keys = np.concatenate([(np.repeat(pid, sa).astype(np.uint64) << np.uint64(32)) | d_hash[ia],
+                               (np.repeat(pid, sb).astype(np.uint64) << np.uint64(32)) | d_hash[ib]])
+        keys.sort()
+        dup = keys[1:] == keys[:-1]  # a shingle in both sets
+        inter[lo:lo + chunk] = np.bincount((keys[1:][dup] >> np.uint64(32)).astype(np.int64), minlength=len(a))
+    union = d_size[local[:, 0]] + d_size[local[:, 1]] - inter
+    jac = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return pairs[jac >= threshold]
 
 
 def _set_jaccard(a: np.ndarray, b: np.ndarray) -> float:

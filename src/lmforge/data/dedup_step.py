@@ -58,7 +58,7 @@ class MinHashDedup(GlobalStep):
     num_perm: int = 128
     ngram: int = 5
     unit: str = field(default="auto", metadata={"choices": ["auto", "word", "char"]})
-    bands: int | None = None  # with rows: override the bands x rows derived from the threshold
+    bands: int | None = None  # with rows: override the bands x rows derived from the threshold (and verify)
     rows: int | None = None
     verify: bool = False  # check candidates' exact Jaccard (removes LSH false positives)
     keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
@@ -70,8 +70,9 @@ class MinHashDedup(GlobalStep):
             from lmforge.config import ConfigError
 
             raise ConfigError("minhash_dedup: give both bands and rows, or neither")
-        if self.bands is None:
-            self.bands, self.rows = dedup.lsh_params(self.threshold, self.num_perm)
+        if self.bands is None:  # with verification: favour recall, verification removes false positives
+            self.bands, self.rows = dedup.lsh_params(self.threshold, self.num_perm,
+                                                     min_recall=dedup.VERIFIED_RECALL if self.verify else None)
         self._hasher = None
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
