@@ -213,6 +213,26 @@ def best_of(fn, repeats):
     return runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
 
 
+def run_dataset(lang: str, n: int, n_docs: int, args) -> dict:
+    texts, family, unit = build(lang, n_docs, copies=5, seed=0, n=n)
+    truth, jac, sets = true_pairs(texts, family, unit, n, args.threshold)
+    res = {"documents": len(texts), "shingle": f"{unit} {n}-grams"}
+    ds_pairs, ds_sig, ds_all = best_of(lambda: datasketch_run(texts, unit, n, args.threshold, args.num_perm),
+                                       args.repeats)
+    res["datasketch"] = {**score(ds_pairs, set(truth), dict(jac), sets, args.threshold),
+                         "signature_docs_per_s": round(len(texts) / ds_sig), "dedup_docs_per_s": round(len(texts) / ds_all)}
+    for verify in (False, True):
+        pairs, sig, total = best_of(lambda v=verify: lmforge_run(texts, unit, n, args.threshold, args.num_perm, v),
+                                    args.repeats)
+        name = "lmforge_verified" if verify else "lmforge"
+        r = {**score(pairs, set(truth), dict(jac), sets, args.threshold),
+             "signature_docs_per_s": round(len(texts) / sig), "dedup_docs_per_s": round(len(texts) / total)}
+        r["signature_speedup_vs_datasketch"] = round(r["signature_docs_per_s"] / res["datasketch"]["signature_docs_per_s"], 2)
+        r["dedup_speedup_vs_datasketch"] = round(r["dedup_docs_per_s"] / res["datasketch"]["dedup_docs_per_s"], 2)
+        res[name] = r
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -226,24 +246,7 @@ def main() -> None:
            "bands_rows": D.lsh_params(args.threshold, args.num_perm), "cores_used": 1, "datasets": {}}
     settings = [("en", 5, 150 if args.quick else 500), ("zh", 5, 100 if args.quick else 300)]
     for lang, n, n_docs in settings:
-        texts, family, unit = build(lang, n_docs, copies=5, seed=0, n=n)
-        truth, jac, sets = true_pairs(texts, family, unit, n, args.threshold)
-        res = {"documents": len(texts), "shingle": f"{unit} {n}-grams"}
-        ds_pairs, ds_sig, ds_all = best_of(lambda: datasketch_run(texts, unit, n, args.threshold, args.num_perm),
-                                           args.repeats)
-        res["datasketch"] = {**score(ds_pairs, set(truth), dict(jac), sets, args.threshold),
-                             "signature_docs_per_s": round(len(texts) / ds_sig), "dedup_docs_per_s": round(len(texts) / ds_all)}
-        for verify in (False, True):
-            pairs, sig, total = best_of(lambda v=verify: lmforge_run(texts, unit, n, args.threshold, args.num_perm, v),
-                                        args.repeats)
-            name = "lmforge_verified" if verify else "lmforge"
-            res[name] = {**score(pairs, set(truth), dict(jac), sets, args.threshold),
-                         "signature_docs_per_s": round(len(texts) / sig), "dedup_docs_per_s": round(len(texts) / total)}
-            res[name]["signature_speedup_vs_datasketch"] = round(res[name]["signature_docs_per_s"] /
-                                                                 res["datasketch"]["signature_docs_per_s"], 2)
-            res[name]["dedup_speedup_vs_datasketch"] = round(res[name]["dedup_docs_per_s"] /
-                                                             res["datasketch"]["dedup_docs_per_s"], 2)
-        out["datasets"][lang] = res
+        out["datasets"][lang] = run_dataset(lang, n, n_docs, args)
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 
