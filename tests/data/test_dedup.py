@@ -30,7 +30,7 @@ def _paragraphs(text: str, min_words: int = 40) -> list[str]:
     return [p for p in text.split("\n\n") if len(p.split()) >= min_words]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60), min_size=1, max_size=8))
 def test_vectorised_normalisation_equals_the_string_form(texts):
     # the vectorised shingler sees the same words as the string normalisation
@@ -62,6 +62,15 @@ def test_case_punctuation_and_spacing_do_not_change_shingles():
     assert sorted(ha) == sorted(hb)
     zh1, zh2 = "今天天气很好，我们去公园散步吧。", "今天天气很好 我们去公园散步吧"
     assert sorted(D.shingle_hashes([zh1], 3)[0]) == sorted(D.shingle_hashes([zh2], 3)[0])
+
+
+def test_unicode_variants_normalise_alike():
+    # composed/decomposed accents, full-width forms, ligatures, Hangul jamo: NFKC + lower case
+    pairs = [("café résumé naïve", "cafe\u0301 re\u0301sume\u0301 nai\u0308ve"), ("ＦＵＬＬ ｗｉｄｔｈ", "full width"),
+             ("ﬁne ﬂow", "fine flow"), ("하나 둘", "\u1112\u1161\u1102\u1161 \u1103\u116e\u11af")]
+    for a, b in pairs:
+        assert sorted(D.shingle_hashes([a], 2, "word")[0]) == sorted(D.shingle_hashes([b], 2, "word")[0]), (a, b)
+        assert D.normalize_for_dedup(a) == D.normalize_for_dedup(b)
 
 
 def test_auto_unit_uses_characters_for_chinese():

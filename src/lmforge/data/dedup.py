@@ -58,30 +58,74 @@ def is_cjk(text: str, sample: int = 2000) -> bool:
 _LETTER, _SEP, _CJK_LETTER, _END = 0, 1, 2, 3
 
 
-def _build_classes() -> np.ndarray:
-    """uint8 class of every code point: letter, separator (punctuation, symbol, space), CJK letter."""
-    every = "".join(" " if 0xD800 <= c < 0xE000 else chr(c) for c in range(0x110000))
+_JAMO = ((0x1100, 0x1200), (0x3130, 0x3190), (0xA960, 0xA980), (0xD7B0, 0xD800), (0xFFA0, 0xFFE0))
+
+
+def _build_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per code point: its uint8 class (letter, separator = punctuation/symbol/space/control,
+    CJK letter) and NFKC-then-lower-case as one code point, or -1 where that is not a single
+    code point or may combine with a neighbour (marks, Hangul jamo): texts containing those
+    take the exact string path."""
+    every = [" " if 0xD800 <= c < 0xE000 or c == 10 else chr(c) for c in range(0x110000)]
+    joined = "".join(every)
     cls = np.zeros(0x110000, np.uint8)
-    cls[[m.start() for m in _SEP_CHAR.finditer(every)]] = _SEP
-    cls[[m.start() for m in _CJK.finditer(every)]] = _CJK_LETTER
+    cls[[m.start() for m in _SEP_CHAR.finditer(joined)]] = _SEP
+    cls[[m.start() for m in _CJK.finditer(joined)]] = _CJK_LETTER
     cls[0] = _END  # ends each text of a batch
-    return cls
+    cls[10] = _SEP
+    mapped = unicodedata.normalize("NFKC", "\n".join(every)).lower().split("\n")
+    table = np.array([ord(m) if len(m) == 1 else -1 for m in mapped], np.int32)
+    marks = np.array([unicodedata.category(ch).startswith("M") or unicodedata.combining(ch) != 0 for ch in every])
+    table[marks] = -1
+    table[np.isin(table, np.flatnonzero(marks))] = -1  # maps onto a mark
+    for lo, hi in _JAMO:
+        table[lo:hi] = -1
+        table[(table >= lo) & (table < hi)] = -1
+    table[10] = 10
+    table[0] = 0
+    return cls, table
 
 
-_CLASSES: np.ndarray | None = None
+_TABLES: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The batch as one code-point array (NFKC, lower case, each text followed by 0), the
-    class of each code point, and the index of each text's terminating 0."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _build_classes()
-    prepared = [(t if t.isascii() or unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t))
-                .lower().replace("\0", " ") for t in texts]
-    cps = np.frombuffer(("\0".join(prepared) + "\0").encode("utf-32-le"), np.uint32)
-    cls = _CLASSES[cps]
-    return cps, cls, np.flatnonzero(cls == _END)
+    class of each code point, and the index of each text's terminating 0.
+
+    NFKC + lower case is a table lookup per code point; only texts with characters that can
+    combine (accents written as separate marks, Hangul jamo) are normalised as strings."""
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = _build_tables()
+    classes, nfkc_lower = _TABLES
+    texts = list(texts)
+    joined = "\0".join(texts) + "\0"
+    if joined.isascii():  # the common fast path: lower() in C, no table
+        cps = np.frombuffer(joined.lower().encode("utf-32-le"), np.uint32)
+        ends = np.flatnonzero(cps == 0)
+        if len(ends) == len(texts):
+            return cps, classes[cps], ends
+    cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
+    ends = np.flatnonzero(cps == 0)
+    if len(ends) != len(texts):  # a text contains NUL itself
+        texts = [t.replace("\0", " ") for t in texts]
+        cps = np.frombuffer(("\0".join(texts) + "\0").encode("utf-32-le", "surrogatepass"), np.uint32)
+        ends = np.flatnonzero(cps == 0)
+    mapped = nfkc_lower[cps]
+    unmapped = np.flatnonzero(mapped < 0)
+    if len(unmapped):
+        slow = np.unique(np.searchsorted(ends, unmapped))
+        for i in slow.tolist():
+            texts[i] = unicodedata.normalize("NFKC", texts[i]).lower().replace("\0", " ")
+        cps = np.frombuffer(("\0".join(texts) + "\0").encode("utf-32-le", "surrogatepass"), np.uint32)
+        ends = np.flatnonzero(cps == 0)
+        exact = np.zeros(len(texts), bool)
+        exact[slow] = True
+        owner = np.repeat(np.arange(len(texts)), np.diff(np.concatenate([[-1], ends])))
+        mapped = np.where(exact[owner], cps.astype(np.int32), nfkc_lower[cps])
+    cps = mapped.astype(np.uint32)
+    return cps, classes[cps], ends
 
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
