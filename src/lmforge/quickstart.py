@@ -1,10 +1,11 @@
 """`lmforge quickstart`: the whole chain, offline, on the built-in corpus.
 
-It runs the stages that exist: train a byte-level BPE tokenizer on `builtin:python-docs` (checked
-against the HF `tokenizers` library), tokenize the corpus into shards, pretrain a small Llama-style
-model within a time budget, sample completions, and write `runs/quickstart/` with every artifact and
-a report.md (compression, perplexity before/after, samples, timings). Data cleaning, fine-tuning,
-RAG and serving join as they land.
+It runs the stages that exist: clean and deduplicate `builtin:python-docs` with the data pipeline,
+train a byte-level BPE tokenizer on the result (checked against the HF `tokenizers` library),
+tokenize it into shards, pretrain a small Llama-style model within a time budget, sample
+completions, and write `runs/quickstart/` with every artifact and a report.md (what cleaning
+removed, compression, perplexity before/after, samples, timings). Fine-tuning, RAG and serving
+join as they land.
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ class QuickstartConfig:
     seed: int = field(default=0, metadata={"help": "fixes data order, initialisation and sampling"})
 
 
+# what the quickstart's cleaning does to the built-in corpus (see docs/data.md for every step)
+QUICKSTART_STEPS = [
+    "fix_encoding",
+    "whitespace",
+    "pii",
+    {"language": {"keep": []}},  # tags every document with its language
+    {"gopher_repetition": {"dup_ngrams": [], "top_ngrams": []}},  # reference text repeats grammar n-grams
+    "exact_dedup",
+    {"minhash_dedup": {"threshold": 0.8, "verify": True}},
+]
+
+
+def _step_names() -> list[str]:
+    return [s if isinstance(s, str) else next(iter(s)) for s in QUICKSTART_STEPS]
+
+
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     from tokenizers import Tokenizer as RustTokenizer
 
@@ -44,18 +61,27 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     save_config(cfg, out)
     timings = {}
 
-    t0 = time.perf_counter()
-    docs = list(iter_documents(cfg.corpus))
-    corpus = {"documents": len(docs), "characters": sum(len(d.text) for d in docs),
-              "bytes": sum(len(d.text.encode("utf-8")) for d in docs)}
-    timings["read corpus"] = time.perf_counter() - t0
-    log(f"[1/6] corpus {' '.join(cfg.corpus)}: {corpus['documents']} documents, {corpus['bytes'] / 1e6:.2f} MB")
+    from lmforge.data.pipeline import load_pipeline, run_pipeline
+    from lmforge.data.report import stats_table, write_report
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(cfg.corpus, vocab_size=cfg.vocab_size, pattern=cfg.pattern, show_progress=False)
+    pipeline = load_pipeline(None, input=cfg.corpus, output=str(out / "clean"), steps=QUICKSTART_STEPS, progress=False)
+    clean_stats = run_pipeline(pipeline, overwrite=True)
+    write_report(out / "clean")
+    clean_corpus = [str(out / "clean" / "data")]
+    docs = list(iter_documents(clean_corpus))
+    corpus = {"documents": len(docs), "characters": sum(len(d.text) for d in docs),
+              "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+              "documents_read": clean_stats["documents_read"], "documents_removed": clean_stats["documents_rejected"]}
+    timings["clean + dedup"] = time.perf_counter() - t0
+    log(f"[1/7] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} documents "
+        f"({corpus['bytes'] / 1e6:.2f} MB) -> {out / 'clean'}")
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(clean_corpus, vocab_size=cfg.vocab_size, pattern=cfg.pattern, show_progress=False)
     tok.save(out / "tokenizer")
     timings["train tokenizer"] = time.perf_counter() - t0
-    log(f"[2/6] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
+    log(f"[2/7] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
 
     t0 = time.perf_counter()
     reloaded = load_tokenizer(out / "tokenizer")
@@ -67,7 +93,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
               "matches_reference_encoder": ids == reloaded.encode(check_text, reference=True)}
     compression = compression_report(reloaded)
     timings["check + measure"] = time.perf_counter() - t0
-    log(f"[3/6] tokenizer checks: {checks}")
+    log(f"[3/7] tokenizer checks: {checks}")
 
     # --- tokenize, pretrain, sample ---------------------------------------------------------
     from lmforge.config import load_config
@@ -76,11 +102,11 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     from lmforge.train.trainer import TrainConfig, Trainer
 
     t0 = time.perf_counter()
-    manifest = tokenize_corpus(TokenizeConfig(input=cfg.corpus, tokenizer=str(out / "tokenizer"), out=str(out / "tokens"),
+    manifest = tokenize_corpus(TokenizeConfig(input=clean_corpus, tokenizer=str(out / "tokenizer"), out=str(out / "tokens"),
                                               val_fraction=0.1, progress=False))
     timings["tokenize"] = time.perf_counter() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    log(f"[4/6] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
+    log(f"[4/7] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
 
     t0 = time.perf_counter()
     # the shipped tiny CPU recipe, pointed at this run's shards
@@ -89,7 +115,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         "seed": cfg.seed, "progress": False})
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
-    log(f"[5/6] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for up to {cfg.train_seconds:.0f} s ...")
+    log(f"[5/7] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for up to {cfg.train_seconds:.0f} s ...")
     train_summary = trainer.fit(time_budget_s=cfg.train_seconds)
     timings["pretrain"] = time.perf_counter() - t0
     before, after = train_summary["initial"]["val_ppl"], math.exp(min(train_summary["best_val_loss"], 50))
@@ -103,7 +129,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     samples = generate(model, reloaded, prompts, SamplingConfig(max_new_tokens=40, temperature=0.8, top_p=0.95,
                                                                   seed=cfg.seed))
     timings["sample"] = time.perf_counter() - t0
-    log("[6/6] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
+    log("[6/7] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
     with open(out / "pretrain" / "metrics.jsonl", encoding="utf-8") as f:
         evals = [r for r in map(json.loads, f) if "val_loss" in r]
 
@@ -115,8 +141,15 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
 Run on {platform.node() or 'this machine'} ({platform.machine()}, Python {platform.python_version()}),
 {time.strftime('%Y-%m-%d %H:%M')}.
 
-## Corpus
-`{' '.join(cfg.corpus)}`: {corpus['documents']} documents, {corpus['characters']:,} characters, {corpus['bytes']:,} bytes.
+## Corpus and cleaning
+`{' '.join(cfg.corpus)}` through the data pipeline ({', '.join(_step_names())}):
+kept {corpus['documents']} of {corpus['documents_read']} documents, {corpus['characters']:,} characters,
+{corpus['bytes']:,} bytes.
+Every removed document is in `clean/rejects/` with its step and reason; full report: [clean/report.md](clean/report.md).
+
+```
+{stats_table(clean_stats)}
+```
 
 ## Tokenizer
 Byte-level BPE, pattern `{cfg.pattern}`, {tok.vocab_size} tokens (specials: {', '.join(tok.special_tokens)}),
@@ -163,14 +196,14 @@ Try it: `lmforge generate --model {model_dir} --prompt "The while statement"`.
 """.replace("{model_dir}", str(out / "pretrain" / "best")) + "\n".join(f"- {k}: {v:.2f} s" for k, v in timings.items()) + """
 
 ## Next
-Data cleaning, fine-tuning, evaluation, RAG and serving join this run as those stages land.
+Fine-tuning, evaluation, RAG and serving join this run as those stages land.
 """
     write_text(out / "report.md", report)
     summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
                "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after},
                "samples": dict(zip(prompts, samples)), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
-    log(f"report: {out / 'report.md'}")
+    log(f"[7/7] report: {out / 'report.md'}")
     if not all(checks.values()):
         raise RuntimeError(f"quickstart checks failed: {checks}")
     if not after < before / 2:

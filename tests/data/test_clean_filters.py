@@ -44,7 +44,8 @@ def test_normalize_forms():
 
 def test_whitespace_cleanup():
     text = "a\u0000b  \t c\r\n\n\n\n  line two \u200b\n"
-    assert run("whitespace", text) == "ab c\n\nline two"
+    assert run("whitespace", text) == "ab c\n\n  line two"  # indentation kept (code, nested lists)
+    assert run("whitespace", text, keep_indentation=False) == "ab c\n\nline two"
     assert run("whitespace", " \n\t\u0007 ") == "empty after whitespace cleanup"
 
 
@@ -74,16 +75,18 @@ def test_pii_patterns():
     pii = PII()
     text, counts = pii.redact("Mail alice.smith+tag@example.co.uk or call +1 (415) 555-0132 or 138-1234-5678 / "
                               "+86 13912345678. Server 192.168.1.20 and 2001:db8::8a2e:370:7334. "
+                              "Office (020) 8765-4321, desk 415.555.0132, +44 20 7946 0958. "
                               "身份证号 11010519491231002X 已登记。")
     assert text == ("Mail <EMAIL> or call <PHONE> or <PHONE> / <PHONE>. Server <IP_ADDRESS> and <IP_ADDRESS>. "
-                    "身份证号 <ID_NUMBER> 已登记。")
-    assert counts == {"email": 1, "phone": 3, "ip_address": 2, "id_number": 1}
+                    "Office <PHONE>, desk <PHONE>, <PHONE>. 身份证号 <ID_NUMBER> 已登记。")
+    assert counts == {"email": 1, "phone": 6, "ip_address": 2, "id_number": 1}
 
 
 def test_pii_leaves_lookalikes_alone():
     pii = PII()
     keep = ("Version 3.11.7 was released; 999.1.1.1 is no address; slices a[::2] and std::vector; "
-            "the year 2024 and 12:30:45; ID 110105194912310021 has a bad checksum; x = 1_000_000.")
+            "the year 2024 and 12:30:45; ID 110105194912310021 has a bad checksum; x = 1_000_000; "
+            "'{:+f}'.format(3.14) gives '+3.140000'; '01 012 0123 01234'; pi = 3.14159 265 3589.")
     assert pii.redact(keep) == (keep, {})
 
 

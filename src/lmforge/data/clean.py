@@ -2,7 +2,7 @@
 
   fix_encoding        mojibake repair with ftfy ("doesnâ€™t" -> "doesn't", "æµ‹è¯•" -> "测试")
   normalize           Unicode normalisation, NFC by default (NFKC folds full-width forms)
-  whitespace          control characters out, runs of spaces and blank lines collapsed
+  whitespace          control characters out, runs of spaces (not indentation) and blank lines collapsed
   boilerplate_lines   C4's line rules: drop lines without end punctuation, too few words,
                       "javascript" notices and policy/cookie lines
   pii                 e-mails, phone numbers (incl. Chinese mobiles), IPv4/IPv6 and Chinese
@@ -64,12 +64,18 @@ _BLANK_LINES = regex.compile(r"\n\s*\n(\s*\n)+")
 class Whitespace(Step):
     kind = "cleaner"
     max_blank_lines: int = 1
+    keep_indentation: bool = True  # code and nested lists keep their leading spaces
 
     def apply(self, doc: Document) -> Document | str:
         text = _CONTROL.sub("", doc.text.replace("\r\n", "\n").replace("\r", "\n"))
-        text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
-        text = _BLANK_LINES.sub("\n" * (self.max_blank_lines + 1), text).strip()
-        return _replace_text(doc, text) if text else "empty after whitespace cleanup"
+        text = "\n".join(self._line(line) for line in text.split("\n"))
+        text = _BLANK_LINES.sub("\n" * (self.max_blank_lines + 1), text).strip("\n")
+        return _replace_text(doc, text) if text.strip() else "empty after whitespace cleanup"
+
+    def _line(self, line: str) -> str:
+        body = line.lstrip()
+        indent = line[: len(line) - len(body)] if self.keep_indentation and body else ""
+        return indent + _SPACES.sub(" ", body).rstrip()
 
 
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies",
@@ -146,10 +152,10 @@ class BoilerplateLines(C4Rules):
 _EMAIL = regex.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,24}(?![\w-])")
 # +CC (AREA) NNN-NNNN and friends: 7+ digits with common separators, or a Chinese mobile number
 _PHONE = regex.compile(
-    r"(?<![\w+])(?:\+86[\s-]?)?1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d)"  # Chinese mobile
-    r"|(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}[\s.-]?\d{3,4}(?:[\s.-]?\d{3,4})?"  # +CC ...
-    r"|\(\d{2,4}\)[\s.-]?\d{3,4}[\s.-]?\d{3,4}"  # (area) NNN-NNNN
-    r"|\d{2,4}[\s.-]\d{3,4}[\s.-]\d{3,4})(?![\w-])")  # three separated groups
+    r"(?<![\w+.])(?:\+86[\s-]?)?1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d|\.\d)"  # Chinese mobile
+    r"|(?<![\w+.])(?:\+\d{1,3}[\s-]?(?:\(\d{1,4}\)[\s-]?)?\d{2,4}[\s-]\d{3,4}(?:[\s-]\d{3,4})?"  # +CC ...
+    r"|\(\d{2,4}\)[\s-]?\d{3,4}[\s.-]\d{4}"  # (area) NNN-NNNN
+    r"|\d{3}[\s.-]\d{3,4}[\s.-]\d{4})(?![\w-]|\.\d)")  # NNN-NNN(N)-NNNN; not a decimal
 _IPV4 = regex.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
 _IPV6 = regex.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 _CN_ID = regex.compile(r"(?<![\dA-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"

@@ -565,7 +565,7 @@ def run_pipeline(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         results.sort(key=lambda r: r["shard"])
         all_stats.append(results)
         if global_step is not None:
-            log.info("running %s over %d shards", global_step.name, len(sources))
+            log.debug("running %s over %d shards", global_step.name, len(sources))
             globals_info.append(run_global_step(cfg, k, len(sources), global_step))
     merged = [merge_stats(r) for r in all_stats]
     # one row per step in pipeline order: "read", the map steps, each global step, ...
