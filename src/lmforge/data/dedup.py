@@ -38,6 +38,7 @@ import regex
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
 _SEP_CHAR = regex.compile(r"[\p{P}\p{S}\p{Z}\p{Cc}\s]")  # punctuation, symbols, spaces, control characters
+_SEP_ONLY = regex.compile(r"[\p{P}\p{S}\p{Z}\p{Cc}\s]+")
 _PUNCT = regex.compile(r"[\p{P}\p{S}\p{Z}\p{Cc}\s]+")
 _CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
 
@@ -74,7 +75,8 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray]:
     cls[0] = _END  # ends each text of a batch
     cls[10] = _SEP
     mapped = unicodedata.normalize("NFKC", "\n".join(every)).lower().split("\n")
-    table = np.array([ord(m) if len(m) == 1 else -1 for m in mapped], np.int32)
+    # an expansion made only of separators ("…" -> "...") collapses to one space anyway
+    table = np.array([ord(m) if len(m) == 1 else 32 if m and _SEP_ONLY.fullmatch(m) else -1 for m in mapped], np.int32)
     marks = np.array([unicodedata.category(ch).startswith("M") or unicodedata.combining(ch) != 0 for ch in every])
     table[marks] = -1
     table[np.isin(table, np.flatnonzero(marks))] = -1  # maps onto a mark
@@ -87,6 +89,13 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _TABLES: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _utf32(text: str) -> bytes:
+    try:
+        return text.encode("utf-32-le")
+    except UnicodeEncodeError:  # lone surrogates (they become separators)
+        return text.encode("utf-32-le", "surrogatepass")
 
 
 def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,11 +115,11 @@ def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
         ends = np.flatnonzero(cps == 0)
         if len(ends) == len(texts):
             return cps, classes[cps], ends
-    cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
+    cps = np.frombuffer(_utf32(joined), np.uint32)
     ends = np.flatnonzero(cps == 0)
     if len(ends) != len(texts):  # a text contains NUL itself
         texts = [t.replace("\0", " ") for t in texts]
-        cps = np.frombuffer(("\0".join(texts) + "\0").encode("utf-32-le", "surrogatepass"), np.uint32)
+        cps = np.frombuffer(_utf32("\0".join(texts) + "\0"), np.uint32)
         ends = np.flatnonzero(cps == 0)
     mapped = nfkc_lower[cps]
     unmapped = np.flatnonzero(mapped < 0)
@@ -118,7 +127,7 @@ def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
         slow = np.unique(np.searchsorted(ends, unmapped))
         for i in slow.tolist():
             texts[i] = unicodedata.normalize("NFKC", texts[i]).lower().replace("\0", " ")
-        cps = np.frombuffer(("\0".join(texts) + "\0").encode("utf-32-le", "surrogatepass"), np.uint32)
+        cps = np.frombuffer(_utf32("\0".join(texts) + "\0"), np.uint32)
         ends = np.flatnonzero(cps == 0)
         exact = np.zeros(len(texts), bool)
         exact[slow] = True
