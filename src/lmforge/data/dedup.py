@@ -368,16 +368,18 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
 VERIFIED_RECALL = 0.99  # candidate probability at the threshold when candidates are verified
 
 
-def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """[n, bands] uint64: one key per document and band (equal band rows -> equal key)."""
+def band_keys(signatures: np.ndarray, bands: int, rows: int, band: int | None = None) -> np.ndarray:
+    """[n, bands] uint64 keys, one per document and band (equal band rows -> equal key), or
+    the [n] keys of one `band` (what candidate search uses: 8 bytes per document at a time)."""
     if bands * rows > signatures.shape[1]:
         raise ValueError(f"bands x rows = {bands * rows} exceeds num_perm = {signatures.shape[1]}")
-    n = signatures.shape[0]
-    sig = signatures[:, :bands * rows].reshape(n, bands, rows).astype(np.uint64)
-    key = np.zeros((n, bands), np.uint64)
+    if band is None:
+        return np.stack([band_keys(signatures, bands, rows, b) for b in range(bands)], 1) if bands else \
+            np.zeros((len(signatures), 0), np.uint64)
+    key = np.zeros(len(signatures), np.uint64)
     with np.errstate(over="ignore"):
-        for r in range(rows):
-            key = _splitmix64(key * np.uint64(0x9E3779B97F4A7C15) + sig[:, :, r])
+        for r in range(band * rows, (band + 1) * rows):
+            key = _splitmix64(key * np.uint64(0x9E3779B97F4A7C15) + signatures[:, r].astype(np.uint64))
     return key
 
 
@@ -417,9 +419,10 @@ def candidate_pairs(signatures: np.ndarray, bands: int, rows: int, max_bucket_pa
     bucket of up to `max_bucket_pairs` members, the first member paired with every other
     above that (keeps the count linear for huge buckets of identical boilerplate)."""
     n = len(signatures)
-    keys = band_keys(signatures, bands, rows)
+    if bands * rows > signatures.shape[1]:
+        raise ValueError(f"bands x rows = {bands * rows} exceeds num_perm = {signatures.shape[1]}")
     valid = np.ones(n, bool) if skip is None else ~skip
-    pairs = [_bucket_pairs(keys[:, band], valid, max_bucket_pairs) for band in range(bands)]
+    pairs = [_bucket_pairs(band_keys(signatures, bands, rows, band), valid, max_bucket_pairs) for band in range(bands)]
     pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
     if not len(pairs):
         return pairs
