@@ -10,7 +10,8 @@ import sys
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.infer.cli", "lmforge.quickstart"]
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.infer.cli", "lmforge.rag.cli",
+          "lmforge.quickstart"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus
@@ -62,7 +63,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.train.trainer import TrainingStopped
 
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
-            TemplateError, TrainingStopped, FileNotFoundError, PermissionError)
+            TemplateError, TrainingStopped, FileNotFoundError, PermissionError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> int:

