@@ -62,7 +62,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from lmforge.rag.index import RagIndex
 
     index = RagIndex.open(args.index)
-    hits = index.search(args.query, k=args.k, mode=args.mode, filters=_filters(args.filter), fusion=args.fusion)
+    hits = index.search(args.query, k=args.k, mode=args.mode, filters=_filters(args.filter), fusion=args.fusion,
+                        dense_weight=args.dense_weight)
     if args.json:
         print(json.dumps([h.as_dict() for h in hits], ensure_ascii=False, indent=2))
     else:
@@ -108,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     index = RagIndex.open(args.index)
     results = evaluate_index(index, load_queries(args.queries), load_qrels(args.qrels), modes=args.modes,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), fusion=args.fusion, dense_weight=args.dense_weight)
     if args.out:
         from lmforge.files import write_json
 
@@ -158,6 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default="hybrid")
     s.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf")
+    s.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     s.add_argument("--filter", nargs="+", metavar="FIELD=VALUE", help="metadata filters (same field: any value)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search, _parser=s)
@@ -182,6 +184,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--queries", required=True)
     e.add_argument("--qrels", required=True)
     e.add_argument("--modes", nargs="+", choices=["sparse", "dense", "hybrid"], default=["sparse", "dense", "hybrid"])
+    e.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf", help="hybrid fusion (default: rrf, k=60)")
+    e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     e.add_argument("--out", help="also write the results JSON here")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval, _parser=e)

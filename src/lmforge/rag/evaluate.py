@@ -137,7 +137,8 @@ def doc_ranking(hits) -> list[str]:
 
 
 def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                   modes: Sequence[str] = ("sparse", "dense", "hybrid"), k: int = 100, progress: bool = False) -> dict:
+                   modes: Sequence[str] = ("sparse", "dense", "hybrid"), k: int = 100, progress: bool = False,
+                   fusion: str = "rrf", dense_weight: float = 0.5) -> dict:
     """Metrics and per-query latency of each retrieval mode."""
     from tqdm.auto import tqdm
 
@@ -152,7 +153,7 @@ def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, in
             index._embed(["warm up"])  # load the embedder outside the timed loop
         for q in tqdm(qids, desc=mode, unit="query", disable=not progress):
             t0 = time.perf_counter()
-            hits = index.search(queries[q], k=k, mode=mode)
+            hits = index.search(queries[q], k=k, mode=mode, fusion=fusion, dense_weight=dense_weight)
             latency.append(time.perf_counter() - t0)
             rankings[q] = doc_ranking(hits)
         metrics = evaluate_rankings(rankings, {q: qrels[q] for q in qids})

