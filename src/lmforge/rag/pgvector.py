@@ -66,7 +66,7 @@ class PgVectorIndex:
                 raise ConfigError(f"the pgvector extension is not available on this server: {e}") from None
             cur.execute(f"CREATE TABLE IF NOT EXISTS {t}_docs (doc_id text PRIMARY KEY, hash text NOT NULL, "
                         "n_chunks int NOT NULL, config jsonb)")
-            cur.execute(f"""SELECT atttypmod FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'embedding'""",
+            cur.execute("""SELECT atttypmod FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'embedding'""",
                         (t,))
             row = cur.fetchone()
             self._dim = row[0] if row else None
