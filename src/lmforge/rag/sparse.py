@@ -66,6 +66,16 @@ class Analyzer:
         return [w for w in _jieba().lcut_for_search(run) if w.strip()]
 
 
+def _bm25s():
+    try:
+        import bm25s
+    except ImportError:
+        from lmforge.config import ConfigError
+
+        raise ConfigError("BM25 needs the bm25s package: pip install 'lmforge[rag]'") from None
+    return bm25s
+
+
 class BM25Index:
     """BM25 scores of chunk texts (bm25s underneath)."""
 
@@ -76,7 +86,7 @@ class BM25Index:
         self.size = 0
 
     def build(self, texts: list[str]) -> BM25Index:
-        import bm25s
+        bm25s = _bm25s()
 
         self._bm25 = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
         self.size = len(texts)
@@ -99,7 +109,7 @@ class BM25Index:
             self._bm25.save(str(directory), allow_pickle=False, show_progress=False)
 
     def load(self, directory: str | os.PathLike, size: int) -> BM25Index:
-        import bm25s
+        bm25s = _bm25s()
 
         self.size = size
         self._bm25 = bm25s.BM25.load(str(directory), allow_pickle=False) if size else None
