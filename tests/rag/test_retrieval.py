@@ -185,3 +185,19 @@ def test_hnsw_vectors_find_the_exact_neighbours_on_a_small_index(tmp_path):
     for q in ["raising exceptions", "class definitions", "numbers and arithmetic"]:
         assert [h.chunk.doc_id for h in RagIndex.open(tmp_path / "hnsw").search(q, 5, "dense")] == \
                [h.chunk.doc_id for h in flat.search(q, 5, "dense")]
+
+
+def test_reranking_reorders_by_the_cross_encoder(tmp_path):
+    import torch
+
+    class WordCounter:  # stands in for CrossEncoder (tested against transformers in tests/model)
+        def score(self, pairs):
+            return torch.tensor([float(p.count("lambda")) for _, p in pairs])
+
+    index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
+    index.upsert(_docs(40) + [Document("lam", "lambda lambda lambda expressions create anonymous functions")])
+    first = index.search("expressions functions", 10, "sparse")
+    reranked = index.search("expressions functions", 3, "sparse", reranker=WordCounter(), rerank_depth=10)
+    assert len(reranked) == 3 and reranked[0].chunk.doc_id == "lam"
+    assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
+    assert reranked[0].scores["first_stage"] == next(h.score for h in first if h.chunk.doc_id == "lam")

@@ -186,3 +186,59 @@ class SentenceEmbedder:
         for idx, vectors in out:
             result[idx] = vectors
         return result
+
+
+class CrossEncoder:
+    """A reranker: `BertForSequenceClassification` scoring (query, passage) pairs jointly
+    (pooler = tanh(dense([CLS])), then the classifier), as sentence-transformers' CrossEncoder.
+    The score is the single logit of a 1-label model (ms-marco cross-encoders), else the last
+    label's logit (the "relevant" class)."""
+
+    def __init__(self, encoder: Encoder, pooler: nn.Linear, classifier: nn.Linear, tokenizer, max_length: int = 512):
+        self.encoder, self.pooler, self.classifier = encoder, pooler.eval(), classifier.eval()
+        self.tokenizer = tokenizer  # a tokenizers.Tokenizer with truncation to max_length
+        self.max_length = max_length
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, max_length: int = 512) -> CrossEncoder:
+        from tokenizers import Tokenizer
+
+        d = Path(directory)
+        encoder = load_hf_encoder(d)
+        tensors = read_state_dict(d)
+        names = {"pooler": ("bert.pooler.dense.weight", "bert.pooler.dense.bias"),
+                 "classifier": ("classifier.weight", "classifier.bias")}
+        for keys in names.values():
+            if keys[0] not in tensors:
+                raise CheckpointError(f"{d}: tensor '{keys[0]}' is missing (is this a sequence-classification model?)")
+        d_model = encoder.cfg.d_model
+        pooler = nn.Linear(d_model, d_model)
+        pooler.load_state_dict({"weight": tensors[names["pooler"][0]], "bias": tensors[names["pooler"][1]]})
+        w = tensors[names["classifier"][0]]
+        classifier = nn.Linear(d_model, w.shape[0])
+        classifier.load_state_dict({"weight": w, "bias": tensors[names["classifier"][1]]})
+        if not (d / "tokenizer.json").exists():
+            raise CheckpointError(f"{d}: no tokenizer.json")
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        max_length = min(max_length, encoder.cfg.max_seq_len)
+        tok.no_padding()
+        tok.enable_truncation(max_length, strategy="longest_first")
+        return cls(encoder, pooler, classifier, tok, max_length)
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> torch.Tensor:
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            encs = self.tokenizer.encode_batch([tuple(p) for p in pairs[start:start + batch_size]])
+            T = max(len(e.ids) for e in encs)
+            ids = torch.full((len(encs), T), self.encoder.cfg.pad_token_id, dtype=torch.long)
+            types = torch.zeros((len(encs), T), dtype=torch.long)
+            mask = torch.zeros((len(encs), T), dtype=torch.long)
+            for r, e in enumerate(encs):
+                ids[r, :len(e.ids)] = torch.tensor(e.ids)
+                types[r, :len(e.ids)] = torch.tensor(e.type_ids)
+                mask[r, :len(e.ids)] = 1
+            hidden = self.encoder(ids, attention_mask=mask, token_type_ids=types)
+            logits = self.classifier(torch.tanh(self.pooler(hidden[:, 0])))
+            out.append(logits[:, -1])
+        return torch.cat(out) if out else torch.zeros(0)

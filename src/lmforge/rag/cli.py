@@ -62,8 +62,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from lmforge.rag.index import RagIndex
 
     index = RagIndex.open(args.index)
+    reranker = None
+    if args.reranker:
+        from lmforge.model.encoder import CrossEncoder
+
+        reranker = CrossEncoder.load(args.reranker)
     hits = index.search(args.query, k=args.k, mode=args.mode, filters=_filters(args.filter), fusion=args.fusion,
-                        dense_weight=args.dense_weight)
+                        dense_weight=args.dense_weight, reranker=reranker)
     if args.json:
         print(json.dumps([h.as_dict() for h in hits], ensure_ascii=False, indent=2))
     else:
@@ -161,6 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf")
     s.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     s.add_argument("--filter", nargs="+", metavar="FIELD=VALUE", help="metadata filters (same field: any value)")
+    s.add_argument("--reranker", metavar="DIR", help="cross-encoder directory (BertForSequenceClassification) to "
+                                                     "re-score the top 30")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search, _parser=s)
 

@@ -297,7 +297,10 @@ class RagIndex:
         return {int(i): float(s) for i, s in zip(ids[0], scores[0]) if i >= 0}
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", filters: dict | None = None,
-               fusion: str = "rrf", dense_weight: float = 0.5, depth: int | None = None) -> list[Hit]:
+               fusion: str = "rrf", dense_weight: float = 0.5, depth: int | None = None,
+               reranker=None, rerank_depth: int = 30) -> list[Hit]:
+        """Top `k` chunks. With a `reranker` (lmforge.model.encoder.CrossEncoder) the first
+        `rerank_depth` fused results are re-scored jointly with the query and re-sorted."""
         if mode not in ("sparse", "dense", "hybrid"):
             raise ValueError(f"mode must be sparse, dense or hybrid, got {mode!r}")
         if mode != "sparse" and not self.cfg.dense:
@@ -316,12 +319,25 @@ class RagIndex:
             fused = weighted_fusion([sparse, dense], [1 - dense_weight, dense_weight])
         else:
             raise ValueError(f"fusion must be rrf or weighted, got {fusion!r}")
-        order = sorted(fused, key=lambda i: (-fused[i], i))[:k]
+        order = sorted(fused, key=lambda i: (-fused[i], i))[:max(k, rerank_depth) if reranker is not None else k]
         hits = []
         for rank, i in enumerate(order, start=1):
             parts = {"sparse": sparse.get(i, 0.0), "dense": dense.get(i, 0.0)} if mode == "hybrid" else {mode: fused[i]}
             hits.append(Hit(self.chunks[i], float(fused[i]), rank, parts))
+        return rerank(query, hits, reranker, k) if reranker is not None else hits
+
+
+def rerank(query: str, hits: list[Hit], reranker, k: int) -> list[Hit]:
+    """Re-sort hits by a cross-encoder's score of (query, chunk text); keeps the first-stage score in `scores`."""
+    if not hits:
         return hits
+    scores = reranker.score([(query, h.chunk.text) for h in hits]).tolist()
+    order = sorted(range(len(hits)), key=lambda i: (-scores[i], i))[:k]
+    out = []
+    for rank, i in enumerate(order, start=1):
+        h = hits[i]
+        out.append(Hit(h.chunk, float(scores[i]), rank, {**h.scores, "first_stage": h.score, "rerank": float(scores[i])}))
+    return out
 
 
 def _faiss():
