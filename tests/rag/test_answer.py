@@ -86,3 +86,41 @@ def test_cli_index_search_eval_ask(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["sources"][0]["doc_id"] == "d5"
     r = subprocess.run(cli + ["search", "--index", str(tmp_path / "nope"), "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "not an lmforge index" in r.stderr
+
+
+@pytest.mark.slow
+def test_ask_maps_the_models_citations_to_sources(sparse_index, trained):
+    """A tiny model taught (in a few seconds) to answer in the cited format; its [n] must come back
+    as the right document and offsets."""
+    from lmforge.model import Transformer
+    from lmforge.model.config import preset
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, max_seq_len=512))
+    target = " The sources say so [2]."
+    eos = trained.special_tokens["<|endoftext|>"]
+    examples = []
+    for q in ["What happens to exceptions?", "How are names bound?", "What does a class body do?"]:
+        prompt, _ = build_prompt(q, sparse_index.search(q, 3, "sparse"), trained, budget=400)
+        p_ids, a_ids = trained.encode(prompt, allowed_special="all"), trained.encode(target) + [eos]
+        examples.append((p_ids, a_ids))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        for p_ids, a_ids in examples:
+            ids = torch.tensor([p_ids + a_ids])
+            labels = torch.tensor([[-100] * len(p_ids) + a_ids])
+            logits = model(ids[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits[0], labels[0, 1:], ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    q = "What happens to exceptions raised in a try statement?"
+    result = ask(sparse_index, q, model, trained, AskConfig(k=3, mode="sparse", max_new_tokens=12))
+    assert "[2]" in result["answer"]
+    assert [c["n"] for c in result["citations"]] == [2]
+    cited = result["citations"][0]
+    assert cited == result["sources"][1]
+    chunk = next(c for c in sparse_index.chunks if c.doc_id == cited["doc_id"] and c.start == cited["start"])
+    assert chunk.text == cited["text"] and chunk.end == cited["end"]
