@@ -77,3 +77,23 @@ def test_pgvector_updates_deletes_and_rolls_back(pg, monkeypatch):
     with pytest.raises(RuntimeError):
         pg.upsert([Document("new1", "first new document"), Document("new2", "second")])
     assert pg.counts() == n  # nothing half-written
+
+
+def test_cli_on_the_pgvector_backend(pg, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    url = f"{DSN}#t_cli_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "a.txt").write_text("香港回归祖国是一件大事。经济发展很快。", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("Exceptions are raised with the raise statement.", encoding="utf-8")
+    cli = [sys.executable, "-m", "lmforge", "rag"]
+    r = subprocess.run(cli + ["index", "--input", str(tmp_path), "--out", url, "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["added"] == 2
+    r = subprocess.run(cli + ["search", "--index", url, "香港", "--mode", "sparse", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["doc_id"].endswith("a.txt")
+    from lmforge.rag.pgvector import PgVectorIndex
+
+    PgVectorIndex(DSN, url.partition("#")[2]).drop()

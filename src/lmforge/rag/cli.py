@@ -22,6 +22,22 @@ def _filters(pairs: list[str] | None) -> dict | None:
     return out
 
 
+def _is_pg(spec: str) -> bool:
+    return spec.startswith(("postgresql://", "postgres://"))
+
+
+def _open(spec: str, cfg=None):
+    """An index directory, or a PostgreSQL URL (`postgresql://user:pw@host/db#table`) for the pgvector backend."""
+    from lmforge.rag.index import RagIndex
+
+    if _is_pg(spec):
+        from lmforge.rag.pgvector import PgVectorIndex
+
+        dsn, _, table = spec.partition("#")
+        return PgVectorIndex(dsn, table or "lmforge_chunks", cfg)
+    return RagIndex.open(spec)
+
+
 def _documents(inputs: list[str], text_field: str):
     from lmforge.data.sources import iter_documents, resolve_inputs
     from lmforge.rag.evaluate import load_beir_corpus
@@ -38,30 +54,31 @@ def cmd_index(args: argparse.Namespace) -> int:
     from lmforge.rag.index import IndexConfig, RagIndex
     from lmforge.rag.sparse import AnalyzerConfig
 
-    if (Path(args.out) / "CURRENT").exists():
+    chunker = ChunkerConfig(kind=args.chunker or "recursive", size=args.size, overlap=args.overlap)
+    cfg = IndexConfig(embedder=args.embedder or "default", chunker=chunker,
+                      analyzer=AnalyzerConfig(stem=args.stem, chinese=args.chinese), k1=args.k1, b=args.b,
+                      vector_index=args.vector_index, dense=not args.no_dense)
+    if _is_pg(args.out):
+        index = _open(args.out, cfg)
+    elif (Path(args.out) / "CURRENT").exists():
         index = RagIndex.open(args.out)
         if args.chunker or args.embedder or args.no_dense:
             print("note: adding to an existing index keeps its chunker, embedder and analyzer", file=sys.stderr)
     else:
-        chunker = ChunkerConfig(kind=args.chunker or "recursive", size=args.size, overlap=args.overlap)
-        index = RagIndex(args.out, IndexConfig(embedder=args.embedder or "default", chunker=chunker,
-                                               analyzer=AnalyzerConfig(stem=args.stem, chinese=args.chinese),
-                                               k1=args.k1, b=args.b, vector_index=args.vector_index,
-                                               dense=not args.no_dense))
+        index = RagIndex(args.out, cfg)
     result = {}
     if args.delete:
         result["delete"] = index.delete(args.delete)
     if args.input:
-        result.update(index.upsert(_documents(args.input, args.text_field), progress=sys.stderr.isatty()))
+        docs = _documents(args.input, args.text_field)
+        result.update(index.upsert(docs) if _is_pg(args.out) else index.upsert(docs, progress=sys.stderr.isatty()))
     print(json.dumps(result, ensure_ascii=False) if args.json else
           " ".join(f"{k}={v}" for k, v in result.items()) + f" -> {args.out}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from lmforge.rag.index import RagIndex
-
-    index = RagIndex.open(args.index)
+    index = _open(args.index)
     reranker = None
     if args.reranker:
         from lmforge.model.encoder import CrossEncoder
@@ -81,9 +98,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from lmforge.rag.answer import AskConfig, ask
-    from lmforge.rag.index import RagIndex
 
-    index = RagIndex.open(args.index)
+    index = _open(args.index)
     model = tokenizer = None
     if args.model:
         from lmforge.model import load_hf_model
@@ -110,9 +126,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.rag.evaluate import evaluate_index, load_qrels, load_queries, metrics_table
-    from lmforge.rag.index import RagIndex
 
-    index = RagIndex.open(args.index)
+    index = _open(args.index)
     results = evaluate_index(index, load_queries(args.queries), load_qrels(args.qrels), modes=args.modes,
                              progress=sys.stderr.isatty(), fusion=args.fusion, dense_weight=args.dense_weight)
     if args.out:
@@ -140,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "  lmforge rag index --input scifact/corpus.jsonl --out runs/scifact --chunker none\n"
                                "  lmforge rag index --out runs/index --delete doc-17 doc-18")
     i.add_argument("--input", nargs="+", help="files, directories, globs, builtin:python-docs, BEIR corpus.jsonl")
-    i.add_argument("--out", required=True, help="index directory")
+    i.add_argument("--out", required=True, help="index directory, or postgresql://user:pw@host/db#table (pgvector)")
     i.add_argument("--chunker", choices=["none", "fixed", "recursive", "markdown", "semantic"],
                    help="how documents are cut (default: recursive)")
     i.add_argument("--size", type=int, default=800, help="chunk size in characters (default: 800)")

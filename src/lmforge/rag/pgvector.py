@@ -26,7 +26,7 @@ import regex
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
 from lmforge.rag.chunking import Chunk, Chunker
-from lmforge.rag.index import Hit, IndexConfig, content_hash, rrf, weighted_fusion
+from lmforge.rag.index import Hit, IndexConfig, content_hash, rerank, rrf, weighted_fusion
 from lmforge.rag.sparse import Analyzer
 
 _IDENT = regex.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
@@ -181,7 +181,8 @@ class PgVectorIndex:
     _COLUMNS = "id, doc_id, text, start_char, end_char, heading, meta"
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", filters: dict | None = None,
-               fusion: str = "rrf", dense_weight: float = 0.5, depth: int | None = None) -> list[Hit]:
+               fusion: str = "rrf", dense_weight: float = 0.5, depth: int | None = None,
+               reranker=None, rerank_depth: int = 30) -> list[Hit]:
         if self._dim is None:
             return []
         depth = depth or max(100, 4 * k)
@@ -213,10 +214,10 @@ class PgVectorIndex:
             fused = rrf([list(sparse), list(dense)])
         else:
             fused = weighted_fusion([sparse, dense], [1 - dense_weight, dense_weight])
-        order = sorted(fused, key=lambda i: (-fused[i], i))[:k]
+        order = sorted(fused, key=lambda i: (-fused[i], i))[:max(k, rerank_depth) if reranker is not None else k]
         hits = []
         for rank, i in enumerate(order, start=1):
             _, doc_id, text, start, end, heading, meta = rows[i]
             parts = {"sparse": sparse.get(i, 0.0), "dense": dense.get(i, 0.0)} if mode == "hybrid" else {mode: fused[i]}
             hits.append(Hit(Chunk(doc_id, text, start, end, heading or [], meta or {}), float(fused[i]), rank, parts))
-        return hits
+        return rerank(query, hits, reranker, k) if reranker is not None else hits
