@@ -6,7 +6,7 @@ FAISS + all-MiniLM-L6-v2 (sentence-transformers) baseline, on one BEIR-format da
 
 The built-in set (offline): the corpus is Python's language reference (`pydoc_data.topics`,
 79 pages from 0.3 to 62 kB), the queries are 54 questions written for it by hand in plain
-words (benchmarks/data/pydocs_queries.tsv), each judged against the page that answers it
+words (src/lmforge/rag/data/pydocs_queries.tsv), each judged against the page that answers it
 (relevance 2) and the larger pages that contain that page's text (relevance 1). The set is
 written out in BEIR layout, so every system reads the same files.
 
@@ -39,30 +39,11 @@ from lmforge.rag import evaluate as E  # noqa: E402
 from lmforge.rag.chunking import ChunkerConfig  # noqa: E402
 from lmforge.rag.index import IndexConfig, RagIndex  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-
 
 def write_builtin_beir(out: Path) -> Path:
-    from pydoc_data.topics import topics
+    from lmforge.rag.evaluate import write_builtin_beir as write
 
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for name in sorted(topics):
-            f.write(json.dumps({"_id": name, "title": "", "text": topics[name]}) + "\n")
-    with open(HERE / "data" / "pydocs_queries.tsv", encoding="utf-8") as f, \
-            open(out / "queries.jsonl", "w", encoding="utf-8") as fq, \
-            open(out / "qrels" / "test.tsv", "w", encoding="utf-8") as fr:
-        fr.write("query-id\tcorpus-id\tscore\n")
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            qid, question, rels = line.rstrip("\n").split("\t")
-            fq.write(json.dumps({"_id": qid, "text": question}) + "\n")
-            for rel in rels.split(","):
-                doc, score = rel.split(":")
-                assert doc in topics, doc
-                fr.write(f"{qid}\t{doc}\t{score}\n")
-    return out
+    return write(out)
 
 
 def run_peer(name, rank_fn, queries, qrels) -> dict:

@@ -177,3 +177,42 @@ def find_qrels(beir_dir: str | os.PathLike, split: str = "test") -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no qrels for split '{split}'")
     return p
+
+
+def builtin_questions() -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """The built-in evaluation set: 54 questions written by hand for the Python reference
+    (`builtin:python-docs`), judged against topic names (2 = the page that answers, 1 = a larger
+    page that contains it)."""
+    from importlib import resources
+
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    text = resources.files("lmforge").joinpath("rag/data/pydocs_queries.tsv").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        qid, question, rels = line.split("\t")
+        queries[qid] = question
+        qrels[qid] = {doc: int(score) for doc, score in (r.split(":") for r in rels.split(","))}
+    return queries, qrels
+
+
+def write_builtin_beir(out: str | os.PathLike) -> Path:
+    """The built-in set in BEIR layout (corpus = the Python reference topics, `_id` = topic name)."""
+    from pydoc_data.topics import topics
+
+    out = Path(out)
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    queries, qrels = builtin_questions()
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for name in sorted(topics):
+            f.write(json.dumps({"_id": name, "title": "", "text": topics[name]}) + "\n")
+    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+        for q, text in queries.items():
+            f.write(json.dumps({"_id": q, "text": text}) + "\n")
+    with open(out / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q, rels in qrels.items():
+            for doc, score in rels.items():
+                f.write(f"{q}\t{doc}\t{score}\n")
+    return out

@@ -67,6 +67,9 @@ class Analyzer:
 
 
 def _bm25s():
+    import logging
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each indexing phase at DEBUG/INFO
     try:
         import bm25s
     except ImportError:
