@@ -64,3 +64,8 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
     assert (tmp_path / "qs" / "pretrain" / "best" / "model.safetensors").exists()
     report = (tmp_path / "qs" / "report.md").read_text()
     assert "bytes/token" in report and (tmp_path / "qs" / "tokenizer" / "tokenizer.json").exists()
+    # the data stage ran first and its accounting is in the report; RAG ran last and beat chance
+    assert "clean/report.md" in report and (tmp_path / "qs" / "clean" / "stats.json").exists()
+    assert summary["corpus"]["documents"] + summary["corpus"]["documents_removed"] == summary["corpus"]["documents_read"]
+    assert summary["rag"]["dense"]["ndcg@10"] > 0.5 and summary["rag"]["sparse"]["ndcg@10"] > 0.4
+    assert "## Retrieval (RAG)" in report
