@@ -28,13 +28,7 @@ def plot_training(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, titl
     b.set(xlabel="step", ylabel="validation perplexity (log)", title=f"{title}: perplexity")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return _save(fig, png)
 
 
 def plot_data_stats(stats: dict, png: str | os.PathLike) -> Path:
@@ -66,13 +60,7 @@ def plot_data_stats(stats: dict, png: str | os.PathLike) -> Path:
     b.legend()
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="x" if ax is a else "y")
-    fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return _save(fig, png)
 
 
 def _short(n: int) -> str:
@@ -80,3 +68,16 @@ def _short(n: int) -> str:
         if n >= size:
             return f"{n // size}{unit}"
     return str(n)
+
+
+def _save(fig, png: str | os.PathLike) -> Path:
+    """Write the figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png

@@ -309,22 +309,27 @@ class RagIndex:
         depth = depth or max(100, 4 * k)
         sparse = self.sparse_scores(query, allowed, depth) if mode != "dense" else {}
         dense = self.dense_scores(query, allowed, depth) if mode != "sparse" else {}
-        if mode == "sparse":
-            fused = sparse
-        elif mode == "dense":
-            fused = dense
-        elif fusion == "rrf":
-            fused = rrf([list(sparse), list(dense)])
-        elif fusion == "weighted":
-            fused = weighted_fusion([sparse, dense], [1 - dense_weight, dense_weight])
-        else:
-            raise ValueError(f"fusion must be rrf or weighted, got {fusion!r}")
-        order = sorted(fused, key=lambda i: (-fused[i], i))[:max(k, rerank_depth) if reranker is not None else k]
-        hits = []
-        for rank, i in enumerate(order, start=1):
-            parts = {"sparse": sparse.get(i, 0.0), "dense": dense.get(i, 0.0)} if mode == "hybrid" else {mode: fused[i]}
-            hits.append(Hit(self.chunks[i], float(fused[i]), rank, parts))
+        ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(k, rerank_depth) if reranker is not None else k)
+        hits = [Hit(self.chunks[i], score, rank, parts) for rank, (i, score, parts) in enumerate(ranked, start=1)]
         return rerank(query, hits, reranker, k) if reranker is not None else hits
+
+
+def fuse(mode: str, sparse: dict[int, float], dense: dict[int, float], fusion: str, dense_weight: float,
+         k: int) -> list[tuple[int, float, dict[str, float]]]:
+    """The top k (item, score, per-retriever scores) of one mode; hybrid fuses the two lists."""
+    if mode == "sparse":
+        fused = sparse
+    elif mode == "dense":
+        fused = dense
+    elif fusion == "rrf":
+        fused = rrf([list(sparse), list(dense)])
+    elif fusion == "weighted":
+        fused = weighted_fusion([sparse, dense], [1 - dense_weight, dense_weight])
+    else:
+        raise ValueError(f"fusion must be rrf or weighted, got {fusion!r}")
+    order = sorted(fused, key=lambda i: (-fused[i], i))[:k]
+    return [(i, float(fused[i]), {"sparse": sparse.get(i, 0.0), "dense": dense.get(i, 0.0)} if mode == "hybrid"
+             else {mode: fused[i]}) for i in order]
 
 
 def rerank(query: str, hits: list[Hit], reranker, k: int) -> list[Hit]:

@@ -26,7 +26,7 @@ import regex
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
 from lmforge.rag.chunking import Chunk, Chunker
-from lmforge.rag.index import Hit, IndexConfig, content_hash, rerank, rrf, weighted_fusion
+from lmforge.rag.index import Hit, IndexConfig, content_hash, fuse, rerank
 from lmforge.rag.sparse import Analyzer
 
 _IDENT = regex.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
@@ -206,18 +206,9 @@ class PgVectorIndex:
                                 [qv, *wparams, qv, depth]):
                 rows[r[0]] = r[:7]
                 dense[r[0]] = float(r[7])
-        if mode == "sparse":
-            fused = sparse
-        elif mode == "dense":
-            fused = dense
-        elif fusion == "rrf":
-            fused = rrf([list(sparse), list(dense)])
-        else:
-            fused = weighted_fusion([sparse, dense], [1 - dense_weight, dense_weight])
-        order = sorted(fused, key=lambda i: (-fused[i], i))[:max(k, rerank_depth) if reranker is not None else k]
+        ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(k, rerank_depth) if reranker is not None else k)
         hits = []
-        for rank, i in enumerate(order, start=1):
+        for rank, (i, score, parts) in enumerate(ranked, start=1):
             _, doc_id, text, start, end, heading, meta = rows[i]
-            parts = {"sparse": sparse.get(i, 0.0), "dense": dense.get(i, 0.0)} if mode == "hybrid" else {mode: fused[i]}
-            hits.append(Hit(Chunk(doc_id, text, start, end, heading or [], meta or {}), float(fused[i]), rank, parts))
+            hits.append(Hit(Chunk(doc_id, text, start, end, heading or [], meta or {}), score, rank, parts))
         return rerank(query, hits, reranker, k) if reranker is not None else hits
