@@ -62,3 +62,31 @@ def test_fsdp_two_processes_equal_one_and_resume(trained_dir, tmp_path):
     subprocess.run([sys.executable, "-m", "lmforge", *more, "--micro-batch-size", "4", "--resume",
                     "--out", str(tmp_path / "fsdp")], check=True, env=env, capture_output=True)
     assert len(_losses(tmp_path / "fsdp")) == 6
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_the_same_weight_average_as_one_process(trained_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    common, env = _setup(trained_dir, tmp_path)
+    common += ["--ema-decay", "0.5"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
+    subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    run = subprocess.run([*torchrun, *common, "--micro-batch-size", "2", "--distributed", "fsdp",
+                          "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "last" / "ema" / "model.safetensors"))
+    two = load_file(str(tmp_path / "fsdp" / "last" / "ema" / "model.safetensors"))
+    live = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    live_fsdp = load_file(str(tmp_path / "fsdp" / "last" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:  # as close as the live weights of the two runs are (float reduction order differs)
+        assert (one[k] - two[k]).abs().max() <= 2 * (live[k] - live_fsdp[k]).abs().max() + 1e-6, k
+    assert any((live[k] - one[k]).abs().max() > 1e-4 for k in one)  # the average is not the live weights
+    # resume the FSDP run under FSDP: every rank takes its shard of the saved average
+    more = [a if a != "4" else "6" for a in common]
+    run = subprocess.run([*torchrun, *more, "--micro-batch-size", "2", "--distributed", "fsdp", "--resume",
+                          "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(_losses(tmp_path / "fsdp")) == 6

@@ -179,8 +179,6 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.max_length
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-        if cfg.ema_decay and self.fsdp:
-            raise ValueError("ema_decay with --distributed fsdp is not supported yet (the average would be per shard)")
         self.ema = [p.detach().clone().float() for p in self.model.parameters()] if cfg.ema_decay else None
 
     def _build_model(self) -> Transformer:
@@ -299,7 +297,7 @@ class Trainer:
             dist.barrier()
         return final
 
-    def _gather_full_state(self) -> tuple[dict, dict]:
+    def _gather_full_state(self) -> tuple[dict, dict, list | None]:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -307,10 +305,12 @@ class Trainer:
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # the EMA shadows the sharded parameters (DTensors): gathering it is a collective too
+        ema = [e.full_tensor().cpu() for e in self.ema] if self.ema is not None else None
         return (get_model_state_dict(self.model, options=options),
-                get_optimizer_state_dict(self.model, self.optimizer, options=options))
+                get_optimizer_state_dict(self.model, self.optimizer, options=options), ema)
 
-    def _write_checkpoint(self, name: str, final: Path, full: tuple[dict, dict] | None = None) -> None:
+    def _write_checkpoint(self, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
         from safetensors.torch import save_file
 
         tmp = self.out / f".{name}.tmp"
@@ -330,9 +330,10 @@ class Trainer:
                     else torch.tensor(value)
         groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
         if self.ema is not None:
-            for i, e in enumerate(self.ema):
+            ema = full[2] if full is not None else self.ema
+            for i, e in enumerate(ema):
                 tensors[f"ema.{i}"] = e.detach().cpu().contiguous()
-            self._save_ema_model(tmp / "ema")
+            self._save_ema_model(tmp / "ema", ema if full is not None else None, full[0] if full is not None else None)
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -345,8 +346,15 @@ class Trainer:
         os.replace(tmp, final)
         write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
 
-    def _save_ema_model(self, directory: Path) -> None:
-        """The averaged weights as their own HF model directory."""
+    def _save_ema_model(self, directory: Path, full_ema: list | None = None, full_state: dict | None = None) -> None:
+        """The averaged weights as their own HF model directory (FSDP: from the gathered EMA)."""
+        if full_ema is not None:
+            replica = Transformer(self.model.cfg)
+            names = [name for name, _ in self.model.named_parameters()]
+            replica.load_state_dict({**full_state, **dict(zip(names, full_ema))})
+            save_hf_model(replica, directory)
+            self._copy_tokenizer(directory)
+            return
         live = [p.detach().clone() for p in self.model.parameters()]
         with torch.no_grad():
             for p, e in zip(self.model.parameters(), self.ema):
@@ -371,7 +379,12 @@ class Trainer:
         opt_state: dict = {}
         for key, value in tensors.items():
             if key.startswith("ema.") and self.ema is not None:
-                self.ema[int(key[4:])].copy_(value)
+                e = self.ema[int(key[4:])]
+                if hasattr(e, "device_mesh"):  # FSDP: keep this rank's shard of the full average
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(e.dtype), e.device_mesh, e.placements)
+                e.copy_(value)
             elif key.startswith("state."):
                 param, name = key[len("state."):].rsplit(".", 1)
                 param = int(param) if param.isdigit() else param  # index (plain/DDP) or parameter name (FSDP)
