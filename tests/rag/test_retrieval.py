@@ -169,6 +169,9 @@ def test_dense_and_hybrid_with_the_default_embedder(tmp_path):
     assert list(reopened.dense_scores("how are exceptions raised", depth=5)) == brute
     hybrid = reopened.search("科技创新", 3, "hybrid")
     assert hybrid[0].chunk.doc_id == "zh2"
+    # the default embedder is English-only: a Chinese hybrid query is answered by BM25 alone
+    assert set(hybrid[0].scores) == {"sparse"}
+    assert set(reopened.search("exceptions raised", 3, "hybrid")[0].scores) == {"sparse", "dense"}
     filtered = reopened.search("exceptions", 5, "dense", filters={"group": "2"})
     assert all(h.chunk.meta.get("group") == "2" for h in filtered)
 

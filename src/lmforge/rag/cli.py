@@ -57,7 +57,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     chunker = ChunkerConfig(kind=args.chunker or "recursive", size=args.size, overlap=args.overlap)
     cfg = IndexConfig(embedder=args.embedder or "default", chunker=chunker,
                       analyzer=AnalyzerConfig(stem=args.stem, chinese=args.chinese), k1=args.k1, b=args.b,
-                      vector_index=args.vector_index, dense=not args.no_dense)
+                      vector_index=args.vector_index, dense=not args.no_dense,
+                      embedder_languages=args.embedder_languages if args.embedder_languages is not None
+                      else (["en"] if not args.embedder else []))
     if _is_pg(args.out):
         index = _open(args.out, cfg)
     elif (Path(args.out) / "CURRENT").exists():
@@ -161,6 +163,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--size", type=int, default=800, help="chunk size in characters (default: 800)")
     i.add_argument("--overlap", type=int, default=100, help="chunk overlap in characters (default: 100)")
     i.add_argument("--embedder", help="sentence-transformers / HF encoder directory (default: all-MiniLM-L6-v2)")
+    i.add_argument("--embedder-languages", dest="embedder_languages", nargs="*", metavar="LANG",
+                   help="languages the embedder reads (default: en for the default embedder, all for --embedder); "
+                        "hybrid queries in other scripts (Chinese) use BM25 alone")
     i.add_argument("--no-dense", dest="no_dense", action="store_true", help="BM25 only: no embeddings")
     i.add_argument("--vector-index", dest="vector_index", choices=["flat", "hnsw"], default="flat")
     i.add_argument("--stem", action="store_true", help="English stemming for BM25")

@@ -58,6 +58,9 @@ class IndexConfig:
     hnsw_m: int = 32
     dense: bool = True  # False: BM25 only (no embedder needed)
     batch_size: int = 64
+    # languages the embedder understands; a hybrid query in another script (Chinese) uses BM25 alone,
+    # because fusing an embedder that cannot read the query only adds noise. Empty: trust the embedder.
+    embedder_languages: list[str] = field(default_factory=lambda: ["en"])
 
 
 @dataclass
@@ -305,6 +308,8 @@ class RagIndex:
             raise ValueError(f"mode must be sparse, dense or hybrid, got {mode!r}")
         if mode != "sparse" and not self.cfg.dense:
             raise ConfigError(f"{self.path}: built without dense vectors; use mode='sparse'")
+        if mode == "hybrid" and not embedder_reads(self.cfg, query):
+            mode = "sparse"
         allowed = self._allowed(filters)
         depth = depth or max(100, 4 * k)
         sparse = self.sparse_scores(query, allowed, depth) if mode != "dense" else {}
@@ -312,6 +317,15 @@ class RagIndex:
         ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(k, rerank_depth) if reranker is not None else k)
         hits = [Hit(self.chunks[i], score, rank, parts) for rank, (i, score, parts) in enumerate(ranked, start=1)]
         return rerank(query, hits, reranker, k) if reranker is not None else hits
+
+
+def embedder_reads(cfg: IndexConfig, query: str) -> bool:
+    """False when the query is mostly CJK and the embedder is declared not to cover Chinese/Japanese/Korean."""
+    if not cfg.embedder_languages or {"zh", "ja", "ko"} & set(cfg.embedder_languages):
+        return True
+    from lmforge.data.step import is_mostly_cjk
+
+    return not is_mostly_cjk(query)
 
 
 def fuse(mode: str, sparse: dict[int, float], dense: dict[int, float], fusion: str, dense_weight: float,

@@ -26,7 +26,7 @@ import regex
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
 from lmforge.rag.chunking import Chunk, Chunker
-from lmforge.rag.index import Hit, IndexConfig, content_hash, fuse, rerank
+from lmforge.rag.index import Hit, IndexConfig, content_hash, embedder_reads, fuse, rerank
 from lmforge.rag.sparse import Analyzer
 
 _IDENT = regex.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
@@ -186,6 +186,8 @@ class PgVectorIndex:
         if self._dim is None:
             return []
         depth = depth or max(100, 4 * k)
+        if mode == "hybrid" and not embedder_reads(self.cfg, query):
+            mode = "sparse"
         where, wparams = self._where(filters)
         rows: dict[int, tuple] = {}
         sparse: dict[int, float] = {}
