@@ -131,14 +131,3 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
                                                        trained.special_tokens["<|endoftext|>"]]))
     assert out.startswith("model> " + expected + "\n")
     assert out.count("model> ") == 2
-
-
-@pytest.mark.slow
-def test_compiled_model_generates_the_same_tokens():
-    from lmforge.infer.generate import compile_for_generation
-
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny-llama")).eval()
-    prompts = [[1, 2, 3, 4, 5], [9, 8]]
-    cfg = SamplingConfig(max_new_tokens=6, temperature=0)
-    assert generate_ids(compile_for_generation(model), prompts, cfg) == generate_ids(model, prompts, cfg)

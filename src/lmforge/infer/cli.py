@@ -9,23 +9,22 @@ from lmforge.config import add_config_args, config_from_args
 from lmforge.infer.generate import SamplingConfig
 
 
-def _load(model_dir: str, dtype: str, compile: bool = False):
+def _load(model_dir: str, dtype: str):
     import torch
 
-    from lmforge.infer.generate import compile_for_generation
     from lmforge.model import load_hf_model
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = load_hf_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    return (compile_for_generation(model) if compile else model), tokenizer
+    return model, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.infer.generate import stream
 
     cfg = config_from_args(SamplingConfig, args)
-    model, tokenizer = _load(args.model, args.dtype, args.compile)
+    model, tokenizer = _load(args.model, args.dtype)
     for piece in stream(model, tokenizer, args.prompt, cfg):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -37,7 +36,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.infer.generate import stream
 
     cfg = config_from_args(SamplingConfig, args)
-    model, tokenizer = _load(args.model, args.dtype, args.compile)
+    model, tokenizer = _load(args.model, args.dtype)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if not tokenizer.chat_template:
         print("(this tokenizer has no chat template: turns are joined as plain text)", file=sys.stderr)
@@ -71,8 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--model", required=True, metavar="DIR",
                         help="HF-layout model directory (config.json, model.safetensors, tokenizer.json)")
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    common.add_argument("--compile", action="store_true",
-                        help="torch.compile the model first (one-off compile time; needs a C++ compiler on CPU)")
     g = sub.add_parser("generate", parents=[common], help="complete a prompt with a model (streams text)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  lmforge generate --model runs/m --prompt 'def main():' --temperature 0\n"

@@ -117,13 +117,6 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     return [ids[i, P:P + int(lengths[i])].tolist() for i in range(B)]
 
 
-def compile_for_generation(model: Transformer):
-    """`torch.compile` with dynamic shapes, so the growing cache length does not recompile every
-    step. The result is used exactly like the model (generate, stream); compiling happens on the
-    first call (tens of seconds on a CPU) and greedy outputs are unchanged (tested)."""
-    return torch.compile(model, dynamic=True)
-
-
 class IncrementalDetokenizer:
     """Turn a stream of token ids into text pieces that never split a multi-byte character."""
 
