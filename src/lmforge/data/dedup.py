@@ -37,9 +37,9 @@ import regex
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
-_SEP_CHAR = regex.compile(r"[\p{P}\p{S}\p{Z}\p{Cc}\s]")  # punctuation, symbols, spaces, control characters
-_SEP_ONLY = regex.compile(r"[\p{P}\p{S}\p{Z}\p{Cc}\s]+")
-_PUNCT = regex.compile(r"[\p{P}\p{S}\p{Z}\p{Cc}\s]+")
+_SEPARATOR = r"[\p{P}\p{S}\p{Z}\p{Cc}\s]"  # punctuation, symbols, spaces, control characters
+_SEP_CHAR = regex.compile(_SEPARATOR)
+_PUNCT = regex.compile(_SEPARATOR + "+")
 _CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
 
 
@@ -47,13 +47,6 @@ def normalize_for_dedup(text: str) -> str:
     """NFKC, lower case, punctuation/symbols/whitespace collapsed to one space (the string
     form of what shingling does to code-point arrays)."""
     return _PUNCT.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
-
-
-def is_cjk(text: str, sample: int = 2000) -> bool:
-    """True when at least 30% of the (first `sample`) non-space characters are CJK."""
-    head = text[:sample]
-    chars = len(head) - sum(head.count(c) for c in " \t\n\r")
-    return chars > 0 and len(_CJK.findall(head)) >= 0.3 * chars
 
 
 _LETTER, _SEP, _CJK_LETTER, _END = 0, 1, 2, 3
@@ -76,7 +69,7 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray]:
     cls[10] = _SEP
     mapped = unicodedata.normalize("NFKC", "\n".join(every)).lower().split("\n")
     # an expansion made only of separators ("…" -> "...") collapses to one space anyway
-    table = np.array([ord(m) if len(m) == 1 else 32 if m and _SEP_ONLY.fullmatch(m) else -1 for m in mapped], np.int32)
+    table = np.array([ord(m) if len(m) == 1 else 32 if m and _PUNCT.fullmatch(m) else -1 for m in mapped], np.int32)
     marks = np.array([unicodedata.category(ch).startswith("M") or unicodedata.combining(ch) != 0 for ch in every])
     table[marks] = -1
     table[np.isin(table, np.flatnonzero(marks))] = -1  # maps onto a mark

@@ -33,9 +33,14 @@ STOP_WORDS = {
 
 
 class _PerLanguage:
-    """Mixin: `per_language: {lang: {field: value}}` overrides fields for documents of that language."""
+    """Mixin: `per_language: {lang: {field: value}}` overrides fields for documents of that language;
+    the rules themselves live in `_check(doc, lang)` (None = keep, else the reason)."""
 
     per_language: dict
+
+    def apply(self, doc: Document) -> Document | str:
+        lang = language_of(doc)
+        return self.for_language(lang)._check(doc, lang) or doc
 
     def for_language(self, lang: str):
         overrides = self.per_language.get(lang)
@@ -79,11 +84,6 @@ class GopherQuality(_PerLanguage, Step):
     min_stop_words: int | None = 2
     per_language: dict = field(default_factory=lambda: {
         "zh": {"min_avg_word_length": 1, "max_avg_word_length": 4}})
-
-    def apply(self, doc: Document) -> Document | str:
-        lang = language_of(doc)
-        rules = self.for_language(lang)
-        return rules._check(doc, lang) or doc
 
     def _check(self, doc: Document, lang: str) -> str | None:
         text = doc.text
@@ -138,10 +138,6 @@ class GopherRepetition(_PerLanguage, Step):
     dup_ngrams: list[list[float]] = field(default_factory=lambda: [[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12],
                                                                  [9, 0.11], [10, 0.10]])
     per_language: dict = field(default_factory=dict)
-
-    def apply(self, doc: Document) -> Document | str:
-        lang = language_of(doc)
-        return self.for_language(lang)._check(doc, lang) or doc
 
     def _check(self, doc: Document, lang: str) -> str | None:
         text = doc.text.strip()
@@ -201,10 +197,6 @@ class FineWeb(_PerLanguage, Step):
     max_char_dup_ratio: float | None = 0.01  # characters in duplicated lines
     max_newline_word_ratio: float | None = 0.3  # line breaks per word (lists)
     per_language: dict = field(default_factory=lambda: {"zh": {"short_line_length": 10}})
-
-    def apply(self, doc: Document) -> Document | str:
-        lang = language_of(doc)
-        return self.for_language(lang)._check(doc, lang) or doc
 
     def _check(self, doc: Document, lang: str) -> str | None:
         text = doc.text

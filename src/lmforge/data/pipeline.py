@@ -58,7 +58,7 @@ import yaml
 
 from lmforge.config import ConfigError, from_dict, read_config_file
 from lmforge.data.document import Document
-from lmforge.data.sources import CorpusError, iter_file_documents, resolve_inputs
+from lmforge.data.sources import iter_file_documents, resolve_inputs
 from lmforge.data.step import GlobalStep, Step, build_step
 from lmforge.files import atomic_write, write_json
 
@@ -192,27 +192,40 @@ class _JsonlGzWriter:
 
 
 class _ParquetWriter:
-    def __init__(self, path: Path):
-        self.path, self.rows, self.count = path, [], 0
+    """Documents into one zstd parquet file (id, text, meta as JSON), written in row groups of
+    `batch` so memory stays bounded, renamed into place on close."""
+
+    def __init__(self, path: Path, batch: int = 10_000):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.batch, self.rows, self.count = path, batch, [], 0
+        self._schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("meta", pa.string())])
+        self._ctx = atomic_write(path, "wb")
+        self._writer = pq.ParquetWriter(self._ctx.__enter__(), self._schema, compression="zstd")
 
     def write(self, record: dict) -> None:
         meta = {k: v for k, v in record.items() if k not in ("id", "text")}
         self.rows.append({"id": record["id"], "text": record["text"], "meta": json.dumps(meta, ensure_ascii=False)})
         self.count += 1
+        if len(self.rows) >= self.batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self._schema))
+            self.rows = []
 
     def close(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.Table.from_pylist(self.rows, schema=pa.schema([("id", pa.string()), ("text", pa.string()),
-                                                                 ("meta", pa.string())]))
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        with atomic_write(self.path, "wb") as f:
-            f.write(buf.getvalue())
+        self._flush()
+        self._writer.close()
+        self._ctx.__exit__(None, None, None)
 
     def abort(self, exc: BaseException) -> None:
-        self.rows = []
+        self._writer.close()
+        self._ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def _flat_record(doc: Document) -> dict:
@@ -312,6 +325,8 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
             writers[key] = _ParquetWriter(path) if (last and cfg.output_format == "parquet") else _JsonlGzWriter(path)
         return writers[key]
 
+    if not last:  # the next stage reads this shard even when every document was removed
+        writer_for(Document("", "", {}))
     sig_texts: list[str] = []
     sig_lengths: list[int] = []
     sig_scores: list[float] = []
@@ -368,8 +383,6 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
             np.savez(buf, signatures=sig, lengths=np.array(sig_lengths, np.int64), scores=np.array(sig_scores))
             with atomic_write(paths.signatures(stage, shard), "wb") as f:
                 f.write(buf.getvalue())
-            if not last and not writers:  # an empty intermediate shard still needs its file
-                writer_for(Document("", "", {}))
     except BaseException as e:
         for w in writers.values():
             w.abort(e)
@@ -591,4 +604,4 @@ def _count_rejects(root: Path) -> int:
     return n
 
 
-__all__ = ["PipelineConfig", "load_pipeline", "run_pipeline", "build_steps", "CorpusError"]
+__all__ = ["PipelineConfig", "load_pipeline", "run_pipeline", "build_steps"]

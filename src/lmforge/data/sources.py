@@ -237,31 +237,32 @@ def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = 
 
 def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
     delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
-    with _open_binary(path) as f:
-        raw = f.read()
-    text = _Decoder(path, errors)(raw)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        _reject_or_raise(on_bad, f"{path}:1", "empty file (expected a header row)")
-        return
-    if text_field not in header:
-        raise CorpusError(f"{path}:1: no column '{text_field}' in the header ({', '.join(header)}); "
-                          "pass --text-field to name the text column")
-    lineno = reader.line_num
-    for row in reader:
-        where = f"{path}:{lineno + 1}"
+    decode = _Decoder(path, errors)
+    with _open_binary(path) as f:  # streamed line by line: csv pulls more lines for quoted newlines
+        reader = csv.reader((decode(raw) for raw in f), delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            _reject_or_raise(on_bad, f"{path}:1", "empty file (expected a header row)")
+            return
+        if text_field not in header:
+            raise CorpusError(f"{path}:1: no column '{text_field}' in the header ({', '.join(header)}); "
+                              "pass --text-field to name the text column")
         lineno = reader.line_num
-        if not row:
-            continue
-        if len(row) != len(header):
-            _reject_or_raise(on_bad, where, f"row has {len(row)} columns, the header has {len(header)}",
-                             delimiter.join(row))
-            continue
-        doc = _record_document(dict(zip(header, row)), text_field, where, path, lineno, on_bad, delimiter.join(row))
-        if doc is not None:
-            yield doc
+        for row in reader:
+            where = f"{path}:{lineno + 1}"
+            lineno = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                _reject_or_raise(on_bad, where, f"row has {len(row)} columns, the header has {len(header)}",
+                                 delimiter.join(row))
+                continue
+            doc = _record_document(dict(zip(header, row)), text_field, where, path, lineno, on_bad,
+                                   delimiter.join(row))
+            if doc is not None:
+                yield doc
+    decode.close()
 
 
 def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
@@ -277,6 +278,13 @@ def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> It
     for batch in pf.iter_batches(batch_size=1024):
         for obj in batch.to_pylist():
             row += 1
+            if isinstance(obj.get("meta"), str) and obj["meta"].startswith("{"):  # lmforge's own parquet output
+                try:
+                    meta = json.loads(obj["meta"])
+                except json.JSONDecodeError:
+                    meta = None
+                if isinstance(meta, dict):
+                    obj = {**meta, **{k: v for k, v in obj.items() if k != "meta"}}
             doc = _record_document(obj, text_field, f"{path}:row {row}", path, row, on_bad, "")
             if doc is not None:
                 yield doc

@@ -14,11 +14,10 @@ deciding; they subclass `GlobalStep` and the pipeline runs them between map stag
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import regex
 
@@ -56,10 +55,6 @@ def build_step(name: str, params: dict | None, where: str = "steps") -> Step:
     if name not in STEPS:
         raise ConfigError(f"{where}: unknown step '{name}'.{_nearest(name, sorted(STEPS))}")
     return from_dict(STEPS[name], params or {}, f"{where}.{name}")
-
-
-def step_params(step: Step) -> dict[str, Any]:
-    return dataclasses.asdict(step) if dataclasses.is_dataclass(step) else {}
 
 
 def _load_all() -> None:

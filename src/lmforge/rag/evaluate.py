@@ -24,9 +24,8 @@ from lmforge.data.document import Document
 from lmforge.data.sources import CorpusError
 
 
-def load_beir_corpus(path: str | os.PathLike) -> list[Document]:
-    """corpus.jsonl -> Documents whose text is "title\\ntext" (the BEIR convention for BM25 and dense)."""
-    docs = []
+def _records(path: str | os.PathLike, needs: str):
+    """(line number, object) of a BEIR jsonl file whose objects have "_id" and a string "text"."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -35,27 +34,25 @@ def load_beir_corpus(path: str | os.PathLike) -> list[Document]:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if "_id" not in r or not isinstance(r.get("text"), str):
-                raise CorpusError(f"{path}:{lineno}: a BEIR corpus line needs '_id' and 'text'")
-            title = (r.get("title") or "").strip()
-            text = f"{title}\n{r['text']}" if title else r["text"]
-            meta = {k: v for k, v in r.items() if k not in ("_id", "text")}
-            docs.append(Document(str(r["_id"]), text, meta))
+            if not isinstance(r, dict) or "_id" not in r or not isinstance(r.get("text"), str):
+                raise CorpusError(f"{path}:{lineno}: {needs} needs '_id' and a string 'text'")
+            yield lineno, r
+
+
+def load_beir_corpus(path: str | os.PathLike) -> list[Document]:
+    """corpus.jsonl -> Documents whose text is "title\ntext" (the BEIR convention for BM25 and dense);
+    a title-only entry (empty text) is kept."""
+    docs = []
+    for _, r in _records(path, "a BEIR corpus line"):
+        title = (r.get("title") or "").strip()
+        text = f"{title}\n{r['text']}" if title else r["text"]
+        meta = {k: v for k, v in r.items() if k not in ("_id", "text")}
+        docs.append(Document(str(r["_id"]), text, meta))
     return docs
 
 
 def load_queries(path: str | os.PathLike) -> dict[str, str]:
-    queries = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                queries[str(r["_id"])] = r["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CorpusError(f"{path}:{lineno}: expected {{\"_id\": ..., \"text\": ...}}") from None
-    return queries
+    return {str(r["_id"]): r["text"] for _, r in _records(path, "a query line")}
 
 
 def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:

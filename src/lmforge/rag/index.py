@@ -170,7 +170,7 @@ class RagIndex:
     # -- changing -------------------------------------------------------------------------------
     def upsert(self, documents: Iterable[Document], progress: bool = False, chunker: Chunker | None = None) -> dict:
         """Add new documents, re-index changed ones (same id, new content), skip unchanged ones."""
-        chunker = chunker or Chunker(self.cfg.chunker, embed=self._embed if self.cfg.chunker.kind == "semantic" else None)
+        chunker = chunker or make_chunker(self.cfg, self)
         added = updated = unchanged = 0
         new_chunks: list[Chunk] = []
         replace: set[str] = set()
@@ -317,6 +317,16 @@ class RagIndex:
         ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(k, rerank_depth) if reranker is not None else k)
         hits = [Hit(self.chunks[i], score, rank, parts) for rank, (i, score, parts) in enumerate(ranked, start=1)]
         return rerank(query, hits, reranker, k) if reranker is not None else hits
+
+
+def make_chunker(cfg: IndexConfig, index) -> Chunker:
+    """The index's chunker. A semantic chunker embeds with the index's embedder and measures chunks
+    in its tokens, capped at its input limit ([CLS] and [SEP] aside), so every chunk fits it."""
+    if cfg.chunker.kind != "semantic":
+        return Chunker(cfg.chunker)
+    embedder = index.embedder
+    limit = max(8, min(cfg.chunker.max_size, embedder.max_length - 2))
+    return Chunker(dataclasses.replace(cfg.chunker, max_size=limit), tokenizer=embedder.tokenizer, embed=index._embed)
 
 
 def embedder_reads(cfg: IndexConfig, query: str) -> bool:

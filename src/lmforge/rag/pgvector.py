@@ -25,8 +25,8 @@ import regex
 
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
-from lmforge.rag.chunking import Chunk, Chunker
-from lmforge.rag.index import Hit, IndexConfig, content_hash, embedder_reads, fuse, rerank
+from lmforge.rag.chunking import Chunk
+from lmforge.rag.index import Hit, IndexConfig, content_hash, embedder_reads, fuse, make_chunker, rerank
 from lmforge.rag.sparse import Analyzer
 
 _IDENT = regex.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
@@ -98,7 +98,7 @@ class PgVectorIndex:
 
     # -- changing -------------------------------------------------------------------------------
     def upsert(self, documents: Iterable[Document]) -> dict:
-        chunker = Chunker(self.cfg.chunker)
+        chunker = make_chunker(self.cfg, self)
         t = self.table
         added = updated = unchanged = 0
         try:
