@@ -72,26 +72,26 @@ class NanoGPT(nn.Module):
         return F.linear(self.ln_f(x), self.wte.weight)
 
 
-def baseline_step_time(model, batch, length, vocab, dtype, steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(steps + 1):
-        x = torch.randint(0, vocab, (batch, length + 1), generator=g)
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
+class BaselineLoop:
+    """The minimal loop: forward under autocast, cross-entropy in fp32, backward, clip, AdamW."""
+
+    def __init__(self, model, batch, length, vocab, dtype):
+        self.model, self.batch, self.length, self.vocab, self.dtype = model, batch, length, vocab, dtype
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        self.g = torch.Generator().manual_seed(0)
+
+    def train_step(self):
+        x = torch.randint(0, self.vocab, (self.batch, self.length + 1), generator=self.g)
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, self.vocab), x[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:  # the first step is warm-up
-            times.append(time.perf_counter() - t0)
-    return min(times)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
-def lmforge_step_time(shape, precision, steps, tmp):
+def lmforge_trainer(shape, precision, steps, tmp):
     cfg_model = preset(shape["model"], **shape["overrides"])
     data = Path(tmp) / f"tokens-{cfg_model.vocab_size}"
     if not data.exists():
@@ -103,21 +103,27 @@ def lmforge_step_time(shape, precision, steps, tmp):
                                             "bos_id": None, "splits": {"train": {"shards": w.shards, "tokens": 400_000},
                                                                        "val": {"shards": [], "tokens": 0}}})
     overrides = {k: v for k, v in shape["overrides"].items() if k != "vocab_size"}
-    trainer = Trainer(TrainConfig(data=str(data), out=str(Path(tmp) / "run"), model=shape["model"], model_overrides=overrides,
-                                  max_length=shape["max_length"], batch_size=shape["batch"], max_steps=steps + 1,
-                                  precision=precision, progress=False))
-    times = []
+    return Trainer(TrainConfig(data=str(data), out=str(Path(tmp) / "run"), model=shape["model"], model_overrides=overrides,
+                               max_length=shape["max_length"], batch_size=shape["batch"], max_steps=steps + 1,
+                               precision=precision, progress=False))
+
+
+def interleaved_best_times(a, b, steps: int) -> tuple[float, float]:
+    """Best step time of each, alternating a and b so that drift in a shared machine's speed hits both alike
+    (timing one after the other moved the ratio by +-10% between runs)."""
+    times = ([], [])
     for i in range(steps + 1):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return min(times), trainer.model.cfg
+        for j, loop in enumerate((a, b)):
+            t0 = time.perf_counter()
+            loop.train_step()
+            if i:  # the first step of each is warm-up
+                times[j].append(time.perf_counter() - t0)
+    return min(times[0]), min(times[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps of each (after one warm-up)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     args = ap.parse_args()
@@ -130,13 +136,16 @@ def main() -> None:
                 dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
                 peak = measure_matmul_peak(torch.device("cpu"), dtype or torch.float32, n=1024)
                 torch.manual_seed(0)
-                ours_s, cfg = lmforge_step_time(shape, precision, args.steps, tmp)
+                trainer = lmforge_trainer(shape, precision, args.steps, tmp)
+                cfg = trainer.model.cfg
                 torch.manual_seed(0)
                 if name == "gpt2-124m":
                     base = NanoGPT(cfg.vocab_size, cfg.max_seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads)
                 else:
                     base = Transformer(cfg)
-                base_s = baseline_step_time(base, shape["batch"], shape["max_length"], cfg.vocab_size, dtype, args.steps)
+                baseline = BaselineLoop(base, shape["batch"], shape["max_length"], cfg.vocab_size, dtype)
+                ours_s, base_s = interleaved_best_times(trainer, baseline, args.steps)
+                del trainer, baseline, base
                 tokens = shape["batch"] * shape["max_length"]
                 flops = cfg.flops_per_token(shape["max_length"]) * tokens
                 row = {"shape": name, "params_M": round(cfg.num_params() / 1e6, 1), "precision": precision,

@@ -1,4 +1,5 @@
-"""DDP: two CPU processes (gloo) under torchrun give the losses of one process with the same global batch."""
+"""DDP and FSDP: two CPU processes (gloo) under torchrun give the losses of one process with the same global batch;
+checkpoints (gathered or sharded) resume at another world size on the same trajectory."""
 
 from __future__ import annotations
 
@@ -44,38 +45,71 @@ def test_ddp_two_processes_equal_one(trained_dir, tmp_path):
     assert (tmp_path / "two" / "last" / "model.safetensors").exists()
 
 
+# stop a run part-way (Trainer.fit(until_step=...)) under torchrun, as a pre-empted job would
+_PARTIAL_RUN = """
+import json, sys
+import torch.distributed as dist
+from lmforge.config import from_dict
+from lmforge.train.trainer import TrainConfig, Trainer
+Trainer(from_dict(TrainConfig, json.loads(sys.argv[1]), "test")).fit(until_step=int(sys.argv[2]))
+dist.destroy_process_group()
+"""
+
+
 @pytest.mark.slow
-def test_fsdp_two_processes_equal_one_and_resume(trained_dir, tmp_path):
+def test_fsdp_sharded_checkpoint_resumes_at_another_world_size(trained_dir, tmp_path):
     common, env = _setup(trained_dir, tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
+    common = [a if a != "4" else "6" for a in common]  # 6 steps
     subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
-    fsdp = ["--micro-batch-size", "2", "--distributed", "fsdp", "--out", str(tmp_path / "fsdp")]
-    run = subprocess.run([*torchrun, *common, *fsdp], env=env, capture_output=True, text=True)
+    script = tmp_path / "partial.py"
+    script.write_text(_PARTIAL_RUN)
+    cfg = {"data": str(tmp_path / "tok"), "model": "tiny-llama", "max_length": 32, "batch_size": 8, "max_steps": 6,
+           "eval_every": 0, "eval_batches": 2, "progress": False, "seed": 3, "warmup_steps": 1, "micro_batch_size": 2,
+           "distributed": "fsdp", "out": str(tmp_path / "fsdp")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), json.dumps(cfg), "3"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "fsdp"), rel=1e-4)
-    # the gathered checkpoint is a plain HF model and resumes in a single process (another world size)
-    from lmforge.model import load_hf_model
+    last = tmp_path / "fsdp" / "last"
+    # every process wrote its own shard; nothing was gathered to write them
+    assert sorted(p.name for p in (last / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    one = _losses(tmp_path / "one")
+    assert _losses(tmp_path / "fsdp") == pytest.approx(one[:3], rel=1e-4)
+    # the end of the run wrote HF weights; a stopped run gets them from `lmforge export-checkpoint`
+    from lmforge.model import CheckpointError, load_hf_model
 
-    assert load_hf_model(tmp_path / "fsdp" / "last").cfg.n_layers == 2
-    more = [a if a != "4" else "6" for a in common]
-    subprocess.run([sys.executable, "-m", "lmforge", *more, "--micro-batch-size", "4", "--resume",
+    (last / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="export-checkpoint"):
+        load_hf_model(last)
+    subprocess.run([sys.executable, "-m", "lmforge", "export-checkpoint", str(last)], check=True, env=env,
+                   capture_output=True)
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(last).eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, load_hf_model(last)(ids), atol=1e-4)
+    # one process resumes the two processes' shards and continues the uninterrupted trajectory
+    subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--resume",
                     "--out", str(tmp_path / "fsdp")], check=True, env=env, capture_output=True)
-    assert len(_losses(tmp_path / "fsdp")) == 6
+    assert _losses(tmp_path / "fsdp") == pytest.approx(one, rel=1e-4)
 
 
 @pytest.mark.slow
-def test_fsdp_keeps_the_same_weight_average_as_one_process(trained_dir, tmp_path):
+@pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])
+def test_fsdp_keeps_the_same_weight_average_as_one_process(trained_dir, tmp_path, checkpoint_format):
     from safetensors.torch import load_file
 
     common, env = _setup(trained_dir, tmp_path)
-    common += ["--ema-decay", "0.5"]
+    common += ["--ema-decay", "0.5", "--checkpoint-format", checkpoint_format]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
     subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "4", "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
     run = subprocess.run([*torchrun, *common, "--micro-batch-size", "2", "--distributed", "fsdp",
                           "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "fsdp" / "last" / "shards").is_dir() == (checkpoint_format == "sharded")
     one = load_file(str(tmp_path / "one" / "last" / "ema" / "model.safetensors"))
     two = load_file(str(tmp_path / "fsdp" / "last" / "ema" / "model.safetensors"))
     live = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))

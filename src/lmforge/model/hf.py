@@ -168,6 +168,9 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         return tensors
     if (d / "pytorch_model.bin").exists():
         return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (d / "shards" / ".metadata").exists():
+        raise CheckpointError(f"{d} is a sharded training checkpoint without HF weights yet (the run stopped before "
+                              f"its end); write them with: lmforge export-checkpoint {d}")
     raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 

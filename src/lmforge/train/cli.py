@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lmforge.config import add_config_args, config_from_args, save_config
-from lmforge.train.trainer import TrainConfig, Trainer
+from lmforge.train.trainer import TrainConfig, Trainer, export_checkpoint
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -31,6 +32,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    for directory in args.checkpoint:
+        export_checkpoint(directory)
+        print(f"{directory}: wrote HF weights (model.safetensors{', ema/' if (Path(directory) / 'ema').is_dir() else ''})",
+              file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a language model on token shards",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,3 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  torchrun --nproc_per_node 2 -m lmforge pretrain --config recipe:pretrain-tiny-cpu   # DDP")
     add_config_args(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain, _parser=p)
+
+    e = sub.add_parser("export-checkpoint", help="write HF weights into sharded training checkpoints",
+                       description="A sharded checkpoint (FSDP's default) holds one shard per process; training writes "
+                                   "HF weights into best/ and last/ when it ends. For a run that stopped earlier, this "
+                                   "reads every shard in one process and writes model.safetensors (and ema/).")
+    e.add_argument("checkpoint", nargs="+", help="checkpoint directories, e.g. runs/pt/last")
+    e.set_defaults(func=cmd_export_checkpoint, _parser=e)

@@ -5,9 +5,13 @@ linear or warmup-stable-decay; gradient clipping; gradient accumulation from a g
 bf16 autocast (fp16 with a scaler on GPUs without bf16); evaluation with perplexity, the best
 checkpoint kept and early stopping; checkpoints that resume the exact same trajectory; metrics.jsonl.
 
-Checkpoints hold no pickle: the model is an HF directory (config.json + model.safetensors), the
-optimizer and RNG states are safetensors, the rest is JSON. Each is written to a temporary
-directory and renamed, so a crash never leaves a half-written checkpoint.
+Checkpoints come in two formats. "full" (the default for one process and DDP) holds no pickle: the
+model is an HF directory (config.json + model.safetensors), the optimizer and RNG states are
+safetensors, the rest is JSON. "sharded" (the default under FSDP) has every process write its own
+shard of the model, optimizer and EMA with torch.distributed.checkpoint, so nothing is gathered on
+one host during training; best/ and last/ get HF weights once, at the end (`export_checkpoint`).
+Both resume at any world size. Each is written to a temporary directory and renamed, so a crash
+never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmforge.files import write_json
-from lmforge.model import Transformer, load_hf_model, preset, save_hf_model
+from lmforge.model import CheckpointError, Transformer, load_hf_model, preset, save_hf_model
 from lmforge.model.hf import config_to_hf
 from lmforge.train.datasets import BatchLoader, PackedDataset, RandomOffsetBatches, SlidingWindowDataset, TokenStream
 
@@ -73,6 +77,10 @@ class TrainConfig:
     distributed: str = field(default="ddp", metadata={
         "help": "under torchrun: ddp (a replica per process) or fsdp (FSDP2 fully_shard: parameters, gradients and "
                 "optimizer state sharded across processes)", "choices": ["ddp", "fsdp"]})
+    checkpoint_format: str = field(default="auto", metadata={
+        "help": "full: rank 0 writes an HF model dir + optimizer file (FSDP gathers every tensor to it); sharded: each "
+                "process writes its own shard (torch.distributed.checkpoint), HF weights are exported at the end; "
+                "auto: sharded under FSDP, else full", "choices": ["auto", "full", "sharded"]})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -106,19 +114,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 10) -> float:
-    """This machine's achieved dense matmul FLOP/s for (n x n) @ (n x n): the denominator of MFU."""
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 10,
+                        rounds: int = 3) -> float:
+    """This machine's achieved dense matmul FLOP/s for (n x n) @ (n x n): the denominator of MFU.
+
+    Best of a few rounds, so that a moment of contention on a shared machine does not lower the peak
+    (and inflate MFU past 1)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+    return best
 
 
 def default_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -180,6 +195,7 @@ class Trainer:
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
         self.ema = [p.detach().clone().float() for p in self.model.parameters()] if cfg.ema_decay else None
+        self.sharded = cfg.checkpoint_format == "sharded" or (cfg.checkpoint_format == "auto" and self.fsdp)
 
     def _build_model(self) -> Transformer:
         """An HF model directory to continue from, or a preset sized to the data's vocabulary."""
@@ -288,14 +304,57 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> Path:
-        """Rank 0 writes (every rank holds the same replica); the others wait for it."""
+        """Full: rank 0 writes (FSDP first gathers every tensor to it). Sharded: every rank writes its own part."""
         final = self.out / name
+        if self.sharded:
+            self._write_sharded_checkpoint(name, final)
+            return final
         full = self._gather_full_state() if self.fsdp else None  # a collective: every rank takes part
         if self.is_main:
             self._write_checkpoint(name, final, full)
+        self._barrier()
+        return final
+
+    def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-        return final
+
+    def _training_state(self, with_ema: bool) -> dict:
+        """Model, optimizer and EMA keyed by parameter name: this rank's DTensor shards under FSDP, whole tensors
+        otherwise. torch.distributed.checkpoint saves either and loads into any sharding (another world size)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        if with_ema:
+            state["ema"] = dict(zip((name for name, _ in self.model.named_parameters()), self.ema))
+        return state
+
+    def _write_sharded_checkpoint(self, name: str, final: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
+
+        tmp = self.out / f".{name}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        dcp.save(self._training_state(self.ema is not None), checkpoint_id=tmp / "shards",
+                 no_dist=not dist.is_initialized())
+        if self.is_main:  # dcp.save returns on rank 0 after every rank's files and the metadata are written
+            rng = {"rng.cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["rng.cuda"] = torch.cuda.get_rng_state()
+            save_file(rng, str(tmp / "rng.safetensors"))
+            write_json(tmp / "config.json", config_to_hf(self.model.cfg))
+            write_json(tmp / "trainer_state.json", {
+                "format": "sharded", "world_size": self.world, "ema": self.ema is not None, "step": self.step,
+                "best_val": self.best_val, "bad_evals": self.bad_evals, "loader": self.loader.state_dict(),
+                "config": asdict(self.cfg)})
+            self._copy_tokenizer(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
+        self._barrier()
 
     def _gather_full_state(self) -> tuple[dict, dict, list | None]:
         from torch.distributed.checkpoint.state_dict import (
@@ -374,6 +433,9 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = json.loads((directory / "trainer_state.json").read_text())
+        if state.get("format") == "sharded":
+            self._load_sharded_checkpoint(directory, state)
+            return
         weights = load_hf_model(directory).state_dict()
         tensors = load_file(str(directory / "optimizer.safetensors"))
         opt_state: dict = {}
@@ -408,6 +470,33 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.loader.load_state_dict(state["loader"])
         self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
+
+    def _load_sharded_checkpoint(self, directory: Path, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if self.ema is not None and not state["ema"]:
+            raise CheckpointError(f"{directory} has no weight average to resume with ema_decay={self.cfg.ema_decay}")
+        current = self._training_state(with_ema=self.ema is not None)  # the EMA tensors themselves: loaded in place
+        dcp.load(current, checkpoint_id=directory / "shards", no_dist=not dist.is_initialized())
+        set_model_state_dict(self.model, current["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, current["optimizer"])
+        rng = load_file(str(directory / "rng.safetensors"))
+        torch.set_rng_state(rng["rng.cpu"])
+        if "rng.cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["rng.cuda"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
+
+    def _export_sharded_checkpoints(self) -> None:
+        """End of training: best/ and last/ get HF weights (rank 0 reads the shards; the others wait)."""
+        self._barrier()
+        if self.is_main:
+            for name in ("best", "last"):
+                if (self.out / name / "shards").is_dir():
+                    export_checkpoint(self.out / name)
+        self._barrier()
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self, until_step: int | None = None, time_budget_s: float | None = None) -> dict:
@@ -484,6 +573,8 @@ class Trainer:
             metrics.close()
             if tb is not None:
                 tb.close()
+        if self.sharded:
+            self._export_sharded_checkpoints()
         summary.update({"steps": self.step, "best_val_loss": self.best_val, "matmul_peak_flops": peak,
                         "final": self.evaluate(), "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
         if self.is_main:
@@ -491,3 +582,35 @@ class Trainer:
 
             summary["plot"] = str(plot_training(self.out / "metrics.jsonl", self.out / "loss.png", self.out.name))
         return summary
+
+
+def export_checkpoint(directory: str | os.PathLike) -> Path:
+    """Write a sharded training checkpoint's weights into it in the HF layout (model.safetensors, and ema/ when it
+    has a weight average), so that lmforge and transformers load it like any model directory. One process reads
+    every shard: it needs the whole model in memory, once. `lmforge export-checkpoint DIR` runs this."""
+    import torch.distributed.checkpoint as dcp
+
+    from lmforge.model.hf import config_from_hf
+
+    d = Path(directory)
+    state_file = d / "trainer_state.json"
+    if not state_file.exists() or json.loads(state_file.read_text()).get("format") != "sharded":
+        raise CheckpointError(f"{d} is not a sharded training checkpoint (no trainer_state.json with format 'sharded')")
+    state = json.loads(state_file.read_text())
+    model = Transformer(config_from_hf(json.loads((d / "config.json").read_text())))
+    weights = {"model": model.state_dict()}
+    # without a process group: planning and reading happen in this process alone
+    dcp.load(weights, checkpoint_id=d / "shards", no_dist=True)
+    save_hf_model(model, d)
+    if state["ema"]:
+        names = [name for name, _ in model.named_parameters()]
+        ema = {"ema": {name: torch.empty_like(p, dtype=torch.float32) for name, p in model.named_parameters()}}
+        dcp.load(ema, checkpoint_id=d / "shards", no_dist=True)
+        with torch.no_grad():
+            for name, p in zip(names, model.parameters()):
+                p.copy_(ema["ema"][name])
+        save_hf_model(model, d / "ema")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (d / name).exists():
+                shutil.copy(d / name, d / "ema" / name)
+    return d
