@@ -2,7 +2,11 @@
 
 Prints JSON: prefill and decode tokens/s at batch 1 and 8, and the peak resident memory each run adds
 (KV cache, activations) on top of the loaded weights.
-    .venv/bin/python benchmarks/generate.py [--preset smollm2-135m] [--prompt-len 64] [--new-tokens 32]
+    .venv/bin/python benchmarks/generate.py [--preset smollm2-135m] [--prompt-len 64] [--new-tokens 32] [--int8]
+
+--int8 adds weight-only int8 runs: lmforge's quantize_int8 vs transformers with torchao's
+Int8WeightOnlyConfig (the same integers and scales, checked here), both with bfloat16 activations,
+and the ratio of each to float32 transformers.
 
 Decode rate = batch x new_tokens / (time(1 + new_tokens) - time(1)), so prefill cancels out; both
 libraries run greedy decoding with min_new_tokens = max_new_tokens (no early stop).
@@ -25,7 +29,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lmforge.infer import SamplingConfig, generate_ids  # noqa: E402
-from lmforge.model import Transformer, load_hf_model, preset, save_hf_model  # noqa: E402
+from lmforge.model import Transformer, load_hf_model, preset, quantize_int8, save_hf_model  # noqa: E402
 
 
 def reset_peak_rss() -> None:
@@ -58,47 +62,70 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--int8", action="store_true", help="also compare weight-only int8 (needs torchao)")
     args = ap.parse_args()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_model(Transformer(preset(args.preset)), tmp)
-        ours = load_hf_model(tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
-    cfg = ours.cfg
+        variants = {"float32": (load_hf_model(tmp), transformers.AutoModelForCausalLM.from_pretrained(tmp).eval())}
+        if args.int8:
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            # both quantize the float32 weights (so the integers are the same), then compute in bfloat16;
+            # transformers leaves the tied output head in float, so lmforge does too here (skip="lm_head")
+            hf8 = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig()))
+            hf8 = hf8.to(torch.bfloat16).eval()
+            ours8 = quantize_int8(load_hf_model(tmp), skip=("lm_head",)).to(torch.bfloat16)
+            same = all(torch.equal(ours8.get_submodule(a).qweight, hf8.get_submodule(b).weight.qdata) for a, b in
+                       [("layers.0.mlp.down_proj", "model.layers.0.mlp.down_proj"),
+                        ("layers.3.attn.o_proj", "model.layers.3.self_attn.o_proj")])
+            variants["int8"] = (ours8, hf8)
+    cfg = variants["float32"][0].cfg
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
                           "torch": torch.__version__, "transformers": transformers.__version__},
               "date": time.strftime("%Y-%m-%d"), "model": args.preset, "params_M": round(cfg.num_params() / 1e6, 1),
-              "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
+    if args.int8:
+        result["int8_same_integers_as_torchao"] = same
+        result["int8_output_head"] = "float (both)"
     for batch in args.batches:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         lists = prompts.tolist()
+        for variant, (ours, hf) in variants.items():
 
-        def run_ours(n, lists=lists):
-            return generate_ids(ours, lists, SamplingConfig(max_new_tokens=n, temperature=0))
+            def run_ours(n, lists=lists, ours=ours):
+                return generate_ids(ours, lists, SamplingConfig(max_new_tokens=n, temperature=0))
 
-        def run_hf(n, prompts=prompts):
-            with torch.no_grad():
-                return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
+            def run_hf(n, prompts=prompts, hf=hf):
+                with torch.no_grad():
+                    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                       min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        a, b = run_ours(args.new_tokens), run_hf(args.new_tokens)[:, args.prompt_len:].tolist()
-        same = a == b
-        row = {"batch": batch, "greedy_tokens_identical": same}
-        for name, fn in (("lmforge", run_ours), ("transformers", run_hf)):
-            fn(2)  # warm-up
-            reset_peak_rss()
-            baseline = rss_mb("VmRSS")  # both models stay loaded, so report what a run adds on top
-            prefill = timed(lambda fn=fn: fn(1), args.repeats)
-            full = timed(lambda fn=fn: fn(1 + args.new_tokens), args.repeats)
-            row[name] = {"prefill_tok_s": round(batch * args.prompt_len / prefill, 1),
-                         "decode_tok_s": round(batch * args.new_tokens / max(full - prefill, 1e-9), 1),
-                         "peak_extra_rss_MB": round(rss_mb() - baseline, 1)}
-        for what in ("decode", "prefill"):
-            key = f"{what}_tok_s"
-            row[f"{what}_ratio_lmforge_over_transformers"] = round(row["lmforge"][key] / row["transformers"][key], 2)
-        print(json.dumps(row), file=sys.stderr)
-        result["runs"].append(row)
+            a, b = run_ours(args.new_tokens), run_hf(args.new_tokens)[:, args.prompt_len:].tolist()
+            # int8 computes in bfloat16, where near-ties of a random-init model can flip: report the agreement
+            agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))
+            row = {"variant": variant, "batch": batch, "greedy_tokens_identical": a == b,
+                   "greedy_token_agreement": round(agree, 3)}
+            for name, fn in (("lmforge", run_ours), ("transformers", run_hf)):
+                fn(2)  # warm-up
+                reset_peak_rss()
+                baseline = rss_mb("VmRSS")  # both models stay loaded, so report what a run adds on top
+                prefill = timed(lambda fn=fn: fn(1), args.repeats)
+                full = timed(lambda fn=fn: fn(1 + args.new_tokens), args.repeats)
+                row[name] = {"prefill_tok_s": round(batch * args.prompt_len / prefill, 1),
+                             "decode_tok_s": round(batch * args.new_tokens / max(full - prefill, 1e-9), 1),
+                             "peak_extra_rss_MB": round(rss_mb() - baseline, 1)}
+            for what in ("decode", "prefill"):
+                key = f"{what}_tok_s"
+                row[f"{what}_ratio_lmforge_over_transformers"] = round(row["lmforge"][key] / row["transformers"][key], 2)
+            if variant != "float32":
+                fp32 = next(r for r in result["runs"] if r["batch"] == batch and r["variant"] == "float32")
+                row["decode_ratio_lmforge_over_transformers_float32"] = round(
+                    row["lmforge"]["decode_tok_s"] / fp32["transformers"]["decode_tok_s"], 2)
+            print(json.dumps(row), file=sys.stderr)
+            result["runs"].append(row)
     print(json.dumps(result, indent=2))
 
 

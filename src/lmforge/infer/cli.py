@@ -9,14 +9,16 @@ from lmforge.config import add_config_args, config_from_args
 from lmforge.infer.generate import SamplingConfig
 
 
-def _load(model_dir: str, dtype: str):
+def _load(args: argparse.Namespace):
     import torch
 
-    from lmforge.model import load_hf_model
+    from lmforge.model import load_hf_model, quantize_int8
     from lmforge.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
-    model = load_hf_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    tokenizer = load_tokenizer(args.model)
+    model = load_hf_model(args.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    if args.quantize == "int8":
+        quantize_int8(model)
     return model, tokenizer
 
 
@@ -24,7 +26,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.infer.generate import stream
 
     cfg = config_from_args(SamplingConfig, args)
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = _load(args)
     for piece in stream(model, tokenizer, args.prompt, cfg):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -36,7 +38,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.infer.generate import stream
 
     cfg = config_from_args(SamplingConfig, args)
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if not tokenizer.chat_template:
         print("(this tokenizer has no chat template: turns are joined as plain text)", file=sys.stderr)
@@ -69,7 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, metavar="DIR",
                         help="HF-layout model directory (config.json, model.safetensors, tokenizer.json)")
-    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations dtype")
+    common.add_argument("--quantize", default="none", choices=["none", "int8"],
+                        help="int8: weight-only int8 matrices (4x less memory; on CPU about 1.5x faster decoding, "
+                             "fastest with --dtype bfloat16); outputs differ slightly from the float model")
     g = sub.add_parser("generate", parents=[common], help="complete a prompt with a model (streams text)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  lmforge generate --model runs/m --prompt 'def main():' --temperature 0\n"

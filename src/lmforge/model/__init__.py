@@ -7,7 +7,8 @@
 
 from lmforge.model.config import PRESETS, ModelConfig, preset
 from lmforge.model.hf import CheckpointError, config_from_hf, config_to_hf, load_hf_model, save_hf_model
+from lmforge.model.quantize import Int8Linear, quantize_int8
 from lmforge.model.transformer import KVCache, Transformer
 
-__all__ = ["PRESETS", "CheckpointError", "KVCache", "ModelConfig", "Transformer", "config_from_hf", "config_to_hf",
-           "load_hf_model", "preset", "save_hf_model"]
+__all__ = ["PRESETS", "CheckpointError", "Int8Linear", "KVCache", "ModelConfig", "Transformer", "config_from_hf", "config_to_hf",
+           "load_hf_model", "preset", "quantize_int8", "save_hf_model"]

@@ -266,6 +266,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.quantized: str | None = None  # "int8" after quantize_int8: inference only
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
         for name, p in self.named_parameters():
@@ -338,7 +339,9 @@ class Transformer(nn.Module):
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        return F.linear(x, self.output_weight())
+        if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
+            return self.lm_head(x)
+        return F.linear(x, self.embed.weight)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""
