@@ -6,7 +6,8 @@ Prints JSON: prefill and decode tokens/s at batch 1 and 8, and the peak resident
 
 --int8 adds weight-only int8 runs: lmforge's quantize_int8 vs transformers with torchao's
 Int8WeightOnlyConfig (the same integers and scales, checked here), both with bfloat16 activations,
-and the ratio of each to float32 transformers.
+and the ratio of each to float32 transformers. --compile adds lmforge with compile=True (torch.compile of
+the decode step, static KV cache; the warm-up call pays the compilation); transformers stays eager.
 
 Decode rate = batch x new_tokens / (time(1 + new_tokens) - time(1)), so prefill cancels out; both
 libraries run greedy decoding with min_new_tokens = max_new_tokens (no early stop).
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--int8", action="store_true", help="also compare weight-only int8 (needs torchao)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time lmforge with compile=True (static cache) against the same transformers runs")
     args = ap.parse_args()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -95,8 +98,8 @@ def main() -> None:
         lists = prompts.tolist()
         for variant, (ours, hf) in variants.items():
 
-            def run_ours(n, lists=lists, ours=ours):
-                return generate_ids(ours, lists, SamplingConfig(max_new_tokens=n, temperature=0))
+            def run_ours(n, lists=lists, ours=ours, compile=False):
+                return generate_ids(ours, lists, SamplingConfig(max_new_tokens=n, temperature=0), compile=compile)
 
             def run_hf(n, prompts=prompts, hf=hf):
                 with torch.no_grad():
@@ -108,7 +111,10 @@ def main() -> None:
             agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))
             row = {"variant": variant, "batch": batch, "greedy_tokens_identical": a == b,
                    "greedy_token_agreement": round(agree, 3)}
-            for name, fn in (("lmforge", run_ours), ("transformers", run_hf)):
+            runs = [("lmforge", run_ours), ("transformers", run_hf)]
+            if args.compile:
+                runs.append(("lmforge_compiled", lambda n, run_ours=run_ours: run_ours(n, compile=True)))
+            for name, fn in runs:
                 fn(2)  # warm-up
                 reset_peak_rss()
                 baseline = rss_mb("VmRSS")  # both models stay loaded, so report what a run adds on top
@@ -120,10 +126,14 @@ def main() -> None:
             for what in ("decode", "prefill"):
                 key = f"{what}_tok_s"
                 row[f"{what}_ratio_lmforge_over_transformers"] = round(row["lmforge"][key] / row["transformers"][key], 2)
+            if args.compile:
+                row["decode_ratio_lmforge_compiled_over_transformers"] = round(
+                    row["lmforge_compiled"]["decode_tok_s"] / row["transformers"]["decode_tok_s"], 2)
             if variant != "float32":
                 fp32 = next(r for r in result["runs"] if r["batch"] == batch and r["variant"] == "float32")
-                row["decode_ratio_lmforge_over_transformers_float32"] = round(
-                    row["lmforge"]["decode_tok_s"] / fp32["transformers"]["decode_tok_s"], 2)
+                for ours_name in ("lmforge", "lmforge_compiled") if args.compile else ("lmforge",):
+                    row[f"decode_ratio_{ours_name}_over_transformers_float32"] = round(
+                        row[ours_name]["decode_tok_s"] / fp32["transformers"]["decode_tok_s"], 2)
             print(json.dumps(row), file=sys.stderr)
             result["runs"].append(row)
     print(json.dumps(result, indent=2))

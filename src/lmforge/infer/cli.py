@@ -27,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(SamplingConfig, args)
     model, tokenizer = _load(args)
-    for piece in stream(model, tokenizer, args.prompt, cfg):
+    for piece in stream(model, tokenizer, args.prompt, cfg, compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -58,7 +58,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                    if t in tokenizer.special_tokens]})
         sys.stdout.write("model> ")
         reply = ""
-        for piece in stream(model, tokenizer, prompt, stops):
+        for piece in stream(model, tokenizer, prompt, stops, compile=args.compile):
             reply += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--quantize", default="none", choices=["none", "int8"],
                         help="int8: weight-only int8 matrices (4x less memory; on CPU about 1.5x faster decoding, "
                              "fastest with --dtype bfloat16); outputs differ slightly from the float model")
+    common.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token decode step (static KV cache): compiling takes from seconds "
+                             "to minutes once per shape; pays off for long generations, most with --quantize int8")
     g = sub.add_parser("generate", parents=[common], help="complete a prompt with a model (streams text)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  lmforge generate --model runs/m --prompt 'def main():' --temperature 0\n"

@@ -8,6 +8,7 @@ repetition penalty (Keskar et al. 2019) -> temperature -> top-k -> top-p (nucleu
 from __future__ import annotations
 
 import codecs
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -71,10 +72,36 @@ def _next_tokens(logits: torch.Tensor, previous: torch.Tensor | None, cfg: Sampl
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled one-token step
+_STATIC_CACHE_ROUND = 256  # static caches round their length up, so nearby lengths share one compiled graph
+
+
+def _decode_step_model(model: Transformer):
+    """torch.compile of the model, kept per model: compiled at the first decode step for each batch size, cache
+    length (rounded up) and padding; the prompt's prefill runs eagerly (its length varies from call to call)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False)
+    return _COMPILED[model]
+
+
+def _new_cache(model: Transformer, batch: int, length: int, compile: bool) -> KVCache:
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    if compile:
+        length = -(-length // _STATIC_CACHE_ROUND) * _STATIC_CACHE_ROUND
+        if model.cfg.pos == "learned":
+            length = min(length, model.cfg.max_seq_len)
+    return KVCache(model.cfg, batch, length, device, dtype, static=compile)
+
+
 @torch.no_grad()
 def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
-                 use_cache: bool = True) -> list[list[int]]:
-    """New token ids for each prompt (prompts may differ in length: left padding with correct positions)."""
+                 use_cache: bool = True, compile: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (prompts may differ in length: left padding with correct positions).
+
+    `compile=True` runs the one-token decode steps through torch.compile with a static KV cache: the first
+    call for a shape pays the compilation (seconds for a tiny model, minutes for 100M+ parameters on a
+    small CPU), later calls and steps reuse it. Same tokens as eager (tested), fewer kernel launches.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.embed.weight.device
@@ -83,8 +110,12 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     if model.cfg.pos == "learned" and total > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
                          f"{model.cfg.max_seq_len} positions")
+    compile = compile and use_cache
+    cache = _new_cache(model, B, total, compile) if use_cache else None
+    step_model = _decode_step_model(model) if compile else model
     ids = torch.full((B, total), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, total), dtype=torch.long, device=device)
+    # a static cache attends over all its slots, so the mask spans them (slots not yet filled stay 0)
+    mask = torch.zeros((B, cache.max_len if compile else total), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, P - len(p):P] = torch.tensor(list(p), device=device)
         mask[i, P - len(p):P] = 1
@@ -93,13 +124,15 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     stop = torch.tensor(sorted(set(cfg.stop_token_ids)) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), cfg.max_new_tokens, dtype=torch.long, device=device)
-    cache = KVCache(model.cfg, B, total, device, model.embed.weight.dtype) if use_cache else None
     end = P
     for step in range(cfg.max_new_tokens):
         if cache is not None:
             start = cache.length
-            logits = model(ids[:, start:end], attention_mask=mask[:, :end] if padded else None, cache=cache,
-                           logits_to_keep=1)[:, -1]
+            run = step_model if end - start == 1 else model
+            # a copy: a slice of `ids` has the width as its stride, and a new stride would recompile the graph
+            step_ids = ids[:, start:end].clone(memory_format=torch.contiguous_format)
+            step_mask = (mask if compile else mask[:, :end]) if padded else None
+            logits = run(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1)[:, -1]
         else:
             logits = model(ids[:, :end], attention_mask=mask[:, :end] if padded else None, logits_to_keep=1)[:, -1]
         previous = ids[:, :end] if cfg.repetition_penalty != 1.0 else None
@@ -137,7 +170,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 
 
 def generate(model: Transformer, tokenizer, prompts: Sequence[str] | str, cfg: SamplingConfig | None = None,
-             **overrides) -> list[str] | str:
+             compile: bool = False, **overrides) -> list[str] | str:
     """Text in, text out; stop strings cut the text (the stop string itself is not returned)."""
     cfg = cfg or SamplingConfig(**overrides)
     single = isinstance(prompts, str)
@@ -146,7 +179,7 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[str] | str, cfg: S
                                             if getattr(tokenizer, "eos_token", None) in tokenizer.special_tokens else [])
     run = SamplingConfig(**{**cfg.__dict__, "stop_token_ids": stop_ids})
     outs = generate_ids(model, [tokenizer.encode(t, allowed_special="all") for t in texts], run,
-                        pad_id=stop_ids[0] if stop_ids else 0)
+                        pad_id=stop_ids[0] if stop_ids else 0, compile=compile)
     results = []
     for ids in outs:
         ids = [i for i in ids if i not in stop_ids]
@@ -155,8 +188,10 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[str] | str, cfg: S
 
 
 @torch.no_grad()
-def stream(model: Transformer, tokenizer, prompt: str, cfg: SamplingConfig | None = None, **overrides) -> Iterator[str]:
-    """Yield decoded text as it is generated (one prompt, KV cache, stop ids and strings honoured)."""
+def stream(model: Transformer, tokenizer, prompt: str, cfg: SamplingConfig | None = None, compile: bool = False,
+           **overrides) -> Iterator[str]:
+    """Yield decoded text as it is generated (one prompt, KV cache, stop ids and strings honoured);
+    `compile` as in generate_ids."""
     cfg = cfg or SamplingConfig(**overrides)
     device = model.embed.weight.device
     prompt_ids = tokenizer.encode(prompt, allowed_special="all")
@@ -165,7 +200,11 @@ def stream(model: Transformer, tokenizer, prompt: str, cfg: SamplingConfig | Non
     stop_ids = set(cfg.stop_token_ids)
     if not stop_ids and getattr(tokenizer, "eos_token", None) in tokenizer.special_tokens:
         stop_ids = {tokenizer.special_tokens[tokenizer.eos_token]}
-    cache = KVCache(model.cfg, 1, len(prompt_ids) + cfg.max_new_tokens, device, model.embed.weight.dtype)
+    if model.cfg.pos == "learned" and len(prompt_ids) + cfg.max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                         f"{model.cfg.max_seq_len} positions")
+    cache = _new_cache(model, 1, len(prompt_ids) + cfg.max_new_tokens, compile)
+    step_model = _decode_step_model(model) if compile else model
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     history = torch.tensor([prompt_ids], device=device)
     feed = history
@@ -173,7 +212,7 @@ def stream(model: Transformer, tokenizer, prompt: str, cfg: SamplingConfig | Non
     text, emitted = "", 0
     hold = max((len(s) for s in cfg.stop_strings), default=1) - 1  # keep back what could start a stop string
     for _ in range(cfg.max_new_tokens):
-        logits = model(feed, cache=cache, logits_to_keep=1)[:, -1]
+        logits = (step_model if feed.shape[1] == 1 else model)(feed, cache=cache, logits_to_keep=1)[:, -1]
         token = _next_tokens(logits, history if cfg.repetition_penalty != 1.0 else None, cfg, generator)
         tid = int(token)
         if tid in stop_ids:

@@ -28,9 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # one fused kernel instead of five (decode runs two norms per layer per token); float32 inside
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -135,29 +134,52 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on (B, heads, T, head_dim); cos/sin are (B, T, head_dim)."""
+    """Rotate-half RoPE on the last dim of x; cos/sin broadcast against x (e.g. (B, 1, T, D) for (B, heads, T, D))."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    return x * cos + rotated * sin
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, batch, kv_heads, max_len, head_dim)."""
+    """Preallocated keys and values: per layer, (batch, kv_heads, max_len, head_dim).
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # slots filled so far (the same for every row; left padding keeps rows aligned)
-        self.max_len = max_len
+    `static=True` is the layout torch.compile needs: the fill position is a tensor (`pos`), writes go through
+    index_copy_, and attention reads the whole cache under a mask, so every decode step has the same shapes
+    and one compiled graph serves them all (a Python-int position would recompile at every step).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
+                 static: bool = False):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        # one tensor per layer: a compiled step that writes a layer's slots then copies back that layer only
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self._length = 0  # slots filled so far (the same for every row; left padding keeps rows aligned)
+        self.max_len, self.static = max_len, static
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the static cache's fill position
+
+    @property
+    def length(self) -> int:
+        return int(self.pos) if self.static else self._length
+
+    def advance(self, n: int) -> None:
+        if self.static:
+            self.pos.add_(n)  # in place: a compiled graph mutates its input instead of guarding on a Python int
+        else:
+            self._length += n
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
+        if self.static:  # the caller keeps pos + T <= max_len (a data-dependent check would break the graph)
+            slots = self.pos + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
+        end = self._length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} > {self.max_len} positions")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self._length:end] = k
+        self.v[layer][:, :, self._length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -175,14 +197,23 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv_proj(x)
+        if rope is not None and not cfg.qk_norm:
+            # rotate q and k in one pass over their heads, (B, T, heads, head_dim): half the RoPE kernels
+            qk = apply_rope(qkv[..., :-self.split[2]].view(B, T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim),
+                            rope[0].unsqueeze(2), rope[1].unsqueeze(2))
+            q, k = qk.transpose(1, 2).split([cfg.n_heads, cfg.n_kv_heads], dim=1)
+            v = qkv[..., -self.split[2]:].view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        else:
+            q, k, v = qkv.split(self.split, dim=-1)
+            q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+            k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         groups = cfg.n_heads // cfg.n_kv_heads
@@ -282,17 +313,19 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def _mask(self, B: int, T: int, start: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    def _mask(self, B: int, T: int, start, attention_mask: torch.Tensor | None, device,
+              keys: int | None = None) -> torch.Tensor | None:
         """Boolean (B, 1, T, S) mask (True = attend), or None when plain causal attention suffices.
 
-        With ALiBi it is a float (B, heads, T, S) bias: -slope * distance where allowed, -inf elsewhere.
+        `start` is the first query's slot (an int, or a 0-d tensor for a static cache, whose S = `keys` is the
+        whole cache). With ALiBi it is a float (B, heads, T, S) bias: -slope * distance where allowed, -inf elsewhere.
         """
         window = self.cfg.sliding_window
-        S = start + T
-        plain = attention_mask is None and self.alibi is None and (window is None or window >= S)
+        S = keys if keys is not None else start + T
+        plain = keys is None and attention_mask is None and self.alibi is None and (window is None or window >= S)
         if plain and (start == 0 or T == 1):  # causal from scratch, or one new token that may see every key
             return None
-        q = torch.arange(start, S, device=device)[:, None]
+        q = (start + torch.arange(T, device=device))[:, None]
         k = torch.arange(S, device=device)[None, :]
         allowed = k <= q
         if window is not None:
@@ -311,31 +344,35 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int | None = None) -> torch.Tensor:
-        """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token.
+        """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token
+        (with a static cache: (B, max_len), later slots are never attended anyway).
 
         `logits_to_keep=k` computes logits for the last k positions only (generation needs 1), which
         skips most of the output-head matmul and its (B, T, vocab) tensor.
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
+        static = cache is not None and cache.static
+        # a static cache's position stays a tensor: reading it as an int would specialise a compiled graph
+        start = (cache.pos if static else cache.length) if cache is not None else 0
         if positions is None:
+            slots = (start + torch.arange(T, device=input_ids.device)).expand(B, T)
             if attention_mask is not None:  # left padding: count only real tokens
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots)
             else:
-                positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+                positions = slots
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            if int(positions.max()) >= self.cfg.max_seq_len:
+            if not static and int(positions.max()) >= self.cfg.max_seq_len:  # static: generation checked it
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
             x = x + self.pos_embed(positions)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        mask = self._mask(B, T, start, attention_mask, input_ids.device)
+        mask = self._mask(B, T, start, attention_mask, input_ids.device, keys=cache.max_len if static else None)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
