@@ -153,6 +153,11 @@ class Trainer:
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self.device = torch.device(device or "cpu")
+        if self.device.type == "cpu":
+            # denormal floats (below 1.2e-38, e.g. in decaying Adam moments) take a slow microcode path on x86:
+            # a plain nanoGPT loop slowed from 6 s to 21 s per step within 6 steps here. Flushing them to zero
+            # changes nothing measurable in training. Process-wide: the CPU's FTZ/DAZ flags.
+            torch.set_flush_denormal(True)
         self.is_main = self.rank == 0
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
