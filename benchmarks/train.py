@@ -1,13 +1,14 @@
 """Training throughput: lmforge's Trainer vs a minimal nanoGPT-style loop, same shapes and batch, one process.
 
-    .venv/bin/python benchmarks/train.py [--steps 3] [--shapes gpt2-124m quickstart] [--precisions fp32 bf16]
+    .venv/bin/python benchmarks/train.py [--steps 8] [--shapes gpt2-124m quickstart] [--precisions fp32 bf16]
 
 The baseline is written here: nanoGPT's GPT (fused c_attn, SDPA, LayerNorm, tanh GELU, learned
 positions, tied head) for the GPT-2 shape, and lmforge's own Transformer in a bare loop for the
 Llama-shaped quickstart model (nanoGPT has no Llama); both do forward, cross-entropy, backward,
-clip, AdamW step. Both run with denormals flushed to zero (the Trainer sets it for the process on CPU;
-without it the bare fp32 loop slowed down 3x within a few steps). Prints JSON: tokens/s, achieved FLOP/s, MFU against this machine's measured
-matmul peak, and the lmforge / baseline ratio.
+clip, AdamW step. Both run with denormals flushed to zero (the Trainer sets it for the process on
+CPU; without it the bare fp32 loop slowed down 3x within a few steps). The loops alternate step by
+step. Prints JSON: tokens/s, achieved FLOP/s, MFU against this machine's measured matmul peak, and
+the lmforge / baseline ratios (best step, and the median of the per-round ratios).
 """
 
 from __future__ import annotations
