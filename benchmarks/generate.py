@@ -85,6 +85,18 @@ def main() -> None:
                        [("layers.0.mlp.down_proj", "model.layers.0.mlp.down_proj"),
                         ("layers.3.attn.o_proj", "model.layers.3.self_attn.o_proj")])
             variants["int8"] = (ours8, hf8)
+            # the output head too (lmforge's default): transformers never quantizes a tied head, so give it an
+            # untied quantized copy with torchao, as quantize_int8 does
+            from torchao.quantization import quantize_
+
+            hf8h = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig()))
+            hf8h.lm_head = torch.nn.Linear(hf8h.config.hidden_size, hf8h.config.vocab_size, bias=False)
+            hf8h.lm_head.weight = torch.nn.Parameter(hf8h.model.embed_tokens.weight.detach().clone())
+            quantize_(hf8h.lm_head, Int8WeightOnlyConfig())
+            hf8h = hf8h.to(torch.bfloat16).eval()
+            variants["int8_with_head"] = (quantize_int8(load_hf_model(tmp)).to(torch.bfloat16), hf8h)
+            same = same and torch.equal(variants["int8_with_head"][0].lm_head.qweight, hf8h.lm_head.weight.qdata)
     cfg = variants["float32"][0].cfg
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
                           "torch": torch.__version__, "transformers": transformers.__version__},
@@ -92,7 +104,7 @@ def main() -> None:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
     if args.int8:
         result["int8_same_integers_as_torchao"] = same
-        result["int8_output_head"] = "float (both)"
+        result["int8_output_head"] = {"int8": "float in both", "int8_with_head": "int8 in both (untied copy)"}
     for batch in args.batches:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         lists = prompts.tolist()
