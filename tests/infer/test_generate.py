@@ -108,6 +108,16 @@ def test_generate_cli(trained, tmp_path, capsys):
                  "--max-new-tokens", "10"]) == 0
     out = capsys.readouterr().out
     assert out == generate(model, trained, "def main():", SamplingConfig(max_new_tokens=10, temperature=0)) + "\n"
+    # int8 weights, and the streamed decode compiled over a static cache: the text of the eager int8 model
+    import copy
+
+    from lmforge.model import quantize_int8
+
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "def main():", "--temperature", "0",
+                 "--max-new-tokens", "10", "--quantize", "int8", "--compile"]) == 0
+    int8 = quantize_int8(copy.deepcopy(model))
+    want = generate(int8, trained, "def main():", SamplingConfig(max_new_tokens=10, temperature=0))
+    assert capsys.readouterr().out == want + "\n"
     assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "lmforge: error" in capsys.readouterr().err
 
