@@ -84,6 +84,13 @@ def _decode_step_model(model: Transformer):
     return _COMPILED[model]
 
 
+def _check_positions(model: Transformer, prompt_len: int, new_tokens: int) -> None:
+    """Learned positions end at max_seq_len (RoPE/ALiBi extrapolate); checked up front, not inside a compiled step."""
+    if model.cfg.pos == "learned" and prompt_len + new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({new_tokens}) exceeds the model's "
+                         f"{model.cfg.max_seq_len} positions")
+
+
 def _new_cache(model: Transformer, batch: int, length: int, compile: bool) -> KVCache:
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     if compile:
@@ -107,9 +114,7 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     device = model.embed.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + cfg.max_new_tokens
-    if model.cfg.pos == "learned" and total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
-                         f"{model.cfg.max_seq_len} positions")
+    _check_positions(model, P, cfg.max_new_tokens)
     compile = compile and use_cache
     cache = _new_cache(model, B, total, compile) if use_cache else None
     step_model = _decode_step_model(model) if compile else model
@@ -200,9 +205,7 @@ def stream(model: Transformer, tokenizer, prompt: str, cfg: SamplingConfig | Non
     stop_ids = set(cfg.stop_token_ids)
     if not stop_ids and getattr(tokenizer, "eos_token", None) in tokenizer.special_tokens:
         stop_ids = {tokenizer.special_tokens[tokenizer.eos_token]}
-    if model.cfg.pos == "learned" and len(prompt_ids) + cfg.max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
-                         f"{model.cfg.max_seq_len} positions")
+    _check_positions(model, len(prompt_ids), cfg.max_new_tokens)
     cache = _new_cache(model, 1, len(prompt_ids) + cfg.max_new_tokens, compile)
     step_model = _decode_step_model(model) if compile else model
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None

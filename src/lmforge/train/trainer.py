@@ -136,6 +136,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return best
 
 
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["rng.cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["rng.cpu"])
+    if "rng.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["rng.cuda"])
+
+
 def default_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -346,10 +359,7 @@ class Trainer:
         dcp.save(self._training_state(self.ema is not None), checkpoint_id=tmp / "shards",
                  no_dist=not dist.is_initialized())
         if self.is_main:  # dcp.save returns on rank 0 after every rank's files and the metadata are written
-            rng = {"rng.cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["rng.cuda"] = torch.cuda.get_rng_state()
-            save_file(rng, str(tmp / "rng.safetensors"))
+            save_file(_rng_states(), str(tmp / "rng.safetensors"))
             write_json(tmp / "config.json", config_to_hf(self.model.cfg))
             write_json(tmp / "trainer_state.json", {
                 "format": "sharded", "world_size": self.world, "ema": self.ema is not None, "step": self.step,
@@ -398,9 +408,7 @@ class Trainer:
             for i, e in enumerate(ema):
                 tensors[f"ema.{i}"] = e.detach().cpu().contiguous()
             self._save_ema_model(tmp / "ema", ema if full is not None else None, full[0] if full is not None else None)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors.update(_rng_states())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "trainer_state.json", {"step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
                                                 "loader": self.loader.state_dict(), "param_groups": groups,
@@ -470,9 +478,7 @@ class Trainer:
         else:
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(full_opt)
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        _restore_rng_states(tensors)
         self.loader.load_state_dict(state["loader"])
         self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
 
@@ -487,10 +493,7 @@ class Trainer:
         dcp.load(current, checkpoint_id=directory / "shards", no_dist=not dist.is_initialized())
         set_model_state_dict(self.model, current["model"])
         set_optimizer_state_dict(self.model, self.optimizer, current["optimizer"])
-        rng = load_file(str(directory / "rng.safetensors"))
-        torch.set_rng_state(rng["rng.cpu"])
-        if "rng.cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["rng.cuda"])
+        _restore_rng_states(load_file(str(directory / "rng.safetensors")))
         self.loader.load_state_dict(state["loader"])
         self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
 
@@ -599,20 +602,19 @@ def export_checkpoint(directory: str | os.PathLike) -> Path:
 
     d = Path(directory)
     state_file = d / "trainer_state.json"
-    if not state_file.exists() or json.loads(state_file.read_text()).get("format") != "sharded":
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state.get("format") != "sharded":
         raise CheckpointError(f"{d} is not a sharded training checkpoint (no trainer_state.json with format 'sharded')")
-    state = json.loads(state_file.read_text())
     model = Transformer(config_from_hf(json.loads((d / "config.json").read_text())))
     weights = {"model": model.state_dict()}
     # without a process group: planning and reading happen in this process alone
     dcp.load(weights, checkpoint_id=d / "shards", no_dist=True)
     save_hf_model(model, d)
     if state["ema"]:
-        names = [name for name, _ in model.named_parameters()]
         ema = {"ema": {name: torch.empty_like(p, dtype=torch.float32) for name, p in model.named_parameters()}}
         dcp.load(ema, checkpoint_id=d / "shards", no_dist=True)
         with torch.no_grad():
-            for name, p in zip(names, model.parameters()):
+            for name, p in model.named_parameters():
                 p.copy_(ema["ema"][name])
         save_hf_model(model, d / "ema")
         for name in ("tokenizer.json", "tokenizer_config.json"):
