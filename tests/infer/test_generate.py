@@ -146,13 +146,13 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
 @pytest.mark.slow
 def test_compiled_decode_with_static_cache_equals_eager():
     """torch.compile + a static KV cache (tensor position, masked full-cache attention): the same greedy tokens
-    as eager for a padded batch and one by one, for RoPE and learned positions; int8 weights compile too."""
-    from lmforge.model import quantize_int8
+    as eager for a padded batch and one by one, for RoPE and learned positions; int8 and packed weights compile too."""
+    from lmforge.model import pack_for_cpu, quantize_int8
 
     torch.manual_seed(0)
     cfg = SamplingConfig(max_new_tokens=10, temperature=0)
     for model in (Transformer(preset("tiny-llama")).eval(), Transformer(preset("tiny-gpt2")).eval(),
-                  quantize_int8(Transformer(preset("tiny-llama")))):
+                  quantize_int8(Transformer(preset("tiny-llama"))), pack_for_cpu(Transformer(preset("tiny-gpt2")))):
         eager = generate_ids(model, PROMPTS, cfg)
         assert generate_ids(model, PROMPTS, cfg, compile=True) == eager
         assert generate_ids(model, [PROMPTS[2]], cfg, compile=True)[0] == eager[2]

@@ -231,8 +231,9 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
     """Write config.json + model.safetensors (atomically) in the HF layout of the model's family."""
     from safetensors.torch import save_file
 
-    if getattr(model, "quantized", None):
-        raise CheckpointError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
+    if getattr(model, "inference_only", None):
+        raise CheckpointError(f"this model's weights are in an inference-only format ({model.inference_only}); "
+                              "save the float model instead")
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
     ours = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}

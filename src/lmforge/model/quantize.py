@@ -82,5 +82,5 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
         # tied head: quantize a copy of the embedding matrix for the output projection (the biggest matrix
         # of a small model); the embedding itself stays float for lookups
         model.lm_head = Int8Linear(model.embed.weight)
-    model.quantized = "int8"
+    model.inference_only = "int8"
     return model.eval()

@@ -297,7 +297,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.quantized: str | None = None  # "int8" after quantize_int8: inference only
+        self.inference_only: str | None = None  # "int8" (quantize_int8) or "packed float32" (pack_for_cpu)
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
         for name, p in self.named_parameters():
