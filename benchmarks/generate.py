@@ -14,7 +14,8 @@ Float32 "lmforge" is the model as `lmforge generate` runs it: weights in the pac
 
 Decode rate = batch x new_tokens / (time(1 + new_tokens) - time(1)), so prefill cancels out; both
 libraries run greedy decoding with min_new_tokens = max_new_tokens (no early stop). The runs take
-turns round by round (the machine's speed drifts) and each reports its best round.
+turns round by round (the machine's speed drifts), each warms up right before its timed calls, and each
+reports its best round.
 """
 
 from __future__ import annotations
@@ -49,6 +50,23 @@ def rss_mb(field: str = "VmHWM") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def weights_mb(model: torch.nn.Module) -> float:
+    """Bytes of every parameter and buffer, each storage counted once (a tied head is one matrix)."""
+    def storages(t):
+        if hasattr(t, "__tensor_flatten__"):  # torchao's quantized weights: a wrapper around plain tensors
+            for name in t.__tensor_flatten__()[0]:
+                yield from storages(getattr(t, name))
+        else:
+            yield t.untyped_storage()
+
+    seen, total = set(), 0
+    for s in (s for t in [*model.parameters(), *model.buffers()] for s in storages(t)):
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return round(total / 2**20, 1)
 
 
 def timed(fn, repeats: int) -> float:
@@ -108,6 +126,8 @@ def main() -> None:
                           "torch": torch.__version__, "transformers": transformers.__version__},
               "date": time.strftime("%Y-%m-%d"), "model": args.preset, "params_M": round(cfg.num_params() / 1e6, 1),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
+    result["weights_MB"] = {variant: {"lmforge": weights_mb(ours), "transformers": weights_mb(hf)}
+                            for variant, (ours, hf) in variants.items()}
     if args.int8:
         result["int8_same_integers_as_torchao"] = same
         result["int8_output_head"] = {"int8": "float in both", "int8_with_head": "int8 in both (untied copy)"}
@@ -142,6 +162,9 @@ def main() -> None:
                 fn(2)  # warm-up (and compilation)
             for _ in range(args.repeats):
                 for name, fn in runs:
+                    # a short untimed call first: the first call after another library's run was up to 30% slower
+                    # for the compiled step (measured), a warm-up effect rather than the steady state being compared
+                    fn(2)
                     reset_peak_rss()
                     baseline = rss_mb("VmRSS")  # every model stays loaded, so report what a run adds on top
                     best[name][0] = min(best[name][0], timed(lambda fn=fn: fn(1), 1))
