@@ -9,8 +9,8 @@ Int8WeightOnlyConfig (the same integers and scales, checked here), both with bfl
 and the ratio of each to float32 transformers. --compile adds lmforge with compile=True (torch.compile of
 the decode step, static KV cache; the warm-up call pays the compilation); transformers stays eager.
 
-Float32 "lmforge" is the model as `lmforge generate` runs it: weights in the packed CPU kernel's layout
-(model/packed.py); "lmforge_torch_matmul" is the same model on torch's matmul, as transformers uses.
+Float32 "lmforge" has its weights in the packed CPU kernel's layout (pack_for_cpu, model/packed.py;
+`lmforge generate --pack`); "lmforge_torch_matmul" is the same model on torch's matmul, as transformers uses.
 
 Decode rate = batch x new_tokens / (time(1 + new_tokens) - time(1)), so prefill cancels out; both
 libraries run greedy decoding with min_new_tokens = max_new_tokens (no early stop). The runs take
@@ -93,7 +93,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_model(Transformer(preset(args.preset)), tmp)
-        # lmforge as `lmforge generate` runs it: float32 weights in the packed CPU kernel's layout (model/packed.py)
+        # lmforge with float32 weights in the packed CPU kernel's layout (pack_for_cpu, model/packed.py)
         plain = load_hf_model(tmp)
         variants = {"float32": (pack_for_cpu(load_hf_model(tmp)), transformers.AutoModelForCausalLM.from_pretrained(tmp).eval())}
         if args.int8:

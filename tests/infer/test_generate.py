@@ -132,7 +132,7 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
     trained.save(tmp_path)
     answers = iter(["你好", "and then?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6", "--no-pack"]) == 0
+    assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6", "--pack"]) == 0
     out = capsys.readouterr().out
     first = [{"role": "user", "content": "你好"}]
     expected = generate(model, trained, trained.apply_chat_template(first, add_generation_prompt=True),

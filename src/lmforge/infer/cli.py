@@ -19,8 +19,8 @@ def _load(args: argparse.Namespace):
     model = load_hf_model(args.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
     if args.quantize == "int8":
         quantize_int8(model)
-    elif args.dtype == "float32" and not args.no_pack:
-        pack_for_cpu(model)  # same float32 math, faster batched decoding (model/packed.py)
+    elif args.pack and args.dtype == "float32":
+        pack_for_cpu(model)  # same float32 math in lmforge's packed CPU kernel (model/packed.py)
     return model, tokenizer
 
 
@@ -78,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--quantize", default="none", choices=["none", "int8"],
                         help="int8: weight-only int8 matrices (4x less memory; on CPU about 1.5x faster decoding, "
                              "fastest with --dtype bfloat16); outputs differ slightly from the float model")
-    common.add_argument("--no-pack", action="store_true",
-                        help="float32: keep torch's matmul instead of lmforge's packed CPU kernel (built once per machine)")
+    common.add_argument("--pack", action="store_true",
+                        help="float32 on CPU: lmforge's packed matmul kernel (built once per machine, ~30 s); same results, "
+                             "no faster for one prompt, about 2x for batches of 4-16 (docs/model.md)")
     common.add_argument("--compile", action="store_true",
                         help="torch.compile the one-token decode step (static KV cache): compiling takes from seconds "
                              "to minutes once per shape; pays off for long generations, most with --quantize int8")

@@ -104,11 +104,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     index = _open(args.index)
     model = tokenizer = None
     if args.model:
-        from lmforge.model import load_hf_model, pack_for_cpu
+        from lmforge.model import load_hf_model
         from lmforge.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        model = pack_for_cpu(load_hf_model(args.model))  # float32 on CPU: the packed kernel (model/packed.py)
+        model = load_hf_model(args.model)
     result = ask(index, args.question, model, tokenizer,
                  AskConfig(k=args.k, mode=args.mode, min_similarity=args.min_similarity,
                            max_new_tokens=args.max_new_tokens))
