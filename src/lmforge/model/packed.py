@@ -1,15 +1,15 @@
 """Float32 weights in a packed-panel layout for CPU inference: batched decoding at the speed of memory.
 
 Decoding B sequences multiplies a (B, K) activation by every (N, K) weight matrix. At B = 1 torch's
-matmul (oneDNN/MKL) reads the weights at the machine's memory bandwidth, but at B = 2..8 it does not:
-on the 2-core AVX-512 VM it runs at 30 GFLOPS and reads a 135M-parameter model in ~60 ms per step,
-against ~25 ms that the bandwidth allows (docs/benchmarks.md). The kernel here (packed_linear.cpp)
+matmul (oneDNN) reads the weights at the machine's memory bandwidth, but at B = 4..16 it does not:
+on the 2-core AVX-512 VM, 8 rows through all matrices of a 135M-parameter model take 48 ms (45 GFLOPS)
+against the ~20 ms the bandwidth allows (benchmarks/packed_linear.py, docs/benchmarks.md). The kernel here (packed_linear.cpp)
 stores each matrix as panels of 32 output rows, (K, 32) contiguous floats, and multiplies every
 loaded weight vector with up to 8 rows of x before moving on: the weights stream once per 8 rows.
 
-The panels replace the (N, K) matrix (no second copy) and serve every row count: decode (1-8 rows)
-runs 1.0x (B = 1, already at bandwidth) to ~2x (B = 8) faster than torch's matmul, prefill (64+
-rows) at the speed of torch's GEMM (both measured, benchmarks/generate.py). Results equal
+The panels replace the (N, K) matrix (no second copy) and serve every row count: 1-2 rows run as fast
+as torch's matmul (both at bandwidth), 4 rows 1.65x, 8 rows ~2x (25 ms), 16 rows 1.5x, prefill (64+
+rows) at 0.9-1.1x torch's GEMM (measured, benchmarks/packed_linear.py). Results equal
 F.linear up to float32 summation order (relative difference ~1e-6). A tied output head is packed
 once and the token embedding reads its rows from the same panels.
 
