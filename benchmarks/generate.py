@@ -69,13 +69,10 @@ def weights_mb(model: torch.nn.Module) -> float:
     return round(total / 2**20, 1)
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def elapsed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -167,8 +164,8 @@ def main() -> None:
                     fn(2)
                     reset_peak_rss()
                     baseline = rss_mb("VmRSS")  # every model stays loaded, so report what a run adds on top
-                    best[name][0] = min(best[name][0], timed(lambda fn=fn: fn(1), 1))
-                    best[name][1] = min(best[name][1], timed(lambda fn=fn: fn(1 + args.new_tokens), 1))
+                    best[name][0] = min(best[name][0], elapsed(lambda fn=fn: fn(1)))
+                    best[name][1] = min(best[name][1], elapsed(lambda fn=fn: fn(1 + args.new_tokens)))
                     extra[name] = max(extra.get(name, 0.0), rss_mb() - baseline)
             for name, (prefill, full) in best.items():
                 row[name] = {"prefill_tok_s": round(batch * args.prompt_len / prefill, 1),

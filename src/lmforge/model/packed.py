@@ -129,21 +129,18 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     """Replace every float32 CPU nn.Linear of `model` with PackedLinear, in place (a tied output head is
     packed once and shared with the token embedding). Returns the model in eval mode; unchanged, with a
     warning, where the kernel cannot be built."""
+    from lmforge.model.quantize import replace_linears
     from lmforge.model.transformer import Transformer
 
     if not kernel_available():
         warnings.warn(f"lmforge: packed CPU kernel unavailable, using torch's matmul ({kernel_error()})", stacklevel=2)
         return model.eval()
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear
-               and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear.weight, linear.bias))
+    replaced = replace_linears(model, lambda _, m: m.weight.dtype == torch.float32 and m.weight.device.type == "cpu",
+                               lambda linear: PackedLinear(linear.weight, linear.bias))
     if isinstance(model, Transformer) and model.lm_head is None and isinstance(model.embed, nn.Embedding) \
             and model.embed.weight.dtype == torch.float32 and model.embed.weight.device.type == "cpu":
         model.lm_head = PackedLinear(model.embed.weight)
         model.embed = PackedEmbedding(model.lm_head)
-    if isinstance(model, Transformer) and (targets or isinstance(model.embed, PackedEmbedding)):
+    if isinstance(model, Transformer) and (replaced or isinstance(model.embed, PackedEmbedding)):
         model.inference_only = model.inference_only or "packed float32"
     return model.eval()

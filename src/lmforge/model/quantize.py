@@ -63,6 +63,16 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+def replace_linears(model: nn.Module, keep, build) -> int:
+    """Swap each nn.Linear named `name` for which keep(name, linear) is true with build(linear), in place; the
+    inference formats (int8 here, packed float32 in packed.py) share it. Returns how many were replaced."""
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and keep(name, m)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, build(linear))
+    return len(targets)
+
+
 def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear of a decoder (and the output head, tied or not) with Int8Linear, in place.
 
@@ -72,12 +82,8 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     from lmforge.model.transformer import Transformer
 
     # MoE routers stay float: a small error there can flip which expert a token goes to
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name not in skip and not name.endswith("router")]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(linear.weight, linear.bias))
+    replace_linears(model, lambda name, _: name not in skip and not name.endswith("router"),
+                    lambda linear: Int8Linear(linear.weight, linear.bias))
     if isinstance(model, Transformer) and model.lm_head is None and "lm_head" not in skip:
         # tied head: quantize a copy of the embedding matrix for the output projection (the biggest matrix
         # of a small model); the embedding itself stays float for lookups
