@@ -76,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations dtype")
     common.add_argument("--quantize", default="none", choices=["none", "int8"],
-                        help="int8: weight-only int8 matrices (4x less memory; on CPU about 1.5x faster decoding, "
-                             "fastest with --dtype bfloat16); outputs differ slightly from the float model")
+                        help="int8: weight-only int8 matrices (4x less memory; on CPU 1.3-1.6x faster decoding than "
+                             "unpacked float32, fastest with --compile); outputs differ slightly from the float model")
     common.add_argument("--pack", action="store_true",
                         help="float32 on CPU: lmforge's packed matmul kernel (built once per machine, ~30 s); same results, "
                              "no faster for one prompt, about 2x for batches of 4-16 (docs/model.md)")
