@@ -1,4 +1,5 @@
-"""Packed float32 CPU kernel: the math of F.linear for every row count, checkpoints' logits, generation intact."""
+"""Float32 CPU kernels: packed matmul equals F.linear for every row count, decode attention equals SDPA,
+checkpoints' logits (full and step by step) match transformers, generation intact."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from lmforge.infer import SamplingConfig, generate_ids
 from lmforge.model import CheckpointError, PackedLinear, Transformer, load_hf_model, pack_for_cpu, preset, save_hf_model
 from lmforge.model.packed import PackedEmbedding, kernel_available, kernel_error
+from lmforge.model.transformer import Attention, KVCache
 from tests.model.test_hf_interop import TOL, _hf_tiny, _ids, _save
 
 
@@ -40,6 +42,61 @@ def test_kernel_names_bad_shapes():
         torch.ops.lmforge.packed_linear(torch.randn(3, 17), packed.panels, None, 40)
     with pytest.raises(RuntimeError, match="out_features"):
         torch.ops.lmforge.packed_linear(torch.randn(3, 16), packed.panels, None, 90)
+
+
+@pytest.mark.parametrize("B,H,Hkv,D", [(2, 4, 4, 64), (3, 9, 3, 64), (1, 8, 2, 128), (2, 6, 3, 32), (2, 4, 2, 24),
+                                        (1, 2, 1, 16)])
+def test_decode_attention_equals_sdpa(B, H, Hkv, D):
+    """Vectorised head sizes (32, 64, 128) and the plain loop (others); multi-head and grouped-query; a
+    strided q (as sliced from the fused projection); n filled slots given as a tensor or as k's length."""
+    torch.manual_seed(0)
+    S = 70
+    q = torch.randn(B, 1, H + 3, D).transpose(1, 2)[:, :H]  # not contiguous
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    for n in (1, 15, 16, 17, 70):
+        mask = torch.rand(B, S) > 0.4
+        mask[:, n - 1] = True  # a query always sees its own slot
+        for m in (None, mask, mask[:1].expand(B, S)):
+            got = torch.ops.lmforge.decode_attention(q, k, v, m, torch.tensor(n), D ** -0.5)
+            want = F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True,
+                                                  attn_mask=None if m is None else m[:, None, None, :n])
+            assert (got - want).abs().max().item() <= 1e-5, (n, m is None)
+        got = torch.ops.lmforge.decode_attention(q, k[:, :, :n], v[:, :, :n], None, None, 0.3)  # a view of the cache
+        assert (got - F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=0.3, enable_gqa=True)).abs().max() <= 1e-5
+
+
+def test_decode_attention_edges_and_errors():
+    q, k = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 10, 64)
+    none_allowed = torch.zeros(2, 10, dtype=torch.bool)
+    none_allowed[1, 3] = True
+    out = torch.ops.lmforge.decode_attention(q, k, k, none_allowed, None, 0.125)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # a row that sees no key gives zeros (SDPA: NaN)
+    assert torch.allclose(out[1], k[1, :, 3:4].repeat_interleave(2, 0), atol=1e-6)  # one key: its value
+    with pytest.raises(RuntimeError, match="filled slots"):
+        torch.ops.lmforge.decode_attention(q, k, k, None, torch.tensor(11), 0.125)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        torch.ops.lmforge.decode_attention(torch.randn(2, 3, 1, 64), k, k, None, None, 0.125)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.lmforge.decode_attention(q, k, k, torch.ones(2, 10), None, 0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lmforge.decode_attention(q.bfloat16(), k, k, None, None, 0.125)
+
+
+@pytest.mark.parametrize("kind,extra", [("llama", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),
+                                        ("mistral", {}), ("gpt2", {})])
+def test_packed_decode_steps_match_transformers(tmp_path, kind, extra):
+    """Token by token through the KV cache (decode attention): head size 64, a sliding window shorter than the
+    context (Mistral's 8), learned positions; each step's logits against transformers' full forward."""
+    hf = _save(_hf_tiny(kind, **extra), tmp_path)
+    ours = pack_for_cpu(load_hf_model(tmp_path))
+    assert all(m.decode_kernel for m in ours.modules() if isinstance(m, Attention))
+    ids = _ids()
+    cache = KVCache(ours.cfg, ids.shape[0], ids.shape[1])
+    with torch.no_grad():
+        want = hf(ids).logits
+        ours(ids[:, :28], cache=cache)
+        for t in range(28, ids.shape[1]):
+            assert (ours(ids[:, t:t + 1], cache=cache)[:, -1] - want[:, t]).abs().max().item() <= TOL, t
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])

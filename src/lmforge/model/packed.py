@@ -1,9 +1,9 @@
-"""Float32 weights in a packed-panel layout for CPU inference: batched decoding at the speed of memory.
+"""Float32 CPU inference: weights in a packed-panel layout and a KV-cache decode attention (cpu_kernels.cpp).
 
 Decoding B sequences multiplies a (B, K) activation by every (N, K) weight matrix. At B = 1 torch's
 matmul (oneDNN) reads the weights at the machine's memory bandwidth, but at B = 4..16 it does not:
 on the 2-core AVX-512 VM, 8 rows through all matrices of a 135M-parameter model take 48 ms (45 GFLOPS)
-against the ~20 ms the bandwidth allows (benchmarks/packed_linear.py, docs/benchmarks.md). The kernel here (packed_linear.cpp)
+against the ~20 ms the bandwidth allows (benchmarks/packed_linear.py, docs/benchmarks.md). The kernel
 stores each matrix as panels of 32 output rows, (K, 32) contiguous floats, and multiplies every
 loaded weight vector with up to 8 rows of x before moving on: the weights stream once per 8 rows.
 
@@ -13,8 +13,13 @@ rows) at 0.9-1.1x torch's GEMM (measured, benchmarks/packed_linear.py). Results 
 F.linear up to float32 summation order (relative difference ~1e-6). A tied output head is packed
 once and the token embedding reads its rows from the same panels.
 
-The kernel is C++ compiled on first use by torch.utils.cpp_extension (a C++ compiler with OpenMP and
-`ninja`; about a minute once per machine, cached under ~/.cache/torch_extensions). Without them
+pack_for_cpu also switches the model's one-token attention steps to `decode_attention`, which reads
+only a KV cache's filled slots with one pass per (sequence, kv head) group. SDPA has to read a static
+cache (torch.compile's) in full under a mask, 256 rounded-up slots at a time; with the kernel a compiled
+batch-8 step went from slower than eager to 1.25x faster (docs/benchmarks.md).
+
+The kernels are C++ compiled on first use by torch.utils.cpp_extension (a C++ compiler with OpenMP and
+`ninja`; about 30 s once per machine, cached under ~/.cache/torch_extensions). Without them
 `pack_for_cpu` leaves the model as it is and warns once. Packed models are for inference only:
 training and saving need the float model.
 """
@@ -31,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PANEL = 32  # output rows per panel, as in packed_linear.cpp
-_SOURCE = Path(__file__).with_name("packed_linear.cpp")
+PANEL = 32  # output rows per panel, as in cpu_kernels.cpp
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "error": str once the build has been tried
 
@@ -54,7 +59,7 @@ def kernel_error() -> str | None:
 
 
 def _build() -> None:
-    if hasattr(torch.ops.lmforge, "packed_linear"):
+    if hasattr(torch.ops.lmforge, "decode_attention"):
         return
     from torch.utils import cpp_extension
 
@@ -65,10 +70,10 @@ def _build() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-    name = "lmforge_packed_linear"
+    name = "lmforge_cpu_kernels"
     built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
-        print("lmforge: compiling the packed float32 CPU kernel (once per machine, about a minute)", file=sys.stderr)
+        print("lmforge: compiling the float32 CPU kernels (once per machine, about 30 s)", file=sys.stderr)
     cpp_extension.load(name=name, sources=[str(_SOURCE)], is_python_module=False, verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
@@ -82,9 +87,13 @@ def _build() -> None:
     def _(x, panels, bias, out_features):
         return x.new_empty((x.shape[0], out_features))
 
+    @torch.library.register_fake("lmforge::decode_attention")
+    def _(q, k, v, mask, length, scale):
+        return q.new_empty(q.shape)
+
 
 class PackedLinear(nn.Module):
-    """y = x @ W.T + b for float32 x on CPU, with W kept as (N/32, K, 32) panels (see packed_linear.cpp)."""
+    """y = x @ W.T + b for float32 x on CPU, with W kept as (N/32, K, 32) panels (see cpu_kernels.cpp)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -127,10 +136,10 @@ class PackedEmbedding(nn.Module):
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
     """Replace every float32 CPU nn.Linear of `model` with PackedLinear, in place (a tied output head is
-    packed once and shared with the token embedding). Returns the model in eval mode; unchanged, with a
-    warning, where the kernel cannot be built."""
+    packed once and shared with the token embedding), and turn on decode_attention for its one-token steps.
+    Returns the model in eval mode; unchanged, with a warning, where the kernels cannot be built."""
     from lmforge.model.quantize import replace_linears
-    from lmforge.model.transformer import Transformer
+    from lmforge.model.transformer import Attention, Transformer
 
     if not kernel_available():
         warnings.warn(f"lmforge: packed CPU kernel unavailable, using torch's matmul ({kernel_error()})", stacklevel=2)
@@ -143,4 +152,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         model.embed = PackedEmbedding(model.lm_head)
     if isinstance(model, Transformer) and (replaced or isinstance(model.embed, PackedEmbedding)):
         model.inference_only = model.inference_only or "packed float32"
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.decode_kernel = True
     return model.eval()

@@ -193,6 +193,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, cfg.d_model, bias=cfg.proj_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.decode_kernel = False  # pack_for_cpu turns on lmforge's CPU decode attention (model/cpu_kernels.cpp)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -216,6 +217,11 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if self.decode_kernel and cache is not None and T == 1 and (mask is None or mask.dtype == torch.bool):
+            # one new token: read only the cache's filled slots (SDPA reads a static cache's every slot)
+            y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
+                                                   cache.pos + 1 if cache.static else None, cfg.head_dim ** -0.5)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
         groups = cfg.n_heads // cfg.n_kv_heads
         if groups > 1 and not _SDPA_GQA:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
