@@ -20,7 +20,7 @@ def _load(args: argparse.Namespace):
     if args.quantize == "int8":
         quantize_int8(model)
     elif args.pack and args.dtype == "float32":
-        pack_for_cpu(model)  # same float32 math in lmforge's packed CPU kernel (model/packed.py)
+        pack_for_cpu(model)  # same float32 math in lmforge's CPU kernels (model/packed.py)
     return model, tokenizer
 
 
@@ -79,11 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="int8: weight-only int8 matrices (4x less memory; on CPU 1.3-1.6x faster decoding than "
                              "unpacked float32, fastest with --compile); outputs differ slightly from the float model")
     common.add_argument("--pack", action="store_true",
-                        help="float32 on CPU: lmforge's packed matmul kernel (built once per machine, ~30 s); same results, "
-                             "no faster for one prompt, about 2x for batches of 4-16 (docs/model.md)")
+                        help="float32 on CPU: lmforge's own kernels, packed matmul and KV-cache decode attention (built once "
+                             "per machine, ~30 s); same results; with --compile the fastest float32 decoding (docs/model.md)")
     common.add_argument("--compile", action="store_true",
                         help="torch.compile the one-token decode step (static KV cache): compiling takes from seconds "
-                             "to minutes once per shape; pays off for long generations, most with --quantize int8")
+                             "to minutes once per shape; pays off for long generations, most with --pack or --quantize int8")
     g = sub.add_parser("generate", parents=[common], help="complete a prompt with a model (streams text)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  lmforge generate --model runs/m --prompt 'def main():' --temperature 0\n"
