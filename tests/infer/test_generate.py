@@ -118,6 +118,11 @@ def test_generate_cli(trained, tmp_path, capsys):
     int8 = quantize_int8(copy.deepcopy(model))
     want = generate(int8, trained, "def main():", SamplingConfig(max_new_tokens=10, temperature=0))
     assert capsys.readouterr().out == want + "\n"
+    # lmforge's float32 CPU kernels, compiled: the float model's text
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "def main():", "--temperature", "0",
+                 "--max-new-tokens", "10", "--pack", "--compile"]) == 0
+    assert capsys.readouterr().out == generate(model, trained, "def main():",
+                                               SamplingConfig(max_new_tokens=10, temperature=0)) + "\n"
     assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "lmforge: error" in capsys.readouterr().err
 
