@@ -115,14 +115,16 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& panels, const st
 typedef int32_t ivec16 __attribute__((vector_size(64)));
 
 // e^x for x <= 0 (softmax after subtracting the maximum), 16 at a time: 2^(x log2 e) with the integer part n
-// put into the exponent bits and 2^f, |f| <= 1/2, from a degree-6 Taylor polynomial (relative error ~2e-7).
-// x below -88 (and -inf, a masked key) gives exactly 0. Scalar std::exp was half the kernel's time.
+// put into the exponent bits and 2^f, |f| <= 1/2, from a degree-6 Taylor polynomial. Relative error (measured
+// against double exp): < 7e-7 for x in [-10, 0], 4e-6 near -87, from rounding x log2 e to float; those weights
+// are < 5e-5 of the largest. x below -88 (and -inf, a masked key) gives exactly 0. Scalar std::exp was half
+// the kernel's time.
 inline vec16 exp_nonpositive(vec16 x) {
   vec16 t = x * 1.4426950408889634f;
   t = t < -127.f ? vec16{} - 127.f : t;
   const ivec16 n = __builtin_convertvector(t - 0.5f, ivec16);  // round to nearest (t <= 0; truncation -> 0)
   const vec16 u = (t - __builtin_convertvector(n, vec16)) * 0.6931471805599453f;
-  vec16 e = 1.f / 720.f + u * 0.f;
+  vec16 e = vec16{} + 1.f / 720.f;
   e = e * u + 1.f / 120.f;
   e = e * u + 1.f / 24.f;
   e = e * u + 1.f / 6.f;
