@@ -20,6 +20,12 @@ def test_kernel_builds():
     assert kernel_available(), kernel_error()
 
 
+@pytest.fixture(autouse=True)
+def _kernels_loaded():
+    """The torch.ops.lmforge calls below need the extension loaded, whichever test runs first."""
+    kernel_available()
+
+
 @pytest.mark.parametrize("out_f,in_f", [(70, 33), (960, 576), (1, 5), (64, 64)])
 def test_packed_linear_equals_f_linear(out_f, in_f):
     torch.manual_seed(0)
@@ -63,6 +69,21 @@ def test_decode_attention_equals_sdpa(B, H, Hkv, D):
             assert (got - want).abs().max().item() <= 1e-5, (n, m is None)
         got = torch.ops.lmforge.decode_attention(q, k[:, :, :n], v[:, :, :n], None, None, 0.3)  # a view of the cache
         assert (got - F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=0.3, enable_gqa=True)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(4, 1, 64), (2, 2, 24)])
+def test_decode_attention_long_cache_split_across_threads(H, Hkv, D):
+    """One sequence, few kv heads, a long cache: the keys are split into chunks that are merged afterwards
+    (any thread count splits 1000 keys of a single unit); one chunk's keys all masked weighs nothing."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, H, 1, D), torch.randn(1, Hkv, 1024, D) * 3, torch.randn(1, Hkv, 1024, D)
+    mask = torch.rand(1, 1024) > 0.5
+    mask[:, :400] = False
+    for n, m in ((1000, None), (1000, mask), (600, mask)):
+        got = torch.ops.lmforge.decode_attention(q, k, v, m, torch.tensor(n), D ** -0.5)
+        want = F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], enable_gqa=True,
+                                              attn_mask=None if m is None else m[:, None, None, :n])
+        assert (got - want).abs().max().item() <= 1e-5, n
 
 
 def test_decode_attention_edges_and_errors():

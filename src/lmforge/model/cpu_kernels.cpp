@@ -154,11 +154,14 @@ inline float sum16(vec16 v) {
   return (b[0] + b[1]) + (b[2] + b[3]);
 }
 
-// One (sequence, kv head): G query heads (already scaled) over n keys and values (rows of D = 16 V floats).
+// One (sequence, kv head) over a run of n keys: G query heads (already scaled), keys and values in rows of
+// D = 16 V floats. Writes each head's unnormalised sum of e^(score - top) x value to out, and top and the sum of
+// the weights to tops / totals (the caller divides, after merging runs of one cache split across threads).
 // p holds G x n scores (padded to a multiple of 16); every key and value row is loaded once for the whole group.
 template <int V>
 void attend_group(const float* q, int64_t q_head_stride, const float* k, const float* v, const bool* mask,
-                  int64_t mask_col, int64_t n, int64_t G, float* p, int64_t p_row, float* out) {
+                  int64_t mask_col, int64_t n, int64_t G, float* p, int64_t p_row, float* out, float* tops,
+                  float* totals) {
   constexpr float kMasked = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < n; s++) {
     vec16 kv[V];
@@ -171,7 +174,6 @@ void attend_group(const float* q, int64_t q_head_stride, const float* k, const f
     }
   }
   // softmax numerators in place, each head's row of p
-  std::vector<float> inv_total(G);
   for (int64_t g = 0; g < G; g++) {
     float* pg = p + g * p_row;
     std::fill(pg + n, pg + p_row, kMasked);  // the padding lanes: exp gives 0
@@ -188,7 +190,8 @@ void attend_group(const float* q, int64_t q_head_stride, const float* k, const f
       total += x;
       std::memcpy(pg + s, &x, sizeof(vec16));
     }
-    inv_total[g] = top == kMasked ? 0.f : 1.f / sum16(total);
+    tops[g] = top;
+    totals[g] = sum16(total);
   }
   // weighted sum of values, in blocks of keys whose values stay in L1 while every head of the group uses them;
   // two accumulator sets (even and odd keys) so consecutive FMAs do not wait on each other
@@ -220,15 +223,12 @@ void attend_group(const float* q, int64_t q_head_stride, const float* k, const f
       }
     }
   }
-  for (int64_t g = 0; g < G; g++) {
-    float* o = out + g * 16 * V;
-    for (int64_t d = 0; d < 16 * V; d++) o[d] *= inv_total[g];
-  }
 }
 
 // The same for any head size, in plain loops (test configs use small odd ones).
 void attend_group_any(const float* q, int64_t q_head_stride, const float* k, const float* v, const bool* mask,
-                      int64_t mask_col, int64_t n, int64_t G, int64_t D, float* p, float* out) {
+                      int64_t mask_col, int64_t n, int64_t G, int64_t D, float* p, float* out, float* tops,
+                      float* totals) {
   for (int64_t g = 0; g < G; g++) {
     float* pg = p + g * n;
     for (int64_t s = 0; s < n; s++) {
@@ -239,12 +239,12 @@ void attend_group_any(const float* q, int64_t q_head_stride, const float* k, con
     const float top = *std::max_element(pg, pg + n);
     float* o = out + g * D;
     std::fill(o, o + D, 0.f);
+    tops[g] = top;
+    totals[g] = 0.f;
     if (top == -std::numeric_limits<float>::infinity()) continue;
-    float total = 0.f;
-    for (int64_t s = 0; s < n; s++) total += (pg[s] = std::exp(pg[s] - top));
+    for (int64_t s = 0; s < n; s++) totals[g] += (pg[s] = std::exp(pg[s] - top));
     for (int64_t s = 0; s < n; s++)
       for (int64_t d = 0; d < D; d++) o[d] += pg[s] * v[s * D + d];
-    for (int64_t d = 0; d < D; d++) o[d] /= total;
   }
 }
 
@@ -280,33 +280,71 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mask_row = mask->stride(0);
     mask_col = mask->stride(1);
   }
-  auto out = at::empty({B, H, 1, D}, q.options());
+  // (sequence, kv head) units; with fewer than two per thread, a long cache's keys are split into chunks
+  // that threads take separately and merge afterwards (as flash-decoding does), so no thread idles
+  const int64_t units = B * Hkv, threads = at::get_num_threads();
+  const int64_t chunks =
+      units >= 2 * threads ? 1 : std::max<int64_t>(1, std::min(n / 256, (2 * threads + units - 1) / units));
+  const int64_t chunk = (n + chunks - 1) / chunks;
+  // per chunk and head: the sum of weighted values, the top score, the total weight
+  auto parts = at::empty({units * chunks, G, D + 2}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  float* pp = parts.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const int64_t p_row = (n + 15) / 16 * 16;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(G * p_row), qu(G * D);
-    for (int64_t unit = begin; unit < end; unit++) {
+  at::parallel_for(0, units * chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t p_row = (chunk + 15) / 16 * 16;
+    std::vector<float> p(G * p_row), qu(G * D), out(G * D), tops(G), totals(G);
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t unit = task / chunks, s0 = task % chunks * chunk, len = std::min(chunk, n - s0);
       const int64_t b = unit / Hkv, hk = unit % Hkv;
+      float* part = pp + task * G * (D + 2);
+      if (len <= 0) {  // n not a multiple of the chunk: an empty last chunk weighs nothing
+        for (int64_t g = 0; g < G; g++) part[g * (D + 2) + D] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
       for (int64_t g = 0; g < G; g++) {  // the group's queries, scaled, side by side
         const float* qh = qp + b * q.stride(0) + (hk * G + g) * q.stride(1);
         for (int64_t d = 0; d < D; d++) qu[g * D + d] = qh[d] * sc;
       }
-      const float* ku = kp + b * k.stride(0) + hk * k.stride(1);
-      const float* vu = vp + b * v.stride(0) + hk * v.stride(1);
-      const bool* mu = mp ? mp + b * mask_row : nullptr;
-      float* ou = op + (b * H + hk * G) * D;
+      const float* ku = kp + b * k.stride(0) + hk * k.stride(1) + s0 * D;
+      const float* vu = vp + b * v.stride(0) + hk * v.stride(1) + s0 * D;
+      const bool* mu = mp ? mp + b * mask_row + s0 * mask_col : nullptr;
+      const float* qb = qu.data();
+      float *pb = p.data(), *ob = out.data(), *tb = tops.data(), *wb = totals.data();
       switch (D) {
-        case 32: attend_group<2>(qu.data(), D, ku, vu, mu, mask_col, n, G, p.data(), p_row, ou); break;
-        case 64: attend_group<4>(qu.data(), D, ku, vu, mu, mask_col, n, G, p.data(), p_row, ou); break;
-        case 128: attend_group<8>(qu.data(), D, ku, vu, mu, mask_col, n, G, p.data(), p_row, ou); break;
-        default: attend_group_any(qu.data(), D, ku, vu, mu, mask_col, n, G, D, p.data(), ou); break;
+        case 32: attend_group<2>(qb, D, ku, vu, mu, mask_col, len, G, pb, p_row, ob, tb, wb); break;
+        case 64: attend_group<4>(qb, D, ku, vu, mu, mask_col, len, G, pb, p_row, ob, tb, wb); break;
+        case 128: attend_group<8>(qb, D, ku, vu, mu, mask_col, len, G, pb, p_row, ob, tb, wb); break;
+        default: attend_group_any(qb, D, ku, vu, mu, mask_col, len, G, D, pb, ob, tb, wb); break;
+      }
+      for (int64_t g = 0; g < G; g++) {
+        std::copy(out.data() + g * D, out.data() + (g + 1) * D, part + g * (D + 2));
+        part[g * (D + 2) + D] = tops[g];
+        part[g * (D + 2) + D + 1] = totals[g];
       }
     }
   });
+  // merge each head's chunks: rescale every chunk to the largest top, then divide by the total weight
+  auto out = at::zeros({B, H, 1, D}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t unit = 0; unit < units; unit++) {
+    for (int64_t g = 0; g < G; g++) {
+      float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t c = 0; c < chunks; c++) top = std::max(top, pp[((unit * chunks + c) * G + g) * (D + 2) + D]);
+      if (top == -std::numeric_limits<float>::infinity()) continue;  // every key masked: zeros, not NaN
+      float* o = op + (unit * G + g) * D;  // (b, hk * G + g) = unit * G + g
+      for (int64_t c = 0; c < chunks; c++) {
+        const float* part = pp + ((unit * chunks + c) * G + g) * (D + 2);
+        if (part[D] == -std::numeric_limits<float>::infinity()) continue;
+        const float w = std::exp(part[D] - top);
+        total += w * part[D + 1];
+        for (int64_t d = 0; d < D; d++) o[d] += w * part[d];
+      }
+      for (int64_t d = 0; d < D; d++) o[d] /= total;
+    }
+  }
   return out;
 }
 

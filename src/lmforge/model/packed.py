@@ -16,7 +16,7 @@ once and the token embedding reads its rows from the same panels.
 pack_for_cpu also switches the model's one-token attention steps to `decode_attention`, which reads
 only a KV cache's filled slots with one pass per (sequence, kv head) group. SDPA has to read a static
 cache (torch.compile's) in full under a mask, 256 rounded-up slots at a time; with the kernel a compiled
-batch-8 step went from slower than eager to 1.25x faster (docs/benchmarks.md).
+batch-8 step went from slower than eager to 1.24x faster (docs/benchmarks.md).
 
 The kernels are C++ compiled on first use by torch.utils.cpp_extension (a C++ compiler with OpenMP and
 `ninja`; about 30 s once per machine, cached under ~/.cache/torch_extensions). Without them
