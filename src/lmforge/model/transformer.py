@@ -221,15 +221,14 @@ class Attention(nn.Module):
             # one new token: read only the cache's filled slots (SDPA reads a static cache's every slot)
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
                                                    cache.pos + 1 if cache.static else None, cfg.head_dim ** -0.5)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
-        groups = cfg.n_heads // cfg.n_kv_heads
-        if groups > 1 and not _SDPA_GQA:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
-        # mask None means plain causal attention: SDPA can then use its flash / memory-efficient kernels
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **extra)
+        else:
+            groups = cfg.n_heads // cfg.n_kv_heads
+            if groups > 1 and not _SDPA_GQA:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+            # mask None means plain causal attention: SDPA can then use its flash / memory-efficient kernels
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **extra)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
