@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from tests import corpora
+
+# property tests draw the same examples on every run: the suite never fails at random (CI or not);
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples when hunting for bugs
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(scope="session")

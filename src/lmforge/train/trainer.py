@@ -17,6 +17,7 @@ never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -114,25 +115,41 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 10,
-                        rounds: int = 3) -> float:
+@functools.lru_cache(maxsize=8)
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
+                        seconds: float = 0.3) -> float:
     """This machine's achieved dense matmul FLOP/s for (n x n) @ (n x n): the denominator of MFU.
 
-    Best of a few rounds, so that a moment of contention on a shared machine does not lower the peak
-    (and inflate MFU past 1)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(rounds):
+    Best of three rounds of about seconds/3 each, so that a moment of contention on a shared machine does not
+    lower the peak (and inflate MFU past 1). The size grows from 128 to n (default 4096 on CUDA, 1024 on CPU)
+    and stops early where one product already takes 20 ms: a dtype without a fast kernel on this device (fp16
+    on most CPUs runs at ~1 GFLOP/s) is measured in a second, not a minute. Measured once per process."""
+    n = n or (4096 if device.type == "cuda" else 1024)
+
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    size = min(128, n)
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        a @ b  # warm-up
+        sync()
         t0 = time.perf_counter()
-        for _ in range(iters):
+        a @ b
+        sync()
+        if size >= n or time.perf_counter() - t0 > 0.02:
+            break
+        size = min(2 * size, n)
+    best = 0.0
+    for _ in range(3):
+        iters, t0 = 0, time.perf_counter()
+        while iters == 0 or time.perf_counter() - t0 < seconds / 3:
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+            sync()
+            iters += 1
+        best = max(best, 2 * size**3 * iters / (time.perf_counter() - t0))
     return best
 
 
@@ -526,8 +543,7 @@ class Trainer:
                 raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             tb = SummaryWriter(str(self.out / "tensorboard"))
         flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step / self.world
-        peak = measure_matmul_peak(self.device, self.autocast_dtype or torch.float32,
-                                   n=4096 if self.device.type == "cuda" else 1024)
+        peak = measure_matmul_peak(self.device, self.autocast_dtype or torch.float32)
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
             metrics.write(json.dumps({"step": 0, **initial}) + "\n")
