@@ -36,3 +36,31 @@ def trained_dir(trained, tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     trained.save(d)
     return d
+
+
+REAL_TOKENIZERS = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizers")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tmp_path_factory):
+    """Real models' tokenizer folders (tests/fixtures/tokenizers, see its README), tokenizer.json unzipped:
+    {"qwen2.5-instruct": Path, ...}."""
+    import gzip
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("real_tokenizers")
+    out = {}
+    for src in sorted(Path(REAL_TOKENIZERS).iterdir()):
+        if not src.is_dir():
+            continue
+        dst = root / src.name
+        dst.mkdir()
+        for f in src.iterdir():
+            if f.name.endswith(".gz"):
+                with gzip.open(f) as zipped, open(dst / f.name[:-3], "wb") as plain:
+                    shutil.copyfileobj(zipped, plain)
+            else:
+                shutil.copy(f, dst / f.name)
+        out[src.name] = dst
+    return out

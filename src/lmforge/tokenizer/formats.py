@@ -95,10 +95,12 @@ def _tokenizer_config(tok: Tokenizer, added: dict[int, str]) -> dict:
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "pad_token": tok.pad_token,
-        "unk_token": None,
+        "unk_token": tok.unk_token,
+        **{name: getattr(tok, name) for name in ("sep_token", "cls_token", "mask_token") if getattr(tok, name)},
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,  # transformers' "no limit" value
-        **({"chat_template": tok.chat_template} if tok.chat_template else {}),
+        **({"chat_template": [{"name": k, "template": v} for k, v in tok.chat_templates.items()]} if tok.chat_templates
+           else {"chat_template": tok.chat_template} if tok.chat_template else {}),
     }
 
 
@@ -192,13 +194,32 @@ def _token_str(value) -> str | None:
 
 
 def _apply_config(tok: Tokenizer, config: dict) -> Tokenizer:
-    for key in ("bos_token", "eos_token", "pad_token"):
+    for key in Tokenizer.NAMED_TOKENS:
         setattr(tok, key, _token_str(config.get(key)))
     template = config.get("chat_template")
-    if isinstance(template, list):  # HF allows named templates; "default" is the one used
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    tok.chat_templates = None
+    if isinstance(template, list):  # HF allows named templates: "default" is used unless another is asked for
+        tok.chat_templates = {t["name"]: t["template"] for t in template}
+        template = tok.chat_templates.get("default")
     tok.chat_template = template
     return tok
+
+
+def read_tokenizer_config(directory: Path) -> dict:
+    """tokenizer_config.json with the chat template transformers would use: chat_template.jinja, else
+    chat_template.json, else the config's own "chat_template" (transformers 4.43+ saves it in the separate files)."""
+    config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        try:
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerFormatError(f"cannot read {jinja}: {e}") from None
+    elif (directory / "chat_template.json").exists():
+        template = _read_json(directory / "chat_template.json").get("chat_template")
+        if template is not None:
+            config["chat_template"] = template
+    return config
 
 
 def load_hf_json(path: str | os.PathLike, config: dict | None = None,
@@ -218,7 +239,9 @@ def load_hf_json(path: str | os.PathLike, config: dict | None = None,
                   and (data.get("decoder") or {}).get("type") == "ByteLevel"
                   and not model.get("dropout") and model.get("unk_token") is None
                   and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
-                  and not model.get("byte_fallback") and all(t.get("special") for t in added))
+                  and not model.get("byte_fallback")
+                  and all(t.get("special") and not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+                          for t in added))
         if simple:
             native = bpe_from_ranks_and_merges(model["vocab"], _parse_merges(model.get("merges", [])), pattern,
                                                {t["content"]: t["id"] for t in added})
@@ -233,7 +256,38 @@ def load_hf_json(path: str | os.PathLike, config: dict | None = None,
         rust = RustTokenizer.from_file(str(path))
     except Exception as e:  # the library raises plain Exception subclasses
         raise TokenizerFormatError(f"{path}: the tokenizers library cannot load it: {e}") from None
+    _as_transformers_builds_it(rust, config)
     return _apply_config(HFTokenizer(rust, config=config), config)
+
+
+# tokenizer classes whose pipeline transformers (5.x) rebuilds from the vocabulary, whatever tokenizer.json says
+_LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast"}
+
+
+def _as_transformers_builds_it(rust, config: dict) -> None:
+    """Give a SentencePiece-style Llama tokenizer (Llama 2, Mistral, Phi-3) the pipeline transformers 5 uses.
+
+    Their tokenizer.json files prepend the word marker with a normalizer (Prepend("▁")), which the library applies to
+    every piece between added tokens: "<|user|>\nhi" would encode "▁hi". transformers' LlamaTokenizer replaces that
+    with a Metaspace pre-tokenizer that prepends only at the start of the text (legacy=False, its default), which is
+    how SentencePiece encoded the models' training data. The ids then equal transformers'.
+    """
+    if config.get("tokenizer_class") not in _LLAMA_CLASSES:
+        return
+    model = json.loads(rust.to_str()).get("model", {})
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return
+    from tokenizers import decoders, pre_tokenizers
+
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    rust.normalizer = None
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1))
+    rust.decoder = decoders.Sequence(steps)
 
 
 def load_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> BPETokenizer:
@@ -274,13 +328,10 @@ def load_tokenizer(path: str | os.PathLike, backend: Literal["auto", "lmforge", 
     """
     p = Path(path)
     if p.is_file():
-        config_path = p.with_name("tokenizer_config.json")
-        config = _read_json(config_path) if config_path.exists() else {}
-        return load_hf_json(p, config, backend)
+        return load_hf_json(p, read_tokenizer_config(p.parent), backend)
     if p.is_dir():
         if (p / "tokenizer.json").exists():
-            config = _read_json(p / "tokenizer_config.json") if (p / "tokenizer_config.json").exists() else {}
-            return load_hf_json(p / "tokenizer.json", config, backend)
+            return load_hf_json(p / "tokenizer.json", read_tokenizer_config(p), backend)
         for enc, bpe in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
             if (p / enc).exists() and (p / bpe).exists():
                 return load_gpt2_files(p / enc, p / bpe)

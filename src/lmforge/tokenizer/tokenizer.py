@@ -35,7 +35,7 @@ from typing import Literal
 
 import regex
 
-from lmforge.tokenizer.chat import render_chat
+from lmforge.tokenizer.chat import ChatEncoding, encode_chat, pick_template, render_chat
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _SURROGATE_LEADS = range(0xA0, 0xC0)
@@ -79,9 +79,16 @@ class Tokenizer(abc.ABC):
 
     special_tokens: dict[str, int]
     chat_template: str | None = None
+    # named templates from tokenizer_config.json ({"default": ..., "tool_use": ...}), when it has several
+    chat_templates: dict[str, str] | None = None
     bos_token: str | None = None
     eos_token: str | None = None
     pad_token: str | None = None
+    unk_token: str | None = None
+    sep_token: str | None = None
+    cls_token: str | None = None
+    mask_token: str | None = None
+    NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
     # --- what each backend provides ----------------------------------------------
     @property
@@ -146,19 +153,30 @@ class Tokenizer(abc.ABC):
             return self.encode_ordinary(text, **kw)
         ids: list[int] = []
         start = 0
+        strip = self._strip_flags
         for m in self._special_regex.finditer(text):
             token = m.group()
+            if m.start() < start:  # inside the whitespace an rstrip token took
+                continue
             if token in disallowed:
                 raise DisallowedSpecialError(
                     f"text contains the special token {token!r} at character {m.start()}; pass "
                     f"allowed_special={{{token!r}}} to encode it as a special token, or "
                     f"disallowed_special=() to encode it as ordinary text")
             if token in allowed:
-                ids += self.encode_ordinary(text[start:m.start()], **kw)
+                lstrip, rstrip = strip.get(token, (False, False))
+                before = text[start:m.start()]
+                ids += self.encode_ordinary(before.rstrip() if lstrip else before, **kw)
                 ids.append(self.special_tokens[token])
                 start = m.end()
+                if rstrip:  # an added token with rstrip takes the whitespace after it (HF's AddedToken rules)
+                    while start < len(text) and text[start].isspace():
+                        start += 1
         ids += self.encode_ordinary(text[start:], **kw)
         return ids
+
+    # added tokens that take the whitespace on their left / right (HF AddedToken lstrip / rstrip)
+    _strip_flags: dict[str, tuple[bool, bool]] = {}
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, processes: bool = False,
                      **kw) -> list[list[int]]:
@@ -216,15 +234,70 @@ class Tokenizer(abc.ABC):
             spans.append((self.decode(pending), pending))
         return spans
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **extra) -> str | list[int]:
-        """Render a conversation with the tokenizer's chat template (HF semantics)."""
-        if not self.chat_template:
+    # --- chat ---------------------------------------------------------------------------
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set ({"eos_token": "<|im_end|>", ...}): chat template variables."""
+        return {name: getattr(self, name) for name in self.NAMED_TOKENS if getattr(self, name)}
+
+    def control_tokens(self) -> tuple[str, ...]:
+        """Tokens that only a chat template may write: encoded as text wherever they appear in data."""
+        return tuple(t for t in self.special_tokens if not t.isspace())
+
+    def encode_template_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of text a chat template wrote: its markers become their token ids."""
+        ids = self.encode(text, allowed_special="all")
+        return ids, self._char_offsets(text, ids)
+
+    def encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` as plain text (no token's text becomes that token); every id spans the whole text."""
+        ids = self.encode_ordinary(text)
+        return ids, [(0, len(text))] * len(ids)
+
+    def _char_offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
+        """Character span of each id, from the bytes each decodes to (all tokens of one character share its span)."""
+        char_of_byte: list[int] = []
+        for i, ch in enumerate(text):
+            char_of_byte += [i] * len(ch.encode("utf-8", "surrogatepass"))
+        offsets, pos = [], 0
+        for token_id in ids:
+            n = len(self.decode_bytes([token_id]))
+            if n == 0 or pos + n > len(char_of_byte):
+                offsets.append((len(text), len(text)) if pos >= len(char_of_byte) else (char_of_byte[pos], len(text)))
+            else:
+                offsets.append((char_of_byte[pos], char_of_byte[pos + n - 1] + 1))
+            pos += n
+        return offsets
+
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The template to render with: `chat_template` (a template, or the name of one of this tokenizer's),
+        else "tool_use" when tools are given and it exists, else the default."""
+        if chat_template is not None and self.chat_templates and chat_template in self.chat_templates:
+            return self.chat_templates[chat_template]
+        if chat_template is not None:
+            return chat_template
+        template = pick_template(self.chat_templates, tools) if self.chat_templates else self.chat_template
+        if not template:
             raise ValueError("this tokenizer has no chat template; set tokenizer.chat_template "
                              "(a Jinja template, as in HF tokenizer_config.json)")
-        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
-        return self.encode(text, allowed_special="all") if tokenize else text
+        return template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+                            *, tools: list | None = None, documents: list | None = None,
+                            continue_final_message: bool | str = False, return_assistant_tokens_mask: bool = False,
+                            chat_template: str | None = None, **variables) -> str | list[int] | ChatEncoding:
+        """Render a conversation with the chat template, as transformers' `apply_chat_template` does.
+
+        Returns the text (`tokenize=False`), the ids (`tokenize=True`), or a `ChatEncoding` with ids, the assistant
+        mask from `{% generation %}` blocks and token offsets (`return_assistant_tokens_mask=True`). Control tokens
+        inside messages, tools, documents and variables are always encoded as text (see tokenizer/chat.py).
+        """
+        template = self.get_chat_template(chat_template, tools)
+        kwargs = dict(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message, **variables)
+        if not tokenize and not return_assistant_tokens_mask:
+            return render_chat(template, messages, special_tokens_map=self.special_tokens_map(), **kwargs)
+        encoded = encode_chat(self, template, messages, **kwargs)
+        return encoded if return_assistant_tokens_mask else encoded.ids
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -423,7 +496,15 @@ class HFTokenizer(Tokenizer):
         # and a silent cut of long texts in encode() would lose data
         tok.no_padding()
         tok.no_truncation()
-        self.special_tokens = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        added = tok.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        self._strip_flags = {t.content: (t.lstrip, t.rstrip) for t in added.values() if t.special and (t.lstrip or t.rstrip)}
+        # added tokens that are not special (Phi-3's </s>, Qwen's <tool_call>) are still matched by the library in
+        # any text; where one appears, ordinary text goes through the pipeline without the added-token step
+        self._added_contents = tuple(sorted({t.content for t in added.values()}, key=len, reverse=True))
+        nonspecial = [t.content for t in added.values() if not t.special]
+        self._nonspecial_regex = re.compile("|".join(map(re.escape, sorted(nonspecial, key=len, reverse=True)))) \
+            if nonspecial else None
         self.chat_template, self.bos_token, self.eos_token, self.pad_token = chat_template, bos_token, eos_token, pad_token
         self.config = config or {}
 
@@ -433,7 +514,30 @@ class HFTokenizer(Tokenizer):
 
     def _encode_ordinary(self, text: str) -> list[int]:
         text.encode("utf-8")  # the Rust library cannot take lone surrogates: raise UnicodeEncodeError first
+        if self._nonspecial_regex is not None and self._nonspecial_regex.search(text):
+            return self._encode_without_added_tokens(text)
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _encode_without_added_tokens(self, text: str) -> list[int]:
+        """normalizer -> pre-tokenizer -> model, the library's pipeline without its added-token matching."""
+        t = self.tok
+        s = t.normalizer.normalize_str(text) if t.normalizer is not None else text
+        pieces = t.pre_tokenizer.pre_tokenize_str(s) if t.pre_tokenizer is not None else [(s, (0, len(s)))]
+        return [token.id for piece, _ in pieces for token in t.model.tokenize(piece)]
+
+    def control_tokens(self) -> tuple[str, ...]:
+        return tuple(c for c in self._added_contents if not c.isspace())
+
+    def encode_template_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # what a template wrote is encoded as transformers encodes it: every added token matched, with its
+        # lstrip/rstrip rules
+        text.encode("utf-8")
+        self.tok.encode_special_tokens = False
+        try:
+            enc = self.tok.encode(text, add_special_tokens=False)
+        finally:
+            self.tok.encode_special_tokens = True
+        return enc.ids, [tuple(o) for o in enc.offsets]
 
     def encode_for_model(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         for t in texts:
