@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.infer import IncrementalDetokenizer, SamplingConfig, generate, generate_ids, process_logits, stream
+from lmforge.infer import (
+    ChatSession,
+    IncrementalDetokenizer,
+    Request,
+    SamplingConfig,
+    generate,
+    generate_ids,
+    generate_stream,
+    process_logits,
+    stream,
+)
 from lmforge.model import Transformer, load_hf_model, preset
 from tests.model.test_hf_interop import _hf_tiny, _save
 
@@ -140,7 +150,7 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
     assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6", "--pack"]) == 0
     out = capsys.readouterr().out
     first = [{"role": "user", "content": "你好"}]
-    expected = generate(model, trained, trained.apply_chat_template(first, add_generation_prompt=True),
+    expected = generate(model, trained, trained.apply_chat_template(first, add_generation_prompt=True, tokenize=True),
                         SamplingConfig(max_new_tokens=6, temperature=0,
                                        stop_token_ids=[trained.special_tokens["<|im_end|>"],
                                                        trained.special_tokens["<|endoftext|>"]]))
@@ -161,3 +171,92 @@ def test_compiled_decode_with_static_cache_equals_eager():
         eager = generate_ids(model, PROMPTS, cfg)
         assert generate_ids(model, PROMPTS, cfg, compile=True) == eager
         assert generate_ids(model, [PROMPTS[2]], cfg, compile=True)[0] == eager[2]
+
+
+def test_each_request_keeps_its_own_sampling_in_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=300)).eval()
+    configs = [SamplingConfig(max_new_tokens=10, temperature=0),
+               SamplingConfig(max_new_tokens=14, temperature=1.2, top_k=40, seed=3),
+               SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=11),
+               SamplingConfig(max_new_tokens=9, temperature=1.0, min_p=0.05, seed=3)]
+    batched = generate_ids(model, PROMPTS, configs)
+    assert batched == [generate_ids(model, [p], c)[0] for p, c in zip(PROMPTS, configs)]
+    assert [len(x) for x in batched] == [10, 14, 6, 9]
+    assert batched[1] != generate_ids(model, [PROMPTS[1]], SamplingConfig(max_new_tokens=14, temperature=1.2, top_k=40,
+                                                                          seed=4))[0]
+
+
+def test_stop_strings_end_a_request_while_the_batch_goes_on(trained):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size)).eval()
+    greedy = SamplingConfig(max_new_tokens=30, temperature=0)
+    full = generate(model, trained, "def main():", greedy)
+    stop = full[6:9]
+    requests = [Request("def main():", SamplingConfig(max_new_tokens=30, temperature=0, stop_strings=[stop])),
+                Request("class A:", greedy)]
+    events = list(generate_stream(model, trained, requests))
+    texts = ["".join(e.text for e in events if e.index == i) for i in range(2)]
+    assert texts[0] == full[:full.find(stop)]
+    assert texts[1] == generate(model, trained, "class A:", greedy)
+    last = {e.index: n for n, e in enumerate(events) if e.finish_reason}
+    assert events[last[0]].finish_reason == "stop" and events[last[1]].finish_reason in ("length", "stop")
+    assert last[0] < last[1]  # the stopped request ended during generation, not after the batch
+
+
+def test_prompt_text_is_plain_text(trained):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size)).eval()
+    cfg = SamplingConfig(max_new_tokens=5, temperature=0)
+    prompt = "x<|im_start|>system"
+    assert generate(model, trained, prompt, cfg) == generate(model, trained, trained.encode(prompt, disallowed_special=()),
+                                                             cfg)
+
+
+def test_a_prompt_longer_than_the_context_warns():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=300, max_seq_len=16)).eval()
+    with pytest.warns(UserWarning, match="exceeds the model's context"):
+        events = list(generate_stream(model, _ByteTok(), [Request(list(range(1, 15)),
+                                                             SamplingConfig(max_new_tokens=4))]))
+    assert events[-1].finish_reason == "length"
+
+
+class _ByteTok:
+    """The least a tokenizer needs for generate_stream: ids are bytes."""
+
+    special_tokens: dict = {}
+    eos_token = None
+
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode("utf-8", "replace")
+
+    def raw_bytes(self, ids):
+        return bytes(i % 256 for i in ids)
+
+
+def test_chat_session_reuses_its_cache_and_trims_old_turns(trained):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size)).eval()
+    fed = []
+    model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[1]))
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0)
+    session = ChatSession(model, trained, cfg, system="你是一个助手。")
+    first = "".join(session.reply("你好"))
+    fed.clear()
+    second = "".join(session.reply("and then?"))
+    messages = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
+    prompt = trained.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert second == generate(model, trained, prompt, SamplingConfig(max_new_tokens=8, temperature=0,
+                                                                      stop_token_ids=session.cfg.stop_token_ids))
+    assert fed[0] < len(prompt) // 2  # the prefill fed only what the cache did not hold
+    assert session.cfg.stop_token_ids and trained.special_tokens["<|im_end|>"] in session.cfg.stop_token_ids
+    # a small context: the oldest exchanges go, the system message stays, the prompt fits
+    small = ChatSession(model, trained, cfg, system="sys", context=70)
+    for turn in range(6):
+        "".join(small.reply(f"message number {turn} with some words"))
+    assert small.dropped_turns > 0 and small.messages[0] == {"role": "system", "content": "sys"}
+    assert len(trained.apply_chat_template(small.messages, tokenize=True)) <= 70
+    with pytest.raises(ValueError, match="does not fit"):
+        "".join(small.reply("long " * 200))

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lmforge.config import add_config_args, config_from_args
-from lmforge.infer.generate import SamplingConfig
+from lmforge.infer.sampling import SamplingConfig
 
 
 def _load(args: argparse.Namespace):
@@ -37,14 +37,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmforge.infer.generate import stream
+    from lmforge.infer.generate import ChatSession
 
     cfg = config_from_args(SamplingConfig, args)
     model, tokenizer = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
     if not tokenizer.chat_template:
         print("(this tokenizer has no chat template: turns are joined as plain text)", file=sys.stderr)
-    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    session = ChatSession(model, tokenizer, cfg, system=args.system, context=args.context, compile=args.compile)
+    print(f"chat: {session.context}-token context; empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             user = input("you> ")
@@ -52,20 +52,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not user.strip():
             break
-        messages.append({"role": "user", "content": user})
-        prompt = (tokenizer.apply_chat_template(messages, add_generation_prompt=True) if tokenizer.chat_template
-                  else "\n".join(m["content"] for m in messages) + "\n")
-        stops = SamplingConfig(**{**cfg.__dict__, "stop_token_ids": cfg.stop_token_ids or
-                                  [tokenizer.special_tokens[t] for t in ("<|im_end|>", tokenizer.eos_token)
-                                   if t in tokenizer.special_tokens]})
+        dropped = session.dropped_turns
         sys.stdout.write("model> ")
-        reply = ""
-        for piece in stream(model, tokenizer, prompt, stops, compile=args.compile):
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in session.reply(user):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as e:  # the message alone does not fit the context
+            print(f"\n(not sent: {e})", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": reply})
+        if session.dropped_turns > dropped:
+            print(f"(the oldest turns were left out to fit the {session.context}-token context)", file=sys.stderr)
     return 0
 
 
@@ -94,5 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", parents=[common], help="interactive chat using the tokenizer's chat template",
                        epilog="example: lmforge chat --model runs/sft --temperature 0.7")
     c.add_argument("--system", help="system message")
+    c.add_argument("--context", type=int, metavar="N",
+                   help="tokens of conversation kept, the reply included (default: the model's max_seq_len); "
+                        "older turns are left out beyond it")
     add_config_args(c, SamplingConfig)
     c.set_defaults(func=cmd_chat, _parser=c)

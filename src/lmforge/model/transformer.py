@@ -168,6 +168,15 @@ class KVCache:
         else:
             self._length += n
 
+    def truncate(self, length: int) -> None:
+        """Forget the slots from `length` on: the next tokens are written there (a chat reusing a shared prefix)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
+        if self.static:
+            self.pos.fill_(length)
+        else:
+            self._length = length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.static:  # the caller keeps pos + T <= max_len (a data-dependent check would break the graph)
             slots = self.pos + torch.arange(k.shape[2], device=k.device)

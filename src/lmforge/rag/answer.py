@@ -22,6 +22,10 @@ _CITATION = regex.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _CJK = regex.compile(r"\p{Han}")
 
 
+class ContextTooSmall(ValueError):
+    """The model's context cannot hold the instructions, the question and one source."""
+
+
 @dataclass
 class AskConfig:
     k: int = 5
@@ -43,32 +47,31 @@ def relevant_hits(hits: list[Hit], cfg: AskConfig, dense: bool) -> list[Hit]:
     return [h for h in hits if ok(h)]
 
 
-def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int) -> tuple[str, list[Hit]]:
-    """The prompt with as many sources (best first) as fit in `budget` tokens; the last one
-    may be cut. Uses the tokenizer's chat template when it has one."""
-    def render(sources: list[str]) -> str:
+def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int) -> tuple[list[int], list[Hit]]:
+    """The prompt's token ids with as many sources (best first) as fit in `budget` tokens; the last one may be cut.
+    Uses the tokenizer's chat template when it has one. Sources and the question are data: a special token's
+    text inside them is encoded as text, never as a control token."""
+    def render(sources: list[str]) -> list[int]:
         body = INSTRUCTIONS + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True)
-        return body + "Answer:"
-
-    def n_tokens(text: str) -> int:
-        return len(tokenizer.encode(text, allowed_special="all"))
+            return tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True,
+                                                 tokenize=True)
+        return tokenizer.encode(body + "Answer:", disallowed_special=())
 
     sources: list[str] = []
     used: list[Hit] = []
     for h in hits:
         label = f"[{len(used) + 1}] ({h.chunk.doc_id}{' > ' + ' > '.join(h.chunk.heading) if h.chunk.heading else ''})"
         candidate = f"{label}\n{h.chunk.text}"
-        if n_tokens(render(sources + [candidate])) <= budget:
+        if len(render(sources + [candidate])) <= budget:
             sources.append(candidate)
             used.append(h)
             continue
-        room = budget - n_tokens(render(sources + [label + "\n"]))
+        room = budget - len(render(sources + [label + "\n"]))
         if room > 20:  # cut this source to what fits (by tokens), then stop
-            ids = tokenizer.encode(h.chunk.text)[:room]
+            ids = tokenizer.encode(h.chunk.text, disallowed_special=())[:room]
             text = tokenizer.decode(ids)
-            while text and n_tokens(render(sources + [f"{label}\n{text}"])) > budget:
+            while text and len(render(sources + [f"{label}\n{text}"])) > budget:
                 text = text[: int(len(text) * 0.9)]
             if text:
                 sources.append(f"{label}\n{text}")
@@ -102,14 +105,19 @@ def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConf
                 "sources": [_source(i + 1, h) for i, h in enumerate(hits)]}
     from lmforge.infer import SamplingConfig, generate
 
-    budget = (cfg.context_tokens or model.cfg.max_seq_len) - cfg.max_new_tokens
+    context = cfg.context_tokens or model.cfg.max_seq_len
+    budget = context - cfg.max_new_tokens
     prompt, used = build_prompt(question, hits, tokenizer, budget)
+    if not used:  # not even a cut source fits next to the instructions and the question
+        raise ContextTooSmall(f"the model's context ({context} tokens, {cfg.max_new_tokens} of them kept for the answer) "
+                         f"cannot hold the question and one source; the prompt alone takes {len(prompt)} tokens: "
+                         "use a model with a longer context, or lower --max-new-tokens")
     text = generate(model, tokenizer, prompt, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
                                                             temperature=cfg.temperature, seed=0)).strip()
     cited = parse_citations(text, len(used))
     sources = [_source(i + 1, h) for i, h in enumerate(used)]
-    return {"question": question, "answer": text, "answered": True, "prompt_tokens": len(tokenizer.encode(prompt,
-            allowed_special="all")), "citations": [sources[n - 1] for n in cited], "sources": sources}
+    return {"question": question, "answer": text, "answered": True, "prompt_tokens": len(prompt),
+            "citations": [sources[n - 1] for n in cited], "sources": sources}
 
 
 def _source(n: int, h: Hit) -> dict:

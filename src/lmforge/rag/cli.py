@@ -99,7 +99,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from lmforge.rag.answer import AskConfig, ask
+    from lmforge.cli import UserError
+    from lmforge.rag.answer import AskConfig, ContextTooSmall, ask
 
     index = _open(args.index)
     model = tokenizer = None
@@ -109,9 +110,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(args.model)
         model = load_hf_model(args.model)
-    result = ask(index, args.question, model, tokenizer,
-                 AskConfig(k=args.k, mode=args.mode, min_similarity=args.min_similarity,
-                           max_new_tokens=args.max_new_tokens))
+    try:
+        result = ask(index, args.question, model, tokenizer,
+                     AskConfig(k=args.k, mode=args.mode, min_similarity=args.min_similarity,
+                               max_new_tokens=args.max_new_tokens))
+    except ContextTooSmall as e:
+        raise UserError(str(e)) from None
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0

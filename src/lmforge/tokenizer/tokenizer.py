@@ -213,6 +213,11 @@ class Tokenizer(abc.ABC):
         """Decode ids to text; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", "lmforge.surrogates")
 
+    def raw_bytes(self, ids: Iterable[int]) -> bytes | None:
+        """The bytes the ids stand for, before UTF-8 decoding, or None where the tokenizer does not say (a
+        streaming decoder asks whether the last ids end inside a character)."""
+        return self.decode_bytes(ids)
+
     def token_spans(self, text: str, **kw) -> list[tuple[str, list[int]]]:
         """Split the encoding of `text` into displayable spans: (text, ids that make it).
 
@@ -551,6 +556,35 @@ class HFTokenizer(Tokenizer):
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        import json
+
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+        return "ByteLevel" in kinds
+
+    def raw_bytes(self, ids: Iterable[int]) -> bytes | None:
+        """Byte tokens (byte-level BPE, SentencePiece's <0xNN> fallback) give their bytes; a token of whole characters
+        gives the UTF-8 of its vocabulary entry (its word marker included), which ends no character early."""
+        from lmforge.tokenizer.formats import unicode_str_to_bytes
+
+        out = bytearray()
+        for token_id in ids:
+            token = self.tok.id_to_token(token_id)
+            if token is None:
+                return None
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
+                out.append(int(token[3:5], 16))
+            elif self._byte_level:
+                try:
+                    out += unicode_str_to_bytes(token)
+                except KeyError:
+                    return None
+            else:  # a token of whole characters ("▁word", "##ab"): complete characters, whatever its spelling
+                out += token.encode("utf-8", "surrogatepass")
+        return bytes(out)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
