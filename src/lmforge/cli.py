@@ -60,10 +60,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.model import CheckpointError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
     from lmforge.tokenizer.chat import TemplateError
-    from lmforge.train.trainer import TrainingStopped
+    from lmforge.train.trainer import RunDirectoryError, TrainingStopped
 
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
-            TemplateError, TrainingStopped, FileNotFoundError, PermissionError, KeyError)
+            TemplateError, TrainingStopped, RunDirectoryError, FileNotFoundError, PermissionError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,7 +113,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     # the shipped tiny CPU recipe, pointed at this run's shards
     train_cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {
         "data": str(out / "tokens"), "out": str(out / "pretrain"), "max_steps": cfg.max_steps, "eval_batches": 10,
-        "seed": cfg.seed, "progress": False})
+        "seed": cfg.seed, "progress": False, "overwrite": True})  # the quickstart rebuilds its run directory
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
     log(f"[5/8] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for up to {cfg.train_seconds:.0f} s ...")

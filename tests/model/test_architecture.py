@@ -112,3 +112,29 @@ def test_moe_model_trains_and_reports_aux_loss():
     assert torch.isfinite(aux) and aux.item() > 0
     aux.backward()  # the balancing loss reaches the routers (through P_e)
     assert all(layer.mlp.router.weight.grad.abs().sum() > 0 for layer in model.layers)
+
+
+@pytest.mark.parametrize("name,overrides", [("tiny-llama", {}), ("tiny-gpt2", {}), ("tiny-mistral", {"sliding_window": 4}),
+                                            ("tiny-llama", {"pos": "alibi"})])
+def test_packed_sequences_give_the_loss_of_separate_sequences(name, overrides):
+    """Three sequences packed in one row with segment ids: the logits and the loss of each one alone."""
+    torch.manual_seed(0)
+    model = Transformer(preset(name, **overrides)).eval()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 500, (n,), generator=g) for n in (5, 9, 7)]
+    packed = torch.cat(seqs)[None]
+    segments = torch.cat([torch.full((len(s),), i) for i, s in enumerate(seqs)])[None]
+    with torch.no_grad():
+        together = model(packed, segment_ids=segments)[0]
+        alone = torch.cat([model(s[None])[0] for s in seqs])
+    assert (together - alone).abs().max() < 1e-5
+    # the loss a packed SFT batch computes: next-token targets that never cross a boundary
+    targets = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in seqs])
+    packed_loss = torch.nn.functional.cross_entropy(together, targets, ignore_index=-100)
+    separate = sum(torch.nn.functional.cross_entropy(model(s[None])[0, :-1], s[1:], reduction="sum") for s in seqs)
+    assert packed_loss.item() == pytest.approx(separate.item() / (sum(len(s) for s in seqs) - 3), rel=1e-5)
+    # hidden states are the final-norm activations the head reads
+    with torch.no_grad():
+        hidden = model(packed, segment_ids=segments, return_hidden=True)
+    assert hidden.shape == (1, packed.shape[1], model.cfg.d_model)
+    assert (torch.nn.functional.linear(hidden, model.output_weight())[0] - together).abs().max() < 1e-5

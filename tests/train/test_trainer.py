@@ -27,6 +27,11 @@ def _cfg(shards, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def _steps(out):
+    with open(out / "metrics.jsonl") as f:
+        return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
 def _losses(out):
     return [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
 
@@ -80,16 +85,20 @@ def test_weight_decay_on_matrices_only(shards, tmp_path):
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
 
 
-def test_custom_loss_and_nan_stop(shards, tmp_path):
+def test_custom_objective_and_nan_stop(shards, tmp_path):
+    from lmforge.train.objectives import CausalLM
+
     calls = []
 
-    def loss_fn(logits, targets, batch):
-        calls.append(batch["input_ids"].shape)
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) * float("nan")
+    class Broken(CausalLM):
+        def loss(self, forward, batch):
+            calls.append(batch["input_ids"].shape)
+            loss, count = super().loss(forward, batch)
+            return loss * float("nan"), count
 
     with pytest.raises(TrainingStopped, match="loss is nan at step 0"):
-        Trainer(_cfg(shards, tmp_path), loss_fn=loss_fn).fit()
-    assert calls and calls[0] == (8, 32)
+        Trainer(_cfg(shards, tmp_path), objective=Broken()).fit()
+    assert (8, 32) in calls  # training micro-batches (evaluation reads 4 windows at a time)
 
 
 def test_bf16_autocast_trains(shards, tmp_path):
@@ -137,3 +146,188 @@ def test_fp16_with_gradient_scaler_trains(shards, tmp_path):
     assert t.scaler is not None
     summary = t.fit()
     assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
+
+
+def test_pretraining_losses_equal_a_plain_reference_loop(shards, tmp_path):
+    """The Trainer against a loop written out by hand (nanoGPT style): same init, batches, AdamW groups, warmup +
+    cosine, clipping and accumulation give the same losses."""
+    from lmforge.model import Transformer, preset
+    from lmforge.train import BatchLoader, SlidingWindowDataset, TokenStream
+
+    cfg = _cfg(shards, tmp_path, max_steps=6, micro_batch_size=4, eval_every=0, warmup_steps=2)
+    ours = _losses_of(Trainer(cfg))
+    torch.manual_seed(cfg.seed)
+    vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
+    model = Transformer(preset("tiny-llama", vocab_size=vocab, max_seq_len=128))
+    loader = BatchLoader(SlidingWindowDataset(TokenStream.open(shards, "train"), cfg.max_length), 4, seed=cfg.seed)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    reference = []
+    for step in range(6):
+        lr = cfg.lr * (step + 1) / 2 if step < 2 else \
+            0.1 * cfg.lr + 0.5 * 0.9 * cfg.lr * (1 + math.cos(math.pi * (step - 2) / 4))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for _ in range(2):
+            x, y = loader.next_batch()
+            loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+            (loss / 2).backward()
+            total += loss.item() / 2
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        reference.append(total)
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def _losses_of(trainer):
+    trainer.fit()
+    return _losses(trainer.out)
+
+
+class _DictBatches:
+    """Dict batches with a label mask: each example's loss covers only its second half."""
+
+    def __init__(self, shards, batch_size, length=24, seed=0):
+        from lmforge.train import TokenStream
+
+        self.stream, self.batch_size, self.length = TokenStream.open(shards, "train"), batch_size, length
+        self.g, self.i = torch.Generator().manual_seed(seed), 0
+
+    def next_batch(self):
+        rows, labels = [], []
+        for _ in range(self.batch_size):
+            w = torch.from_numpy(self.stream.slice(self.i * 97 % 10_000, self.length + 1).astype("int64"))
+            self.i += 1
+            cut = 4 + self.i % 13  # a different number of target tokens in every example
+            y = w[1:].clone()
+            y[:cut] = -100
+            rows.append(w[:-1])
+            labels.append(y)
+        return {"input_ids": torch.stack(rows), "labels": torch.stack(labels)}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def test_dict_batches_accumulate_by_target_tokens(shards, tmp_path):
+    """Micro-batches with different numbers of target tokens: accumulation gives the gradient of the whole batch
+    (token-weighted), not the mean of the micro-batches' means."""
+    from lmforge.model import Transformer, preset
+
+    def trainer(micro, out):
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny-llama", vocab_size=3000))
+        cfg = _cfg(shards, out, batch_size=8, micro_batch_size=micro, max_steps=1)
+        return Trainer(cfg, model=model, train_data=_DictBatches(shards, micro))
+
+    whole, parts = trainer(8, tmp_path / "a"), trainer(2, tmp_path / "b")
+    assert parts.accum == 4
+    assert whole.accumulate_gradients() == pytest.approx(parts.accumulate_gradients(), rel=1e-5)
+    for p, q in zip(whole.model.parameters(), parts.model.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+    # the same loss by hand: one cross entropy over every target token of the 8 examples
+    batch = _DictBatches(shards, 8).next_batch()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=3000))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(batch["input_ids"]).reshape(-1, 3000),
+                                                 batch["labels"].reshape(-1), ignore_index=-100)
+    assert trainer(4, tmp_path / "c").accumulate_gradients() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer_and_the_average(shards, tmp_path):
+    from lmforge.model import Transformer, preset
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=3000))
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("layers.1.")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    t = Trainer(_cfg(shards, tmp_path, ema_decay=0.9, max_steps=3, eval_every=0), model=model)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in t.optimizer.param_groups) == n_trainable == len(t.ema)
+    assert all(n.startswith("layers.1.") for n in t.ema_names)
+    t.fit()
+    params = dict(t.model.named_parameters())
+    assert all(torch.equal(params[n], w) for n, w in frozen.items())
+    assert not torch.equal(params["layers.1.mlp.down_proj.weight"], torch.zeros(1))
+
+
+def test_a_run_directory_holds_one_run(shards, tmp_path):
+    from lmforge.train.trainer import RunDirectoryError
+
+    out = tmp_path / "run"
+    Trainer(_cfg(shards, out, max_steps=4, eval_every=2)).fit(until_step=2)
+    config_yaml = (out / "config.yaml").read_text()
+    with pytest.raises(RunDirectoryError, match="already holds a training run.*--resume.*--overwrite"):
+        Trainer(_cfg(shards, out, max_steps=4)).fit()
+    with pytest.raises(RunDirectoryError, match="batch_size: 8 in the checkpoint, 16 now"):
+        Trainer(_cfg(shards, out, max_steps=4, batch_size=16, resume=True)).fit()
+    with pytest.raises(RunDirectoryError, match="model_overrides"):
+        Trainer(_cfg(shards, out, max_steps=4, resume=True, model_overrides={"n_layers": 3})).fit()
+    with pytest.raises(RunDirectoryError, match="no checkpoint to continue from"):
+        Trainer(_cfg(shards, tmp_path / "empty", resume=True)).fit()
+    # a crash after step 3 (its metrics line written, its checkpoint not): the resumed run repeats no step
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 9.9}) + "\n" + '{"step": 4, "lo')
+    Trainer(_cfg(shards, out, max_steps=4, eval_every=2, resume=True)).fit()
+    assert _steps(out) == [1, 2, 3, 4] and 9.9 not in _losses(out)
+    assert (out / "config.yaml").read_text() == config_yaml  # resuming keeps the run's own config
+    # --overwrite starts over: the old metrics and checkpoints go
+    Trainer(_cfg(shards, out, max_steps=2, eval_every=0, overwrite=True)).fit()
+    assert _steps(out) == [1, 2]
+    assert json.loads((out / "best" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(shards, tmp_path):
+    import os
+    import signal
+
+    from lmforge.train.objectives import CausalLM
+
+    class InterruptAtStep3(CausalLM):
+        calls = 0
+
+        def loss(self, forward, batch):
+            InterruptAtStep3.calls += torch.is_grad_enabled()  # training steps, not evaluation
+            if InterruptAtStep3.calls == 3 and torch.is_grad_enabled():
+                os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of a step, as a real Ctrl-C does
+            return super().loss(forward, batch)
+
+    summary = Trainer(_cfg(shards, tmp_path / "cut", max_steps=6, eval_every=0), objective=InterruptAtStep3()).fit()
+    assert summary["interrupted"] == "SIGINT" and summary["stopped_at"] == 3
+    assert json.loads((tmp_path / "cut" / "latest.json").read_text()) == {"checkpoint": "last", "step": 3}
+    Trainer(_cfg(shards, tmp_path / "cut", max_steps=6, eval_every=0, resume=True)).fit()
+    Trainer(_cfg(shards, tmp_path / "straight", max_steps=6, eval_every=0)).fit()
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "straight")
+
+
+def test_a_crash_inside_the_checkpoint_swap_loses_nothing(shards, tmp_path):
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    out = tmp_path / "run"
+    Trainer(_cfg(shards, out, max_steps=2, eval_every=0)).fit()
+    # the moment between the swap's two renames: the previous checkpoint is under .last.old, last/ is gone
+    (out / "last").rename(out / ".last.old")
+    assert resolve_checkpoint(out) == out / "last" and (out / "last" / "model.safetensors").exists()
+    assert not (out / ".last.old").exists()
+    Trainer(_cfg(shards, out, max_steps=3, eval_every=0, resume=True)).fit()
+    assert json.loads((out / "latest.json").read_text())["step"] == 3
+
+
+def test_an_hf_model_directory_takes_only_overrides_its_weights_allow(shards, tmp_path):
+    from lmforge.config import ConfigError
+
+    Trainer(_cfg(shards, tmp_path / "base", max_steps=1, eval_every=0)).fit()
+    base = str(tmp_path / "base" / "last")
+    with pytest.raises(ConfigError, match="n_layers cannot change"):
+        Trainer(_cfg(shards, tmp_path / "ft", model=base, model_overrides={"n_layers": 3}))
+    t = Trainer(_cfg(shards, tmp_path / "ft", model=base, model_overrides={"rope_theta": 5e5}, max_steps=1))
+    assert t.model.cfg.rope_theta == 5e5 and t.tokenizer_dir == tmp_path / "base" / "last"

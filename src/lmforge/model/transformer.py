@@ -328,15 +328,17 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def _mask(self, B: int, T: int, start, attention_mask: torch.Tensor | None, device,
-              keys: int | None = None) -> torch.Tensor | None:
+              keys: int | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Boolean (B, 1, T, S) mask (True = attend), or None when plain causal attention suffices.
 
         `start` is the first query's slot (an int, or a 0-d tensor for a static cache, whose S = `keys` is the
-        whole cache). With ALiBi it is a float (B, heads, T, S) bias: -slope * distance where allowed, -inf elsewhere.
+        whole cache). `segment_ids` (B, T) keep packed sequences apart: a token sees only its own segment.
+        With ALiBi it is a float (B, heads, T, S) bias: -slope * distance where allowed, -inf elsewhere.
         """
         window = self.cfg.sliding_window
         S = keys if keys is not None else start + T
-        plain = keys is None and attention_mask is None and self.alibi is None and (window is None or window >= S)
+        plain = (keys is None and attention_mask is None and segment_ids is None and self.alibi is None
+                 and (window is None or window >= S))
         if plain and (start == 0 or T == 1):  # causal from scratch, or one new token that may see every key
             return None
         q = (start + torch.arange(T, device=device))[:, None]
@@ -345,6 +347,8 @@ class Transformer(nn.Module):
         if window is not None:
             allowed = allowed & (q - k < window)
         allowed = allowed[None, None].expand(B, 1, T, S)
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :S].bool()
             # a padding query sees no key; let it see itself so no row is all -inf (NaN in softmax)
@@ -357,20 +361,30 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int | None = None) -> torch.Tensor:
+                logits_to_keep: int | None = None, segment_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token
         (with a static cache: (B, max_len), later slots are never attended anyway).
 
-        `logits_to_keep=k` computes logits for the last k positions only (generation needs 1), which
-        skips most of the output-head matmul and its (B, T, vocab) tensor.
+        `segment_ids` (B, T): several sequences packed in one row (training); a token attends only to earlier
+        tokens of its own segment and positions restart at each segment, so the packed row gives each sequence the
+        logits it has alone. `logits_to_keep=k` computes logits for the last k positions only (generation needs
+        1), which skips most of the output-head matmul and its (B, T, vocab) tensor. `return_hidden=True` returns
+        the final-norm hidden states (B, T, d_model) instead of logits (for task heads and embeddings).
         """
         B, T = input_ids.shape
         static = cache is not None and cache.static
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for packed training sequences, not for decoding with a KV cache")
         # a static cache's position stays a tensor: reading it as an int would specialise a compiled graph
         start = (cache.pos if static else cache.length) if cache is not None else 0
         if positions is None:
             slots = (start + torch.arange(T, device=input_ids.device)).expand(B, T)
-            if attention_mask is not None:  # left padding: count only real tokens
+            if segment_ids is not None:  # each segment counts from 0
+                first = torch.ones_like(segment_ids, dtype=torch.bool)
+                first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+                positions = slots - torch.cummax(torch.where(first, slots, torch.zeros_like(slots)), dim=1).values
+            elif attention_mask is not None:  # left padding: count only real tokens
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots)
             else:
                 positions = slots
@@ -380,7 +394,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
             x = x + self.pos_embed(positions)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        mask = self._mask(B, T, start, attention_mask, input_ids.device, keys=cache.max_len if static else None)
+        mask = self._mask(B, T, start, attention_mask, input_ids.device, keys=cache.max_len if static else None,
+                          segment_ids=segment_ids)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
         for i, layer in enumerate(self.layers):
@@ -390,6 +405,8 @@ class Transformer(nn.Module):
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
+        if return_hidden:
+            return x
         if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
             return self.lm_head(x)
         return F.linear(x, self.embed.weight)

@@ -1,4 +1,4 @@
-"""Training: datasets over token shards (the shared training loop lands here next)."""
+"""Training: one loop (trainer) for every objective, its schedules and checkpoints, datasets over token shards."""
 
 from lmforge.train.datasets import (
     BatchLoader,

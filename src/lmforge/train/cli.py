@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.config import add_config_args, config_from_args, save_config
+from lmforge.config import add_config_args, config_from_args
 from lmforge.train.trainer import TrainConfig, Trainer, export_checkpoint
 
 
@@ -17,13 +17,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     try:
         if trainer.is_main:
-            save_config(cfg, cfg.out)
             n = trainer.model.cfg.num_params()
             print(f"model: {n / 1e6:.2f} M parameters; {trainer.accum} micro-batch(es) per step on each of "
                   f"{trainer.world} process(es); device {trainer.device}", file=sys.stderr)
         summary = trainer.fit()
         if trainer.is_main:
             print(json.dumps({k: v for k, v in summary.items() if k != "hf_config"}, indent=2))
+        if "interrupted" in summary:
+            if trainer.is_main:
+                print(f"lmforge: interrupted at step {trainer.step}; {cfg.out}/last holds it: continue with the same "
+                      "command and --resume", file=sys.stderr)
+            return 130
     finally:
         import torch.distributed as dist
 

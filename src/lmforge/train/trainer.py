@@ -1,17 +1,16 @@
-"""The training loop, one for pretraining now and for fine-tuning later: read it top to bottom.
+"""The training loop, one for every objective (pretraining now; SFT, classification, preference tuning next):
+read it top to bottom.
 
-AdamW with decoupled weight decay on matrices only (Loshchilov & Hutter 2019); warmup then cosine,
-linear or warmup-stable-decay; gradient clipping; gradient accumulation from a global batch size;
-bf16 autocast (fp16 with a scaler on GPUs without bf16); evaluation with perplexity, the best
-checkpoint kept and early stopping; checkpoints that resume the exact same trajectory; metrics.jsonl.
+`Trainer(cfg).fit()` pretrains on token shards. `Trainer(cfg, objective=..., model=..., train_data=...,
+eval_data=...)` trains any lmforge model on any dict batches (train/objectives.py says what a batch holds):
+gradient accumulation from a global batch size, weighted by each micro-batch's number of loss terms; bf16
+autocast (fp16 with a scaler); gradient clipping; an EMA of the weights; evaluation that keeps the best
+checkpoint and stops early; DDP or FSDP under torchrun. Schedules live in train/schedule.py, checkpoints in
+train/checkpoint.py.
 
-Checkpoints come in two formats. "full" (the default for one process and DDP) holds no pickle: the
-model is an HF directory (config.json + model.safetensors), the optimizer and RNG states are
-safetensors, the rest is JSON. "sharded" (the default under FSDP) has every process write its own
-shard of the model, optimizer and EMA with torch.distributed.checkpoint, so nothing is gathered on
-one host during training; best/ and last/ get HF weights once, at the end (`export_checkpoint`).
-Both resume at any world size. Each is written to a temporary directory and renamed, so a crash
-never leaves a half-written checkpoint.
+A run directory belongs to one run: starting into one that holds a run needs `overwrite` (start over) or
+`resume` (continue it: the config must agree on everything that shapes the trajectory, and metrics.jsonl is cut
+back to the checkpoint's step). Ctrl-C or SIGTERM stops after the current step and saves a resumable last/.
 """
 
 from __future__ import annotations
@@ -19,23 +18,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge.files import write_json
-from lmforge.model import CheckpointError, Transformer, load_hf_model, preset, save_hf_model
+from lmforge.files import atomic_write
+from lmforge.model import Transformer, load_hf_model, preset
 from lmforge.model.hf import config_to_hf
+from lmforge.train import checkpoint
+from lmforge.train.checkpoint import export_checkpoint  # noqa: F401  (the CLI and users import it from here)
 from lmforge.train.datasets import BatchLoader, PackedDataset, RandomOffsetBatches, SlidingWindowDataset, TokenStream
+from lmforge.train.objectives import CausalLM, Objective
+from lmforge.train.schedule import build_optimizer, learning_rate, trainable_parameters
 
 
 @dataclass
@@ -43,7 +47,9 @@ class TrainConfig:
     data: str = field(default="runs/tokens", metadata={"help": "token shard directory (lmforge data tokenize)"})
     out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
     model: str = field(default="tiny-llama", metadata={"help": "a preset name or an HF model directory to start from"})
-    model_overrides: dict = field(default_factory=dict, metadata={"help": "ModelConfig fields to change (YAML mapping)"})
+    model_overrides: dict = field(default_factory=dict, metadata={
+        "help": "ModelConfig fields to change (YAML mapping); for an HF directory only max_seq_len, rope_theta, "
+                "rope_scaling and sliding_window"})
     dataset: str = field(default="sliding", metadata={
         "help": "sliding: consecutive windows over all tokens (documents separated by EOS); packed: windows start at "
                 "document starts (the tail of a longer document is dropped unless allow_mid_doc); random: nanoGPT offsets",
@@ -73,8 +79,13 @@ class TrainConfig:
     tensorboard: bool = field(default=False, metadata={"help": "also log scalars for TensorBoard in <out>/tensorboard "
                                                                 "(pip install tensorboard)"})
     seed: int = 0
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an --out that holds an earlier run "
+                                                             "(its checkpoints and metrics are deleted)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    peak_tflops: float = field(default=0.0, metadata={
+        "help": "the hardware's peak dense TFLOP/s at this precision, the denominator of MFU (0: a known GPU's "
+                "datasheet value, else this machine's measured matmul speed)"})
     distributed: str = field(default="ddp", metadata={
         "help": "under torchrun: ddp (a replica per process) or fsdp (FSDP2 fully_shard: parameters, gradients and "
                 "optimizer state sharded across processes)", "choices": ["ddp", "fsdp"]})
@@ -85,40 +96,37 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
+# what a resumed run must share with the checkpoint: a different value would give another trajectory (or shapes
+# the saved state does not fit); the rest (max_steps, evaluation, logging, micro_batch_size) may change
+RESUME_MUST_MATCH = ("data", "model", "model_overrides", "dataset", "allow_mid_doc", "max_length", "batch_size", "lr",
+                     "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1", "beta2",
+                     "grad_clip", "precision", "moe_aux_weight", "ema_decay", "seed")
+# ModelConfig fields an HF model directory may be loaded with changed (none of them changes a weight's shape)
+HF_MODEL_OVERRIDES = ("max_seq_len", "rope_theta", "rope_scaling", "sliding_window")
+RUN_FILES = ("metrics.jsonl", "latest.json", "loss.png", "best", "last", "tensorboard", ".best.tmp", ".last.tmp",
+             ".best.old", ".last.old")
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped early on bad numbers (NaN/inf loss); the message says what and where."""
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The learning rate before optimizer step `step` (0-based)."""
-    low = cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "wsd":  # warmup-stable-decay (Hu et al. 2024): flat, then linear decay at the end
-        decay_start = int(cfg.max_steps * (1 - cfg.decay_fraction))
-        if step < decay_start:
-            return cfg.lr
-        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.lr - (cfg.lr - low) * min(frac, 1.0)
-    frac = min((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), 1.0)
-    if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - low) * frac
-    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * frac))
+class RunDirectoryError(ValueError):
+    """The run directory and the request disagree (an earlier run there, nothing to resume, another config)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2) only, never on norms and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+# --- MFU ---------------------------------------------------------------------------------------------------------
+
+# dense (no sparsity) bf16/fp16 tensor-core peaks from the datasheets, TFLOP/s; matched against the device name
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                   "A10": 125.0, "V100": 125.0, "T4": 65.0}
 
 
 @functools.lru_cache(maxsize=8)
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
                         seconds: float = 0.3) -> float:
-    """This machine's achieved dense matmul FLOP/s for (n x n) @ (n x n): the denominator of MFU.
+    """This machine's achieved dense matmul FLOP/s for (n x n) @ (n x n): the denominator of MFU where no
+    datasheet value is known.
 
     Best of three rounds of about seconds/3 each, so that a moment of contention on a shared machine does not
     lower the peak (and inflate MFU past 1). The size grows from 128 to n (default 4096 on CUDA, 1024 on CPU)
@@ -153,28 +161,32 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return best
 
 
-def _rng_states() -> dict[str, torch.Tensor]:
-    states = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["rng.cuda"] = torch.cuda.get_rng_state()
-    return states
+def peak_flops(device: torch.device, dtype: torch.dtype, stated_tflops: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): the stated value, a known GPU's datasheet, or a measurement."""
+    if stated_tflops > 0:
+        return stated_tflops * 1e12, "stated (peak_tflops)"
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+            if key in name:
+                return GPU_PEAK_TFLOPS[key] * 1e12, f"datasheet ({key}, dense {str(dtype).removeprefix('torch.')})"
+    return measure_matmul_peak(device, dtype), f"measured matmul on this {device.type} ({str(dtype).removeprefix('torch.')})"
 
 
-def _restore_rng_states(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["rng.cpu"])
-    if "rng.cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["rng.cuda"])
-
-
-def default_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
+# --- the trainer -------------------------------------------------------------------------------------------------
 
 class Trainer:
-    """`Trainer(cfg).fit()`; pass `loss_fn(logits, targets, batch) -> loss` for a custom objective."""
+    """`Trainer(cfg).fit()`. Defaults: the causal-LM objective on cfg.data's token shards, the model from
+    cfg.model. Pass `objective`, `model`, `train_data` (an object with `next_batch() -> dict`, `state_dict()`
+    and `load_state_dict()`, whose batches are per-process micro-batches) and `eval_data` (an iterable of dict
+    batches, or a function returning one, the same every time) to train anything else; `tokenizer_dir` is copied
+    into every checkpoint (default: the shards' tokenizer, or cfg.model's directory)."""
 
-    def __init__(self, cfg: TrainConfig, loss_fn: Callable = default_loss, device: str | None = None):
-        self.cfg, self.loss_fn = cfg, loss_fn
+    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, model: Transformer | None = None,
+                 train_data=None, eval_data: Iterable[dict] | Callable[[], Iterable[dict]] | None = None,
+                 tokenizer_dir: str | os.PathLike | None = None, device: str | None = None):
+        self.cfg = cfg
+        self.objective = objective or CausalLM()
         # under torchrun (WORLD_SIZE > 1): one process per device, DDP, each rank reads its own slice of every batch
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -191,12 +203,14 @@ class Trainer:
         self.is_main = self.rank == 0
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
-        self.manifest = json.loads((Path(cfg.data) / "manifest.json").read_text()) \
-            if (Path(cfg.data) / "manifest.json").exists() else None
-        if self.manifest is None:
-            raise FileNotFoundError(f"{cfg.data}: no manifest.json; create token shards with `lmforge data tokenize`")
-        self.model = self._build_model()
-        if self.model.cfg.vocab_size < self.manifest["vocab_size"]:
+        self.manifest = None
+        if train_data is None:
+            manifest = Path(cfg.data) / "manifest.json"
+            if not manifest.exists():
+                raise FileNotFoundError(f"{cfg.data}: no manifest.json; create token shards with `lmforge data tokenize`")
+            self.manifest = json.loads(manifest.read_text())
+        self.model = model if model is not None else self._build_model()
+        if self.manifest is not None and self.model.cfg.vocab_size < self.manifest["vocab_size"]:
             raise ValueError(f"the model's vocabulary ({self.model.cfg.vocab_size}) is smaller than the data's "
                              f"({self.manifest['vocab_size']})")
         self.model.to(self.device)
@@ -216,30 +230,53 @@ class Trainer:
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg)
         micro = cfg.micro_batch_size or cfg.batch_size // self.world  # examples per forward, per process
-        if cfg.batch_size % (micro * self.world):
+        if micro <= 0 or cfg.batch_size % (micro * self.world):
             raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
                              f"{self.world} processes")
         self.accum = cfg.batch_size // (micro * self.world)
-        train = TokenStream.open(cfg.data, "train")
-        self.val = TokenStream.open(cfg.data, "val") if self.manifest["splits"]["val"]["tokens"] > cfg.max_length + 1 else None
-        self.loader = self._loader(train, micro * self.world)
+        self.val = None
+        if train_data is None:
+            train = TokenStream.open(cfg.data, "train")
+            if self.manifest["splits"]["val"]["tokens"] > cfg.max_length + 1:
+                self.val = TokenStream.open(cfg.data, "val")
+            self.loader = self._loader(train, micro * self.world)
+        else:
+            self.loader = train_data
+        self.eval_data = eval_data
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
-        self.step, self.best_val, self.bad_evals = 0, float("inf"), 0
+        self.step, self.bad_evals = 0, 0
+        self.best_val = float("-inf") if self.objective.higher_is_better else float("inf")
         self.tokens_per_step = cfg.batch_size * cfg.max_length
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-        self.ema = [p.detach().clone().float() for p in self.model.parameters()] if cfg.ema_decay else None
+        # the average covers what trains: a frozen parameter's average is the parameter itself
+        trainable = trainable_parameters(self.model)
+        self.ema_names = [name for name, _ in trainable]
+        self.ema = [p.detach().clone().float() for _, p in trainable] if cfg.ema_decay else None
         self.sharded = cfg.checkpoint_format == "sharded" or (cfg.checkpoint_format == "auto" and self.fsdp)
+        # the tokenizer that belongs with the weights: a model directory's own, else the one the shards were made with
+        model_dir = Path(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
+        source = tokenizer_dir or model_dir or (self.manifest or {}).get("tokenizer")
+        self.tokenizer_dir = Path(source) if source else None
+        self.interrupted: str | None = None
 
     def _build_model(self) -> Transformer:
-        """An HF model directory to continue from, or a preset sized to the data's vocabulary."""
+        """An HF model directory to continue from (with the overrides its weights allow), or a preset sized to the
+        data's vocabulary."""
         cfg = self.cfg
-        if Path(cfg.model).is_dir():
-            return load_hf_model(cfg.model)
-        from lmforge.config import from_dict
+        from lmforge.config import ConfigError, from_dict
         from lmforge.model import ModelConfig
 
+        if Path(cfg.model).is_dir():
+            bad = sorted(set(cfg.model_overrides) - set(HF_MODEL_OVERRIDES))
+            if bad:
+                raise ConfigError(f"model_overrides: {', '.join(bad)} cannot change for the pretrained model in "
+                                  f"{cfg.model} (its weights fix them); allowed: {', '.join(HF_MODEL_OVERRIDES)}")
+            model = load_hf_model(cfg.model)
+            if cfg.model_overrides:
+                model = _with_overrides(model, cfg.model_overrides)
+            return model.train()
         from_dict(ModelConfig, dict(cfg.model_overrides), "model_overrides")  # unknown keys / bad values: clear errors
         sizes = {"vocab_size": self.manifest["vocab_size"], "max_seq_len": max(cfg.max_length, 128)}
         return Transformer(preset(cfg.model, **{**sizes, **cfg.model_overrides}))
@@ -259,45 +296,70 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean validation loss and perplexity over fixed, evenly spaced windows (the same every time)."""
-        if self.val is None:
-            return {}
-        self.model.eval()
+    def _to_device(self, batch) -> dict:
+        if isinstance(batch, (tuple, list)):  # (input_ids, labels) windows of the token loaders
+            batch = {"input_ids": batch[0], "labels": batch[1]}
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    def _token_eval_batches(self) -> Iterable[dict]:
+        """Fixed, evenly spaced validation windows (the same every time)."""
         n = len(self.val) - self.cfg.max_length - 1
         starts = torch.linspace(0, n, self.cfg.eval_batches * 4).long().view(self.cfg.eval_batches, 4)
-        losses = []
         for row in starts:
             chunks = [torch.from_numpy(self.val.slice(int(s), self.cfg.max_length + 1)) for s in row]
             batch = torch.stack(chunks).to(self.device)
-            with self._autocast():
-                logits = self.model(batch[:, :-1])  # the bare model: no collective inside evaluation
-            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item())
-        self.model.train()
-        loss = sum(losses) / len(losses)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+            yield {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The objective's metrics on the evaluation batches ({} without any)."""
+        if self.eval_data is not None:
+            batches = self.eval_data() if callable(self.eval_data) else self.eval_data
+            batches = (self._to_device(b) for b in batches)
+        elif self.val is not None:
+            batches = self._token_eval_batches()
+        else:
+            return {}
+        self.model.eval()
+        with self._autocast():
+            metrics = self.objective.evaluate(self.model, batches)  # the bare model: no collective inside evaluation
+        self.model.train()
+        return metrics
+
+    def _improved(self, metrics: dict) -> bool:
+        value = metrics.get(self.objective.best_metric)
+        if value is None:
+            return False
+        return value > self.best_val if self.objective.higher_is_better else value < self.best_val
+
+    # --- one optimizer step ---------------------------------------------------------------------------------
     def train_step(self) -> float:
-        """One optimizer step over the global batch; returns its mean loss."""
+        """One optimizer step over the global batch; returns its loss."""
         loss = self.accumulate_gradients()
         self.optimizer_step()
         return loss
 
     def accumulate_gradients(self) -> float:
-        """Forward and backward over every micro-batch of one global batch (the mean, as one large batch)."""
+        """Forward and backward over every micro-batch of one global batch: the loss of the whole batch, each
+        micro-batch weighted by its share of the loss terms (equal shares: the plain mean)."""
         cfg = self.cfg
+        micro_batches = [self._to_device(self.loader.next_batch()) for _ in range(self.accum)]
+        counts = [self.objective.count(b) for b in micro_batches]
+        stats = torch.tensor([float(sum(counts)), float(min(counts)), float(-max(counts))], device=self.device)
+        if self.world > 1:  # the global number of loss terms, and whether every micro-batch everywhere has the same
+            dist.all_reduce(stats[:1])
+            dist.all_reduce(stats[1:], op=dist.ReduceOp.MIN)
+        total_count, equal = stats[0].item(), stats[1].item() == -stats[2].item()
         total = torch.zeros((), device=self.device)
-        for i in range(self.accum):
-            x, y = (t.to(self.device) for t in self.loader.next_batch())
+        for i, batch in enumerate(micro_batches):
             # DDP: gradients are averaged across processes on the last micro-batch only
             sync = self.ddp is None or i == self.accum - 1
             if self.fsdp:
                 self.model.set_requires_gradient_sync(i == self.accum - 1)
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
-                    logits = self.forward(x)
-                    loss = self.loss_fn(logits, y, {"input_ids": x, "labels": y})
+                    loss, _ = self.objective.loss(self.forward, batch)
                     if self.model.cfg.n_experts:
                         loss = loss + cfg.moe_aux_weight * self.model.aux_loss()
                 bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
@@ -306,12 +368,15 @@ class Trainer:
                 if bad.item():
                     raise TrainingStopped(f"loss is {loss.item()} at step {self.step}; lower the learning rate or use "
                                           f"fp32. The last good checkpoint is in {self.out} (if one was saved)")
-                scaled = loss / self.accum  # mean over micro-batches = the loss of the whole batch
+                # equal shares: the mean over micro-batches; else this micro-batch's share of the global loss terms
+                # (times the world size: DDP averages the gradients over processes)
+                scaled = loss / self.accum if equal else loss * (counts[i] * self.world / total_count)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += loss.detach().float() / self.accum
+            total += loss.detach().float() / self.accum if equal else loss.detach().float() * (counts[i] / total_count)
         if self.world > 1:
             dist.all_reduce(total)
-            total /= self.world
+            if equal:
+                total /= self.world
         return total.item()
 
     def optimizer_step(self) -> None:
@@ -321,7 +386,8 @@ class Trainer:
             group["lr"] = lr
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        params = [p for _, p in trainable_parameters(self.model)]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -330,209 +396,82 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:  # ema <- decay * ema + (1 - decay) * weights
             with torch.no_grad():
-                for e, p in zip(self.ema, self.model.parameters()):
+                for e, p in zip(self.ema, params):
                     e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
         self.step += 1
         if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
             norm = norm.full_tensor()
         self.last_grad_norm, self.last_lr = float(norm), lr
 
-    # --- checkpoints ----------------------------------------------------------------------
+    # --- checkpoints (train/checkpoint.py) --------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> Path:
-        """Full: rank 0 writes (FSDP first gathers every tensor to it). Sharded: every rank writes its own part."""
-        final = self.out / name
-        if self.sharded:
-            self._write_sharded_checkpoint(name, final)
-            return final
-        full = self._gather_full_state() if self.fsdp else None  # a collective: every rank takes part
-        if self.is_main:
-            self._write_checkpoint(name, final, full)
-        self._barrier()
-        return final
+        return checkpoint.save_checkpoint(self, name)
 
-    def _barrier(self) -> None:
+    def load_checkpoint(self, directory: Path) -> None:
+        checkpoint.load_checkpoint(self, directory)
+
+    # --- the run directory --------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        """Start, resume or refuse (see the module docstring); on rank 0 the directory's files change."""
+        cfg, out = self.cfg, self.out
+        latest = checkpoint.resolve_checkpoint(out) if out.exists() else None
+        if cfg.resume and cfg.overwrite:
+            raise RunDirectoryError("resume and overwrite exclude each other: continue the run, or start over")
+        if cfg.resume:
+            if latest is None:
+                raise RunDirectoryError(f"resume: {out} has no checkpoint to continue from (no latest.json); "
+                                        f"start a run there without --resume")
+            self._check_resumable(latest)
+            self.load_checkpoint(latest)
+            if self.is_main:
+                _truncate_metrics(out / "metrics.jsonl", self.step)
+            return
+        earlier = latest is not None or (out / "metrics.jsonl").exists()
+        if earlier and not cfg.overwrite:
+            step = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else "?"
+            raise RunDirectoryError(f"{out} already holds a training run (checkpoint at step {step}); pass --resume to "
+                                    f"continue it or --overwrite to start over (its checkpoints and metrics go)")
+        if self.is_main:
+            if earlier:
+                for name in RUN_FILES:
+                    target = out / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            from lmforge.config import save_config
+
+            save_config(self.cfg, out)
         if self.world > 1:
             dist.barrier()
 
-    def _training_state(self, with_ema: bool) -> dict:
-        """Model, optimizer and EMA keyed by parameter name: this rank's DTensor shards under FSDP, whole tensors
-        otherwise. torch.distributed.checkpoint saves either and loads into any sharding (another world size)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    def _check_resumable(self, directory: Path) -> None:
+        """Every difference that would change the trajectory, named; the model's shape too."""
+        saved = json.loads((directory / "trainer_state.json").read_text()).get("config", {})
+        now = asdict(self.cfg)
+        diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in RESUME_MUST_MATCH
+                 if k in saved and saved[k] != now[k]]
+        if (directory / "config.json").exists():
+            from lmforge.model.hf import config_from_hf
 
-        state = {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-        if with_ema:
-            state["ema"] = dict(zip((name for name, _ in self.model.named_parameters()), self.ema))
-        return state
+            theirs = asdict(config_from_hf(json.loads((directory / "config.json").read_text())))
+            ours = asdict(self.model.cfg)
+            diffs += [f"model {k}: {theirs[k]!r} in the checkpoint, {ours[k]!r} now" for k in ours
+                      if k in theirs and theirs[k] != ours[k] and k not in ("init_std",)]
+        if diffs:
+            raise RunDirectoryError(f"cannot resume {directory}: the run was started with another config:\n  "
+                                    + "\n  ".join(diffs) + "\nresume with the original settings, or start a new run "
+                                    "(another --out, or --overwrite)")
 
-    def _write_sharded_checkpoint(self, name: str, final: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from safetensors.torch import save_file
-
-        tmp = self.out / f".{name}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        dcp.save(self._training_state(self.ema is not None), checkpoint_id=tmp / "shards",
-                 no_dist=not dist.is_initialized())
-        if self.is_main:  # dcp.save returns on rank 0 after every rank's files and the metadata are written
-            save_file(_rng_states(), str(tmp / "rng.safetensors"))
-            write_json(tmp / "config.json", config_to_hf(self.model.cfg))
-            write_json(tmp / "trainer_state.json", {
-                "format": "sharded", "world_size": self.world, "ema": self.ema is not None, "step": self.step,
-                "best_val": self.best_val, "bad_evals": self.bad_evals, "loader": self.loader.state_dict(),
-                "config": asdict(self.cfg)})
-            self._copy_tokenizer(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
-        self._barrier()
-
-    def _gather_full_state(self) -> tuple[dict, dict, list | None]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        # the EMA shadows the sharded parameters (DTensors): gathering it is a collective too
-        ema = [e.full_tensor().cpu() for e in self.ema] if self.ema is not None else None
-        return (get_model_state_dict(self.model, options=options),
-                get_optimizer_state_dict(self.model, self.optimizer, options=options), ema)
-
-    def _write_checkpoint(self, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
-        from safetensors.torch import save_file
-
-        tmp = self.out / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full is None:
-            save_hf_model(self.model, tmp)
-            opt = self.optimizer.state_dict()
-        else:  # FSDP: the gathered full weights go through an unsharded CPU replica
-            replica = Transformer(self.model.cfg)
-            replica.load_state_dict(full[0])
-            save_hf_model(replica, tmp)
-            opt = full[1]
-        tensors, groups = {}, []
-        for idx, state in opt["state"].items():
-            for key, value in state.items():
-                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
-                    else torch.tensor(value)
-        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
-        if self.ema is not None:
-            ema = full[2] if full is not None else self.ema
-            for i, e in enumerate(ema):
-                tensors[f"ema.{i}"] = e.detach().cpu().contiguous()
-            self._save_ema_model(tmp / "ema", ema if full is not None else None, full[0] if full is not None else None)
-        tensors.update(_rng_states())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "trainer_state.json", {"step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                                                "loader": self.loader.state_dict(), "param_groups": groups,
-                                                "config": asdict(self.cfg)})
-        self._copy_tokenizer(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_json(self.out / "latest.json", {"checkpoint": name, "step": self.step})
-
-    def _save_ema_model(self, directory: Path, full_ema: list | None = None, full_state: dict | None = None) -> None:
-        """The averaged weights as their own HF model directory (FSDP: from the gathered EMA)."""
-        if full_ema is not None:
-            replica = Transformer(self.model.cfg)
-            names = [name for name, _ in self.model.named_parameters()]
-            replica.load_state_dict({**full_state, **dict(zip(names, full_ema))})
-            save_hf_model(replica, directory)
-            self._copy_tokenizer(directory)
-            return
-        live = [p.detach().clone() for p in self.model.parameters()]
-        with torch.no_grad():
-            for p, e in zip(self.model.parameters(), self.ema):
-                p.copy_(e)
-            save_hf_model(self.model, directory)
-            for p, w in zip(self.model.parameters(), live):
-                p.copy_(w)
-        self._copy_tokenizer(directory)
-
-    def _copy_tokenizer(self, directory: Path) -> None:
-        src = Path(self.manifest.get("tokenizer") or "")
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (src / name).exists():
-                shutil.copy(src / name, directory / name)
-
-    def load_checkpoint(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((directory / "trainer_state.json").read_text())
-        if state.get("format") == "sharded":
-            self._load_sharded_checkpoint(directory, state)
-            return
-        weights = load_hf_model(directory).state_dict()
-        tensors = load_file(str(directory / "optimizer.safetensors"))
-        opt_state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("ema.") and self.ema is not None:
-                e = self.ema[int(key[4:])]
-                if hasattr(e, "device_mesh"):  # FSDP: keep this rank's shard of the full average
-                    from torch.distributed.tensor import distribute_tensor
-
-                    value = distribute_tensor(value.to(e.dtype), e.device_mesh, e.placements)
-                e.copy_(value)
-            elif key.startswith("state."):
-                param, name = key[len("state."):].rsplit(".", 1)
-                param = int(param) if param.isdigit() else param  # index (plain/DDP) or parameter name (FSDP)
-                opt_state.setdefault(param, {})[name] = value.to(self.device) if name != "step" else value
-        full_opt = {"state": opt_state, "param_groups": state["param_groups"]}
-        if self.fsdp:  # every rank reads the full files and keeps its own shard (any world size)
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, weights, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, full_opt, options=options)
-        else:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(full_opt)
-        _restore_rng_states(tensors)
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
-
-    def _load_sharded_checkpoint(self, directory: Path, state: dict) -> None:
-        import torch.distributed.checkpoint as dcp
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        if self.ema is not None and not state["ema"]:
-            raise CheckpointError(f"{directory} has no weight average to resume with ema_decay={self.cfg.ema_decay}")
-        current = self._training_state(with_ema=self.ema is not None)  # the EMA tensors themselves: loaded in place
-        dcp.load(current, checkpoint_id=directory / "shards", no_dist=not dist.is_initialized())
-        set_model_state_dict(self.model, current["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, current["optimizer"])
-        _restore_rng_states(load_file(str(directory / "rng.safetensors")))
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
-
-    def _export_sharded_checkpoints(self) -> None:
-        """End of training: best/ and last/ get HF weights (rank 0 reads the shards; the others wait)."""
-        self._barrier()
-        if self.is_main:
-            for name in ("best", "last"):
-                if (self.out / name / "shards").is_dir():
-                    export_checkpoint(self.out / name)
-        self._barrier()
-
-    # --- the loop -------------------------------------------------------------------------
+    # --- the loop -------------------------------------------------------------------------------------------
     def fit(self, until_step: int | None = None, time_budget_s: float | None = None) -> dict:
-        """Train to cfg.max_steps (the schedule's length); `until_step` or `time_budget_s` stop earlier,
-        with a checkpoint, and a later run with resume=True continues the same trajectory."""
+        """Train to cfg.max_steps (the schedule's length); `until_step` or `time_budget_s` stop earlier, with a
+        checkpoint, and a later run with resume=True continues the same trajectory. Ctrl-C / SIGTERM: the same,
+        after the current step (summary["interrupted"] names the signal; a second Ctrl-C stops at once)."""
         cfg = self.cfg
         started = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and (self.out / "latest.json").exists():
-            latest = json.loads((self.out / "latest.json").read_text())["checkpoint"]
-            self.load_checkpoint(self.out / latest)
+        self._prepare_run_dir()
         # only rank 0 writes metrics; the others write to nowhere
         metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         tb = None
@@ -543,7 +482,7 @@ class Trainer:
                 raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             tb = SummaryWriter(str(self.out / "tensorboard"))
         flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step / self.world
-        peak = measure_matmul_peak(self.device, self.autocast_dtype or torch.float32)
+        peak, peak_source = peak_flops(self.device, self.autocast_dtype or torch.float32, cfg.peak_tflops)
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
             metrics.write(json.dumps({"step": 0, **initial}) + "\n")
@@ -551,56 +490,63 @@ class Trainer:
                    disable=not (cfg.progress and self.is_main))
         summary = {"initial": initial}
         self.model.train()
-        try:
-            while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                seconds = time.perf_counter() - t0
-                record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
-                          "grad_norm": round(self.last_grad_norm, 4), "tokens_per_s": round(self.tokens_per_step / seconds, 1),
-                          "flops_per_s": round(flops_per_step / seconds),
-                          "mfu": round(flops_per_step / seconds / peak, 4)}  # vs this process's measured matmul peak
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.0%}")
-                bar.update(1)
-                out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
-                if self.world > 1 and time_budget_s is not None:  # clocks differ: stop when any process is out of time
-                    flag = torch.tensor(float(out_of_time), device=self.device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    out_of_time = bool(flag.item())
-                stop_here = (until_step is not None and self.step >= until_step) or out_of_time
-                last = self.step == cfg.max_steps or stop_here
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                    ev = self.evaluate()
-                    record.update(ev)
-                    if ev and ev["val_loss"] < self.best_val:
-                        self.best_val, self.bad_evals = ev["val_loss"], 0
-                        self.save_checkpoint("best")
-                    elif ev:
-                        self.bad_evals += 1
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+        with _stop_on_signals(self):
+            try:
+                while self.step < cfg.max_steps:
+                    t0 = time.perf_counter()
+                    loss = self.train_step()
+                    seconds = time.perf_counter() - t0
+                    record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
+                              "grad_norm": round(self.last_grad_norm, 4),
+                              "tokens_per_s": round(self.tokens_per_step / seconds, 1),
+                              "flops_per_s": round(flops_per_step / seconds),
+                              "mfu": round(flops_per_step / seconds / peak, 4)}
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
+                    bar.update(1)
+                    out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
+                    interrupted = self.interrupted is not None
+                    if self.world > 1:  # clocks and signals differ: stop when any process is out of time or stopped
+                        flags = torch.tensor([float(out_of_time), float(interrupted)], device=self.device)
+                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                        out_of_time, interrupted = bool(flags[0].item()), bool(flags[1].item())
+                    stop_here = (until_step is not None and self.step >= until_step) or out_of_time or interrupted
+                    last = self.step == cfg.max_steps or stop_here
+                    if ((cfg.eval_every and self.step % cfg.eval_every == 0) or last) and not interrupted:
+                        ev = self.evaluate()
+                        record.update(ev)
+                        if self._improved(ev):
+                            self.best_val, self.bad_evals = ev[self.objective.best_metric], 0
+                            self.save_checkpoint("best")
+                        elif ev:
+                            self.bad_evals += 1
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if tb is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                tb.add_scalar(key, value, self.step)
+                    if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                        self.save_checkpoint("last")
+                    if cfg.patience and self.bad_evals >= cfg.patience:
+                        summary["early_stopped_at"] = self.step
+                        self.save_checkpoint("last")
+                        break
+                    if stop_here:
+                        summary["stopped_at"] = self.step
+                        if interrupted:
+                            summary["interrupted"] = self.interrupted or "another process"
+                        break
+            finally:
+                bar.close()
+                metrics.close()
                 if tb is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            tb.add_scalar(key, value, self.step)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
-                    self.save_checkpoint("last")
-                if cfg.patience and self.bad_evals >= cfg.patience:
-                    summary["early_stopped_at"] = self.step
-                    self.save_checkpoint("last")
-                    break
-                if stop_here:
-                    summary["stopped_at"] = self.step
-                    break
-        finally:
-            bar.close()
-            metrics.close()
-            if tb is not None:
-                tb.close()
+                    tb.close()
         if self.sharded:
-            self._export_sharded_checkpoints()
-        summary.update({"steps": self.step, "best_val_loss": self.best_val, "matmul_peak_flops": peak,
-                        "final": self.evaluate(), "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
+            checkpoint.export_sharded_checkpoints(self)
+        summary.update({"steps": self.step, "best_" + self.objective.best_metric: self.best_val,
+                        "peak_flops": peak, "peak_source": peak_source,
+                        "final": self.evaluate() if "interrupted" not in summary else {},
+                        "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
         if self.is_main:
             from lmforge.eval.plots import plot_training
 
@@ -608,32 +554,53 @@ class Trainer:
         return summary
 
 
-def export_checkpoint(directory: str | os.PathLike) -> Path:
-    """Write a sharded training checkpoint's weights into it in the HF layout (model.safetensors, and ema/ when it
-    has a weight average), so that lmforge and transformers load it like any model directory. One process reads
-    every shard: it needs the whole model in memory, once. `lmforge export-checkpoint DIR` runs this."""
-    import torch.distributed.checkpoint as dcp
+def _with_overrides(model: Transformer, overrides: dict) -> Transformer:
+    """The loaded model with config fields that no weight depends on changed (HF_MODEL_OVERRIDES)."""
+    import dataclasses
 
-    from lmforge.model.hf import config_from_hf
+    model.cfg = dataclasses.replace(model.cfg, **overrides)
+    for layer in model.layers:
+        layer.attn.cfg = model.cfg
+    if model.rotary is not None:
+        model.rotary = type(model.rotary)(model.cfg)
+    return model
 
-    d = Path(directory)
-    state_file = d / "trainer_state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("format") != "sharded":
-        raise CheckpointError(f"{d} is not a sharded training checkpoint (no trainer_state.json with format 'sharded')")
-    model = Transformer(config_from_hf(json.loads((d / "config.json").read_text())))
-    weights = {"model": model.state_dict()}
-    # without a process group: planning and reading happen in this process alone
-    dcp.load(weights, checkpoint_id=d / "shards", no_dist=True)
-    save_hf_model(model, d)
-    if state["ema"]:
-        ema = {"ema": {name: torch.empty_like(p, dtype=torch.float32) for name, p in model.named_parameters()}}
-        dcp.load(ema, checkpoint_id=d / "shards", no_dist=True)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(ema["ema"][name])
-        save_hf_model(model, d / "ema")
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (d / name).exists():
-                shutil.copy(d / name, d / "ema" / name)
-    return d
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after `step` (written after the checkpoint a run resumes from), so steps never repeat."""
+    if not path.exists():
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+    with atomic_write(path) as f:
+        f.writelines(keep)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """Ctrl-C and SIGTERM set trainer.interrupted: the loop stops after its step and saves last/. A second Ctrl-C
+    raises KeyboardInterrupt at once. Only the main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.interrupted is not None:
+            raise KeyboardInterrupt
+        trainer.interrupted = signal.Signals(signum).name
+        if trainer.is_main:
+            print(f"\nlmforge: {trainer.interrupted}: stopping after this step and saving {trainer.out / 'last'} "
+                  "(resume with --resume; Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
