@@ -69,3 +69,98 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
     assert summary["corpus"]["documents"] + summary["corpus"]["documents_removed"] == summary["corpus"]["documents_read"]
     assert summary["rag"]["dense"]["ndcg@10"] > 0.5 and summary["rag"]["sparse"]["ndcg@10"] > 0.4
     assert "## Retrieval (RAG)" in report
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, trained):
+    import torch
+
+    from lmforge.model import Transformer, preset, save_hf_model
+
+    d = tmp_path_factory.mktemp("runs") / "pt" / "best"
+    torch.manual_seed(0)
+    save_hf_model(Transformer(preset("tiny-llama", vocab_size=trained.vocab_size)), d)
+    trained.save(d)
+    return d
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_models_and_values_are_one_line_errors(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    import time
+
+    def run(*argv) -> str:
+        assert main(list(argv)) == 2
+        return _error(capsys)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    assert "config.json: not valid JSON" in run("generate", "--model", str(bad), "--prompt", "x")
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    assert "config.json: missing field 'num_hidden_layers'" in run("generate", "--model", str(bad), "--prompt", "x")
+    shutil.copy(tiny_model_dir / "config.json", bad / "config.json")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "model.safetensors: cannot be read as safetensors" in run("generate", "--model", str(bad), "--prompt", "x")
+    assert "top_p" in run("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0")
+    assert "val_fraction: 1.5 is out of range" in run("data", "tokenize", "--tokenizer", str(tiny_model_dir),
+                                                      "--input", "builtin:python-docs", "--val-fraction", "1.5",
+                                                      "--out", str(tmp_path / "t"))
+    # a run directory where a model is expected: where its models are
+    assert f"its models are {tiny_model_dir}" in run("generate", "--model", str(tiny_model_dir.parent), "--prompt", "x")
+    # a mistyped local path is an immediate error, never a wait on the network
+    start = time.perf_counter()
+    runz = str(tiny_model_dir.parent.parent.parent / "runz" / "pt")
+    err = run("generate", "--model", runz, "--prompt", "x")
+    assert "no such" in err and time.perf_counter() - start < 5
+    (tmp_path / "runs" / "pt").mkdir(parents=True)  # a relative typo next to runs/: local, with a suggestion
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    err = run("generate", "--model", "runz/pt", "--prompt", "x")
+    assert "runz/pt: no such model directory; did you mean runs/pt?" in err and time.perf_counter() - start < 5
+
+
+def test_mistyped_and_planned_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrian"])
+    assert "did you mean 'pretrain'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune"])
+    assert "not in this version of lmforge yet" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path, trained_dir):
+    import subprocess
+    import sys
+
+    text = "\n".join(["hello 世界 " * 20] * 2000)
+    proc = subprocess.run(f"{sys.executable} -m lmforge tokenizer encode --tokenizer {trained_dir} | head -c 20",
+                          shell=True, input=text, capture_output=True, text=True, timeout=120)
+    assert len(proc.stdout) == 20 and proc.stderr == ""
+
+
+def test_commands_that_need_no_model_do_not_import_torch(trained_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmforge.cli import main; main(['tokenizer', 'encode', '--tokenizer', sys.argv[1], "
+            "'--text', 'hi']); assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(trained_dir)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "import sys; from lmforge.cli import build_parser; build_parser(); "
+                           "assert 'torch' not in sys.modules"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_pgvector_urls_are_shown_without_their_password():
+    from lmforge.rag.pgvector import redact_dsn
+
+    assert redact_dsn("postgresql://me:s3cr:t@db:5432/x#chunks") == "postgresql://me:***@db:5432/x#chunks"
+    assert redact_dsn("host=db password='a b' user=me") == "host=db password=*** user=me"

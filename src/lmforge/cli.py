@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
+import re
 import sys
+import warnings
 
 from lmforge import __version__
 
@@ -21,8 +24,14 @@ EPILOG = """examples:
 """
 
 
+# stages of the map (docs/architecture.md) that this version does not have yet
+PLANNED = {"finetune": "fine-tuning (SFT, LoRA, QLoRA)", "classify": "classification heads", "eval": "evaluation",
+           "serve": "the OpenAI-compatible server", "export": "GGUF / merged exports", "prompt": "prompting",
+           "synth": "synthetic data", "dpo": "preference tuning"}
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that suggests the nearest flag for a mistyped one."""
+    """argparse that suggests the nearest flag or command for a mistyped one."""
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
@@ -34,6 +43,17 @@ class ArgumentParser(argparse.ArgumentParser):
                     hints.append(f"'{arg}' -> did you mean '{close[0]}'?")
             if hints:
                 message += "\n  " + "\n  ".join(hints)
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)'", message)
+        if choice:
+            name = choice.group(1)
+            commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            if name in PLANNED:
+                message = (f"'{name}' ({PLANNED[name]}) is not in this version of lmforge yet; the commands that exist: "
+                           f"{', '.join(commands)}")
+            else:
+                close = difflib.get_close_matches(name, commands, n=1, cutoff=0.6)
+                message = f"unknown command '{name}'" + (f"; did you mean '{close[0]}'?" if close else "") \
+                    + f" (commands: {', '.join(commands)})"
         super().error(message)
 
 
@@ -57,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.config import ConfigError
     from lmforge.data.sources import CorpusError
+    from lmforge.hub import SourceError
     from lmforge.model import CheckpointError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
     from lmforge.tokenizer.chat import TemplateError
-    from lmforge.train.trainer import RunDirectoryError, TrainingStopped
+    from lmforge.train.config import RunDirectoryError, TrainingStopped
 
+    # the errors lmforge raises about input (each message names the file, line or field); anything else is a bug
+    # and keeps its traceback. PermissionError is the environment's (an output directory not writable).
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
-            TemplateError, TrainingStopped, RunDirectoryError, FileNotFoundError, PermissionError, KeyError)
+            TemplateError, TrainingStopped, RunDirectoryError, SourceError, PermissionError)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"lmforge: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # report on the subcommand's parser, which knows the flags to suggest
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # lmforge reports through its own lines; libraries' INFO/DEBUG logging (jieba, faiss, httpx) only with -v
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.showwarning = _show_warning
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -84,3 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmforge ... | head` closed the pipe: stop quietly, as other Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

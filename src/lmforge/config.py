@@ -119,9 +119,15 @@ def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
         if choices is not None and value not in choices:
             raise ConfigError(f"{where}.{name}: {value!r} is not one of {', '.join(map(str, choices))}")
         kwargs[name] = value
+    for name, value in kwargs.items():  # a field's own range ("check": (predicate, "what it must be"))
+        check = fields[name].metadata.get("check")
+        if check is not None and value is not None and not check[0](value):
+            raise ConfigError(f"{where}.{name}: {value!r} is out of range: must be {check[1]}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field with no default
+        raise ConfigError(f"{where}: {e}") from None
+    except ValueError as e:  # the dataclass's own validation (__post_init__), whose messages name the field
         raise ConfigError(f"{where}: {e}") from None
 
 

@@ -111,7 +111,12 @@ def test_clear_errors(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
         load_hf_model(tmp_path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf_model(tmp_path / "empty")
+    from lmforge.hub import SourceError
+
+    with pytest.raises(SourceError, match="nowhere: no such model directory"):
         load_hf_model(tmp_path / "nowhere")
 
 

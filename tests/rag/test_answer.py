@@ -83,19 +83,24 @@ def test_cli_index_search_eval_ask(tmp_path):
     with open(beir / "qrels" / "test.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(0, 50, 5)))
     cli = [sys.executable, "-m", "lmforge", "rag"]
-    r = subprocess.run(cli + ["index", "--input", str(beir / "corpus.jsonl"), "--out", str(tmp_path / "idx"),
-                              "--chunker", "none", "--no-dense", "--json"], capture_output=True, text=True)
+    (tmp_path / "index.yaml").write_text("chunker: none\ndense: false\njson: true\n")  # rag index takes --config
+    r = subprocess.run(cli + ["index", "--config", str(tmp_path / "index.yaml"), "--input", str(beir / "corpus.jsonl"),
+                              "--out", str(tmp_path / "idx")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["added"] == 50
-    r = subprocess.run(cli + ["search", "--index", str(tmp_path / "idx"), queries["q10"], "--mode", "sparse", "--json"],
+    # a BM25-only index searches with BM25 without being told; asking it for vectors is a clear error
+    r = subprocess.run(cli + ["search", "--index", str(tmp_path / "idx"), queries["q10"], "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["doc_id"] == "d10"
+    r = subprocess.run(cli + ["search", "--index", str(tmp_path / "idx"), "x", "--mode", "dense"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "has no vectors" in r.stderr
     r = subprocess.run(cli + ["eval", "--index", str(tmp_path / "idx"), "--queries", str(beir / "queries.jsonl"),
                               "--qrels", str(beir / "qrels" / "test.tsv"), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["modes"]["sparse"]["ndcg@10"] > 0.9
-    r = subprocess.run(cli + ["ask", "--index", str(tmp_path / "idx"), "--mode", "sparse", queries["q5"], "--json"],
+    r = subprocess.run(cli + ["ask", "--index", str(tmp_path / "idx"), queries["q5"], "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["sources"][0]["doc_id"] == "d5"
     r = subprocess.run(cli + ["search", "--index", str(tmp_path / "nope"), "x"], capture_output=True, text=True)
@@ -150,3 +155,14 @@ def test_chinese_question_on_a_chinese_index_is_answered_from_bm25(tmp_path):
     index.upsert([Document(f"p{i}", p) for i, p in enumerate(paras)])
     result = ask(index, "香港回归", cfg=AskConfig(k=3))  # hybrid -> BM25 alone (English embedder)
     assert result["sources"] and all("香港" in s["text"] for s in result["sources"][:1])
+
+
+def test_cli_runs_the_built_in_retrieval_eval(tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(["rag", "index", "--input", "builtin:python-docs", "--out", str(tmp_path / "py"), "--no-dense"]) == 0
+    capsys.readouterr()
+    assert main(["rag", "eval", "--index", str(tmp_path / "py"), "--queries", "builtin:python-docs", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["queries"] == 54 and list(results["modes"]) == ["sparse"]
+    assert results["modes"]["sparse"]["ndcg@10"] > 0.4

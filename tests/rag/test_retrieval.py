@@ -125,7 +125,9 @@ def test_index_round_trip_and_incremental_updates(tmp_path):
     again = RagIndex.open(tmp_path / "idx")
     assert "d3" not in again.docs and all(c.doc_id not in ("d3", "d5") for c in again.chunks)
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["CURRENT", f"v{again.version:06d}"]
-    with pytest.raises(KeyError):
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not in the index: nope"):
         again.delete(["nope"])
 
 

@@ -49,6 +49,10 @@ def test_loss_decreases_and_checkpoint_loads_in_transformers(shards, tmp_path):
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
     assert (tmp_path / "last" / "tokenizer.json").exists() and (tmp_path / "best" / "config.json").exists()
+    # the export names the tokenizer's end of text, so transformers' generate stops there
+    eos = json.loads((shards / "manifest.json").read_text())["eos_id"]
+    assert hf.config.eos_token_id == eos and hf.generation_config.eos_token_id == eos
+    assert eos == hf.config.vocab_size - 3  # <|endoftext|>, the first of lmforge's three special tokens
 
 
 def test_resume_continues_the_same_trajectory(shards, tmp_path):
@@ -149,17 +153,20 @@ def test_fp16_with_gradient_scaler_trains(shards, tmp_path):
 
 
 def test_pretraining_losses_equal_a_plain_reference_loop(shards, tmp_path):
-    """The Trainer against a loop written out by hand (nanoGPT style): same init, batches, AdamW groups, warmup +
-    cosine, clipping and accumulation give the same losses."""
+    """The Trainer on the quickstart's recipe against a loop written out by hand (nanoGPT style): the same init,
+    batches, AdamW groups, warmup + cosine, clipping and accumulation give the same losses."""
+    from lmforge.config import load_config
     from lmforge.model import Transformer, preset
     from lmforge.train import BatchLoader, SlidingWindowDataset, TokenStream
 
-    cfg = _cfg(shards, tmp_path, max_steps=6, micro_batch_size=4, eval_every=0, warmup_steps=2)
+    cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {
+        "data": str(shards), "out": str(tmp_path), "max_steps": 6, "warmup_steps": 2, "micro_batch_size": 8,
+        "eval_every": 0, "progress": False, "seed": 5})
     ours = _losses_of(Trainer(cfg))
     torch.manual_seed(cfg.seed)
     vocab = json.loads((shards / "manifest.json").read_text())["vocab_size"]
-    model = Transformer(preset("tiny-llama", vocab_size=vocab, max_seq_len=128))
-    loader = BatchLoader(SlidingWindowDataset(TokenStream.open(shards, "train"), cfg.max_length), 4, seed=cfg.seed)
+    model = Transformer(preset("tiny-llama", vocab_size=vocab, max_seq_len=128, **cfg.model_overrides))
+    loader = BatchLoader(SlidingWindowDataset(TokenStream.open(shards, "train"), cfg.max_length), 8, seed=cfg.seed)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],

@@ -107,7 +107,9 @@ class HashedLinearClassifier:
         try:
             info = json.loads((path / "classifier.json").read_text(encoding="utf-8"))
         except OSError:
-            raise FileNotFoundError(f"{path}: no classifier.json (train one with `lmforge data train-classifier`)") from None
+            from lmforge.data.sources import CorpusError
+
+            raise CorpusError(f"{path}: no classifier.json (train one with `lmforge data train-classifier`)") from None
         clf = cls(info["bits"], info["ngrams"])
         tensors = load_file(str(path / "classifier.safetensors"))
         clf.weight, clf.bias = tensors["weight"], tensors["bias"]

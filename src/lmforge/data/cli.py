@@ -116,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "  lmforge data run pipeline.yaml --executor ray --ray-address auto")
     r.add_argument("pipeline", help="pipeline YAML/JSON file")
     r.add_argument("--input", nargs="+", help="override the file's inputs")
-    r.add_argument("--output", help="override the file's output directory")
+    r.add_argument("--out", "--output", dest="output", help="override the file's output directory")
     r.add_argument("--text-field", dest="text_field", help="text field of jsonl/csv/parquet input")
     _executor_args(r)
     r.set_defaults(func=cmd_run, _parser=r)
@@ -125,10 +125,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Exact duplicates (normalised text) then near-duplicates by MinHash LSH. "
                                     "Bands x rows are derived from the threshold unless given.",
-                        epilog="examples:\n  lmforge data dedup --input corpus/ --output runs/dedup --threshold 0.8\n"
-                               "  lmforge data dedup --input zh.jsonl --output runs/zh --ngram 5 --unit char --verify")
+                        epilog="examples:\n  lmforge data dedup --input corpus/ --out runs/dedup --threshold 0.8\n"
+                               "  lmforge data dedup --input zh.jsonl --out runs/zh --ngram 5 --unit char --verify")
     d.add_argument("--input", nargs="+", required=True, help="files, directories, globs, builtin:python-docs")
-    d.add_argument("--output", required=True, help="output directory")
+    d.add_argument("--out", "--output", dest="output", required=True, help="output directory")
     d.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity (default: 0.8)")
     d.add_argument("--ngram", type=int, default=5, help="shingle size in words or characters (default: 5)")
     d.add_argument("--unit", choices=["auto", "word", "char"], default="auto",

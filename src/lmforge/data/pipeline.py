@@ -46,6 +46,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -499,12 +501,18 @@ def _run_local(tasks: list[tuple], workers: int, progress: bool, desc: str) -> l
         import multiprocessing as mp
 
         ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-        with ctx.Pool(min(workers, len(tasks))) as pool:
+        with ctx.Pool(min(workers, len(tasks)), initializer=_default_sigterm) as pool:
             for r in pool.imap_unordered(_star_map_task, tasks):
                 results.append(r)
                 bar.update()
     bar.close()
     return results
+
+
+def _default_sigterm() -> None:
+    """Pool initializer: the default SIGTERM, not a Python handler inherited from the parent (Ray's), which would
+    keep Pool.terminate from stopping an idle worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _star_map_task(args: tuple) -> dict:
@@ -519,7 +527,11 @@ def _run_ray(tasks: list[tuple], address: str | None, progress: bool, desc: str)
     from tqdm.auto import tqdm
 
     if not ray.is_initialized():
+        previous = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        if threading.current_thread() is threading.main_thread():
+            # ray.init installs a SIGTERM handler in this process that outlives ray.shutdown; put ours back
+            signal.signal(signal.SIGTERM, previous)
     remote = ray.remote(num_cpus=1, max_retries=2)(run_map_task)
     pending = [remote.remote(*t) for t in tasks]
     results = []

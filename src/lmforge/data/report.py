@@ -14,7 +14,9 @@ def load_stats(out_dir: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError:
-        raise FileNotFoundError(f"{path}: no stats (run `lmforge data run` or `lmforge data dedup` first)") from None
+        from lmforge.data.sources import CorpusError
+
+        raise CorpusError(f"{path}: no stats (run `lmforge data run` or `lmforge data dedup` first)") from None
 
 
 def stats_table(stats: dict, top_reasons: int = 3) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmforge.config import ConfigError
 from lmforge.data.sources import iter_documents
 from lmforge.files import write_json
 
@@ -36,7 +37,8 @@ class TokenizeConfig:
                              metadata={"help": "files, directories, globs or builtin:python-docs"})
     tokenizer: str = field(default="runs/tokenizer", metadata={"help": "tokenizer directory"})
     out: str = field(default="runs/tokens", metadata={"help": "output directory for the shards"})
-    val_fraction: float = field(default=0.01, metadata={"help": "share of documents (by id hash) kept for validation"})
+    val_fraction: float = field(default=0.01, metadata={"help": "share of documents (by id hash) kept for validation",
+                                                        "check": (lambda v: 0 <= v < 1, "in [0, 1)")})
     shard_tokens: int = field(default=1 << 27, metadata={"help": "tokens per shard file at most"})
     bos: bool = field(default=False, metadata={"help": "also put the BOS token before each document"})
     batch_docs: int = field(default=256, metadata={"help": "documents encoded together (threads)"})
@@ -90,13 +92,13 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
 
     tok = load_tokenizer(cfg.tokenizer)
     if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     eos = tok.special_tokens.get(tok.eos_token) if tok.eos_token else None
     if eos is None:
-        raise ValueError(f"{cfg.tokenizer}: the tokenizer has no EOS token to mark document boundaries")
+        raise ConfigError(f"{cfg.tokenizer}: the tokenizer has no EOS token to mark document boundaries")
     bos = tok.special_tokens.get(tok.bos_token) if (cfg.bos and tok.bos_token) else None
     if cfg.bos and bos is None:
-        raise ValueError(f"{cfg.tokenizer}: --bos asked for, but the tokenizer has no BOS token")
+        raise ConfigError(f"{cfg.tokenizer}: --bos asked for, but the tokenizer has no BOS token")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

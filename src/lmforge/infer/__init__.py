@@ -1,20 +1,31 @@
 """Inference: one generation engine (KV cache, per-request sampling, stop strings, streaming text), chat sessions."""
 
-from lmforge.infer.detokenize import IncrementalDetokenizer, decode_generated
-from lmforge.infer.generate import (
-    ChatSession,
-    Decoder,
-    Request,
-    TextEvent,
-    default_stop_ids,
-    generate,
-    generate_ids,
-    generate_stream,
-    stream,
-    turn_end_ids,
-)
-from lmforge.infer.sampling import SamplingConfig, process_logits, sample_tokens
+# names load on first use (PEP 562): `lmforge --help` and torch-free commands never import torch
+_EXPORTS = {
+    "IncrementalDetokenizer": "lmforge.infer.detokenize",
+    "decode_generated": "lmforge.infer.detokenize",
+    "ChatSession": "lmforge.infer.engine",
+    "Decoder": "lmforge.infer.engine",
+    "Request": "lmforge.infer.engine",
+    "TextEvent": "lmforge.infer.engine",
+    "default_stop_ids": "lmforge.infer.engine",
+    "generate": "lmforge.infer.engine",
+    "generate_ids": "lmforge.infer.engine",
+    "generate_stream": "lmforge.infer.engine",
+    "stream": "lmforge.infer.engine",
+    "turn_end_ids": "lmforge.infer.engine",
+    "SamplingConfig": "lmforge.infer.sampling",
+    "process_logits": "lmforge.infer.sampling",
+    "sample_tokens": "lmforge.infer.sampling",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["ChatSession", "Decoder", "IncrementalDetokenizer", "Request", "SamplingConfig", "TextEvent",
-           "decode_generated", "default_stop_ids", "generate", "generate_ids", "generate_stream", "process_logits",
-           "sample_tokens", "stream", "turn_end_ids"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

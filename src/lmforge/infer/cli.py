@@ -15,8 +15,8 @@ def _load(args: argparse.Namespace):
     from lmforge.model import load_hf_model, pack_for_cpu, quantize_int8
     from lmforge.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
     model = load_hf_model(args.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    tokenizer = load_tokenizer(args.model)
     if args.quantize == "int8":
         quantize_int8(model)
     elif args.pack and args.dtype == "float32":
@@ -25,7 +25,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.infer.generate import stream
+    from lmforge.infer.engine import stream
 
     cfg = config_from_args(SamplingConfig, args)
     model, tokenizer = _load(args)
@@ -37,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmforge.infer.generate import ChatSession
+    from lmforge.infer.engine import ChatSession
 
     cfg = config_from_args(SamplingConfig, args)
     model, tokenizer = _load(args)

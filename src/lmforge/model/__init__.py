@@ -5,11 +5,31 @@
     save_hf_model(model, "runs/m"); model = load_hf_model("runs/m")
 """
 
-from lmforge.model.config import PRESETS, ModelConfig, preset
-from lmforge.model.hf import CheckpointError, config_from_hf, config_to_hf, load_hf_model, save_hf_model
-from lmforge.model.packed import PackedLinear, pack_for_cpu
-from lmforge.model.quantize import Int8Linear, quantize_int8
-from lmforge.model.transformer import KVCache, Transformer
+# names load on first use (PEP 562): `lmforge --help` and torch-free commands never import torch
+_EXPORTS = {
+    "PRESETS": "lmforge.model.config",
+    "ModelConfig": "lmforge.model.config",
+    "preset": "lmforge.model.config",
+    "CheckpointError": "lmforge.model.hf",
+    "config_from_hf": "lmforge.model.hf",
+    "config_to_hf": "lmforge.model.hf",
+    "load_hf_model": "lmforge.model.hf",
+    "save_hf_model": "lmforge.model.hf",
+    "PackedLinear": "lmforge.model.packed",
+    "pack_for_cpu": "lmforge.model.packed",
+    "Int8Linear": "lmforge.model.quantize",
+    "quantize_int8": "lmforge.model.quantize",
+    "KVCache": "lmforge.model.transformer",
+    "Transformer": "lmforge.model.transformer",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["PRESETS", "CheckpointError", "Int8Linear", "KVCache", "ModelConfig", "PackedLinear", "Transformer", "config_from_hf",
-           "config_to_hf", "load_hf_model", "pack_for_cpu", "preset", "quantize_int8", "save_hf_model"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

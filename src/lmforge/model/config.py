@@ -118,11 +118,34 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """A named preset, optionally with fields replaced: preset("tiny-llama", n_layers=4)."""
+    """A named preset, optionally with fields replaced: preset("tiny-llama", n_layers=4).
+
+    Fields the preset derives from others follow them unless given too: head_dim (= d_model / n_heads), n_kv_heads
+    (the preset's grouping: multi-head stays multi-head, GQA keeps its query heads per KV head) and GPT-2's
+    d_ff (= 4 d_model). preset("gpt2", n_heads=16) is a GPT-2 with 16 heads of 48, not 16 heads of 64."""
     if name not in PRESETS:
         import difflib
 
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"unknown model preset '{name}'.{hint} Available: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name](), **overrides) if overrides else PRESETS[name]()
+    base = PRESETS[name]()
+    if not overrides:
+        return base
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"preset {name}: unknown ModelConfig field(s) {', '.join(unknown)}")
+    derived = dict(overrides)
+    d_model, n_heads = derived.get("d_model", base.d_model), derived.get("n_heads", base.n_heads)
+    if "head_dim" not in derived and base.head_dim * base.n_heads == base.d_model:
+        derived["head_dim"] = None  # recomputed from d_model and n_heads
+    if "n_kv_heads" not in derived and "n_heads" in derived:
+        groups = base.n_heads // base.n_kv_heads
+        if n_heads % groups:
+            raise ValueError(f"preset {name}: n_heads {n_heads} cannot keep its {groups} query heads per KV head; "
+                             f"set n_kv_heads too")
+        derived["n_kv_heads"] = n_heads // groups
+    if "d_ff" not in derived and base.d_ff == 4 * base.d_model and d_model != base.d_model:
+        derived["d_ff"] = 4 * d_model
+    return dataclasses.replace(base, **derived)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.files import write_json
+from lmforge.files import StagedDirectory, save_tensors, write_json
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -45,7 +45,18 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """ModelConfig from an HF config.json dict."""
+    """ModelConfig from an HF config.json dict; a missing or malformed field is a CheckpointError naming it."""
+    try:
+        return _config_from_hf(hf, where)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED)})")
@@ -151,20 +162,32 @@ def _name_map(cfg: ModelConfig) -> dict[str, list[str]]:
 _GPT2_CONV1D = re.compile(r".*\.(c_attn|c_proj|c_fc)\.weight$")  # GPT-2 stores Linear weights transposed
 
 
-def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (single or sharded safetensors, or pytorch_model.bin)."""
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:  # truncated, corrupt, or not a safetensors file at all
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is damaged or incomplete") from None
+
+
+def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory (single or sharded safetensors, or pytorch_model.bin)."""
     d = Path(directory)
     if (d / "model.safetensors").exists():
-        return load_file(str(d / "model.safetensors"))
+        return _load_safetensors(d / "model.safetensors")
     if (d / "model.safetensors.index.json").exists():
-        index = json.loads((d / "model.safetensors.index.json").read_text())
+        index_path = d / "model.safetensors.index.json"
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
         tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in sorted(set(weight_map.values())):
             if not (d / shard).exists():
-                raise CheckpointError(f"{d / 'model.safetensors.index.json'} names shard {shard}, which is missing")
-            tensors.update(load_file(str(d / shard)))
+                raise CheckpointError(f"{index_path} names shard {shard}, which is missing")
+            tensors.update(_load_safetensors(d / shard))
         return tensors
     if (d / "pytorch_model.bin").exists():
         return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -175,27 +198,37 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a Hugging Face Hub id, downloaded (needs huggingface_hub, online)."""
-    d = Path(path)
-    if d.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
-        return d
+    """A local directory, or a Hugging Face Hub id downloaded (lmforge/hub.py says when: never for a mistyped path)."""
+    from lmforge.hub import download, hub_repo_id, missing_path_error
+
+    repo = hub_repo_id(path)
+    if repo is not None:
+        return download(repo, ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.jinja"])
+    d = Path(path).expanduser()
+    if not d.exists():
+        raise missing_path_error(d, "model directory")
+    return d
+
+
+def _read_config(d: Path) -> dict:
+    from lmforge.hub import run_directory_hint
+
+    path = d / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{d}: no config.json (is this a Hugging Face model directory?){run_directory_hint(d)}")
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"'{path}' is not a local directory; to fetch it from the Hugging Face Hub install "
-                              "huggingface_hub (pip install 'lmforge[hub]') and be online") from None
-    try:
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
-    except Exception as e:
-        raise CheckpointError(f"'{path}' is not a local directory and the hub download failed: {e}") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
 
 
 def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Load an HF causal-LM directory (or, online, a hub id like 'HuggingFaceTB/SmolLM2-135M') into lmforge."""
     d = resolve_model_dir(directory)
-    if not (d / "config.json").exists():
-        raise CheckpointError(f"{d}: no config.json (is this a Hugging Face model directory?)")
-    cfg = config_from_hf(json.loads((d / "config.json").read_text()), str(d / "config.json"))
+    cfg = config_from_hf(_read_config(d), str(d / "config.json"))
     tensors = read_state_dict(d)
     if cfg.arch == "gpt2":  # original GPT-2 files have no "transformer." prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
@@ -229,8 +262,6 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
 
 def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors (atomically) in the HF layout of the model's family."""
-    from safetensors.torch import save_file
-
     if getattr(model, "inference_only", None):
         raise CheckpointError(f"this model's weights are in an inference-only format ({model.inference_only}); "
                               "save the float model instead")
@@ -247,11 +278,21 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
                 out[part_name] = part.contiguous()
         else:
             out[theirs[0]] = t.t().contiguous() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(theirs[0]) else t
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")
-    tmp = d / ".model.safetensors.tmp"
-    save_file(out, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, d / "model.safetensors")  # atomic: a crash never leaves a half-written checkpoint
-    write_json(d / "config.json", hf_config)
+    # weights, generation config and config land together (files.StagedDirectory): a crash leaves the old model
+    with StagedDirectory(directory) as stage:
+        save_tensors(out, stage.path("model.safetensors"), metadata={"format": "pt"})
+        write_json(stage.path("generation_config.json"), generation_config(cfg))
+        write_json(stage.path("config.json"), hf_config)
+
+
+def generation_config(cfg: ModelConfig) -> dict:
+    """generation_config.json: the ids transformers' `generate` starts and stops with (without eos_token_id it
+    never stops)."""
+    out = {"_from_model_config": True}
+    if cfg.bos_token_id is not None:
+        out["bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_id is not None:
+        out["eos_token_id"] = cfg.eos_token_id
+    return out

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from lmforge.config import add_config_args
 
 
 def _filters(pairs: list[str] | None) -> dict | None:
@@ -49,34 +52,79 @@ def _documents(inputs: list[str], text_field: str):
             yield from iter_documents([item], text_field=text_field)
 
 
+@dataclass
+class IndexCommand:
+    """`lmforge rag index` settings: flags, or keys of a --config file (the flag names with underscores)."""
+
+    out: str = field(default="", metadata={"help": "index directory, or postgresql://user:pw@host/db#table (pgvector)"})
+    input: list[str] = field(default_factory=list, metadata={
+        "help": "files, directories, globs, builtin:python-docs, BEIR corpus.jsonl"})
+    chunker: str = field(default="recursive", metadata={"help": "how documents are cut",
+                                                        "choices": ["none", "fixed", "recursive", "markdown", "semantic"]})
+    size: int = field(default=800, metadata={"help": "chunk size in characters", "check": (lambda v: v > 0, "> 0")})
+    overlap: int = field(default=100, metadata={"help": "chunk overlap in characters",
+                                                "check": (lambda v: v >= 0, ">= 0")})
+    embedder: str = field(default="default", metadata={
+        "help": "sentence-transformers / HF encoder directory, or 'default': all-MiniLM-L6-v2, shipped offline"})
+    embedder_languages: list[str] | None = field(default=None, metadata={
+        "help": "languages the embedder reads (default: en for the default embedder, all for another); hybrid "
+                "queries in other scripts (Chinese) use BM25 alone"})
+    dense: bool = field(default=True, metadata={"help": "embed chunks for vector search (--no-dense: BM25 only)"})
+    vector_index: str = field(default="flat", metadata={"help": "exact (flat) or HNSW vector search",
+                                                        "choices": ["flat", "hnsw"]})
+    stem: bool = field(default=False, metadata={"help": "English stemming (Snowball) for BM25"})
+    chinese: str = field(default="jieba", metadata={"help": "Chinese BM25 terms", "choices": ["jieba", "bigram"]})
+    k1: float = field(default=1.5, metadata={"help": "BM25 term-frequency saturation"})
+    b: float = field(default=0.75, metadata={"help": "BM25 length normalisation"})
+    delete: list[str] = field(default_factory=list, metadata={"help": "document ids to remove"})
+    text_field: str = field(default="text", metadata={"help": "text field of jsonl/csv/parquet input"})
+    json: bool = field(default=False, metadata={"help": "print the result as JSON"})
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    from lmforge.config import ConfigError, config_from_args
     from lmforge.rag.chunking import ChunkerConfig
     from lmforge.rag.index import IndexConfig, RagIndex
+    from lmforge.rag.pgvector import redact_dsn
     from lmforge.rag.sparse import AnalyzerConfig
 
-    chunker = ChunkerConfig(kind=args.chunker or "recursive", size=args.size, overlap=args.overlap)
-    cfg = IndexConfig(embedder=args.embedder or "default", chunker=chunker,
-                      analyzer=AnalyzerConfig(stem=args.stem, chinese=args.chinese), k1=args.k1, b=args.b,
-                      vector_index=args.vector_index, dense=not args.no_dense,
-                      embedder_languages=args.embedder_languages if args.embedder_languages is not None
-                      else (["en"] if not args.embedder else []))
-    if _is_pg(args.out):
-        index = _open(args.out, cfg)
-    elif (Path(args.out) / "CURRENT").exists():
-        index = RagIndex.open(args.out)
-        if args.chunker or args.embedder or args.no_dense:
+    c = config_from_args(IndexCommand, args)
+    if not c.out:
+        raise ConfigError("rag index: --out (the index directory or PostgreSQL URL) is required")
+    cfg = IndexConfig(embedder=c.embedder, chunker=ChunkerConfig(kind=c.chunker, size=c.size, overlap=c.overlap),
+                      analyzer=AnalyzerConfig(stem=c.stem, chinese=c.chinese), k1=c.k1, b=c.b,
+                      vector_index=c.vector_index, dense=c.dense,
+                      embedder_languages=c.embedder_languages if c.embedder_languages is not None
+                      else (["en"] if c.embedder == "default" else []))
+    given = {k for k in vars(args) if k in {f.name for f in fields(IndexCommand)}}
+    if _is_pg(c.out):
+        index = _open(c.out, cfg)
+    elif (Path(c.out) / "CURRENT").exists():
+        index = RagIndex.open(c.out)
+        if given & {"chunker", "size", "overlap", "embedder", "dense", "stem", "chinese", "k1", "b", "vector_index"}:
             print("note: adding to an existing index keeps its chunker, embedder and analyzer", file=sys.stderr)
     else:
-        index = RagIndex(args.out, cfg)
+        index = RagIndex(c.out, cfg)
     result = {}
-    if args.delete:
-        result["delete"] = index.delete(args.delete)
-    if args.input:
-        docs = _documents(args.input, args.text_field)
-        result.update(index.upsert(docs) if _is_pg(args.out) else index.upsert(docs, progress=sys.stderr.isatty()))
-    print(json.dumps(result, ensure_ascii=False) if args.json else
-          " ".join(f"{k}={v}" for k, v in result.items()) + f" -> {args.out}")
+    if c.delete:
+        result["delete"] = index.delete(c.delete)
+    if c.input:
+        docs = _documents(c.input, c.text_field)
+        result.update(index.upsert(docs) if _is_pg(c.out) else index.upsert(docs, progress=sys.stderr.isatty()))
+    print(json.dumps(result, ensure_ascii=False) if c.json else
+          " ".join(f"{k}={v}" for k, v in result.items()) + f" -> {redact_dsn(c.out)}")
     return 0
+
+
+def _mode(index, asked: str | None) -> str:
+    """hybrid where the index has vectors, else BM25; asking for vectors an index lacks is an error."""
+    if asked is None:
+        return "hybrid" if index.cfg.dense else "sparse"
+    if asked != "sparse" and not index.cfg.dense:
+        from lmforge.config import ConfigError
+
+        raise ConfigError(f"--mode {asked}: this index has no vectors (built with --no-dense); use --mode sparse")
+    return asked
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -86,7 +134,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         from lmforge.model.encoder import CrossEncoder
 
         reranker = CrossEncoder.load(args.reranker)
-    hits = index.search(args.query, k=args.k, mode=args.mode, filters=_filters(args.filter), fusion=args.fusion,
+    hits = index.search(args.query, k=args.k, mode=_mode(index, args.mode), filters=_filters(args.filter),
+                        fusion=args.fusion,
                         dense_weight=args.dense_weight, reranker=reranker)
     if args.json:
         print(json.dumps([h.as_dict() for h in hits], ensure_ascii=False, indent=2))
@@ -112,7 +161,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         model = load_hf_model(args.model)
     try:
         result = ask(index, args.question, model, tokenizer,
-                     AskConfig(k=args.k, mode=args.mode, min_similarity=args.min_similarity,
+                     AskConfig(k=args.k, mode=_mode(index, args.mode), min_similarity=args.min_similarity,
                                max_new_tokens=args.max_new_tokens))
     except ContextTooSmall as e:
         raise UserError(str(e)) from None
@@ -131,17 +180,42 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmforge.rag.evaluate import evaluate_index, load_qrels, load_queries, metrics_table
+    from lmforge.config import ConfigError
+    from lmforge.rag.evaluate import builtin_questions, evaluate_index, load_qrels, load_queries, metrics_table
 
     index = _open(args.index)
-    results = evaluate_index(index, load_queries(args.queries), load_qrels(args.qrels), modes=args.modes,
-                             progress=sys.stderr.isatty(), fusion=args.fusion, dense_weight=args.dense_weight)
+    if args.queries == BUILTIN_QUESTIONS:
+        queries, qrels = builtin_questions()
+        # the built-in corpus names its documents python-docs/<topic>; an index of other text finds none of them
+        qrels = {q: {f"python-docs/{d}": r for d, r in rels.items()} for q, rels in qrels.items()}
+    else:
+        if not args.qrels:
+            raise ConfigError("rag eval: --qrels is required with your own --queries (or use --queries "
+                              f"{BUILTIN_QUESTIONS})")
+        queries, qrels = load_queries(args.queries), load_qrels(args.qrels)
+    modes = args.modes or (["sparse", "dense", "hybrid"] if index.cfg.dense else ["sparse"])
+    for m in modes:
+        _mode(index, m)
+    results = evaluate_index(index, queries, qrels, modes=modes, progress=sys.stderr.isatty(), fusion=args.fusion,
+                             dense_weight=args.dense_weight)
     if args.out:
         from lmforge.files import write_json
 
         write_json(args.out, results)
     print(json.dumps(results, indent=2) if args.json else metrics_table(results) + f"\n{results['queries']} queries")
     return 0
+
+
+BUILTIN_QUESTIONS = "builtin:python-docs"
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples as written, and every flag's default in its help (where there is one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -159,64 +233,63 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "as title + text with its _id.",
                         epilog="examples:\n  lmforge rag index --input docs/ --out runs/index\n"
                                "  lmforge rag index --input scifact/corpus.jsonl --out runs/scifact --chunker none\n"
+                               "  lmforge rag index --input notes/ --out runs/bm25 --no-dense   # BM25 only\n"
+                               "  lmforge rag index --config index.yaml --input more/   # flags override the file\n"
                                "  lmforge rag index --out runs/index --delete doc-17 doc-18")
-    i.add_argument("--input", nargs="+", help="files, directories, globs, builtin:python-docs, BEIR corpus.jsonl")
-    i.add_argument("--out", required=True, help="index directory, or postgresql://user:pw@host/db#table (pgvector)")
-    i.add_argument("--chunker", choices=["none", "fixed", "recursive", "markdown", "semantic"],
-                   help="how documents are cut (default: recursive)")
-    i.add_argument("--size", type=int, default=800, help="chunk size in characters (default: 800)")
-    i.add_argument("--overlap", type=int, default=100, help="chunk overlap in characters (default: 100)")
-    i.add_argument("--embedder", help="sentence-transformers / HF encoder directory (default: all-MiniLM-L6-v2)")
-    i.add_argument("--embedder-languages", dest="embedder_languages", nargs="*", metavar="LANG",
-                   help="languages the embedder reads (default: en for the default embedder, all for --embedder); "
-                        "hybrid queries in other scripts (Chinese) use BM25 alone")
-    i.add_argument("--no-dense", dest="no_dense", action="store_true", help="BM25 only: no embeddings")
-    i.add_argument("--vector-index", dest="vector_index", choices=["flat", "hnsw"], default="flat")
-    i.add_argument("--stem", action="store_true", help="English stemming for BM25")
-    i.add_argument("--chinese", choices=["jieba", "bigram"], default="jieba", help="Chinese BM25 terms")
-    i.add_argument("--k1", type=float, default=1.5)
-    i.add_argument("--b", type=float, default=0.75)
-    i.add_argument("--delete", nargs="+", metavar="DOC_ID", help="remove these documents")
-    i.add_argument("--text-field", dest="text_field", default="text")
-    i.add_argument("--json", action="store_true")
+    add_config_args(i, IndexCommand)
     i.set_defaults(func=cmd_index, _parser=i)
 
-    s = rsub.add_parser("search", help="search an index",
-                        epilog='example: lmforge rag search --index runs/index "how do I catch an exception" --k 5')
-    s.add_argument("--index", required=True)
-    s.add_argument("query")
-    s.add_argument("--k", type=int, default=10)
-    s.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default="hybrid")
-    s.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf")
+    s = rsub.add_parser("search", help="search an index", formatter_class=_Help,
+                        description="The k best chunks for a query: BM25, vectors, or both fused.",
+                        epilog='examples:\n  lmforge rag search --index runs/index "how do I catch an exception" --k 5\n'
+                               '  lmforge rag search --index runs/index "装饰器" --mode sparse --json\n'
+                               '  lmforge rag search --index runs/index "yield" --filter lang=en --reranker runs/ce')
+    s.add_argument("--index", required=True, help="index directory or postgresql:// URL")
+    s.add_argument("query", help="the question or keywords")
+    s.add_argument("--k", type=int, default=10, help="chunks to return")
+    s.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default=None,
+                   help="retriever (default: hybrid, or sparse for a BM25-only index)")
+    s.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf", help="how hybrid fuses the two rankings")
     s.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     s.add_argument("--filter", nargs="+", metavar="FIELD=VALUE", help="metadata filters (same field: any value)")
     s.add_argument("--reranker", metavar="DIR", help="cross-encoder directory (BertForSequenceClassification) to "
                                                      "re-score the top 30")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the hits as JSON")
     s.set_defaults(func=cmd_search, _parser=s)
 
-    a = rsub.add_parser("ask", help="answer a question from the index, with [n] citations",
-                        epilog='example: lmforge rag ask --index runs/index --model runs/sft "What does yield do?"')
-    a.add_argument("--index", required=True)
+    a = rsub.add_parser("ask", help="answer a question from the index, with [n] citations", formatter_class=_Help,
+                        description="Retrieve, build a prompt of numbered sources within the model's context, "
+                                    "generate, and map the [n] citations back to documents and offsets. Without "
+                                    "--model: the sources only.",
+                        epilog='examples:\n  lmforge rag ask --index runs/index "What does the yield statement do?"\n'
+                               '  lmforge rag ask --index runs/index --model runs/sft "What does yield do?" --json')
+    a.add_argument("--index", required=True, help="index directory or postgresql:// URL")
     a.add_argument("--model", help="HF model directory (without: show the sources only)")
-    a.add_argument("question")
-    a.add_argument("--k", type=int, default=5)
-    a.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default="hybrid")
+    a.add_argument("question", help="the question")
+    a.add_argument("--k", type=int, default=5, help="sources retrieved")
+    a.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default=None,
+                   help="retriever (default: hybrid, or sparse for a BM25-only index)")
     a.add_argument("--min-similarity", dest="min_similarity", type=float, default=0.3,
                    help="dense cosine a source needs; below it for all sources the answer is 'I don't know'")
-    a.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200)
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200, help="answer length at most")
+    a.add_argument("--json", action="store_true", help="print the answer, citations and sources as JSON")
     a.set_defaults(func=cmd_ask, _parser=a)
 
     e = rsub.add_parser("eval", help="nDCG@10, recall, MRR, MAP and latency on BEIR-format queries + qrels",
-                        epilog="example: lmforge rag eval --index runs/scifact --queries scifact/queries.jsonl "
-                               "--qrels scifact/qrels/test.tsv")
-    e.add_argument("--index", required=True)
-    e.add_argument("--queries", required=True)
-    e.add_argument("--qrels", required=True)
-    e.add_argument("--modes", nargs="+", choices=["sparse", "dense", "hybrid"], default=["sparse", "dense", "hybrid"])
+                        formatter_class=_Help,
+                        description="Retrieval quality of an index per mode, on BEIR-format queries and qrels, or on "
+                                    f"the 54 built-in questions about Python's reference ({BUILTIN_QUESTIONS}).",
+                        epilog="examples:\n  lmforge rag eval --index runs/scifact --queries scifact/queries.jsonl "
+                               "--qrels scifact/qrels/test.tsv\n"
+                               "  lmforge rag index --input builtin:python-docs --out runs/pydocs && "
+                               f"lmforge rag eval --index runs/pydocs --queries {BUILTIN_QUESTIONS}")
+    e.add_argument("--index", required=True, help="index directory or postgresql:// URL")
+    e.add_argument("--queries", required=True, help=f"BEIR queries.jsonl, or {BUILTIN_QUESTIONS} (the built-in set)")
+    e.add_argument("--qrels", help="BEIR qrels .tsv (not needed for the built-in set)")
+    e.add_argument("--modes", nargs="+", choices=["sparse", "dense", "hybrid"], default=None,
+                   help="modes to evaluate (default: all the index supports)")
     e.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf", help="hybrid fusion (default: rrf, k=60)")
     e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     e.add_argument("--out", help="also write the results JSON here")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=cmd_eval, _parser=e)

@@ -172,7 +172,7 @@ def metrics_table(results: dict) -> str:
 def find_qrels(beir_dir: str | os.PathLike, split: str = "test") -> Path:
     p = Path(beir_dir) / "qrels" / f"{split}.tsv"
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no qrels for split '{split}'")
+        raise CorpusError(f"{p}: no qrels for split '{split}'")
     return p
 
 

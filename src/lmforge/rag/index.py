@@ -126,7 +126,7 @@ class RagIndex:
         try:
             version = (path / "CURRENT").read_text().strip()
         except OSError:
-            raise FileNotFoundError(f"{path}: not an lmforge index (no CURRENT file); build one with `lmforge rag index`") \
+            raise ConfigError(f"{path}: not an lmforge index (no CURRENT file); build one with `lmforge rag index`") \
                 from None
         vdir = path / version
         manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
@@ -207,7 +207,7 @@ class RagIndex:
         ids = set(doc_ids)
         missing = sorted(ids - set(self.docs))
         if missing:
-            raise KeyError(f"not in the index: {', '.join(missing[:5])}")
+            raise ConfigError(f"--delete: not in the index: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         keep = [i for i, c in enumerate(self.chunks) if c.doc_id not in ids]
         self.chunks = [self.chunks[i] for i in keep]
         if self.cfg.dense and self.vectors.size:

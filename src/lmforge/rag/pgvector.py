@@ -18,6 +18,7 @@ is ranked by ts_rank_cd (PostgreSQL has no BM25). Dense search orders by cosine 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -36,8 +37,16 @@ def _vec(v: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in v.tolist()) + "]"
 
 
+def redact_dsn(dsn: str) -> str:
+    """A connection string fit to print: the password of a URL (user:PASSWORD@host) or a keyword DSN
+    (password=...) replaced by ***."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn, flags=re.IGNORECASE)
+
+
 class PgVectorIndex:
     def __init__(self, dsn: str, table: str = "lmforge_chunks", cfg: IndexConfig | None = None):
+        self.where = redact_dsn(dsn)
         try:
             import psycopg
         except ImportError:
@@ -51,7 +60,7 @@ class PgVectorIndex:
         try:
             self.conn = psycopg.connect(dsn, autocommit=False)
         except psycopg.OperationalError as e:
-            raise ConfigError(f"cannot connect to PostgreSQL ({dsn.split('@')[-1]}): {str(e).strip()}") from None
+            raise ConfigError(f"cannot connect to PostgreSQL ({self.where}): {redact_dsn(str(e).strip())}") from None
         self._dim: int | None = None
         self._setup()
 

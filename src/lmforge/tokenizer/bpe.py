@@ -18,6 +18,7 @@ import heapq
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,9 @@ _worker_state: dict = {}
 
 
 def _init_worker(pattern: str, specials: list[str]) -> None:
+    # a forked worker inherits the parent's Python signal handlers (Ray's driver keeps one for SIGTERM after
+    # shutdown); with one, Pool.terminate cannot stop an idle worker and the parent waits forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_state["pat"] = regex.compile(pattern)
     _worker_state["split"] = _special_splitter(specials)
 

@@ -15,15 +15,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
-from lmforge.files import write_json
+from lmforge.files import StagedDirectory, write_json
 from lmforge.tokenizer.patterns import PATTERNS
 from lmforge.tokenizer.tokenizer import BPETokenizer, HFTokenizer, Tokenizer
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class TokenizerFormatError(ValueError):
@@ -105,18 +102,18 @@ def _tokenizer_config(tok: Tokenizer, added: dict[int, str]) -> dict:
 
 
 def save_hf_tokenizer(tok: BPETokenizer, directory: str | os.PathLike) -> None:
-    """Write tokenizer.json and tokenizer_config.json (atomically) into `directory`."""
-    d = Path(directory)
-    write_json(d / "tokenizer.json", hf_tokenizer_json(tok), indent=None)
-    write_json(d / "tokenizer_config.json", _tokenizer_config(tok, {i: s for s, i in tok.special_tokens.items()}))
+    """Write tokenizer.json and tokenizer_config.json into `directory`, together (files.StagedDirectory)."""
+    with StagedDirectory(directory) as stage:
+        write_json(stage.path("tokenizer.json"), hf_tokenizer_json(tok), indent=None)
+        write_json(stage.path("tokenizer_config.json"),
+                   _tokenizer_config(tok, {i: s for s, i in tok.special_tokens.items()}))
 
 
 def save_hf_wrapped(tok: HFTokenizer, directory: str | os.PathLike) -> None:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    write_json(d / "tokenizer.json", json.loads(tok.tok.to_str()), indent=None)
     config = {**tok.config, **_tokenizer_config(tok, {i: s for s, i in tok.special_tokens.items()})}
-    write_json(d / "tokenizer_config.json", config)
+    with StagedDirectory(directory) as stage:
+        write_json(stage.path("tokenizer.json"), json.loads(tok.tok.to_str()), indent=None)
+        write_json(stage.path("tokenizer_config.json"), config)
 
 
 # --- reading -------------------------------------------------------------------------
@@ -323,8 +320,8 @@ def load_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLik
 def load_tokenizer(path: str | os.PathLike, backend: Literal["auto", "lmforge", "hf"] = "auto") -> Tokenizer:
     """Load a tokenizer from a directory or file (tokenizer.json, or GPT-2 encoder.json + vocab.bpe).
 
-    A directory written by `Tokenizer.save` or by transformers works; so does a hub id such as
-    `gpt2` for users who are online and have huggingface_hub installed.
+    A directory written by `Tokenizer.save` or by transformers works; so does a Hugging Face Hub id
+    (`hf:gpt2`, `Qwen/Qwen2.5-0.5B`) for users who are online (lmforge/hub.py says when it downloads).
     """
     p = Path(path)
     if p.is_file():
@@ -335,25 +332,22 @@ def load_tokenizer(path: str | os.PathLike, backend: Literal["auto", "lmforge", 
         for enc, bpe in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
             if (p / enc).exists() and (p / bpe).exists():
                 return load_gpt2_files(p / enc, p / bpe)
-        raise TokenizerFormatError(f"{p}: no tokenizer.json, encoder.json + vocab.bpe, or vocab.json + merges.txt")
-    # a hub id ("gpt2", "org/name") when it does not point into an existing local directory
-    if _HUB_ID.fullmatch(str(path)) and not (p.parent != Path(".") and p.parent.exists()):
-        return _load_from_hub(str(path), backend)
-    raise TokenizerFormatError(f"{p}: no such tokenizer file or directory")
+        from lmforge.hub import run_directory_hint
+
+        raise TokenizerFormatError(f"{p}: no tokenizer.json, encoder.json + vocab.bpe, or vocab.json + merges.txt"
+                                   f"{run_directory_hint(p)}")
+    from lmforge.hub import hub_repo_id, missing_path_error
+
+    repo = hub_repo_id(path)
+    if repo is not None:
+        return _load_from_hub(repo, backend)
+    raise TokenizerFormatError(str(missing_path_error(p, "tokenizer file or directory")))
 
 
 def _load_from_hub(repo_id: str, backend: Literal["auto", "lmforge", "hf"]) -> Tokenizer:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise TokenizerFormatError(f"'{repo_id}' is not a local path; to fetch it from the Hugging Face Hub "
-                                   "install huggingface_hub (pip install huggingface_hub) and be online") from None
-    try:
-        path = Path(hf_hub_download(repo_id, "tokenizer.json"))
-        try:
-            config = _read_json(Path(hf_hub_download(repo_id, "tokenizer_config.json")))
-        except Exception:
-            config = {}
-    except Exception as e:
-        raise TokenizerFormatError(f"'{repo_id}' is not a local path and the hub download failed: {e}") from None
-    return load_hf_json(path, config, backend)
+    from lmforge.hub import download
+
+    d = download(repo_id, ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"])
+    if not (d / "tokenizer.json").exists():
+        raise TokenizerFormatError(f"'{repo_id}' on the Hugging Face Hub has no tokenizer.json")
+    return load_hf_json(d / "tokenizer.json", read_tokenizer_config(d), backend)

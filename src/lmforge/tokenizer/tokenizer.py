@@ -57,6 +57,9 @@ _worker: dict = {}
 
 
 def _set_worker_tokenizer(tok: Tokenizer, kw: dict) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not an inherited Python handler: Pool.terminate must work
     _worker["tok"], _worker["kw"] = tok, kw
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from lmforge.files import write_json
+from lmforge.files import save_tensors, write_json
 from lmforge.model import CheckpointError, Transformer, load_hf_model, save_hf_model
 from lmforge.model.hf import config_to_hf
 
@@ -120,7 +120,6 @@ def _training_state(trainer: Trainer, with_ema: bool) -> dict:
 
 def _write_sharded(trainer: Trainer, name: str, final: Path) -> None:
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
 
     tmp = trainer.out / f".{name}.tmp"
     if trainer.is_main:
@@ -130,7 +129,7 @@ def _write_sharded(trainer: Trainer, name: str, final: Path) -> None:
     dcp.save(_training_state(trainer, trainer.ema is not None), checkpoint_id=tmp / "shards",
              no_dist=not dist.is_initialized())
     if trainer.is_main:  # dcp.save returns on rank 0 after every rank's files and the metadata are written
-        save_file(rng_states(), str(tmp / "rng.safetensors"))
+        save_tensors(rng_states(), tmp / "rng.safetensors")
         write_json(tmp / "config.json", config_to_hf(trainer.model.cfg))
         write_json(tmp / "trainer_state.json", {"format": "sharded", "world_size": trainer.world,
                                                 "ema": trainer.ema is not None, "ema_names": trainer.ema_names,
@@ -151,8 +150,6 @@ def _gather_full_state(trainer: Trainer) -> tuple[dict, dict, list | None]:
 
 
 def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
-    from safetensors.torch import save_file
-
     tmp = trainer.out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if full is None:
@@ -175,7 +172,7 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
             tensors[f"ema.{i}"] = e.detach().cpu().contiguous()
         _save_ema_model(trainer, tmp / "ema", ema if full is not None else None, full[0] if full is not None else None)
     tensors.update(rng_states())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "trainer_state.json", {**_trainer_state(trainer), "param_groups": groups})
     copy_tokenizer(trainer.tokenizer_dir, tmp)
     swap_into_place(tmp, final)

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 from lmforge.config import add_config_args, config_from_args
-from lmforge.train.trainer import TrainConfig, Trainer, export_checkpoint
+from lmforge.train.config import TrainConfig
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lmforge.train.trainer import Trainer
+
     cfg = config_from_args(TrainConfig, args)
     cfg.progress = cfg.progress and sys.stderr.isatty()
     trainer = Trainer(cfg)
@@ -37,6 +39,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    from lmforge.train.checkpoint import export_checkpoint
+
     for directory in args.checkpoint:
         export_checkpoint(directory)
         print(f"{directory}: wrote HF weights (model.safetensors{', ema/' if (Path(directory) / 'ema').is_dir() else ''})",

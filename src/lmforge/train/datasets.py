@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.data.sources import CorpusError
 from lmforge.data.tokenize import MANIFEST
 
 
@@ -33,9 +34,9 @@ class TokenStream:
         try:
             manifest = json.loads((d / MANIFEST).read_text())
         except OSError:
-            raise FileNotFoundError(f"{d}: no {MANIFEST}; create shards with `lmforge data tokenize`") from None
+            raise CorpusError(f"{d}: no {MANIFEST}; create shards with `lmforge data tokenize`") from None
         if split not in manifest["splits"]:
-            raise KeyError(f"{d}: no split '{split}' (have {', '.join(manifest['splits'])})")
+            raise CorpusError(f"{d}: no split '{split}' (have {', '.join(manifest['splits'])})")
         shards = manifest["splits"][split]["shards"]
         if not shards:
             raise ValueError(f"{d}: split '{split}' has no tokens")

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,65 +36,11 @@ from lmforge.files import atomic_write
 from lmforge.model import Transformer, load_hf_model, preset
 from lmforge.model.hf import config_to_hf
 from lmforge.train import checkpoint
-from lmforge.train.checkpoint import export_checkpoint  # noqa: F401  (the CLI and users import it from here)
+from lmforge.train.checkpoint import export_checkpoint  # noqa: F401  (users import it from here)
+from lmforge.train.config import RunDirectoryError, TrainConfig, TrainingStopped  # noqa: F401
 from lmforge.train.datasets import BatchLoader, PackedDataset, RandomOffsetBatches, SlidingWindowDataset, TokenStream
 from lmforge.train.objectives import CausalLM, Objective
 from lmforge.train.schedule import build_optimizer, learning_rate, trainable_parameters
-
-
-@dataclass
-class TrainConfig:
-    data: str = field(default="runs/tokens", metadata={"help": "token shard directory (lmforge data tokenize)"})
-    out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
-    model: str = field(default="tiny-llama", metadata={"help": "a preset name or an HF model directory to start from"})
-    model_overrides: dict = field(default_factory=dict, metadata={
-        "help": "ModelConfig fields to change (YAML mapping); for an HF directory only max_seq_len, rope_theta, "
-                "rope_scaling and sliding_window"})
-    dataset: str = field(default="sliding", metadata={
-        "help": "sliding: consecutive windows over all tokens (documents separated by EOS); packed: windows start at "
-                "document starts (the tail of a longer document is dropped unless allow_mid_doc); random: nanoGPT offsets",
-        "choices": ["sliding", "packed", "random"]})
-    allow_mid_doc: bool = field(default=False, metadata={"help": "packed: continue long documents in the next window"})
-    max_length: int = field(default=256, metadata={"help": "tokens per training example"})
-    batch_size: int = field(default=16, metadata={"help": "global batch size (examples per optimizer step)"})
-    micro_batch_size: int = field(default=0, metadata={"help": "examples per forward pass (0: = batch_size)"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of lr"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
-    schedule: str = field(default="cosine", metadata={"help": "decay after warmup", "choices": ["cosine", "linear", "wsd"]})
-    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: final share of steps spent decaying"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    precision: str = field(default="fp32", metadata={"help": "autocast precision", "choices": ["fp32", "bf16", "fp16"]})
-    eval_every: int = field(default=100, metadata={"help": "steps between evaluations (0: only at the end)"})
-    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
-    patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement (0: off)"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
-    moe_aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
-    ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights "
-                                                            "with this decay, e.g. 0.999 (0: off); saved as ema/"})
-    tensorboard: bool = field(default=False, metadata={"help": "also log scalars for TensorBoard in <out>/tensorboard "
-                                                                "(pip install tensorboard)"})
-    seed: int = 0
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "start over in an --out that holds an earlier run "
-                                                             "(its checkpoints and metrics are deleted)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    peak_tflops: float = field(default=0.0, metadata={
-        "help": "the hardware's peak dense TFLOP/s at this precision, the denominator of MFU (0: a known GPU's "
-                "datasheet value, else this machine's measured matmul speed)"})
-    distributed: str = field(default="ddp", metadata={
-        "help": "under torchrun: ddp (a replica per process) or fsdp (FSDP2 fully_shard: parameters, gradients and "
-                "optimizer state sharded across processes)", "choices": ["ddp", "fsdp"]})
-    checkpoint_format: str = field(default="auto", metadata={
-        "help": "full: rank 0 writes an HF model dir + optimizer file (FSDP gathers every tensor to it); sharded: each "
-                "process writes its own shard (torch.distributed.checkpoint), HF weights are exported at the end; "
-                "auto: sharded under FSDP, else full", "choices": ["auto", "full", "sharded"]})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
 
 # what a resumed run must share with the checkpoint: a different value would give another trajectory (or shapes
 # the saved state does not fit); the rest (max_steps, evaluation, logging, micro_batch_size) may change
@@ -105,14 +51,6 @@ RESUME_MUST_MATCH = ("data", "model", "model_overrides", "dataset", "allow_mid_d
 HF_MODEL_OVERRIDES = ("max_seq_len", "rope_theta", "rope_scaling", "sliding_window")
 RUN_FILES = ("metrics.jsonl", "latest.json", "loss.png", "best", "last", "tensorboard", ".best.tmp", ".last.tmp",
              ".best.old", ".last.old")
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped early on bad numbers (NaN/inf loss); the message says what and where."""
-
-
-class RunDirectoryError(ValueError):
-    """The run directory and the request disagree (an earlier run there, nothing to resume, another config)."""
 
 
 # --- MFU ---------------------------------------------------------------------------------------------------------
@@ -207,7 +145,9 @@ class Trainer:
         if train_data is None:
             manifest = Path(cfg.data) / "manifest.json"
             if not manifest.exists():
-                raise FileNotFoundError(f"{cfg.data}: no manifest.json; create token shards with `lmforge data tokenize`")
+                from lmforge.data.sources import CorpusError
+
+                raise CorpusError(f"{cfg.data}: no manifest.json; create token shards with `lmforge data tokenize`")
             self.manifest = json.loads(manifest.read_text())
         self.model = model if model is not None else self._build_model()
         if self.manifest is not None and self.model.cfg.vocab_size < self.manifest["vocab_size"]:
@@ -266,8 +206,18 @@ class Trainer:
         data's vocabulary."""
         cfg = self.cfg
         from lmforge.config import ConfigError, from_dict
-        from lmforge.model import ModelConfig
+        from lmforge.model import PRESETS, ModelConfig
 
+        if not Path(cfg.model).is_dir() and cfg.model not in PRESETS:
+            import difflib
+
+            from lmforge.hub import missing_path_error
+
+            if "/" in cfg.model or Path(cfg.model).suffix:
+                raise ConfigError(f"model: {missing_path_error(Path(cfg.model), 'model directory')}")
+            close = difflib.get_close_matches(cfg.model, PRESETS, n=1)
+            raise ConfigError(f"model: '{cfg.model}' is neither a model directory nor a preset"
+                              + (f"; did you mean '{close[0]}'?" if close else f" ({', '.join(PRESETS)})"))
         if Path(cfg.model).is_dir():
             bad = sorted(set(cfg.model_overrides) - set(HF_MODEL_OVERRIDES))
             if bad:
@@ -278,8 +228,14 @@ class Trainer:
                 model = _with_overrides(model, cfg.model_overrides)
             return model.train()
         from_dict(ModelConfig, dict(cfg.model_overrides), "model_overrides")  # unknown keys / bad values: clear errors
-        sizes = {"vocab_size": self.manifest["vocab_size"], "max_seq_len": max(cfg.max_length, 128)}
-        return Transformer(preset(cfg.model, **{**sizes, **cfg.model_overrides}))
+        # sized to the data, and told its tokenizer's BOS/EOS ids (exported configs need eos_token_id, or
+        # transformers' generate never stops)
+        data = {"vocab_size": self.manifest["vocab_size"], "max_seq_len": max(cfg.max_length, 128),
+                "bos_token_id": self.manifest.get("bos_id"), "eos_token_id": self.manifest.get("eos_id")}
+        try:
+            return Transformer(preset(cfg.model, **{**data, **cfg.model_overrides}))
+        except ValueError as e:  # an override the preset cannot take (n_heads that d_model does not divide, ...)
+            raise ConfigError(f"model_overrides: {e}") from None
 
     def _loader(self, stream: TokenStream, micro: int):
         cfg = self.cfg
