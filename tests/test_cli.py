@@ -57,8 +57,9 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_writes_a_run_directory(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--max-steps", "60", "--train-seconds", "120"]) == 0
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--max-steps", "60"]) == 0
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["pretrain"]["steps"] == 60  # the step count ends the run, not the clock
     assert all(summary["checks"].values())
     assert summary["pretrain"]["val_ppl_after"] < summary["pretrain"]["val_ppl_before"] / 4
     assert (tmp_path / "qs" / "pretrain" / "best" / "model.safetensors").exists()
@@ -69,6 +70,18 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
     assert summary["corpus"]["documents"] + summary["corpus"]["documents_removed"] == summary["corpus"]["documents_read"]
     assert summary["rag"]["dense"]["ndcg@10"] > 0.5 and summary["rag"]["sparse"]["ndcg@10"] > 0.4
     assert "## Retrieval (RAG)" in report
+    # the report's commands are filled in, and each of its next steps runs on what the quickstart wrote
+    assert "{model_dir}" not in report and "{next_steps" not in report
+    import shlex
+
+    capsys.readouterr()
+    for command in summary["next_steps"]:
+        assert f"    {command}" in report
+        argv = shlex.split(command)[1:]
+        if argv[0] == "pretrain":  # the same command, a few steps long
+            argv[argv.index("--max-steps") + 1] = "2"
+        assert main(argv) == 0, command
+    assert capsys.readouterr().err.count("error") == 0
 
 
 @pytest.fixture(scope="module")

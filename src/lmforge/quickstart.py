@@ -29,8 +29,12 @@ class QuickstartConfig:
     corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"], metadata={"help": "training corpus"})
     vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary size"})
     pattern: str = field(default="gpt2", metadata={"help": "pre-tokenizer preset or regex"})
-    train_seconds: float = field(default=240.0, metadata={"help": "pretraining time budget in seconds"})
-    max_steps: int = field(default=400, metadata={"help": "pretraining steps (the schedule's length)"})
+    max_steps: int = field(default=400, metadata={"help": "pretraining steps (the schedule's length); the step count, "
+                                                          "not the clock, ends the run, so every machine gets the "
+                                                          "same model"})
+    train_seconds: float = field(default=0.0, metadata={
+        "help": "also stop pretraining after this many seconds (0: no limit); the result then depends on the "
+                "machine's speed"})
     seed: int = field(default=0, metadata={"help": "fixes data order, initialisation and sampling"})
 
 
@@ -116,8 +120,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         "seed": cfg.seed, "progress": False, "overwrite": True})  # the quickstart rebuilds its run directory
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
-    log(f"[5/8] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for up to {cfg.train_seconds:.0f} s ...")
-    train_summary = trainer.fit(time_budget_s=cfg.train_seconds)
+    log(f"[5/8] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
+    train_summary = trainer.fit(time_budget_s=cfg.train_seconds or None)
     timings["pretrain"] = time.perf_counter() - t0
     before, after = train_summary["initial"]["val_ppl"], math.exp(min(train_summary["best_val_loss"], 50))
     log(f"      {trainer.step} steps; validation perplexity {before:.0f} -> {after:.1f} (best checkpoint)")
@@ -138,6 +142,15 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     rag = _rag_step(clean_corpus, out / "rag-index", log)
     timings["RAG index + eval"] = time.perf_counter() - t0
 
+    model_dir = out / "pretrain" / "best"
+    next_steps = [f'lmforge generate --model {model_dir} --prompt "The while statement" --max-new-tokens 40 --seed 1',
+                  f'lmforge tokenizer inspect --tokenizer {out / "tokenizer"} --text "Tokenizers 把文本切开"']
+    if rag["metrics"] is not None:
+        next_steps += [f'lmforge rag search --index {out / "rag-index"} "how do I catch an exception" --k 5',
+                       f'lmforge rag ask --index {out / "rag-index"} "What does the yield statement do?"',
+                       f"lmforge rag eval --index {out / 'rag-index'} --queries builtin:python-docs"]
+    next_steps.append(f"lmforge pretrain --config recipe:pretrain-tiny-cpu --data {out / 'tokens'} "
+                      f"--out {out.parent / 'pretrain-longer'} --max-steps 800")
     sample = "Python 的列表推导式 (list comprehension) is concise."
     spans = render_spans(reloaded.token_spans(sample), color=False)
     en, zh = compression["en"], compression["zh"]
@@ -190,26 +203,31 @@ A Llama-style model (RMSNorm, RoPE, SwiGLU, grouped-query attention) with {n_par
 """ + "\n".join(f"| {r['step']} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} |" for r in evals) + """
 
 The corpus is small (0.47 MB), so the model starts to overfit after a few passes; the best checkpoint
-(`pretrain/best/`, HF layout, loadable by transformers) is kept and early stopping ends the run.
+(`pretrain/best/`, HF layout, loadable by transformers) is kept, and early stopping ends the run if validation
+stops improving.
 
 ## Samples (temperature 0.8, top-p 0.95)
-""" + "\n".join(f"- `{p}` → `{s.strip()[:200]}`" for p, s in zip(prompts, samples)) + """
+""" + "\n".join(f"- `{p}` → `{s.strip()[:200]}`" for p, s in zip(prompts, samples)) + f"""
 
-Try it: `lmforge generate --model {model_dir} --prompt "The while statement"`.
+Try it: `{next_steps[0]}`.
 
 ## Retrieval (RAG)
 """ + rag["report"] + """
 
 ## Timings
-""".replace("{model_dir}", str(out / "pretrain" / "best")) + "\n".join(f"- {k}: {v:.2f} s" for k, v in timings.items()) + """
+""" + "\n".join(f"- {k}: {v:.2f} s" for k, v in timings.items()) + """
 
-## Next
+## Next steps
+Each of these runs on what this quickstart wrote:
+
+""" + "\n".join(f"    {c}" for c in next_steps) + """
+
 Fine-tuning, evaluation and serving join this run as those stages land.
 """
     write_text(out / "report.md", report)
     summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
                "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after},
-               "samples": dict(zip(prompts, samples)), "rag": rag["metrics"],
+               "samples": dict(zip(prompts, samples)), "rag": rag["metrics"], "next_steps": next_steps,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
     log(f"[8/8] report: {out / 'report.md'}")

@@ -97,3 +97,51 @@ def test_cli_on_the_pgvector_backend(pg, tmp_path):
     from lmforge.rag.pgvector import PgVectorIndex
 
     PgVectorIndex(DSN, url.partition("#")[2]).drop()
+
+
+def test_pgvector_keeps_the_file_index_contract(pg, tmp_path, monkeypatch):
+    """BM25-only indexes never embed, filters (heading, list values) and deletes behave as RagIndex's, the settings
+    are stored with the index, and a filtered vector search still returns k rows."""
+    from lmforge.config import ConfigError
+    from lmforge.rag.pgvector import PgVectorIndex
+
+    table = f"t_{uuid.uuid4().hex[:10]}"
+    bm25 = PgVectorIndex(DSN, table=table, cfg=IndexConfig(chunker=ChunkerConfig(kind="markdown"), dense=False))
+    try:
+        monkeypatch.setattr(PgVectorIndex, "_embed", lambda self, texts: 1 / 0)  # never called
+        docs = [Document("a", "# Errors\n\nExceptions are raised with raise.\n\n# Loops\n\nThe for loop iterates.",
+                         {"tags": ["py", "basics"]}),
+                Document("b", "# Errors\n\nA try statement catches exceptions.", {"tags": ["py"]}),
+                Document("c", "Nothing about exceptions here, only the word.", {"tags": ["other"]})]
+        bm25.upsert(docs)
+        local = RagIndex(tmp_path / "local", IndexConfig(chunker=ChunkerConfig(kind="markdown"), dense=False))
+        local.upsert(docs)
+        for filters in ({"heading": "Errors"}, {"tags": "basics"}, {"tags": ["basics", "other"]}, {"doc_id": ["b"]}):
+            ours = sorted((h.chunk.doc_id, h.chunk.start) for h in bm25.search("exceptions", 10, "sparse", filters))
+            ref = sorted((h.chunk.doc_id, h.chunk.start) for h in local.search("exceptions", 10, "sparse", filters))
+            assert ours == ref and ours, filters
+        with pytest.raises(ConfigError, match="built without dense vectors"):
+            bm25.search("exceptions", 3, "hybrid")
+        with pytest.raises(ValueError, match="mode must be"):
+            bm25.search("exceptions", 3, "bm25")
+        with pytest.raises(ConfigError, match="not in the index: nope"):
+            bm25.delete(["a", "nope"])
+        assert bm25.counts()["documents"] == 3  # nothing deleted
+        reopened = PgVectorIndex(DSN, table=table, create=False)  # its own settings, not the defaults
+        assert reopened.cfg.dense is False and reopened.cfg.chunker.kind == "markdown"
+        with pytest.raises(ConfigError, match="no such index"):
+            PgVectorIndex(DSN, table=f"t_{uuid.uuid4().hex[:10]}", create=False)
+    finally:
+        bm25.drop()
+    # a selective filter on a vector search: still k rows (an HNSW scan alone would stop short)
+    monkeypatch.undo()
+    many = [Document(f"d{i}", p[:300], {"lang": "zh" if i % 8 == 0 else "en"})
+            for i, p in enumerate(q for q in english(400_000).split("\n\n") if len(q) > 80)][:160]
+    vec = PgVectorIndex(DSN, table=f"t_{uuid.uuid4().hex[:10]}", cfg=IndexConfig(chunker=ChunkerConfig(kind="none")))
+    try:
+        vec.upsert(many)
+        wanted = sum(1 for d in many if d.meta["lang"] == "zh")
+        hits = vec.search("how are names bound", 10, "dense", filters={"lang": "zh"}, depth=10)
+        assert wanted >= 10 and len(hits) == 10 and all(h.chunk.meta["lang"] == "zh" for h in hits)
+    finally:
+        vec.drop()

@@ -30,14 +30,15 @@ def _is_pg(spec: str) -> bool:
 
 
 def _open(spec: str, cfg=None):
-    """An index directory, or a PostgreSQL URL (`postgresql://user:pw@host/db#table`) for the pgvector backend."""
+    """An index directory, or a PostgreSQL URL (`postgresql://user:pw@host/db#table`) for the pgvector backend;
+    with `cfg` (rag index) a new pgvector index is created with it."""
     from lmforge.rag.index import RagIndex
 
     if _is_pg(spec):
         from lmforge.rag.pgvector import PgVectorIndex
 
         dsn, _, table = spec.partition("#")
-        return PgVectorIndex(dsn, table or "lmforge_chunks", cfg)
+        return PgVectorIndex(dsn, table or "lmforge_chunks", cfg, create=cfg is not None)
     return RagIndex.open(spec)
 
 

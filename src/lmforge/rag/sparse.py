@@ -69,13 +69,13 @@ class Analyzer:
 def _bm25s():
     import logging
 
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each indexing phase at DEBUG/INFO
     try:
         import bm25s
     except ImportError:
         from lmforge.config import ConfigError
 
         raise ConfigError("BM25 needs the bm25s package: pip install 'lmforge[rag]'") from None
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its import sets DEBUG and logs every indexing phase
     return bm25s
 
 
