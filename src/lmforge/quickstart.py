@@ -29,7 +29,7 @@ class QuickstartConfig:
     corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"], metadata={"help": "training corpus"})
     vocab_size: int = field(default=4096, metadata={"help": "tokenizer vocabulary size"})
     pattern: str = field(default="gpt2", metadata={"help": "pre-tokenizer preset or regex"})
-    max_steps: int = field(default=400, metadata={"help": "pretraining steps (the schedule's length); the step count, "
+    max_steps: int = field(default=250, metadata={"help": "pretraining steps (the schedule's length); the step count, "
                                                           "not the clock, ends the run, so every machine gets the "
                                                           "same model"})
     train_seconds: float = field(default=0.0, metadata={

@@ -88,6 +88,7 @@ def test_cli_index_search_eval_ask(tmp_path):
                               "--out", str(tmp_path / "idx")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["added"] == 50
+    assert "DEBUG" not in r.stderr and "INFO" not in r.stderr  # libraries stay quiet without -v
     # a BM25-only index searches with BM25 without being told; asking it for vectors is a clear error
     r = subprocess.run(cli + ["search", "--index", str(tmp_path / "idx"), queries["q10"], "--json"],
                        capture_output=True, text=True)
