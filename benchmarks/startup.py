@@ -49,7 +49,7 @@ def main() -> None:
     floor_cmd = [sys.executable, "-c", "pass"]
     times: dict[str, list[float]] = {name: [] for name in commands}
     floor: list[float] = []
-    for name, argv in commands.items():  # warm-up: page cache, pyc files
+    for argv in commands.values():  # warm-up: page cache, pyc files
         _time([sys.executable, "-m", "lmforge", *argv])
     for _ in range(args.runs):
         floor.append(_time(floor_cmd))

@@ -73,7 +73,8 @@ class IndexCommand:
     dense: bool = field(default=True, metadata={"help": "embed chunks for vector search (--no-dense: BM25 only)"})
     vector_index: str = field(default="flat", metadata={"help": "exact (flat) or HNSW vector search",
                                                         "choices": ["flat", "hnsw"]})
-    stem: bool = field(default=False, metadata={"help": "English stemming (Snowball) for BM25"})
+    stem: bool = field(default=True, metadata={"help": "English stemming (Snowball) for BM25; Chinese words are kept "
+                                                       "as jieba cuts them (--no-stem: plain words)"})
     chinese: str = field(default="jieba", metadata={"help": "Chinese BM25 terms", "choices": ["jieba", "bigram"]})
     k1: float = field(default=1.5, metadata={"help": "BM25 term-frequency saturation"})
     b: float = field(default=0.75, metadata={"help": "BM25 length normalisation"})
