@@ -33,8 +33,21 @@ CHINESE = ("今天上午，市政府召开了关于城市交通建设的工作�
 # ----- cleaners ---------------------------------------------------------------------------------
 
 def test_fix_encoding_repairs_mojibake():
-    assert run("fix_encoding", "The Mona Lisa doesnâ€™t have eyebrows.") == "The Mona Lisa doesn't have eyebrows."
+    assert run("fix_encoding", "The Mona Lisa doesnâ€™t have eyebrows.") == "The Mona Lisa doesn’t have eyebrows."
     assert run("fix_encoding", "æµ‹è¯•ä¸­æ–‡") == "测试中文"
+
+
+def test_fix_encoding_leaves_real_chinese_text_as_written():
+    """People's Daily and review text is full of ，。！（）“”: none of it may change; mojibake of it is repaired."""
+    from tests.corpora import chinese_news, chinese_reviews
+
+    for text in (chinese_news(30_000), chinese_reviews(20_000)):
+        assert any(c in text for c in "，！（）“”")
+        assert run("fix_encoding", text) == text
+        broken = text[:2000].encode("utf-8").decode("latin-1", "replace")  # UTF-8 read as Latin-1
+        assert run("fix_encoding", broken) == text[:2000]
+    kept = "全角：ＡＢＣ１２３，引号“”‘’，ﬁ 连字，ｱｲｳ 半角假名。"
+    assert run("fix_encoding", kept) == kept
 
 
 def test_normalize_forms():
@@ -80,6 +93,25 @@ def test_pii_patterns():
     assert text == ("Mail <EMAIL> or call <PHONE> or <PHONE> / <PHONE>. Server <IP_ADDRESS> and <IP_ADDRESS>. "
                     "Office <PHONE>, desk <PHONE>, <PHONE>. 身份证号 <ID_NUMBER> 已登记。")
     assert counts == {"email": 1, "phone": 6, "ip_address": 2, "id_number": 1}
+
+
+def test_pii_in_chinese_sentences():
+    """No spaces between Han characters and digits: numbers and addresses inside sentences are found, with or
+    without separators, and nothing of the sentence around them is eaten."""
+    pii = PII()
+    cases = {
+        "请拨打电话13812345678联系我们。": "请拨打电话<PHONE>联系我们。",
+        "电话：13812345678。": "电话：<PHONE>。",
+        "手机138-1234-5678或者+86 139 8765 4321都可以": "手机<PHONE>或者<PHONE>都可以",
+        "发邮件到zhang.wei@example.com或者到我办公室": "发邮件到<EMAIL>或者到我办公室",
+        "服务器地址是192.168.1.10，端口8080。": "服务器地址是<IP_ADDRESS>，端口8080。",
+        "他的身份证号是11010519491231002X，已经登记。": "他的身份证号是<ID_NUMBER>，已经登记。",
+    }
+    for text, want in cases.items():
+        assert pii.redact(text)[0] == want, text
+    ordinary = ("订单号123456789012345，金额3.1415926535元，1998年1月1日，邮编100871，"
+                "GDP增长7.8%，人口14.1亿，ISBN 978-7-111-12345-6。")
+    assert pii.redact(ordinary) == (ordinary, {})
 
 
 def test_pii_leaves_lookalikes_alone():

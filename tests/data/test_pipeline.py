@@ -110,7 +110,7 @@ def test_resume_after_interruption_gives_the_same_output(corpus, tmp_path):
 def test_output_of_a_different_pipeline_is_not_overwritten(corpus, tmp_path):
     inp, _ = corpus
     run_pipeline(_config(inp, tmp_path / "o", steps=["whitespace"]))
-    with pytest.raises(ConfigError, match="different pipeline"):
+    with pytest.raises(ConfigError, match="a pipeline with other settings"):
         run_pipeline(_config(inp, tmp_path / "o", steps=["pii"]))
     run_pipeline(_config(inp, tmp_path / "o", steps=["pii"]), overwrite=True)
 
@@ -229,3 +229,98 @@ def test_cli_dedup_stats_and_classifier(corpus, tmp_path):
                               "--out", str(tmp_path / "clf")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "clf" / "classifier.json").read_text())["metrics"]["heldout_accuracy"] > 0.8
+
+
+def _kept(out) -> list[dict]:
+    return _read_gz((out / "data").rglob("*.jsonl.gz"))
+
+
+def test_a_rerun_after_the_inputs_changed_loses_nothing(tmp_path):
+    """Adding, removing or editing an input file between runs: the rerun refuses with one line (the earlier output
+    untouched), never mixes old shards with new files; --overwrite redoes it."""
+    import shutil
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    paras = [p for p in english(200_000).split("\n\n") if len(p.split()) > 40][:30]
+    for i in range(3):
+        with open(inp / f"f{i}.jsonl", "w") as f:
+            for j, p in enumerate(paras[i::3]):
+                f.write(json.dumps({"id": f"f{i}-{j}", "text": p}) + "\n")
+    for steps in (["whitespace"], ["whitespace", "exact_dedup"]):
+        out = tmp_path / f"out{len(steps)}"
+        cfg = _config(inp, out, steps=steps)
+        run_pipeline(cfg)
+        first = sorted(d["id"] for d in _kept(out))
+        (inp / "a-new.jsonl").write_text(json.dumps({"id": "new", "text": paras[0] + " changed"}) + "\n")
+        snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        with pytest.raises(ConfigError, match="inputs changed.*added: .*a-new.jsonl"):
+            run_pipeline(cfg)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+        stats = run_pipeline(cfg, overwrite=True)
+        assert sorted(d["id"] for d in _kept(out)) == sorted(first + ["new"])
+        assert stats["documents_read"] == 31
+        (inp / "a-new.jsonl").unlink()
+        with pytest.raises(ConfigError, match="removed: .*a-new.jsonl"):
+            run_pipeline(cfg)
+        shutil.copy(inp / "f1.jsonl", tmp_path / "f1.bak")
+        with open(inp / "f1.jsonl", "a") as f:
+            f.write(json.dumps({"id": "late", "text": paras[1]}) + "\n")
+        run_pipeline(cfg, overwrite=True)
+        with open(inp / "f2.jsonl", "a") as f:
+            f.write(json.dumps({"id": "later", "text": paras[2] + " x"}) + "\n")
+        with pytest.raises(ConfigError, match="changed: .*f2.jsonl"):
+            run_pipeline(cfg)
+        shutil.copy(tmp_path / "f1.bak", inp / "f1.jsonl")
+        (inp / "f2.jsonl").write_text("".join(json.dumps({"id": f"f2-{j}", "text": p}) + "\n"
+                                              for j, p in enumerate(paras[2::3])))
+
+
+def test_a_failed_run_restarts_without_overwrite(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "text": english(2000)}) + "\n" + '{"id": "b", "text": "cut\n')
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError):  # on_error: fail stops at the bad line
+        run_pipeline(load_pipeline(None, input=[str(inp)], output=str(out), steps=["whitespace"], progress=False))
+    # the user fixes the config (skip bad lines): the unfinished run's leftovers do not block the new one
+    stats = run_pipeline(load_pipeline(None, input=[str(inp)], output=str(out), steps=["whitespace"], on_error="skip",
+                                       progress=False))
+    assert stats["documents_kept"] == 1 and stats["documents_rejected"] == 1
+
+
+def test_a_global_step_that_receives_nothing_gives_an_empty_valid_result(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "text": "short"}) + "\n" for i in range(5)))
+    out = tmp_path / "out"
+    stats = run_pipeline(_config(inp, out, steps=[{"length": {"min_chars": 1000}}, "exact_dedup", "minhash_dedup"]))
+    assert stats["documents_read"] == 5 and stats["documents_kept"] == 0 and stats["documents_rejected"] == 5
+    assert _kept(out) == []
+
+
+def test_a_step_with_a_bug_fails_the_run_with_its_traceback(tmp_path, monkeypatch):
+    """on_error: skip is for bad input, not for bugs: a programming error in a step stops the run."""
+    from lmforge.data.clean import Whitespace
+
+    def buggy(self, doc):
+        return doc.txt  # AttributeError: a typo in a step
+
+    monkeypatch.setattr(Whitespace, "apply", buggy)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "text": "hello world"}) + "\n")
+    with pytest.raises(AttributeError, match="txt"):
+        run_pipeline(_config(inp, tmp_path / "out", steps=["whitespace"]))
+
+
+def test_split_by_names_never_collide_or_escape(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    values = ["a/b", "a_b", "..", ".", "中文", "x y"]
+    inp.write_text("".join(json.dumps({"id": f"d{i}", "text": english(3000)[i * 200:(i + 1) * 200], "src": v}) + "\n"
+                           for i, v in enumerate(values)))
+    out = tmp_path / "out"
+    run_pipeline(_config(inp, out, steps=["whitespace"], split_by="src", text_field="text"))
+    folders = sorted(p.name for p in (out / "data").iterdir() if p.is_dir())
+    assert len(folders) == len(values)  # one folder per value: a/b and a_b apart
+    assert all((out / "data" / f).resolve().parent == (out / "data").resolve() for f in folders)
+    assert not (tmp_path / "00000.jsonl.gz").exists() and not (out / "00000.jsonl.gz").exists()
+    assert {d["src"] for d in _kept(out)} == set(values)
+    assert "中文" in folders and "a_b" in folders

@@ -1,6 +1,8 @@
 """Cleaners: steps that repair or redact text (and may reject what ends up empty).
 
-  fix_encoding        mojibake repair with ftfy ("doesnâ€™t" -> "doesn't", "æµ‹è¯•" -> "测试")
+  fix_encoding        mojibake repair with ftfy ("doesnâ€™t" -> "doesn’t", "æµ‹è¯•" -> "测试"); text that is not
+                      mojibake is left as written: full-width and CJK punctuation (，！（）“”), curly quotes,
+                      half-width kana and ligatures stay
   normalize           Unicode normalisation, NFC by default (NFKC folds full-width forms)
   whitespace          control characters out, runs of spaces (not indentation) and blank lines collapsed
   boilerplate_lines   C4's line rules: drop lines without end punctuation, too few words,
@@ -38,7 +40,10 @@ class FixEncoding(Step):
         import ftfy
 
         norm = None if self.normalization == "none" else self.normalization
-        fixed = ftfy.fix_text(doc.text, normalization=norm, unescape_html=False, fix_line_breaks=False)
+        # repair only: ftfy's defaults also rewrite what is legitimate text (full-width ，！（） to ASCII, “” to "",
+        # ﬁ to fi, half-width kana to full-width), which changed every Chinese document without a stat showing it
+        fixed = ftfy.fix_text(doc.text, normalization=norm, unescape_html=False, fix_line_breaks=False,
+                              fix_character_width=False, uncurl_quotes=False, fix_latin_ligatures=False)
         return _replace_text(doc, fixed)
 
 
@@ -146,15 +151,18 @@ class BoilerplateLines(C4Rules):
 
 # ----- PII -------------------------------------------------------------------------------------
 
-_EMAIL = regex.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,24}(?![\w-])")
+# Boundaries are ASCII letters and digits, not \w: Chinese has no spaces, so a number or address written between
+# Han characters ("拨打13812345678联系") must still be found, and a Han character is never part of the match
+_EMAIL = regex.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}"
+                       r"(?![A-Za-z0-9-])")
 # +CC (AREA) NNN-NNNN and friends: 7+ digits with common separators, or a Chinese mobile number
 _PHONE = regex.compile(
-    r"(?<![\w+.])(?:\+86[\s-]?)?1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d|\.\d)"  # Chinese mobile
-    r"|(?<![\w+.])(?:\+\d{1,3}[\s-]?(?:\(\d{1,4}\)[\s-]?)?\d{2,4}[\s-]\d{3,4}(?:[\s-]\d{3,4})?"  # +CC ...
+    r"(?<![A-Za-z0-9_+.])(?:\+86[\s-]?)?1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d|\.\d)"  # Chinese mobile
+    r"|(?<![A-Za-z0-9_+.])(?:\+\d{1,3}[\s-]?(?:\(\d{1,4}\)[\s-]?)?\d{2,4}[\s-]\d{3,4}(?:[\s-]\d{3,4})?"  # +CC
     r"|\(\d{2,4}\)[\s-]?\d{3,4}[\s.-]\d{4}"  # (area) NNN-NNNN
-    r"|\d{3}[\s.-]\d{3,4}[\s.-]\d{4})(?![\w-]|\.\d)")  # NNN-NNN(N)-NNNN; not a decimal
-_IPV4 = regex.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
-_IPV6 = regex.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+    r"|\d{3}[\s.-]\d{3,4}[\s.-]\d{4})(?![A-Za-z0-9_-]|\.\d)")  # NNN-NNN(N)-NNNN; not a decimal
+_IPV4 = regex.compile(r"(?<![A-Za-z0-9_.])(?:\d{1,3}\.){3}\d{1,3}(?![A-Za-z0-9_.]|\.\d)")
+_IPV6 = regex.compile(r"(?<![A-Za-z0-9_:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![A-Za-z0-9_:])")
 _CN_ID = regex.compile(r"(?<![\dA-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
                        r"(?![\dA-Za-z])")
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)

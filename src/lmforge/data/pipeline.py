@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -281,6 +282,16 @@ def _steps_for(cfg: PipelineConfig) -> list[Step]:
     return _STEP_CACHE[key]
 
 
+def split_folder(value: str) -> str:
+    """The data/ subfolder for a split_by value: the value itself where it is a safe folder name (letters of any
+    script, digits, . _ -), else a cleaned name plus a hash of the value, so that values never share a folder
+    ("a/b" and "a_b") and never leave data/ ("..")."""
+    clean = regex.sub(r"[^\w.-]", "_", value)[:80]
+    if clean == value and not value.startswith("."):
+        return value
+    return f"{clean.lstrip('.') or 'value'}-{hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
 def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: int) -> dict:
     """Run stage `stage` of the pipeline on one shard; returns its stats (also saved in
     the .done marker). A pure function of its arguments and the files it reads."""
@@ -320,9 +331,9 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
             path = paths.stage_out(stage, shard)
         else:
             key = str(doc.meta.get(cfg.split_by, "unknown")) if cfg.split_by else ""
-            safe = regex.sub(r"[^\w.-]", "_", key)
             ext = "parquet" if cfg.output_format == "parquet" else "jsonl.gz"
-            path = paths.root / "data" / safe / f"{shard:05d}.{ext}" if key else paths.root / "data" / f"{shard:05d}.{ext}"
+            path = paths.root / "data" / split_folder(key) / f"{shard:05d}.{ext}" if key \
+                else paths.root / "data" / f"{shard:05d}.{ext}"
         if key not in writers:
             writers[key] = _ParquetWriter(path) if (last and cfg.output_format == "parquet") else _JsonlGzWriter(path)
         return writers[key]
@@ -352,10 +363,12 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
                 st.chars_in += len(doc.text)
                 try:
                     result = step.apply(doc)
-                except Exception as e:  # a step bug or a pathological document
+                except _DOCUMENT_ERRORS as e:  # a document the step cannot take (bad encoding, pathological input)
                     if cfg.on_error == "fail":
                         raise RuntimeError(f"step {step.name} failed on document {doc.id} ({_where(doc)}): {e!r}") from e
                     result = f"{step.name}: error {type(e).__name__}: {e}"
+                # anything else (AttributeError, TypeError, NameError, ...) is a bug in the step: the run stops
+                # with its traceback, whatever on_error says
                 if isinstance(result, str):
                     st.reasons[reason_key(result)] += 1
                     reject(doc, step.name, result)
@@ -398,6 +411,10 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
               "lengths_in": _histogram(lengths_in), "lengths_out": _histogram(lengths_out)}
     write_json(done, result)
     return result
+
+
+# what a step may raise on a document it cannot take; on_error decides between a reject and a failed run
+_DOCUMENT_ERRORS = (ValueError, UnicodeError, RecursionError, OverflowError)
 
 
 def _where(doc: Document) -> str:
@@ -460,8 +477,12 @@ def run_global_step(cfg: PipelineConfig, stage: int, n_shards: int, step: Global
         return [out_texts[int(i)] for i in indices]
 
     t0 = time.perf_counter()
-    decision = step.decide(sig, np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
-                           np.concatenate(scores) if scores else np.zeros(0), texts)
+    if starts[-1] == 0:  # everything was removed before this step: nothing to compare, an empty decision
+        from lmforge.data.dedup_step import Decision
+
+        decision = Decision(np.zeros(0, bool), np.zeros(0, np.int64), {"duplicates": 0})
+    else:
+        decision = step.decide(sig, np.concatenate(lengths), np.concatenate(scores), texts)
     # the id of each cluster's kept document, for metadata and reject reasons
     ids = _doc_ids(paths, stage, n_shards, np.unique(decision.cluster[decision.cluster >= 0]), starts, shard_of)
     kept_ids = np.array([ids.get(int(c), "") for c in decision.cluster], dtype=object).astype(str)
@@ -544,6 +565,30 @@ def _run_ray(tasks: list[tuple], address: str | None, progress: bool, desc: str)
     return results
 
 
+def _input_stamps(sources: list[str]) -> list[list]:
+    """Each resolved input with its size and modification time: a rerun must see the same files, unchanged."""
+    stamps = []
+    for src in sources:
+        try:
+            st = os.stat(src)
+            stamps.append([src, st.st_size, st.st_mtime_ns])
+        except OSError:  # builtin:NAME: the Python installation's own data
+            stamps.append([src, None, sys.version])
+    return stamps
+
+
+def _describe_changes(before: list[list], after: list[list]) -> str:
+    old, new = {s[0]: s[1:] for s in before}, {s[0]: s[1:] for s in after}
+
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs[:3]) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
+
+    parts = [f"{what}: {names(xs)}" for what, xs in (
+        ("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
+        ("changed", sorted(k for k in set(old) & set(new) if old[k] != new[k]))) if xs]
+    return "; ".join(parts) or "the order of the inputs"
+
+
 def _config_fingerprint(cfg: PipelineConfig) -> str:
     relevant = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("executor", "workers", "ray_address", "progress")}
@@ -557,16 +602,28 @@ def run_pipeline(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     steps = build_steps(cfg)
     sources = resolve_inputs(cfg.input)
     root = Path(cfg.output)
-    fingerprint = _config_fingerprint(cfg)
-    marker = root / "work" / "fingerprint"
+    state = {"config": _config_fingerprint(cfg), "inputs": _input_stamps(sources)}
+    marker = root / "work" / "run.json"
     if root.exists() and any(root.iterdir()):
+        earlier = json.loads(marker.read_text()) if marker.exists() else None
+        finished = (root / "stats.json").exists()
         if overwrite:
             shutil.rmtree(root)
-        elif not marker.exists() or marker.read_text().strip() != fingerprint:
-            raise ConfigError(f"{root}: holds output of a different pipeline (or other files); choose a new output "
+        elif earlier is None:
+            raise ConfigError(f"{root}: holds other files, not an lmforge pipeline's output; choose a new output "
                               "directory or pass --overwrite")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+        elif earlier != state and not finished:
+            # an unfinished run (it failed or was stopped) has no complete output to protect: start over
+            log.warning("%s: an earlier run there did not finish and had other settings or inputs; starting over", root)
+            shutil.rmtree(root)
+        elif earlier["config"] != state["config"]:
+            raise ConfigError(f"{root}: holds the output of a pipeline with other settings; choose a new output "
+                              "directory or pass --overwrite to replace it")
+        elif earlier["inputs"] != state["inputs"]:
+            raise ConfigError(f"{root}: the inputs changed since this output was written "
+                              f"({_describe_changes(earlier['inputs'], state['inputs'])}); its shards belong to the "
+                              "old files, so nothing is reused: pass --overwrite to run again on the current inputs")
+    write_json(marker, state)
     with atomic_write(root / "pipeline.yaml") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, allow_unicode=True, sort_keys=False)
 
