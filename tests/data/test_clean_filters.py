@@ -144,7 +144,7 @@ def test_gopher_quality_accepts_real_english_and_chinese():
 
 
 @pytest.mark.parametrize("text,reason", [
-    ("Too few words here.", "words < 50"),
+    ("Too few words here.", "4 words < min_words 50"),  # reasons a person can read: the value and the rule
     ("supercalifragilisticexpialidocious " * 60, "mean word length"),
     ("a b c d e f g h i j " * 10, "mean word length"),
     (ENGLISH + " #tag" * 40, "'#'"),
@@ -210,6 +210,6 @@ def test_fineweb_rules():
 
 
 def test_length_filter():
-    assert run("length", "abc", min_chars=5) == "length: 3 characters < 5"
+    assert run("length", "abc", min_chars=5) == "length: 3 characters < min_chars 5"
     assert run("length", CHINESE, max_words=10).startswith("length: ")
     assert run("length", ENGLISH, min_words=10) == ENGLISH

@@ -41,6 +41,20 @@ def test_vectorised_normalisation_equals_the_string_form(texts):
         assert len(set(hashes.tolist())) == len(set(words))
 
 
+def test_shingler_and_string_normalisation_agree_on_every_code_point():
+    """One character class per code point in both paths: the CJK class used to override the separator class for 528
+    code points (CJK radicals, ideographic punctuation and symbols), so the two disagreed on text holding them."""
+    cls, _ = D._build_tables()
+    disagree = [c for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000 and c != 10
+                and bool(D._SEP_CHAR.fullmatch(chr(c))) != (cls[c] == D._SEP)]
+    assert disagree == []
+    # the example the review found: a radical between Chinese words is a word break in both paths
+    text = "中文\u2e80字符\u3001测试\u30fb词"
+    words = [w for w in D.normalize_for_dedup(text).split(" ") if w]
+    hashes, offsets = D.shingle_hashes([text], 1, "word")
+    assert offsets[1] == len(words) == 4
+
+
 def test_word_shingles_match_python_ngram_sets():
     docs = _paragraphs(english())[:30]
     hashes, offsets = D.shingle_hashes(docs, 5, "word")

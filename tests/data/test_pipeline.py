@@ -324,3 +324,85 @@ def test_split_by_names_never_collide_or_escape(tmp_path):
     assert not (tmp_path / "00000.jsonl.gz").exists() and not (out / "00000.jsonl.gz").exists()
     assert {d["src"] for d in _kept(out)} == set(values)
     assert "中文" in folders and "a_b" in folders
+
+
+def _mixed_folder(d):
+    """Real text in the formats and encodings users bring, with a corrupt parquet and a malformed JSONL line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    zh = [p for p in chinese_news(40_000).split("\n") if len(p) > 80]
+    en = [p for p in english(100_000).split("\n\n") if len(p.split()) > 50]
+    d.mkdir()
+    (d / "en.txt").write_text(en[0], encoding="utf-8")
+    (d / "zh_utf8.md").write_text(zh[0], encoding="utf-8")
+    (d / "zh_gbk.txt").write_bytes(zh[1].encode("gbk"))
+    (d / "page.html").write_text(f"<html><head><title>T</title></head><body><nav>menu</nav><article><p>{en[1]}</p>"
+                                 f"<p>{en[2]}</p></article></body></html>", encoding="utf-8")
+    import csv
+
+    with open(d / "table.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["id", "text"], ["c1", en[3]], ["c2", zh[2]], ["c3", "too", "many", "columns"]])
+    (d / "records.jsonl").write_text(json.dumps({"id": "j1", "text": zh[3]}, ensure_ascii=False) + "\n"
+                                     + '{"id": "j2", "text": "cut off\n' + json.dumps({"id": "j3", "text": en[4]}) + "\n",
+                                     encoding="utf-8")
+    pq.write_table(pa.table({"id": ["p1"], "text": [en[5]]}), d / "good.parquet")
+    (d / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
+
+
+def test_a_folder_of_mixed_real_world_files_runs_with_skip(tmp_path):
+    inp = tmp_path / "mixed"
+    _mixed_folder(inp)
+    out = tmp_path / "out"
+    stats = run_pipeline(load_pipeline(None, input=[str(inp)], output=str(out), steps=["whitespace", "pii"],
+                                       on_error="skip", encoding="auto", progress=False))
+    kept = {d["id"]: d for d in _kept(out)}
+    rejects = _read_gz((out / "rejects").glob("*.jsonl.gz"))
+    assert stats["documents_read"] == len(kept) + len(rejects)  # every document accounted for
+    assert kept[str(inp / "zh_gbk.txt")]["encoding"] == "gb18030"
+    assert "，" in kept[str(inp / "zh_gbk.txt")]["text"]
+    assert {"c1", "c2", "j1", "j3", "p1"} <= set(kept) and len(kept) == 9
+    reasons = {r["where"].rsplit("/", 1)[-1].split(":")[0]: (r["where"], r["reason"]) for r in rejects}
+    assert "not a readable parquet file" in reasons["corrupt.parquet"][1]
+    assert reasons["records.jsonl"][0].endswith(":2") and "malformed JSON" in reasons["records.jsonl"][1]
+    assert "row has 4 columns" in reasons["table.csv"][1]  # where: the line the row starts on (texts span lines)
+    assert all(r["step"] == "read" for r in rejects)
+    # read as UTF-8 (the default), the GBK file is a reject whose reason names settings that exist
+    out2 = tmp_path / "out2"
+    run_pipeline(load_pipeline(None, input=[str(inp)], output=str(out2), steps=["whitespace"], on_error="skip",
+                               progress=False))
+    gbk = next(r for r in _read_gz((out2 / "rejects").glob("*.jsonl.gz")) if r["where"].endswith("zh_gbk.txt"))
+    assert "invalid UTF-8 at byte offset 0" in gbk["reason"] and "encoding: gb18030" in gbk["reason"]
+    assert "--encoding" in gbk["reason"]
+
+
+def test_other_stages_that_read_corpora_skip_bad_input_too(tmp_path):
+    from lmforge.cli import main
+
+    inp = tmp_path / "mixed"
+    _mixed_folder(inp)
+    assert main(["tokenizer", "train", "--input", str(inp), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
+                 "--no-progress"]) == 2  # default: the first bad input stops, naming it
+    assert main(["tokenizer", "train", "--input", str(inp), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
+                 "--no-progress", "--on-error", "skip", "--encoding", "auto"]) == 0
+    skipped = [json.loads(line) for line in (tmp_path / "tok" / "rejects.jsonl").read_text().splitlines()]
+    assert {s["where"].rsplit("/", 1)[-1].split(":")[0] for s in skipped} == {"corrupt.parquet", "records.jsonl",
+                                                                               "table.csv"}
+    assert main(["data", "tokenize", "--tokenizer", str(tmp_path / "tok"), "--input", str(inp), "--out",
+                 str(tmp_path / "tokens"), "--on-error", "skip", "--encoding", "auto", "--val-fraction", "0"]) == 0
+    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert manifest["rejected"] == 3 and manifest["splits"]["train"]["documents"] == 9
+    assert main(["rag", "index", "--input", str(inp), "--out", str(tmp_path / "idx"), "--no-dense", "--on-error",
+                 "skip", "--encoding", "auto", "--json"]) == 0
+    assert len((tmp_path / "idx" / "rejects.jsonl").read_text().splitlines()) == 3
+
+
+def test_no_empty_reject_files(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "text": english(5000)[i * 500:(i + 1) * 500]}) + "\n"
+                           for i in range(4)))
+    out = tmp_path / "out"
+    stats = run_pipeline(_config(inp, out, steps=["whitespace", "exact_dedup"]))
+    assert stats["documents_rejected"] == 0
+    assert not (out / "rejects").exists() or not any((out / "rejects").iterdir())

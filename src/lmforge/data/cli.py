@@ -8,7 +8,8 @@ import sys
 from lmforge.config import add_config_args, config_from_args, save_config
 from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
 
-_FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on_error", "output_format", "text_field")
+_FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on_error", "output_format", "text_field",
+                    "encoding", "errors")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -49,7 +50,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     steps = ([{"exact_dedup": {"keep": args.keep}}] if args.exact else []) + [{"minhash_dedup": minhash}]
     cfg = load_pipeline(None, input=args.input, output=args.output, steps=steps, text_field=args.text_field,
                         on_error=args.on_error, workers=args.workers, executor=args.executor,
-                        ray_address=args.ray_address, output_format=args.output_format)
+                        ray_address=args.ray_address, output_format=args.output_format, encoding=args.encoding,
+                        errors=args.errors)
     cfg.progress = sys.stderr.isatty()
     return _finish(run_pipeline(cfg, overwrite=args.overwrite), cfg.output)
 
@@ -86,6 +88,10 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", dest="on_error", choices=["fail", "skip"],
                    help="bad input record: stop (default) or write it to rejects and go on")
     p.add_argument("--output-format", dest="output_format", choices=["jsonl.gz", "parquet"])
+    p.add_argument("--encoding", help="text encoding of the inputs: utf-8 (default), gb18030, gbk, big5, utf-16, "
+                                      "latin-1, ... or auto (detected per file)")
+    p.add_argument("--errors", choices=["strict", "replace"],
+                   help="undecodable bytes: a bad record (default), or replaced with U+FFFD")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
 
 

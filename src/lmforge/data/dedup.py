@@ -63,8 +63,10 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray]:
     every = [" " if 0xD800 <= c < 0xE000 or c == 10 else chr(c) for c in range(0x110000)]
     joined = "".join(every)
     cls = np.zeros(0x110000, np.uint8)
-    cls[[m.start() for m in _SEP_CHAR.finditer(joined)]] = _SEP
     cls[[m.start() for m in _CJK.finditer(joined)]] = _CJK_LETTER
+    # separators win over the CJK class, as in normalize_for_dedup: CJK radicals (U+2E80...), ideographic
+    # punctuation and symbols are in the Han/Kana scripts but are punctuation or symbols (528 code points)
+    cls[[m.start() for m in _SEP_CHAR.finditer(joined)]] = _SEP
     cls[0] = _END  # ends each text of a batch
     cls[10] = _SEP
     mapped = unicodedata.normalize("NFKC", "\n".join(every)).lower().split("\n")

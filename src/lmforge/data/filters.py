@@ -90,14 +90,14 @@ class GopherQuality(_PerLanguage, Step):
         words = split_words(text, lang)
         n = len(words)
         if self.min_words is not None and n < self.min_words:
-            return f"gopher_quality: {n} words < {self.min_words}"
+            return f"gopher_quality: {n} words < min_words {self.min_words}"
         if self.max_words is not None and n > self.max_words:
-            return f"gopher_quality: {n} words > {self.max_words}"
+            return f"gopher_quality: {n} words > max_words {self.max_words}"
         avg = sum(map(len, words)) / n if n else 0.0
         if self.min_avg_word_length is not None and avg < self.min_avg_word_length:
-            return f"gopher_quality: mean word length {avg:.2f} < {self.min_avg_word_length}"
+            return f"gopher_quality: mean word length {avg:.2f} < min_avg_word_length {self.min_avg_word_length}"
         if self.max_avg_word_length is not None and avg > self.max_avg_word_length:
-            return f"gopher_quality: mean word length {avg:.2f} > {self.max_avg_word_length}"
+            return f"gopher_quality: mean word length {avg:.2f} > max_avg_word_length {self.max_avg_word_length}"
         if self.max_symbol_word_ratio is not None and n:
             if text.count("#") / n > self.max_symbol_word_ratio:
                 return "gopher_quality: too many '#' per word"
@@ -115,13 +115,14 @@ class GopherQuality(_PerLanguage, Step):
         if self.min_alpha_words_ratio is not None and n:
             alpha = sum(1 for w in words if any(c.isalpha() for c in w))
             if alpha / n < self.min_alpha_words_ratio:
-                return f"gopher_quality: {alpha / n:.2f} of words have a letter < {self.min_alpha_words_ratio}"
+                return (f"gopher_quality: {alpha / n:.2f} of words have a letter < min_alpha_words_ratio "
+                        f"{self.min_alpha_words_ratio}")
         if self.min_stop_words:
             stop = STOP_WORDS.get(lang)
             if stop is not None:
                 found = sum(1 for w in words if w.lower() in stop)
                 if found < self.min_stop_words:
-                    return f"gopher_quality: {found} stop words < {self.min_stop_words}"
+                    return f"gopher_quality: {found} stop words < min_stop_words {self.min_stop_words}"
         return None
 
 
@@ -206,21 +207,21 @@ class FineWeb(_PerLanguage, Step):
         if self.min_line_punct_ratio is not None:
             ratio = sum(1 for line in lines if line.endswith(TERMINAL_PUNCT)) / len(lines)
             if ratio < self.min_line_punct_ratio and not (ratio == 0 and self.line_punct_exclude_zero):
-                return f"fineweb: {ratio:.2f} of lines end in punctuation < {self.min_line_punct_ratio}"
+                return f"fineweb: {ratio:.2f} of lines end in punctuation < min_line_punct_ratio {self.min_line_punct_ratio}"
         if self.max_short_line_ratio is not None:
             ratio = sum(1 for line in lines if len(line) <= self.short_line_length) / len(lines)
             if ratio > self.max_short_line_ratio:
-                return f"fineweb: {ratio:.2f} of lines are short > {self.max_short_line_ratio}"
+                return f"fineweb: {ratio:.2f} of lines are short > max_short_line_ratio {self.max_short_line_ratio}"
         if self.max_char_dup_ratio is not None:
             _, chars = _duplicates(lines)
             ratio = chars / max(1, len(text.replace("\n", "")))
             if ratio > self.max_char_dup_ratio:
-                return f"fineweb: {ratio:.3f} of characters in duplicated lines > {self.max_char_dup_ratio}"
+                return f"fineweb: {ratio:.3f} of characters in duplicated lines > max_char_dup_ratio {self.max_char_dup_ratio}"
         if self.max_newline_word_ratio is not None:
             words = split_words(text, lang)
             ratio = text.count("\n") / max(1, len(words))
             if ratio > self.max_newline_word_ratio:
-                return f"fineweb: {ratio:.2f} line breaks per word > {self.max_newline_word_ratio}"
+                return f"fineweb: {ratio:.2f} line breaks per word > max_newline_word_ratio {self.max_newline_word_ratio}"
         return None
 
 
@@ -235,15 +236,15 @@ class Length(Step):
     def apply(self, doc: Document) -> Document | str:
         n = len(doc.text)
         if self.min_chars is not None and n < self.min_chars:
-            return f"length: {n} characters < {self.min_chars}"
+            return f"length: {n} characters < min_chars {self.min_chars}"
         if self.max_chars is not None and n > self.max_chars:
-            return f"length: {n} characters > {self.max_chars}"
+            return f"length: {n} characters > max_chars {self.max_chars}"
         if self.min_words is not None or self.max_words is not None:
             w = len(split_words(doc.text, language_of(doc)))
             if self.min_words is not None and w < self.min_words:
-                return f"length: {w} words < {self.min_words}"
+                return f"length: {w} words < min_words {self.min_words}"
             if self.max_words is not None and w > self.max_words:
-                return f"length: {w} words > {self.max_words}"
+                return f"length: {w} words > max_words {self.max_words}"
         return doc
 
 
@@ -270,6 +271,6 @@ class QualityClassifier(Step):
             self.setup()
         score = float(self._clf.predict_proba([doc.text])[0])
         if score < self.threshold:
-            return f"quality_classifier: score {score:.3f} < {self.threshold}"
+            return f"quality_classifier: score {score:.3f} < threshold {self.threshold}"
         return Document(doc.id, doc.text, {**doc.meta, "quality_score": round(score, 4)})
 

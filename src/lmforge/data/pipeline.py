@@ -75,7 +75,11 @@ class PipelineConfig:
     steps: list = field(default_factory=list, metadata={"help": "step names, or {name: {param: value}} mappings"})
     text_field: str = field(default="text", metadata={"help": "text field/column of jsonl, csv and parquet input"})
     errors: str = field(default="strict", metadata={"choices": ["strict", "replace"],
-                                                    "help": "invalid UTF-8: a bad record, or replaced by U+FFFD"})
+                                                    "help": "undecodable bytes: a bad record, or replaced by U+FFFD"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of the inputs (utf-8, gb18030, gbk, big5, utf-16, latin-1, ...) or auto (a byte-order "
+                "mark, else UTF-8, else GB18030, else Latin-1; documents read otherwise than as UTF-8 carry meta "
+                "encoding)"})
     on_error: str = field(default="fail", metadata={"choices": ["fail", "skip"],
                                                     "help": "bad input record: stop, or write it to rejects and go on"})
     executor: str = field(default="local", metadata={"choices": ["local", "ray"]})
@@ -93,6 +97,9 @@ def load_pipeline(path: str | os.PathLike | None = None, **overrides: Any) -> Pi
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = from_dict(PipelineConfig, data, str(path) if path else "pipeline")
     build_steps(cfg)  # validate step names and parameters before any work starts
+    from lmforge.data.sources import check_encoding
+
+    check_encoding(cfg.encoding)
     return cfg
 
 
@@ -172,11 +179,16 @@ def merge_stats(parts: list[dict]) -> dict:
 
 # ----- shard files ------------------------------------------------------------------------------
 
-class _JsonlGzWriter:
-    """Documents into one .jsonl.gz, renamed into place on close."""
+class _NothingWritten(Exception):
+    """Closes an atomic write without keeping its file."""
 
-    def __init__(self, path: Path):
-        self.path, self.count = path, 0
+
+class _JsonlGzWriter:
+    """Documents into one .jsonl.gz, renamed into place on close; with keep_empty=False (rejects) a file that got
+    nothing is not left behind."""
+
+    def __init__(self, path: Path, keep_empty: bool = True):
+        self.path, self.count, self.keep_empty = path, 0, keep_empty
         self._ctx = atomic_write(path, "wb")
         self._raw = self._ctx.__enter__()
         self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=5, mtime=0)
@@ -186,6 +198,9 @@ class _JsonlGzWriter:
         self.count += 1
 
     def close(self) -> None:
+        if self.count == 0 and not self.keep_empty:
+            self.abort(_NothingWritten())
+            return
         self._gz.close()
         self._ctx.__exit__(None, None, None)
 
@@ -302,7 +317,7 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
         return json.loads(done.read_text(encoding="utf-8"))
     stage_steps, global_step = _stages(_steps_for(cfg))[stage]
     last = stage == n_stages - 1
-    rejects = _JsonlGzWriter(paths.rejects(stage, shard))
+    rejects = _JsonlGzWriter(paths.rejects(stage, shard), keep_empty=False)
     stats = [_StepStats(s.name) for s in stage_steps]
     read_stats = _StepStats("read" if stage == 0 else _stages(_steps_for(cfg))[stage - 1][1].name)
     lengths_in: list[int] = []
@@ -348,7 +363,7 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
     try:
         if stage == 0:
             documents = iter_file_documents(source, cfg.errors, cfg.text_field,
-                                            on_bad if cfg.on_error == "skip" else None)
+                                            on_bad if cfg.on_error == "skip" else None, cfg.encoding)
         else:
             documents = _documents_after_global(cfg, paths, stage, shard, reject, read_stats)
         for doc in documents:

@@ -26,6 +26,7 @@ pipeline writes it to the rejects file) and reading goes on.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
@@ -108,20 +109,64 @@ def _open_binary(path: str) -> BinaryIO:
         raise CorpusError(f"{path}: cannot open: {e.strerror or e}") from None
 
 
-class _Decoder:
-    """Decode UTF-8 blocks of one file, reporting where invalid bytes are."""
+ENCODING_HINT = ("read it with another encoding (pipeline key `encoding: gb18030` or `encoding: auto`, flag "
+                 "`--encoding`) or replace bad bytes with U+FFFD (key `errors: replace`, flag `--errors replace`)")
+# tried in order by encoding "auto" when a file has no byte-order mark: UTF-8, then GB18030 (a superset of GBK
+# and GB2312, what Chinese Windows software writes), then Latin-1 (every byte is a character). Big5 and other
+# legacy encodings are not guessed: name them.
+AUTO_ENCODINGS = ("utf-8", "gb18030", "latin-1")
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 
-    def __init__(self, path: str, errors: str):
+
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name (or "auto"); an unknown name is a CorpusError."""
+    if encoding == "auto":
+        return encoding
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise CorpusError(f"unknown encoding {encoding!r} (e.g. utf-8, gb18030, gbk, big5, utf-16, latin-1, auto)") \
+            from None
+
+
+class _Decoder:
+    """Decode the blocks of one file, reporting where invalid bytes are. `encoding` is a codec name or "auto"
+    (a byte-order mark, else the first of AUTO_ENCODINGS that decodes the first block); `encoding` after the first
+    block says which one was used."""
+
+    def __init__(self, path: str, errors: str, encoding: str = "utf-8"):
         if errors not in ("strict", "replace"):
             raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
         self.path, self.errors = path, errors
+        self.encoding = None if encoding == "auto" else check_encoding(encoding)
         self.offset = 0  # bytes of the file consumed so far
         self.line = 1  # line number at the start of the next block
         self.replaced = 0
+        self._incremental = None
+
+    def _detect(self, raw: bytes) -> str:
+        for bom, name in _BOMS:
+            if raw.startswith(bom):
+                return name
+        for name in AUTO_ENCODINGS:
+            try:
+                codecs.getincrementaldecoder(name)().decode(raw, final=False)
+                return name
+            except UnicodeDecodeError:
+                continue
+        return "latin-1"
 
     def __call__(self, raw: bytes) -> str:
-        if self.offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
-            raw, self.offset = raw[3:], 3
+        if self.encoding is None:
+            self.encoding = self._detect(raw)
+            if self.encoding != "utf-8":
+                log.info("%s: read as %s", self.path, self.encoding)
+        if self.offset == 0:  # a byte-order mark is not text ("utf-16" with its BOM: the codec reads it itself)
+            bom = {name: mark for mark, name in _BOMS}.get(self.encoding)
+            if bom and raw.startswith(bom):
+                raw, self.offset = raw[len(bom):], len(bom)
+        if self.encoding != "utf-8":
+            return self._decode_other(raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -129,16 +174,34 @@ class _Decoder:
                 line = self.line + raw.count(b"\n", 0, e.start)
                 raise CorpusError(
                     f"{self.path}: invalid UTF-8 at byte offset {self.offset + e.start} (line {line}): "
-                    f"{raw[e.start:e.end]!r}; fix the file or pass --errors replace") from None
+                    f"{raw[e.start:e.end]!r}; {ENCODING_HINT}") from None
             text = raw.decode("utf-8", errors="replace")
             self.replaced += text.count("\ufffd") - raw.count("\ufffd".encode())
         self.offset += len(raw)
         self.line += raw.count(b"\n")
         return text
 
+    def _decode_other(self, raw: bytes) -> str:
+        # an incremental decoder: a block may end inside a character of a multi-byte encoding (UTF-16's "\n\0")
+        if self._incremental is None:
+            self._incremental = codecs.getincrementaldecoder(self.encoding)(errors="strict")
+        try:
+            text = self._incremental.decode(raw)
+        except UnicodeDecodeError as e:
+            if self.errors == "strict":
+                line = self.line + raw.count(b"\n", 0, e.start)
+                raise CorpusError(f"{self.path}: invalid {self.encoding} at byte offset {self.offset + e.start} "
+                                  f"(line {line}): {raw[e.start:e.end]!r}; {ENCODING_HINT}") from None
+            self._incremental = codecs.getincrementaldecoder(self.encoding)(errors="replace")
+            text = self._incremental.decode(raw)
+            self.replaced += text.count("\ufffd")
+        self.offset += len(raw)
+        self.line += text.count("\n")
+        return text
+
     def close(self) -> None:
         if self.replaced:
-            log.warning("%s: replaced %d invalid UTF-8 sequences with U+FFFD", self.path, self.replaced)
+            log.warning("%s: replaced %d invalid %s sequences with U+FFFD", self.path, self.replaced, self.encoding)
 
 
 def _safe_cut(text: str) -> int:
@@ -155,8 +218,9 @@ def _safe_cut(text: str) -> int:
     return 0
 
 
-def _iter_plain_text(path: str, errors: str, block_bytes: int) -> Iterator[str]:
-    decode = _Decoder(path, errors)
+def _iter_plain_text(path: str, errors: str, block_bytes: int, encoding: str = "utf-8",
+                     decoder: _Decoder | None = None) -> Iterator[str]:
+    decode = decoder or _Decoder(path, errors, encoding)
     pending = ""
     with _open_binary(path) as f:
         while True:
@@ -199,8 +263,9 @@ def _record_document(obj: dict, text_field: str, where: str, path: str, lineno: 
     return Document(id=doc_id, text=text, meta={**meta, "source": path, "line": lineno})
 
 
-def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
-    decode = _Decoder(path, errors)
+def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
+                encoding: str = "utf-8") -> Iterator[Document]:
+    decode = _Decoder(path, errors, encoding)
     f = _open_binary(path)
     with f:
         lineno = 0
@@ -235,9 +300,10 @@ def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = 
     decode.close()
 
 
-def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
+              encoding: str = "utf-8") -> Iterator[Document]:
     delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
-    decode = _Decoder(path, errors)
+    decode = _Decoder(path, errors, encoding)
     with _open_binary(path) as f:  # streamed line by line: csv pulls more lines for quoted newlines
         reader = csv.reader((decode(raw) for raw in f), delimiter=delimiter)
         try:
@@ -290,9 +356,9 @@ def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> It
                 yield doc
 
 
-def _iter_html(path: str, errors: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+def _iter_html(path: str, errors: str, on_bad: OnBad | None = None, encoding: str = "utf-8") -> Iterator[Document]:
     trafilatura = _optional("trafilatura", path)
-    html = "".join(_iter_plain_text(path, errors, BLOCK_BYTES))
+    html = "".join(_iter_plain_text(path, errors, BLOCK_BYTES, encoding))
     text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True) or ""
     if not text.strip():
         _reject_or_raise(on_bad, path, "no main text found in the HTML", html[:1000])
@@ -323,47 +389,98 @@ def _is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst"))
 
 
-def iter_file_documents(path: str, errors: str = "strict", text_field: str = "text",
-                        on_bad: OnBad | None = None) -> Iterator[Document]:
-    """Documents of one input (a file or a `builtin:` name), by its suffix."""
+class RejectLog:
+    """Bad input that a corpus-reading stage (tokenizer train, data tokenize, rag index) set aside under
+    `on_error: skip`: pass it as `on_bad`; `write(dir)` saves DIR/rejects.jsonl (where, reason, text) when there
+    is any, and says how many on stderr."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def __call__(self, where: str, reason: str, raw: str = "") -> None:
+        self.items.append({"where": where, "reason": reason, "text": raw or None})
+
+    def write(self, directory: str | os.PathLike) -> None:
+        if not self.items:
+            return
+        from lmforge.files import atomic_write
+
+        path = Path(directory) / "rejects.jsonl"
+        with atomic_write(path) as f:
+            for item in self.items:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        log.warning("%d bad input record(s) skipped; each with its reason in %s", len(self.items), path)
+
+
+def _read_file_documents(path: str, errors: str, text_field: str, on_bad: OnBad | None,
+                         encoding: str) -> Iterator[Document]:
     if is_builtin(path):
         yield from builtin_documents(path)
     elif _is_jsonl(path):
-        yield from _iter_jsonl(path, errors, text_field, on_bad)
+        yield from _iter_jsonl(path, errors, text_field, on_bad, encoding)
     elif path.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
-        yield from _iter_csv(path, errors, text_field, on_bad)
+        yield from _iter_csv(path, errors, text_field, on_bad, encoding)
     elif path.endswith(".parquet"):
         yield from _iter_parquet(path, text_field, on_bad)
     elif path.endswith((".html", ".htm")):
-        yield from _iter_html(path, errors, on_bad)
+        yield from _iter_html(path, errors, on_bad, encoding)
     elif path.endswith(".pdf"):
         yield from _iter_pdf(path, on_bad)
     else:
-        text = "".join(_iter_plain_text(path, errors, BLOCK_BYTES))
+        decoder = _Decoder(path, errors, encoding)
+        text = "".join(_iter_plain_text(path, errors, BLOCK_BYTES, decoder=decoder))
+        meta = {"source": path} if decoder.encoding in (None, "utf-8") else {"source": path, "encoding": decoder.encoding}
         if text.strip():
-            yield Document(id=path, text=text, meta={"source": path})
+            yield Document(id=path, text=text, meta=meta)
         else:
             _reject_or_raise(on_bad, path, "empty file")
 
 
+def iter_file_documents(path: str, errors: str = "strict", text_field: str = "text",
+                        on_bad: OnBad | None = None, encoding: str = "utf-8") -> Iterator[Document]:
+    """Documents of one input (a file or a `builtin:` name), by its suffix, decoded with `encoding` (a codec name
+    or "auto"). With `on_bad`, every bad input is reported to it and reading goes on, also what spoils a whole
+    file (undecodable bytes in a text file, a corrupt parquet, a missing column); documents of the file read
+    before the error stay. Without, the first bad input raises CorpusError naming the file and line."""
+    if on_bad is None:
+        yield from _read_file_documents(path, errors, text_field, None, encoding)
+        return
+    try:
+        yield from _read_file_documents(path, errors, text_field, on_bad, encoding)
+    except CorpusError as e:
+        reason = str(e)
+        on_bad(path, reason[len(path) + 2:] if reason.startswith(path + ": ") else reason, "")
+
+
 def iter_documents(specs: list[str] | str, errors: str = "strict", text_field: str = "text",
-                   on_bad: OnBad | None = None) -> Iterator[Document]:
+                   on_bad: OnBad | None = None, encoding: str = "utf-8") -> Iterator[Document]:
     """Yield every Document of the inputs; a plain-text, HTML or PDF file is one Document."""
     for item in resolve_inputs(specs):
-        yield from iter_file_documents(item, errors, text_field, on_bad)
+        yield from iter_file_documents(item, errors, text_field, on_bad, encoding)
 
 
 def iter_text_chunks(specs: list[str] | str, errors: str = "strict", text_field: str = "text",
-                     block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
+                     block_bytes: int = BLOCK_BYTES, encoding: str = "utf-8",
+                     on_bad: OnBad | None = None) -> Iterator[str]:
     """Yield text in pieces of about `block_bytes` that can be pre-tokenized independently.
 
     Each document is yielded separately (documents never run into each other), and a
     large file is cut at safe line boundaries, so memory stays bounded by the block size.
+    With `on_bad`, bad input is reported to it and skipped (a plain-text file that fails to decode is skipped
+    whole: its text counts only when all of it was read).
     """
     for item in resolve_inputs(specs):
         if is_builtin(item):
             yield from (d.text for d in builtin_documents(item))
         elif item.endswith((".txt", ".md", ".rst", ".text", ".txt.gz", ".md.gz")) or not item.endswith(TEXT_SUFFIXES):
-            yield from _iter_plain_text(item, errors, block_bytes)
+            if on_bad is None:
+                yield from _iter_plain_text(item, errors, block_bytes, encoding)
+                continue
+            try:
+                pieces = list(_iter_plain_text(item, errors, block_bytes, encoding))
+            except CorpusError as e:
+                on_bad(item, str(e)[len(item) + 2:] if str(e).startswith(item + ": ") else str(e), "")
+                continue
+            yield from pieces
         else:
-            yield from (d.text for d in iter_file_documents(item, errors, text_field))
+            yield from (d.text for d in iter_file_documents(item, errors, text_field, on_bad, encoding))

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmforge.config import ConfigError
-from lmforge.data.sources import iter_documents
+from lmforge.data.sources import RejectLog, check_encoding, iter_documents
 from lmforge.files import write_json
 
 MANIFEST = "manifest.json"
@@ -45,6 +45,12 @@ class TokenizeConfig:
     errors: str = field(default="strict", metadata={"help": "invalid UTF-8: strict or replace",
                                                     "choices": ["strict", "replace"]})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text in .jsonl input"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto (a byte-order "
+                "mark, else UTF-8, else GB18030, else Latin-1; reported per file)"})
+    on_error: str = field(default="fail", metadata={
+        "help": "bad input (malformed record, undecodable file): stop naming file and line, or skip it and list it "
+                "in <out>/rejects.jsonl", "choices": ["fail", "skip"]})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -107,9 +113,13 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     n_chars = 0
     bar = tqdm(desc="tokenize", unit="doc", disable=not cfg.progress)
 
+    check_encoding(cfg.encoding)
+    rejects = RejectLog() if cfg.on_error == "skip" else None
+
     def batches() -> Iterator[list]:
         batch = []
-        for doc in iter_documents(cfg.input, errors=cfg.errors, text_field=cfg.text_field):
+        for doc in iter_documents(cfg.input, errors=cfg.errors, text_field=cfg.text_field, on_bad=rejects,
+                                  encoding=cfg.encoding):
             batch.append(doc)
             if len(batch) >= cfg.batch_docs:
                 yield batch
@@ -127,6 +137,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     bar.close()
     for w in writers.values():
         w.flush()
+    if rejects is not None:
+        rejects.write(out)
     if not writers["train"].shards:
         raise ValueError(f"no training documents: the corpus {cfg.input} is empty or all went to validation")
     tok_json = Path(cfg.tokenizer) / "tokenizer.json"
@@ -136,6 +148,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         "tokenizer": str(cfg.tokenizer),
         "tokenizer_sha256": hashlib.sha256(tok_json.read_bytes()).hexdigest() if tok_json.exists() else None,
         "characters": n_chars, "seconds": round(time.perf_counter() - t0, 3),
+        "rejected": len(rejects.items) if rejects is not None else 0,
         "splits": {s: {"shards": w.shards, "tokens": sum(x["tokens"] for x in w.shards),
                        "documents": sum(x["documents"] for x in w.shards)} for s, w in writers.items()},
     }

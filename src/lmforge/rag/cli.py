@@ -42,7 +42,7 @@ def _open(spec: str, cfg=None):
     return RagIndex.open(spec)
 
 
-def _documents(inputs: list[str], text_field: str):
+def _documents(inputs: list[str], text_field: str, encoding: str = "utf-8", on_bad=None):
     from lmforge.data.sources import iter_documents, resolve_inputs
     from lmforge.rag.evaluate import load_beir_corpus
 
@@ -50,7 +50,7 @@ def _documents(inputs: list[str], text_field: str):
         if Path(item).name in ("corpus.jsonl",):  # BEIR: title + text, "_id"
             yield from load_beir_corpus(item)
         else:
-            yield from iter_documents([item], text_field=text_field)
+            yield from iter_documents([item], text_field=text_field, encoding=encoding, on_bad=on_bad)
 
 
 @dataclass
@@ -80,6 +80,11 @@ class IndexCommand:
     b: float = field(default=0.75, metadata={"help": "BM25 length normalisation"})
     delete: list[str] = field(default_factory=list, metadata={"help": "document ids to remove"})
     text_field: str = field(default="text", metadata={"help": "text field of jsonl/csv/parquet input"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto"})
+    on_error: str = field(default="fail", metadata={
+        "help": "bad input: stop naming file and line, or skip it (listed in rejects.jsonl beside a local index)",
+        "choices": ["fail", "skip"]})
     json: bool = field(default=False, metadata={"help": "print the result as JSON"})
 
 
@@ -110,9 +115,20 @@ def cmd_index(args: argparse.Namespace) -> int:
     result = {}
     if c.delete:
         result["delete"] = index.delete(c.delete)
+    from lmforge.data.sources import RejectLog, check_encoding
+
+    check_encoding(c.encoding)
+    rejects = RejectLog() if c.on_error == "skip" else None
     if c.input:
-        docs = _documents(c.input, c.text_field)
+        docs = _documents(c.input, c.text_field, c.encoding, rejects)
         result.update(index.upsert(docs) if _is_pg(c.out) else index.upsert(docs, progress=sys.stderr.isatty()))
+    if rejects is not None and rejects.items:
+        result["rejected"] = len(rejects.items)
+        if not _is_pg(c.out):
+            rejects.write(c.out)
+        else:
+            for item in rejects.items:
+                print(f"skipped {item['where']}: {item['reason']}", file=sys.stderr)
     print(json.dumps(result, ensure_ascii=False) if c.json else
           " ".join(f"{k}={v}" for k, v in result.items()) + f" -> {redact_dsn(c.out)}")
     return 0

@@ -243,19 +243,20 @@ DEFAULT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 def train_tokenizer(inputs: list[str] | str, vocab_size: int = 8192, pattern: str = "gpt2",
                     special_tokens: Iterable[str] = DEFAULT_SPECIALS, min_frequency: int = 2,
                     errors: str = "strict", text_field: str = "text", num_workers: int | None = None,
-                    show_progress: bool = True) -> BPETokenizer:
+                    show_progress: bool = True, encoding: str = "utf-8", on_bad=None) -> BPETokenizer:
     """Train a byte-level BPE `BPETokenizer` on files, directories, globs or `builtin:` corpora.
 
     `pattern` is a preset (gpt2, cl100k, o200k) or a custom regex. Special tokens take the ids
     after the ordinary tokens; `<|endoftext|>` becomes the EOS token, and a tokenizer with the
-    ChatML markers gets the ChatML chat template.
+    ChatML markers gets the ChatML chat template. `encoding` (a codec or "auto") decodes the inputs; with `on_bad`
+    (e.g. a data.sources.RejectLog) bad records and undecodable files are reported to it and skipped.
     """
     regex_str = resolve_pattern(pattern)
     specials = list(dict.fromkeys(special_tokens))
     for s in specials:
         if not s:
             raise TrainingError("a special token cannot be the empty string")
-    chunks = iter_text_chunks(inputs, errors=errors, text_field=text_field)
+    chunks = iter_text_chunks(inputs, errors=errors, text_field=text_field, encoding=encoding, on_bad=on_bad)
     token_bytes, merges, stats = train_bpe(chunks, vocab_size, regex_str, specials, min_frequency,
                                            num_workers, show_progress)
     ranks = {b: i for i, b in enumerate(token_bytes)}

@@ -32,6 +32,12 @@ class TokenizerTrainConfig:
     errors: str = field(default="strict", metadata={"help": "invalid UTF-8: fail naming file and byte, or "
                                                             "replace with U+FFFD", "choices": ["strict", "replace"]})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text in .jsonl input"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto (a byte-order "
+                "mark, else UTF-8, else GB18030, else Latin-1; reported per file)"})
+    on_error: str = field(default="fail", metadata={
+        "help": "bad input (malformed record, undecodable file): stop naming file and line, or skip it and list it "
+                "in <out>/rejects.jsonl", "choices": ["fail", "skip"]})
     workers: int = field(default=0, metadata={"help": "processes for counting (0: one per CPU core)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -42,12 +48,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(TokenizerTrainConfig, args)
     out = Path(cfg.out)
+    from lmforge.data.sources import RejectLog, check_encoding
+
+    check_encoding(cfg.encoding)
+    rejects = RejectLog() if cfg.on_error == "skip" else None
     t0 = time.perf_counter()
     tok = train_tokenizer(cfg.input, cfg.vocab_size, cfg.pattern, cfg.special, cfg.min_frequency,
-                          cfg.errors, cfg.text_field, cfg.workers or None, cfg.progress and sys.stderr.isatty())
+                          cfg.errors, cfg.text_field, cfg.workers or None, cfg.progress and sys.stderr.isatty(),
+                          encoding=cfg.encoding, on_bad=rejects)
     seconds = time.perf_counter() - t0
     tok.save(out)
     save_config(cfg, out)
+    if rejects is not None:
+        rejects.write(out)
     stats = {**tok.training_stats, "seconds": round(seconds, 3), "vocab_size": tok.vocab_size,
              "compression": compression_report(tok)}
     write_json(out / "train_stats.json", stats)
