@@ -7,7 +7,8 @@ import pytest
 from lmforge.config import ConfigError
 from lmforge.data.clean import PII, valid_cn_id
 from lmforge.data.document import Document
-from lmforge.data.step import build_step, split_sentences, split_words
+from lmforge.data.step import build_step
+from lmforge.text import split_sentences, split_words
 
 
 def run(name: str, text: str, **params):

@@ -23,7 +23,8 @@ from functools import lru_cache
 import regex
 
 from lmforge.data.document import Document
-from lmforge.data.step import TERMINAL_PUNCT, Step, language_of, register, split_sentences, split_words
+from lmforge.data.step import Step, language_of, register
+from lmforge.text import TERMINAL_PUNCT, split_sentences, split_words
 
 
 def _replace_text(doc: Document, text: str) -> Document:

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import regex
 
+from lmforge.text import CJK_CHAR
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
 _SEPARATOR = r"[\p{P}\p{S}\p{Z}\p{Cc}\s]"  # punctuation, symbols, spaces, control characters
 _SEP_CHAR = regex.compile(_SEPARATOR)
 _PUNCT = regex.compile(_SEPARATOR + "+")
-_CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
+_CJK = CJK_CHAR  # Han, kana and Hangul (lmforge/text.py): characters, not words, are the shingle unit
 
 
 def normalize_for_dedup(text: str) -> str:

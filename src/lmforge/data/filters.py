@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import regex
 
 from lmforge.data.document import Document
-from lmforge.data.step import TERMINAL_PUNCT, Step, language_of, ngram_counts, register, split_words
+from lmforge.data.step import Step, language_of, ngram_counts, register
+from lmforge.text import TERMINAL_PUNCT, split_words
 
 STOP_WORDS = {
     "en": {"the", "be", "to", "of", "and", "that", "have", "with"},

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import regex
 
 from lmforge.rag.index import Hit, RagIndex
+from lmforge.text import HAN_RUN
 
 NO_ANSWER = "I don't know: the indexed documents contain nothing relevant to this question."
 NO_ANSWER_ZH = "我不知道：索引中的文档没有与这个问题相关的内容。"
 INSTRUCTIONS = ("Answer the question using only the numbered sources below. Cite the sources you use as [1], [2]. "
                 "If the sources do not contain the answer, say you don't know.")
 _CITATION = regex.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-_CJK = regex.compile(r"\p{Han}")
+
 
 
 class ContextTooSmall(ValueError):
@@ -96,7 +97,7 @@ def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConf
     cfg = cfg or AskConfig()
     hits = index.search(question, k=cfg.k, mode=cfg.mode if index.cfg.dense else "sparse")
     hits = relevant_hits(hits, cfg, index.cfg.dense and cfg.mode != "sparse")
-    zh = bool(_CJK.search(question))
+    zh = bool(HAN_RUN.search(question))
     if not hits:
         return {"question": question, "answer": NO_ANSWER_ZH if zh else NO_ANSWER, "answered": False,
                 "citations": [], "sources": []}

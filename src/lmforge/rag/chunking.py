@@ -25,6 +25,7 @@ import numpy as np
 import regex
 
 from lmforge.data.document import Document
+from lmforge.text import SENTENCE_BREAK, UNSPACED
 
 
 @dataclass
@@ -44,9 +45,9 @@ class Chunk:
 # ----- splitting into spans ---------------------------------------------------------------------
 
 _PARAGRAPH = regex.compile(r"\n\s*\n")
-# a sentence ends at . ! ? (followed by space) or at Chinese 。！？；… (no space needed), closing quotes included
-_SENTENCE = regex.compile(r"(?<=[.!?][\"')\]”’]*)\s+|(?<=[。！？；…]+[”’」』）]*)")
-_WORD = regex.compile(r"(?<=\s)(?=\S)|(?<=[\p{Han}\p{Hiragana}\p{Katakana}])(?=\S)|(?<=\S)(?=[\p{Han}])")
+_SENTENCE = SENTENCE_BREAK  # lmforge/text.py: . ! ? before a space, or 。！？；… anywhere, closers included
+# a word break: after a space, or after/before a character of an unspaced script (every such character can end a piece)
+_WORD = regex.compile(rf"(?<=\s)(?=\S)|(?<=[{UNSPACED}])(?=\S)|(?<=\S)(?=[\p{{Han}}])")
 
 
 def _split_spans(text: str, start: int, end: int, pattern: regex.Pattern) -> list[tuple[int, int]]:

@@ -333,7 +333,7 @@ def embedder_reads(cfg: IndexConfig, query: str) -> bool:
     """False when the query is mostly CJK and the embedder is declared not to cover Chinese/Japanese/Korean."""
     if not cfg.embedder_languages or {"zh", "ja", "ko"} & set(cfg.embedder_languages):
         return True
-    from lmforge.data.step import is_mostly_cjk
+    from lmforge.text import is_mostly_cjk
 
     return not is_mostly_cjk(query)
 

@@ -16,6 +16,8 @@ from functools import lru_cache
 import numpy as np
 import regex
 
+from lmforge.text import UNSPACED, UNSPACED_RUN, jieba
+
 # Lucene's English stop words (the list bm25s and Elasticsearch use)
 ENGLISH_STOP_WORDS = frozenset([
     "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not", "of",
@@ -23,8 +25,9 @@ ENGLISH_STOP_WORDS = frozenset([
 
 # CJK runs (segmented below), else words of two or more word characters: the token pattern of
 # scikit-learn and bm25s, so scores are comparable with theirs
-_TOKEN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]+|[^\W\p{Han}\p{Hiragana}\p{Katakana}]{2,}")
-_CJK_RUN = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]+")
+# a run of unspaced script (segmented below), or a word of 2+ other word characters (bm25s's \w\w+)
+_TOKEN = regex.compile(rf"[{UNSPACED}]+|[^\W{UNSPACED}]{{2,}}")
+_CJK_RUN = UNSPACED_RUN
 
 
 @dataclass
@@ -64,9 +67,7 @@ class Analyzer:
     def _chinese(self, run: str) -> list[str]:
         if self.cfg.chinese == "bigram":
             return [run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)]
-        from lmforge.data.step import _jieba
-
-        return [w for w in _jieba().lcut_for_search(run) if w.strip()]
+        return [w for w in jieba().lcut_for_search(run) if w.strip()]
 
 
 def _bm25s():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from importlib import resources
 
-import regex
-
+from lmforge.text import HAN_RUN
 from lmforge.tokenizer.tokenizer import Tokenizer
 
-_HAN = regex.compile(r"\p{Han}+")
+_HAN = HAN_RUN
 # background colours that keep text readable on light and dark terminals
 _COLORS = ["\x1b[48;5;153m", "\x1b[48;5;222m", "\x1b[48;5;151m", "\x1b[48;5;217m", "\x1b[48;5;188m"]
 _RESET = "\x1b[0m"
