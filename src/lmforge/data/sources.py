@@ -118,6 +118,24 @@ AUTO_ENCODINGS = ("utf-8", "gb18030", "latin-1")
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 
 
+def encoding_field():
+    """The `encoding` setting of a stage that reads corpora (a dataclass field)."""
+    from dataclasses import field
+
+    return field(default="utf-8", metadata={
+        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto (a byte-order "
+                "mark, else UTF-8, else GB18030, else Latin-1; reported per file)"})
+
+
+def on_error_field():
+    """The `on_error` setting of a stage that reads corpora outside the pipeline (a dataclass field)."""
+    from dataclasses import field
+
+    return field(default="fail", metadata={
+        "help": "bad input (malformed record, undecodable file): stop naming file and line, or skip it and list it "
+                "in rejects.jsonl beside the output", "choices": ["fail", "skip"]})
+
+
 def check_encoding(encoding: str) -> str:
     """The codec's canonical name (or "auto"); an unknown name is a CorpusError."""
     if encoding == "auto":

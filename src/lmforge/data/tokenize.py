@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmforge.config import ConfigError
-from lmforge.data.sources import RejectLog, check_encoding, iter_documents
+from lmforge.data.sources import RejectLog, check_encoding, encoding_field, iter_documents, on_error_field
 from lmforge.files import write_json
 
 MANIFEST = "manifest.json"
@@ -45,12 +45,8 @@ class TokenizeConfig:
     errors: str = field(default="strict", metadata={"help": "invalid UTF-8: strict or replace",
                                                     "choices": ["strict", "replace"]})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text in .jsonl input"})
-    encoding: str = field(default="utf-8", metadata={
-        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto (a byte-order "
-                "mark, else UTF-8, else GB18030, else Latin-1; reported per file)"})
-    on_error: str = field(default="fail", metadata={
-        "help": "bad input (malformed record, undecodable file): stop naming file and line, or skip it and list it "
-                "in <out>/rejects.jsonl", "choices": ["fail", "skip"]})
+    encoding: str = encoding_field()
+    on_error: str = on_error_field()
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 

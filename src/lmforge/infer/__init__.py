@@ -1,6 +1,8 @@
 """Inference: one generation engine (KV cache, per-request sampling, stop strings, streaming text), chat sessions."""
 
-# names load on first use (PEP 562): `lmforge --help` and torch-free commands never import torch
+from lmforge import lazy_exports
+
+# names load on first use: `lmforge --help` and torch-free commands never import torch
 _EXPORTS = {
     "IncrementalDetokenizer": "lmforge.infer.detokenize",
     "decode_generated": "lmforge.infer.detokenize",
@@ -19,13 +21,4 @@ _EXPORTS = {
     "sample_tokens": "lmforge.infer.sampling",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _EXPORTS)

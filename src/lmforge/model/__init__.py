@@ -5,7 +5,9 @@
     save_hf_model(model, "runs/m"); model = load_hf_model("runs/m")
 """
 
-# names load on first use (PEP 562): `lmforge --help` and torch-free commands never import torch
+from lmforge import lazy_exports
+
+# names load on first use: `lmforge --help` and torch-free commands never import torch
 _EXPORTS = {
     "PRESETS": "lmforge.model.config",
     "ModelConfig": "lmforge.model.config",
@@ -23,13 +25,4 @@ _EXPORTS = {
     "Transformer": "lmforge.model.transformer",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _EXPORTS)

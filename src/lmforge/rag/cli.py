@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from lmforge.config import add_config_args
+from lmforge.data.sources import encoding_field, on_error_field
 
 
 def _filters(pairs: list[str] | None) -> dict | None:
@@ -80,11 +81,8 @@ class IndexCommand:
     b: float = field(default=0.75, metadata={"help": "BM25 length normalisation"})
     delete: list[str] = field(default_factory=list, metadata={"help": "document ids to remove"})
     text_field: str = field(default="text", metadata={"help": "text field of jsonl/csv/parquet input"})
-    encoding: str = field(default="utf-8", metadata={
-        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto"})
-    on_error: str = field(default="fail", metadata={
-        "help": "bad input: stop naming file and line, or skip it (listed in rejects.jsonl beside a local index)",
-        "choices": ["fail", "skip"]})
+    encoding: str = encoding_field()
+    on_error: str = on_error_field()
     json: bool = field(default=False, metadata={"help": "print the result as JSON"})
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.config import add_config_args, config_from_args, save_config
+from lmforge.data.sources import encoding_field, on_error_field
 from lmforge.files import write_json
 from lmforge.tokenizer.bpe import DEFAULT_SPECIALS
 from lmforge.tokenizer.patterns import PATTERNS
@@ -32,12 +33,8 @@ class TokenizerTrainConfig:
     errors: str = field(default="strict", metadata={"help": "invalid UTF-8: fail naming file and byte, or "
                                                             "replace with U+FFFD", "choices": ["strict", "replace"]})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text in .jsonl input"})
-    encoding: str = field(default="utf-8", metadata={
-        "help": "text encoding of the inputs: utf-8, gb18030/gbk, big5, utf-16, latin-1, ..., or auto (a byte-order "
-                "mark, else UTF-8, else GB18030, else Latin-1; reported per file)"})
-    on_error: str = field(default="fail", metadata={
-        "help": "bad input (malformed record, undecodable file): stop naming file and line, or skip it and list it "
-                "in <out>/rejects.jsonl", "choices": ["fail", "skip"]})
+    encoding: str = encoding_field()
+    on_error: str = on_error_field()
     workers: int = field(default=0, metadata={"help": "processes for counting (0: one per CPU core)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
