@@ -406,3 +406,28 @@ def test_no_empty_reject_files(tmp_path):
     stats = run_pipeline(_config(inp, out, steps=["whitespace", "exact_dedup"]))
     assert stats["documents_rejected"] == 0
     assert not (out / "rejects").exists() or not any((out / "rejects").iterdir())
+
+
+def test_a_large_jsonl_file_is_read_as_several_tasks_with_the_same_result(corpus, tmp_path, monkeypatch):
+    """One big file keeps both cores busy: it is cut at line ends into map tasks, and the output (kept documents and
+    their order, rejects with their absolute line numbers, dedup decisions) equals reading it whole."""
+    import shutil
+
+    inp, _ = corpus
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as out:
+        for part in sorted(inp.glob("*.jsonl")):
+            out.write(part.read_bytes())
+    whole = run_pipeline(_config(big, tmp_path / "whole"))
+    monkeypatch.setattr("lmforge.data.pipeline.PIECE_BYTES", 20_000)
+    split = run_pipeline(_config(big, tmp_path / "split"))
+    assert split["shards"] > 5 and whole["shards"] == 1
+    assert [d["id"] for d in _kept(tmp_path / "split")] == [d["id"] for d in _kept(tmp_path / "whole")]
+    rejects = {(r["id"], r["where"], r["reason"]) for r in _read_gz((tmp_path / "split" / "rejects").glob("*.gz"))}
+    assert rejects == {(r["id"], r["where"], r["reason"]) for r in _read_gz((tmp_path / "whole" / "rejects").glob("*.gz"))}
+    lines = big.read_bytes().split(b"\n")
+    broken = next(n for n, line in enumerate(lines, start=1) if b'"id": "broken"' in line)
+    assert sum(len(x) + 1 for x in lines[:broken - 1]) > 20_000  # in a later piece, numbered as in the whole file
+    assert any(w == f"{big}:{broken}" and "malformed JSON" in r for _, w, r in rejects)
+    assert split["documents_read"] == whole["documents_read"]
+    shutil.rmtree(tmp_path / "whole")

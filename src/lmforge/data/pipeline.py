@@ -60,7 +60,7 @@ import yaml
 
 from lmforge.config import ConfigError, from_dict, read_config_file
 from lmforge.data.executors import run_local, run_ray
-from lmforge.data.sources import resolve_inputs
+from lmforge.data.sources import resolve_inputs, split_points, splittable
 from lmforge.data.stats import LENGTH_BINS, merge_stats
 from lmforge.data.step import Step, build_step
 from lmforge.data.tasks import run_global_step, split_stages
@@ -118,6 +118,22 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
         else:
             raise ConfigError(f"{where}: a step is a name or a one-key mapping {{name: {{params}}}}, got {spec!r}")
     return steps
+
+
+# a plain JSONL file larger than this is read as several map tasks, cut at line ends, so one big file keeps every
+# core busy; fixed (not derived from the worker count) so that a rerun elsewhere plans the same shards
+PIECE_BYTES = 16 << 20
+
+
+def plan_shards(sources: list[str]) -> list[tuple[str, tuple[int, int] | None]]:
+    """The map tasks' inputs, in order: each file whole, or a large plain JSONL file in byte ranges."""
+    shards = []
+    for src in sources:
+        if splittable(src) and os.path.getsize(src) > PIECE_BYTES:
+            shards += [(src, r) for r in split_points(src, PIECE_BYTES)]
+        else:
+            shards.append((src, None))
+    return shards
 
 
 def _input_stamps(sources: list[str]) -> list[list]:
@@ -188,8 +204,9 @@ def run_pipeline(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     all_stats, globals_info = [], []
     t0 = time.perf_counter()
     remove_temporaries(root)  # left by a run that was killed mid-write
+    shards = plan_shards(sources)
     for k, (_, global_step) in enumerate(stages):
-        tasks = [(cfg_dict, k, i, src, len(stages)) for i, src in enumerate(sources)]
+        tasks = [(cfg_dict, k, i, src, len(stages), rng) for i, (src, rng) in enumerate(shards)]
         desc = f"stage {k + 1}/{len(stages)}"
         try:
             if cfg.executor == "ray":
@@ -202,12 +219,12 @@ def run_pipeline(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         results.sort(key=lambda r: r["shard"])
         all_stats.append(results)
         if global_step is not None:
-            log.debug("running %s over %d shards", global_step.name, len(sources))
-            globals_info.append(run_global_step(cfg, k, len(sources), global_step))
+            log.debug("running %s over %d shards", global_step.name, len(shards))
+            globals_info.append(run_global_step(cfg, k, len(shards), global_step))
     merged = [merge_stats(r) for r in all_stats]
     # one row per step in pipeline order: "read", the map steps, each global step, ...
     step_rows = [row for m in merged for row in m["steps"]]
-    stats = {"inputs": sources, "shards": len(sources), "seconds": round(time.perf_counter() - t0, 2),
+    stats = {"inputs": sources, "shards": len(shards), "seconds": round(time.perf_counter() - t0, 2),
              "documents_read": step_rows[0]["docs_in"], "documents_kept": step_rows[-1]["docs_out"],
              "documents_rejected": _count_rejects(root), "steps": step_rows, "global_steps": globals_info,
              "length_bins": LENGTH_BINS, "lengths_in": merged[0]["lengths_in"], "lengths_out": merged[-1]["lengths_out"]}

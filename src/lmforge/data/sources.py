@@ -282,12 +282,20 @@ def _record_document(obj: dict, text_field: str, where: str, path: str, lineno: 
 
 
 def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
-                encoding: str = "utf-8") -> Iterator[Document]:
+                encoding: str = "utf-8", byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
     decode = _Decoder(path, errors, encoding)
     f = _open_binary(path)
     with f:
         lineno = 0
+        end = None
+        if byte_range is not None:  # one piece of a large file: its lines, numbered as in the whole file
+            start, end = byte_range
+            while f.tell() < start:
+                lineno += f.read(min(1 << 24, start - f.tell())).count(b"\n")
+            decode.offset, decode.line = start, lineno + 1
         while True:
+            if end is not None and f.tell() >= end:
+                break
             try:
                 raw = f.readline()
             except (OSError, EOFError) as e:  # a truncated .gz/.zst file
@@ -431,11 +439,13 @@ class RejectLog:
 
 
 def _read_file_documents(path: str, errors: str, text_field: str, on_bad: OnBad | None,
-                         encoding: str) -> Iterator[Document]:
+                         encoding: str, byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
+    if byte_range is not None and not splittable(path):
+        raise ValueError(f"{path}: only plain .jsonl files are read in byte ranges")
     if is_builtin(path):
         yield from builtin_documents(path)
     elif _is_jsonl(path):
-        yield from _iter_jsonl(path, errors, text_field, on_bad, encoding)
+        yield from _iter_jsonl(path, errors, text_field, on_bad, encoding, byte_range)
     elif path.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
         yield from _iter_csv(path, errors, text_field, on_bad, encoding)
     elif path.endswith(".parquet"):
@@ -454,17 +464,39 @@ def _read_file_documents(path: str, errors: str, text_field: str, on_bad: OnBad 
             _reject_or_raise(on_bad, path, "empty file")
 
 
+def splittable(path: str) -> bool:
+    """Whether a file can be read in pieces cut at line ends (plain JSONL: one record per line)."""
+    return path.endswith(".jsonl") and not is_builtin(path)
+
+
+def split_points(path: str, piece_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of about `piece_bytes` that cut a plain JSONL file at line ends (one range for a small file)."""
+    size = os.path.getsize(path)
+    n = max(1, -(-size // piece_bytes))
+    cuts = [0]
+    with open(path, "rb") as f:
+        for k in range(1, n):
+            f.seek(k * size // n)
+            f.readline()  # to the end of the line the cut falls in
+            pos = f.tell()
+            if cuts[-1] < pos < size:
+                cuts.append(pos)
+    cuts.append(size)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, size)]
+
+
 def iter_file_documents(path: str, errors: str = "strict", text_field: str = "text",
-                        on_bad: OnBad | None = None, encoding: str = "utf-8") -> Iterator[Document]:
+                        on_bad: OnBad | None = None, encoding: str = "utf-8",
+                        byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
     """Documents of one input (a file or a `builtin:` name), by its suffix, decoded with `encoding` (a codec name
     or "auto"). With `on_bad`, every bad input is reported to it and reading goes on, also what spoils a whole
     file (undecodable bytes in a text file, a corrupt parquet, a missing column); documents of the file read
     before the error stay. Without, the first bad input raises CorpusError naming the file and line."""
     if on_bad is None:
-        yield from _read_file_documents(path, errors, text_field, None, encoding)
+        yield from _read_file_documents(path, errors, text_field, None, encoding, byte_range)
         return
     try:
-        yield from _read_file_documents(path, errors, text_field, on_bad, encoding)
+        yield from _read_file_documents(path, errors, text_field, on_bad, encoding, byte_range)
     except CorpusError as e:
         reason = str(e)
         on_bad(path, reason[len(path) + 2:] if reason.startswith(path + ": ") else reason, "")

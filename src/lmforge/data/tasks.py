@@ -55,7 +55,8 @@ def steps_for(cfg: PipelineConfig) -> list[Step]:
     return _STEP_CACHE[key]
 
 
-def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: int) -> dict:
+def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: int,
+                 byte_range: tuple[int, int] | None = None) -> dict:
     """Run stage `stage` of the pipeline on one shard; returns its stats (also saved in
     the .done marker). A pure function of its arguments and the files it reads."""
     from lmforge.data.pipeline import PipelineConfig
@@ -113,7 +114,8 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
     try:
         if stage == 0:
             documents = iter_file_documents(source, cfg.errors, cfg.text_field,
-                                            on_bad if cfg.on_error == "skip" else None, cfg.encoding)
+                                            on_bad if cfg.on_error == "skip" else None, cfg.encoding,
+                                            tuple(byte_range) if byte_range else None)
         else:
             documents = _documents_after_global(cfg, paths, stage, shard, reject, read_stats)
         for doc in documents:
@@ -171,7 +173,7 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
     for w in writers.values():
         w.close()
     rejects.close()
-    result = {"stage": stage, "shard": shard, "source": source,
+    result = {"stage": stage, "shard": shard, "source": source, "bytes": list(byte_range) if byte_range else None,
               "steps": [read_stats.as_dict()] + [s.as_dict() for s in stats],
               "lengths_in": histogram(lengths_in), "lengths_out": histogram(lengths_out)}
     write_json(done, result)
