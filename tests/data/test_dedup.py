@@ -217,6 +217,52 @@ def test_near_duplicates_end_to_end_with_verification():
         assert _jaccard(_word_ngrams(texts[i], 5), _word_ngrams(texts[j], 5)) >= 0.8
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12), min_size=1, max_size=12))
+def test_exact_keys_group_texts_as_the_string_normal_form_does(texts):
+    # exact_keys hashes the vectorised normal form: two texts share a key exactly when normalize_for_dedup says
+    # they are equal (hypothesis draws short texts from every script, so collisions are common)
+    texts = texts + [t.upper() for t in texts] + [f" {t}. " for t in texts]
+    keys = D.exact_keys(texts).tolist()
+    forms = [D.normalize_for_dedup(t) for t in texts]
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            assert (keys[i] == keys[j]) == (forms[i] == forms[j]), (texts[i], texts[j])
+
+
+def test_exact_keys_on_real_text_equal_the_string_normal_form():
+    docs = _paragraphs(english())[:200] + [p for p in chinese_news(100_000).split("\n") if p][:200]
+    variants = docs + [d.upper() for d in docs[::3]] + [d.replace(" ", "  ").replace("，", ",") for d in docs[1::3]]
+    keys = D.exact_keys(variants).tolist()
+    forms = [D.normalize_for_dedup(t) for t in variants]
+    groups_by_key, groups_by_form = {}, {}
+    for i, (k, f) in enumerate(zip(keys, forms)):
+        groups_by_key.setdefault(k, set()).add(i)
+        groups_by_form.setdefault(f, set()).add(i)
+    assert sorted(map(sorted, groups_by_key.values())) == sorted(map(sorted, groups_by_form.values()))
+    assert len(groups_by_form) < len(variants)  # the variants did collapse
+
+
+def test_verified_components_equal_verifying_every_pair():
+    # skipping pairs already joined must not change the components
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        n = int(rng.integers(2, 300))
+        pairs = np.unique(np.sort(rng.integers(0, n, (int(rng.integers(0, 6 * n)), 2)), axis=1), axis=0)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        salt = int(rng.integers(1, 1000))
+        calls = []
+
+        def verify(p):
+            calls.append(len(p))
+            return p[(p[:, 0] * 7919 + p[:, 1] * 104729 + salt) % 3 != 0]
+
+        labels, confirmed, checked = D.verified_components(n, pairs, verify, first_batch=8)
+        assert labels.tolist() == D.connected_components(n, verify(pairs)).tolist()
+        assert checked == sum(calls[:-1]) <= len(pairs)
+        assert D.connected_components(n, confirmed).tolist() == labels.tolist()
+
+
 def test_exact_keys():
     k = D.exact_keys(["Hello, World!", "hello world", "hello  world.", "hello there", "你好，世界", "你好 世界"])
     assert k[0] == k[1] == k[2] != k[3]

@@ -431,3 +431,38 @@ def test_a_large_jsonl_file_is_read_as_several_tasks_with_the_same_result(corpus
     assert any(w == f"{big}:{broken}" and "malformed JSON" in r for _, w, r in rejects)
     assert split["documents_read"] == whole["documents_read"]
     shutil.rmtree(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("between", [[], ["pii"]], ids=["dedup-only", "a-map-step-between"])
+def test_dedup_stages_keep_signatures_not_texts_and_equal_the_library(corpus, tmp_path, between):
+    """Between global steps only signatures and decisions are kept: a stage without map steps writes no text, the
+    next reads its input again and applies the decision. Either way the output equals exact dedup then MinHash
+    with verification done by hand with the library, in the pipeline's document order."""
+    from lmforge.data import dedup as D
+    from lmforge.data.step import build_step
+
+    inp, _ = corpus
+    out = tmp_path / "out"
+    steps = ["exact_dedup"] + between + [{"minhash_dedup": {"threshold": 0.8}}]
+    run_pipeline(_config(inp, out, steps=steps))
+    text_shards = sorted(p.relative_to(out / "work").parts[0] for p in (out / "work").rglob("*.jsonl.gz"))
+    assert text_shards == (["stage1"] * 3 if between else [])  # the pii stage's own output, nothing else
+
+    docs = list(iter_documents([str(inp)], on_bad=lambda *a: None))
+    first = {}
+    after_exact = [d for d, k in zip(docs, D.exact_keys([d.text for d in docs]).tolist())
+                   if first.setdefault(k, d.id) == d.id]
+    for name in between:
+        step = build_step(name, {})
+        after_exact = [step.apply(d) for d in after_exact]
+    result = D.near_duplicates([d.text for d in after_exact], threshold=0.8, verify=True)
+    expected = [d for d, keep in zip(after_exact, result.keep) if keep]
+    kept = _kept(out)
+    assert [r["id"] for r in kept] == [d.id for d in expected]
+    assert [r["text"] for r in kept] == [d.text for d in expected]
+    # both decisions reach the output's metadata and the rejects, whichever stage applied them
+    assert len(after_exact) < len(docs)  # the corpus plants an exact copy
+    assert any("exact_dedup_cluster" in r for r in kept) and any("minhash_dedup_cluster" in r for r in kept)
+    rejected = _read_gz((out / "rejects").glob("*.jsonl.gz"))
+    assert sum(r["step"] == "exact_dedup" for r in rejected) == len(docs) - len(after_exact)
+    assert sum(r["step"] == "minhash_dedup" for r in rejected) == len(after_exact) - len(expected)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +88,15 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray]:
 _TABLES: tuple[np.ndarray, np.ndarray] | None = None
 
 
+def code_point_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(class, NFKC-lower-case code point) for every code point, built once per process (about 1 s; the pipeline
+    builds them before it forks its workers, which then share them)."""
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = _build_tables()
+    return _TABLES
+
+
 def _utf32(text: str) -> bytes:
     try:
         return text.encode("utf-32-le")
@@ -101,10 +110,7 @@ def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
     NFKC + lower case is a table lookup per code point; only texts with characters that can
     combine (accents written as separate marks, Hangul jamo) are normalised as strings."""
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = _build_tables()
-    classes, nfkc_lower = _TABLES
+    classes, nfkc_lower = code_point_tables()
     texts = list(texts)
     joined = "\0".join(texts) + "\0"
     if joined.isascii():  # the common fast path: lower() in C, no table
@@ -320,6 +326,15 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
 
 
+def estimated_jaccards(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """MinHash estimate of each pair's Jaccard (the share of equal signature entries), in bounded memory."""
+    out = np.empty(len(pairs), np.float32)
+    for lo in range(0, len(pairs), chunk):
+        p = pairs[lo:lo + chunk]
+        out[lo:lo + chunk] = (signatures[p[:, 0]] == signatures[p[:, 1]]).mean(axis=1)
+    return out
+
+
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Jaccard similarity of two shingle-hash multisets taken as sets."""
     return _set_jaccard(np.unique(a), np.unique(b))
@@ -448,10 +463,53 @@ def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
             return labels
 
 
+def verified_components(n: int, pairs: np.ndarray, verify: Callable[[np.ndarray], np.ndarray],
+                        first_batch: int = 4096, max_batch: int = 1 << 18) -> tuple[np.ndarray, np.ndarray, int]:
+    """Connected components of the candidate pairs that `verify` confirms (verify(pairs) -> the confirmed ones),
+    checking only pairs whose ends are not joined yet: the components equal those of verifying every pair, but a
+    cluster of m near-copies costs about m checks instead of up to m^2 / 2. Pairs go in growing batches so the
+    first batches join the big clusters. Returns (labels as in connected_components, the confirmed pairs, the
+    number of pairs checked)."""
+    labels = np.arange(n, dtype=np.int64)
+    confirmed: list[np.ndarray] = []
+    checked, lo, batch = 0, 0, first_batch
+    while lo < len(pairs):
+        chunk = pairs[lo:lo + batch]
+        lo += batch
+        batch = min(batch * 2, max_batch)
+        chunk = chunk[labels[chunk[:, 0]] != labels[chunk[:, 1]]]
+        if not len(chunk):
+            continue
+        checked += len(chunk)
+        ok = verify(chunk)
+        if len(ok):
+            confirmed.append(ok)
+            labels = connected_components(n, np.concatenate(confirmed))
+    found = np.concatenate(confirmed) if confirmed else np.zeros((0, 2), np.int64)
+    return labels, found, checked
+
+
 def exact_keys(texts: Sequence[str]) -> np.ndarray:
-    """64-bit hash (blake2b) of each text's normalised form: exact duplicates share it."""
-    return np.array([int.from_bytes(hashlib.blake2b(normalize_for_dedup(t).encode(), digest_size=8).digest(), "little")
-                     for t in texts], np.uint64)
+    """64-bit hash (blake2b) of each text's normalised form: exact duplicates share it.
+
+    The normal form is normalize_for_dedup's, built on the batch's code-point array (NFKC + lower case by table,
+    each run of separators one space, one space after the last word), which is several times faster than the
+    string form per text."""
+    n = len(texts)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    cps, cls, ends = _codepoints(texts)
+    sep = (cls == _SEP) | (cls == _END)
+    # a word character stays; the first separator after one becomes a space (the text's terminating 0 included,
+    # so a text that ends in a word gets one trailing space, which does not change which texts are equal)
+    after_word = np.concatenate([[False], ~sep[:-1]])
+    emit = ~sep | after_word
+    out = np.where(sep, np.uint32(32), cps)[emit]
+    owner = np.searchsorted(ends, np.flatnonzero(emit))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n))])
+    data = out.astype("<u4").tobytes()
+    return np.array([int.from_bytes(hashlib.blake2b(data[4 * a:4 * b], digest_size=8).digest(), "little")
+                     for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())], np.uint64)
 
 
 @dataclass
@@ -521,6 +579,7 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.8, num_perm: int 
     pairs = candidate_pairs(sig, bands, rows, skip=is_empty(sig))
     n_candidates = len(pairs)
     if verify and len(pairs):
+        # every pair is checked (the result lists them all); the pipeline's step checks only pairs not yet joined
         pairs = verify_pairs(texts, pairs, threshold, ngram, unit,
                              shingles=(np.concatenate(all_hashes), np.concatenate(all_offsets)))
     labels = connected_components(len(texts), pairs)

@@ -1,7 +1,7 @@
 """Deduplication as pipeline steps. Both are global: each map task computes a small per-
-document record (a 64-bit key, or a MinHash signature, plus length and score), the
-pipeline gathers them (uint32 x num_perm per document on disk, never the texts) and
-`decide` returns which documents to keep and the cluster of each.
+document record (a 64-bit key, or a MinHash signature, plus length and score; with
+verification also the document's shingle hashes), the pipeline gathers them (never the
+texts) and `decide` returns which documents to keep and the cluster of each.
 """
 
 from __future__ import annotations
@@ -12,14 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmforge.data import dedup
-from lmforge.data.step import GlobalStep, register
-
-
-@dataclass
-class Decision:
-    keep: np.ndarray  # bool per document
-    cluster: np.ndarray  # int64: global index of the kept member of the document's cluster, -1 if none
-    stats: dict = field(default_factory=dict)
+from lmforge.data.step import Decision, GlobalStep, Signatures, register
 
 
 def _scores(meta: Sequence[dict], field_name: str) -> np.ndarray:
@@ -35,12 +28,15 @@ class ExactDedup(GlobalStep):
     keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
     score_field: str = "quality_score"
 
-    def signatures(self, texts: Sequence[str]) -> np.ndarray:
-        return dedup.exact_keys(texts)[:, None]
+    def setup(self) -> None:
+        dedup.code_point_tables()
 
-    def decide(self, signatures: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
-               texts: Callable[[np.ndarray], list[str]]) -> Decision:
-        keys = signatures[:, 0]
+    def signatures(self, texts: Sequence[str]) -> Signatures:
+        return Signatures(dedup.exact_keys(texts)[:, None])
+
+    def decide(self, rows: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
+               sets: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None) -> Decision:
+        keys = rows[:, 0]
         _, labels = np.unique(keys, return_inverse=True)
         # relabel each group by its smallest member so labels are node indices
         first = np.full(labels.max() + 1 if len(labels) else 0, len(labels), np.int64)
@@ -78,22 +74,37 @@ class MinHashDedup(GlobalStep):
                                                      min_recall=dedup.VERIFIED_RECALL if self.verify else None)
         self._hasher = None
 
-    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+    def setup(self) -> None:
+        dedup.code_point_tables()
+
+    def signatures(self, texts: Sequence[str]) -> Signatures:
         if self._hasher is None:
             self._hasher = dedup.MinHasher(self.num_perm, self.ngram, self.unit, self.seed)
-        return self._hasher.signatures(texts)
+        hashes, offsets = dedup.shingle_hashes(texts, self.ngram, self.unit)
+        rows = self._hasher.signatures_from_hashes(hashes, offsets)
+        # the shingle hashes themselves (4 bytes per shingle) let decide() check candidates without the texts
+        return Signatures(rows, hashes, offsets) if self.verify else Signatures(rows)
 
-    def decide(self, signatures: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
-               texts: Callable[[np.ndarray], list[str]]) -> Decision:
-        pairs = dedup.candidate_pairs(signatures, self.bands, self.rows, skip=dedup.is_empty(signatures))
+    def decide(self, rows: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
+               sets: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None) -> Decision:
+        pairs = dedup.candidate_pairs(rows, self.bands, self.rows, skip=dedup.is_empty(rows))
         n_candidates = len(pairs)
         if self.verify and len(pairs):
-            involved = np.unique(pairs)
-            by_index = dict(zip(involved.tolist(), texts(involved)))
-            local = np.searchsorted(involved, pairs)
-            pairs = involved[dedup.verify_pairs([by_index[i] for i in involved.tolist()], local, self.threshold,
-                                                self.ngram, self.unit)]
-        labels = dedup.connected_components(len(signatures), pairs)
+            if sets is None:
+                raise ValueError("minhash_dedup: verification needs the shingle sets of the signature pass")
+            # the likeliest duplicates first: they join the clusters early, so fewer pairs inside them are checked
+            pairs = pairs[np.argsort(-dedup.estimated_jaccards(rows, pairs), kind="stable")]
+            involved = dedup._sorted_unique(pairs.ravel())
+            shingles = sets(involved)
+            _, confirmed, checked = dedup.verified_components(
+                len(involved), np.searchsorted(involved, pairs),
+                lambda p: dedup.verify_pairs([], p, self.threshold, self.ngram, self.unit, shingles=shingles))
+            pairs = involved[confirmed]
+        else:
+            checked = 0
+        labels = dedup.connected_components(len(rows), pairs)
         kept, cluster = dedup.choose_kept(labels, self.keep, lengths, scores)
-        return Decision(kept, cluster, {"candidate_pairs": int(n_candidates), "duplicate_pairs": int(len(pairs)),
+        # duplicate_pairs: the confirmed pairs that joined clusters (pairs inside a joined cluster are not checked)
+        return Decision(kept, cluster, {"candidate_pairs": int(n_candidates), "checked_pairs": int(checked),
+                                        "duplicate_pairs": int(len(pairs)),
                                         "bands": self.bands, "rows": self.rows, "duplicates": int((~kept).sum())})

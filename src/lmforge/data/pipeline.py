@@ -63,7 +63,7 @@ from lmforge.data.executors import run_local, run_ray
 from lmforge.data.sources import resolve_inputs, split_points, splittable
 from lmforge.data.stats import LENGTH_BINS, merge_stats
 from lmforge.data.step import Step, build_step
-from lmforge.data.tasks import run_global_step, split_stages
+from lmforge.data.tasks import run_global_step, split_stages, steps_for
 from lmforge.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,8 @@ def run_pipeline(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     t0 = time.perf_counter()
     remove_temporaries(root)  # left by a run that was killed mid-write
     shards = plan_shards(sources)
+    if cfg.executor == "local":
+        steps_for(cfg)  # set the steps up once here (models, code-point tables): forked workers share them
     for k, (_, global_step) in enumerate(stages):
         tasks = [(cfg_dict, k, i, src, len(stages), rng) for i, (src, rng) in enumerate(shards)]
         desc = f"stage {k + 1}/{len(stages)}"

@@ -15,7 +15,11 @@ deciding; they subclass `GlobalStep` and the pipeline runs them between map stag
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
+
+import numpy as np
 
 from lmforge.config import ConfigError, _nearest, from_dict
 from lmforge.data.document import Document
@@ -36,7 +40,37 @@ class Step:
 
 
 class GlobalStep(Step):
-    """A step that must see every document first (exact and near-duplicate removal)."""
+    """A step that must see every document first (exact and near-duplicate removal).
+
+    Map tasks call `signatures(texts)` on each batch of documents that reach the step; the pipeline keeps only
+    those (never the texts) and calls `decide` once over every shard's. The texts are not read again: what
+    `decide` needs to confirm a decision (MinHash's exact Jaccard check) travels as `Signatures.sets`."""
+
+    def signatures(self, texts: Sequence[str]) -> Signatures:
+        raise NotImplementedError
+
+    def decide(self, rows: np.ndarray, lengths: np.ndarray, scores: np.ndarray,
+               sets: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None) -> Decision:
+        """rows: every document's signature row, in pipeline order; lengths in characters; scores NaN where the
+        document has none; sets(indices) -> (values, offsets) of those documents' sets, read on demand (None when
+        the step keeps no sets)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Signatures:
+    """What a global step keeps of a batch of documents."""
+
+    rows: np.ndarray  # [documents, width]: a fixed-width row each (a 64-bit key, a MinHash signature)
+    sets: np.ndarray | None = None  # optional variable-size set per document (shingle hashes), concatenated
+    set_offsets: np.ndarray | None = None  # document i owns sets[set_offsets[i]:set_offsets[i + 1]]
+
+
+@dataclass
+class Decision:
+    keep: np.ndarray  # bool per document
+    cluster: np.ndarray  # int64: global index of the kept member of the document's cluster, -1 if none
+    stats: dict = field(default_factory=dict)
 
 
 def register(name: str):
