@@ -281,8 +281,9 @@ def _record_document(obj: dict, text_field: str, where: str, path: str, lineno: 
     return Document(id=doc_id, text=text, meta={**meta, "source": path, "line": lineno})
 
 
-def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
-                encoding: str = "utf-8", byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
+def _jsonl_records(path: str, errors: str, on_bad: OnBad | None = None, encoding: str = "utf-8",
+                   byte_range: tuple[int, int] | None = None) -> Iterator[tuple[str, int, dict, str]]:
+    """(where, line number, object, line) of every JSON-object line; bad lines go to on_bad (or raise)."""
     decode = _Decoder(path, errors, encoding)
     f = _open_binary(path)
     with f:
@@ -320,14 +321,22 @@ def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = 
             if not isinstance(obj, dict):
                 _reject_or_raise(on_bad, where, f"expected a JSON object, got {type(obj).__name__}", line)
                 continue
-            doc = _record_document(obj, text_field, where, path, lineno, on_bad, line)
-            if doc is not None:
-                yield doc
+            yield where, lineno, obj, line
     decode.close()
 
 
-def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
-              encoding: str = "utf-8") -> Iterator[Document]:
+def _iter_jsonl(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
+                encoding: str = "utf-8", byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
+    for where, lineno, obj, line in _jsonl_records(path, errors, on_bad, encoding, byte_range):
+        doc = _record_document(obj, text_field, where, path, lineno, on_bad, line)
+        if doc is not None:
+            yield doc
+
+
+def _csv_records(path: str, errors: str, on_bad: OnBad | None = None, encoding: str = "utf-8",
+                 required: str | None = None) -> Iterator[tuple[str, int, dict, str]]:
+    """(where, line number, row as a dict, raw row) of a CSV/TSV file with a header; `required`: a column the
+    header must have (a one-line error otherwise)."""
     delimiter = "\t" if path.endswith((".tsv", ".tsv.gz")) else ","
     decode = _Decoder(path, errors, encoding)
     with _open_binary(path) as f:  # streamed line by line: csv pulls more lines for quoted newlines
@@ -337,8 +346,8 @@ def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = No
         except StopIteration:
             _reject_or_raise(on_bad, f"{path}:1", "empty file (expected a header row)")
             return
-        if text_field not in header:
-            raise CorpusError(f"{path}:1: no column '{text_field}' in the header ({', '.join(header)}); "
+        if required is not None and required not in header:
+            raise CorpusError(f"{path}:1: no column '{required}' in the header ({', '.join(header)}); "
                               "pass --text-field to name the text column")
         lineno = reader.line_num
         for row in reader:
@@ -350,36 +359,101 @@ def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = No
                 _reject_or_raise(on_bad, where, f"row has {len(row)} columns, the header has {len(header)}",
                                  delimiter.join(row))
                 continue
-            doc = _record_document(dict(zip(header, row)), text_field, where, path, lineno, on_bad,
-                                   delimiter.join(row))
-            if doc is not None:
-                yield doc
+            yield where, lineno, dict(zip(header, row)), delimiter.join(row)
     decode.close()
 
 
-def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+def _iter_csv(path: str, errors: str, text_field: str, on_bad: OnBad | None = None,
+              encoding: str = "utf-8") -> Iterator[Document]:
+    for where, lineno, obj, raw in _csv_records(path, errors, on_bad, encoding, required=text_field):
+        doc = _record_document(obj, text_field, where, path, lineno, on_bad, raw)
+        if doc is not None:
+            yield doc
+
+
+def _parquet_records(path: str, required: str | None = None) -> Iterator[tuple[str, int, dict, str]]:
     pq = _optional("pyarrow.parquet", path)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise CorpusError(f"{path}: not a readable parquet file: {e}") from None
-    if text_field not in pf.schema_arrow.names:
-        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+    if required is not None and required not in pf.schema_arrow.names:
+        raise CorpusError(f"{path}: no column '{required}' (columns: {', '.join(pf.schema_arrow.names)}); "
                           "pass --text-field to name the text column")
     row = 0
     for batch in pf.iter_batches(batch_size=1024):
         for obj in batch.to_pylist():
             row += 1
-            if isinstance(obj.get("meta"), str) and obj["meta"].startswith("{"):  # lmforge's own parquet output
-                try:
-                    meta = json.loads(obj["meta"])
-                except json.JSONDecodeError:
-                    meta = None
-                if isinstance(meta, dict):
-                    obj = {**meta, **{k: v for k, v in obj.items() if k != "meta"}}
-            doc = _record_document(obj, text_field, f"{path}:row {row}", path, row, on_bad, "")
-            if doc is not None:
-                yield doc
+            yield f"{path}:row {row}", row, obj, ""
+
+
+def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
+    for where, row, obj, _ in _parquet_records(path, required=text_field):
+        if isinstance(obj.get("meta"), str) and obj["meta"].startswith("{"):  # lmforge's own parquet output
+            try:
+                meta = json.loads(obj["meta"])
+            except json.JSONDecodeError:
+                meta = None
+            if isinstance(meta, dict):
+                obj = {**meta, **{k: v for k, v in obj.items() if k != "meta"}}
+        doc = _record_document(obj, text_field, where, path, row, on_bad, "")
+        if doc is not None:
+            yield doc
+
+
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json", ".json.gz", ".csv", ".tsv", ".csv.gz",
+                   ".tsv.gz", ".parquet")
+
+
+def iter_records(path: str, on_bad: OnBad | None = None, encoding: str = "utf-8",
+                 errors: str = "strict") -> Iterator[tuple[str, dict]]:
+    """(where, record) of every record of a structured file: JSON Lines, a JSON array of objects (or an object
+    holding one under "data"), CSV/TSV with a header, parquet. `where` is "file:line" ("file:record N" in a JSON
+    array, "file:row N" in parquet); bad records go to `on_bad` (or raise CorpusError naming them)."""
+    if path.endswith((".json", ".json.gz")):
+        yield from _json_array_records(path, on_bad, encoding, errors)
+    elif _is_jsonl(path) or path.endswith(".ndjson"):
+        for where, _, obj, _ in _jsonl_records(path, errors, on_bad, encoding):
+            yield where, obj
+    elif path.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+        for where, _, obj, _ in _csv_records(path, errors, on_bad, encoding):
+            yield where, obj
+    elif path.endswith(".parquet"):
+        for where, _, obj, _ in _parquet_records(path):
+            yield where, obj
+    else:
+        raise CorpusError(f"{path}: not a structured data file (expected one of {', '.join(RECORD_SUFFIXES)})")
+
+
+def _json_array_records(path: str, on_bad: OnBad | None, encoding: str, errors: str) -> Iterator[tuple[str, dict]]:
+    decode = _Decoder(path, errors, encoding)
+    with _open_binary(path) as f:
+        text = decode(f.read())
+    decode.close()
+    if not text.strip():
+        _reject_or_raise(on_bad, path, "empty file")
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{") and "\n{" in text:  # JSON Lines under a .json name
+            for where, _, obj, _ in _jsonl_records(path, errors, on_bad, encoding):
+                yield where, obj
+            return
+        raise CorpusError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise CorpusError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    for i, obj in enumerate(data, 1):
+        where = f"{path}:record {i}"
+        if not isinstance(obj, dict):
+            _reject_or_raise(on_bad, where, f"expected a JSON object, got {type(obj).__name__}",
+                             json.dumps(obj, ensure_ascii=False)[:1000])
+            continue
+        yield where, obj
 
 
 def _iter_html(path: str, errors: str, on_bad: OnBad | None = None, encoding: str = "utf-8") -> Iterator[Document]:

@@ -35,12 +35,17 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices (dim >= 2) only, never on norms and biases."""
+    """AdamW over the trainable parameters; weight decay on matrices (dim >= 2) only, never on norms and biases.
+    Each group's `lr_scale` multiplies the scheduled learning rate."""
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    # a parameter's `lr_scale` attribute (LoRA+ gives B a larger learning rate) puts it in a group of its own
+    for scale in sorted({getattr(p, "lr_scale", 1.0) for p in params}):
+        same = [p for p in params if getattr(p, "lr_scale", 1.0) == scale]
+        for wd, members in ((cfg.weight_decay, [p for p in same if p.dim() >= 2]), (0.0, [p for p in same if p.dim() < 2])):
+            if members or scale == 1.0:
+                groups.append({"params": members, "weight_decay": wd, "lr_scale": scale})
     fused = params[0].is_cuda
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)

@@ -339,7 +339,7 @@ class Trainer:
         cfg = self.cfg
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for _, p in trainable_parameters(self.model)]

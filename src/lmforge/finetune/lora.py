@@ -1,0 +1,388 @@
+"""LoRA and DoRA on lmforge's transformer, in PEFT's format.
+
+LoRA (Hu et al. 2021) adds `scale * B @ A` to a frozen weight W, with A (r x in) and B (out x r), B starting at zero
+so training starts from the base model; `scale = alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski
+2023). DoRA (Liu et al. 2024) also learns a magnitude per output row: W' = m * (W + scale B A) / ||W + scale B A||,
+the norm taken per row and treated as a constant in the backward pass (the paper's section 4.3, as peft does).
+
+lmforge fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`; an adapter targets a *slice* of the fused
+output, so "q_proj and v_proj only" works and adapters save under the separate HF names
+(`model.layers.0.self_attn.q_proj.lora_A.weight`) that peft, vLLM and llama.cpp's converter read. Targets use
+the HF module names, as peft's `target_modules` does: a list of names (a module matches when its HF name ends
+with `.NAME`), a regular expression (matched against the whole HF name), or "all-linear".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ConfigError
+
+ALL_LINEAR = "all-linear"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=8, metadata={"help": "rank of the update", "check": (lambda v: v > 0, "> 0")})
+    alpha: float = field(default=16.0, metadata={"help": "scale = alpha / r (alpha / sqrt(r) with rslora)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input",
+                                                   "check": (lambda v: 0 <= v < 1, "in [0, 1)")})
+    targets: list | str = field(default=ALL_LINEAR, metadata={
+        "help": "HF module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; GPT-2: c_attn, "
+                "c_proj, c_fc), a regular expression over full HF names, or all-linear"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scale alpha / sqrt(r)"})
+    dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (a learned magnitude per row)"})
+    lora_plus_ratio: float = field(default=0.0, metadata={
+        "help": "LoRA+: B's learning rate = this x the learning rate (0: off; the paper suggests 16)",
+        "check": (lambda v: v >= 0, ">= 0")})
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+# --- where adapters can go: lmforge module, output slice, HF module name ----------------------------------------
+
+@dataclass(frozen=True)
+class Site:
+    module: str  # lmforge module path, e.g. layers.0.attn.qkv_proj
+    start: int  # output rows [start, end) of that module's weight
+    end: int
+    hf_name: str  # e.g. model.layers.0.self_attn.q_proj
+
+
+def adapter_sites(cfg) -> list[Site]:
+    """Every linear layer (or fused slice of one) an adapter may target, with its HF name."""
+    sites = []
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    if cfg.n_experts:
+        raise ConfigError("LoRA on mixture-of-experts models is not supported yet")
+    for i in range(cfg.n_layers):
+        if cfg.arch == "gpt2":
+            h = f"transformer.h.{i}"
+            sites += [Site(f"layers.{i}.attn.qkv_proj", 0, q + 2 * kv, f"{h}.attn.c_attn"),
+                      Site(f"layers.{i}.attn.o_proj", 0, cfg.d_model, f"{h}.attn.c_proj"),
+                      Site(f"layers.{i}.mlp.up_proj", 0, cfg.d_ff, f"{h}.mlp.c_fc"),
+                      Site(f"layers.{i}.mlp.down_proj", 0, cfg.d_model, f"{h}.mlp.c_proj")]
+            continue
+        h = f"model.layers.{i}"
+        sites += [Site(f"layers.{i}.attn.qkv_proj", 0, q, f"{h}.self_attn.q_proj"),
+                  Site(f"layers.{i}.attn.qkv_proj", q, q + kv, f"{h}.self_attn.k_proj"),
+                  Site(f"layers.{i}.attn.qkv_proj", q + kv, q + 2 * kv, f"{h}.self_attn.v_proj"),
+                  Site(f"layers.{i}.attn.o_proj", 0, cfg.d_model, f"{h}.self_attn.o_proj")]
+        if cfg.mlp == "swiglu":
+            sites += [Site(f"layers.{i}.mlp.gate_up_proj", 0, cfg.d_ff, f"{h}.mlp.gate_proj"),
+                      Site(f"layers.{i}.mlp.gate_up_proj", cfg.d_ff, 2 * cfg.d_ff, f"{h}.mlp.up_proj")]
+        else:
+            sites.append(Site(f"layers.{i}.mlp.up_proj", 0, cfg.d_ff, f"{h}.mlp.up_proj"))
+        sites.append(Site(f"layers.{i}.mlp.down_proj", 0, cfg.d_model, f"{h}.mlp.down_proj"))
+    return sites
+
+
+def select_sites(cfg, targets: list | str) -> list[Site]:
+    """The sites `targets` names, peft's matching rules; an unknown name is an error naming the valid ones."""
+    sites = adapter_sites(cfg)
+    if targets == ALL_LINEAR:
+        return sites
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [s for s in sites if pattern.fullmatch(s.hf_name)]
+        if not chosen:
+            raise ConfigError(f"lora.targets: the pattern {targets!r} matches no module (they are named like "
+                              f"{sites[0].hf_name})")
+        return chosen
+    names = [str(t) for t in targets]
+    leaves = sorted({s.hf_name.rsplit(".", 1)[1] for s in sites})
+    unknown = [t for t in names if not any(s.hf_name == t or s.hf_name.endswith("." + t) for s in sites)]
+    if unknown:
+        raise ConfigError(f"lora.targets: {', '.join(unknown)} is not a module of this model; its linear modules "
+                          f"are {', '.join(leaves)} (or all-linear)")
+    return [s for s in sites if any(s.hf_name == t or s.hf_name.endswith("." + t) for t in names)]
+
+
+# --- the adapted linear layer -------------------------------------------------------------------------------------
+
+class LoraLinear(nn.Linear):
+    """An nn.Linear (the same frozen weight and bias, under the same names) plus adapters on output slices."""
+
+    def __init__(self, base: nn.Linear, lora: LoraConfig, slices: list[tuple[int, int, str]]):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.config = lora
+        self.scale = lora.scale
+        self.slices = sorted(slices)  # (start, end, hf_name)
+        self.dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+        dev, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.magnitude = nn.ParameterList()
+        for start, end, _ in self.slices:
+            a = torch.empty(lora.r, self.in_features, device=dev, dtype=dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's init, as peft's default
+            self.lora_A.append(nn.Parameter(a))
+            self.lora_B.append(nn.Parameter(torch.zeros(end - start, lora.r, device=dev, dtype=dtype)))
+            if lora.dora:
+                self.magnitude.append(nn.Parameter(self.weight[start:end].detach().float().norm(dim=1).to(dtype)))
+        self.merged = False
+
+    def _delta(self, k: int) -> torch.Tensor:
+        return self.scale * (self.lora_B[k] @ self.lora_A[k])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        xd = self.dropout(x)
+        dropped = not isinstance(self.dropout, nn.Identity) and self.training
+        pieces, pos = [], 0
+        for k, (start, end, _) in enumerate(self.slices):
+            if start > pos:
+                pieces.append(y[..., pos:start])
+            lora = F.linear(F.linear(xd, self.lora_A[k]), self.lora_B[k])
+            ys = y[..., start:end]
+            if self.config.dora:
+                w = self.weight[start:end]
+                norm = (w + self._delta(k).detach()).norm(dim=1).detach()
+                ratio = self.magnitude[k] / norm
+                if dropped:
+                    base = F.linear(xd, w)
+                else:
+                    base = ys - self.bias[start:end] if self.bias is not None else ys
+                ys = ys + (ratio - 1) * base + ratio * self.scale * lora
+            else:
+                ys = ys + self.scale * lora
+            pieces.append(ys)
+            pos = end
+        if pos < self.out_features:
+            pieces.append(y[..., pos:])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapters into the weight (exact up to rounding); `unmerge` takes them out again."""
+        if self.merged:
+            return
+        self._dora_ratio = []
+        for k, (start, end, _) in enumerate(self.slices):
+            w = self.weight[start:end]
+            merged = w.float() + self._delta(k).float()
+            if self.config.dora:
+                ratio = self.magnitude[k].float() / merged.norm(dim=1)
+                self._dora_ratio.append(ratio)  # unmerge divides by it again
+                merged = merged * ratio[:, None]
+            w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for k, (start, end, _) in enumerate(self.slices):
+            w = self.weight[start:end]
+            delta = self._delta(k).float()
+            if self.config.dora:
+                # W' = ratio * (W + d), ratio = m / ||W + d|| computed at merge time
+                w.copy_((w.float() / self._dora_ratio[k][:, None] - delta).to(w.dtype))
+            else:
+                w.copy_((w.float() - delta).to(w.dtype))
+        self.merged = False
+
+    def plain(self) -> nn.Linear:
+        """An nn.Linear with the current (merged or base) weight and no adapters."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        out.weight, out.bias = self.weight, self.bias
+        return out
+
+
+# --- applying, merging, counting ----------------------------------------------------------------------------------
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, train_modules: tuple[str, ...] = ()) -> list[Site]:
+    """Freeze the model and add adapters on the sites `lora.targets` names; returns them. `train_modules`:
+    parameter-name prefixes that also train in full (e.g. "embed", "lm_head")."""
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ValueError("the model already has adapters")
+    sites = select_sites(model.cfg, lora.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_module: dict[str, list[tuple[int, int, str]]] = {}
+    for s in sites:
+        by_module.setdefault(s.module, []).append((s.start, s.end, s.hf_name))
+    for path, slices in by_module.items():
+        base = _get(model, path)
+        _set(model, path, LoraLinear(base, lora, slices))
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in train_modules):
+            p.requires_grad_(True)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            for p in [*m.lora_A, *m.lora_B, *m.magnitude]:
+                p.requires_grad_(True)
+            for p in m.lora_B:
+                p.lr_scale = lora.lora_plus_ratio or 1.0  # LoRA+: build_optimizer gives B its own group
+    model.lora = lora
+    return sites
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put plain nn.Linear layers back (the model then saves as an HF
+    model). In place; returns the model."""
+    for path, layer in lora_layers(model):
+        layer.merge()
+        _set(model, path, layer.plain())
+    if hasattr(model, "lora"):
+        del model.lora
+    return model
+
+
+def set_merged(model: nn.Module, merged: bool) -> None:
+    """Merge (for fast inference) or unmerge the adapters while keeping them."""
+    for _, layer in lora_layers(model):
+        layer.merge() if merged else layer.unmerge()
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_percent": round(100 * trainable / max(total, 1), 4)}
+
+
+# --- the PEFT adapter directory ------------------------------------------------------------------------------------
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters under peft's names: base_model.model.<hf module>.lora_A.weight / lora_B.weight /
+    lora_magnitude_vector."""
+    out = {}
+    for _, layer in lora_layers(model):
+        for k, (_, _, hf_name) in enumerate(layer.slices):
+            key = f"base_model.model.{hf_name}"
+            out[f"{key}.lora_A.weight"] = layer.lora_A[k].detach().contiguous()
+            out[f"{key}.lora_B.weight"] = layer.lora_B[k].detach().contiguous()
+            if layer.config.dora:
+                out[f"{key}.lora_magnitude_vector"] = layer.magnitude[k].detach().contiguous()
+    return out
+
+
+def peft_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
+    lora: LoraConfig = model.lora
+    leaves = sorted({hf.rsplit(".", 1)[1] for _, layer in lora_layers(model) for _, _, hf in layer.slices})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "target_modules": leaves if not isinstance(lora.targets, str)
+            or lora.targets == ALL_LINEAR else lora.targets, "use_rslora": lora.rslora, "use_dora": lora.dora,
+            "fan_in_fan_out": model.cfg.arch == "gpt2", "bias": "none", "modules_to_save": None,
+            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "init_lora_weights": True,
+            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.from_pretrained` reads them. With
+    "all-linear" the config lists the module names, so peft targets exactly the same layers."""
+    from lmforge.files import StagedDirectory, save_tensors, write_json
+
+    cfg = peft_config(model, base_model_name_or_path)
+    if cfg["target_modules"] == ALL_LINEAR:
+        cfg["target_modules"] = sorted({hf.rsplit(".", 1)[1] for _, l in lora_layers(model) for *_, hf in l.slices})
+    with StagedDirectory(directory) as stage:
+        save_tensors(peft_state_dict(model), stage.path(ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_json(stage.path(ADAPTER_CONFIG), cfg)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict]:
+    """The LoraConfig of a peft LoRA adapter directory (lmforge's or peft's), and the raw config; anything peft
+    can express that lmforge cannot is a one-line error."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{directory}: no {ADAPTER_CONFIG}; not a PEFT adapter directory") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{path}: peft_type {raw.get('peft_type')!r}; lmforge loads LORA adapters")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise ConfigError(f"{path}: {key} (per-module ranks) is not supported yet")
+    for key in ("layers_to_transform", "modules_to_save", "trainable_token_indices"):
+        if raw.get(key):
+            raise ConfigError(f"{path}: {key} is not supported yet")
+    if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+        raise ConfigError(f"{path}: trained biases (bias={raw.get('bias')!r}) are not supported yet")
+    targets = raw.get("target_modules") or ALL_LINEAR
+    if isinstance(targets, list):
+        targets = sorted(targets)
+    lora = LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)), dropout=float(raw.get("lora_dropout", 0)),
+                      targets=targets, rslora=bool(raw.get("use_rslora")), dora=bool(raw.get("use_dora")))
+    return lora, raw
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Add the adapters of a PEFT directory to a (base) lmforge model, in place; every tensor must fit."""
+    from safetensors.torch import load_file
+
+    from lmforge.model.hf import CheckpointError
+
+    lora, _ = read_adapter_config(directory)
+    if not has_adapters(model):
+        apply_lora(model, lora)
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.exists():
+        bin_path = Path(directory) / "adapter_model.bin"
+        raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS}" + (" (adapter_model.bin is a pickle lmforge "
+                              "does not load; re-save it with safe_serialization=True)" if bin_path.exists() else ""))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = {re.sub(r"\.default(?=\.|$)", "", k): v for k, v in tensors.items()}  # peft's adapter-name infix
+    wanted = peft_state_dict(model)
+    missing = sorted(set(wanted) - set(tensors))
+    extra = sorted(set(tensors) - set(wanted))
+    if missing or extra:
+        raise CheckpointError(f"{path}: adapter tensors do not fit this model: "
+                              + (f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                                 if missing else "")
+                              + ("; " if missing and extra else "")
+                              + (f"unexpected {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+                                 if extra else ""))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for k, (_, _, hf_name) in enumerate(layer.slices):
+                key = f"base_model.model.{hf_name}"
+                for param, name in ((layer.lora_A[k], "lora_A.weight"), (layer.lora_B[k], "lora_B.weight")) + \
+                        (((layer.magnitude[k], "lora_magnitude_vector"),) if lora.dora else ()):
+                    t = tensors[f"{key}.{name}"]
+                    if t.shape != param.shape:
+                        raise CheckpointError(f"{path}: {key}.{name} has shape {tuple(t.shape)}, this model needs "
+                                              f"{tuple(param.shape)}")
+                    param.copy_(t.to(param.dtype))
+    return model
