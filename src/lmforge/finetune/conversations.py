@@ -393,14 +393,14 @@ def _check_order(messages: list[dict], where: str, key: str) -> None:
         raise DataFormatError(f"{where}: field '{key}' has no turns")
     prompt_side = ("user", "tool")
     if turns[0]["role"] not in prompt_side:
-        raise DataFormatError(f"{where}: field '{key}' starts with a {turns[0]['role']} turn; the first turn after "
+        raise DataFormatError(f"{where}: field '{key}' starts with a '{turns[0]['role']}' turn; the first turn after "
                               "the system prompt must be the user's")
     for a, b in zip(turns, turns[1:]):
         if (a["role"] in prompt_side) == (b["role"] in prompt_side) and not (a["role"] == "tool" and b["role"] == "tool"):
             raise DataFormatError(f"{where}: field '{key}' has two {a['role']}/{b['role']} turns in a row; user and "
                                   "assistant turns must alternate")
     if turns[-1]["role"] != "assistant":
-        raise DataFormatError(f"{where}: field '{key}' ends with a {turns[-1]['role']} turn; the last turn must be "
+        raise DataFormatError(f"{where}: field '{key}' ends with a '{turns[-1]['role']}' turn; the last turn must be "
                               "the assistant's (the part that is learned)")
 
 

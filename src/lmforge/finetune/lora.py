@@ -232,7 +232,8 @@ def apply_lora(model: nn.Module, lora: LoraConfig, train_modules: tuple[str, ...
         by_module.setdefault(s.module, []).append((s.start, s.end, s.hf_name))
     for path, slices in by_module.items():
         base = _get(model, path)
-        _set(model, path, LoraLinear(base, lora, slices))
+        # the new dropout follows the model's mode: adapters added to a model in eval() do not drop out
+        _set(model, path, LoraLinear(base, lora, slices).train(base.training))
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in train_modules):
             p.requires_grad_(True)

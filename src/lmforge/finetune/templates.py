@@ -206,14 +206,14 @@ def render_masked(tokenizer, template: str, conv: Conversation, mask: str = "ass
     enc = encode_example(tokenizer, template, conv, mask)
     ids = enc.input_ids + ([enc.labels[-1]] if enc.labels and enc.labels[-1] != IGNORE else [])
     trained = [0] + [int(label != IGNORE) for label in enc.labels]
-    out, state = [], 0
-    for tid, t in zip(ids, trained):
+    out, run, state = [], [], 0
+    for tid, t in zip(ids, trained):  # decode runs of tokens: a character may span several byte-level tokens
         if t != state:
+            out.append(tokenizer.decode(run))
             out.append("[[" if t else "]]")
-            state = t
-        out.append(tokenizer.decode([tid]))
-    if state:
-        out.append("]]")
+            run, state = [], t
+        run.append(tid)
+    out.append(tokenizer.decode(run) + ("]]" if state else ""))
     text = "".join(out)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 

@@ -265,6 +265,9 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
     if getattr(model, "inference_only", None):
         raise CheckpointError(f"this model's weights are in an inference-only format ({model.inference_only}); "
                               "save the float model instead")
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise CheckpointError("this model has LoRA adapters: save them with lmforge.finetune.lora.save_adapter, or "
+                              "merge them first (merge_lora) to save a full model")
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
     ours = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}

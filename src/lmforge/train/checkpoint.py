@@ -152,7 +152,10 @@ def _gather_full_state(trainer: Trainer) -> tuple[dict, dict, list | None]:
 def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
     tmp = trainer.out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if full is None:
+    if full is None and _adapted(trainer.model):
+        _save_adapter_checkpoint(trainer, tmp)
+        opt = trainer.optimizer.state_dict()
+    elif full is None:
         save_hf_model(trainer.model, tmp)
         opt = trainer.optimizer.state_dict()
     else:  # FSDP: the gathered full weights go through an unsharded CPU replica
@@ -176,6 +179,24 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
     write_json(tmp / "trainer_state.json", {**_trainer_state(trainer), "param_groups": groups})
     copy_tokenizer(trainer.tokenizer_dir, tmp)
     swap_into_place(tmp, final)
+
+
+def _adapted(model) -> bool:
+    from lmforge.finetune.lora import has_adapters
+
+    return has_adapters(model)
+
+
+def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
+    """A LoRA run's checkpoint: the PEFT adapter (what trains), the base model's config.json (its shape, for the
+    resume check) and generation_config.json; the frozen base stays where it was loaded from."""
+    from lmforge.finetune.lora import save_adapter
+    from lmforge.model.hf import generation_config
+
+    base = Path(trainer.cfg.model)
+    save_adapter(trainer.model, directory, str(base.resolve()) if base.is_dir() else trainer.cfg.model)
+    write_json(directory / "config.json", config_to_hf(trainer.model.cfg))
+    write_json(directory / "generation_config.json", generation_config(trainer.model.cfg))
 
 
 def _save_ema_model(trainer: Trainer, directory: Path, full_ema: list | None = None,
@@ -205,7 +226,13 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     if state.get("format") == "sharded":
         _load_sharded(trainer, directory, state)
         return
-    weights = load_hf_model(directory).state_dict()
+    if (directory / "adapter_config.json").exists():  # a LoRA run: the adapters into the adapted model
+        from lmforge.finetune.lora import load_adapter
+
+        load_adapter(trainer.model, directory)
+        weights = None
+    else:
+        weights = load_hf_model(directory).state_dict()
     tensors = load_file(str(directory / "optimizer.safetensors"))
     opt_state: dict = {}
     for key, value in tensors.items():
@@ -232,7 +259,8 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
         set_model_state_dict(trainer.model, weights, options=options)
         set_optimizer_state_dict(trainer.model, trainer.optimizer, full_opt, options=options)
     else:
-        trainer.model.load_state_dict(weights)
+        if weights is not None:
+            trainer.model.load_state_dict(weights)
         trainer.optimizer.load_state_dict(full_opt)
     restore_rng_states(tensors)
     _restore_progress(trainer, state)

@@ -118,12 +118,16 @@ class Trainer:
     cfg.model. Pass `objective`, `model`, `train_data` (an object with `next_batch() -> dict`, `state_dict()`
     and `load_state_dict()`, whose batches are per-process micro-batches) and `eval_data` (an iterable of dict
     batches, or a function returning one, the same every time) to train anything else; `tokenizer_dir` is copied
-    into every checkpoint (default: the shards' tokenizer, or cfg.model's directory)."""
+    into every checkpoint (default: the shards' tokenizer, or cfg.model's directory); `after_eval(trainer,
+    metrics)` runs on rank 0 after every evaluation, the one before training included."""
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, model: Transformer | None = None,
                  train_data=None, eval_data: Iterable[dict] | Callable[[], Iterable[dict]] | None = None,
-                 tokenizer_dir: str | os.PathLike | None = None, device: str | None = None):
+                 tokenizer_dir: str | os.PathLike | None = None, device: str | None = None,
+                 after_eval: Callable[[Trainer, dict], None] | None = None):
         self.cfg = cfg
+        self.after_eval = after_eval  # called on rank 0 after each evaluation (fine-tuning writes samples there)
+        self._run_dir_ready = False
         self.objective = objective or CausalLM()
         # under torchrun (WORLD_SIZE > 1): one process per device, DDP, each rank reads its own slice of every batch
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -367,8 +371,14 @@ class Trainer:
         checkpoint.load_checkpoint(self, directory)
 
     # --- the run directory --------------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> None:
+        """Start, resume or refuse (see the module docstring); on rank 0 the directory's files change. fit() calls
+        it; call it first to write files of your own into the run directory after the check."""
+        if not self._run_dir_ready:
+            self._prepare_run_dir()
+            self._run_dir_ready = True
+
     def _prepare_run_dir(self) -> None:
-        """Start, resume or refuse (see the module docstring); on rank 0 the directory's files change."""
         cfg, out = self.cfg, self.out
         latest = checkpoint.resolve_checkpoint(out) if out.exists() else None
         if cfg.resume and cfg.overwrite:
@@ -406,7 +416,8 @@ class Trainer:
         """Every difference that would change the trajectory, named; the model's shape too."""
         saved = json.loads((directory / "trainer_state.json").read_text()).get("config", {})
         now = asdict(self.cfg)
-        diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in RESUME_MUST_MATCH
+        keys = RESUME_MUST_MATCH + getattr(self.cfg, "resume_extra", ())
+        diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in keys
                  if k in saved and saved[k] != now[k]]
         if (directory / "config.json").exists():
             from lmforge.model.hf import config_from_hf
@@ -427,7 +438,7 @@ class Trainer:
         after the current step (summary["interrupted"] names the signal; a second Ctrl-C stops at once)."""
         cfg = self.cfg
         started = time.perf_counter()
-        self._prepare_run_dir()
+        self.prepare_run_dir()
         # only rank 0 writes metrics; the others write to nowhere
         metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         tb = None
@@ -442,6 +453,8 @@ class Trainer:
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
             metrics.write(json.dumps({"step": 0, **initial}) + "\n")
+            if self.after_eval is not None and self.is_main:
+                self.after_eval(self, initial)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.progress and self.is_main))
         summary = {"initial": initial}
@@ -470,6 +483,8 @@ class Trainer:
                     if ((cfg.eval_every and self.step % cfg.eval_every == 0) or last) and not interrupted:
                         ev = self.evaluate()
                         record.update(ev)
+                        if ev and self.after_eval is not None and self.is_main:
+                            self.after_eval(self, ev)
                         if self._improved(ev):
                             self.best_val, self.bad_evals = ev[self.objective.best_metric], 0
                             self.save_checkpoint("best")

@@ -1,0 +1,112 @@
+"""`lmforge finetune` and `lmforge export merge`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.config import ConfigError, add_config_args, config_from_args
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmforge.finetune.run import FinetuneConfig, run_finetune
+
+    cfg = config_from_args(FinetuneConfig, args)
+    summary = run_finetune(cfg)
+    shown = {k: summary[k] for k in ("steps", "initial", "final", "parameters", "data", "peak_memory_mb", "plot")
+             if k in summary}
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
+    samples = Path(cfg.out) / "samples.jsonl"
+    if samples.exists():
+        rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+        first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+        print(f"held-out answers at step {first} and {last} (all in {samples}):", file=sys.stderr)
+        for r in rows:
+            if r["step"] in (first, last):
+                print(f"  [{r['step']}] {r['prompt'][:60]!r} -> {r['reply'][:100]!r}", file=sys.stderr)
+    if "interrupted" in summary:
+        print(f"lmforge: interrupted at step {summary['steps']}; {cfg.out}/last holds it: continue with the same "
+              "command and --resume", file=sys.stderr)
+        return 130
+    kind = "PEFT adapters" if cfg.method in ("lora", "dora") else "HF models"
+    print(f"checkpoints ({kind}): {cfg.out}/best and {cfg.out}/last"
+          + (f"; a full model: lmforge export merge --model {cfg.out}/best --out {cfg.out}/merged"
+             if cfg.method in ("lora", "dora") else ""), file=sys.stderr)
+    return 0
+
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "") -> Path:
+    """Base model + PEFT adapter -> a full HF model directory (weights merged exactly in float32, then cast),
+    with the tokenizer and chat template the adapter was trained with and generation_config.json stopping at the
+    template's end-of-turn token too."""
+    import torch
+
+    from lmforge.files import write_json
+    from lmforge.finetune import lora
+    from lmforge.infer.engine import turn_end_ids
+    from lmforge.model import load_hf_model, save_hf_model
+    from lmforge.model.hf import generation_config, resolve_model_dir
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.checkpoint import TOKENIZER_FILES
+
+    adapter_dir = Path(adapter_dir)
+    _, raw = lora.read_adapter_config(adapter_dir)
+    base = base or raw.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path; pass --base DIR")
+    base_dir = resolve_model_dir(base)
+    model = lora.load_adapter(load_hf_model(base_dir), adapter_dir)
+    lora.merge_lora(model)
+    torch_dtype = {"": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    save_hf_model(model, out, dtype=torch_dtype)
+    out = Path(out)
+    source = adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_dir
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            (out / name).write_bytes((source / name).read_bytes())
+    gen = generation_config(model.cfg)
+    if (out / "tokenizer.json").exists():
+        stops = [i for i in turn_end_ids(load_tokenizer(out)) if i != gen.get("eos_token_id")]
+        if stops:  # the chat template's end of turn stops generation too (transformers takes a list)
+            gen["eos_token_id"] = ([gen["eos_token_id"]] if "eos_token_id" in gen else []) + stops
+    write_json(out / "generation_config.json", gen)
+    return out
+
+
+def cmd_export_merge(args: argparse.Namespace) -> int:
+    out = merge_adapter(args.model, args.out, args.base, args.dtype)
+    print(f"merged model -> {out} (loads with transformers' AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.finetune.run import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="instruction fine-tuning (SFT): full, freeze, LoRA, DoRA",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Supervised fine-tuning of a base model on instruction data (alpaca, sharegpt, "
+                                   "OpenAI messages, prompt/response pairs, plain text; jsonl/json/csv/tsv/parquet, "
+                                   "or a LLaMA-Factory dataset_info.json entry), rendered with the model's chat "
+                                   "template or a built-in one, the loss on the replies only. LoRA checkpoints are "
+                                   "PEFT adapter directories.",
+                       epilog="examples:\n  lmforge finetune --model runs/quickstart/model --data qa.jsonl --out "
+                              "runs/sft\n  lmforge finetune --model ./SmolLM2-135M --data data/dataset_info.json#alpaca_zh "
+                              "--method dora --lora-targets q_proj v_proj\n  lmforge finetune --model DIR --data chats.jsonl "
+                              "--format sharegpt --template chatml --mask last --no-packing\n"
+                              "  lmforge finetune --config recipe:finetune-lora-cpu --model DIR --data FILE")
+    add_config_args(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune, _parser=p)
+
+    e = sub.add_parser("export", help="export a model (merge: base + LoRA adapter -> a full HF model)")
+    esub = e.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    m = esub.add_parser("merge", help="merge a PEFT adapter into its base model",
+                        description="Merge a LoRA/DoRA adapter (a checkpoint of `lmforge finetune`, or any PEFT LoRA "
+                                    "adapter directory) into its base model and write a full HF model directory with "
+                                    "the tokenizer, chat template and generation_config.json.")
+    m.add_argument("--model", required=True, help="the adapter directory (holds adapter_config.json)")
+    m.add_argument("--out", required=True, help="output model directory")
+    m.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--dtype", default="", choices=["", "fp32", "bf16", "fp16"], help="weight dtype (default: the base's)")
+    m.set_defaults(func=cmd_export_merge, _parser=m)

@@ -1,0 +1,292 @@
+"""`lmforge finetune`: SFT of a base model on the one Trainer, full or with LoRA / DoRA.
+
+The run directory holds what pretraining's does (config.yaml, metrics.jsonl, loss.png, best/, last/) plus:
+`tokenizer/` (the model's tokenizer with the chat template used in training written in, so every checkpoint
+carries it), `template.json` (that template, its hash and where it came from), `samples.jsonl` (greedy replies to
+held-out prompts at each evaluation), `data.json` (examples, truncation, tokens) and `rejects.jsonl`.
+Checkpoints of a LoRA run are PEFT adapter directories (adapter_config.json + adapter_model.safetensors, with
+base_model_name_or_path) plus the tokenizer; `lmforge export merge` turns one into a full HF model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from lmforge.config import ConfigError
+from lmforge.data.sources import encoding_field, on_error_field
+from lmforge.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("full", "freeze", "lora", "dora")
+PLANNED_METHODS = {"qlora": "QLoRA (NF4 base weights)", "adapter": "bottleneck adapters", "prefix": "prefix tuning"}
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """TrainConfig's fields (the loop's) with fine-tuning defaults, plus the data, template and method."""
+
+    data: str = field(default="", metadata={"help": "a data file or folder, or DIR/dataset_info.json#NAME "
+                                                    "(LLaMA-Factory's registry)"})
+    out: str = field(default="runs/finetune", metadata={"help": "run directory"})
+    model: str = field(default="", metadata={"help": "the base model: an HF model directory (one lmforge trained, or "
+                                                     "GPT-2 / Llama / Qwen2 / Mistral / SmolLM), or hf:ORG/NAME"})
+    format: str = field(default="auto", metadata={"help": "data format", "choices": ["auto", "alpaca", "sharegpt",
+                                                                                      "openai", "pairs", "text"]})
+    columns: dict = field(default_factory=dict, metadata={
+        "help": "the format's fields -> your columns, e.g. '{prompt: question, response: answer}'"})
+    tags: dict = field(default_factory=dict, metadata={"help": "sharegpt role/content tags, e.g. '{role_tag: role}'"})
+    encoding: str = encoding_field()
+    on_error: str = on_error_field()
+    template: str = field(default="model", metadata={
+        "help": "chat template: model (the tokenizer's own), or chatml, qwen, llama-3, mistral, phi-3, alpaca, plain"})
+    mask: str = field(default="assistant", metadata={
+        "help": "tokens trained on: assistant (every reply), last (the last reply), all (prompts too)",
+        "choices": ["assistant", "last", "all"]})
+    train_on_prompt: bool = field(default=False, metadata={"help": "the same as --mask all"})
+    packing: bool = field(default=True, metadata={"help": "pack short examples into full rows (no attention "
+                                                          "across examples); --no-packing pads each batch"})
+    group_by_length: bool = field(default=False, metadata={"help": "without packing: batch examples of similar "
+                                                                   "length"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out for evaluation "
+                                                                "(at least 1, at most 500)",
+                                                        "check": (lambda v: 0 <= v < 1, "in [0, 1)")})
+    val_data: str = field(default="", metadata={"help": "a separate evaluation file (then nothing is held out)"})
+    samples: int = field(default=3, metadata={"help": "held-out prompts answered (greedy) at each evaluation"})
+    sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
+    method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
+                                                          "head), lora, dora"})
+    train_layers: int = field(default=2, metadata={"help": "freeze: blocks that train, counted from the top"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank", "check": (lambda v: v > 0, "> 0")})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale = alpha / r"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
+    lora_targets: list = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "module names (q_proj v_proj ..., c_attn for GPT-2) or all-linear"})
+    lora_target_regex: str = field(default="", metadata={"help": "a regular expression over full HF module names "
+                                                                 "instead of --lora-targets"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scale alpha / sqrt(r)"})
+    lora_plus_ratio: float = field(default=0.0, metadata={"help": "LoRA+: B's learning rate ratio (0: off)"})
+    # the loop's settings, with fine-tuning defaults
+    max_length: int = field(default=512, metadata={"help": "tokens per row (an example longer than this is cut)",
+                                                   "check": (lambda v: v > 0, "> 0")})
+    batch_size: int = field(default=8, metadata={"help": "rows per optimizer step", "check": (lambda v: v > 0, "> 0")})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps", "check": (lambda v: v >= 0, ">= 0")})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (full fine-tuning wants ~1e-5)",
+                                              "check": (lambda v: v > 0, "> 0")})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps", "check": (lambda v: v >= 0, ">= 0")})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations (0: only at the end)"})
+    patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement (0: off)"})
+
+    #: what a resumed run must share with its checkpoint, beyond the loop's own (trainer.RESUME_MUST_MATCH)
+    resume_extra: ClassVar[tuple[str, ...]] = (
+        "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
+        "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+        "lora_target_regex", "rslora", "lora_plus_ratio")
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    if cfg.method in PLANNED_METHODS:
+        raise ConfigError(f"method: {cfg.method} ({PLANNED_METHODS[cfg.method]}) is not in this version yet; "
+                          f"methods: {', '.join(METHODS)}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if not cfg.model:
+        raise ConfigError("model: give the base model (--model DIR)")
+    if not cfg.data:
+        raise ConfigError("data: give the training data (--data FILE)")
+    if cfg.ema_decay and cfg.method in ("lora", "dora"):
+        raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
+
+
+def lora_config(cfg: FinetuneConfig):
+    from lmforge.finetune.lora import LoraConfig
+
+    targets = cfg.lora_target_regex or (cfg.lora_targets[0] if cfg.lora_targets == ["all-linear"] else cfg.lora_targets)
+    return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
+                      rslora=cfg.rslora, dora=cfg.method == "dora", lora_plus_ratio=cfg.lora_plus_ratio)
+
+
+def prepare_model(model, cfg: FinetuneConfig) -> None:
+    """Freeze / add adapters in place, as the method says."""
+    from lmforge.finetune import lora
+
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif cfg.method == "freeze":
+        n = model.cfg.n_layers
+        if not 0 < cfg.train_layers <= n:
+            raise ConfigError(f"train_layers: {cfg.train_layers} is not in 1..{n} (the model's blocks)")
+        keep = tuple(f"layers.{i}." for i in range(n - cfg.train_layers, n)) + ("norm.", "lm_head.")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(keep))
+    else:
+        lora.apply_lora(model, lora_config(cfg))
+
+
+def _stage_tokenizer(model_dir: Path, out: Path, template: str) -> Path:
+    """out/tokenizer: the model's tokenizer files with the training template as its chat template."""
+    from lmforge.files import StagedDirectory, write_json
+    from lmforge.train.checkpoint import TOKENIZER_FILES
+
+    with StagedDirectory(out / "tokenizer") as stage:
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).exists() and name != "chat_template.jinja":
+                shutil.copy(model_dir / name, stage.path(name))
+        config_path = stage.path("tokenizer_config.json")
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        config["chat_template"] = template
+        write_json(config_path, config)
+        stage.path("chat_template.jinja").write_text(template, encoding="utf-8")
+    return out / "tokenizer"
+
+
+def _split(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
+    import numpy as np
+
+    if fraction <= 0 or len(conversations) < 2:
+        return conversations, []
+    n_val = min(500, max(1, round(len(conversations) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    held = set(order[:n_val].tolist())
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune and return the Trainer's summary plus data and parameter figures."""
+    import torch
+
+    from lmforge.data.sources import RejectLog
+    from lmforge.finetune import lora, sft
+    from lmforge.finetune.conversations import load_conversations
+    from lmforge.finetune.templates import render_masked, resolve_template, stop_token_check, template_hash
+    from lmforge.infer.engine import default_stop_ids, turn_end_ids
+    from lmforge.model import load_hf_model
+    from lmforge.model.hf import resolve_model_dir
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.trainer import Trainer
+
+    check_config(cfg)
+    mask = "all" if cfg.train_on_prompt else cfg.mask
+    model_dir = resolve_model_dir(cfg.model)
+    if not (model_dir / "tokenizer.json").exists():
+        raise ConfigError(f"model: {model_dir} has no tokenizer.json; fine-tuning needs the model's tokenizer beside "
+                          "its weights")
+    tokenizer = load_tokenizer(model_dir)
+    template, template_source = resolve_template(tokenizer, cfg.template)
+    rejects = RejectLog() if cfg.on_error == "skip" else None
+    conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding)
+    if cfg.val_data:
+        train_convs = conversations
+        val_convs = load_conversations(cfg.val_data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding)
+    else:
+        train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
+
+    model = load_hf_model(model_dir)
+    eos_ids = default_stop_ids(tokenizer, model)
+    eos_id = eos_ids[0] if eos_ids else None
+    warning = stop_token_check(tokenizer, template, eos_ids)
+    if warning and any(c.text is None for c in conversations):
+        log.warning("%s", warning)
+    pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
+    pad_id = pad_id if pad_id is not None else (eos_id or 0)
+    progress = cfg.progress and sys.stderr.isatty()
+    train = sft.build_examples(tokenizer, template, train_convs, mask, cfg.max_length, eos_id, rejects, progress,
+                               "tokenize train")
+    val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False) \
+        if val_convs else None
+
+    torch.manual_seed(cfg.seed)  # the adapters' initial A matrices: the same for the same seed, in any process
+    prepare_model(model, cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    batches = sft.SFTBatches(train, micro, cfg.max_length, cfg.packing, cfg.group_by_length, pad_id, cfg.seed,
+                             rank, world)
+    eval_data = sft.eval_batches(val, max(1, micro), pad_id) if val is not None else None
+    sample_convs = [c for c in val_convs if c.text is None][:cfg.samples]
+    out = Path(cfg.out)
+    trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
+                      after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
+    trainer.prepare_run_dir()  # refuses an occupied --out before anything is written there
+    if trainer.is_main:
+        trainer.tokenizer_dir = _stage_tokenizer(model_dir, out, template)
+        from lmforge.files import write_json
+
+        write_json(out / "template.json", {"source": template_source, "name": cfg.template,
+                                           "hash": template_hash(template), "template": template, "mask": mask})
+        write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None,
+                                       "packing_utilisation": round(batches.utilisation(), 4)})
+        if rejects is not None:
+            rejects.write(out)
+        counts = lora.parameter_counts(model)
+        print(f"fine-tuning {model_dir} ({counts['total'] / 1e6:.2f} M parameters) with {cfg.method}: "
+              f"{counts['trainable']:,} trainable ({counts['trainable_percent']}%); {len(train)} train / "
+              f"{len(val) if val else 0} held-out examples, {train.stats['trained_tokens']:,} trained tokens; "
+              f"template: {template_source}", file=sys.stderr)
+        if warning and any(c.text is None for c in conversations):
+            print(f"lmforge: WARNING: {warning}", file=sys.stderr)
+        example = next((c for c in train_convs if c.text is None), None)
+        if example is not None:
+            print("one training example, the trained part in [[ ]]:\n" + render_masked(tokenizer, template, example,
+                                                                                      mask), file=sys.stderr)
+    summary = trainer.fit()
+    summary["parameters"] = lora.parameter_counts(model)
+    summary["data"] = {"train": train.stats, "val": val.stats if val else None}
+    summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
+    summary["turn_end_ids"] = turn_end_ids(tokenizer)
+    if trainer.is_main:
+        from lmforge.files import write_json
+
+        write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "hf_config"})
+    return summary
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, stop_ids: list[int], out: Path):
+    """After each evaluation: greedy replies to held-out prompts, appended to samples.jsonl."""
+    from lmforge.infer.engine import generate, turn_end_ids
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.tokenizer.chat import encode_chat
+
+    stops = sorted(set(stop_ids) | set(turn_end_ids(tokenizer)))
+    prompts = [encode_chat(tokenizer, template, c.messages[:-1], add_generation_prompt=True, tools=c.tools).ids
+               for c in convs]
+
+    def after_eval(trainer, metrics: dict) -> None:
+        import torch
+
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:  # on the adapted model as it is: merging and unmerging would drift the frozen weights
+            with torch.no_grad():
+                replies = generate(model, tokenizer, prompts, SamplingConfig(
+                    max_new_tokens=cfg.sample_tokens, temperature=0.0, stop_token_ids=stops))
+        finally:
+            model.train(was_training)
+        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+            for conv, reply in zip(convs, replies):
+                f.write(json.dumps({"step": trainer.step, "prompt": conv.messages[-2]["content"],
+                                    "reference": conv.messages[-1]["content"], "reply": reply},
+                                   ensure_ascii=False) + "\n")
+
+    return after_eval

@@ -1,0 +1,176 @@
+"""`lmforge finetune` end to end on a tiny random Llama with a real lmforge tokenizer: the PEFT adapter loads in
+peft with lmforge's logits, resume = uninterrupted, packed = unpacked loss, export merge = base + adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from lmforge.data.sources import CorpusError
+from lmforge.finetune import lora as L
+from lmforge.finetune.conversations import Conversation
+from lmforge.finetune.run import FinetuneConfig, run_finetune
+from lmforge.finetune.sft import SFTBatches, build_examples, collate_padded
+from lmforge.finetune.templates import BUILTIN_TEMPLATES
+from lmforge.model import load_hf_model
+from lmforge.tokenizer import load_tokenizer
+from lmforge.train.objectives import CausalLM
+
+peft = pytest.importorskip("peft")
+
+QA = [("北京是哪个国家的首都？", "北京是中国的首都。"), ("What is two plus two?", "Two plus two is four."),
+      ("上海在哪里？", "上海在中国东部的长江口。"), ("Name a primary colour.", "Red is a primary colour."),
+      ("水的化学式是什么？", "水的化学式是H2O。"), ("What does CPU stand for?", "Central processing unit."),
+      ("一年有几个月？", "一年有十二个月。"), ("Which planet is largest?", "Jupiter is the largest planet.")]
+
+
+@pytest.fixture(scope="module")
+def base_model(trained_dir, tmp_path_factory):
+    """A tiny random Llama sized to a real lmforge tokenizer (ChatML tokens and template included)."""
+    d = tmp_path_factory.mktemp("base")
+    tok = load_tokenizer(trained_dir)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True,
+                                   eos_token_id=tok.special_tokens["<|endoftext|>"])
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    for f in trained_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft_data")
+    path = d / "qa.jsonl"
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA * 5]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cfg(base_model, data, out, **kw) -> FinetuneConfig:
+    return FinetuneConfig(model=str(base_model), data=str(data), out=str(out), max_steps=kw.pop("max_steps", 12),
+                          batch_size=4, max_length=64, lr=kw.pop("lr", 5e-3), warmup_steps=2, eval_every=6,
+                          progress=False, samples=2, sample_tokens=8, **kw)
+
+
+def test_lora_finetune_learns_and_its_adapter_loads_in_peft(base_model, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    summary = run_finetune(_cfg(base_model, alpaca_file, out, max_steps=30, lr=1e-2))
+    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"] - 0.5  # it learned the answers
+    best = out / "best"
+    cfg = json.loads((best / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_model.resolve())
+    template = json.loads((out / "template.json").read_text())
+    assert template["template"] == (best / "chat_template.jinja").read_text()  # the checkpoint carries it
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} >= {0, 30} and all("reply" in s for s in samples)
+    assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 10
+    # peft on the transformers model gives lmforge's logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_model).eval()
+    pm = peft.PeftModel.from_pretrained(hf, best).eval()
+    ours = L.load_adapter(load_hf_model(base_model).eval(), best)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids) - pm(ids).logits).abs().max() < 1e-4
+    # export merge: a full model transformers loads, equal to peft's base + adapter
+    r = subprocess.run([sys.executable, "-m", "lmforge", "export", "merge", "--model", str(best), "--out",
+                        str(tmp_path / "merged")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - pm(ids).logits).abs().max() < 1e-4
+    gen = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    tok = load_tokenizer(tmp_path / "merged")
+    assert tok.special_tokens["<|im_end|>"] in gen["eos_token_id"]  # the template's end of turn stops generation
+    assert (tmp_path / "merged" / "chat_template.jinja").exists()
+
+
+def test_resume_equals_an_uninterrupted_run(base_model, alpaca_file, tmp_path):
+    straight = tmp_path / "straight"
+    run_finetune(_cfg(base_model, alpaca_file, straight, max_steps=8))
+    split = tmp_path / "split"
+    from lmforge.train.trainer import Trainer  # noqa: F401  (the loop both runs share)
+
+    cfg = _cfg(base_model, alpaca_file, split, max_steps=8, save_every=4)
+    # stop after step 4 as a crash would (the last/ checkpoint of step 4 stays), then resume
+    import lmforge.train.trainer as T
+
+    original = T.Trainer.fit
+    T.Trainer.fit = lambda self, until_step=None, time_budget_s=None: original(self, until_step=4)
+    try:
+        run_finetune(cfg)
+    finally:
+        T.Trainer.fit = original
+    assert json.loads((split / "latest.json").read_text())["step"] == 4
+    cfg.resume = True
+    run_finetune(cfg)
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight / "last" / "adapter_model.safetensors"))
+    b = load_file(str(split / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated steps after the resume
+
+
+def test_packed_rows_give_each_example_its_unpacked_loss(base_model):
+    tok = load_tokenizer(base_model)
+    model = load_hf_model(base_model).eval()
+    convs = [Conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
+    ex = build_examples(tok, BUILTIN_TEMPLATES["chatml"], convs, max_length=128)
+    packed = SFTBatches(ex, 2, 128, packing=True, seed=1)
+    objective = CausalLM()
+    with torch.no_grad():
+        for _ in range(2):
+            batch = packed.next_batch()
+            assert batch["segment_ids"].max() > 1  # several examples share a row
+            loss, count = objective.loss(model, batch)
+            # the same examples one by one, token-weighted
+            total, n = 0.0, 0
+            for row in range(batch["input_ids"].shape[0]):
+                seg = batch["segment_ids"][row]
+                for s in seg.unique().tolist():
+                    if s == 0:
+                        continue
+                    keep = seg == s
+                    single = {"input_ids": batch["input_ids"][row][keep][None], "labels": batch["labels"][row][keep][None]}
+                    l1, c1 = objective.loss(model, single)
+                    total, n = total + l1.item() * c1, n + c1
+            assert count == n and abs(loss.item() - total / n) < 1e-5
+    # padded batches give the same per-example loss too
+    padded = collate_padded(ex, [0, 1, 2], pad_id=0)
+    with torch.no_grad():
+        loss, count = objective.loss(model, padded)
+        singles = [objective.loss(model, collate_padded(ex, [i], 0)) for i in range(3)]
+    assert abs(loss.item() - sum(l.item() * c for l, c in singles) / count) < 1e-5
+
+
+def test_a_set_with_no_trained_token_fails_before_training(base_model, tmp_path):
+    rows = [{"instruction": "很长的问题" * 60, "input": "", "output": "答"}] * 4
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(CorpusError, match="none of the 4 examples has a trained token"):
+        run_finetune(_cfg(base_model, data, tmp_path / "run", val_fraction=0.0))
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_file, tmp_path):
+    cli = [sys.executable, "-m", "lmforge", "finetune", "--model", str(base_model), "--data", str(alpaca_file),
+           "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--eval-every", "0", "--samples", "0"]
+    r = subprocess.run(cli + ["--out", str(tmp_path / "r"), "--method", "freeze", "--train-layers", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "one training example, the trained part in [[ ]]" in r.stderr
+    assert (tmp_path / "r" / "best" / "model.safetensors").exists()  # freeze: full HF checkpoints
+    r = subprocess.run(cli + ["--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 2 and "already holds a training run" in r.stderr
+    r = subprocess.run(cli + ["--out", str(tmp_path / "q"), "--method", "qlora"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not in this version yet" in r.stderr
