@@ -57,7 +57,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_writes_a_run_directory(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--max-steps", "60"]) == 0
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--max-steps", "60", "--finetune-steps", "12"]) == 0
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["pretrain"]["steps"] == 60  # the step count ends the run, not the clock
     assert all(summary["checks"].values())
@@ -69,7 +69,10 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
     assert "clean/report.md" in report and (tmp_path / "qs" / "clean" / "stats.json").exists()
     assert summary["corpus"]["documents"] + summary["corpus"]["documents_removed"] == summary["corpus"]["documents_read"]
     assert summary["rag"]["dense"]["ndcg@10"] > 0.5 and summary["rag"]["sparse"]["ndcg@10"] > 0.4
-    assert "## Retrieval (RAG)" in report
+    assert "## Retrieval (RAG)" in report and "## Fine-tuning (LoRA)" in report
+    # the fine-tuning step learned the held-out answers, and its adapter is a PEFT directory
+    assert summary["finetune"]["val_loss_after"] < summary["finetune"]["val_loss_before"]
+    assert (tmp_path / "qs" / "finetune" / "best" / "adapter_config.json").exists()
     # the report's commands are filled in, and each of its next steps runs on what the quickstart wrote
     assert "{model_dir}" not in report and "{next_steps" not in report
     import shlex
@@ -78,7 +81,7 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
     for command in summary["next_steps"]:
         assert f"    {command}" in report
         argv = shlex.split(command)[1:]
-        if argv[0] == "pretrain":  # the same command, a few steps long
+        if argv[0] in ("pretrain", "finetune"):  # the same command, a few steps long
             argv[argv.index("--max-steps") + 1] = "2"
         assert main(argv) == 0, command
     assert capsys.readouterr().err.count("error") == 0

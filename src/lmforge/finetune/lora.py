@@ -146,6 +146,18 @@ class LoraLinear(nn.Linear):
         if self.merged:
             return y
         xd = self.dropout(x)
+        if not self.config.dora:
+            # every slice at once: x @ [A_1; A_2; ...]^T, then one matmul with the B's placed block-diagonally at
+            # their output rows (zeros elsewhere); no split and concatenation of the layer's output
+            a = self.lora_A[0] if len(self.lora_A) == 1 else torch.cat(list(self.lora_A))
+            if len(self.slices) == 1 and self.slices[0][:2] == (0, self.out_features):
+                b = self.lora_B[0]
+            else:
+                r = self.config.r
+                b = a.new_zeros(self.out_features, r * len(self.slices))
+                for k, (start, end, _) in enumerate(self.slices):
+                    b[start:end, k * r:(k + 1) * r] = self.lora_B[k]
+            return y + self.scale * F.linear(F.linear(xd, a), b)
         dropped = not isinstance(self.dropout, nn.Identity) and self.training
         pieces, pos = [], 0
         for k, (start, end, _) in enumerate(self.slices):
@@ -153,17 +165,14 @@ class LoraLinear(nn.Linear):
                 pieces.append(y[..., pos:start])
             lora = F.linear(F.linear(xd, self.lora_A[k]), self.lora_B[k])
             ys = y[..., start:end]
-            if self.config.dora:
-                w = self.weight[start:end]
-                norm = (w + self._delta(k).detach()).norm(dim=1).detach()
-                ratio = self.magnitude[k] / norm
-                if dropped:
-                    base = F.linear(xd, w)
-                else:
-                    base = ys - self.bias[start:end] if self.bias is not None else ys
-                ys = ys + (ratio - 1) * base + ratio * self.scale * lora
+            w = self.weight[start:end]  # DoRA (peft's formulation, the norm detached)
+            norm = (w + self._delta(k).detach()).norm(dim=1).detach()
+            ratio = self.magnitude[k] / norm
+            if dropped:
+                base = F.linear(xd, w)
             else:
-                ys = ys + self.scale * lora
+                base = ys - self.bias[start:end] if self.bias is not None else ys
+            ys = ys + (ratio - 1) * base + ratio * self.scale * lora
             pieces.append(ys)
             pos = end
         if pos < self.out_features:

@@ -67,7 +67,7 @@ class FinetuneConfig(TrainConfig):
     lora_r: int = field(default=8, metadata={"help": "LoRA rank", "check": (lambda v: v > 0, "> 0")})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale = alpha / r"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
-    lora_targets: list = field(default_factory=lambda: ["all-linear"], metadata={
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
         "help": "module names (q_proj v_proj ..., c_attn for GPT-2) or all-linear"})
     lora_target_regex: str = field(default="", metadata={"help": "a regular expression over full HF module names "
                                                                  "instead of --lora-targets"})

@@ -36,11 +36,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_template(tokenizer, choice: str) -> None:
+    """--chat-template: a built-in name or a Jinja file; a warning when it is not the model's own (for a model
+    lmforge fine-tuned, the template it was trained with)."""
+    from pathlib import Path
+
+    from lmforge.finetune.templates import BUILTIN_TEMPLATES, template_hash
+
+    if choice in BUILTIN_TEMPLATES:
+        text = BUILTIN_TEMPLATES[choice]
+    elif Path(choice).is_file():
+        text = Path(choice).read_text(encoding="utf-8")
+    else:
+        from lmforge.config import ConfigError
+
+        raise ConfigError(f"--chat-template: {choice!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a "
+                          "file")
+    own = tokenizer.chat_template
+    if own and text != own:
+        print(f"lmforge: warning: --chat-template {choice} (sha {template_hash(text)}) is not the model's own chat "
+              f"template (sha {template_hash(own)}), the one a fine-tuned model learned: replies may not stop or may "
+              "drift", file=sys.stderr)
+    tokenizer.chat_template = text
+    tokenizer.chat_templates = None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.infer.engine import ChatSession
 
     cfg = config_from_args(SamplingConfig, args)
     model, tokenizer = _load(args)
+    if args.chat_template:
+        _use_template(tokenizer, args.chat_template)
     if not tokenizer.chat_template:
         print("(this tokenizer has no chat template: turns are joined as plain text)", file=sys.stderr)
     session = ChatSession(model, tokenizer, cfg, system=args.system, context=args.context, compile=args.compile)
@@ -92,6 +119,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", parents=[common], help="interactive chat using the tokenizer's chat template",
                        epilog="example: lmforge chat --model runs/sft --temperature 0.7")
     c.add_argument("--system", help="system message")
+    c.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="a built-in template (chatml, qwen, llama-3, mistral, phi-3, alpaca, plain) or a Jinja file "
+                        "instead of the model's own (a warning says when they differ)")
     c.add_argument("--context", type=int, metavar="N",
                    help="tokens of conversation kept, the reply included (default: the model's max_seq_len); "
                         "older turns are left out beyond it")

@@ -362,7 +362,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int | None = None, segment_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, logits_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token
         (with a static cache: (B, max_len), later slots are never attended anyway).
 
@@ -371,6 +371,8 @@ class Transformer(nn.Module):
         logits it has alone. `logits_to_keep=k` computes logits for the last k positions only (generation needs
         1), which skips most of the output-head matmul and its (B, T, vocab) tensor. `return_hidden=True` returns
         the final-norm hidden states (B, T, d_model) instead of logits (for task heads and embeddings).
+        `logits_mask` (B, T) bool: logits only where it is True, as (N, vocab) in row-major order (SFT trains on
+        the replies only: the head's matmul and softmax then skip the prompt tokens).
         """
         B, T = input_ids.shape
         static = cache is not None and cache.static
@@ -404,6 +406,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
+        if logits_mask is not None:
+            x = x[logits_mask]
         x = self.norm(x)
         if return_hidden:
             return x

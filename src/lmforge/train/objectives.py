@@ -53,10 +53,15 @@ class CausalLM(Objective):
     """Next-token cross entropy on `labels` (pretraining, SFT, continued pretraining); eval: loss and perplexity."""
 
     def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, int]:
-        logits = forward(batch["input_ids"], **_model_inputs(batch))
         labels = batch["labels"]
+        trained = labels != -100
+        count = int(trained.sum())
+        if count < labels.numel():  # masked prompts or padding: logits only where there is a target
+            logits = forward(batch["input_ids"], logits_mask=trained, **_model_inputs(batch))
+            return F.cross_entropy(logits.float(), labels[trained]), count
+        logits = forward(batch["input_ids"], **_model_inputs(batch))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return loss, int((labels != -100).sum())
+        return loss, count
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
