@@ -42,12 +42,23 @@ def build_model(directory: Path, layers: int) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
 
 
-def lmforge_side(directory: Path):
+WEIGHT_BYTES: dict[str, int] = {}
+
+
+def lmforge_side(directory: Path, qlora: bool = False):
     from lmforge.finetune import lora
+    from lmforge.finetune.nf4 import quantize_model
     from lmforge.model import load_hf_model
     from lmforge.train.objectives import CausalLM
 
     model = load_hf_model(directory).train()
+    name = "lmforge QLoRA" if qlora else "lmforge"
+    if qlora:  # every block linear layer in NF4 (double quantization), as `finetune --method qlora` does
+        sites = sorted({s.module for s in lora.adapter_sites(model.cfg)})
+        nf4 = quantize_model(model, sites)
+        WEIGHT_BYTES[name] = nf4 + sum(p.numel() * p.element_size() for p in model.parameters())
+    else:
+        WEIGHT_BYTES[name] = sum(p.numel() * p.element_size() for p in model.parameters())
     lora.apply_lora(model, lora.LoraConfig(r=8, alpha=16, dropout=0.05, targets=TARGETS))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     objective = CausalLM()  # what the Trainer runs
@@ -92,15 +103,16 @@ def sft_labels(ids: torch.Tensor) -> torch.Tensor:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def child(args) -> None:
     """One side alone: warm-up, a few steps, its peak RSS."""
-    step = (lmforge_side if args.side == "lmforge" else peft_side)(Path(args.model))
+    step = peft_side(Path(args.model)) if args.side == "peft" else lmforge_side(Path(args.model), args.side == "qlora")
     ids = batch(args)
     for _ in range(2):
         step(ids, ids)
@@ -113,7 +125,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--side", choices=["lmforge", "peft"])
+    ap.add_argument("--side", choices=["lmforge", "peft", "qlora"])
     ap.add_argument("--model")
     args = ap.parse_args()
     if args.side:
@@ -123,7 +135,8 @@ def main() -> None:
     build_model(tmp / "model", args.layers)
     ids = batch(args)
     # each side shifts the labels itself (lmforge's objective takes them shifted, transformers shifts inside)
-    sides = {"lmforge": lmforge_side(tmp / "model"), "peft+transformers": peft_side(tmp / "model")}
+    sides = {"lmforge": lmforge_side(tmp / "model"), "peft+transformers": peft_side(tmp / "model"),
+             "lmforge QLoRA": lmforge_side(tmp / "model", qlora=True)}
     for step in sides.values():
         step(ids, ids)  # warm-up
     times = {(name, case): [] for name in sides for case in ("all_tokens", "sft_half_masked")}
@@ -135,7 +148,7 @@ def main() -> None:
                 times[(name, case)].append(time.perf_counter() - t0)
     del sides
     memory = {}
-    for name, side in (("lmforge", "lmforge"), ("peft+transformers", "peft")):
+    for name, side in (("lmforge", "lmforge"), ("peft+transformers", "peft"), ("lmforge QLoRA", "qlora")):
         r = subprocess.run([sys.executable, __file__, "--side", side, "--model", str(tmp / "model"), "--seq",
                             str(args.seq), "--batch", str(args.batch)], capture_output=True, text=True, check=True)
         memory[name] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -172,6 +185,10 @@ def main() -> None:
             case: round(med[("peft+transformers", case)] / med[("lmforge", case)], 2)
             for case in ("all_tokens", "sft_half_masked")},
         "peak_rss_mb": memory, "memory_ratio_lmforge_over_peft": round(memory["lmforge"] / memory["peft+transformers"], 2),
+        "base_weight_mb": {k: round(v / 2**20, 1) for k, v in WEIGHT_BYTES.items()},
+        "base_weight_ratio_qlora_over_lora": round(WEIGHT_BYTES["lmforge QLoRA"] / WEIGHT_BYTES["lmforge"], 3),
+        "qlora_step_over_lora_step": {case: round(med[("lmforge QLoRA", case)] / med[("lmforge", case)], 2)
+                                      for case in ("all_tokens", "sft_half_masked")},
         "cli": {"command": "lmforge finetune --format text ... (packing on, default flags otherwise)",
                 "step_s": round(cli_step, 3), "wall_s": round(cli_wall, 1)}}, indent=2))
 

@@ -253,7 +253,7 @@ def test_verified_components_equal_verifying_every_pair():
         salt = int(rng.integers(1, 1000))
         calls = []
 
-        def verify(p):
+        def verify(p, calls=calls, salt=salt):
             calls.append(len(p))
             return p[(p[:, 0] * 7919 + p[:, 1] * 104729 + salt) % 3 != 0]
 

@@ -105,7 +105,8 @@ def test_llama_factory_dataset_info_loads_as_it_ships(tmp_path):
                      "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
         "remote": {"hf_hub_url": "llamafactory/alpaca_en"}}, ensure_ascii=False), encoding="utf-8")
     info = tmp_path / "dataset_info.json"
-    assert load_conversations(f"{info}#alpaca_zh_demo")[0].messages[0]["content"] == "识别并解释给定列表中的两个科学理论\n细胞理论和日心说"
+    first = load_conversations(f"{info}#alpaca_zh_demo")[0].messages[0]["content"]
+    assert first == "识别并解释给定列表中的两个科学理论\n细胞理论和日心说"
     assert load_conversations(f"{info}#glaive_toolcall_demo")[0].messages[1]["content"] == "Hello"
     assert load_conversations(f"{info}#openai_style")[0].messages[0]["role"] == "user"
     with pytest.raises(ConfigError, match="ranking"):
@@ -135,7 +136,7 @@ def test_bad_records_fail_with_file_line_and_field_or_go_to_rejects(tmp_path):
     convs = load_conversations(str(path), "alpaca", on_bad=rejects)
     assert len(convs) == 1
     reasons = [r["reason"] for r in rejects.items]
-    for (_, want), got, item in zip(BAD[1:], reasons, rejects.items):
+    for (_, want), got in zip(BAD[1:], reasons):
         assert want in got
     assert [r["where"].rsplit(":", 1)[1] for r in rejects.items] == ["2", "3", "4", "5", "6"]
     orders = [{"conversations": [{"from": "gpt", "value": "a"}]},

@@ -150,7 +150,7 @@ def test_packed_rows_give_each_example_its_unpacked_loss(base_model):
     with torch.no_grad():
         loss, count = objective.loss(model, padded)
         singles = [objective.loss(model, collate_padded(ex, [i], 0)) for i in range(3)]
-    assert abs(loss.item() - sum(l.item() * c for l, c in singles) / count) < 1e-5
+    assert abs(loss.item() - sum(part.item() * c for part, c in singles) / count) < 1e-5
 
 
 def test_a_set_with_no_trained_token_fails_before_training(base_model, tmp_path):
@@ -172,5 +172,5 @@ def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_
     assert (tmp_path / "r" / "best" / "model.safetensors").exists()  # freeze: full HF checkpoints
     r = subprocess.run(cli + ["--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert r.returncode == 2 and "already holds a training run" in r.stderr
-    r = subprocess.run(cli + ["--out", str(tmp_path / "q"), "--method", "qlora"], capture_output=True, text=True)
+    r = subprocess.run(cli + ["--out", str(tmp_path / "q"), "--method", "prefix"], capture_output=True, text=True)
     assert r.returncode == 2 and "not in this version yet" in r.stderr

@@ -30,10 +30,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"lmforge: interrupted at step {summary['steps']}; {cfg.out}/last holds it: continue with the same "
               "command and --resume", file=sys.stderr)
         return 130
-    kind = "PEFT adapters" if cfg.method in ("lora", "dora") else "HF models"
+    adapters = cfg.method in ("lora", "dora", "qlora")
+    kind = "PEFT adapters" if adapters else "HF models"
     print(f"checkpoints ({kind}): {cfg.out}/best and {cfg.out}/last"
           + (f"; a full model: lmforge export merge --model {cfg.out}/best --out {cfg.out}/merged"
-             if cfg.method in ("lora", "dora") else ""), file=sys.stderr)
+             if adapters else ""), file=sys.stderr)
     return 0
 
 
@@ -84,7 +85,7 @@ def cmd_export_merge(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.finetune.run import FinetuneConfig
 
-    p = sub.add_parser("finetune", help="instruction fine-tuning (SFT): full, freeze, LoRA, DoRA",
+    p = sub.add_parser("finetune", help="instruction fine-tuning (SFT): full, freeze, LoRA, DoRA, QLoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Supervised fine-tuning of a base model on instruction data (alpaca, sharegpt, "
                                    "OpenAI messages, prompt/response pairs, plain text; jsonl/json/csv/tsv/parquet, "

@@ -116,16 +116,24 @@ def select_sites(cfg, targets: list | str) -> list[Site]:
 class LoraLinear(nn.Linear):
     """An nn.Linear (the same frozen weight and bias, under the same names) plus adapters on output slices."""
 
-    def __init__(self, base: nn.Linear, lora: LoraConfig, slices: list[tuple[int, int, str]]):
+    def __init__(self, base: nn.Module, lora: LoraConfig, slices: list[tuple[int, int, str]]):
+        from lmforge.finetune.nf4 import NF4Linear
+
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
+        if isinstance(base, NF4Linear):  # QLoRA: the frozen base stays in NF4 and computes its own output
+            self.register_parameter("weight", None)
+            self.quantized = base
+            dev, dtype = base.weight_nf4.packed.device, torch.float32
+        else:
+            self.weight = base.weight
+            self.quantized = None
+            dev, dtype = base.weight.device, base.weight.dtype
         self.bias = base.bias
         self.config = lora
         self.scale = lora.scale
         self.slices = sorted(slices)  # (start, end, hf_name)
         self.dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
-        dev, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.magnitude = nn.ParameterList()
@@ -135,14 +143,18 @@ class LoraLinear(nn.Linear):
             self.lora_A.append(nn.Parameter(a))
             self.lora_B.append(nn.Parameter(torch.zeros(end - start, lora.r, device=dev, dtype=dtype)))
             if lora.dora:
-                self.magnitude.append(nn.Parameter(self.weight[start:end].detach().float().norm(dim=1).to(dtype)))
+                self.magnitude.append(nn.Parameter(self.base_weight()[start:end].detach().float().norm(dim=1).to(dtype)))
         self.merged = False
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight (dequantized from NF4 for QLoRA)."""
+        return self.quantized.weight if self.quantized is not None else self.weight
 
     def _delta(self, k: int) -> torch.Tensor:
         return self.scale * (self.lora_B[k] @ self.lora_A[k])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         xd = self.dropout(x)
@@ -165,13 +177,15 @@ class LoraLinear(nn.Linear):
                 pieces.append(y[..., pos:start])
             lora = F.linear(F.linear(xd, self.lora_A[k]), self.lora_B[k])
             ys = y[..., start:end]
-            w = self.weight[start:end]  # DoRA (peft's formulation, the norm detached)
+            w = self.base_weight()[start:end]  # DoRA (peft's formulation, the norm detached)
             norm = (w + self._delta(k).detach()).norm(dim=1).detach()
             ratio = self.magnitude[k] / norm
-            if dropped:
+            if dropped:  # peft: the base output of the dropped-out input
                 base = F.linear(xd, w)
+            elif self.bias is not None:
+                base = ys - self.bias[start:end]
             else:
-                base = ys - self.bias[start:end] if self.bias is not None else ys
+                base = ys
             ys = ys + (ratio - 1) * base + ratio * self.scale * lora
             pieces.append(ys)
             pos = end
@@ -184,6 +198,11 @@ class LoraLinear(nn.Linear):
         """Fold the adapters into the weight (exact up to rounding); `unmerge` takes them out again."""
         if self.merged:
             return
+        if self.quantized is not None:
+            # QLoRA merges into the dequantized base, kept in float: re-quantizing the merged weight would add a
+            # second rounding error (peft#2105, transformers#31293)
+            self.weight = nn.Parameter(self.quantized.weight.detach().clone(), requires_grad=False)
+            self.quantized = None
         self._dora_ratio = []
         for k, (start, end, _) in enumerate(self.slices):
             w = self.weight[start:end]
@@ -209,8 +228,10 @@ class LoraLinear(nn.Linear):
                 w.copy_((w.float() - delta).to(w.dtype))
         self.merged = False
 
-    def plain(self) -> nn.Linear:
-        """An nn.Linear with the current (merged or base) weight and no adapters."""
+    def plain(self) -> nn.Module:
+        """An nn.Linear with the current (merged or base) weight and no adapters (the NF4 layer while unmerged)."""
+        if self.quantized is not None:
+            return self.quantized
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         out.weight, out.bias = self.weight, self.bias
@@ -321,7 +342,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
 
     cfg = peft_config(model, base_model_name_or_path)
     if cfg["target_modules"] == ALL_LINEAR:
-        cfg["target_modules"] = sorted({hf.rsplit(".", 1)[1] for _, l in lora_layers(model) for *_, hf in l.slices})
+        cfg["target_modules"] = sorted({hf.rsplit(".", 1)[1] for _, layer in lora_layers(model) for *_, hf in layer.slices})
     with StagedDirectory(directory) as stage:
         save_tensors(peft_state_dict(model), stage.path(ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_json(stage.path(ADAPTER_CONFIG), cfg)

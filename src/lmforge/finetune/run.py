@@ -25,8 +25,9 @@ from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "freeze", "lora", "dora")
-PLANNED_METHODS = {"qlora": "QLoRA (NF4 base weights)", "adapter": "bottleneck adapters", "prefix": "prefix tuning"}
+METHODS = ("full", "freeze", "lora", "dora", "qlora")
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+PLANNED_METHODS = {"adapter": "bottleneck adapters", "prefix": "prefix tuning"}
 
 
 @dataclass
@@ -62,7 +63,8 @@ class FinetuneConfig(TrainConfig):
     samples: int = field(default=3, metadata={"help": "held-out prompts answered (greedy) at each evaluation"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
-                                                          "head), lora, dora"})
+                                                          "head), lora, dora, qlora (LoRA on NF4 base weights)"})
+    qlora_dora: bool = field(default=False, metadata={"help": "qlora: DoRA adapters instead of LoRA"})
     train_layers: int = field(default=2, metadata={"help": "freeze: blocks that train, counted from the top"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank", "check": (lambda v: v > 0, "> 0")})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale = alpha / r"})
@@ -89,7 +91,7 @@ class FinetuneConfig(TrainConfig):
     resume_extra: ClassVar[tuple[str, ...]] = (
         "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -102,7 +104,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("model: give the base model (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the training data (--data FILE)")
-    if cfg.ema_decay and cfg.method in ("lora", "dora"):
+    if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
 
@@ -111,7 +113,8 @@ def lora_config(cfg: FinetuneConfig):
 
     targets = cfg.lora_target_regex or (cfg.lora_targets[0] if cfg.lora_targets == ["all-linear"] else cfg.lora_targets)
     return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
-                      rslora=cfg.rslora, dora=cfg.method == "dora", lora_plus_ratio=cfg.lora_plus_ratio)
+                      rslora=cfg.rslora, dora=cfg.method == "dora" or (cfg.method == "qlora" and cfg.qlora_dora),
+                      lora_plus_ratio=cfg.lora_plus_ratio)
 
 
 def prepare_model(model, cfg: FinetuneConfig) -> None:
@@ -129,6 +132,10 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
     else:
+        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings and head stay float)
+            from lmforge.finetune.nf4 import quantize_model
+
+            quantize_model(model, sorted({s.module for s in lora.adapter_sites(model.cfg)}))
         lora.apply_lora(model, lora_config(cfg))
 
 

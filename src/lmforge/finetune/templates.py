@@ -10,8 +10,9 @@ A conversation is rendered with the model's own chat template (HF-exact, tokeniz
 The assistant spans come from the template's `{% generation %}` blocks where it has them (transformers' rule for
 `return_assistant_tokens_mask`; the built-ins all do). For a template without them (most models' own), from the
 renders of growing prefixes: the text that `messages[:i+1]` adds after `messages[:i]` with the generation prompt
-is assistant turn i (without the whitespace that follows its end token). A template that renders earlier turns differently once later turns exist (Qwen3 drops the
-reasoning of earlier turns) cannot be split that way: the error says so and names the way out.
+is assistant turn i (without the whitespace that follows its end token). A template that renders earlier turns
+differently once later turns exist (Qwen3 drops the reasoning of earlier turns) cannot be split that way: the
+error says so and names the way out.
 
 Labels are the next token of each position (`labels[t] = ids[t + 1]`, -100 where that token is not trained on),
 as train/objectives.py expects; the first token of every response has its label (tested).
