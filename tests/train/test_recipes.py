@@ -39,3 +39,16 @@ def test_preset_overrides_recompute_derived_fields():
         preset("tiny-llama", n_layer=3)
     with pytest.raises(ValueError, match="query heads per KV head"):
         preset("tiny-llama", n_heads=5)
+
+
+def test_finetune_recipes_load_as_finetune_configs():
+    from lmforge.finetune.run import FinetuneConfig, check_config
+
+    names = sorted(p.name[:-5] for p in resources.files("lmforge").joinpath("recipes").iterdir()
+                   if p.name.startswith("finetune-"))
+    assert len(names) >= 4
+    for name in names:
+        cfg = load_config(FinetuneConfig, f"recipe:{name}", {"model": "m", "data": "d"} if "cpu" in name else
+                          {"data": "d"})
+        check_config(cfg)  # a valid method and settings
+        assert cfg.method in ("lora", "dora", "qlora")

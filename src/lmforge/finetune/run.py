@@ -52,10 +52,12 @@ class FinetuneConfig(TrainConfig):
         "help": "tokens trained on: assistant (every reply), last (the last reply), all (prompts too)",
         "choices": ["assistant", "last", "all"]})
     train_on_prompt: bool = field(default=False, metadata={"help": "the same as --mask all"})
-    packing: bool = field(default=True, metadata={"help": "pack short examples into full rows (no attention "
-                                                          "across examples); --no-packing pads each batch"})
-    group_by_length: bool = field(default=False, metadata={"help": "without packing: batch examples of similar "
-                                                                   "length"})
+    packing: bool = field(default=False, metadata={"help": "pack short examples into rows of max_length (no "
+                                                           "attention across examples); off: each batch is padded "
+                                                           "to its longest example"})
+    group_by_length: bool = field(default=True, metadata={"help": "without packing: batch examples of similar length "
+                                                                  "(measured 1.6x faster than packing on CPU, see "
+                                                                  "docs/benchmarks.md)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out for evaluation "
                                                                 "(at least 1, at most 500)",
                                                         "check": (lambda v: 0 <= v < 1, "in [0, 1)")})
