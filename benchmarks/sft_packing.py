@@ -31,9 +31,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
+    from pydoc_data.topics import topics
+
     import torch
     import transformers
-    from pydoc_data.topics import topics
 
     from lmforge.finetune.builtin import python_docs_instructions
     from lmforge.tokenizer import train_tokenizer
