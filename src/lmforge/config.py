@@ -195,6 +195,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
                                                          "recipe; flags override its values")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:  # a field this command does not use (its default stays)
+            continue
         hint = hints[f.name]
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             hint = next(a for a in typing.get_args(hint) if a is not type(None))

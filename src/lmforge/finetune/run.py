@@ -77,6 +77,11 @@ class FinetuneConfig(TrainConfig):
                                                                  "instead of --lora-targets"})
     rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scale alpha / sqrt(r)"})
     lora_plus_ratio: float = field(default=0.0, metadata={"help": "LoRA+: B's learning rate ratio (0: off)"})
+    # pretraining's data settings: not used here (no flags)
+    dataset: str = field(default="sliding", metadata={"cli": False})
+    allow_mid_doc: bool = field(default=False, metadata={"cli": False})
+    model_overrides: dict = field(default_factory=dict, metadata={"cli": False})
+    moe_aux_weight: float = field(default=0.01, metadata={"cli": False})
     # the loop's settings, with fine-tuning defaults
     max_length: int = field(default=512, metadata={"help": "tokens per row (an example longer than this is cut)",
                                                    "check": (lambda v: v > 0, "> 0")})
