@@ -5,9 +5,10 @@
 The data is a real instruction set of varied lengths: the questions and answers the quickstart draws from the
 Python reference (finetune/builtin.py, 152 examples of 20 to 120 tokens), with a tokenizer trained on the same
 corpus. The model is SmolLM2-135M-shaped with 6 layers (random weights, vocabulary sized to the tokenizer). The
-same command runs three times, LoRA at default flags but the steps: packing on (the default), --no-packing, and
---no-packing --group-by-length. A packed row holds several examples; a padded row holds one, padded to the
-longest of its batch. Prints JSON with examples/s, real tokens/s and the ratios.
+same command runs three times, LoRA at default flags but the steps and the batching: --packing, --no-packing
+--no-group-by-length, and --no-packing --group-by-length (the default). A packed row holds several examples; a
+padded row holds one, padded to the longest of its batch. Prints JSON with examples/s, real tokens/s and the
+ratios.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "model")
     tok.save(tmp / "model")
-    runs = {"packed": [], "padded": ["--no-packing"], "padded, grouped by length": ["--no-packing", "--group-by-length"]}
+    runs = {"packed": ["--packing"], "padded": ["--no-packing", "--no-group-by-length"],
+            "padded, grouped by length": ["--no-packing", "--group-by-length"]}
     out = {}
     for name, flags in runs.items():
         d = tmp / name.replace(" ", "_").replace(",", "")

@@ -8,6 +8,7 @@ give the same logits: RMSNorm in float32, rotate-half RoPE, GPT-2's tanh GELU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,26 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Packed training rows as (start, end) spans per row: attention runs causally inside each span, one SDPA call
+    per span, instead of over the whole row with a (T x T) mask (which takes SDPA's slow masked path and computes
+    every cross-segment score only to discard it)."""
+
+    spans: tuple[tuple[tuple[int, int], ...], ...]
+
+    @classmethod
+    def of(cls, segment_ids: torch.Tensor) -> Segments:
+        ids = segment_ids.detach().cpu()
+        change = torch.ones_like(ids, dtype=torch.bool)
+        change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        rows = []
+        for row in change:
+            starts = torch.nonzero(row).flatten().tolist() + [len(row)]
+            rows.append(tuple(zip(starts[:-1], starts[1:])))
+        return cls(tuple(rows))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -235,6 +256,12 @@ class Attention(nn.Module):
             if groups > 1 and not _SDPA_GQA:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+            if isinstance(mask, Segments):  # packed rows: causal attention inside each segment
+                y = torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
+                                                                         v[b:b + 1, :, s:e], is_causal=e - s > 1,
+                                                                         **extra)
+                                          for s, e in spans], dim=2) for b, spans in enumerate(mask.spans)], dim=0)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
             # mask None means plain causal attention: SDPA can then use its flash / memory-efficient kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **extra)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
@@ -396,9 +423,13 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
             x = x + self.pos_embed(positions)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        mask = self._mask(B, T, start, attention_mask, input_ids.device, keys=cache.max_len if static else None,
-                          segment_ids=segment_ids)
-        if mask is not None and mask.dtype != torch.bool:
+        if (segment_ids is not None and attention_mask is None and self.alibi is None
+                and (self.cfg.sliding_window is None or self.cfg.sliding_window >= T)):
+            mask = Segments.of(segment_ids)
+        else:
+            mask = self._mask(B, T, start, attention_mask, input_ids.device, keys=cache.max_len if static else None,
+                              segment_ids=segment_ids)
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i)
