@@ -203,3 +203,33 @@ def test_ddp_two_processes_equal_one(base_model, alpaca_file, tmp_path):
     a = load_file(str(tmp_path / "one" / "last" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "last" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_bottleneck_adapters_start_as_the_base_train_and_round_trip(base_model, alpaca_file, tmp_path):
+    from lmforge.config import ConfigError
+    from lmforge.finetune import adapters as A
+    from lmforge.finetune.cli import merge_adapter
+
+    ids = torch.randint(0, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = load_hf_model(base_model).eval()
+    model = load_hf_model(base_model).eval()
+    A.apply_bottleneck(model, A.BottleneckConfig(size=16))
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))  # up starts at zero: the base model exactly
+        for name, p in model.named_parameters():
+            if ".adapter.up." in name:
+                p.normal_(0, 0.05)
+        adapted = model(ids)
+    assert (adapted - base(ids)).abs().max() > 1e-3
+    assert all(".adapter." in n for n, p in model.named_parameters() if p.requires_grad)
+    A.save_adapters(model, tmp_path / "ad", str(base_model))
+    again = A.load_adapters(load_hf_model(base_model).eval(), tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(again(ids), adapted)
+    summary = run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run", method="adapter", adapter_size=16,
+                                max_steps=20, lr=1e-2))
+    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "adapter_config.json").read_text())["peft_type"] == "LMFORGE_BOTTLENECK"
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        merge_adapter(best, tmp_path / "merged")

@@ -31,7 +31,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               "command and --resume", file=sys.stderr)
         return 130
     adapters = cfg.method in ("lora", "dora", "qlora")
-    kind = "PEFT adapters" if adapters else "HF models"
+    kind = "PEFT adapters" if adapters else "bottleneck adapters (lmforge's format)" if cfg.method == "adapter" \
+        else "HF models"
     print(f"checkpoints ({kind}): {cfg.out}/best and {cfg.out}/last"
           + (f"; a full model: lmforge export merge --model {cfg.out}/best --out {cfg.out}/merged"
              if adapters else ""), file=sys.stderr)
@@ -53,6 +54,10 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     from lmforge.train.checkpoint import TOKENIZER_FILES
 
     adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if config_path.exists() and "LMFORGE_BOTTLENECK" in config_path.read_text(encoding="utf-8"):
+        raise ConfigError(f"{adapter_dir}: bottleneck adapters cannot be merged into the weights (a non-linearity sits "
+                          "inside them); load them with lmforge.finetune.adapters.load_adapters on the base model")
     _, raw = lora.read_adapter_config(adapter_dir)
     base = base or raw.get("base_model_name_or_path")
     if not base:

@@ -25,9 +25,9 @@ from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "freeze", "lora", "dora", "qlora")
-ADAPTER_METHODS = ("lora", "dora", "qlora")
-PLANNED_METHODS = {"adapter": "bottleneck adapters", "prefix": "prefix tuning"}
+METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter")
+ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter")
+PLANNED_METHODS = {"prefix": "prefix tuning", "prompt": "prompt tuning"}
 
 
 @dataclass
@@ -65,8 +65,11 @@ class FinetuneConfig(TrainConfig):
     samples: int = field(default=3, metadata={"help": "held-out prompts answered (greedy) at each evaluation"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
-                                                          "head), lora, dora, qlora (LoRA on NF4 base weights)"})
+                                                          "head), lora, dora, qlora (LoRA on NF4 base weights), "
+                                                          "adapter (bottleneck adapters)"})
     qlora_dora: bool = field(default=False, metadata={"help": "qlora: DoRA adapters instead of LoRA"})
+    adapter_size: int = field(default=64, metadata={"help": "adapter: bottleneck width (Houlsby adapters after each "
+                                                            "attention and MLP)", "check": (lambda v: v > 0, "> 0")})
     train_layers: int = field(default=2, metadata={"help": "freeze: blocks that train, counted from the top"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank", "check": (lambda v: v > 0, "> 0")})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale = alpha / r"})
@@ -98,7 +101,7 @@ class FinetuneConfig(TrainConfig):
     resume_extra: ClassVar[tuple[str, ...]] = (
         "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -138,6 +141,10 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
         keep = tuple(f"layers.{i}." for i in range(n - cfg.train_layers, n)) + ("norm.", "lm_head.")
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
+    elif cfg.method == "adapter":
+        from lmforge.finetune.adapters import BottleneckConfig, apply_bottleneck
+
+        apply_bottleneck(model, BottleneckConfig(cfg.adapter_size, dropout=cfg.lora_dropout))
     else:
         if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings and head stay float)
             from lmforge.finetune.nf4 import quantize_model

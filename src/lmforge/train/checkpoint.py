@@ -182,19 +182,25 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
 
 
 def _adapted(model) -> bool:
+    from lmforge.finetune.adapters import has_bottleneck
     from lmforge.finetune.lora import has_adapters
 
-    return has_adapters(model)
+    return has_adapters(model) or has_bottleneck(model)
 
 
 def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
     """A LoRA run's checkpoint: the PEFT adapter (what trains), the base model's config.json (its shape, for the
     resume check) and generation_config.json; the frozen base stays where it was loaded from."""
+    from lmforge.finetune.adapters import has_bottleneck, save_adapters
     from lmforge.finetune.lora import save_adapter
     from lmforge.model.hf import generation_config
 
     base = Path(trainer.cfg.model)
-    save_adapter(trainer.model, directory, str(base.resolve()) if base.is_dir() else trainer.cfg.model)
+    base_name = str(base.resolve()) if base.is_dir() else trainer.cfg.model
+    if has_bottleneck(trainer.model):
+        save_adapters(trainer.model, directory, base_name)
+    else:
+        save_adapter(trainer.model, directory, base_name)
     write_json(directory / "config.json", config_to_hf(trainer.model.cfg))
     write_json(directory / "generation_config.json", generation_config(trainer.model.cfg))
 
@@ -226,10 +232,11 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     if state.get("format") == "sharded":
         _load_sharded(trainer, directory, state)
         return
-    if (directory / "adapter_config.json").exists():  # a LoRA run: the adapters into the adapted model
+    if (directory / "adapter_config.json").exists():  # an adapter run: the adapters into the adapted model
+        from lmforge.finetune.adapters import has_bottleneck, load_adapters
         from lmforge.finetune.lora import load_adapter
 
-        load_adapter(trainer.model, directory)
+        (load_adapters if has_bottleneck(trainer.model) else load_adapter)(trainer.model, directory)
         weights = None
     else:
         weights = load_hf_model(directory).state_dict()
