@@ -233,3 +233,33 @@ def test_bottleneck_adapters_start_as_the_base_train_and_round_trip(base_model, 
     assert json.loads((best / "adapter_config.json").read_text())["peft_type"] == "LMFORGE_BOTTLENECK"
     with pytest.raises(ConfigError, match="cannot be merged"):
         merge_adapter(best, tmp_path / "merged")
+
+
+def test_prompt_tuning_matches_peft_and_trains(base_model, alpaca_file, tmp_path):
+    from lmforge.config import ConfigError
+    from lmforge.finetune import prompt as P
+
+    model = load_hf_model(base_model).eval()
+    P.apply_prompt_tuning(model, 8, seed=1)
+    with torch.no_grad():
+        model.prompt_embeddings.add_(torch.randn_like(model.prompt_embeddings) * 0.1)
+    P.save_prompt(model, tmp_path / "pt", str(base_model))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_model).eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "pt").eval()
+    ids = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding, as lmforge's padded batches have
+    with torch.no_grad():
+        theirs = pm(input_ids=ids, attention_mask=mask).logits[:, 8:]
+        ours = model(ids, attention_mask=mask)
+        assert ours.shape == (2, 12, hf.config.vocab_size)
+        assert (ours - theirs)[mask.bool()].abs().max() < 1e-4
+    again = P.load_prompt(load_hf_model(base_model).eval(), tmp_path / "pt")
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    summary = run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run", method="prompt", num_virtual_tokens=8,
+                                max_steps=20, lr=3e-2))
+    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
+    assert json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    with pytest.raises(ConfigError, match="no-packing"):
+        run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run2", method="prompt", packing=True))

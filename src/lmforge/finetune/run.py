@@ -25,9 +25,9 @@ from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter")
-ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter")
-PLANNED_METHODS = {"prefix": "prefix tuning", "prompt": "prompt tuning"}
+METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prompt")
+ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter", "prompt")
+PLANNED_METHODS = {"prefix": "prefix tuning (per-layer key/value prefixes)"}
 
 
 @dataclass
@@ -66,8 +66,10 @@ class FinetuneConfig(TrainConfig):
     sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
-                                                          "adapter (bottleneck adapters)"})
+                                                          "adapter (bottleneck adapters), prompt (prompt tuning)"})
     qlora_dora: bool = field(default=False, metadata={"help": "qlora: DoRA adapters instead of LoRA"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prompt: virtual tokens learned before every "
+                                                                  "sequence", "check": (lambda v: v > 0, "> 0")})
     adapter_size: int = field(default=64, metadata={"help": "adapter: bottleneck width (Houlsby adapters after each "
                                                             "attention and MLP)", "check": (lambda v: v > 0, "> 0")})
     train_layers: int = field(default=2, metadata={"help": "freeze: blocks that train, counted from the top"})
@@ -101,7 +103,7 @@ class FinetuneConfig(TrainConfig):
     resume_extra: ClassVar[tuple[str, ...]] = (
         "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -114,6 +116,9 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("model: give the base model (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the training data (--data FILE)")
+    if cfg.method == "prompt" and cfg.packing:
+        raise ConfigError("packing: prompt tuning puts its virtual tokens before each sequence, so examples cannot "
+                          "share a row; use --no-packing")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
@@ -141,6 +146,10 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
         keep = tuple(f"layers.{i}." for i in range(n - cfg.train_layers, n)) + ("norm.", "lm_head.")
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
+    elif cfg.method == "prompt":
+        from lmforge.finetune.prompt import apply_prompt_tuning
+
+        apply_prompt_tuning(model, cfg.num_virtual_tokens, cfg.seed)
     elif cfg.method == "adapter":
         from lmforge.finetune.adapters import BottleneckConfig, apply_bottleneck
 
@@ -234,7 +243,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     batches = sft.SFTBatches(train, micro, cfg.max_length, cfg.packing, cfg.group_by_length, pad_id, cfg.seed,
                              rank, world)
     eval_data = sft.eval_batches(val, max(1, micro), pad_id) if val is not None else None
-    sample_convs = [c for c in val_convs if c.text is None][:cfg.samples]
+    # a prompt-tuned model does not generate with a KV cache yet: no sample answers
+    sample_convs = [c for c in val_convs if c.text is None][:cfg.samples] if cfg.method != "prompt" else []
     out = Path(cfg.out)
     trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)

@@ -402,6 +402,16 @@ class Transformer(nn.Module):
         the replies only: the head's matmul and softmax then skip the prompt tokens).
         """
         B, T = input_ids.shape
+        # prompt tuning (finetune/prompt.py): learned virtual-token embeddings go before the sequence
+        prompt = getattr(self, "prompt_embeddings", None)
+        n_virtual = 0 if prompt is None else prompt.shape[0]
+        if n_virtual:
+            if cache is not None or segment_ids is not None or positions is not None:
+                raise ValueError("a prompt-tuned model takes whole unpacked sequences (no KV cache, packing or "
+                                 "explicit positions yet)")
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual), attention_mask], dim=1)
+            T += n_virtual
         static = cache is not None and cache.static
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not for decoding with a KV cache")
@@ -418,6 +428,8 @@ class Transformer(nn.Module):
             else:
                 positions = slots
         x = self.embed(input_ids)
+        if n_virtual:
+            x = torch.cat([prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)
         if self.pos_embed is not None:
             if not static and int(positions.max()) >= self.cfg.max_seq_len:  # static: generation checked it
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
@@ -435,6 +447,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
+        if n_virtual:
+            x = x[:, n_virtual:]
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         if logits_mask is not None:

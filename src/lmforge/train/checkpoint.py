@@ -184,8 +184,9 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
 def _adapted(model) -> bool:
     from lmforge.finetune.adapters import has_bottleneck
     from lmforge.finetune.lora import has_adapters
+    from lmforge.finetune.prompt import has_prompt
 
-    return has_adapters(model) or has_bottleneck(model)
+    return has_adapters(model) or has_bottleneck(model) or has_prompt(model)
 
 
 def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
@@ -197,8 +198,12 @@ def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
 
     base = Path(trainer.cfg.model)
     base_name = str(base.resolve()) if base.is_dir() else trainer.cfg.model
+    from lmforge.finetune.prompt import has_prompt, save_prompt
+
     if has_bottleneck(trainer.model):
         save_adapters(trainer.model, directory, base_name)
+    elif has_prompt(trainer.model):
+        save_prompt(trainer.model, directory, base_name)
     else:
         save_adapter(trainer.model, directory, base_name)
     write_json(directory / "config.json", config_to_hf(trainer.model.cfg))
@@ -235,8 +240,11 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     if (directory / "adapter_config.json").exists():  # an adapter run: the adapters into the adapted model
         from lmforge.finetune.adapters import has_bottleneck, load_adapters
         from lmforge.finetune.lora import load_adapter
+        from lmforge.finetune.prompt import has_prompt, load_prompt
 
-        (load_adapters if has_bottleneck(trainer.model) else load_adapter)(trainer.model, directory)
+        loader = load_adapters if has_bottleneck(trainer.model) else load_prompt if has_prompt(trainer.model) \
+            else load_adapter
+        loader(trainer.model, directory)
         weights = None
     else:
         weights = load_hf_model(directory).state_dict()
