@@ -87,3 +87,14 @@ def test_truncated_gzip_is_named(tmp_path):
     (tmp_path / "cut.txt.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorpusError, match="cut.txt.gz: read failed"):
         list(iter_text_chunks([str(tmp_path / "cut.txt.gz")]))
+
+
+def test_auto_encoding_decides_at_the_first_non_ascii_line(tmp_path):
+    """A GBK CSV or JSONL whose first lines are ASCII (a header): `auto` used to decide UTF-8 from the header alone
+    and then fail on the first Chinese row."""
+    from lmforge.data.sources import iter_documents
+
+    (tmp_path / "zh.csv").write_bytes("id,text\n1,长城全长两万多公里。\n".encode("gb18030"))
+    (tmp_path / "zh.jsonl").write_bytes(('{"text": "ascii first"}\n' + '{"text": "然后是中文"}\n').encode("gb18030"))
+    texts = [d.text for d in iter_documents([str(tmp_path / "zh.csv"), str(tmp_path / "zh.jsonl")], encoding="auto")]
+    assert texts == ["长城全长两万多公里。", "ascii first", "然后是中文"]

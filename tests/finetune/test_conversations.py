@@ -151,3 +151,12 @@ def test_bad_records_fail_with_file_line_and_field_or_go_to_rejects(tmp_path):
     got = [r["reason"] for r in rejects.items]
     assert "starts with a 'assistant' turn" in got[0] and "two user/user turns in a row" in got[1]
     assert "ends with a 'user' turn" in got[2] and "has role 'bot'" in got[3] and "empty assistant turn" in got[4]
+
+
+def test_a_gbk_csv_reads_with_encoding_auto(tmp_path):
+    rows = "question,answer\n长城有多长？,长城全长两万多公里。\n"
+    (tmp_path / "zh.csv").write_bytes(rows.encode("gb18030"))
+    with pytest.raises(CorpusError, match="invalid UTF-8"):
+        load_conversations(str(tmp_path / "zh.csv"))
+    convs = load_conversations(str(tmp_path / "zh.csv"), encoding="auto")
+    assert convs[0].messages[1]["content"] == "长城全长两万多公里。"

@@ -263,3 +263,32 @@ def test_prompt_tuning_matches_peft_and_trains(base_model, alpaca_file, tmp_path
     assert json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
     with pytest.raises(ConfigError, match="no-packing"):
         run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run2", method="prompt", packing=True))
+
+
+def test_gpt2_family_finetune_and_merge_through_the_cli(trained_dir, alpaca_file, tmp_path):
+    """GPT-2 (learned positions, fused c_attn stored as Conv1D) with a template that has no control tokens of its
+    own (plain: EOS ends a reply): LoRA on c_attn, merged export equal to peft's base + adapter."""
+    tok = load_tokenizer(trained_dir)
+    d = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                  eos_token_id=tok.special_tokens["<|endoftext|>"])
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    for f in trained_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "finetune", "--model", str(d), "--data", str(alpaca_file),
+                        "--out", str(tmp_path / "run"), "--template", "plain", "--lora-targets", "c_attn", "--max-steps",
+                        "6", "--batch-size", "4", "--max-length", "64", "--eval-every", "3", "--samples", "1",
+                        "--sample-tokens", "4", "--lr", "1e-2", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "would not stop" not in r.stderr  # plain ends a reply with <|endoftext|>, the model's EOS
+    best = tmp_path / "run" / "best"
+    r = subprocess.run([sys.executable, "-m", "lmforge", "export", "merge", "--model", str(best), "--out",
+                        str(tmp_path / "merged")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    pm = peft.PeftModel.from_pretrained(hf, best).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, tok.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(ids).logits - pm(ids).logits).abs().max() < 1e-4

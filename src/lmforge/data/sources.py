@@ -175,6 +175,12 @@ class _Decoder:
         return "latin-1"
 
     def __call__(self, raw: bytes) -> str:
+        if self.encoding is None and raw.isascii() and b"\0" not in raw:
+            # every candidate encoding reads ASCII alike: decide at the first block that is not (a CSV is read line by
+            # line, and its header alone says nothing)
+            self.offset += len(raw)
+            self.line += raw.count(b"\n")
+            return raw.decode("ascii")
         if self.encoding is None:
             self.encoding = self._detect(raw)
             if self.encoding != "utf-8":

@@ -141,7 +141,8 @@ def _from_dataset_info(path: Path, name: str, columns: dict | None, tags: dict |
 
 # --- reading ------------------------------------------------------------------------------------------------------
 
-def read_conversations(spec: DataSpec, on_bad: OnBad | None = None, encoding: str = "utf-8") -> Iterator[Conversation]:
+def read_conversations(spec: DataSpec, on_bad: OnBad | None = None, encoding: str = "utf-8",
+                       errors: str = "strict") -> Iterator[Conversation]:
     """Every valid Conversation of the spec's files, in order; a bad record raises DataFormatError naming it, or
     goes to `on_bad(where, reason, raw)` when given."""
     for path in spec.files:
@@ -151,7 +152,7 @@ def read_conversations(spec: DataSpec, on_bad: OnBad | None = None, encoding: st
                 yield Conversation(text=text, where=path)
             continue
         fmt = spec.format
-        for where, rec in iter_records(path, on_bad, encoding):
+        for where, rec in iter_records(path, on_bad, encoding, errors):
             if fmt == "auto":
                 fmt = detect_format(rec, spec.columns, where)
             try:
@@ -405,10 +406,10 @@ def _check_order(messages: list[dict], where: str, key: str) -> None:
 
 
 def load_conversations(data: str, format: str = "auto", columns: dict | None = None, tags: dict | None = None,
-                       on_bad: OnBad | None = None, encoding: str = "utf-8") -> list[Conversation]:
+                       on_bad: OnBad | None = None, encoding: str = "utf-8", errors: str = "strict") -> list[Conversation]:
     """All conversations of `data` (see resolve_spec); raises CorpusError when none is valid."""
     spec = resolve_spec(os.fspath(data), format, columns, tags)
-    out = list(read_conversations(spec, on_bad, encoding))
+    out = list(read_conversations(spec, on_bad, encoding, errors))
     if not out:
         raise CorpusError(f"{data}: no valid examples" + (" (every record was rejected; see the rejects)"
                                                           if on_bad is not None else ""))

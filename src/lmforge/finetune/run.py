@@ -45,6 +45,8 @@ class FinetuneConfig(TrainConfig):
         "help": "the format's fields -> your columns, e.g. '{prompt: question, response: answer}'"})
     tags: dict = field(default_factory=dict, metadata={"help": "sharegpt role/content tags, e.g. '{role_tag: role}'"})
     encoding: str = encoding_field()
+    errors: str = field(default="strict", metadata={"choices": ["strict", "replace"],
+                                                    "help": "undecodable bytes: a bad record, or replaced by U+FFFD"})
     on_error: str = on_error_field()
     template: str = field(default="model", metadata={
         "help": "chat template: model (the tokenizer's own), or chatml, qwen, llama-3, mistral, phi-3, alpaca, plain"})
@@ -214,10 +216,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
     rejects = RejectLog() if cfg.on_error == "skip" else None
-    conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding)
+    conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
         train_convs = conversations
-        val_convs = load_conversations(cfg.val_data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding)
+        val_convs = load_conversations(cfg.val_data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding,
+                                       cfg.errors)
     else:
         train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
 
