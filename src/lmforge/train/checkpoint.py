@@ -166,8 +166,10 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
     tensors = {}
     for idx, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
-                else torch.tensor(value)
+            # a nested dict (bitsandbytes' 8-bit state) is stored as KEY/SUBKEY
+            for name, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+                full_key = f"state.{idx}.{key}" + (f"/{name}" if name is not None else "")
+                tensors[full_key] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
     groups = [dict(g) for g in opt["param_groups"]]
     if trainer.ema is not None:
         ema = full[2] if full is not None else trainer.ema
@@ -261,7 +263,12 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
         elif key.startswith("state."):
             param, name = key[len("state."):].rsplit(".", 1)
             param = int(param) if param.isdigit() else param  # index (plain/DDP) or parameter name (FSDP)
-            opt_state.setdefault(param, {})[name] = value.to(trainer.device) if name != "step" else value
+            value = value.to(trainer.device) if name != "step" else value
+            if "/" in name:  # a nested dict's entry (bitsandbytes' 8-bit state)
+                outer, inner = name.split("/", 1)
+                opt_state.setdefault(param, {}).setdefault(outer, {})[inner] = value
+            else:
+                opt_state.setdefault(param, {})[name] = value
     full_opt = {"state": opt_state, "param_groups": state["param_groups"]}
     if trainer.fsdp:  # every rank reads the full files and keeps its own shard (any world size)
         from torch.distributed.checkpoint.state_dict import (

@@ -32,6 +32,10 @@ class TrainConfig:
     decay_fraction: float = field(default=0.2, metadata={"help": "wsd: final share of steps spent decaying",
                                                          "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (torch), adamw8bit (bitsandbytes: both moments in 8 bits, 4x less optimizer memory), "
+                "paged_adamw8bit (the same, paged to host memory under GPU memory pressure)",
+        "choices": ["adamw", "adamw8bit", "paged_adamw8bit"]})
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)", "check": (lambda v: v >= 0, ">= 0")})

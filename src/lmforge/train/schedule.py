@@ -34,7 +34,7 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; weight decay on matrices (dim >= 2) only, never on norms and biases.
     Each group's `lr_scale` multiplies the scheduled learning rate."""
     params = [p for _, p in trainable_parameters(model)]
@@ -47,5 +47,15 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
         for wd, members in ((cfg.weight_decay, [p for p in same if p.dim() >= 2]), (0.0, [p for p in same if p.dim() < 2])):
             if members or scale == 1.0:
                 groups.append({"params": members, "weight_decay": wd, "lr_scale": scale})
+    kind = getattr(cfg, "optimizer", "adamw")
+    if kind in ("adamw8bit", "paged_adamw8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            from lmforge.config import ConfigError
+
+            raise ConfigError(f"optimizer: {kind} needs bitsandbytes (pip install bitsandbytes)") from None
+        cls = bnb.optim.AdamW8bit if kind == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     fused = params[0].is_cuda
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)

@@ -45,8 +45,8 @@ from lmforge.train.schedule import build_optimizer, learning_rate, trainable_par
 # what a resumed run must share with the checkpoint: a different value would give another trajectory (or shapes
 # the saved state does not fit); the rest (max_steps, evaluation, logging, micro_batch_size) may change
 RESUME_MUST_MATCH = ("data", "model", "model_overrides", "dataset", "allow_mid_doc", "max_length", "batch_size", "lr",
-                     "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1", "beta2",
-                     "grad_clip", "precision", "moe_aux_weight", "ema_decay", "seed")
+                     "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "optimizer", "beta1",
+                     "beta2", "grad_clip", "precision", "moe_aux_weight", "ema_decay", "seed")
 # ModelConfig fields an HF model directory may be loaded with changed (none of them changes a weight's shape)
 HF_MODEL_OVERRIDES = ("max_seq_len", "rope_theta", "rope_scaling", "sliding_window")
 RUN_FILES = ("metrics.jsonl", "latest.json", "loss.png", "best", "last", "tensorboard", ".best.tmp", ".last.tmp",
@@ -77,9 +77,12 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
             torch.cuda.synchronize()
 
     size = min(128, n)
+    # a generator of its own: drawing from the global one would make a run's dropout masks depend on whether the
+    # peak was already measured in this process (the first run measures, later ones reuse the cached value)
+    gen = torch.Generator(device=device).manual_seed(0)
     while True:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
         a @ b  # warm-up
         sync()
         t0 = time.perf_counter()
