@@ -156,6 +156,13 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
                                                        trained.special_tokens["<|endoftext|>"]]))
     assert out.startswith("model> " + expected + "\n")
     assert out.count("model> ") == 2
+    # another template than the model's own (the one a fine-tuned model learned) is named in a warning
+    answers = iter([""])
+    assert main(["chat", "--model", str(tmp_path), "--chat-template", "llama-3"]) == 0
+    assert "is not the model's own chat template" in capsys.readouterr().err
+    answers = iter([""])  # the patched input reads this name
+    assert main(["chat", "--model", str(tmp_path), "--chat-template", "no-such"]) == 2
+    assert "neither a built-in" in capsys.readouterr().err
 
 
 @pytest.mark.slow
