@@ -260,10 +260,22 @@ def test_prompt_tuning_matches_peft_and_trains(base_model, alpaca_file, tmp_path
     again = P.load_prompt(load_hf_model(base_model).eval(), tmp_path / "pt")
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
+    # the engine generates with it (no KV cache): the same tokens as a plain greedy loop over whole sequences
+    from lmforge.infer.engine import generate_ids
+    from lmforge.infer.sampling import SamplingConfig
+
+    prompt = ids[0, :6].tolist()
+    got = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=5, temperature=0))[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[6:]
     summary = run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run", method="prompt", num_virtual_tokens=8,
                                 max_steps=20, lr=3e-2))
     assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
     assert json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    assert (tmp_path / "run" / "samples.jsonl").exists()  # held-out answers, generated without a KV cache
     with pytest.raises(ConfigError, match="no-packing"):
         run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run2", method="prompt", packing=True))
 

@@ -4,8 +4,8 @@ they train. Saved as peft saves it (`adapter_config.json` with `"peft_type": "PR
 model gives lmforge's logits for the real tokens (tested). The embeddings start as those of `n` vocabulary
 tokens drawn at random (peft's SAMPLE_VOCAB), which trains faster than noise.
 
-Generation with a prompt-tuned model (a KV cache that starts with the virtual tokens) is not built yet; training,
-evaluation and the adapter format are.
+The generation engine runs a prompt-tuned model without a KV cache (each step the whole sequence again: exact,
+and quadratic in the length); a cache that starts with the virtual tokens is not built yet.
 """
 
 from __future__ import annotations

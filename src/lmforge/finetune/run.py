@@ -246,8 +246,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     batches = sft.SFTBatches(train, micro, cfg.max_length, cfg.packing, cfg.group_by_length, pad_id, cfg.seed,
                              rank, world)
     eval_data = sft.eval_batches(val, max(1, micro), pad_id) if val is not None else None
-    # a prompt-tuned model does not generate with a KV cache yet: no sample answers
-    sample_convs = [c for c in val_convs if c.text is None][:cfg.samples] if cfg.method != "prompt" else []
+    sample_convs = [c for c in val_convs if c.text is None][:cfg.samples]
     out = Path(cfg.out)
     trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
