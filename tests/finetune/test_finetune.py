@@ -175,7 +175,7 @@ def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_
     assert (tmp_path / "r" / "best" / "model.safetensors").exists()  # freeze: full HF checkpoints
     r = subprocess.run(cli + ["--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert r.returncode == 2 and "already holds a training run" in r.stderr
-    r = subprocess.run(cli + ["--out", str(tmp_path / "q"), "--method", "prefix"], capture_output=True, text=True)
+    r = subprocess.run(cli + ["--out", str(tmp_path / "q"), "--method", "ia3"], capture_output=True, text=True)
     assert r.returncode == 2 and "not in this version yet" in r.stderr
 
 
@@ -278,6 +278,11 @@ def test_prompt_tuning_matches_peft_and_trains(base_model, alpaca_file, tmp_path
     assert (tmp_path / "run" / "samples.jsonl").exists()  # held-out answers, generated without a KV cache
     with pytest.raises(ConfigError, match="no-packing"):
         run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run2", method="prompt", packing=True))
+    # prefix tuning through the same command: learns, saves peft's PREFIX_TUNING format
+    summary = run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run3", method="prefix", num_virtual_tokens=8,
+                                max_steps=20, lr=3e-2))
+    assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
+    assert json.loads((tmp_path / "run3" / "best" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
 
 
 def test_gpt2_family_finetune_and_merge_through_the_cli(trained_dir, alpaca_file, tmp_path):

@@ -124,3 +124,41 @@ def test_bad_targets_and_adapter_dirs_are_one_line_errors(tmp_path):
         L.load_adapter(load_hf_model(tmp_path / "base"), tmp_path / "base")
     regex = L.select_sites(model.cfg, r"model\.layers\.[01]\.self_attn\.(q|v)_proj")
     assert [s.hf_name for s in regex] == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_prefix_tuning_equals_peft_both_ways(tmp_path, kind):
+    from lmforge.finetune import prompt as P
+
+    hf = _save(_hf_tiny(kind), tmp_path / "base")
+    model = load_hf_model(tmp_path / "base").eval()
+    P.apply_prefix_tuning(model, 5, seed=1)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.prefix_key.normal_(0, 1)
+            block.attn.prefix_value.normal_(0, 1)
+    P.save_prefix(model, tmp_path / "pf", str(tmp_path / "base"))
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "pf").eval()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # right padding
+    with torch.no_grad():
+        base = load_hf_model(tmp_path / "base").eval()(ids)
+        ours = model(ids)
+        assert (ours - base).abs().max() > 1e-2  # the prefixes matter
+        assert (ours - pm(input_ids=ids).logits).abs().max() < TOL
+        assert (model(ids, attention_mask=mask) - pm(input_ids=ids, attention_mask=mask).logits)[mask.bool()] \
+            .abs().max() < TOL
+        again = P.load_prefix(load_hf_model(tmp_path / "base").eval(), tmp_path / "pf")
+        assert torch.equal(again(ids), ours)
+    # generation runs the whole sequence each step (no KV cache): the tokens of a plain greedy loop
+    from lmforge.infer.engine import generate_ids
+    from lmforge.infer.sampling import SamplingConfig
+
+    prompt = ids[0, :6].tolist()
+    got = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=4, temperature=0))[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[6:]

@@ -31,7 +31,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               "command and --resume", file=sys.stderr)
         return 130
     adapters = cfg.method in ("lora", "dora", "qlora")
-    kind = ("PEFT adapters" if adapters or cfg.method == "prompt"
+    kind = ("PEFT adapters" if adapters or cfg.method in ("prompt", "prefix")
             else "bottleneck adapters (lmforge's format)" if cfg.method == "adapter" else "HF models")
     print(f"checkpoints ({kind}): {cfg.out}/best and {cfg.out}/last"
           + (f"; a full model: lmforge export merge --model {cfg.out}/best --out {cfg.out}/merged"
@@ -55,9 +55,10 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
 
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
-    if config_path.exists() and '"PROMPT_TUNING"' in config_path.read_text(encoding="utf-8"):
-        raise ConfigError(f"{adapter_dir}: a prompt-tuning adapter has no weights to merge (its virtual tokens go "
-                          "before every input); load it with lmforge.finetune.prompt.load_prompt or peft")
+    if config_path.exists() and any(f'"{t}"' in config_path.read_text(encoding="utf-8")
+                                    for t in ("PROMPT_TUNING", "PREFIX_TUNING")):
+        raise ConfigError(f"{adapter_dir}: a prompt- or prefix-tuning adapter has no weights to merge (its virtual "
+                          "tokens go before every input); load it with lmforge.finetune.prompt or peft")
     if config_path.exists() and "LMFORGE_BOTTLENECK" in config_path.read_text(encoding="utf-8"):
         raise ConfigError(f"{adapter_dir}: bottleneck adapters cannot be merged into the weights (a non-linearity sits "
                           "inside them); load them with lmforge.finetune.adapters.load_adapters on the base model")

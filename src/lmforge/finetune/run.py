@@ -25,9 +25,9 @@ from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prompt")
-ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter", "prompt")
-PLANNED_METHODS = {"prefix": "prefix tuning (per-layer key/value prefixes)"}
+METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prompt", "prefix")
+ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter", "prompt", "prefix")
+PLANNED_METHODS = {"ia3": "IA3 (learned rescaling vectors)"}
 
 
 @dataclass
@@ -68,10 +68,12 @@ class FinetuneConfig(TrainConfig):
     sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
-                                                          "adapter (bottleneck adapters), prompt (prompt tuning)"})
+                                                          "adapter (bottleneck adapters), prompt (prompt tuning), "
+                                                          "prefix (prefix tuning)"})
     qlora_dora: bool = field(default=False, metadata={"help": "qlora: DoRA adapters instead of LoRA"})
-    num_virtual_tokens: int = field(default=20, metadata={"help": "prompt: virtual tokens learned before every "
-                                                                  "sequence", "check": (lambda v: v > 0, "> 0")})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prompt / prefix: virtual tokens learned before "
+                                                                  "every sequence (prefix: keys and values in every "
+                                                                  "layer)", "check": (lambda v: v > 0, "> 0")})
     adapter_size: int = field(default=64, metadata={"help": "adapter: bottleneck width (Houlsby adapters after each "
                                                             "attention and MLP)", "check": (lambda v: v > 0, "> 0")})
     train_layers: int = field(default=2, metadata={"help": "freeze: blocks that train, counted from the top"})
@@ -118,9 +120,9 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("model: give the base model (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the training data (--data FILE)")
-    if cfg.method == "prompt" and cfg.packing:
-        raise ConfigError("packing: prompt tuning puts its virtual tokens before each sequence, so examples cannot "
-                          "share a row; use --no-packing")
+    if cfg.method in ("prompt", "prefix") and cfg.packing:
+        raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
+                          "cannot share a row; use --no-packing")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
@@ -148,6 +150,10 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
         keep = tuple(f"layers.{i}." for i in range(n - cfg.train_layers, n)) + ("norm.", "lm_head.")
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
+    elif cfg.method == "prefix":
+        from lmforge.finetune.prompt import apply_prefix_tuning
+
+        apply_prefix_tuning(model, cfg.num_virtual_tokens, cfg.seed)
     elif cfg.method == "prompt":
         from lmforge.finetune.prompt import apply_prompt_tuning
 

@@ -69,11 +69,11 @@ class Decoder:
         if len(configs) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(configs)} sampling configs")
         self.model, self.configs = model, list(configs)
-        if getattr(model, "prompt_embeddings", None) is not None:
-            # a prompt-tuned model puts its virtual tokens before the sequence on every forward: no KV cache (each
-            # step runs the whole sequence again, which is exact and quadratic)
+        if getattr(model, "prompt_embeddings", None) is not None or getattr(model, "n_prefix", 0):
+            # a prompt- or prefix-tuned model puts its virtual tokens first on every forward: no KV cache (each step
+            # runs the whole sequence again, which is exact and quadratic)
             if cache is not None:
-                raise ValueError("a prompt-tuned model does not continue a KV cache")
+                raise ValueError("a prompt- or prefix-tuned model does not continue a KV cache")
             use_cache = False
         device = model.embed.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)

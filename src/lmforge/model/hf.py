@@ -268,9 +268,9 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise CheckpointError("this model has LoRA adapters: save them with lmforge.finetune.lora.save_adapter, or "
                               "merge them first (merge_lora) to save a full model")
-    if getattr(model, "prompt_embeddings", None) is not None:
-        raise CheckpointError("this model is prompt-tuned: save its virtual tokens with "
-                              "lmforge.finetune.prompt.save_prompt")
+    if getattr(model, "prompt_embeddings", None) is not None or getattr(model, "n_prefix", 0):
+        raise CheckpointError("this model is prompt- or prefix-tuned: save its virtual tokens with "
+                              "lmforge.finetune.prompt.save_prompt / save_prefix")
     if any(type(m).__name__ == "WithAdapter" for m in model.modules()):
         raise CheckpointError("this model has bottleneck adapters: save them with "
                               "lmforge.finetune.adapters.save_adapters (they cannot be merged into the weights)")

@@ -247,6 +247,9 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        elif getattr(self, "prefix_key", None) is not None:  # prefix tuning: learned keys and values come first
+            k = torch.cat([self.prefix_key.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.prefix_value.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         if self.decode_kernel and cache is not None and T == 1 and (mask is None or mask.dtype == torch.bool):
             # one new token: read only the cache's filled slots (SDPA reads a static cache's every slot)
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
@@ -405,6 +408,14 @@ class Transformer(nn.Module):
         # prompt tuning (finetune/prompt.py): learned virtual-token embeddings go before the sequence
         prompt = getattr(self, "prompt_embeddings", None)
         n_virtual = 0 if prompt is None else prompt.shape[0]
+        # prefix tuning: every layer's attention has learned keys and values first, as if a KV cache held them
+        n_prefix = getattr(self, "n_prefix", 0)
+        if n_prefix:
+            if cache is not None or segment_ids is not None or positions is not None:
+                raise ValueError("a prefix-tuned model takes whole unpacked sequences (no KV cache, packing or "
+                                 "explicit positions yet)")
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(B, n_prefix), attention_mask], dim=1)
         if n_virtual:
             if cache is not None or segment_ids is not None or positions is not None:
                 raise ValueError("a prompt-tuned model takes whole unpacked sequences (no KV cache, packing or "
@@ -416,7 +427,7 @@ class Transformer(nn.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not for decoding with a KV cache")
         # a static cache's position stays a tensor: reading it as an int would specialise a compiled graph
-        start = (cache.pos if static else cache.length) if cache is not None else 0
+        start = (cache.pos if static else cache.length) if cache is not None else n_prefix
         if positions is None:
             slots = (start + torch.arange(T, device=input_ids.device)).expand(B, T)
             if segment_ids is not None:  # each segment counts from 0

@@ -186,9 +186,9 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
 def _adapted(model) -> bool:
     from lmforge.finetune.adapters import has_bottleneck
     from lmforge.finetune.lora import has_adapters
-    from lmforge.finetune.prompt import has_prompt
+    from lmforge.finetune.prompt import has_prefix, has_prompt
 
-    return has_adapters(model) or has_bottleneck(model) or has_prompt(model)
+    return has_adapters(model) or has_bottleneck(model) or has_prompt(model) or has_prefix(model)
 
 
 def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
@@ -200,12 +200,14 @@ def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
 
     base = Path(trainer.cfg.model)
     base_name = str(base.resolve()) if base.is_dir() else trainer.cfg.model
-    from lmforge.finetune.prompt import has_prompt, save_prompt
+    from lmforge.finetune.prompt import has_prefix, has_prompt, save_prefix, save_prompt
 
     if has_bottleneck(trainer.model):
         save_adapters(trainer.model, directory, base_name)
     elif has_prompt(trainer.model):
         save_prompt(trainer.model, directory, base_name)
+    elif has_prefix(trainer.model):
+        save_prefix(trainer.model, directory, base_name)
     else:
         save_adapter(trainer.model, directory, base_name)
     write_json(directory / "config.json", config_to_hf(trainer.model.cfg))
@@ -242,10 +244,10 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     if (directory / "adapter_config.json").exists():  # an adapter run: the adapters into the adapted model
         from lmforge.finetune.adapters import has_bottleneck, load_adapters
         from lmforge.finetune.lora import load_adapter
-        from lmforge.finetune.prompt import has_prompt, load_prompt
+        from lmforge.finetune.prompt import has_prefix, has_prompt, load_prefix, load_prompt
 
         loader = load_adapters if has_bottleneck(trainer.model) else load_prompt if has_prompt(trainer.model) \
-            else load_adapter
+            else load_prefix if has_prefix(trainer.model) else load_adapter
         loader(trainer.model, directory)
         weights = None
     else:
