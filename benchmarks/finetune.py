@@ -173,7 +173,7 @@ def main() -> None:
     if r.returncode:
         raise SystemExit(r.stderr)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-    cli_step = statistics.median(args.batch * args.seq / row["tokens_per_s"] for row in rows[1:])
+    cli_step = statistics.median(row["step_s"] for row in rows[1:])
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({

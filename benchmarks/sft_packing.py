@@ -66,7 +66,7 @@ def main() -> None:
         written = json.loads((d / "data.json").read_text())
         info = written["train"]
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-        step_s = statistics.median(args.batch_size * args.max_length / row["tokens_per_s"] for row in rows[1:])
+        step_s = statistics.median(row["step_s"] for row in rows[1:])
         tokens_per_example = info["tokens"] / info["examples"]
         # real tokens in a row: a packed row is filled to its utilisation, a padded row holds one example
         per_row = written["packing_utilisation"] * args.max_length if name == "packed" else tokens_per_example

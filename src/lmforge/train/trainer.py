@@ -194,7 +194,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step, self.bad_evals = 0, 0
         self.best_val = float("-inf") if self.objective.higher_is_better else float("inf")
-        self.tokens_per_step = cfg.batch_size * cfg.max_length
+        self.last_tokens = 0  # real (non-padding) tokens of the last step, all processes
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
         # the average covers what trains: a frozen parameter's average is the parameter itself
@@ -309,6 +309,8 @@ class Trainer:
         cfg = self.cfg
         micro_batches = [self._to_device(self.loader.next_batch()) for _ in range(self.accum)]
         counts = [self.objective.count(b) for b in micro_batches]
+        # the step's real tokens (padding left out), all processes: what tokens/s and MFU count
+        self.last_tokens = sum(_real_tokens(b) for b in micro_batches) * self.world
         stats = torch.tensor([float(sum(counts)), float(min(counts)), float(-max(counts))], device=self.device)
         if self.world > 1:  # the global number of loss terms, and whether every micro-batch everywhere has the same
             dist.all_reduce(stats[:1])
@@ -451,7 +453,7 @@ class Trainer:
             except ImportError:
                 raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             tb = SummaryWriter(str(self.out / "tensorboard"))
-        flops_per_step = self.model.cfg.flops_per_token(cfg.max_length) * self.tokens_per_step / self.world
+        flops_per_token = self.model.cfg.flops_per_token(cfg.max_length)
         peak, peak_source = peak_flops(self.device, self.autocast_dtype or torch.float32, cfg.peak_tflops)
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
@@ -468,9 +470,10 @@ class Trainer:
                     t0 = time.perf_counter()
                     loss = self.train_step()
                     seconds = time.perf_counter() - t0
+                    flops_per_step = flops_per_token * self.last_tokens / self.world
                     record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
-                              "grad_norm": round(self.last_grad_norm, 4),
-                              "tokens_per_s": round(self.tokens_per_step / seconds, 1),
+                              "grad_norm": round(self.last_grad_norm, 4), "step_s": round(seconds, 4),
+                              "tokens_per_s": round(self.last_tokens / seconds, 1),
                               "flops_per_s": round(flops_per_step / seconds),
                               "mfu": round(flops_per_step / seconds / peak, 4)}
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
@@ -538,6 +541,15 @@ def _with_overrides(model: Transformer, overrides: dict) -> Transformer:
     if model.rotary is not None:
         model.rotary = type(model.rotary)(model.cfg)
     return model
+
+
+def _real_tokens(batch: dict) -> int:
+    """Tokens of a batch that are not padding (attention_mask, or segment 0 of packed rows, marks padding)."""
+    if torch.is_tensor(batch.get("attention_mask")):
+        return int(batch["attention_mask"].sum())
+    if torch.is_tensor(batch.get("segment_ids")):
+        return int((batch["segment_ids"] > 0).sum())
+    return batch["input_ids"].numel()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
