@@ -189,7 +189,7 @@ def main() -> None:
         "base_weight_ratio_qlora_over_lora": round(WEIGHT_BYTES["lmforge QLoRA"] / WEIGHT_BYTES["lmforge"], 3),
         "qlora_step_over_lora_step": {case: round(med[("lmforge QLoRA", case)] / med[("lmforge", case)], 2)
                                       for case in ("all_tokens", "sft_half_masked")},
-        "cli": {"command": "lmforge finetune --format text ... (packing on, default flags otherwise)",
+        "cli": {"command": "lmforge finetune --format text ... (default flags but steps and shapes; full rows)",
                 "step_s": round(cli_step, 3), "wall_s": round(cli_wall, 1)}}, indent=2))
 
 

@@ -263,13 +263,18 @@ def _tools(rec: dict, key: str | None, where: str) -> list | None:
     return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
-def _sharegpt(rec: dict, cols: dict, tags: dict, where: str) -> Conversation:
-    key = cols["messages"]
+def _turns(rec: dict, key: str, where: str) -> list:
     turns = rec.get(key)
     if turns is None:
         raise DataFormatError(f"{where}: field '{key}' is missing")
     if not isinstance(turns, list):
         raise DataFormatError(f"{where}: field '{key}' is not a list of turns")
+    return turns
+
+
+def _sharegpt(rec: dict, cols: dict, tags: dict, where: str) -> Conversation:
+    key = cols["messages"]
+    turns = _turns(rec, key, where)
     role_of = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
                tags["observation_tag"]: "tool", tags["function_tag"]: "function_call"}
     messages = []
@@ -327,11 +332,7 @@ def _function_call(content: str, where: str, here: str) -> dict:
 
 def _openai(rec: dict, cols: dict, where: str) -> Conversation:
     key = cols["messages"]
-    msgs = rec.get(key)
-    if msgs is None:
-        raise DataFormatError(f"{where}: field '{key}' is missing")
-    if not isinstance(msgs, list):
-        raise DataFormatError(f"{where}: field '{key}' is not a list of messages")
+    msgs = _turns(rec, key, where)
     messages = []
     for k, m in enumerate(msgs):
         here = f"'{key}[{k}]'"

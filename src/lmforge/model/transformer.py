@@ -410,18 +410,12 @@ class Transformer(nn.Module):
         n_virtual = 0 if prompt is None else prompt.shape[0]
         # prefix tuning: every layer's attention has learned keys and values first, as if a KV cache held them
         n_prefix = getattr(self, "n_prefix", 0)
-        if n_prefix:
+        if n_virtual or n_prefix:  # both: the attention mask gains the virtual positions, always attended
             if cache is not None or segment_ids is not None or positions is not None:
-                raise ValueError("a prefix-tuned model takes whole unpacked sequences (no KV cache, packing or "
-                                 "explicit positions yet)")
+                raise ValueError("a prompt- or prefix-tuned model takes whole unpacked sequences (no KV cache, "
+                                 "packing or explicit positions yet)")
             if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask.new_ones(B, n_prefix), attention_mask], dim=1)
-        if n_virtual:
-            if cache is not None or segment_ids is not None or positions is not None:
-                raise ValueError("a prompt-tuned model takes whole unpacked sequences (no KV cache, packing or "
-                                 "explicit positions yet)")
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual), attention_mask], dim=1)
+                attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual + n_prefix), attention_mask], dim=1)
             T += n_virtual
         static = cache is not None and cache.static
         if segment_ids is not None and cache is not None:
