@@ -1,0 +1,237 @@
+"""Scoring text with a model: the log-likelihood of continuations (multiple-choice tasks) and perplexity / bits per
+byte of documents (strided windows).
+
+Log-likelihoods follow lm-evaluation-harness's HF backend so that scores are comparable: trailing spaces of the
+context move to the continuation, the pair is encoded whole and the continuation is what follows the context's own
+encoding, the tokenizer adds its model's special tokens (a Llama BOS, nothing for GPT-2 or Qwen), and an input
+longer than the model's context is cut from the left. What differs is the work: the choices of one question share
+its context, so the context runs once (into a KV cache, left-padded with other questions') and only the choices'
+own tokens run after it, batched. A question whose choices are single tokens (MMLU's " A".." D") needs no second
+pass at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.transformer import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One continuation's score: summed log-probability (nats), whether greedy decoding would produce it, and
+    its length in tokens."""
+
+    logprob: float
+    greedy: bool
+    n_tokens: int
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Text as the model reads it: the tokenizer's own special tokens added (lm-eval's tok_encode), text never
+    read as control tokens."""
+    return tokenizer.encode_for_model([text])[0]
+
+
+def prefix_token_id(tokenizer) -> int | None:
+    """The token an empty context stands for (lm-eval: BOS, else EOS)."""
+    for name in ("bos_token", "eos_token"):
+        tok = tokenizer.special_tokens_map().get(name)
+        if tok is not None and tokenizer.token_to_id(tok) is not None:
+            return tokenizer.token_to_id(tok)
+    return None
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) by lm-evaluation-harness's rule."""
+    if not context:
+        prefix = prefix_token_id(tokenizer)
+        if prefix is None:
+            raise ValueError("an empty context needs a BOS or EOS token, and this tokenizer has neither")
+        return [prefix], _encode(tokenizer, continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def _device_of(model: Transformer) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequence[str]]], batch_tokens: int = 8192,
+                  progress: Callable[[int], None] | None = None) -> list[list[Choice]]:
+    """For each (context, continuations) item, the score of every continuation given the context.
+
+    Items are processed in batches of about `batch_tokens` context tokens, longest first. `progress(n)` is
+    called after each batch with the items it finished.
+    """
+    max_len = model.cfg.max_seq_len
+    # (context ids, [continuation ids]) per item; an item whose longest choice does not fit after the whole
+    # context is split into one item per choice, each cut from the left as lm-eval cuts it
+    units: list[tuple[int, list[int] | None, list[list[int]], list[int]]] = []  # (item, ctx, conts, choice indices)
+    for i, (context, conts) in enumerate(items):
+        pairs = [encode_pair(tokenizer, context, c) for c in conts]
+        for j, (_, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"item {i}: choice {j} ({conts[j]!r}) encodes to no tokens")
+        ctx = pairs[0][0] if pairs else []
+        if pairs and all(p[0] == ctx for p in pairs) and len(ctx) + max(len(p[1]) for p in pairs) <= max_len + 1:
+            units.append((i, ctx, [p[1] for p in pairs], list(range(len(pairs)))))
+        else:
+            for j, (c, cont) in enumerate(pairs):
+                whole = (c + cont)[-(max_len + 1):]
+                units.append((i, whole[:len(whole) - len(cont)], [cont], [j]))
+    out: list[list[Choice | None]] = [[None] * len(conts) for _, conts in items]
+    order = sorted(range(len(units)), key=lambda u: -len(units[u][1]))
+    device = _device_of(model)
+    pos = 0
+    while pos < len(order):
+        batch = [order[pos]]
+        width = len(units[order[pos]][1])
+        while pos + len(batch) < len(order) and (len(batch) + 1) * width <= batch_tokens:
+            batch.append(order[pos + len(batch)])
+        pos += len(batch)
+        results = _score_batch(model, [units[u] for u in batch], device)
+        done = set()
+        for u, scores in zip(batch, results):
+            item, _, _, idx = units[u]
+            for j, s in zip(idx, scores):
+                out[item][j] = s
+            done.add(item)
+        if progress:
+            progress(sum(1 for i in done if all(s is not None for s in out[i])))
+    return out  # type: ignore[return-value]
+
+
+def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
+    """Run the contexts once (left-padded, into a KV cache), then every choice's tokens after its context."""
+    B = len(units)
+    L = max(len(u[1]) for u in units)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for b, (_, ctx, _, _) in enumerate(units):
+        ids[b, L - len(ctx):] = torch.tensor(ctx)
+        mask[b, L - len(ctx):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, B, L, device=device, dtype=dtype)
+    first = model(ids, attention_mask=mask if (mask == 0).any() else None, cache=cache, logits_to_keep=1)[:, -1]
+    first = F.log_softmax(first.float(), dim=-1)  # (B, vocab): the distribution of every choice's first token
+    rows = [(b, c) for b, u in enumerate(units) for c in u[2]]
+    longer = [(r, b, c) for r, (b, c) in enumerate(rows) if len(c) > 1]
+    rest: dict[int, torch.Tensor] = {}
+    if longer:  # the choices' tokens after the first, all rows in one pass over the shared caches
+        T = max(len(c) - 1 for _, _, c in longer)
+        n = len(longer)
+        src = torch.tensor([b for _, b, _ in longer], device=device)
+        cont_cache = KVCache(model.cfg, n, L + T, device=device, dtype=dtype)
+        for layer in range(model.cfg.n_layers):
+            cont_cache.k[layer][:, :, :L] = cache.k[layer].index_select(0, src)
+            cont_cache.v[layer][:, :, :L] = cache.v[layer].index_select(0, src)
+        cont_cache.advance(L)
+        cont_ids = torch.zeros(n, T, dtype=torch.long)
+        for k, (_, _, c) in enumerate(longer):
+            cont_ids[k, :len(c) - 1] = torch.tensor(c[:-1])
+        # right padding needs no mask (causal: a choice's tokens never see the pads after them)
+        cont_mask = torch.cat([mask.index_select(0, src), torch.ones(n, T, dtype=torch.long, device=device)], 1)
+        logits = model(cont_ids.to(device), attention_mask=cont_mask, cache=cont_cache)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        for k, (r, _, _) in enumerate(longer):
+            rest[r] = logp[k]
+    out: list[list[Choice]] = [[] for _ in units]
+    for r, (b, c) in enumerate(rows):
+        target = torch.tensor(c, device=device)
+        lp = first[b][None]
+        if r in rest:
+            lp = torch.cat([lp, rest[r][:len(c) - 1]], 0)
+        token_lp = lp.gather(1, target[:, None]).squeeze(1)
+        greedy = bool((lp.argmax(-1) == target).all())
+        out[b].append(Choice(float(token_lp.sum()), greedy, len(c)))
+    return out
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Perplexity = exp(nll / tokens); bits per byte = nll / (ln 2 * UTF-8 bytes), comparable across tokenizers."""
+
+    nll: float  # summed negative log-likelihood, nats
+    tokens: int
+    bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / (math.log(2) * self.bytes) if self.bytes else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte, "nll": self.nll,
+                "tokens": self.tokens, "bytes": self.bytes}
+
+
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored) of each window over a text of n_tokens (the text's first token is the prefix,
+    never scored): windows of `window` tokens, `stride` apart, each scoring the tokens the previous did not, so
+    every token is scored once with at least window - stride tokens of context (or all there is; stride = window
+    keeps one token of overlap, lm-eval's disjoint rolling windows)."""
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
+    out, scored = [], 1
+    start = 0
+    while scored < n_tokens:
+        end = min(start + window, n_tokens)
+        out.append((start, end, scored))
+        scored = end
+        start = end - max(window - stride, 1)  # at least one token before the first one scored
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, tokenizer, texts: Sequence[str], window: int | None = None,
+               stride: int | None = None, batch_size: int = 8,
+               progress: Callable[[int], None] | None = None) -> Perplexity:
+    """Perplexity and bits per byte of `texts`, each text scored on its own: it starts with the tokenizer's BOS
+    (else EOS) so that its first token is scored too, as lm-eval's rolling log-likelihood does; windows of
+    `window` tokens (default: the model's context) advance by `stride` (default: window / 2)."""
+    window = window or model.cfg.max_seq_len
+    if window > model.cfg.max_seq_len:
+        raise ValueError(f"window {window} is longer than the model's context ({model.cfg.max_seq_len})")
+    stride = stride or max(window // 2, 1)
+    prefix = prefix_token_id(tokenizer)
+    jobs, n_bytes, n_tokens = [], 0, 0
+    for text in texts:
+        ids = _encode(tokenizer, text)
+        if prefix is not None and (not ids or ids[0] != prefix):
+            ids = [prefix] + ids
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += max(len(ids) - 1, 0)
+        jobs += [(ids[s:e], f - s) for s, e, f in windows(len(ids), window, stride)]
+    device = _device_of(model)
+    nll = 0.0
+    jobs.sort(key=lambda j: -len(j[0]))
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        T = len(chunk[0][0])
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        for b, (w, _) in enumerate(chunk):
+            ids[b, :len(w)] = torch.tensor(w)
+        logits = model(ids.to(device)).float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:].to(device)
+        token_lp = logp.gather(2, target[..., None]).squeeze(-1)
+        for b, (w, first) in enumerate(chunk):
+            nll -= float(token_lp[b, first - 1:len(w) - 1].sum())
+        if progress:
+            progress(len(chunk))
+    return Perplexity(nll, n_tokens, n_bytes)
