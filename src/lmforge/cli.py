@@ -13,7 +13,7 @@ import warnings
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.infer.cli",
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.eval.cli", "lmforge.infer.cli",
           "lmforge.rag.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
@@ -25,7 +25,7 @@ EPILOG = """examples:
 
 
 # stages of the map (docs/architecture.md) that this version does not have yet
-PLANNED = {"classify": "classification heads", "eval": "evaluation",
+PLANNED = {"classify": "classification heads",
            "serve": "the OpenAI-compatible server", "prompt": "prompting",
            "synth": "synthetic data", "dpo": "preference tuning"}
 
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.config import ConfigError
     from lmforge.data.sources import CorpusError
+    from lmforge.eval.tasks import TaskError
     from lmforge.finetune.conversations import DataFormatError
     from lmforge.hub import SourceError
     from lmforge.model import CheckpointError
@@ -87,7 +88,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # the errors lmforge raises about input (each message names the file, line or field); anything else is a bug
     # and keeps its traceback. PermissionError is the environment's (an output directory not writable).
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
-            TemplateError, TrainingStopped, RunDirectoryError, SourceError, DataFormatError, PermissionError)
+            TemplateError, TrainingStopped, RunDirectoryError, SourceError, DataFormatError, TaskError, PermissionError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

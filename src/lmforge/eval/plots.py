@@ -81,3 +81,24 @@ def _save(fig, png: str | os.PathLike) -> Path:
     plt.close(fig)
     os.replace(tmp, png)
     return png
+
+
+def plot_comparison(table: dict[str, dict[str, float | None]], png: str | os.PathLike) -> Path:
+    """Grouped bars: one group per task/metric, one bar per run (`table[run][task/metric] = value`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(table)
+    keys = list(dict.fromkeys(k for r in runs for k in table[r]))
+    width = 0.8 / max(len(runs), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(keys) * max(len(runs), 1) * 0.6 + 2), 4), dpi=110)
+    for i, run in enumerate(runs):
+        values = [table[run].get(k) or 0.0 for k in keys]
+        ax.bar([x + i * width - 0.4 + width / 2 for x in range(len(keys))], values, width, label=run)
+    ax.set_xticks(list(range(len(keys))), keys, rotation=30, ha="right")
+    ax.set(ylabel="score", title="evaluation runs")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return _save(fig, png)

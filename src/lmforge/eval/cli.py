@@ -1,0 +1,307 @@
+"""`lmforge eval run | ppl | metrics | compare | contamination`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  lmforge eval run --model runs/sft/best --task arc_easy --data ARC-Easy/ARC-Easy-Test.jsonl
+  lmforge eval run --model runs/sft/best --task mmlu --data mmlu/data --shots 5 --limit 200 --json
+  lmforge eval run --model runs/sft/best --task cmmlu --data cmmlu --shots 5
+  lmforge eval run --model runs/sft/best --task my_task.yaml
+  lmforge eval ppl --model runs/pt/best --data held_out.txt
+  lmforge eval metrics --pred outputs.txt --ref refs.txt --metric bleu,chrf,rouge
+  lmforge eval compare runs/eval/a runs/eval/b --out compare.png
+  lmforge eval contamination --corpus runs/clean/out --task gsm8k --data gsm8k/test.jsonl
+"""
+
+
+def _load_model(args):
+    import torch
+
+    from lmforge.model import load_hf_model
+    from lmforge.tokenizer import load_tokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    return load_hf_model(args.model, dtype=dtype), load_tokenizer(args.model)
+
+
+def _out_dir(args, name: str) -> Path:
+    from lmforge.train.config import RunDirectoryError
+
+    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{Path(args.model).resolve().name}-{name}"
+    if (out / "results.json").exists() and not args.overwrite:
+        raise RunDirectoryError(f"{out} already holds an evaluation (results.json); pass --overwrite to replace it "
+                                "or --out DIR for another")
+    return out
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lmforge.cli import UserError
+    from lmforge.eval.run import evaluate, headline, write_run
+    from lmforge.eval.tasks import load_task
+
+    datas = args.data or []
+    if len(datas) > len(args.task):
+        raise UserError(f"{len(datas)} --data for {len(args.task)} --task: give one --data per task, in order")
+    tasks = [load_task(t, datas[i] if i < len(datas) else None, args.shots_data, args.shots)
+             for i, t in enumerate(args.task)]
+    out = _out_dir(args, "+".join(t.name for t in tasks))
+    model, tokenizer = _load_model(args)
+    results, rows = {}, {}
+    for task in tasks:
+        results[task.name], rows[task.name] = evaluate(model, tokenizer, task, limit=args.limit,
+                                                       batch_tokens=args.batch_tokens, temperature=args.temperature,
+                                                       seed=args.seed, show_progress=not args.json)
+        results[task.name]["data"] = task.source
+    config = {"tasks": args.task, "data": datas, "shots": args.shots, "limit": args.limit, "dtype": args.dtype,
+              "temperature": args.temperature}
+    write_run(out, args.model, results, rows, config)
+    if args.json:
+        print(json.dumps({"out": str(out), "results": results}, ensure_ascii=False))
+        return 0
+    for name, res in results.items():
+        for metric, value, err in headline(res):
+            print(f"{name:<16} {metric:<28} {value:.4f}" + (f" ± {err:.4f}" if not math.isnan(err) else "")
+                  + f"   (n={res['n']}, {res['items_per_s']} items/s)")
+    print(f"wrote {out}/results.json, predictions_*.jsonl, report.md", file=sys.stderr)
+    return 0
+
+
+def _texts(specs: list[str], text_field: str) -> list[str]:
+    from lmforge.data.sources import iter_documents
+
+    return [d.text for d in iter_documents(specs, text_field=text_field) if d.text.strip()]
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lmforge.cli import UserError
+    from lmforge.eval.scoring import perplexity
+
+    texts = _texts(args.data, args.text_field)
+    if not texts:
+        raise UserError(f"--data {' '.join(args.data)}: no text")
+    model, tokenizer = _load_model(args)
+    with tqdm(desc="perplexity", unit="window", disable=True if args.json else None, leave=False) as bar:
+        res = perplexity(model, tokenizer, texts, window=args.window, stride=args.stride, progress=bar.update)
+    out = res.as_dict() | {"documents": len(texts), "window": args.window or model.cfg.max_seq_len}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {res.perplexity:.3f}   bits/byte {res.bits_per_byte:.4f}   ({res.tokens} tokens, "
+              f"{res.bytes} bytes, {len(texts)} documents)")
+    return 0
+
+
+METRICS = ("bleu", "chrf", "chrf++", "ter", "rouge", "exact_match", "squad", "accuracy", "f1", "mcc")
+
+
+def _read_lines(path: str, field: str | None) -> list:
+    from lmforge.cli import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".jsonl", ".json"):
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if isinstance(row, dict):
+                key = field or next((k for k in ("prediction", "text", "reference", "answer", "output") if k in row),
+                                    None)
+                if key is None or key not in row:
+                    raise UserError(f"{path}:{n}: no field {field or 'prediction/text/reference/answer/output'!r}; "
+                                    "name it with --field")
+                row = row[key]
+            out.append(row)
+        return out
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from lmforge.cli import UserError
+    from lmforge.eval import metrics as m
+
+    preds = _read_lines(args.pred, args.field)
+    refs = [_read_lines(r, args.field) for r in args.ref]
+    for r, path in zip(refs, args.ref):
+        if len(r) != len(preds):
+            raise UserError(f"{path}: {len(r)} lines but {args.pred} has {len(preds)}")
+    names = [x.strip() for x in args.metric.split(",") if x.strip()]
+    out = {}
+    for name in names:
+        if name == "bleu":
+            res = m.bleu(preds, refs, tokenize=args.tokenize)
+            out["bleu"], out["bleu_tokenize"] = res["score"], res["tokenize"]
+        elif name in ("chrf", "chrf++"):
+            out[name] = m.chrf(preds, refs, word_order=2 if name == "chrf++" else 0)["score"]
+        elif name == "ter":
+            out["ter"] = m.ter(preds, refs)["score"]
+        elif name == "rouge":
+            per = list(zip(*refs)) if len(refs) > 1 else refs[0]
+            out |= m.rouge(preds, per, stem=args.stem, chinese=args.chinese)
+        elif name == "exact_match":
+            out["exact_match"] = m.exact_match(preds, refs[0])
+        elif name == "squad":
+            out |= {f"squad_{k}": v for k, v in m.squad(preds, [list(g) for g in zip(*refs)]).items()}
+        elif name in ("accuracy", "f1", "mcc"):
+            if name == "accuracy":
+                out["accuracy"] = m.accuracy(refs[0], preds)
+            elif name == "f1":
+                out |= {f"{k}_macro": v for k, v in m.precision_recall_f1(refs[0], preds, "macro").items()}
+            else:
+                out["mcc"] = m.matthews_corrcoef(refs[0], preds)
+        else:
+            raise UserError(f"--metric {name!r}: one of {', '.join(METRICS)}")
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        for k, v in out.items():
+            print(f"{k:<16} {v:.4f}" if isinstance(v, float) else f"{k:<16} {v}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lmforge.cli import UserError
+    from lmforge.eval.run import headline
+
+    runs = []
+    for r in args.runs:
+        p = Path(r) / "results.json" if Path(r).is_dir() else Path(r)
+        if not p.is_file():
+            raise UserError(f"{r}: no results.json")
+        runs.append((Path(r).name if Path(r).is_dir() else p.parent.name, json.loads(p.read_text(encoding="utf-8"))))
+    keys = []
+    for _, res in runs:
+        for task, tr in res["results"].items():
+            for metric, _, _ in headline(tr):
+                if (task, metric) not in keys:
+                    keys.append((task, metric))
+    table = {name: {f"{t}/{k}": res["results"].get(t, {}).get(k) for t, k in keys} for name, res in runs}
+    if args.json:
+        print(json.dumps(table, ensure_ascii=False))
+    else:
+        width = max(len(f"{t}/{k}") for t, k in keys) + 2
+        print(" " * width + "".join(f"{n[:14]:>16}" for n, _ in runs))
+        for t, k in keys:
+            print(f"{t}/{k}".ljust(width) + "".join(f"{_fmt(table[n][f'{t}/{k}']):>16}" for n, _ in runs))
+    if args.out:
+        from lmforge.eval.plots import plot_comparison
+
+        plot_comparison(table, args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_contamination(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lmforge.data.sources import iter_documents
+    from lmforge.eval.contamination import check_contamination, task_item_texts
+    from lmforge.eval.tasks import load_task
+    from lmforge.files import write_json
+
+    task = load_task(args.task, args.data)
+    items = task_item_texts(task)
+    corpus = ((d.id, d.text) for d in iter_documents(args.corpus, text_field=args.text_field))
+    with tqdm(desc="corpus", unit="doc", disable=True if args.json else None, leave=False) as bar:
+        report = check_contamination(items, corpus, ngram=args.ngram, threshold=args.threshold, progress=bar.update)
+    summary = {"task": task.name, "data": task.source} | report.summary()
+    flagged = [{"doc": task.docs[i].get("_line"), "overlap": report.overlap[i], "documents": report.documents[i],
+                "text": items[i]} for i in report.contaminated]
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "contamination.json", summary | {"flagged": flagged})
+    if args.json:
+        print(json.dumps(summary | {"flagged": flagged}, ensure_ascii=False))
+        return 0
+    print(f"{task.name}: {summary['contaminated']} of {summary['checked']} items "
+          f"({100 * summary['contaminated_share']:.1f}%) have >= {100 * args.threshold:.0f}% of their "
+          f"{args.ngram}-grams in the corpus; {summary['too_short']} items shorter than one {args.ngram}-gram")
+    for f in flagged[:10]:
+        print(f"  line {f['doc']}: {100 * f['overlap']:.0f}% in {', '.join(map(str, f['documents']))}: "
+              f"{f['text'][:80]!r}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate models: benchmarks, perplexity, metrics, contamination",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Benchmarks from their original files with lm-evaluation-harness's prompts and "
+                                   "scores; metrics equal to sacrebleu, rouge-score and scikit-learn (Chinese "
+                                   "handled); n-gram contamination checks. See docs/eval.md.")
+    esub = p.add_subparsers(dest="eval_command", metavar="ACTION", parser_class=type(p))
+    p.set_defaults(func=lambda a: p.print_help())
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    model.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+    r = esub.add_parser("run", parents=[model], help="score a model on benchmark tasks",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    r.add_argument("--task", action="append", required=True,
+                   help="arc_easy, arc_challenge, hellaswag, mmlu, ceval, cmmlu, gsm8k, or a TASK.yaml (repeatable)")
+    r.add_argument("--data", action="append", metavar="FILE|DIR",
+                   help="the task's file or directory, in its original format (one per --task, in order)")
+    r.add_argument("--shots", type=int, default=None, help="few-shot examples (default: the task's, 0 for built-ins)")
+    r.add_argument("--shots-data", metavar="FILE|DIR", help="where few-shot examples come from (default: the task's "
+                                                             "dev split beside --data)")
+    r.add_argument("--limit", type=int, help="the first N items only")
+    r.add_argument("--batch-tokens", type=int, default=8192, help="context tokens per scoring batch")
+    r.add_argument("--temperature", type=float, default=0.0, help="generation tasks: 0 = greedy")
+    r.add_argument("--seed", type=int, default=0, help="generation tasks: sampling seed")
+    r.add_argument("--out", metavar="DIR", help="run directory (default runs/eval/MODEL-TASK)")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    r.set_defaults(func=cmd_run, _parser=r)
+
+    q = esub.add_parser("ppl", parents=[model], help="perplexity and bits per byte on text files")
+    q.add_argument("--data", nargs="+", required=True, help="text, markdown, jsonl or parquet files or folders")
+    q.add_argument("--text-field", default="text", help="the text field of jsonl / parquet records")
+    q.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
+    q.add_argument("--stride", type=int, help="tokens between windows (default: window / 2)")
+    q.set_defaults(func=cmd_ppl, _parser=q)
+
+    m = esub.add_parser("metrics", help="BLEU, chrF, TER, ROUGE, exact match, SQuAD, accuracy / F1 of files")
+    m.add_argument("--pred", required=True, help="predictions: one per line, or jsonl (--field)")
+    m.add_argument("--ref", required=True, action="append", help="references, line-aligned (repeat for several)")
+    m.add_argument("--metric", default="bleu,chrf,rouge", help=f"comma-separated: {', '.join(METRICS)}")
+    m.add_argument("--field", help="the field of jsonl records to read")
+    m.add_argument("--tokenize", default="auto", help="BLEU tokenizer: auto (zh for Chinese, else 13a), 13a, zh, char")
+    m.add_argument("--chinese", default="auto", choices=["auto", "char", "jieba", "ignore"],
+                   help="ROUGE on Chinese: characters (auto/char), jieba words, or dropped as rouge-score does")
+    m.add_argument("--stem", action="store_true", help="ROUGE: Porter stemming (rouge-score's use_stemmer)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_metrics, _parser=m)
+
+    c = esub.add_parser("compare", help="runs side by side (table, bar chart)")
+    c.add_argument("runs", nargs="+", help="run directories (or their results.json)")
+    c.add_argument("--out", metavar="PNG", help="write a bar chart")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compare, _parser=c)
+
+    k = esub.add_parser("contamination", help="n-gram overlap between a training corpus and a benchmark")
+    k.add_argument("--corpus", nargs="+", required=True, help="training files or folders (any format lmforge data reads)")
+    k.add_argument("--task", required=True, help="a built-in task or TASK.yaml")
+    k.add_argument("--data", help="the task's file or directory")
+    k.add_argument("--text-field", default="text")
+    k.add_argument("--ngram", type=int, default=13, help="n-gram length in words (characters for Chinese items)")
+    k.add_argument("--threshold", type=float, default=0.5, help="share of an item's n-grams that flags it")
+    k.add_argument("--out", metavar="DIR", help="write contamination.json there")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_contamination, _parser=k)
