@@ -136,6 +136,16 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
                                                                   seed=cfg.seed))
     timings["sample"] = time.perf_counter() - t0
     log("[6/9] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
+    t0 = time.perf_counter()
+    from lmforge.data.sources import iter_documents
+    from lmforge.data.tokenize import _is_val
+    from lmforge.eval.scoring import perplexity
+
+    # the validation documents (the shards' split by id hash), scored as `lmforge eval ppl` scores text files
+    held_out = perplexity(model, reloaded, [d.text for d in iter_documents(clean_corpus) if _is_val(d.id, 0.1)])
+    timings["evaluate"] = time.perf_counter() - t0
+    log(f"      held-out documents: perplexity {held_out.perplexity:.1f}, {held_out.bits_per_byte:.3f} bits per byte "
+        f"({held_out.tokens:,} tokens)")
     with open(out / "pretrain" / "metrics.jsonl", encoding="utf-8") as f:
         evals = [r for r in map(json.loads, f) if "val_loss" in r]
 
@@ -203,6 +213,9 @@ A Llama-style model (RMSNorm, RoPE, SwiGLU, grouped-query attention) with {n_par
 {trainer.step} steps of {train_cfg.batch_size} x {train_cfg.max_length} tokens, AdamW, warmup + cosine, on {trainer.device}.
 
 **Validation perplexity: {before:.0f} before training -> {after:.1f} at the best checkpoint.**
+Scored again as whole documents (`lmforge eval ppl`: each held-out document on its own, strided windows of
+{train_cfg.max_length} tokens): perplexity {held_out.perplexity:.1f}, **{held_out.bits_per_byte:.3f} bits per byte**
+({held_out.tokens:,} tokens, {held_out.bytes:,} bytes); bits per byte compare across tokenizers, perplexity does not.
 
 ![loss and perplexity](pretrain/loss.png)
 
@@ -233,11 +246,12 @@ Each of these runs on what this quickstart wrote:
 
 """ + "\n".join(f"    {c}" for c in next_steps) + """
 
-Evaluation, serving and export to GGUF join this run as those stages land.
+Serving and export to GGUF join this run as those stages land.
 """
     write_text(out / "report.md", report)
     summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
-               "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after},
+               "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after,
+                            "held_out": held_out.as_dict()},
                "samples": dict(zip(prompts, samples)), "finetune": finetune["metrics"], "rag": rag["metrics"],
                "next_steps": next_steps,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
@@ -263,15 +277,22 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
     write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     cfg = load_config(FinetuneConfig, "recipe:finetune-lora-cpu", {
         "model": str(out / "pretrain" / "best"), "data": str(data), "out": str(out / "finetune"), "seed": seed,
-        "max_steps": steps, "eval_every": max(1, steps // 4), "progress": False, "overwrite": True})
+        "max_steps": steps, "eval_every": max(1, steps // 4), "progress": False, "overwrite": True,
+        "samples": 16})  # ROUGE-L / exact match over 16 held-out questions at each evaluation
     log(f"[7/9] fine-tuning it with LoRA (r={cfg.lora_r}) on {len(records)} questions and answers drawn from the "
         f"corpus, {cfg.max_steps} steps ...")
     summary = run_finetune(cfg)
     before, after = summary["initial"]["val_loss"], summary["best_val_loss"]
+    evals = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    evals = [e for e in evals if "val_rougeL" in e]
+    scores = {k: (evals[0][k], evals[-1][k]) for k in ("val_rougeL", "val_exact_match")} if evals else {}
     rows = [json.loads(line) for line in (out / "finetune" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     log(f"      held-out loss on the answers {before:.2f} -> {after:.2f}; {summary['parameters']['trainable']:,} of "
         f"{summary['parameters']['total']:,} parameters trained")
+    if scores:
+        log(f"      held-out replies: ROUGE-L {scores['val_rougeL'][0]:.3f} -> {scores['val_rougeL'][1]:.3f}, exact match "
+            f"{scores['val_exact_match'][0]:.2f} -> {scores['val_exact_match'][1]:.2f}")
     pairs = [(a, b) for a in rows if a["step"] == first for b in rows if b["step"] == last and b["prompt"] == a["prompt"]]
     for a, b in pairs[:2]:
         log(f"      {a['prompt']!r}: before {a['reply'][:60]!r}, after {b['reply'][:60]!r}")
@@ -283,10 +304,17 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
               f"every linear layer ({summary['parameters']['trainable']:,} trainable parameters, "
               f"{summary['parameters']['trainable_percent']}%), the loss on the answers only, through the tokenizer's "
               f"ChatML template, {summary['steps']} steps.\n\n**Held-out answer loss: {before:.3f} before -> "
-              f"{after:.3f} at the best checkpoint.** The adapter (`finetune/best/`) loads in peft; "
+              f"{after:.3f} at the best checkpoint.** "
+              + (f"Greedy replies to the held-out questions against their references: ROUGE-L "
+                 f"{scores['val_rougeL'][0]:.3f} -> {scores['val_rougeL'][1]:.3f}, exact match "
+                 f"{scores['val_exact_match'][0]:.2f} -> {scores['val_exact_match'][1]:.2f} (first -> last evaluation; "
+                 f"`lmforge.eval.metrics`). " if scores else "")
+              + f"The adapter (`finetune/best/`) loads in peft; "
               f"`lmforge export merge` makes a full model of it.\n\n| held-out question | before | after | reference |\n"
               f"|---|---|---|---|\n{table}")
     return {"report": report, "metrics": {"val_loss_before": before, "val_loss_after": after,
+                                          **{f"{k}_before": v[0] for k, v in scores.items()},
+                                          **{f"{k}_after": v[1] for k, v in scores.items()},
                                           "examples": len(records), "steps": summary["steps"]}}
 
 

@@ -5,8 +5,8 @@ Log-likelihoods follow lm-evaluation-harness's HF backend so that scores are com
 context move to the continuation, the pair is encoded whole and the continuation is what follows the context's own
 encoding, the tokenizer adds its model's special tokens (a Llama BOS, nothing for GPT-2 or Qwen), and an input
 longer than the model's context is cut from the left. What differs is the work: the choices of one question share
-its context, so the context runs once (into a KV cache, left-padded with other questions') and only the choices'
-own tokens run after it, batched. A question whose choices are single tokens (MMLU's " A".." D") needs no second
+its context, so the context runs once (into a KV cache, batched with other questions') and only the choices' own
+tokens run after it, batched. A question whose choices are single tokens (MMLU's " A".." D") needs no second
 pass at all.
 """
 
@@ -93,11 +93,15 @@ def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequ
     out: list[list[Choice | None]] = [[None] * len(conts) for _, conts in items]
     order = sorted(range(len(units)), key=lambda u: -len(units[u][1]))
     device = _device_of(model)
+    # ALiBi and sliding windows measure distance in cache slots: a padded row would see wrong distances, so only
+    # contexts of one length share a batch there
+    exact_slots = model.alibi is not None or model.cfg.sliding_window is not None
     pos = 0
     while pos < len(order):
         batch = [order[pos]]
         width = len(units[order[pos]][1])
-        while pos + len(batch) < len(order) and (len(batch) + 1) * width <= batch_tokens:
+        while pos + len(batch) < len(order) and (len(batch) + 1) * width <= batch_tokens and (
+                exact_slots is False or len(units[order[pos + len(batch)]][1]) == width):
             batch.append(order[pos + len(batch)])
         pos += len(batch)
         results = _score_batch(model, [units[u] for u in batch], device)
@@ -113,19 +117,22 @@ def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequ
 
 
 def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
-    """Run the contexts once (left-padded, into a KV cache), then every choice's tokens after its context."""
+    """Run the contexts once (right-padded: causal attention never looks ahead, so the pass needs no mask and
+    takes SDPA's fast path), keep the KV cache, then every choice's tokens after its own context, with a mask
+    that hides the other rows' padding and positions that continue from the context's end."""
     B = len(units)
-    L = max(len(u[1]) for u in units)
+    lens = [len(u[1]) for u in units]
+    L = max(lens)
     ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
+    last = torch.zeros(B, L, dtype=torch.bool)
     for b, (_, ctx, _, _) in enumerate(units):
-        ids[b, L - len(ctx):] = torch.tensor(ctx)
-        mask[b, L - len(ctx):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+        ids[b, :len(ctx)] = torch.tensor(ctx)
+        last[b, len(ctx) - 1] = True
+    ids, last = ids.to(device), last.to(device)
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, B, L, device=device, dtype=dtype)
-    first = model(ids, attention_mask=mask if (mask == 0).any() else None, cache=cache, logits_to_keep=1)[:, -1]
-    first = F.log_softmax(first.float(), dim=-1)  # (B, vocab): the distribution of every choice's first token
+    first = model(ids, cache=cache, logits_mask=last)  # (B, vocab): each context's last position, in row order
+    first = F.log_softmax(first.float(), dim=-1)  # the distribution of every choice's first token
     rows = [(b, c) for b, u in enumerate(units) for c in u[2]]
     longer = [(r, b, c) for r, (b, c) in enumerate(rows) if len(c) > 1]
     rest: dict[int, torch.Tensor] = {}
@@ -139,14 +146,24 @@ def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
             cont_cache.v[layer][:, :, :L] = cache.v[layer].index_select(0, src)
         cont_cache.advance(L)
         cont_ids = torch.zeros(n, T, dtype=torch.long)
-        for k, (_, _, c) in enumerate(longer):
+        mask = torch.zeros(n, L + T, dtype=torch.long)
+        positions = torch.zeros(n, T, dtype=torch.long)
+        for k, (_, b, c) in enumerate(longer):
             cont_ids[k, :len(c) - 1] = torch.tensor(c[:-1])
-        # right padding needs no mask (causal: a choice's tokens never see the pads after them)
-        cont_mask = torch.cat([mask.index_select(0, src), torch.ones(n, T, dtype=torch.long, device=device)], 1)
-        logits = model(cont_ids.to(device), attention_mask=cont_mask, cache=cont_cache)
+            mask[k, :lens[b]] = 1
+            mask[k, L:] = 1  # the choice's own tokens (pads after them are never seen: causal)
+            positions[k] = lens[b] + torch.arange(T)
+        real = torch.zeros(n, T, dtype=torch.bool)
+        for k, (_, _, c) in enumerate(longer):
+            real[k, :len(c) - 1] = True
+        # logits only at the choices' real tokens: the vocabulary matmul over padding would dominate the pass
+        logits = model(cont_ids.to(device), positions=positions.to(device), attention_mask=mask.to(device),
+                       cache=cont_cache, logits_mask=real.to(device))
         logp = F.log_softmax(logits.float(), dim=-1)
-        for k, (r, _, _) in enumerate(longer):
-            rest[r] = logp[k]
+        start = 0
+        for r, _, c in longer:  # logits_mask returns rows in row-major order
+            rest[r] = logp[start:start + len(c) - 1]
+            start += len(c) - 1
     out: list[list[Choice]] = [[] for _ in units]
     for r, (b, c) in enumerate(rows):
         target = torch.tensor(c, device=device)

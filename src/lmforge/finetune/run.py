@@ -66,6 +66,11 @@ class FinetuneConfig(TrainConfig):
     val_data: str = field(default="", metadata={"help": "a separate evaluation file (then nothing is held out)"})
     samples: int = field(default=3, metadata={"help": "held-out prompts answered (greedy) at each evaluation"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
+    best_metric: str = field(default="val_loss", metadata={
+        "help": "what picks the best checkpoint (and early stopping): val_loss, or val_rougeL / val_exact_match of "
+                "the greedy replies to the --samples held-out prompts (lmforge.eval.metrics; one process only)",
+        "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match"),
+                  "one of val_loss, val_rougeL, val_exact_match")})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
                                                           "adapter (bottleneck adapters), prompt (prompt tuning), "
@@ -254,8 +259,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     eval_data = sft.eval_batches(val, max(1, micro), pad_id) if val is not None else None
     sample_convs = [c for c in val_convs if c.text is None][:cfg.samples]
     out = Path(cfg.out)
+    if cfg.best_metric != "val_loss":  # the replies are generated on rank 0: other ranks could not agree on the best
+        if world > 1:
+            raise ConfigError(f"best_metric: {cfg.best_metric} is measured on one process; use val_loss with torchrun")
+        if not sample_convs:
+            raise ConfigError(f"best_metric: {cfg.best_metric} scores replies to held-out prompts: give --samples N "
+                              "(N > 0) and held-out conversations")
     trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
+    if cfg.best_metric != "val_loss":
+        trainer.objective.best_metric, trainer.objective.higher_is_better = cfg.best_metric, True
+        trainer.best_val = float("-inf")
     trainer.prepare_run_dir()  # refuses an occupied --out before anything is written there
     if trainer.is_main:
         trainer.tokenizer_dir = _stage_tokenizer(model_dir, out, template)
@@ -322,10 +336,16 @@ def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, stop_id
                     max_new_tokens=cfg.sample_tokens, temperature=0.0, stop_token_ids=stops))
         finally:
             model.train(was_training)
+        from lmforge.eval.metrics import exact_match, rouge
+
+        references = [c.messages[-1]["content"] for c in convs]
+        # ROUGE-L (Chinese by characters) and exact match of the replies join the evaluation's metrics
+        metrics["val_rougeL"] = rouge([r.strip() for r in replies], references, types=("rougeL",))["rougeL"]
+        metrics["val_exact_match"] = exact_match([r.strip() for r in replies], [r.strip() for r in references])
         with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-            for conv, reply in zip(convs, replies):
+            for conv, reference, reply in zip(convs, references, replies):
                 f.write(json.dumps({"step": trainer.step, "prompt": conv.messages[-2]["content"],
-                                    "reference": conv.messages[-1]["content"], "reply": reply},
+                                    "reference": reference, "reply": reply},
                                    ensure_ascii=False) + "\n")
 
     return after_eval

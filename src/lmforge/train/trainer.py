@@ -129,7 +129,8 @@ class Trainer:
                  tokenizer_dir: str | os.PathLike | None = None, device: str | None = None,
                  after_eval: Callable[[Trainer, dict], None] | None = None):
         self.cfg = cfg
-        self.after_eval = after_eval  # called on rank 0 after each evaluation (fine-tuning writes samples there)
+        self.after_eval = after_eval  # called on rank 0 after each evaluation; metrics it adds to the dict are logged
+        # and may be the objective's best_metric (fine-tuning adds val_rougeL / val_exact_match of held-out replies)
         self._run_dir_ready = False
         self.objective = objective or CausalLM()
         # under torchrun (WORLD_SIZE > 1): one process per device, DDP, each rank reads its own slice of every batch
@@ -457,9 +458,9 @@ class Trainer:
         peak, peak_source = peak_flops(self.device, self.autocast_dtype or torch.float32, cfg.peak_tflops)
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
-            metrics.write(json.dumps({"step": 0, **initial}) + "\n")
-            if self.after_eval is not None and self.is_main:
+            if self.after_eval is not None and self.is_main:  # before writing: the hook may add metrics
                 self.after_eval(self, initial)
+            metrics.write(json.dumps({"step": 0, **initial}) + "\n")
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.progress and self.is_main))
         summary = {"initial": initial}
@@ -488,9 +489,9 @@ class Trainer:
                     last = self.step == cfg.max_steps or stop_here
                     if ((cfg.eval_every and self.step % cfg.eval_every == 0) or last) and not interrupted:
                         ev = self.evaluate()
-                        record.update(ev)
                         if ev and self.after_eval is not None and self.is_main:
-                            self.after_eval(self, ev)
+                            self.after_eval(self, ev)  # may add metrics (val_rougeL ...) that pick the best
+                        record.update(ev)
                         if self._improved(ev):
                             self.best_val, self.bad_evals = ev[self.objective.best_metric], 0
                             self.save_checkpoint("best")
