@@ -278,12 +278,17 @@ def test_yaml_task_generation_run_writes_results_predictions_and_report(models, 
     (tmp_path / "mine.yaml").write_text(
         "task: mine\ndata: mine.jsonl\noutput_type: generate_until\ndoc_to_text: 'Q: {{q}}\\nA:'\n"
         "doc_to_target: '{{a}}'\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n"
-        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n", encoding="utf-8")
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n  - rougeL\n  - bleu\n", encoding="utf-8")
     task = load_task(str(tmp_path / "mine.yaml"))
     assert task.source == str(data) and task.max_new_tokens == 8 and task.exact_match == {"ignore_case": True}
     model_dir = models["qwen2.5-instruct"]
     res, preds = evaluate(load_hf_model(model_dir), load_tokenizer(model_dir), task, show_progress=False)
     assert res["n"] == 2 and 0 <= res["exact_match"] <= 1
+    from lmforge.eval import metrics
+
+    outs = [p["generation"].strip() for p in preds]
+    assert res["rougeL"] == pytest.approx(metrics.rouge(outs, ["4", "中国"], types=("rougeL",))["rougeL"])
+    assert res["bleu"] == pytest.approx(metrics.bleu(outs, ["4", "中国"])["score"])
     assert all("\n" not in p["generation"] for p in preds)
     out = write_run(tmp_path / "run", str(model_dir), {"mine": res}, {"mine": preds}, {"task": "mine"})
     assert json.loads((out / "results.json").read_text())["results"]["mine"]["n"] == 2

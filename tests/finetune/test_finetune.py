@@ -312,3 +312,25 @@ def test_gpt2_family_finetune_and_merge_through_the_cli(trained_dir, alpaca_file
     ids = torch.randint(0, tok.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (merged(ids).logits - pm(ids).logits).abs().max() < 1e-4
+
+
+def test_best_checkpoint_by_rouge_of_held_out_replies(base_model, alpaca_file, tmp_path):
+    from lmforge.config import ConfigError
+    from lmforge.eval.metrics import rouge
+
+    out = tmp_path / "run"
+    summary = run_finetune(_cfg(base_model, alpaca_file, out, max_steps=6, best_metric="val_rougeL"))
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "val_loss" in e]
+    assert evals and all("val_rougeL" in e and "val_exact_match" in e for e in evals)
+    assert summary["best_val_rougeL"] == max(e["val_rougeL"] for e in evals)
+    # the logged figure is lmforge.eval.metrics' ROUGE-L of that evaluation's replies
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    last = [s for s in samples if s["step"] == evals[-1]["step"]]
+    assert evals[-1]["val_rougeL"] == pytest.approx(rouge([s["reply"].strip() for s in last],
+                                                          [s["reference"] for s in last], types=("rougeL",))["rougeL"])
+    with pytest.raises(ConfigError, match="best_metric: val_rougeL scores replies"):
+        import dataclasses
+
+        run_finetune(dataclasses.replace(_cfg(base_model, alpaca_file, tmp_path / "r2", best_metric="val_rougeL"),
+                                         samples=0))

@@ -5,7 +5,8 @@ whether it was right) and report.md (a table).
 Multiple choice: acc = argmax of the summed log-likelihoods, acc_norm = argmax of log-likelihood per character of the
 choice (lm-eval's definition: characters of the choice text, without the delimiter). Generation: greedy (or sampled)
 text until a stop string, each filter extracts an answer, exact_match compares it with the reference after the
-task's clean-up.
+task's clean-up; rouge1/2/L/Lsum (per item, Chinese by characters), bleu and chrf (corpus level, sacrebleu's
+definitions) compare it with the reference too.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmforge.eval.metrics import exact_match
+from lmforge.eval.metrics import bleu, chrf, exact_match, rouge_pair
 from lmforge.eval.scoring import _encode, score_choices
 from lmforge.eval.tasks import Task
+
+
+ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+GENERATION_METRICS = ("exact_match", *ROUGE_METRICS, "bleu", "chrf")
 
 
 def mean_stderr(values: Sequence[float]) -> float:
@@ -104,17 +109,31 @@ def evaluate_generation(model, tokenizer, task: Task, docs: list[dict], temperat
     if bar is not None:
         bar.close()
     per_item, rows = defaultdict(list), []
+    answers: dict[str, list[str]] = defaultdict(list)
     for doc, ctx, out, ref in zip(docs, contexts, outputs, refs):
         row = {"doc": doc.get("_line"), "prompt_sha": _hash(ctx), "generation": out, "reference": ref}
         for f in task.filters:
             answer = f.apply(out)
-            score = exact_match([answer], [ref], **task.exact_match)
-            key = "exact_match" if f.name == "none" else f"exact_match,{f.name}"
-            per_item[key].append(score)
-            row[key] = score
+            suffix = "" if f.name == "none" else f",{f.name}"
+            answers[suffix].append(answer)
             row[f"answer,{f.name}"] = answer
+            for metric in task.metrics:
+                if metric == "exact_match":
+                    score = exact_match([answer], [ref], **task.exact_match)
+                elif metric in ROUGE_METRICS:
+                    score = rouge_pair(answer, ref, types=(metric,))[metric][2]
+                else:
+                    continue
+                per_item[metric + suffix].append(score)
+                row[metric + suffix] = score
         rows.append(row)
-    return _summary(per_item) | {"n": len(docs)}, rows
+    results = _summary(per_item)
+    for suffix, outs in answers.items():  # corpus-level metrics: one figure, no per-item values
+        if "bleu" in task.metrics:
+            results["bleu" + suffix] = bleu(outs, refs)["score"]
+        if "chrf" in task.metrics:
+            results["chrf" + suffix] = chrf(outs, refs)["score"]
+    return results | {"n": len(docs)}, rows
 
 
 def evaluate(model, tokenizer, task: Task, limit: int | None = None, batch_tokens: int = 8192,

@@ -474,6 +474,11 @@ def load_yaml_task(path: Path, data: str | os.PathLike | None = None) -> Task:
         raise TaskError(f"{path}: a multiple_choice task needs doc_to_choice")
     metrics = [m["metric"] if isinstance(m, dict) else m for m in spec.get("metric_list", [])] or (
         ["acc", "acc_norm"] if out_type == "multiple_choice" else ["exact_match"])
+    known = ("acc", "acc_norm") if out_type == "multiple_choice" else (
+        "exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf")
+    for m in metrics:
+        if m not in known:
+            raise TaskError(f"{path}: metric {m!r} is not one lmforge computes for {out_type} ({', '.join(known)})")
     em = next((dict(m) for m in spec.get("metric_list", []) if isinstance(m, dict) and m.get("metric") ==
                "exact_match"), {})
     em = {k: v for k, v in em.items() if k in ("ignore_case", "ignore_punctuation", "regexes_to_ignore")}
