@@ -56,7 +56,7 @@ def build_model(d: Path, layers: int) -> Path:
 
 def build_items(d: Path, n: int) -> dict:
     """ARC-style and MMLU-style items from real English sentences (the Python reference): the question is a
-    sentence's start, the choices are its true ending and three other sentences' endings."""
+    sentence without its last three words, the choices are those words and three other sentences' last three."""
     from lmforge.text import split_sentences
     from tests import corpora
 
@@ -66,9 +66,9 @@ def build_items(d: Path, n: int) -> dict:
     need = 3 * n + 5
     pool = sents[:need * 2]
 
-    def split(s):
+    def split(s):  # ARC's shape: a long question, short answers (ARC-Easy: about 20 words and 1-5 words)
         w = s.split()
-        return " ".join(w[:len(w) // 2]), " ".join(w[len(w) // 2:])
+        return " ".join(w[:-3]), " ".join(w[-3:])
 
     arc, mmlu = [], []
     for i in range(n):

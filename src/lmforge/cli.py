@@ -13,8 +13,8 @@ import warnings
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.eval.cli", "lmforge.infer.cli",
-          "lmforge.rag.cli", "lmforge.quickstart"]
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.eval.cli",
+          "lmforge.infer.cli", "lmforge.rag.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.config import ConfigError
     from lmforge.data.sources import CorpusError
+    from lmforge.eval.judge import JudgeError
     from lmforge.eval.tasks import TaskError
     from lmforge.finetune.conversations import DataFormatError
     from lmforge.hub import SourceError
@@ -88,7 +89,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # the errors lmforge raises about input (each message names the file, line or field); anything else is a bug
     # and keeps its traceback. PermissionError is the environment's (an output directory not writable).
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
-            TemplateError, TrainingStopped, RunDirectoryError, SourceError, DataFormatError, TaskError, PermissionError)
+            TemplateError, TrainingStopped, RunDirectoryError, SourceError, DataFormatError, TaskError, JudgeError,
+            PermissionError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

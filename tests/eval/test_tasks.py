@@ -293,7 +293,68 @@ def test_yaml_task_generation_run_writes_results_predictions_and_report(models, 
     out = write_run(tmp_path / "run", str(model_dir), {"mine": res}, {"mine": preds}, {"task": "mine"})
     assert json.loads((out / "results.json").read_text())["results"]["mine"]["n"] == 2
     assert len((out / "predictions_mine.jsonl").read_text().splitlines()) == 2
-    assert "| mine | 0 | exact_match |" in (out / "report.md").read_text()
+    assert "| mine | 0 | plain | exact_match |" in (out / "report.md").read_text()
     (tmp_path / "bad.yaml").write_text("task: x\ndoc_to_text: a\ndoc_to_target: b\ndoc_to_choise: c\n")
     with pytest.raises(TaskError, match=r"unknown keys \['doc_to_choise'\]"):
         load_task(str(tmp_path / "bad.yaml"))
+
+
+def test_format_sweep_renders_the_models_chat_template(models, task_files):
+    from lmforge.eval.run import format_sweep, prompts
+
+    model_dir = models["qwen2.5-instruct"]
+    model, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    task = load_task("cmmlu", task_files["cmmlu"], num_fewshot=2)
+    doc = task.docs[0]
+    for fmt, multiturn in (("chat", False), ("chat-multiturn", True)):
+        ids = prompts(tok, task, [doc], fmt)[0]
+        messages = task.messages(doc, multiturn=multiturn)
+        assert ids == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+    assert [m["role"] for m in task.messages(doc, multiturn=True)] == ["system", "user", "assistant", "user",
+                                                                        "assistant", "user"]
+    # a chat-format choice is scored right after the generation prompt, without the delimiter
+    res, rows = evaluate(model, tok, task, fmt="chat", show_progress=False)
+    ids = prompts(tok, task, [doc], "chat")[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for choice, ll in zip(rows[0]["choices"], rows[0]["loglikelihoods"]):
+        cont = hf_tok(choice, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(x).logits[0, len(ids) - 1:-1], -1)
+        assert ll == pytest.approx(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
+    sweep = format_sweep(model, tok, task, show_progress=False)
+    assert set(sweep["formats"]) == {"plain", "chat", "chat-multiturn"}
+    assert sweep["formats"]["chat"]["acc"] == res["acc"]
+    values = [v["acc"] for v in sweep["formats"].values()]
+    assert sweep["spread"]["acc"] == pytest.approx(max(values) - min(values))
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_equals_one_process(models, task_files, tmp_path):
+    import subprocess
+    import sys
+
+    model_dir = models["phi-3-mini-instruct"]
+    common = ["eval", "run", "--model", str(model_dir), "--task", "mmlu", "--data", str(task_files["mmlu"]),
+              "--task", "arc_easy", "--data", str(task_files["arc"]), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "lmforge", *common, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "lmforge", *common, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["config"]["processes"] == 2
+    for task in ("mmlu", "arc_easy"):
+        for metric in ("acc", "acc_norm"):
+            if metric in one["results"][task]:
+                assert two["results"][task][metric] == one["results"][task][metric]
+        a = [json.loads(x) for x in (tmp_path / "one" / f"predictions_{task}.jsonl").read_text().splitlines()]
+        b = [json.loads(x) for x in (tmp_path / "two" / f"predictions_{task}.jsonl").read_text().splitlines()]
+        assert [r["doc"] for r in a] == [r["doc"] for r in b]
+        for x, y in zip(a, b):
+            assert x["loglikelihoods"] == pytest.approx(y["loglikelihoods"], abs=1e-5)

@@ -87,10 +87,7 @@ def has_cjk(texts: Sequence[str], sample: int = 200) -> bool:
 def _references(refs: Sequence[str] | Sequence[Sequence[str]], n: int, what: str) -> list[list[str]]:
     """References per hypothesis: a list of strings (one each) or a list of reference streams (sacrebleu's
     layout: refs[k][i] is the k-th reference of hypothesis i)."""
-    if refs and isinstance(refs[0], str):
-        streams = [list(refs)]
-    else:
-        streams = [list(s) for s in refs]
+    streams = [list(refs)] if refs and isinstance(refs[0], str) else [list(s) for s in refs]
     for k, s in enumerate(streams):
         if len(s) != n:
             raise ValueError(f"{what}: {n} hypotheses but reference stream {k} has {len(s)} lines")

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from lmforge.eval.metrics import bleu, chrf, exact_match, rouge_pair
 from lmforge.eval.scoring import _encode, score_choices
-from lmforge.eval.tasks import Task
-
+from lmforge.eval.tasks import Task, TaskError
 
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 GENERATION_METRICS = ("exact_match", *ROUGE_METRICS, "bleu", "chrf")
@@ -56,102 +55,164 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="item", disable=None, leave=False)
 
 
+FORMATS = ("plain", "chat", "chat-multiturn")
+
+
+def prompts(tokenizer, task: Task, docs: list[dict], fmt: str = "plain") -> list:
+    """Each doc's prompt: lm-eval's plain text (`plain`), or token ids of the model's chat template with the
+    few-shot block in one user turn (`chat`) or one exchange per example (`chat-multiturn`)."""
+    if fmt == "plain":
+        return [task.context(d) for d in docs]
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: one of {', '.join(FORMATS)}")
+    if not tokenizer.chat_template:
+        raise TaskError(f"{task.name}: format {fmt} needs a chat template, and this tokenizer has none")
+    from lmforge.tokenizer.chat import encode_chat
+
+    return [encode_chat(tokenizer, tokenizer.chat_template, task.messages(d, multiturn=fmt == "chat-multiturn"),
+                        add_generation_prompt=True).ids for d in docs]
+
+
 def evaluate_multiple_choice(model, tokenizer, task: Task, docs: list[dict], batch_tokens: int = 8192,
-                             show_progress: bool = True) -> tuple[dict, list[dict]]:
-    contexts = [task.context(d) for d in docs]
+                             show_progress: bool = True, fmt: str = "plain") -> tuple[dict, list[dict]]:
+    contexts = prompts(tokenizer, task, docs, fmt)
     choices = [task.choices(d) for d in docs]
     golds = [task.target(d) for d in docs]
-    items = [(c, [task.target_delimiter + ch for ch in chs]) for c, chs in zip(contexts, choices)]
+    # after a chat template's generation prompt the answer starts the reply: no delimiter before it
+    delim = task.target_delimiter if fmt == "plain" else ""
+    items = [(c, [delim + ch for ch in chs]) for c, chs in zip(contexts, choices)]
     bar = _progress(len(items), task.name) if show_progress else None
     scores = score_choices(model, tokenizer, items, batch_tokens=batch_tokens,
                            progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
-    per_item, rows = defaultdict(list), []
-    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    rows = []
     for doc, ctx, chs, gold, sc in zip(docs, contexts, choices, golds, scores):
         lls = [s.logprob for s in sc]
         pred = max(range(len(lls)), key=lambda i: lls[i])
         norm = [ll / max(len(ch), 1) for ll, ch in zip(lls, chs)]
         pred_norm = max(range(len(norm)), key=lambda i: norm[i])
         values = {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
-        for m in task.metrics:
-            if m in values:
-                per_item[m].append(values[m])
-                if task.group_by:
-                    groups[str(doc.get(task.group_by))][m].append(values[m])
-        rows.append({"doc": doc.get("_line"), "prompt_sha": _hash(ctx), "choices": chs, "loglikelihoods": lls,
+        rows.append({"doc": doc.get("_line"), "prompt_sha": _hash(str(ctx)), "choices": chs, "loglikelihoods": lls,
                      "greedy": [s.greedy for s in sc], "tokens": [s.n_tokens for s in sc], "gold": gold,
                      "pred": pred, "pred_norm": pred_norm} | {m: values[m] for m in task.metrics if m in values})
-    results = _summary(per_item) | {"n": len(docs)}
-    if groups:  # per subject; the task's own figure is over all items (lm-eval's size-weighted MMLU average)
-        results["groups"] = {g: _summary(v) | {"n": len(next(iter(v.values())))} for g, v in sorted(groups.items())}
-    return results, rows
+    return summarize(task, docs, rows), rows
 
 
 def evaluate_generation(model, tokenizer, task: Task, docs: list[dict], temperature: float = 0.0,
                         seed: int | None = 0, batch_size: int = 8, max_new_tokens: int | None = None,
-                        show_progress: bool = True) -> tuple[dict, list[dict]]:
+                        show_progress: bool = True, fmt: str = "plain") -> tuple[dict, list[dict]]:
     from lmforge.infer.engine import generate
     from lmforge.infer.sampling import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
                          stop_strings=list(task.until), seed=seed)
-    contexts = [task.context(d) for d in docs]
+    if fmt != "plain":  # a chat reply also ends at the template's end-of-turn token
+        from lmforge.infer.engine import default_stop_ids, turn_end_ids
+
+        cfg.stop_token_ids = sorted(set(default_stop_ids(tokenizer, model)) | set(turn_end_ids(tokenizer)))
+    contexts = prompts(tokenizer, task, docs, fmt)
     refs = [task.target(d) for d in docs]
     outputs: list[str] = []
     bar = _progress(len(docs), task.name) if show_progress else None
     for i in range(0, len(docs), batch_size):
-        prompts = [_encode(tokenizer, c) for c in contexts[i:i + batch_size]]
-        outputs += generate(model, tokenizer, prompts, cfg)
+        batch = [_encode(tokenizer, c) if isinstance(c, str) else c for c in contexts[i:i + batch_size]]
+        outputs += generate(model, tokenizer, batch, cfg)
         if bar is not None:
-            bar.update(len(prompts))
+            bar.update(len(batch))
     if bar is not None:
         bar.close()
-    per_item, rows = defaultdict(list), []
-    answers: dict[str, list[str]] = defaultdict(list)
+    rows = []
     for doc, ctx, out, ref in zip(docs, contexts, outputs, refs):
-        row = {"doc": doc.get("_line"), "prompt_sha": _hash(ctx), "generation": out, "reference": ref}
+        row = {"doc": doc.get("_line"), "prompt_sha": _hash(str(ctx)), "generation": out, "reference": ref}
         for f in task.filters:
             answer = f.apply(out)
             suffix = "" if f.name == "none" else f",{f.name}"
-            answers[suffix].append(answer)
             row[f"answer,{f.name}"] = answer
             for metric in task.metrics:
                 if metric == "exact_match":
-                    score = exact_match([answer], [ref], **task.exact_match)
+                    row[metric + suffix] = exact_match([answer], [ref], **task.exact_match)
                 elif metric in ROUGE_METRICS:
-                    score = rouge_pair(answer, ref, types=(metric,))[metric][2]
-                else:
-                    continue
-                per_item[metric + suffix].append(score)
-                row[metric + suffix] = score
+                    row[metric + suffix] = rouge_pair(answer, ref, types=(metric,))[metric][2]
         rows.append(row)
-    results = _summary(per_item)
-    for suffix, outs in answers.items():  # corpus-level metrics: one figure, no per-item values
-        if "bleu" in task.metrics:
-            results["bleu" + suffix] = bleu(outs, refs)["score"]
-        if "chrf" in task.metrics:
-            results["chrf" + suffix] = chrf(outs, refs)["score"]
-    return results | {"n": len(docs)}, rows
+    return summarize(task, docs, rows), rows
 
 
 def evaluate(model, tokenizer, task: Task, limit: int | None = None, batch_tokens: int = 8192,
-             temperature: float = 0.0, seed: int | None = 0, show_progress: bool = True) -> tuple[dict, list[dict]]:
-    """Score `task` on the model: (results, per-item rows). `limit` takes the first N documents."""
+             temperature: float = 0.0, seed: int | None = 0, show_progress: bool = True,
+             fmt: str = "plain") -> tuple[dict, list[dict]]:
+    """Score `task` on the model: (results, per-item rows). `limit` takes the first N documents; `fmt` is the
+    prompt format (FORMATS). Under torchrun each process scores every WORLD_SIZE-th document and every process
+    returns the results of all of them (gathered over torch.distributed)."""
     docs = task.docs[:limit] if limit else task.docs
     if not docs:
         raise ValueError(f"{task.name}: no documents to evaluate")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    mine = docs[rank::world] if world > 1 else docs
     start = time.perf_counter()
     if task.output_type == "multiple_choice":
-        results, rows = evaluate_multiple_choice(model, tokenizer, task, docs, batch_tokens, show_progress)
+        _, rows = evaluate_multiple_choice(model, tokenizer, task, mine, batch_tokens, show_progress and rank == 0,
+                                           fmt)
     else:
-        results, rows = evaluate_generation(model, tokenizer, task, docs, temperature, seed,
-                                            show_progress=show_progress)
+        _, rows = evaluate_generation(model, tokenizer, task, mine, temperature, seed,
+                                      show_progress=show_progress and rank == 0, fmt=fmt)
+    if world > 1:  # put the shards back in document order, then score them all as one process would
+        rows = _gather_rows(rows, world, len(docs))
+    results = summarize(task, docs, rows)
     seconds = time.perf_counter() - start
-    results |= {"num_fewshot": task.num_fewshot, "seconds": round(seconds, 3),
+    results |= {"num_fewshot": task.num_fewshot, "format": fmt, "seconds": round(seconds, 3),
                 "items_per_s": round(len(docs) / seconds, 2) if seconds else None}
     return results, rows
+
+
+def _gather_rows(rows: list[dict], world: int, n: int) -> list[dict]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    parts: list = [None] * world
+    dist.all_gather_object(parts, rows)
+    out = [None] * n
+    for r, part in enumerate(parts):
+        for i, row in enumerate(part):
+            out[r + i * world] = row
+    return out
+
+
+def summarize(task: Task, docs: list[dict], rows: list[dict]) -> dict:
+    """Task-level results from per-item rows: means with standard errors of every per-item metric, per-group
+    scores (MMLU's subjects), and the corpus-level metrics (bleu, chrf) of generation tasks."""
+    keys = [k for k in rows[0] if k.split(",")[0] in ("acc", "acc_norm", *GENERATION_METRICS)
+            and isinstance(rows[0][k], float)] if rows else []
+    results = _summary({k: [r[k] for r in rows] for k in keys})
+    if task.group_by and task.output_type == "multiple_choice":  # per subject; the task's own figure is over all
+        # items (lm-eval's size-weighted MMLU average)
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for d, r in zip(docs, rows):
+            groups[str(d.get(task.group_by))].append(r)
+        results["groups"] = {g: _summary({k: [r[k] for r in rs] for k in keys}) | {"n": len(rs)}
+                             for g, rs in sorted(groups.items())}
+    if task.output_type != "multiple_choice":
+        for f in task.filters:
+            suffix = "" if f.name == "none" else f",{f.name}"
+            outs, refs = [r[f"answer,{f.name}"] for r in rows], [r["reference"] for r in rows]
+            if "bleu" in task.metrics:
+                results["bleu" + suffix] = bleu(outs, refs)["score"]
+            if "chrf" in task.metrics:
+                results["chrf" + suffix] = chrf(outs, refs)["score"]
+    return results | {"n": len(rows)}
+
+
+def format_sweep(model, tokenizer, task: Task, limit: int | None = None, **kw) -> dict:
+    """The task scored in every prompt format the tokenizer allows (plain; chat and chat-multiturn when it has
+    a chat template), and per metric the spread (max - min) between them: how much the number depends on the
+    format rather than the model."""
+    formats = FORMATS if tokenizer.chat_template else ("plain",)
+    by_format = {fmt: evaluate(model, tokenizer, task, limit=limit, fmt=fmt, **kw)[0] for fmt in formats}
+    metrics = [m for m, _, _ in headline(by_format["plain"])]
+    spread = {m: max(r[m] for r in by_format.values()) - min(r[m] for r in by_format.values()) for m in metrics}
+    return {"formats": {f: {m: r[m] for m in metrics} for f, r in by_format.items()}, "spread": spread,
+            "note": None if tokenizer.chat_template else "no chat template: only the plain format"}
 
 
 def headline(results: dict) -> list[tuple[str, float, float]]:
@@ -172,12 +233,20 @@ def write_run(out: str | os.PathLike, model_dir: str, all_results: dict[str, dic
         with atomic_write(out / f"predictions_{task}.jsonl") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    lines = [f"# Evaluation of `{model_dir}`", "", "| task | shots | metric | value | ± stderr | n |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# Evaluation of `{model_dir}`", "", "| task | shots | format | metric | value | ± stderr | n |",
+             "|---|---|---|---|---|---|---|"]
     for task, res in all_results.items():
         for metric, value, err in headline(res):
-            lines.append(f"| {task} | {res.get('num_fewshot', 0)} | {metric} | {value:.4f} | "
-                         f"{'' if math.isnan(err) else f'{err:.4f}'} | {res.get('n', '')} |")
+            lines.append(f"| {task} | {res.get('num_fewshot', 0)} | {res.get('format', 'plain')} | {metric} | "
+                         f"{value:.4f} | {'' if math.isnan(err) else f'{err:.4f}'} | {res.get('n', '')} |")
+    sweeps = [(t, res["format_sweep"]) for t, res in all_results.items() if res.get("format_sweep")]
+    if sweeps:
+        lines += ["", "Format sensitivity (the same items in every prompt format):", "",
+                  "| task | metric | " + " | ".join(FORMATS) + " | spread |", "|---|---|" + "---|" * (len(FORMATS) + 1)]
+        for t, sw in sweeps:
+            for metric, spread in sw["spread"].items():
+                cells = [f"{sw['formats'][f][metric]:.4f}" if f in sw["formats"] else "" for f in FORMATS]
+                lines.append(f"| {t} | {metric} | " + " | ".join(cells) + f" | {spread:.4f} |")
     groups = [(t, g, r) for t, res in all_results.items() for g, r in res.get("groups", {}).items()]
     if groups:
         lines += ["", "| task | group | metric | value | n |", "|---|---|---|---|---|"]

@@ -6,13 +6,14 @@ context move to the continuation, the pair is encoded whole and the continuation
 encoding, the tokenizer adds its model's special tokens (a Llama BOS, nothing for GPT-2 or Qwen), and an input
 longer than the model's context is cut from the left. What differs is the work: the choices of one question share
 its context, so the context runs once (into a KV cache, batched with other questions') and only the choices' own
-tokens run after it, batched. A question whose choices are single tokens (MMLU's " A".." D") needs no second
-pass at all.
+tokens run after it, batched; a few-shot block that a batch's prompts share runs once for all of them. A question
+whose choices are single tokens (MMLU's " A".." D") needs no second pass at all.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model.transformer import KVCache, Transformer
+
+
+PREFIX_PROBE = 32  # tokens compared to find prompts that share a few-shot block
 
 
 @dataclass(frozen=True)
@@ -67,19 +71,25 @@ def _device_of(model: Transformer) -> torch.device:
 
 
 @torch.no_grad()
-def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequence[str]]], batch_tokens: int = 8192,
-                  progress: Callable[[int], None] | None = None) -> list[list[Choice]]:
-    """For each (context, continuations) item, the score of every continuation given the context.
+def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str | Sequence[int], Sequence[str]]],
+                  batch_tokens: int = 8192,
+                  batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[list[Choice]]:
+    """For each (context, continuations) item, the score of every continuation given the context (text, encoded
+    by lm-eval's rules, or token ids, after which each continuation is encoded on its own).
 
-    Items are processed in batches of about `batch_tokens` context tokens, longest first. `progress(n)` is
-    called after each batch with the items it finished.
+    Items are processed longest first in batches of at most `batch_size` contexts and about `batch_tokens` context
+    tokens (small batches of similar lengths waste little on padding). `progress(n)` is called after each batch
+    with the items it finished.
     """
     max_len = model.cfg.max_seq_len
     # (context ids, [continuation ids]) per item; an item whose longest choice does not fit after the whole
     # context is split into one item per choice, each cut from the left as lm-eval cuts it
     units: list[tuple[int, list[int] | None, list[list[int]], list[int]]] = []  # (item, ctx, conts, choice indices)
     for i, (context, conts) in enumerate(items):
-        pairs = [encode_pair(tokenizer, context, c) for c in conts]
+        if isinstance(context, str):
+            pairs = [encode_pair(tokenizer, context, c) for c in conts]
+        else:  # a context already encoded (a rendered chat): the choices are plain text after it
+            pairs = [(list(context), tokenizer.encode(c, disallowed_special=())) for c in conts]
         for j, (_, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError(f"item {i}: choice {j} ({conts[j]!r}) encodes to no tokens")
@@ -91,7 +101,16 @@ def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequ
                 whole = (c + cont)[-(max_len + 1):]
                 units.append((i, whole[:len(whole) - len(cont)], [cont], [j]))
     out: list[list[Choice | None]] = [[None] * len(conts) for _, conts in items]
-    order = sorted(range(len(units)), key=lambda u: -len(units[u][1]))
+    # few-shot prompts share their examples: units whose first PREFIX_PROBE tokens recur are kept together (the
+    # batch then runs that prefix once), the rest longest first (little padding)
+    probe = Counter(tuple(u[1][:PREFIX_PROBE]) for u in units if len(u[1]) > PREFIX_PROBE)
+
+    def key(u: int):
+        ctx = units[u][1]
+        head = tuple(ctx[:PREFIX_PROBE])
+        return (head if len(ctx) > PREFIX_PROBE and probe[head] > 1 else (), -len(ctx))
+
+    order = sorted(range(len(units)), key=key)
     device = _device_of(model)
     # ALiBi and sliding windows measure distance in cache slots: a padded row would see wrong distances, so only
     # contexts of one length share a batch there
@@ -100,7 +119,7 @@ def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequ
     while pos < len(order):
         batch = [order[pos]]
         width = len(units[order[pos]][1])
-        while pos + len(batch) < len(order) and (len(batch) + 1) * width <= batch_tokens and (
+        while pos + len(batch) < len(order) and len(batch) < batch_size and (len(batch) + 1) * width <= batch_tokens and (
                 exact_slots is False or len(units[order[pos + len(batch)]][1]) == width):
             batch.append(order[pos + len(batch)])
         pos += len(batch)
@@ -116,21 +135,42 @@ def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str, Sequ
     return out  # type: ignore[return-value]
 
 
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs) - 1  # every row keeps at least one token of its own (its last logit)
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
 def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
-    """Run the contexts once (right-padded: causal attention never looks ahead, so the pass needs no mask and
-    takes SDPA's fast path), keep the KV cache, then every choice's tokens after its own context, with a mask
-    that hides the other rows' padding and positions that continue from the context's end."""
+    """Run the contexts once, keep the KV cache, then every choice's tokens after its own context.
+
+    The contexts' common prefix (a few-shot block) runs once for the whole batch; the rest runs right-padded
+    (causal attention never looks ahead, so that pass needs no mask and takes SDPA's fast path). The choices then
+    run with a mask that hides the other rows' padding and positions that continue from each context's end."""
     B = len(units)
     lens = [len(u[1]) for u in units]
     L = max(lens)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    last = torch.zeros(B, L, dtype=torch.bool)
-    for b, (_, ctx, _, _) in enumerate(units):
-        ids[b, :len(ctx)] = torch.tensor(ctx)
-        last[b, len(ctx) - 1] = True
-    ids, last = ids.to(device), last.to(device)
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, B, L, device=device, dtype=dtype)
+    shared = _common_prefix([u[1] for u in units]) if B > 1 else 0
+    if shared:
+        one = KVCache(model.cfg, 1, shared, device=device, dtype=dtype)
+        model(torch.tensor([units[0][1][:shared]], device=device), cache=one, logits_to_keep=1)
+        for layer in range(model.cfg.n_layers):
+            cache.k[layer][:, :, :shared] = one.k[layer]
+            cache.v[layer][:, :, :shared] = one.v[layer]
+        cache.advance(shared)
+    ids = torch.zeros(B, L - shared, dtype=torch.long)
+    last = torch.zeros(B, L - shared, dtype=torch.bool)
+    for b, (_, ctx, _, _) in enumerate(units):
+        ids[b, :len(ctx) - shared] = torch.tensor(ctx[shared:])
+        last[b, len(ctx) - shared - 1] = True
+    ids, last = ids.to(device), last.to(device)
     first = model(ids, cache=cache, logits_mask=last)  # (B, vocab): each context's last position, in row order
     first = F.log_softmax(first.float(), dim=-1)  # the distribution of every choice's first token
     rows = [(b, c) for b, u in enumerate(units) for c in u[2]]

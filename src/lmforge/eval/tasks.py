@@ -153,9 +153,7 @@ class Task:
     def describe(self, doc: dict) -> str:
         return _render(self.description, doc, f"{self.name}: description") or ""
 
-    def context(self, doc: dict, shots: int | None = None) -> str:
-        """The prompt for `doc`: description, then `shots` solved examples (the first ones of the few-shot
-        documents, lm-eval's first_n sampler, never the doc itself), then the doc's own text."""
+    def _shots(self, doc: dict, shots: int | None) -> list[dict]:
         k = self.num_fewshot if shots is None else shots
         pool = [d for d in self.fewshot_docs if d is not doc and d != doc]
         if self.group_by:  # MMLU / C-Eval: shots from the same subject
@@ -164,8 +162,28 @@ class Task:
             raise TaskError(f"{self.name}: {k} shots asked but only {len(pool)} few-shot documents"
                             + (f" for {self.group_by} {doc.get(self.group_by)!r}" if self.group_by else "")
                             + " (give --shots-data FILE)")
+        return pool[:k]
+
+    def messages(self, doc: dict, multiturn: bool = False, shots: int | None = None) -> list[dict]:
+        """The prompt as a conversation for the model's chat template: the description as the system message,
+        then either one user turn holding the solved examples and the question (the few-shot block as text), or
+        one user / assistant exchange per example and the question last (few-shot as turns)."""
+        system = self.describe(doc)
+        out = [{"role": "system", "content": system.strip()}] if system.strip() else []
+        examples = self._shots(doc, shots)
+        if multiturn:
+            for d in examples:
+                out += [{"role": "user", "content": self.text(d)}, {"role": "assistant", "content": self.target_text(d)}]
+            return out + [{"role": "user", "content": self.text(doc)}]
+        block = "".join(self.text(d) + self.target_delimiter + self.target_text(d) + self.fewshot_delimiter
+                        for d in examples)
+        return out + [{"role": "user", "content": block + self.text(doc)}]
+
+    def context(self, doc: dict, shots: int | None = None) -> str:
+        """The prompt for `doc`: description, then `shots` solved examples (the first ones of the few-shot
+        documents, lm-eval's first_n sampler, never the doc itself), then the doc's own text."""
         shot_text = "".join(self.text(d) + self.target_delimiter + self.target_text(d) + self.fewshot_delimiter
-                            for d in pool[:k])
+                            for d in self._shots(doc, shots))
         return self.describe(doc) + shot_text + self.text(doc)
 
 
