@@ -1,0 +1,506 @@
+"""The OpenAI-compatible HTTP API over the continuous batcher (infer/batching.py), and the web chat page.
+
+  POST /v1/chat/completions   messages through the model's chat template; stream (SSE, OpenAI's chunk schema, a
+                              usage chunk with stream_options.include_usage), n, max_tokens / max_completion_tokens,
+                              temperature, top_p, seed, stop (added to the model's own stop tokens), presence /
+                              frequency penalties, logprobs + top_logprobs
+  POST /v1/completions        a text or token-id prompt; echo + logprobs score the prompt (lm-evaluation-harness's
+                              loglikelihood through a server: max_tokens 0, echo, logprobs)
+  GET  /v1/models, /health, /metrics (Prometheus text), /  (the web chat page, no CDN)
+
+Errors are OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the matching status: 400 for
+a bad request (unknown fields, out-of-range values, empty messages, a prompt over the context), 401 without the
+API key when one is set, 404, 429 with Retry-After when the queue is full. The server listens on 127.0.0.1 unless
+told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmforge.infer.batching import ContinuousBatcher, Event, QueueFull
+from lmforge.infer.sampling import SamplingConfig
+
+STATIC = Path(__file__).parent / "static"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Server:
+    """The state the routes share: the model, its tokenizer and template, the batcher, counters."""
+
+    def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
+                 max_queue: int = 64, context: int | None = None):
+        from lmforge.infer.engine import default_stop_ids, turn_end_ids
+
+        self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
+        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context)
+        self.context = self.batcher.context
+        self.stop_ids = sorted(set(default_stop_ids(tokenizer, model)) | set(turn_end_ids(tokenizer)))
+        self.created = int(time.time())
+        self.latencies: list[float] = []  # seconds per finished request, for the /metrics histogram
+        self.http_errors = 0
+
+    # --- prompts ---
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        from lmforge.tokenizer.chat import TemplateError, encode_chat
+
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        tok = self.tokenizer
+        if not tok.chat_template:
+            return tok.encode("\n".join(m["content"] for m in msgs) + "\n", disallowed_special=())
+        try:
+            return encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
+        except TemplateError as e:
+            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
+
+    def sampling(self, req: _Sampling, prompt_len: int, max_tokens: int | None, index: int) -> SamplingConfig:
+        room = self.context - prompt_len
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has {prompt_len} and "
+                                f"{max_tokens} were asked for" if max_tokens else
+                           f"the prompt ({prompt_len} tokens) does not fit the {self.context}-token context",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        seed = None if req.seed is None else req.seed + index
+        return SamplingConfig(max_new_tokens=max_tokens if max_tokens is not None else room,
+                              temperature=req.temperature, top_p=req.top_p, seed=seed,
+                              stop_token_ids=list(self.stop_ids), stop_strings=req.stops())
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.tokenizer.raw_bytes([token_id])
+        if raw is None:
+            text = self.tokenizer.decode([token_id])
+            return text, list(text.encode("utf-8"))
+        return raw.decode("utf-8", "replace"), list(raw)
+
+    def open(self, prompt: list[int], configs: list[SamplingConfig], logprobs: int, presence: float,
+             frequency: float) -> list[_Stream]:
+        """Submit the n choices of a request now (so a full queue is a 429 before any response starts)."""
+        streams: list[_Stream] = []
+        try:
+            for cfg in configs:
+                streams.append(_Stream(self, prompt, cfg, logprobs, presence, frequency))
+        except APIError:
+            for st in streams:
+                st.handle.cancel()
+            raise
+        return streams
+
+
+class _Stream:
+    """One submitted request: its events arrive on an asyncio queue from the batcher's thread."""
+
+    def __init__(self, server: Server, prompt, cfg, logprobs, presence, frequency):
+        loop = asyncio.get_running_loop()
+        self.server, self.queue = server, asyncio.Queue()
+        try:
+            self.handle = server.batcher.submit(prompt, cfg, lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e),
+                                                logprobs=logprobs, presence_penalty=presence,
+                                                frequency_penalty=frequency)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry shortly", type_="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+        self.start = time.perf_counter()
+
+    async def events(self):
+        """The request's events; leaving early (a client gone) cancels it, which frees its row."""
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if event.finish_reason:
+                    self.server.latencies.append(time.perf_counter() - self.start)
+                    return
+        finally:
+            self.handle.cancel()  # a no-op for a finished request
+
+
+def _logprob_entry(server: Server, event: Event) -> dict:
+    token, raw = server.token_text(event.token_id)
+    top = [dict(zip(("token", "bytes"), server.token_text(t)), logprob=lp) for t, lp in (event.top_logprobs or [])]
+    return {"token": token, "logprob": event.logprob, "bytes": raw, "top_logprobs": top}
+
+
+def create_app(server: Server, cors: list[str] | None = None):
+    """The FastAPI application over `server` (its batcher starts with the app and stops with it)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        yield
+        server.batcher.stop(timeout=10.0)
+
+    app = FastAPI(title="lmforge", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible API of one lmforge model")
+    if cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        server.http_errors += 1
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        server.http_errors += 1
+        err = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        message = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif err.get("type") == "extra_forbidden":
+            message = f"unknown field {where!r}"
+        return JSONResponse(APIError(400, f"{message}" + (f" (at {where})" if where and "unknown" not in message
+                                                           else ""), param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        server.http_errors += 1
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if (server.api_key and request.url.path.startswith("/v1/")
+                and request.headers.get("authorization", "") != f"Bearer {server.api_key}"):
+            server.http_errors += 1
+            return JSONResponse(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                         "authentication_error", code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_name, "running": server.batcher.running,
+                "queue_depth": server.batcher.queue_depth}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "lmforge"}]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        m = server.batcher.metrics()
+        lines = [f"lmforge_requests_total {m['requests']}", f"lmforge_generated_tokens_total {m['tokens']}",
+                 f"lmforge_prefill_tokens_total {m['prefill_tokens']}", f"lmforge_decode_steps_total {m['steps']}",
+                 f"lmforge_rejected_requests_total {m['rejected']}", f"lmforge_http_errors_total {server.http_errors}",
+                 f"lmforge_queue_depth {m['queue_depth']}", f"lmforge_running_requests {m['running']}"]
+        lat = list(server.latencies)
+        lines.append("# TYPE lmforge_request_seconds histogram")
+        for bound in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60):
+            lines.append(f'lmforge_request_seconds_bucket{{le="{bound}"}} {sum(1 for x in lat if x <= bound)}')
+        lines += [f'lmforge_request_seconds_bucket{{le="+Inf"}} {len(lat)}', f"lmforge_request_seconds_sum {sum(lat)}",
+                  f"lmforge_request_seconds_count {len(lat)}", "# TYPE lmforge_time_to_first_token_seconds summary"]
+        for q, key in (("0.5", "ttft_p50_s"), ("0.99", "ttft_p99_s")):
+            lines.append(f'lmforge_time_to_first_token_seconds{{quantile="{q}"}} {m[key]}')
+        return "\n".join(lines) + "\n"
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise APIError(400, "tools / tool_choice are not supported by this server yet", param="tools")
+        if req.response_format and req.response_format.get("type") not in (None, "text"):
+            raise APIError(400, "response_format json_object / json_schema is not supported by this server yet",
+                           param="response_format")
+        prompt = server.chat_prompt(req.messages)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        configs = [server.sampling(req, len(prompt), max_tokens, i) for i in range(req.n)]
+        logprobs = (req.top_logprobs or 0) if req.logprobs else -1
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": rid, "created": created, "model": server.model_name}
+        streams = server.open(prompt, configs, logprobs, req.presence_penalty, req.frequency_penalty)
+        if req.stream:
+            return StreamingResponse(_chat_stream(server, prompt, streams, logprobs, req, base),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await asyncio.gather(*[_collect(server, st, logprobs) for st in streams])
+        choices, completion_tokens = [], 0
+        for i, (text, finish, entries, n_tokens) in enumerate(results):
+            completion_tokens += n_tokens
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": finish})
+        return base | {"object": "chat.completion", "choices": choices,
+                       "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                                 "total_tokens": len(prompt) + completion_tokens}}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = _completion_prompts(server, req.prompt)
+        logprobs = req.logprobs if req.logprobs is not None else -1
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": rid, "created": created, "model": server.model_name}
+        if req.stream:
+            if req.echo:
+                raise APIError(400, "echo is not supported with stream", param="echo")
+            if len(prompts) != 1:
+                raise APIError(400, "stream takes one prompt", param="prompt")
+            configs = [server.sampling(req, len(prompts[0]), req.max_tokens or None, i) for i in range(req.n)]
+            streams = server.open(prompts[0], configs, logprobs, req.presence_penalty, req.frequency_penalty)
+            return StreamingResponse(_completion_stream(server, prompts[0], streams, logprobs, req, base),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p in prompts:
+            prompt_tokens += len(p)
+            echo_lp = await asyncio.get_running_loop().run_in_executor(None, _score_prompt, server, p, logprobs) \
+                if req.echo and logprobs >= 0 else None
+            if req.max_tokens == 0:
+                results = [("", "length", [], 0)] * req.n
+                if len(p) >= server.context:
+                    raise APIError(400, f"the prompt ({len(p)} tokens) does not fit the {server.context}-token "
+                                        "context", param="prompt", code="context_length_exceeded")
+            else:
+                configs = [server.sampling(req, len(p), req.max_tokens, i) for i in range(req.n)]
+                streams = server.open(p, configs, logprobs, req.presence_penalty, req.frequency_penalty)
+                results = await asyncio.gather(*[_collect(server, st, logprobs) for st in streams])
+            for text, finish, entries, n_tokens in results:
+                completion_tokens += n_tokens
+                prefix = server.tokenizer.decode(p) if req.echo else ""
+                lp = None
+                if logprobs >= 0:
+                    lp = _legacy_logprobs(echo_lp or [], entries, server, len(prefix))
+                choices.append({"index": len(choices), "text": prefix + text, "logprobs": lp,
+                                "finish_reason": finish})
+        return base | {"object": "text_completion", "choices": choices,
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}}
+
+    return app
+
+
+def _completion_prompts(server: Server, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    out = []
+    vocab = server.tokenizer.vocab_size
+    for p in prompt:
+        ids = server.tokenizer.encode(p, disallowed_special=()) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "a prompt encodes to no tokens", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in 0..{vocab - 1}", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _score_prompt(server: Server, ids: list[int], top: int) -> list[dict]:
+    """Log-probabilities of a prompt's own tokens (the first has none), as echo + logprobs reports them."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = server.model(torch.tensor([ids], device=server.batcher.device))[0]
+    logp = F.log_softmax(logits.float(), -1)
+    out = [{"token_id": ids[0], "logprob": None, "top": None}]
+    for i in range(1, len(ids)):
+        row = logp[i - 1]
+        entry = {"token_id": ids[i], "logprob": float(row[ids[i]]), "top": None}
+        if top:
+            v, t = row.topk(top)
+            entry["top"] = list(zip(t.tolist(), v.tolist()))
+        out.append(entry)
+    return out
+
+
+def _legacy_logprobs(prompt_entries: list[dict], entries: list[dict], server: Server, prefix_len: int) -> dict:
+    """The completions API's logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = 0
+    for e in prompt_entries:
+        text, _ = server.token_text(e["token_id"])
+        tokens.append(text)
+        lps.append(e["logprob"])
+        tops.append({server.token_text(t)[0]: lp for t, lp in e["top"]} if e["top"] else None)
+        offsets.append(offset)
+        offset += len(text)
+    offset = prefix_len if prompt_entries else 0
+    for e in entries:
+        tokens.append(e["token"])
+        lps.append(e["logprob"])
+        tops.append({t["token"]: t["logprob"] for t in e["top_logprobs"]} or None)
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _collect(server: Server, stream: _Stream, logprobs: int) -> tuple[str, str, list[dict], int]:
+    text, entries, n_tokens, finish = [], [], 0, "stop"
+    async for event in stream.events():
+        text.append(event.text)
+        if event.token_id is not None:
+            n_tokens += 1
+            if logprobs >= 0 and event.logprob is not None:
+                entries.append(_logprob_entry(server, event))
+        if event.finish_reason:
+            finish = _finish(event)
+    return "".join(text), finish, entries, n_tokens
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _merged(streams: list[_Stream]):
+    """Events of the n choices of one request, as (choice index, event), as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, st):
+        async for event in st.events():
+            await queue.put((i, event))
+
+    tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, event = await queue.get()
+            if event.finish_reason:
+                left -= 1
+            yield i, event
+    finally:  # the client left (or we are done): stop the pumps, which cancels their requests
+        for t in tasks:
+            t.cancel()
+        for st in streams:
+            st.handle.cancel()
+
+
+def _finish(event: Event) -> str | None:
+    if not event.finish_reason:
+        return None
+    return "stop" if event.finish_reason == "cancelled" else event.finish_reason
+
+
+async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatRequest, base: dict):
+    chunk = base | {"object": "chat.completion.chunk"}
+    usage = (req.stream_options or StreamOptions()).include_usage
+    extra = {"usage": None} if usage else {}
+    for i in range(len(streams)):
+        yield _sse(chunk | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]} | extra)
+    completion_tokens = 0
+    async for i, event in _merged(streams):
+        if event.token_id is not None:
+            completion_tokens += 1
+        lp = {"content": [_logprob_entry(server, event)]} if logprobs >= 0 and event.logprob is not None else None
+        finish = _finish(event)
+        if event.text or finish or lp:
+            delta = {"content": event.text} if event.text else {}
+            yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+                       | extra)
+    if usage:
+        yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                                                     "total_tokens": len(prompt) + completion_tokens}})
+    yield b"data: [DONE]\n\n"
+
+
+async def _completion_stream(server: Server, prompt, streams, logprobs, req: CompletionRequest, base: dict):
+    chunk = base | {"object": "text_completion"}
+    completion_tokens = 0
+    async for i, event in _merged(streams):
+        if event.token_id is not None:
+            completion_tokens += 1
+        finish = _finish(event)
+        if event.text or finish:
+            yield _sse(chunk | {"choices": [{"index": i, "text": event.text, "logprobs": None, "finish_reason": finish}]})
+    if (req.stream_options or StreamOptions()).include_usage:
+        yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                                                     "total_tokens": len(prompt) + completion_tokens}})
+    yield b"data: [DONE]\n\n"
