@@ -20,6 +20,7 @@ waiting for a row is bounded: `submit` raises QueueFull, which the server answer
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,9 @@ from lmforge.infer.sampling import SamplingConfig, sample_tokens
 from lmforge.model.transformer import KVCache, Transformer
 
 
+log = logging.getLogger(__name__)
+
+
 class QueueFull(RuntimeError):
     """Every row is busy and the waiting queue is at its bound."""
 
@@ -41,7 +45,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     """New text of a request. `finish_reason` is set on its last event: "stop" (a stop id or string), "length"
-    (max_new_tokens or the context) or "cancelled". `logprob` / `top_logprobs` (token id, log-probability) are
+    (max_new_tokens or the context), "cancelled", or "error" (the step failed; the server logs why). `logprob` / `top_logprobs` (token id, log-probability) are
     set for the step's token when the request asked for them."""
 
     text: str
@@ -110,6 +114,7 @@ class ContinuousBatcher:
         # counters for /metrics
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "rejected": 0, "prefill_tokens": 0}
         self.ttft: collections.deque[float] = collections.deque(maxlen=1000)
+        self.finished: dict[str, int] = {}  # requests finished, by reason
 
     # --- the caller's side --------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], cfg: SamplingConfig, emit: Callable[[Event], None],
@@ -173,17 +178,25 @@ class ContinuousBatcher:
                 admit = []
                 while self.waiting and len(self.rows) + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
-            for row in admit:
-                if row.cancelled:
-                    self._finish(row, "cancelled")
-                else:
-                    self._admit(row)
-            if self.rows:
-                self._step()
+            try:
+                for row in admit:
+                    if row.cancelled:
+                        self._finish(row, "cancelled")
+                    else:
+                        self._admit(row)
+                if self.rows:
+                    self._step()
+            except Exception:  # a bug or an out-of-memory must not stop serving: fail what was running, go on
+                log.exception("the batcher failed a step; its requests end with finish_reason 'error'")
+                for row in admit + self.rows:
+                    if not row.done:
+                        self._finish(row, "error")
+                self.rows, self.col = [], 0
 
     def _finish(self, row: _Row, reason: str, text: str = "", token: int | None = None, lp=None, top=None) -> None:
         row.done = True
-        rest, _ = row.text.flush() if reason != "cancelled" else ("", False)
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+        rest, _ = row.text.flush() if reason not in ("cancelled", "error") else ("", False)
         row.emit(Event(text + rest, token, reason, lp, top))
 
     def _logprobs(self, row: _Row, logp: torch.Tensor, token: int):
@@ -322,4 +335,4 @@ class ContinuousBatcher:
         ttft = sorted(self.ttft)
         q = (lambda f: ttft[min(int(f * len(ttft)), len(ttft) - 1)]) if ttft else (lambda f: math.nan)
         return self.stats | {"queue_depth": self.queue_depth, "running": self.running, "ttft_p50_s": q(0.5),
-                             "ttft_p99_s": q(0.99)}
+                             "ttft_p99_s": q(0.99), "finished": dict(self.finished)}

@@ -278,6 +278,7 @@ def create_app(server: Server, cors: list[str] | None = None):
                  f"lmforge_prefill_tokens_total {m['prefill_tokens']}", f"lmforge_decode_steps_total {m['steps']}",
                  f"lmforge_rejected_requests_total {m['rejected']}", f"lmforge_http_errors_total {server.http_errors}",
                  f"lmforge_queue_depth {m['queue_depth']}", f"lmforge_running_requests {m['running']}"]
+        lines += [f'lmforge_finished_requests_total{{reason="{k}"}} {v}' for k, v in sorted(m["finished"].items())]
         lat = list(server.latencies)
         lines.append("# TYPE lmforge_request_seconds histogram")
         for bound in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60):
@@ -293,7 +294,7 @@ def create_app(server: Server, cors: list[str] | None = None):
         return (STATIC / "index.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
+    async def chat(req: ChatRequest):
         if req.tools or req.tool_choice not in (None, "none"):
             raise APIError(400, "tools / tool_choice are not supported by this server yet", param="tools")
         if req.response_format and req.response_format.get("type") not in (None, "text"):
@@ -465,6 +466,8 @@ async def _merged(streams: list[_Stream]):
 def _finish(event: Event) -> str | None:
     if not event.finish_reason:
         return None
+    if event.finish_reason == "error":
+        raise APIError(500, "generation failed on the server (its log says why)", "server_error")
     return "stop" if event.finish_reason == "cancelled" else event.finish_reason
 
 
@@ -480,7 +483,11 @@ async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatReque
         if event.token_id is not None:
             completion_tokens += 1
         lp = {"content": [_logprob_entry(server, event)]} if logprobs >= 0 and event.logprob is not None else None
-        finish = _finish(event)
+        try:
+            finish = _finish(event)
+        except APIError as e:  # the response has started: the error goes in the stream, as OpenAI's does
+            yield _sse(e.body())
+            return
         if event.text or finish or lp:
             delta = {"content": event.text} if event.text else {}
             yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
@@ -497,7 +504,11 @@ async def _completion_stream(server: Server, prompt, streams, logprobs, req: Com
     async for i, event in _merged(streams):
         if event.token_id is not None:
             completion_tokens += 1
-        finish = _finish(event)
+        try:
+            finish = _finish(event)
+        except APIError as e:
+            yield _sse(e.body())
+            return
         if event.text or finish:
             yield _sse(chunk | {"choices": [{"index": i, "text": event.text, "logprobs": None, "finish_reason": finish}]})
     if (req.stream_options or StreamOptions()).include_usage:

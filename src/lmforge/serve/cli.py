@@ -1,0 +1,67 @@
+"""`lmforge serve`: the OpenAI-compatible server and web chat for one model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_server(args: argparse.Namespace):
+    import torch
+
+    from lmforge.infer.cli import _use_template
+    from lmforge.model import load_hf_model
+    from lmforge.serve.app import Server
+    from lmforge.tokenizer import load_tokenizer
+
+    model = load_hf_model(args.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    model.eval()
+    tokenizer = load_tokenizer(args.model)
+    if args.chat_template:
+        _use_template(tokenizer, args.chat_template)  # warns when it is not the template the model was trained with
+    name = args.name or Path(args.model).resolve().name
+    return Server(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                  context=args.context)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lmforge.serve.app import create_app
+
+    server = build_server(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"lmforge: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    app = create_app(server, cors=args.cors)
+    print(f"serving {server.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1; "
+          f"{server.context}-token context, batches of up to {args.max_batch}); Ctrl-C stops", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve one model: /v1/chat/completions, /v1/completions, /v1/models (OpenAI's "
+                                   "schemas, streaming included), /health, /metrics and a web chat at /. See "
+                                   "docs/serve.md.",
+                       epilog="examples:\n  lmforge serve --model runs/sft-merged\n"
+                              "  lmforge serve --model runs/sft-merged --port 8080 --api-key secret --max-batch 16\n"
+                              "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', "
+                              "api_key='x'); print(c.chat.completions.create(model='m', messages=[{'role': 'user', "
+                              "'content': 'hi'}]).choices[0].message.content)\"")
+    s.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--name", help="the model id clients see (default: the directory's name)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
+    s.add_argument("--context", type=int, help="KV-cache tokens per request (default: the model's max_seq_len)")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help="a built-in template or a Jinja file instead of the "
+                                                                 "model's own (a warning says when they differ)")
+    s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
+    s.set_defaults(func=cmd_serve, _parser=s)

@@ -1,0 +1,311 @@
+"""`lmforge serve` through the official openai client and raw HTTP: the same tokens as the engine run alone,
+streaming in OpenAI's schema, continuous batching, logprobs, errors, keys, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from lmforge.infer.engine import generate
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.model import load_hf_model
+from lmforge.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained_dir, tmp_path_factory):
+    """A tiny random Llama over a real lmforge tokenizer (English + Chinese BPE, ChatML template)."""
+    d = tmp_path_factory.mktemp("served")
+    tok = load_tokenizer(trained_dir)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, tie_word_embeddings=True,
+                                   eos_token_id=tok.special_tokens["<|endoftext|>"])
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    for f in trained_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, model_dir, **kw):
+        from lmforge.serve.app import Server, create_app
+
+        self.model, self.tok = load_hf_model(model_dir), load_tokenizer(model_dir)
+        self.server = Server(self.model, self.tok, "tiny", **kw)
+        port = _free_port()
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=port,
+                                                log_level="warning"))
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            if self.uv.started:
+                break
+            time.sleep(0.05)
+
+    def close(self):
+        self.uv.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    r = Running(model_dir, max_batch=4)
+    yield r
+    r.close()
+
+
+def _alone(r: Running, messages, max_tokens, stop=()):
+    """What the engine produces for the same prompt, greedy, run alone."""
+    from lmforge.tokenizer.chat import encode_chat
+
+    ids = encode_chat(r.tok, r.tok.chat_template, messages, add_generation_prompt=True).ids
+    return generate(r.model, r.tok, ids, SamplingConfig(max_new_tokens=max_tokens, temperature=0,
+                                                        stop_token_ids=r.server.stop_ids, stop_strings=list(stop)))
+
+
+MESSAGES = [[{"role": "user", "content": "What does the yield statement do?"}],
+            [{"role": "system", "content": "你是一个有帮助的助手。"}, {"role": "user", "content": "北京在哪里？"}],
+            [{"role": "user", "content": "Write a haiku about exceptions."}],
+            [{"role": "user", "content": "x"}]]
+
+
+def test_openai_client_gets_what_the_engine_generates(served):
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES[0], max_tokens=20, temperature=0)
+    assert out.choices[0].message.content == _alone(served, MESSAGES[0], 20)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens > 0 and out.usage.prompt_tokens > 0
+    # a user's stop string adds to the model's own stop tokens, and cuts the text
+    text = out.choices[0].message.content
+    if len(text) > 6:
+        cut = client.chat.completions.create(model="tiny", messages=MESSAGES[0], max_tokens=20, temperature=0,
+                                             stop=[text[3:6]])
+        assert cut.choices[0].message.content == text[:text.find(text[3:6])]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_streaming_chunks_follow_openais_schema(served):
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES[1], max_tokens=30, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert all("\ufffd" not in p for p in pieces)  # never half a character in a chunk
+    assert "".join(pieces) == _alone(served, MESSAGES[1], 30)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_concurrent_requests_each_get_their_alone_tokens(served):
+    """Continuous batching: requests of different lengths join and leave one batch (4 rows, 6 requests)."""
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused")
+    lengths = [40, 8, 25, 3, 33, 17]
+    convs = [MESSAGES[i % 4] for i in range(6)]
+
+    async def one(m, n, stream):
+        if stream:
+            out = await client.chat.completions.create(model="tiny", messages=m, max_tokens=n, temperature=0,
+                                                       stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in out if c.choices])
+        out = await client.chat.completions.create(model="tiny", messages=m, max_tokens=n, temperature=0)
+        return out.choices[0].message.content
+
+    async def main():
+        return await asyncio.gather(*[one(m, n, i % 2 == 0) for i, (m, n) in enumerate(zip(convs, lengths))])
+
+    texts = asyncio.run(main())
+    assert texts == [_alone(served, m, n) for m, n in zip(convs, lengths)]
+    assert served.server.batcher.running == 0
+
+
+def test_sampling_seeds_n_and_logprobs(served):
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    a = client.chat.completions.create(model="tiny", messages=MESSAGES[2], max_tokens=12, temperature=1.0, seed=7, n=2)
+    b = client.chat.completions.create(model="tiny", messages=MESSAGES[2], max_tokens=12, temperature=1.0, seed=7, n=2)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES[0], max_tokens=5, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+
+
+def test_completions_echo_logprobs_score_the_prompt(served):
+    """lm-evaluation-harness's loglikelihood through a server: token ids, max_tokens 0, echo, logprobs."""
+    ids = served.tok.encode("The quick brown fox jumps over the lazy dog. 你好，世界。")
+    r = httpx.post(served.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 0,
+                                                          "echo": True, "logprobs": 1}, timeout=30)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(served.model(torch.tensor([ids]))[0, :-1].float(), -1)
+    expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    text = client.completions.create(model="tiny", prompt="def main():", max_tokens=10, temperature=0)
+    assert text.choices[0].text == generate(served.model, served.tok, "def main():", SamplingConfig(
+        max_new_tokens=10, temperature=0, stop_token_ids=served.server.stop_ids))
+
+
+def _error(r, status, *words):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in body["error"]["message"]
+    return body["error"]
+
+
+def test_bad_requests_get_openai_errors(served):
+    url = served.url + "/v1/chat/completions"
+    ok = {"model": "tiny", "messages": MESSAGES[0], "max_tokens": 4}
+    _error(httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}), 400, "JSON")
+    _error(httpx.post(url, json=ok | {"temprature": 0.5}), 400, "unknown field", "temprature")
+    e = _error(httpx.post(url, json=ok | {"temperature": -1}), 400)
+    assert e["param"] == "temperature"
+    _error(httpx.post(url, json=ok | {"messages": []}), 400)
+    _error(httpx.post(url, json=ok | {"messages": [{"role": "wizard", "content": "hi"}]}), 400)
+    e = _error(httpx.post(url, json=ok | {"max_tokens": 10**9}), 400, "context")
+    assert e["code"] == "context_length_exceeded"
+    _error(httpx.post(url, json=ok | {"tools": [{"type": "function", "function": {"name": "f"}}]}), 400, "tools")
+    _error(httpx.get(served.url + "/v1/nothing"), 404)
+    _error(httpx.post(served.url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1}), 400, "token ids")
+    health = httpx.get(served.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+    metrics = httpx.get(served.url + "/metrics").text
+    assert "lmforge_requests_total" in metrics and 'lmforge_request_seconds_bucket{le="+Inf"}' in metrics
+
+
+def _until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_api_key_queue_bound_and_disconnects(model_dir):
+    r = Running(model_dir, api_key="sekret", max_batch=1, max_queue=1)
+    r.server.stop_ids = []  # no stop token: each stream runs its full max_tokens unless its client leaves
+
+    class Slow:  # 20 ms per forward: the streams outlast the test's requests
+        def __init__(self, model):
+            self.inner = model
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *a, **kw):
+            time.sleep(0.02)
+            return self.inner(*a, **kw)
+
+    r.server.batcher.model = Slow(r.model)
+    try:
+        url = r.url + "/v1/chat/completions"
+        body = {"model": "tiny", "messages": MESSAGES[0], "max_tokens": 200, "stream": True}
+        _error(httpx.post(url, json=body), 401, "API key")
+        auth = {"Authorization": "Bearer sekret"}
+        # one running + one waiting fill the server: the next request is a 429 with Retry-After
+        with httpx.Client(timeout=30) as c, c.stream("POST", url, json=body, headers=auth) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
+            next(lines)
+            _until(lambda: r.server.batcher.running == 1)
+            with c.stream("POST", url, json=body, headers=auth) as second:
+                assert second.status_code == 200
+                assert r.server.batcher.running == 1 and r.server.batcher.queue_depth == 1
+                r429 = httpx.post(url, json=body | {"stream": False}, headers=auth)
+                assert r429.status_code == 429 and r429.headers["retry-after"] == "1"
+                assert r429.json()["error"]["type"] == "rate_limit_exceeded"
+                del second
+        # both clients left mid-stream: their rows and queue places are freed
+        _until(lambda: r.server.batcher.running == 0 and r.server.batcher.queue_depth == 0)
+        assert r.server.batcher.metrics()["finished"].get("cancelled", 0) == 2
+        assert r.server.batcher.running == 0 and r.server.batcher.queue_depth == 0
+        out = httpx.post(url, json=body | {"stream": False, "max_tokens": 3}, headers=auth, timeout=30)
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        r.close()
+
+
+def test_web_page_is_served_without_a_cdn(served):
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and "lmforge chat" in page.text
+    assert "/v1/chat/completions" in page.text and "stream: true" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # everything is on the page itself
+
+
+def test_a_failing_step_ends_its_requests_with_a_500_and_serving_goes_on(model_dir):
+    r = Running(model_dir)
+    try:
+        real = r.server.batcher.model
+        calls = {"n": 0}
+
+        class Broken:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __call__(self, *a, **kw):
+                calls["n"] += 1
+                if calls["n"] == 2:  # the first decode step after a prefill
+                    raise RuntimeError("simulated failure")
+                return real(*a, **kw)
+
+        r.server.batcher.model = Broken()
+        body = {"model": "tiny", "messages": MESSAGES[0], "max_tokens": 20, "temperature": 0}
+        _error(httpx.post(r.url + "/v1/chat/completions", json=body, timeout=30), 500, "generation failed")
+        out = httpx.post(r.url + "/v1/chat/completions", json=body, timeout=30)
+        assert out.status_code == 200 and out.json()["choices"][0]["message"]["content"] == _alone(r, MESSAGES[0], 20)
+    finally:
+        r.close()
+
+
+@pytest.mark.slow
+def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        out = client.chat.completions.create(model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
+        assert out.model == model_dir.name and out.choices[0].message.content is not None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0, err
+    assert "serving" in err and "Traceback" not in err
