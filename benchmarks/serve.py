@@ -1,0 +1,145 @@
+"""Load test of `lmforge serve` with the official `openai` client (loopback only, bounded in count and time), JSON out.
+
+Starts `lmforge serve` as a user does (a subprocess on 127.0.0.1), then
+  1. sequential: requests one at a time (the baseline a one-request-at-a-time server gives);
+  2. concurrent: C streaming clients at once (asyncio + openai.AsyncOpenAI), continuous batching on the server;
+and reports errors, time to first token (p50 / p99), inter-token latency (p50 / p99), aggregate generated tokens/s and
+the concurrent / sequential ratio.
+
+    python benchmarks/serve.py                      # a 41M-parameter Llama (8 x 512, Phi-3's tokenizer), 32 clients
+    python benchmarks/serve.py --clients 8 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROMPTS = ["Explain what a Python generator is.", "北京有哪些著名的景点？", "Write a short poem about the sea.",
+           "What does the with statement do?", "用一句话介绍长江。", "List three uses of a dictionary."]
+
+
+def build_model(d: Path, layers: int, width: int) -> Path:
+    import torch
+    import transformers
+
+    src = ROOT / "tests" / "fixtures" / "tokenizers" / "phi-3-mini-instruct"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name.endswith(".gz"):
+            with gzip.open(f) as a, open(d / f.name[:-3], "wb") as b:
+                shutil.copyfileobj(a, b)
+        else:
+            shutil.copy(f, d / f.name)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width * 8 // 3,
+                                   num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                                   max_position_embeddings=1024, tie_word_embeddings=True,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(int(q * len(values)), len(values) - 1)], 4) if values else float("nan")
+
+
+async def one(client, prompt: str, tokens: int) -> dict:
+    start = time.perf_counter()
+    first, stamps, n = None, [], 0
+    stream = await client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=tokens, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = now - start
+            stamps.append(now)
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": first, "gaps": gaps, "tokens": n, "seconds": time.perf_counter() - start}
+
+
+async def run(url: str, clients: int, tokens: int, sequential: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    await one(client, PROMPTS[0], 4)  # warm-up
+    t = time.perf_counter()
+    seq = [await one(client, PROMPTS[i % len(PROMPTS)], tokens) for i in range(sequential)]
+    seq_s = time.perf_counter() - t
+    t = time.perf_counter()
+    results = await asyncio.gather(*[one(client, PROMPTS[i % len(PROMPTS)], tokens) for i in range(clients)],
+                                   return_exceptions=True)
+    conc_s = time.perf_counter() - t
+    ok = [r for r in results if isinstance(r, dict)]
+    errors = [repr(r) for r in results if not isinstance(r, dict)]
+    seq_tps = sum(r["tokens"] for r in seq) / seq_s
+    conc_tps = sum(r["tokens"] for r in ok) / conc_s
+    return {"sequential": {"requests": sequential, "tokens_per_s": round(seq_tps, 1),
+                           "ttft_p50_s": pct([r["ttft"] for r in seq], 0.5)},
+            "concurrent": {"clients": clients, "errors": len(errors), "error_samples": errors[:3],
+                           "tokens_per_s": round(conc_tps, 1), "ttft_p50_s": pct([r["ttft"] for r in ok], 0.5),
+                           "ttft_p99_s": pct([r["ttft"] for r in ok], 0.99),
+                           "inter_token_p50_s": pct([g for r in ok for g in r["gaps"]], 0.5),
+                           "inter_token_p99_s": pct([g for r in ok for g in r["gaps"]], 0.99),
+                           "wall_s": round(conc_s, 2)},
+            "speedup_aggregate_tokens_per_s": round(conc_tps / seq_tps, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request (no stop token is forced)")
+    ap.add_argument("--sequential", type=int, default=6, help="requests in the one-at-a-time baseline")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(tmp) / "bench", args.layers, args.width)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
+                                 "--max-batch", str(args.clients), "--max-queue", str(args.clients * 2)],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            import urllib.request
+
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            out = asyncio.run(run(f"http://127.0.0.1:{port}", args.clients, args.tokens, args.sequential))
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    out |= {"model": {"layers": args.layers, "width": args.width, "tokenizer": "phi-3 (32k)"},
+            "max_tokens": args.tokens, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+            "server_metrics": [line for line in metrics.splitlines() if line.startswith(("lmforge_requests_total",
+                                                                                         "lmforge_finished"))]}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
