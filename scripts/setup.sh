@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="[rag,serve]"  # the quickstart indexes its corpus for retrieval and serves its fine-tuned model
+extras="[rag,serve,export]"  # the quickstart indexes its corpus, serves its fine-tuned model and exports it to GGUF
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 torch_spec=${LMFORGE_TORCH:-torch==2.13.0}

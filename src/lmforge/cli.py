@@ -14,7 +14,7 @@ from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
 STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.eval.cli",
-          "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
+          "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus

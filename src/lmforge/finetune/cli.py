@@ -108,15 +108,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  lmforge finetune --config recipe:finetune-lora-cpu --model DIR --data FILE")
     add_config_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune, _parser=p)
-
-    e = sub.add_parser("export", help="export a model (merge: base + LoRA adapter -> a full HF model)")
-    esub = e.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
-    m = esub.add_parser("merge", help="merge a PEFT adapter into its base model",
-                        description="Merge a LoRA/DoRA adapter (a checkpoint of `lmforge finetune`, or any PEFT LoRA "
-                                    "adapter directory) into its base model and write a full HF model directory with "
-                                    "the tokenizer, chat template and generation_config.json.")
-    m.add_argument("--model", required=True, help="the adapter directory (holds adapter_config.json)")
-    m.add_argument("--out", required=True, help="output model directory")
-    m.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--dtype", default="", choices=["", "fp32", "bf16", "fp16"], help="weight dtype (default: the base's)")
-    m.set_defaults(func=cmd_export_merge, _parser=m)

@@ -1,0 +1,43 @@
+"""`lmforge export merge | gguf`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from lmforge.export.gguf import export_gguf
+
+    out = export_gguf(args.model, args.out, dtype=args.type, name=args.name)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB, {args.type}); llama.cpp: llama-cli -m {out} -cnv; ollama: a Modelfile with "
+          f"'FROM ./{out.name}' (docs/export.md)", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.finetune.cli import cmd_export_merge
+
+    e = sub.add_parser("export", help="export a model: merge (base + LoRA -> a full HF model), gguf (llama.cpp / ollama)")
+    esub = e.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    m = esub.add_parser("merge", help="merge a PEFT adapter into its base model",
+                        description="Merge a LoRA/DoRA adapter (a checkpoint of `lmforge finetune`, or any PEFT LoRA "
+                                    "adapter directory) into its base model and write a full HF model directory with "
+                                    "the tokenizer, chat template and generation_config.json.")
+    m.add_argument("--model", required=True, help="the adapter directory (holds adapter_config.json)")
+    m.add_argument("--out", required=True, help="output model directory")
+    m.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--dtype", default="", choices=["", "fp32", "bf16", "fp16"], help="weight dtype (default: the base's)")
+    m.set_defaults(func=cmd_export_merge, _parser=m)
+    g = esub.add_parser("gguf", help="write a GGUF file for llama.cpp / ollama",
+                        description="Write a GGUF file (tensors, hyper-parameters, the byte-level BPE tokenizer with "
+                                    "its pre-tokenizer type, the chat template and end-of-turn token) from an HF model "
+                                    "directory: llama, mistral, qwen2 families. See docs/export.md.",
+                        epilog="example: lmforge export gguf --model runs/sft-merged --out runs/sft.gguf --type q8_0")
+    g.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory (merge adapters first)")
+    g.add_argument("--out", required=True, metavar="FILE", help="the .gguf file to write")
+    g.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="tensor type (1-D tensors stay f32)")
+    g.add_argument("--name", help="general.name in the file (default: the directory's name)")
+    g.set_defaults(func=cmd_export_gguf, _parser=g)

@@ -1,0 +1,240 @@
+"""Export an HF-layout model directory to GGUF, the file llama.cpp and ollama load.
+
+lmforge writes the GGUF itself (with the `gguf` package's writer) instead of going through llama.cpp's converter,
+which refuses any vocabulary it does not recognise by fingerprint ("BPE pre-tokenizer was not recognized",
+llama.cpp#9927): a self-trained tokenizer is declared by its split pattern, which is what llama.cpp's pre-tokenizer
+types stand for:
+
+  gpt2 pattern   -> "gpt-2"       cl100k pattern -> "llama-bpe" (Llama 3's, the same regex)
+  Qwen2's        -> "qwen2"       o200k pattern  -> "gpt-4o"
+
+Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style) and the llama (Llama,
+Mistral, SmolLM) and qwen2 architectures; tensors in f32, f16, q8_0 or q4_0 (1-D tensors stay f32; a matrix
+whose rows do not split into 32-value blocks stays f16). The chat template and the end-of-turn token travel in the
+file, so llama.cpp stops where the fine-tuned model learned to.
+
+HF's Llama checkpoints rotate q/k in two halves (NeoX style); llama.cpp's llama architecture rotates interleaved
+pairs, so q and k rows are permuted on the way, as llama.cpp's convert_hf_to_gguf.py does. Qwen2 uses NeoX rotation
+in llama.cpp too: no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.config import ConfigError
+from lmforge.tokenizer.patterns import PATTERNS
+
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+                 r"""|\s+(?!\S)|\s+""")
+# llama.cpp's pre-tokenizer type for each split pattern (llama-vocab.cpp); Llama 3's spelling of cl100k included
+PRE_TOKENIZERS = {
+    PATTERNS["gpt2"]: "gpt-2",
+    PATTERNS["cl100k"]: "llama-bpe",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"""
+    r"""|\s+""": "llama-bpe",
+    QWEN2_PATTERN: "qwen2",
+    PATTERNS["o200k"]: "gpt-4o",
+}
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+class ExportError(ConfigError):
+    """A model or tokenizer that this export cannot write faithfully (the message says what and why)."""
+
+
+def _split_patterns(pre: dict | None) -> list[str]:
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [p for item in pre.get("pretokenizers", []) for p in _split_patterns(item)]
+    if pre.get("type") == "Split":
+        pattern = pre.get("pattern", {})
+        return [pattern.get("Regex") or pattern.get("String") or ""]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return [PATTERNS["gpt2"]]
+    return []
+
+
+def pre_tokenizer_type(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the tokenizer's split pattern, or an ExportError naming the pattern."""
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE" or tokenizer_json.get("decoder", {}).get("type") not in ("ByteLevel", None):
+        raise ExportError("GGUF export writes byte-level BPE tokenizers (lmforge's, GPT-2, Qwen2, Llama 3); this "
+                          f"one is {model.get('type')} with a {tokenizer_json.get('decoder', {}).get('type')} decoder")
+    patterns = [p for p in _split_patterns(tokenizer_json.get("pre_tokenizer")) if p]
+    for p in patterns:
+        normal = p.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
+                           "(?i:'s|'t|'re|'ve|'m|'ll|'d)")
+        if normal in PRE_TOKENIZERS:
+            return PRE_TOKENIZERS[normal]
+    raise ExportError(f"the tokenizer's split pattern {patterns[:1]} is not one llama.cpp implements (gpt2, cl100k / "
+                      "Llama 3, Qwen2, o200k): llama.cpp would split text differently and the model would read other "
+                      "tokens")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's half-split rotary layout -> the interleaved one of llama.cpp's llama architecture (per head)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_names(arch: str, n_layers: int) -> dict[str, str]:
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+           "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+           "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+           "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+           "mlp.down_proj.weight": "ffn_down.weight"}
+    if arch == "qwen2":
+        per |= {"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                "self_attn.v_proj.bias": "attn_v.bias"}
+    for i in range(n_layers):
+        for hf, gg in per.items():
+            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+    return names
+
+
+def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "f16",
+                name: str | None = None) -> Path:
+    """Write `out` (a .gguf file) from an HF model directory with a byte-level BPE tokenizer.json."""
+    import gguf
+
+    from lmforge.model.hf import _read_config, config_from_hf, read_state_dict, resolve_model_dir
+
+    if dtype not in TYPES:
+        raise ExportError(f"--type {dtype!r}: one of {', '.join(TYPES)}")
+    d = resolve_model_dir(model_dir)
+    hf_cfg = _read_config(d)
+    cfg = config_from_hf(hf_cfg, str(d / "config.json"))
+    hf_arch = hf_cfg.get("model_type")
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(hf_arch)
+    if arch is None:
+        raise ExportError(f"{d}: GGUF export supports llama, mistral and qwen2 models; this is {hf_arch!r}")
+    if cfg.qk_norm or cfg.n_experts or cfg.pos != "rope" or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
+        raise ExportError(f"{d}: a {hf_arch} variant GGUF's {arch} architecture does not describe (qk-norm, experts, "
+                          "non-RoPE positions or a non-RMSNorm/SwiGLU block)")
+    if (cfg.qkv_bias and arch != "qwen2") or cfg.proj_bias:
+        raise ExportError(f"{d}: attention or projection biases are not part of llama.cpp's {arch} architecture")
+    if not (d / "tokenizer.json").exists():
+        raise ExportError(f"{d}: no tokenizer.json (GGUF carries the tokenizer)")
+    tok_json = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = pre_tokenizer_type(tok_json)
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")) \
+        if (d / "tokenizer_config.json").exists() else {}
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(name or d.name)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.d_model // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if cfg.rope_scaling:
+        raise ExportError(f"{d}: rope_scaling {cfg.rope_scaling} is not written to GGUF by this version")
+    w.add_vocab_size(cfg.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+    w.add_file_type(file_type)
+    _add_tokenizer(w, tok_json, tok_cfg, cfg, pre, d)
+
+    state = read_state_dict(d)
+    names = _tensor_names(arch, cfg.n_layers)
+    unknown = sorted(k for k in state if k not in names)
+    if unknown:
+        raise ExportError(f"{d}: tensors GGUF's {arch} layout has no place for: {unknown[:4]}")
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
+    for hf_name, tensor in state.items():
+        data = tensor.float().numpy()
+        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
+            data = _permute(data, cfg.n_heads)
+        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
+            data = _permute(data, cfg.n_kv_heads)
+        target = names[hf_name]
+        if data.ndim == 1 or dtype == "f32":
+            w.add_tensor(target, data.astype(np.float32))
+        elif dtype == "f16" or data.shape[-1] % 32:
+            w.add_tensor(target, data.astype(np.float16))
+        else:
+            w.add_tensor(target, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> None:
+    import gguf
+
+    model = tok_json["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    size = max(cfg.vocab_size, max(vocab.values()) + 1)
+    if size > cfg.vocab_size:
+        raise ExportError(f"{d}: the tokenizer has ids up to {size - 1} but the model's embedding has "
+                          f"{cfg.vocab_size} rows")
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+        t = added.get(token)
+        types[i] = (gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED) if t \
+            else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+    def token_id(key: str) -> int | None:
+        value = tok_cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return vocab.get(value) if isinstance(value, str) else None
+
+    bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+    eos = eos if eos is not None else cfg.eos_token_id
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if pad is not None:
+        w.add_pad_token_id(pad)
+    # does the tokenizer put a BOS first when it encodes for the model? (Llama 3 yes; Qwen and GPT-2 no)
+    from tokenizers import Tokenizer
+
+    first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
+    w.add_add_bos_token(bos is not None and first == [bos])
+    template = tok_cfg.get("chat_template")
+    if template is None and (d / "chat_template.jinja").exists():
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str):
+        w.add_chat_template(template)
+        from lmforge.infer.engine import turn_end_ids
+        from lmforge.tokenizer import load_tokenizer
+
+        ends = [i for i in turn_end_ids(load_tokenizer(d)) if i != eos]
+        if ends:  # the end-of-turn token (ChatML's <|im_end|>): llama.cpp stops there in chat
+            w.add_eot_token_id(ends[0])

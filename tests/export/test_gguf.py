@@ -1,0 +1,128 @@
+"""GGUF export, proven by loading the file in llama.cpp (llama-cpp-python): the same token ids as lmforge on
+English, Chinese and emoji text, the same logits, the same greedy tokens; real tokenizers and lmforge's own."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.export.gguf import ExportError, export_gguf
+from lmforge.infer.engine import generate_ids
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.model import load_hf_model
+from lmforge.tokenizer import load_tokenizer
+from tests.conftest import REAL_TOKENIZERS
+
+transformers = pytest.importorskip("transformers")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                    "llama-cpp-python; it builds from its sdist)")
+
+TEXTS = ["The quick brown fox jumps over the lazy dog, 12345 times.\n\tdef f(x): return x ** 2",
+         "北京是中华人民共和国的首都，也是全国的政治、文化中心。", "emoji 🙂🚀 and naïve café — “quotes”", "  two  spaces\n\nnewlines"]
+
+
+def _tokenizer_dir(d: Path, fixture: str | None, trained_dir: Path | None) -> Path:
+    d.mkdir()
+    if fixture:
+        for f in (Path(REAL_TOKENIZERS) / fixture).iterdir():
+            if f.name.endswith(".gz"):
+                with gzip.open(f) as a, open(d / f.name[:-3], "wb") as b:
+                    shutil.copyfileobj(a, b)
+            else:
+                shutil.copy(f, d / f.name)
+    else:
+        for f in trained_dir.iterdir():
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def _model(d: Path, arch: str, eos: int | None) -> Path:
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  initializer_range=0.3,  # confident logits: greedy choices far from ties
+                  tie_word_embeddings=False, eos_token_id=eos)
+    model = (transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)) if arch == "qwen2"
+             else transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)))
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, trained_dir):
+    tmp = tmp_path_factory.mktemp("gguf")
+    lm = _tokenizer_dir(tmp / "lmforge-bpe", None, trained_dir)
+    qwen = _tokenizer_dir(tmp / "qwen", "qwen2.5-instruct", None)
+    return {"lmforge-bpe": _model(lm, "llama", load_tokenizer(lm).special_tokens["<|endoftext|>"]),
+            "qwen2.5": _model(qwen, "qwen2", 151645)}
+
+
+def _llama(path: Path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lmforge-bpe", "qwen2.5"])
+def test_llama_cpp_reads_the_same_tokens_logits_and_greedy_output(models, tmp_path, name):
+    d = models[name]
+    path = export_gguf(d, tmp_path / f"{name}.gguf", dtype="f32")
+    llm = _llama(path)
+    tok, model = load_tokenizer(d), load_hf_model(d)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == tok.encode(text), text
+        assert llm.detokenize(tok.encode(text)).decode("utf-8") == text
+    ids = tok.encode(TEXTS[0] + TEXTS[1])
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-3 * np.abs(ours).max()
+    prompt = tok.encode(TEXTS[1])
+    ours_greedy = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=16, temperature=0))[0]
+    llm.reset()
+    theirs_greedy = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        theirs_greedy.append(t)
+        if len(theirs_greedy) == len(ours_greedy) or t == llm.token_eos():
+            break
+    assert theirs_greedy == ours_greedy
+    meta = llm.metadata
+    assert meta["tokenizer.ggml.pre"] == {"lmforge-bpe": "gpt-2", "qwen2.5": "qwen2"}[name]
+    if tok.chat_template:
+        assert meta["tokenizer.chat_template"] == tok.chat_template
+
+
+@pytest.mark.slow
+def test_quantized_exports_load_and_stay_close(models, tmp_path):
+    d = models["qwen2.5"]
+    tok, model = load_tokenizer(d), load_hf_model(d)
+    ids = tok.encode(TEXTS[1])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    sizes = {}
+    for dtype, tol in (("f16", 0.02), ("q8_0", 0.05)):
+        path = export_gguf(d, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
+        sizes[dtype] = path.stat().st_size
+        llm = _llama(path)
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:len(ids)])
+        assert np.abs(theirs - ours).max() < tol * np.abs(ours).max(), dtype
+        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+    assert sizes["q8_0"] < sizes["f16"]
+
+
+def test_unsupported_tokenizers_and_models_are_clear_errors(tmp_path, models):
+    phi = _tokenizer_dir(tmp_path / "phi", "phi-3-mini-instruct", None)
+    _model(phi, "llama", None)
+    with pytest.raises(ExportError, match="byte-level BPE"):
+        export_gguf(phi, tmp_path / "x.gguf")
+    with pytest.raises(ExportError, match="--type 'q2'"):
+        export_gguf(models["qwen2.5"], tmp_path / "x.gguf", dtype="q2")
+    assert not (tmp_path / "x.gguf").exists()
