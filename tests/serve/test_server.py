@@ -330,3 +330,38 @@ def test_embeddings_endpoint_returns_the_embedders_vectors(model_dir):
         _error(httpx.post(r.url + "/v1/embeddings", json={"input": ""}), 400)
     finally:
         r.close()
+
+
+def test_index_answers_from_the_documents_with_sources(model_dir, tmp_path):
+    from lmforge.data.document import Document
+    from lmforge.rag.answer import NO_ANSWER, NO_ANSWER_ZH, AskConfig, build_prompt, relevant_hits
+    from lmforge.rag.index import IndexConfig, RagIndex
+    from tests.corpora import english
+
+    paras = [p for p in english(120_000).split("\n\n") if len(p) > 200][:60]
+    index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
+    index.upsert([Document(f"d{i}", p) for i, p in enumerate(paras)])
+    r = Running(model_dir, index=index, ask_cfg=AskConfig(k=3))
+    try:
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
+        question = "What happens when an exception is raised in the try statement?"
+        raw = httpx.post(r.url + "/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0})
+        body = raw.json()
+        hits = relevant_hits(index.search(question, k=3, mode="sparse"), AskConfig(k=3), False)
+        # the model answered the prompt `lmforge rag ask` builds (numbered sources within the context budget), and
+        # the response lists the sources that prompt holds, with offsets into their documents
+        prompt, used = build_prompt(question, hits, r.tok, r.server.context - 16)
+        assert [s["doc_id"] for s in body["sources"]] == [h.chunk.doc_id for h in used] and used
+        assert all(paras[int(s["doc_id"][1:])][s["start"]:s["end"]] == s["text"] for s in body["sources"])
+        assert body["choices"][0]["message"]["content"] == generate(
+            r.model, r.tok, prompt, SamplingConfig(max_new_tokens=16, temperature=0, stop_token_ids=r.server.stop_ids))
+        assert "citations" in body["choices"][0]
+        # the official client ignores the extra field; nothing relevant: "I don't know" without calling the model
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "zzqx vlorp"}])
+        assert out.choices[0].message.content == NO_ANSWER
+        chunks = list(client.chat.completions.create(model="tiny", stream=True,
+                                                     messages=[{"role": "user", "content": "量子色动力学"}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == NO_ANSWER_ZH
+    finally:
+        r.close()

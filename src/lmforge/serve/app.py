@@ -6,6 +6,8 @@
                               frequency penalties, logprobs + top_logprobs
   POST /v1/completions        a text or token-id prompt; echo + logprobs score the prompt (lm-evaluation-harness's
                               loglikelihood through a server: max_tokens 0, echo, logprobs)
+                              with --index: answered from a RAG index (lmforge's hybrid retrieval), the sources with
+                              their offsets in an extra "sources" field, "I don't know" when nothing relevant is found
   POST /v1/embeddings         sentence vectors from the server's embedder (--embedder: all-MiniLM-L6-v2 offline by
                               default, or any sentence-transformers directory)
   GET  /v1/models, /health, /metrics (Prometheus text), /  (the web chat page, no CDN)
@@ -125,7 +127,8 @@ class Server:
     sentence embedder for /v1/embeddings."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder"):
+                 max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder",
+                 index=None, ask_cfg=None):
         from lmforge.infer.engine import default_stop_ids, turn_end_ids
 
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
@@ -136,6 +139,7 @@ class Server:
         self.latencies: list[float] = []  # seconds per finished request, for the /metrics histogram
         self.http_errors = 0
         self.embedder, self.embedder_name = embedder, embedder_name
+        self.index, self.ask_cfg = index, ask_cfg  # --index: chat answers come from a RAG index, with sources
         self.embed_lock = None  # created on the event loop: one embedding batch at a time
 
     # --- prompts ---
@@ -150,6 +154,28 @@ class Server:
             return encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
         except TemplateError as e:
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
+
+    def rag_prompt(self, messages: list[Message], max_tokens: int | None) -> tuple[list[int] | None, list[dict], str]:
+        """With --index: the last user message is the question; (prompt ids, sources, "") from the index's hits,
+        or (None, [], the "I don't know" answer) when nothing relevant is found (the model is not asked)."""
+        from lmforge.rag.answer import NO_ANSWER, NO_ANSWER_ZH, _source, build_prompt, relevant_hits
+        from lmforge.text import HAN_RUN
+
+        question = next((m.text() for m in reversed(messages) if m.role == "user"), "")
+        if not question.strip():
+            raise APIError(400, "with --index the conversation needs a user message to answer", param="messages")
+        cfg = self.ask_cfg
+        mode = cfg.mode if self.index.cfg.dense else "sparse"
+        hits = relevant_hits(self.index.search(question, k=cfg.k, mode=mode), cfg,
+                             self.index.cfg.dense and mode != "sparse")
+        if not hits:
+            return None, [], NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER
+        budget = self.context - (max_tokens or cfg.max_new_tokens)
+        prompt, used = build_prompt(question, hits, self.tokenizer, budget)
+        if not used:
+            raise APIError(400, f"the {self.context}-token context cannot hold the question and one source",
+                           param="messages", code="context_length_exceeded")
+        return prompt, [_source(i + 1, h) for i, h in enumerate(used)], ""
 
     def sampling(self, req: _Sampling, prompt_len: int, max_tokens: int | None, index: int) -> SamplingConfig:
         room = self.context - prompt_len
@@ -343,12 +369,20 @@ def create_app(server: Server, cors: list[str] | None = None):
         if req.response_format and req.response_format.get("type") not in (None, "text"):
             raise APIError(400, "response_format json_object / json_schema is not supported by this server yet",
                            param="response_format")
-        prompt = server.chat_prompt(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        configs = [server.sampling(req, len(prompt), max_tokens, i) for i in range(req.n)]
-        logprobs = (req.top_logprobs or 0) if req.logprobs else -1
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": server.model_name}
+        sources = None
+        if server.index is not None:
+            prompt, sources, no_answer = await asyncio.get_running_loop().run_in_executor(
+                None, server.rag_prompt, req.messages, max_tokens)
+            if prompt is None:  # nothing relevant: say so without asking the model
+                return _fixed_answer(base, no_answer, req, sources)
+            base["sources"] = sources  # an extra field (the OpenAI client ignores it): what the answer stands on
+        else:
+            prompt = server.chat_prompt(req.messages)
+        configs = [server.sampling(req, len(prompt), max_tokens, i) for i in range(req.n)]
+        logprobs = (req.top_logprobs or 0) if req.logprobs else -1
         streams = server.open(prompt, configs, logprobs, req.presence_penalty, req.frequency_penalty)
         if req.stream:
             return StreamingResponse(_chat_stream(server, prompt, streams, logprobs, req, base),
@@ -357,8 +391,13 @@ def create_app(server: Server, cors: list[str] | None = None):
         choices, completion_tokens = [], 0
         for i, (text, finish, entries, n_tokens) in enumerate(results):
             completion_tokens += n_tokens
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": finish})
+            choice = {"index": i, "message": {"role": "assistant", "content": text},
+                      "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": finish}
+            if sources is not None:
+                from lmforge.rag.answer import parse_citations
+
+                choice["citations"] = [sources[n - 1] for n in parse_citations(text, len(sources))]
+            choices.append(choice)
         return base | {"object": "chat.completion", "choices": choices,
                        "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
                                  "total_tokens": len(prompt) + completion_tokens}}
@@ -405,6 +444,30 @@ def create_app(server: Server, cors: list[str] | None = None):
                                  "total_tokens": prompt_tokens + completion_tokens}}
 
     return app
+
+
+def _fixed_answer(base: dict, text: str, req: ChatRequest, sources: list):
+    """A reply the server writes itself (RAG found nothing relevant), streamed or not, in the usual schema."""
+    from fastapi.responses import StreamingResponse
+
+    base = base | {"sources": sources}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if not req.stream:
+        return base | {"object": "chat.completion", "usage": usage, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "stop",
+             "citations": []} for i in range(req.n)]}
+
+    async def chunks():
+        chunk = base | {"object": "chat.completion.chunk"}
+        for i in range(req.n):
+            yield _sse(chunk | {"choices": [{"index": i, "delta": {"role": "assistant", "content": text},
+                                             "logprobs": None, "finish_reason": None}]})
+            yield _sse(chunk | {"choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+        if (req.stream_options or StreamOptions()).include_usage:
+            yield _sse(chunk | {"choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _completion_prompts(server: Server, prompt) -> list[list[int]]:
@@ -515,12 +578,15 @@ def _finish(event: Event) -> str | None:
 
 
 async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatRequest, base: dict):
+    base = dict(base)
+    sources = base.pop("sources", None)  # --index: sent once, with the first chunk
     chunk = base | {"object": "chat.completion.chunk"}
     usage = (req.stream_options or StreamOptions()).include_usage
     extra = {"usage": None} if usage else {}
     for i in range(len(streams)):
         yield _sse(chunk | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]} | extra)
+                                         "logprobs": None, "finish_reason": None}]} | extra
+                   | ({"sources": sources} if sources is not None and i == 0 else {}))
     completion_tokens = 0
     async for i, event in _merged(streams):
         if event.token_id is not None:

@@ -27,8 +27,14 @@ def build_server(args: argparse.Namespace):
 
         embedder = SentenceEmbedder.load(None if args.embedder == "default" else args.embedder)
         embedder_name = "all-MiniLM-L6-v2" if args.embedder == "default" else Path(args.embedder).resolve().name
+    index = ask_cfg = None
+    if args.index:
+        from lmforge.rag.answer import AskConfig
+        from lmforge.rag.index import RagIndex
+
+        index, ask_cfg = RagIndex.open(args.index), AskConfig(k=args.k)
     return Server(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                  context=args.context, embedder=embedder, embedder_name=embedder_name)
+                  context=args.context, embedder=embedder, embedder_name=embedder_name, index=index, ask_cfg=ask_cfg)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chat-template", metavar="NAME|FILE", help="a built-in template or a Jinja file instead of the "
                                                                  "model's own (a warning says when they differ)")
     s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
+    s.add_argument("--index", metavar="RAG_DIR", help="answer chat requests from this `lmforge rag index` (sources "
+                                                       "in the response; \"I don't know\" when nothing is relevant)")
+    s.add_argument("--k", type=int, default=5, help="--index: chunks retrieved per question")
     s.add_argument("--embedder", metavar="default|DIR", help="serve /v1/embeddings too: 'default' (all-MiniLM-L6-v2, "
                                                                "offline) or a sentence-transformers directory")
     s.set_defaults(func=cmd_serve, _parser=s)
