@@ -365,3 +365,39 @@ def test_index_answers_from_the_documents_with_sources(model_dir, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == NO_ANSWER_ZH
     finally:
         r.close()
+
+
+@pytest.mark.slow
+def test_web_page_streams_a_reply_in_headless_chromium(served):
+    """Debian's chromium, driven by Selenium: type a message, see the streamed reply (the same text as the engine's)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                              options=options)
+    try:
+        driver.get(served.url + "/")
+        WebDriverWait(driver, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
+        for field, value in (("temperature", "0"), ("max_tokens", "24")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("北京在哪里？")
+        driver.find_element(By.ID, "send").click()
+        # the reply has finished when its bubble shows the timing line
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant .meta"))
+        history = driver.execute_script("return JSON.parse(localStorage.getItem('lmforge.history'))")
+        assert history[-2] == {"role": "user", "content": "北京在哪里？"}
+        assert history[-1]["content"] == _alone(served, [{"role": "user", "content": "北京在哪里？"}], 24)
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].text.endswith("北京在哪里？")
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+    finally:
+        driver.quit()
