@@ -4,7 +4,8 @@ Starts `lmforge serve` as a user does (a subprocess on 127.0.0.1), then
   1. sequential: requests one at a time (the baseline a one-request-at-a-time server gives);
   2. concurrent: C streaming clients at once (asyncio + openai.AsyncOpenAI), continuous batching on the server;
 and reports errors, time to first token (p50 / p99), inter-token latency (p50 / p99), aggregate generated tokens/s and
-the concurrent / sequential ratio.
+the concurrent / sequential ratio; then the same model exported to GGUF by lmforge behind llama-cpp-python's OpenAI
+server (the peer), both at --peer-clients concurrent streams.
 
     python benchmarks/serve.py                      # a 41M-parameter Llama (8 x 512, Phi-3's tokenizer), 32 clients
     python benchmarks/serve.py --clients 8 --tokens 32
@@ -19,7 +20,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,6 +104,47 @@ async def run(url: str, clients: int, tokens: int, sequential: int) -> dict:
             "speedup_aggregate_tokens_per_s": round(conc_tps / seq_tps, 2)}
 
 
+def _start(cmd: list[str], port: int) -> subprocess.Popen:
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(900):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[2]} exited: {proc.stderr.read()[-2000:]}") from None
+            time.sleep(0.1)
+    raise RuntimeError(f"{cmd} did not start")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer(model: Path, tmp: Path, clients: int, tokens: int, sequential: int) -> dict:
+    """The same model, exported to GGUF (f32) by lmforge, behind llama-cpp-python's OpenAI server."""
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"llama-cpp-python's server is not installed ({e.name}): pip install 'llama-cpp-python[server]'"}
+    from lmforge.export.gguf import export_gguf
+
+    gguf = export_gguf(model, tmp / "bench.gguf", dtype="f32")
+    port = _port()
+    # --interrupt_requests False: otherwise each new request kills the running stream
+    proc = _start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                   "--n_threads", str(os.cpu_count()), "--n_ctx", "2048", "--interrupt_requests", "False"], port)
+    try:
+        return asyncio.run(run(f"http://127.0.0.1:{port}", clients, tokens, sequential))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
@@ -111,6 +152,8 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=6, help="requests in the one-at-a-time baseline")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--peer-clients", type=int, default=8, help="concurrent clients against both servers")
+    ap.add_argument("--skip-peer", action="store_true", help="without llama-cpp-python's server")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "bench", args.layers, args.width)
@@ -130,10 +173,19 @@ def main() -> None:
                 except OSError:
                     time.sleep(0.1)
             out = asyncio.run(run(f"http://127.0.0.1:{port}", args.clients, args.tokens, args.sequential))
+            if not args.skip_peer:
+                out["at_peer_clients"] = asyncio.run(run(f"http://127.0.0.1:{port}", args.peer_clients, args.tokens,
+                                                         args.sequential))
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         finally:
             proc.terminate()
             proc.wait(30)
+        if not args.skip_peer:
+            out["llama_cpp_python_server"] = peer(model, Path(tmp), args.peer_clients, args.tokens, args.sequential)
+            theirs = out["llama_cpp_python_server"].get("concurrent", {}).get("tokens_per_s")
+            if theirs:
+                out["vs_llama_cpp_python_at_peer_clients"] = round(
+                    out["at_peer_clients"]["concurrent"]["tokens_per_s"] / theirs, 2)
     out |= {"model": {"layers": args.layers, "width": args.width, "tokenizer": "phi-3 (32k)"},
             "max_tokens": args.tokens, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
             "server_metrics": [line for line in metrics.splitlines() if line.startswith(("lmforge_requests_total",

@@ -23,7 +23,8 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
                                                     "llama-cpp-python; it builds from its sdist)")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog, 12345 times.\n\tdef f(x): return x ** 2",
-         "北京是中华人民共和国的首都，也是全国的政治、文化中心。", "emoji 🙂🚀 and naïve café — “quotes”", "  two  spaces\n\nnewlines"]
+         "北京是中华人民共和国的首都，也是全国的政治、文化中心。", "emoji 🙂🚀 and naïve café — “quotes”",
+         "  two  spaces\n\nnewlines"]
 
 
 def _tokenizer_dir(d: Path, fixture: str | None, trained_dir: Path | None) -> Path:

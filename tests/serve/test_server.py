@@ -4,7 +4,6 @@ streaming in OpenAI's schema, continuous batching, logprobs, errors, keys, disco
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import socket
 import threading

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from lmforge.model.transformer import KVCache, Transformer
 
-
 PREFIX_PROBE = 32  # tokens compared to find prompts that share a few-shot block
 
 

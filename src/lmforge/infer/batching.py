@@ -34,7 +34,6 @@ from lmforge.infer.engine import _TextState
 from lmforge.infer.sampling import SamplingConfig, sample_tokens
 from lmforge.model.transformer import KVCache, Transformer
 
-
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +44,8 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     """New text of a request. `finish_reason` is set on its last event: "stop" (a stop id or string), "length"
-    (max_new_tokens or the context), "cancelled", or "error" (the step failed; the server logs why). `logprob` / `top_logprobs` (token id, log-probability) are
-    set for the step's token when the request asked for them."""
+    (max_new_tokens or the context), "cancelled", or "error" (the step failed; the server logs why). `logprob` /
+    `top_logprobs` (token id, log-probability) are set for the step's token when the request asked for them."""
 
     text: str
     token_id: int | None = None
@@ -87,7 +86,7 @@ class Handle:
 class _View(KVCache):
     """The first `n` rows of the shared cache, filled up to `length` (a view: writes land in the shared tensors)."""
 
-    def __init__(self, parent: KVCache, n: int, length: int):  # noqa: super().__init__ would allocate
+    def __init__(self, parent: KVCache, n: int, length: int):  # no super().__init__(): it would allocate
         self.k = [k[:n] for k in parent.k]
         self.v = [v[:n] for v in parent.v]
         self._length, self.max_len, self.static = length, parent.max_len, False
