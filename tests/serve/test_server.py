@@ -4,6 +4,7 @@ streaming in OpenAI's schema, continuous batching, logprobs, errors, keys, disco
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import threading
@@ -194,7 +195,8 @@ def test_bad_requests_get_openai_errors(served):
     _error(httpx.post(url, json=ok | {"messages": [{"role": "wizard", "content": "hi"}]}), 400)
     e = _error(httpx.post(url, json=ok | {"max_tokens": 10**9}), 400, "context")
     assert e["code"] == "context_length_exceeded"
-    _error(httpx.post(url, json=ok | {"tools": [{"type": "function", "function": {"name": "f"}}]}), 400, "tools")
+    _error(httpx.post(url, json=ok | {"tools": [{"type": "funktion", "function": {"name": "f"}}]}), 400)
+    _error(httpx.post(url, json=ok | {"response_format": {"type": "json_object"}}), 400, "response_format")
     _error(httpx.get(served.url + "/v1/nothing"), 404)
     _error(httpx.post(served.url + "/v1/embeddings", json={"input": "x"}), 404, "--embedder")
     _error(httpx.post(served.url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1}), 400, "token ids")
@@ -400,3 +402,72 @@ def test_web_page_streams_a_reply_in_headless_chromium(served):
         assert not driver.find_elements(By.CSS_SELECTOR, ".error")
     finally:
         driver.quit()
+
+
+def test_tool_calls_in_the_templates_format_come_back_as_openai_tool_calls(served, real_tokenizers):
+    """The model's text is canned here (a random model writes no tool calls): the protocol layer is under test."""
+    import types
+
+    from lmforge.infer.batching import Event
+    from lmforge.serve.app import Message, Server
+    from lmforge.serve.tools import parse_tool_calls
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    # the prompt: tools rendered by the model's own template exactly as transformers renders them
+    qwen = real_tokenizers["qwen2.5-instruct"]
+    server = Server(served.model, load_tokenizer(qwen), "q")
+    msgs = [{"role": "user", "content": "北京天气怎么样？"}]
+    hf = transformers.AutoTokenizer.from_pretrained(qwen)
+    assert server.chat_prompt([Message(**m) for m in msgs], tools) == hf.apply_chat_template(
+        msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+    # an assistant turn with tool calls and a tool result render too (arguments as JSON text, OpenAI's way)
+    turns = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "晴，25°C"}]
+    expected = [dict(t) for t in turns]
+    expected[1] = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]}
+    assert server.chat_prompt([Message(**m) for m in turns], tools) == hf.apply_chat_template(
+        expected, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    assert parse_tool_calls(text, {"get_weather"})[0] == "Let me check."
+    assert parse_tool_calls(text, {"other"})[1] == []  # only offered tools count
+    assert parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Paris"}}', {"get_weather"})[1]
+
+    real_submit = served.server.batcher.submit
+
+    def canned(prompt, cfg, emit, **kw):
+        pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+
+        def run():
+            for p in pieces[:-1]:
+                emit(Event(p, 1))
+            emit(Event(pieces[-1], 1, "stop"))
+
+        threading.Thread(target=run).start()
+        return types.SimpleNamespace(cancel=lambda: None)
+
+    served.server.batcher.submit = canned
+    try:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="x")
+        out = client.chat.completions.create(model="tiny", messages=msgs, tools=tools)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+        chunks = list(client.chat.completions.create(model="tiny", messages=msgs, tools=tools, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert content.strip() == "Let me check." and "<tool" not in content
+        last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1].choices[0]
+        assert last.finish_reason == "tool_calls"
+        assert last.delta.tool_calls[0].function.name == "get_weather" and last.delta.tool_calls[0].index == 0
+        # tool_choice none: the template gets no tools, the text is plain content
+        plain = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice="none")
+        assert plain.choices[0].finish_reason == "stop" and "<tool_call>" in plain.choices[0].message.content
+        _error(httpx.post(served.url + "/v1/chat/completions", json={"messages": msgs, "tools": tools,
+                                                                     "tool_choice": "required"}), 400, "constrained")
+    finally:
+        served.server.batcher.submit = real_submit

@@ -3,7 +3,9 @@
   POST /v1/chat/completions   messages through the model's chat template; stream (SSE, OpenAI's chunk schema, a
                               usage chunk with stream_options.include_usage), n, max_tokens / max_completion_tokens,
                               temperature, top_p, seed, stop (added to the model's own stop tokens), presence /
-                              frequency penalties, logprobs + top_logprobs
+                              frequency penalties, logprobs + top_logprobs, tools (tool_choice auto / none: the
+                              tools go through the template, the calls the model writes come back as tool_calls,
+                              streamed ones ending with finish_reason "tool_calls")
   POST /v1/completions        a text or token-id prompt; echo + logprobs score the prompt (lm-evaluation-harness's
                               loglikelihood through a server: max_tokens 0, echo, logprobs)
                               with --index: answered from a RAG index (lmforge's hybrid retrieval), the sources with
@@ -55,11 +57,42 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it (HF's convention: tool-call arguments as a dict)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments)
+                except json.JSONDecodeError:
+                    raise APIError(400, f"tool call {c.id}: arguments are not JSON", param="messages") from None
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                                            "arguments": args}})
+            out["tool_calls"] = calls
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -69,6 +102,18 @@ class Message(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class FunctionSpec(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class _Sampling(_Strict):
@@ -102,9 +147,14 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None
-    tools: list | None = None
+    tools: list[Tool] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+
+    def active_tools(self) -> list[dict] | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class CompletionRequest(_Sampling):
@@ -143,15 +193,17 @@ class Server:
         self.embed_lock = None  # created on the event loop: one embedding batch at a time
 
     # --- prompts ---
-    def chat_prompt(self, messages: list[Message]) -> list[int]:
+    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         from lmforge.tokenizer.chat import TemplateError, encode_chat
 
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        msgs = [m.for_template() for m in messages]
         tok = self.tokenizer
         if not tok.chat_template:
+            if tools:
+                raise APIError(400, "this model has no chat template, so it cannot be offered tools", param="tools")
             return tok.encode("\n".join(m["content"] for m in msgs) + "\n", disallowed_special=())
         try:
-            return encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
+            return encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True, tools=tools).ids
         except TemplateError as e:
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
 
@@ -364,8 +416,12 @@ def create_app(server: Server, cors: list[str] | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        if req.tools or req.tool_choice not in (None, "none"):
-            raise APIError(400, "tools / tool_choice are not supported by this server yet", param="tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which this "
+                                "server does not do yet; use 'auto' or 'none'", param="tool_choice")
+        tools = req.active_tools()
+        if tools and server.index is not None:
+            raise APIError(400, "tools and --index answers do not combine", param="tools")
         if req.response_format and req.response_format.get("type") not in (None, "text"):
             raise APIError(400, "response_format json_object / json_schema is not supported by this server yet",
                            param="response_format")
@@ -380,18 +436,26 @@ def create_app(server: Server, cors: list[str] | None = None):
                 return _fixed_answer(base, no_answer, req, sources)
             base["sources"] = sources  # an extra field (the OpenAI client ignores it): what the answer stands on
         else:
-            prompt = server.chat_prompt(req.messages)
+            prompt = server.chat_prompt(req.messages, tools)
+        names = {t["function"]["name"] for t in tools} if tools else None
         configs = [server.sampling(req, len(prompt), max_tokens, i) for i in range(req.n)]
         logprobs = (req.top_logprobs or 0) if req.logprobs else -1
         streams = server.open(prompt, configs, logprobs, req.presence_penalty, req.frequency_penalty)
         if req.stream:
-            return StreamingResponse(_chat_stream(server, prompt, streams, logprobs, req, base),
+            return StreamingResponse(_chat_stream(server, prompt, streams, logprobs, req, base, names),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await asyncio.gather(*[_collect(server, st, logprobs) for st in streams])
         choices, completion_tokens = [], 0
         for i, (text, finish, entries, n_tokens) in enumerate(results):
             completion_tokens += n_tokens
-            choice = {"index": i, "message": {"role": "assistant", "content": text},
+            message = {"role": "assistant", "content": text}
+            if names:
+                from lmforge.serve.tools import parse_tool_calls
+
+                content, calls = parse_tool_calls(text, names)
+                if calls:
+                    message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            choice = {"index": i, "message": message,
                       "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": finish}
             if sources is not None:
                 from lmforge.rag.answer import parse_citations
@@ -577,7 +641,11 @@ def _finish(event: Event) -> str | None:
     return "stop" if event.finish_reason == "cancelled" else event.finish_reason
 
 
-async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatRequest, base: dict):
+async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatRequest, base: dict,
+                       tool_names: set[str] | None = None):
+    from lmforge.serve.tools import HoldBack, parse_tool_calls
+
+    holds = [HoldBack() for _ in streams] if tool_names else None  # text that may be a tool call waits
     base = dict(base)
     sources = base.pop("sources", None)  # --index: sent once, with the first chunk
     chunk = base | {"object": "chat.completion.chunk"}
@@ -597,8 +665,24 @@ async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatReque
         except APIError as e:  # the response has started: the error goes in the stream, as OpenAI's does
             yield _sse(e.body())
             return
-        if event.text or finish or lp:
-            delta = {"content": event.text} if event.text else {}
+        text = event.text
+        if holds is not None:
+            text = holds[i].push(text)
+            if finish:
+                content, calls = parse_tool_calls(holds[i].text, tool_names)
+                if calls:  # what was held is the calls (and any text after them)
+                    sent = holds[i].text[:holds[i].sent]
+                    after = (content or "")[len(sent.strip()):].strip() if content else ""
+                    if text or after:
+                        yield _sse(chunk | {"choices": [{"index": i, "delta": {"content": text + after},
+                                                         "logprobs": None, "finish_reason": None}]} | extra)
+                    deltas = [{"index": k} | c for k, c in enumerate(calls)]
+                    yield _sse(chunk | {"choices": [{"index": i, "delta": {"tool_calls": deltas}, "logprobs": lp,
+                                                     "finish_reason": "tool_calls"}]} | extra)
+                    continue
+                text += holds[i].rest()
+        if text or finish or lp:
+            delta = {"content": text} if text else {}
             yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
                        | extra)
     if usage:
