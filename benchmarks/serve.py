@@ -7,7 +7,7 @@ and reports errors, time to first token (p50 / p99), inter-token latency (p50 / 
 the concurrent / sequential ratio; then the same model exported to GGUF by lmforge behind llama-cpp-python's OpenAI
 server (the peer), both at --peer-clients concurrent streams.
 
-    python benchmarks/serve.py                      # a 41M-parameter Llama (8 x 512, Phi-3's tokenizer), 32 clients
+    python benchmarks/serve.py                      # a ~103M-parameter Llama (8 x 512, Qwen2.5's 151k vocabulary)
     python benchmarks/serve.py --clients 8 --tokens 32
 """
 
@@ -36,7 +36,8 @@ def build_model(d: Path, layers: int, width: int) -> Path:
     import torch
     import transformers
 
-    src = ROOT / "tests" / "fixtures" / "tokenizers" / "phi-3-mini-instruct"
+    # Qwen2.5's real tokenizer: byte-level BPE, so the same model exports to GGUF for the peer
+    src = ROOT / "tests" / "fixtures" / "tokenizers" / "qwen2.5-instruct"
     d.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.name.endswith(".gz"):
@@ -50,7 +51,7 @@ def build_model(d: Path, layers: int, width: int) -> Path:
                                    num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
                                    max_position_embeddings=1024, tie_word_embeddings=True,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)  # a llama-architecture model over Qwen's vocabulary
     return d
 
 
@@ -59,20 +60,22 @@ def pct(values: list[float], q: float) -> float:
     return round(values[min(int(q * len(values)), len(values) - 1)], 4) if values else float("nan")
 
 
+COUNT = None  # text -> tokens, with the model's tokenizer: both servers' output is counted the same way
+
+
 async def one(client, prompt: str, tokens: int) -> dict:
     start = time.perf_counter()
-    first, stamps, n = None, [], 0
+    first, stamps, n, text = None, [], 0, []
     stream = await client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
-                                                  max_tokens=tokens, temperature=0, stream=True,
-                                                  stream_options={"include_usage": True})
+                                                  max_tokens=tokens, temperature=0, stream=True)
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.choices and chunk.choices[0].delta.content:
             if first is None:
                 first = now - start
             stamps.append(now)
-        if chunk.usage:
-            n = chunk.usage.completion_tokens
+            text.append(chunk.choices[0].delta.content)
+    n = COUNT("".join(text))
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": first, "gaps": gaps, "tokens": n, "seconds": time.perf_counter() - start}
 
@@ -107,14 +110,15 @@ async def run(url: str, clients: int, tokens: int, sequential: int) -> dict:
 def _start(cmd: list[str], port: int) -> subprocess.Popen:
     import urllib.request
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for _ in range(900):
+    log = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    for _ in range(1800):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[2]} exited: {proc.stderr.read()[-2000:]}") from None
+                raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}") from None
             time.sleep(0.1)
     raise RuntimeError(f"{cmd} did not start")
 
@@ -136,7 +140,8 @@ def peer(model: Path, tmp: Path, clients: int, tokens: int, sequential: int) -> 
     gguf = export_gguf(model, tmp / "bench.gguf", dtype="f32")
     port = _port()
     # --interrupt_requests False: otherwise each new request kills the running stream
-    proc = _start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+    proc = _start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                   "--port", str(port),
                    "--n_threads", str(os.cpu_count()), "--n_ctx", "2048", "--interrupt_requests", "False"], port)
     try:
         return asyncio.run(run(f"http://127.0.0.1:{port}", clients, tokens, sequential))
@@ -157,6 +162,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "bench", args.layers, args.width)
+        global COUNT
+        import transformers
+
+        hf_tok = transformers.AutoTokenizer.from_pretrained(model)
+        COUNT = lambda text: len(hf_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -186,7 +196,7 @@ def main() -> None:
             if theirs:
                 out["vs_llama_cpp_python_at_peer_clients"] = round(
                     out["at_peer_clients"]["concurrent"]["tokens_per_s"] / theirs, 2)
-    out |= {"model": {"layers": args.layers, "width": args.width, "tokenizer": "phi-3 (32k)"},
+    out |= {"model": {"layers": args.layers, "width": args.width, "tokenizer": "qwen2.5 (151k)"},
             "max_tokens": args.tokens, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
             "server_metrics": [line for line in metrics.splitlines() if line.startswith(("lmforge_requests_total",
                                                                                          "lmforge_finished"))]}
