@@ -78,3 +78,19 @@ def test_contamination_command_reads_a_task_and_a_corpus(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["contaminated"] == 1 and out["flagged"][0]["documents"] == ["web-1"]
     assert json.loads((tmp_path / "c" / "contamination.json").read_text())["checked"] == 2
+
+
+def test_compare_puts_runs_side_by_side_with_a_chart(tmp_path, capsys):
+    from lmforge.eval.run import write_run
+
+    for name, acc in (("base", 0.25), ("sft", 0.5)):
+        write_run(tmp_path / name, name, {"arc_easy": {"acc": acc, "acc_stderr": 0.1, "acc_norm": acc + 0.1,
+                                                       "n": 4, "num_fewshot": 0}}, {"arc_easy": []}, {})
+    png = tmp_path / "compare.png"
+    assert main(["eval", "compare", str(tmp_path / "base"), str(tmp_path / "sft"), "--out", str(png), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table == {"base": {"arc_easy/acc": 0.25, "arc_easy/acc_norm": 0.35},
+                     "sft": {"arc_easy/acc": 0.5, "arc_easy/acc_norm": 0.6}}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", "compare", str(tmp_path / "missing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
