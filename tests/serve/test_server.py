@@ -196,7 +196,7 @@ def test_bad_requests_get_openai_errors(served):
     e = _error(httpx.post(url, json=ok | {"max_tokens": 10**9}), 400, "context")
     assert e["code"] == "context_length_exceeded"
     _error(httpx.post(url, json=ok | {"tools": [{"type": "funktion", "function": {"name": "f"}}]}), 400)
-    _error(httpx.post(url, json=ok | {"response_format": {"type": "json_object"}}), 400, "response_format")
+    _error(httpx.post(url, json=ok | {"response_format": {"type": "xml"}}), 400, "response_format")
     _error(httpx.get(served.url + "/v1/nothing"), 404)
     _error(httpx.post(served.url + "/v1/embeddings", json={"input": "x"}), 404, "--embedder")
     _error(httpx.post(served.url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1}), 400, "token ids")
@@ -489,3 +489,35 @@ def test_schemathesis_finds_no_server_errors(served):
                           "--no-color"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "passed" in run.stdout
+
+
+def test_response_format_json_is_enforced_while_decoding(served):
+    """A random model writes nonsense; under response_format it still writes a valid document (or a valid prefix of
+    one when max_tokens cuts it)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from lmforge.infer.constrain import JSONConstraint
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x")
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"},
+                                               "city": {"type": "string", "enum": ["北京", "上海"]}},
+              "required": ["answer", "sure", "city"], "additionalProperties": False}
+    for fmt, check in (({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}},
+                        lambda doc: jsonschema.validate(doc, schema)),
+                       ({"type": "json_object"}, lambda doc: isinstance(doc, dict) or pytest.fail(doc))):
+        for temperature, seed in ((0, None), (1.0, 3)):
+            out = client.chat.completions.create(model="tiny", messages=MESSAGES[1], max_tokens=60,
+                                                 temperature=temperature, seed=seed, response_format=fmt)
+            text, finish = out.choices[0].message.content, out.choices[0].finish_reason
+            if fmt["type"] == "json_schema":
+                assert finish == "stop", text  # the schema forces a short document
+            if finish == "stop":
+                check(json.loads(text))
+            else:
+                assert JSONConstraint(schema if fmt["type"] == "json_schema" else None).prefix_ok(text)
+    streamed = list(client.chat.completions.create(
+        model="tiny", messages=MESSAGES[0], max_tokens=200, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}))
+    assert [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason] == ["stop"]
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)), schema)
+    _error(httpx.post(served.url + "/v1/chat/completions", json={"messages": MESSAGES[0], "response_format": {
+        "type": "json_schema"}}), 400, "json_schema.schema")

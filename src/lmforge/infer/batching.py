@@ -66,6 +66,8 @@ class _Row:
     generator: torch.Generator | None
     stops: set[int]
     tokens: list[int] = field(default_factory=list)
+    constraint: object | None = None  # infer/constrain.py: what the text must stay a prefix of (JSON)
+    raw: bytes = b""  # the generated tokens' bytes (the constraint reads them as text)
     n: int = 0  # tokens of this request in the cache
     cancelled: bool = False
     done: bool = False
@@ -117,8 +119,10 @@ class ContinuousBatcher:
 
     # --- the caller's side --------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], cfg: SamplingConfig, emit: Callable[[Event], None],
-               logprobs: int = -1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Handle:
-        """Queue a request; `emit(event)` is called on the batcher's thread for each piece of text."""
+               logprobs: int = -1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               constraint=None) -> Handle:
+        """Queue a request; `emit(event)` is called on the batcher's thread for each piece of text. `constraint`
+        (infer/constrain.JSONConstraint) restricts the tokens to those that keep the text a valid prefix."""
         prompt = list(prompt)
         if not prompt:
             raise ValueError("the prompt has no tokens")
@@ -126,7 +130,7 @@ class ContinuousBatcher:
             raise ValueError(f"the prompt ({len(prompt)} tokens) does not fit the {self.context}-token context")
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
         row = _Row(prompt, cfg, emit, logprobs, presence_penalty, frequency_penalty,
-                   _TextState(self.tokenizer, cfg.stop_strings), gen, set(cfg.stop_token_ids))
+                   _TextState(self.tokenizer, cfg.stop_strings), gen, set(cfg.stop_token_ids), constraint=constraint)
         with self.cond:
             if len(self.waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
@@ -215,8 +219,38 @@ class ContinuousBatcher:
                 logits[i, ids] -= row.presence + row.frequency * counts.to(logits.dtype)
         return logits
 
+    def _token_bytes(self, token: int) -> bytes:
+        raw = self.tokenizer.raw_bytes([token])
+        return raw if raw is not None else self.tokenizer.decode([token]).encode("utf-8")
+
+    def _constrain(self, logits: torch.Tensor, row: _Row, keep: int) -> torch.Tensor:
+        """-inf for every token that would break the row's constraint, best logits checked first until `keep`
+        allowed ones are found (1 for greedy); a stop token only once the text is complete."""
+        allowed: list[int] = []
+        order = torch.argsort(logits, descending=True).tolist()
+        complete = row.constraint.complete(row.raw.decode("utf-8", "replace"))
+        for t in order:
+            if t in row.stops:
+                ok = complete
+            else:
+                ok = row.constraint.prefix_ok((row.raw + self._token_bytes(t)).decode("utf-8", "replace"))
+            if ok:
+                allowed.append(t)
+                if len(allowed) >= keep:
+                    break
+        if not allowed:  # nothing can continue the text (a gap in the constraint): end it, and say so in the log
+            log.warning("constrained decoding reached a dead end after %r; ending the reply", row.raw[-40:])
+            allowed = sorted(row.stops)[:1] or order[:1]
+        out = torch.full_like(logits, float("-inf"))
+        out[allowed] = logits[allowed]
+        return out
+
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         logits = self._penalise(logits.float(), rows)
+        for i, row in enumerate(rows):
+            if row.constraint is not None:
+                keep = 1 if row.cfg.temperature == 0 else max(row.cfg.top_k or 0, 40)
+                logits[i] = self._constrain(logits[i], row, keep)
         previous = [torch.tensor(r.prompt + r.tokens, device=logits.device) if r.cfg.repetition_penalty != 1.0
                     else None for r in rows]
         return sample_tokens(logits, [r.cfg for r in rows], [r.generator for r in rows], previous).tolist()
@@ -239,6 +273,11 @@ class ContinuousBatcher:
         if stopped:
             self._finish(row, "stop", piece, token, lp, top)
             return False
+        if row.constraint is not None:  # the document is whole: the reply ends here
+            row.raw += self._token_bytes(token)
+            if row.constraint.complete(row.raw.decode("utf-8", "replace")):
+                self._finish(row, "stop", piece, token, lp, top)
+                return False
         if len(row.tokens) >= row.cfg.max_new_tokens or len(row.prompt) + len(row.tokens) >= self.context:
             self._finish(row, "length", piece, token, lp, top)
             return False

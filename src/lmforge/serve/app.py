@@ -5,7 +5,8 @@
                               temperature, top_p, seed, stop (added to the model's own stop tokens), presence /
                               frequency penalties, logprobs + top_logprobs, tools (tool_choice auto / none: the
                               tools go through the template, the calls the model writes come back as tool_calls,
-                              streamed ones ending with finish_reason "tool_calls")
+                              streamed ones ending with finish_reason "tool_calls"), response_format json_object /
+                              json_schema enforced by constrained decoding (infer/constrain.py)
   POST /v1/completions        a text or token-id prompt; echo + logprobs score the prompt (lm-evaluation-harness's
                               loglikelihood through a server: max_tokens 0, echo, logprobs)
                               with --index: answered from a RAG index (lmforge's hybrid retrieval), the sources with
@@ -250,12 +251,12 @@ class Server:
         return raw.decode("utf-8", "replace"), list(raw)
 
     def open(self, prompt: list[int], configs: list[SamplingConfig], logprobs: int, presence: float,
-             frequency: float) -> list[_Stream]:
+             frequency: float, constraint=None) -> list[_Stream]:
         """Submit the n choices of a request now (so a full queue is a 429 before any response starts)."""
         streams: list[_Stream] = []
         try:
             for cfg in configs:
-                streams.append(_Stream(self, prompt, cfg, logprobs, presence, frequency))
+                streams.append(_Stream(self, prompt, cfg, logprobs, presence, frequency, constraint))
         except APIError:
             for st in streams:
                 st.handle.cancel()
@@ -266,13 +267,14 @@ class Server:
 class _Stream:
     """One submitted request: its events arrive on an asyncio queue from the batcher's thread."""
 
-    def __init__(self, server: Server, prompt, cfg, logprobs, presence, frequency):
+    def __init__(self, server: Server, prompt, cfg, logprobs, presence, frequency, constraint=None):
         loop = asyncio.get_running_loop()
         self.server, self.queue = server, asyncio.Queue()
+        kw = {"constraint": constraint} if constraint is not None else {}
         try:
             self.handle = server.batcher.submit(prompt, cfg, lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e),
                                                 logprobs=logprobs, presence_penalty=presence,
-                                                frequency_penalty=frequency)
+                                                frequency_penalty=frequency, **kw)
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry shortly", type_="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
@@ -422,9 +424,7 @@ def create_app(server: Server, cors: list[str] | None = None):
         tools = req.active_tools()
         if tools and server.index is not None:
             raise APIError(400, "tools and --index answers do not combine", param="tools")
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "response_format json_object / json_schema is not supported by this server yet",
-                           param="response_format")
+        constraint = _response_constraint(req.response_format)
         max_tokens = req.max_completion_tokens or req.max_tokens
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": server.model_name}
@@ -440,7 +440,7 @@ def create_app(server: Server, cors: list[str] | None = None):
         names = {t["function"]["name"] for t in tools} if tools else None
         configs = [server.sampling(req, len(prompt), max_tokens, i) for i in range(req.n)]
         logprobs = (req.top_logprobs or 0) if req.logprobs else -1
-        streams = server.open(prompt, configs, logprobs, req.presence_penalty, req.frequency_penalty)
+        streams = server.open(prompt, configs, logprobs, req.presence_penalty, req.frequency_penalty, constraint)
         if req.stream:
             return StreamingResponse(_chat_stream(server, prompt, streams, logprobs, req, base, names),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -508,6 +508,26 @@ def create_app(server: Server, cors: list[str] | None = None):
                                  "total_tokens": prompt_tokens + completion_tokens}}
 
     return app
+
+
+def _response_constraint(response_format: dict | None):
+    """response_format -> a JSONConstraint (json_object: any object; json_schema: its schema), or None for text."""
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    from lmforge.infer.constrain import JSONConstraint
+
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return JSONConstraint()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema (a JSON Schema object)",
+                           param="response_format")
+        return JSONConstraint(schema)
+    raise APIError(400, f"response_format type {kind!r}: one of text, json_object, json_schema",
+                   param="response_format")
 
 
 def _fixed_answer(base: dict, text: str, req: ChatRequest, sources: list):

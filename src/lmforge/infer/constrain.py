@@ -1,0 +1,293 @@
+"""Constrained decoding for JSON output: `response_format` json_object and json_schema.
+
+A `JSONConstraint` answers one question about text: is it the beginning of a JSON document that the schema allows
+(`prefix_ok`), and is it a whole one (`complete`)? The batcher asks it about each candidate token, best logit first,
+and samples only among tokens that keep the text a valid prefix; the end-of-sequence token is allowed only once the
+document is complete. Because the check is on text, it works for every tokenizer (a token may hold several JSON
+characters, or half of a Chinese character inside a string).
+
+The schema subset: `type` object (properties, required, additionalProperties), array (items, minItems, maxItems),
+string (enum), number, integer, boolean, null, a list of types, `enum` and `const` of any JSON value, `anyOf` /
+`oneOf` (any branch), and `$ref` to `#/$defs/...` or `#/definitions/...`. Keys outside it (formats, patterns,
+numeric bounds) are not enforced; json_schema with `strict` documents that subset.
+"""
+
+from __future__ import annotations
+
+import json
+
+_WS = " \t\n\r"
+
+
+class _End(Exception):
+    """The text ended inside a value that could still be completed."""
+
+
+class _Bad(Exception):
+    """The text cannot begin any document the schema allows."""
+
+
+def _needs_escape(key: str) -> bool:
+    return any(c in '"\\' or ord(c) < 0x20 for c in key)
+
+
+def _partial_string(body: str) -> str:
+    """The characters of an unfinished JSON string body (an escape cut in half is left out)."""
+    for cut in range(0, 7):
+        try:
+            return json.loads('"' + body[:len(body) - cut] + '"')
+        except json.JSONDecodeError:
+            continue
+    return body
+
+
+class JSONConstraint:
+    """Valid-prefix checks for JSON text; `schema=None` allows any JSON object (response_format json_object)."""
+
+    def __init__(self, schema: dict | None = None, max_whitespace: int = 8):
+        self.root = schema if schema is not None else {"type": "object"}
+        self.max_whitespace = max_whitespace  # a longer run between tokens of JSON is refused: no endless blanks
+        self.defs = {**(self.root.get("$defs") or {}), **(self.root.get("definitions") or {})}
+
+    # --- the public questions ---------------------------------------------------------------------------------
+    def prefix_ok(self, text: str) -> bool:
+        if len(text) - len(text.lstrip(_WS)) > 1:  # the document starts at once (one blank for a " {" token)
+            return False
+        try:
+            end = self._value(text, self._skip(text, 0), self.root)
+        except _End:
+            return True
+        except _Bad:
+            return False
+        rest = text[end:]  # after the document: a little whitespace only
+        return all(c in _WS for c in rest) and len(rest) <= self.max_whitespace
+
+    def complete(self, text: str) -> bool:
+        try:
+            end = self._value(text, self._skip(text, 0), self.root)
+        except (_End, _Bad):
+            return False
+        return all(c in _WS for c in text[end:])
+
+    # --- a recursive-descent parser that stops at the end of the text ---------------------------------------
+    def _resolve(self, schema: dict) -> dict:
+        while isinstance(schema, dict) and "$ref" in schema:
+            ref = schema["$ref"]
+            name = ref.rsplit("/", 1)[-1]
+            if name not in self.defs:
+                raise _Bad
+            schema = self.defs[name]
+        return schema if isinstance(schema, dict) else {}
+
+    def _skip(self, s: str, i: int) -> int:
+        start = i
+        while i < len(s) and s[i] in _WS:
+            i += 1
+        if i - start > self.max_whitespace:
+            raise _Bad
+        return i
+
+    def _value(self, s: str, i: int, schema: dict) -> int:
+        schema = self._resolve(schema)
+        if i >= len(s):
+            raise _End
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                return self._any(s, i, [dict(schema, **b) if isinstance(b, dict) else b for b in schema[key]], key)
+        if "const" in schema:
+            return self._literal_value(s, i, schema["const"])
+        if "enum" in schema:
+            return self._any_literal(s, i, schema["enum"])
+        types = schema.get("type")
+        types = [types] if isinstance(types, str) else (types or ["object", "array", "string", "number", "boolean",
+                                                                  "null"])
+        c = s[i]
+        if c == "{" and "object" in types:
+            return self._object(s, i, schema)
+        if c == "[" and "array" in types:
+            return self._array(s, i, schema)
+        if c == '"' and "string" in types:
+            return self._string(s, i)
+        if (c == "-" or c.isdigit()) and ("number" in types or "integer" in types):
+            return self._number(s, i, integer="number" not in types)
+        for word, kind in (("true", "boolean"), ("false", "boolean"), ("null", "null")):
+            if kind in types and word.startswith(s[i:i + len(word)]) and s[i] == word[0]:
+                if len(s) - i < len(word):
+                    raise _End
+                return i + len(word)
+        raise _Bad
+
+    def _any(self, s: str, i: int, branches: list, key: str) -> int:
+        ended = False
+        for b in branches:
+            sub = {k: v for k, v in b.items() if k != key} if isinstance(b, dict) else {}
+            try:
+                return self._value(s, i, sub)
+            except _End:
+                ended = True
+            except _Bad:
+                continue
+        if ended:
+            raise _End
+        raise _Bad
+
+    def _any_literal(self, s: str, i: int, values: list) -> int:
+        ended = False
+        for v in values:
+            try:
+                return self._literal_value(s, i, v)
+            except _End:
+                ended = True
+            except _Bad:
+                continue
+        if ended:
+            raise _End
+        raise _Bad
+
+    def _literal_value(self, s: str, i: int, value) -> int:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        rest = s[i:]
+        if text.startswith(rest):
+            raise _End
+        if rest.startswith(text):
+            return i + len(text)
+        raise _Bad
+
+    def _string(self, s: str, i: int) -> int:
+        i += 1  # the opening quote
+        while i < len(s):
+            c = s[i]
+            if c == '"':
+                return i + 1
+            if c == "\\":
+                if i + 1 >= len(s):
+                    raise _End
+                e = s[i + 1]
+                if e in '"\\/bfnrt':
+                    i += 2
+                    continue
+                if e == "u":
+                    hexpart = s[i + 2:i + 6]
+                    if any(h not in "0123456789abcdefABCDEF" for h in hexpart):
+                        raise _Bad
+                    if len(hexpart) < 4:
+                        raise _End
+                    i += 6
+                    continue
+                raise _Bad
+            if ord(c) < 0x20:  # control characters must be escaped inside JSON strings
+                raise _Bad
+            i += 1
+        raise _End
+
+    def _number(self, s: str, i: int, integer: bool) -> int:
+        j = i
+        if s[j] == "-":
+            j += 1
+            if j >= len(s):
+                raise _End
+        if not s[j].isdigit():
+            raise _Bad
+        if s[j] == "0":
+            j += 1
+        else:
+            while j < len(s) and s[j].isdigit():
+                j += 1
+        if j < len(s) and s[j] == "." and not integer:
+            j += 1
+            if j >= len(s):
+                raise _End
+            if not s[j].isdigit():
+                raise _Bad
+            while j < len(s) and s[j].isdigit():
+                j += 1
+        if j < len(s) and s[j] in "eE" and not integer:
+            j += 1
+            if j < len(s) and s[j] in "+-":
+                j += 1
+            if j >= len(s):
+                raise _End
+            if not s[j].isdigit():
+                raise _Bad
+            while j < len(s) and s[j].isdigit():
+                j += 1
+        if j >= len(s):
+            raise _End  # a number may go on: it is complete only when something follows it
+        return j
+
+    def _object(self, s: str, i: int, schema: dict) -> int:
+        props = schema.get("properties") or {}
+        required = list(schema.get("required") or [])
+        extra = schema.get("additionalProperties", not props)  # a schema with properties: only those
+        seen: set[str] = set()
+        i = self._skip(s, i + 1)
+        if i >= len(s):
+            raise _End
+        if s[i] == "}":
+            if any(r not in seen for r in required):
+                raise _Bad
+            return i + 1
+        while True:
+            if i >= len(s):
+                raise _End
+            if s[i] != '"':
+                raise _Bad
+            start = i
+            try:
+                i = self._string(s, i)
+            except _End:
+                body = s[start + 1:]
+                left = [k for k in props if k not in seen]
+                if extra is False and (("\\" in body and not any(_needs_escape(k) for k in left))
+                                       or not any(k.startswith(_partial_string(body)) for k in left)):
+                    raise _Bad from None  # a key being written must begin one of the allowed keys
+                raise
+            key = json.loads(s[start:i])
+            if key in seen or (key not in props and extra is False):
+                raise _Bad
+            seen.add(key)
+            i = self._skip(s, i)
+            if i >= len(s):
+                raise _End
+            if s[i] != ":":
+                raise _Bad
+            i = self._skip(s, i + 1)
+            sub = props.get(key, extra if isinstance(extra, dict) else {})
+            i = self._skip(s, self._value(s, i, sub))
+            if i >= len(s):
+                raise _End
+            if s[i] == "}":
+                if any(r not in seen for r in required):
+                    raise _Bad
+                return i + 1
+            if s[i] != ",":
+                raise _Bad
+            if extra is False and all(k in seen for k in props):
+                raise _Bad  # every allowed key is used: no room for another
+            i = self._skip(s, i + 1)
+
+    def _array(self, s: str, i: int, schema: dict) -> int:
+        items = schema.get("items") or {}
+        lo, hi = schema.get("minItems", 0), schema.get("maxItems")
+        n = 0
+        i = self._skip(s, i + 1)
+        if i >= len(s):
+            raise _End
+        if s[i] == "]":
+            if n < lo:
+                raise _Bad
+            return i + 1
+        while True:
+            i = self._skip(s, self._value(s, i, items))
+            n += 1
+            if hi is not None and n > hi:
+                raise _Bad
+            if i >= len(s):
+                raise _End
+            if s[i] == "]":
+                if n < lo:
+                    raise _Bad
+                return i + 1
+            if s[i] != ",":
+                raise _Bad
+            i = self._skip(s, i + 1)
