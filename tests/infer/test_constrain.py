@@ -80,3 +80,19 @@ def test_a_key_cannot_be_spelled_with_escapes_that_lead_nowhere():
     c = JSONConstraint(SCHEMA)
     assert c.prefix_ok('{"ci') and not c.prefix_ok('{"ci\\u') and not c.prefix_ok('{"answe\\udbc')
     assert JSONConstraint().prefix_ok('{"a\\u00e9')  # free keys may hold escapes
+
+
+def test_a_required_tool_call_in_its_templates_wrapper():
+    from lmforge.infer.constrain import tool_call_constraint
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+             {"type": "function", "function": {"name": "now"}}]
+    hermes = tool_call_constraint(tools, None, "... <tool_call> ...")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    assert all(hermes.prefix_ok(call[:i]) for i in range(1, len(call) + 1)) and hermes.complete(call)
+    assert not hermes.complete(call[:-1]) and not hermes.prefix_ok("Sure, <tool_call>")
+    assert not hermes.prefix_ok('<tool_call>\n{"name": "get_weather", "arguments": {}}')  # city is required
+    assert hermes.complete('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    named = tool_call_constraint(tools, "now", None)  # bare JSON (Llama 3 style), only the named function
+    assert named.complete('{"name": "now", "arguments": {}}') and not named.prefix_ok('{"name": "get')

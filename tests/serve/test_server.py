@@ -467,10 +467,21 @@ def test_tool_calls_in_the_templates_format_come_back_as_openai_tool_calls(serve
         # tool_choice none: the template gets no tools, the text is plain content
         plain = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice="none")
         assert plain.choices[0].finish_reason == "stop" and "<tool_call>" in plain.choices[0].message.content
-        _error(httpx.post(served.url + "/v1/chat/completions", json={"messages": msgs, "tools": tools,
-                                                                     "tool_choice": "required"}), 400, "constrained")
     finally:
         served.server.batcher.submit = real_submit
+    # tool_choice required / named: the random model is forced to write a valid call of an offered tool (an enum
+    # for the city: a random model would otherwise never close a free string)
+    closed = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["北京", "上海"]}}, "required": ["city"]}}}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        out = client.chat.completions.create(model="tiny", messages=msgs, tools=closed, tool_choice=choice,
+                                             max_tokens=200, temperature=0)
+        assert out.choices[0].finish_reason == "tool_calls", out.choices[0].message.content
+        call = out.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    _error(httpx.post(served.url + "/v1/chat/completions", json={"messages": msgs, "tools": tools, "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}), 400, "not among the tools")
+    _error(httpx.post(served.url + "/v1/chat/completions", json={"messages": msgs, "tool_choice": "required"}), 400)
 
 
 @pytest.mark.slow

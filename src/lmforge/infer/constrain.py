@@ -291,3 +291,56 @@ class JSONConstraint:
             if s[i] != ",":
                 raise _Bad
             i = self._skip(s, i + 1)
+
+
+class WrappedJSON:
+    """A JSON document between fixed text: `prefix` + document + `suffix` (a tool call in its template's wrapper,
+    e.g. <tool_call>\n{...}\n</tool_call>)."""
+
+    def __init__(self, inner: JSONConstraint, prefix: str = "", suffix: str = ""):
+        self.inner, self.prefix, self.suffix = inner, prefix, suffix
+
+    def _split(self, text: str):
+        """(state, rest): "prefix" while the prefix is being written, "doc" inside the document, "after" with the
+        text after it; None when the text cannot be one."""
+        p = self.prefix
+        if len(text) <= len(p):
+            return ("prefix", "") if p.startswith(text) else None
+        if not text.startswith(p):
+            return None
+        body = text[len(p):]
+        if len(body) - len(body.lstrip(_WS)) > 1:  # the document starts at once (one blank for a " {" token)
+            return None
+        inner = self.inner
+        try:
+            end = inner._value(body, inner._skip(body, 0), inner.root)
+        except _End:
+            return ("doc", "")
+        except _Bad:
+            return None
+        return ("after", body[end:])
+
+    def prefix_ok(self, text: str) -> bool:
+        split = self._split(text)
+        if split is None:
+            return False
+        state, rest = split
+        return state != "after" or self.suffix.startswith(rest) or (rest.strip() == "" and len(rest) <= 2)
+
+    def complete(self, text: str) -> bool:
+        split = self._split(text)
+        return split is not None and split[0] == "after" and split[1].rstrip() == self.suffix.rstrip()
+
+
+def tool_call_constraint(tools: list[dict], name: str | None, template: str | None) -> WrappedJSON:
+    """The one tool call a request requires (tool_choice "required", or one named function): {"name", "arguments"}
+    with the tool's own parameter schema, in the wrapper the chat template teaches (Hermes / Qwen's <tool_call>
+    block; a bare JSON object otherwise, as Llama 3's templates ask)."""
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    branches = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                  "arguments": f.get("parameters") or {"type": "object"}},
+                 "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]
+    schema = branches[0] if len(branches) == 1 else {"anyOf": branches}
+    hermes = template is not None and "<tool_call>" in template
+    return WrappedJSON(JSONConstraint(schema), "<tool_call>\n" if hermes else "", "\n</tool_call>" if hermes else "")
+

@@ -418,13 +418,17 @@ def create_app(server: Server, cors: list[str] | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which this "
-                                "server does not do yet; use 'auto' or 'none'", param="tool_choice")
         tools = req.active_tools()
+        forced = _forced_tool(req, tools)  # tool_choice required / a named function: decoding enforces the call
         if tools and server.index is not None:
             raise APIError(400, "tools and --index answers do not combine", param="tools")
         constraint = _response_constraint(req.response_format)
+        if forced is not None:
+            if constraint is not None:
+                raise APIError(400, "a required tool call and response_format exclude each other", param="tool_choice")
+            from lmforge.infer.constrain import tool_call_constraint
+
+            constraint = tool_call_constraint(tools, forced or None, server.tokenizer.chat_template)
         max_tokens = req.max_completion_tokens or req.max_tokens
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": server.model_name}
@@ -508,6 +512,24 @@ def create_app(server: Server, cors: list[str] | None = None):
                                  "total_tokens": prompt_tokens + completion_tokens}}
 
     return app
+
+
+def _forced_tool(req: ChatRequest, tools: list[dict] | None) -> str | None:
+    """None (the model may answer in text), "" (some tool must be called) or the name of the tool to call."""
+    choice = req.tool_choice
+    if choice in (None, "none", "auto"):
+        return None
+    if not tools:
+        raise APIError(400, "tool_choice asks for a tool call but no tools were given", param="tool_choice")
+    if choice == "required":
+        return ""
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise APIError(400, "tool_choice: 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                            "{\"name\": ...}}", param="tool_choice")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return name
 
 
 def _response_constraint(response_format: dict | None):
