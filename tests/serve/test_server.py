@@ -306,11 +306,39 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         out = client.chat.completions.create(model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
         assert out.model == model_dir.name and out.choices[0].message.content is not None
+        # --quantize int8: the int8 model's own greedy tokens
+        from lmforge.model import quantize_int8
+        from lmforge.tokenizer.chat import encode_chat
+
+        tok, model = load_tokenizer(model_dir), quantize_int8(load_hf_model(model_dir))
+        ids = encode_chat(tok, tok.chat_template, MESSAGES[1], add_generation_prompt=True).ids
+        from lmforge.infer.engine import default_stop_ids, turn_end_ids
+
+        stops = sorted(set(default_stop_ids(tok, model)) | set(turn_end_ids(tok)))
+        expected_int8 = generate(model, tok, ids, SamplingConfig(max_new_tokens=8, temperature=0, stop_token_ids=stops))
     finally:
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
     assert proc.returncode == 0, err
     assert "serving" in err and "Traceback" not in err
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--quantize", "int8"], stderr=subprocess.PIPE, text=True)
+    try:
+        _until(lambda: _healthy(port), 30)
+        out = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x").chat.completions.create(
+            model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
+        assert out.choices[0].message.content == expected_int8
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_embeddings_endpoint_returns_the_embedders_vectors(model_dir):

@@ -9,7 +9,7 @@ types stand for:
   Qwen2's        -> "qwen2"       o200k pattern  -> "gpt-4o"
 
 Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style) and the llama (Llama,
-Mistral, SmolLM) and qwen2 architectures; tensors in f32, f16, q8_0 or q4_0 (1-D tensors stay f32; a matrix
+Mistral, SmolLM), qwen2 and gpt2 architectures; tensors in f32, f16, q8_0 or q4_0 (1-D tensors stay f32; a matrix
 whose rows do not split into 32-value blocks stays f16). The chat template and the end-of-turn token travel in the
 file, so llama.cpp stops where the fine-tuned model learned to.
 
@@ -83,6 +83,17 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _tensor_names(arch: str, n_layers: int) -> dict[str, str]:
+    if arch == "gpt2":  # (llama.cpp reuses token_embd as the output head when output.weight is absent)
+        names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+                 "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+                 "lm_head.weight": "output.weight"}
+        per = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        for i in range(n_layers):
+            for hf, gg in per.items():
+                for p in ("weight", "bias"):
+                    names[f"transformer.h.{i}.{hf}.{p}"] = f"blk.{i}.{gg}.{p}"
+        return names
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -112,13 +123,14 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     hf_cfg = _read_config(d)
     cfg = config_from_hf(hf_cfg, str(d / "config.json"))
     hf_arch = hf_cfg.get("model_type")
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(hf_arch)
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}.get(hf_arch)
     if arch is None:
-        raise ExportError(f"{d}: GGUF export supports llama, mistral and qwen2 models; this is {hf_arch!r}")
-    if cfg.qk_norm or cfg.n_experts or cfg.pos != "rope" or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
+        raise ExportError(f"{d}: GGUF export supports gpt2, llama, mistral and qwen2 models; this is {hf_arch!r}")
+    if arch != "gpt2" and (cfg.qk_norm or cfg.n_experts or cfg.pos != "rope" or cfg.norm != "rmsnorm"
+                           or cfg.mlp != "swiglu"):
         raise ExportError(f"{d}: a {hf_arch} variant GGUF's {arch} architecture does not describe (qk-norm, experts, "
                           "non-RoPE positions or a non-RMSNorm/SwiGLU block)")
-    if (cfg.qkv_bias and arch != "qwen2") or cfg.proj_bias:
+    if arch != "gpt2" and ((cfg.qkv_bias and arch != "qwen2") or cfg.proj_bias):
         raise ExportError(f"{d}: attention or projection biases are not part of llama.cpp's {arch} architecture")
     if not (d / "tokenizer.json").exists():
         raise ExportError(f"{d}: no tokenizer.json (GGUF carries the tokenizer)")
@@ -137,10 +149,13 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     w.add_block_count(cfg.n_layers)
     w.add_feed_forward_length(cfg.d_ff)
     w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.head_dim)
     if cfg.head_dim != cfg.d_model // cfg.n_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -153,6 +168,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     _add_tokenizer(w, tok_json, tok_cfg, cfg, pre, d)
 
     state = read_state_dict(d)
+    if arch == "gpt2":  # the causal-mask buffers old checkpoints carry are not weights; GPT2Model has no prefix
+        state = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
+                 for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     names = _tensor_names(arch, cfg.n_layers)
     unknown = sorted(k for k in state if k not in names)
     if unknown:
@@ -161,6 +179,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
     for hf_name, tensor in state.items():
         data = tensor.float().numpy()
+        if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            data = np.ascontiguousarray(data.T)  # GPT-2's Conv1D keeps (in, out); GGUF wants (out, in) like Linear
         if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
             data = _permute(data, cfg.n_heads)
         elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
@@ -202,6 +222,8 @@ def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> 
         types[i] = (gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED) if t \
             else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        raise ExportError(f"{d}/tokenizer.json has no BPE merges: llama.cpp cannot tokenize with it")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
