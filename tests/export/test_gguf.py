@@ -157,3 +157,28 @@ def test_unsupported_tokenizers_and_models_are_clear_errors(tmp_path, models):
     with pytest.raises(ExportError, match="--type 'q2'"):
         export_gguf(models["qwen2.5"], tmp_path / "x.gguf", dtype="q2")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_int8_export_loads_with_the_same_integers_and_logits(models, tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.export.int8 import WEIGHTS
+    from lmforge.model import quantize_int8
+
+    d = models["lmforge-bpe"]
+    assert main(["export", "int8", "--model", str(d), "--out", str(tmp_path / "q")]) == 0
+    loaded = load_hf_model(tmp_path / "q")
+    reference = quantize_int8(load_hf_model(d))
+    for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(reference.state_dict().items())):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([load_tokenizer(tmp_path / "q").encode(TEXTS[0])])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), reference(ids))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / WEIGHTS), "pt") as f:
+        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert all(v == "I8" for k, v in kinds.items() if k.endswith("qweight")) and "embed.weight" in kinds
+    # int8 matrices; the embedding (a third of this tiny model) stays float32 for lookups
+    assert (tmp_path / "q" / WEIGHTS).stat().st_size < 0.6 * (d / "model.safetensors").stat().st_size
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "北京", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0

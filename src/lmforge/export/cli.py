@@ -16,6 +16,15 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_int8(args: argparse.Namespace) -> int:
+    from lmforge.export.int8 import WEIGHTS, export_int8
+
+    out = export_int8(args.model, args.out)
+    print(f"wrote {out} ({(out / WEIGHTS).stat().st_size / 2**20:.1f} MiB of weights); lmforge generate / chat / "
+          f"serve --model {out} load it", file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.finetune.cli import cmd_export_merge
 
@@ -41,3 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tensor type (1-D tensors stay f32)")
     g.add_argument("--name", help="general.name in the file (default: the directory's name)")
     g.set_defaults(func=cmd_export_gguf, _parser=g)
+    q = esub.add_parser("int8", help="weight-only int8 model directory for lmforge's own engine",
+                        description="Quantize the matrices to int8 (one scale per output channel, as "
+                                    "--quantize int8 does at load time) and write a directory that lmforge "
+                                    "generate / chat / serve load directly. See docs/export.md.")
+    q.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.set_defaults(func=cmd_export_int8, _parser=q)

@@ -228,7 +228,14 @@ def _read_config(d: Path) -> dict:
 def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Load an HF causal-LM directory (or, online, a hub id like 'HuggingFaceTB/SmolLM2-135M') into lmforge."""
     d = resolve_model_dir(directory)
-    cfg = config_from_hf(_read_config(d), str(d / "config.json"))
+    raw = _read_config(d)
+    cfg = config_from_hf(raw, str(d / "config.json"))
+    if "lmforge_quantization" in raw:  # `lmforge export int8`: int8 matrices for lmforge's engine
+        from lmforge.export.int8 import load_int8
+
+        if dtype != torch.float32:
+            raise CheckpointError(f"{d}: an int8 export runs with float32 activations (got dtype {dtype})")
+        return load_int8(d, cfg, device)
     tensors = read_state_dict(d)
     if cfg.arch == "gpt2":  # original GPT-2 files have no "transformer." prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
