@@ -176,7 +176,7 @@ def test_int8_export_loads_with_the_same_integers_and_logits(models, tmp_path, c
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "q" / WEIGHTS), "pt") as f:
-        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     assert all(v == "I8" for k, v in kinds.items() if k.endswith("qweight")) and "embed.weight" in kinds
     # int8 matrices; the embedding (a third of this tiny model) stays float32 for lookups
     assert (tmp_path / "q" / WEIGHTS).stat().st_size < 0.6 * (d / "model.safetensors").stat().st_size
