@@ -560,3 +560,20 @@ def test_response_format_json_is_enforced_while_decoding(served):
     jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)), schema)
     _error(httpx.post(served.url + "/v1/chat/completions", json={"messages": MESSAGES[0], "response_format": {
         "type": "json_schema"}}), 400, "json_schema.schema")
+
+
+def test_a_shared_system_prompt_is_prefilled_once(model_dir):
+    r = Running(model_dir)
+    try:
+        system = {"role": "system", "content": "You are a careful assistant for the Python reference manual. "
+                                               "Answer briefly, cite the section, and say when you do not know."}
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
+        questions = ["What is a generator?", "什么是装饰器？", "How do I catch an exception?"]
+        texts = [client.chat.completions.create(model="tiny", messages=[system, {"role": "user", "content": q}],
+                                                max_tokens=12, temperature=0).choices[0].message.content
+                 for q in questions]
+        assert texts == [_alone(r, [system, {"role": "user", "content": q}], 12) for q in questions]
+        stats = r.server.batcher.metrics()
+        assert stats["prefix_hits"] == 2 and stats["prefix_tokens_reused"] >= 2 * 30
+    finally:
+        r.close()

@@ -14,7 +14,9 @@ rows.
 Each request keeps its own sampling settings and seed (`torch.Generator`), stop ids, stop strings (text held
 back until it cannot begin one), presence / frequency penalties, max_new_tokens, optional log-probabilities of
 the chosen and top tokens, and can be cancelled at any time (a client that disconnects). The queue of requests
-waiting for a row is bounded: `submit` raises QueueFull, which the server answers with 429.
+waiting for a row is bounded: `submit` raises QueueFull, which the server answers with 429. Recent prompts' keys and
+values are kept (up to `prefix_cache_tokens`): a prompt that begins like one of them, a shared system prompt or the
+earlier turns of a conversation, prefills only what is new.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class ContinuousBatcher:
     """Run requests through one model with continuous batching, on a background thread (`start()`)."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None):
+                 context: int | None = None, prefix_cache_tokens: int = 16384, min_prefix: int = 16):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -116,6 +118,11 @@ class ContinuousBatcher:
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "rejected": 0, "prefill_tokens": 0}
         self.ttft: collections.deque[float] = collections.deque(maxlen=1000)
         self.finished: dict[str, int] = {}  # requests finished, by reason
+        # prefix cache: the keys and values of recent prompts (batch-1 caches), so a prompt that begins like one of
+        # them (a shared system prompt, a conversation's earlier turns) prefills only the rest; bounded in tokens
+        self.prefixes: collections.OrderedDict[tuple[int, ...], KVCache] = collections.OrderedDict()
+        self.prefix_cache_tokens, self.min_prefix = prefix_cache_tokens, min_prefix
+        self.stats |= {"prefix_hits": 0, "prefix_tokens_reused": 0}
 
     # --- the caller's side --------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], cfg: SamplingConfig, emit: Callable[[Event], None],
@@ -291,8 +298,10 @@ class ContinuousBatcher:
             self._finish(row, "length")
             return
         one = KVCache(model.cfg, 1, p, device=self.device, dtype=self.cache.k[0].dtype)
-        logits = model(torch.tensor([row.prompt], device=self.device), cache=one, logits_to_keep=1)[:, -1]
-        self.stats["prefill_tokens"] += p
+        reused = self._reuse_prefix(row.prompt, one)
+        logits = model(torch.tensor([row.prompt[reused:]], device=self.device), cache=one, logits_to_keep=1)[:, -1]
+        self.stats["prefill_tokens"] += p - reused
+        self._remember_prefix(row.prompt, one)
         token = self._sample(logits, [row])[0]
         logp = F.log_softmax(logits[0].float(), -1) if row.logprobs >= 0 else None
         if not self._accept(row, token, logp):
@@ -309,6 +318,39 @@ class ContinuousBatcher:
             self.cache.v[layer][n, :, self.col - p:self.col] = one.v[layer][0]
         row.n = p
         self.rows.append(row)
+
+    def _reuse_prefix(self, prompt: list[int], one: KVCache) -> int:
+        """Copy the longest cached prefix of `prompt` (at least min_prefix tokens, and one token short of the whole
+        prompt, whose last logits are needed) into `one`; returns how many tokens it holds."""
+        if self.prefix_cache_tokens <= 0 or not self.prefixes:
+            return 0
+        best, best_key = 0, None
+        for key in self.prefixes:
+            n = min(len(key), len(prompt) - 1)
+            i = 0
+            while i < n and key[i] == prompt[i]:
+                i += 1
+            if i > best:
+                best, best_key = i, key
+        if best < self.min_prefix:
+            return 0
+        src = self.prefixes[best_key]
+        self.prefixes.move_to_end(best_key)
+        for layer in range(self.model.cfg.n_layers):
+            one.k[layer][:, :, :best] = src.k[layer][:, :, :best]
+            one.v[layer][:, :, :best] = src.v[layer][:, :, :best]
+        one.advance(best)
+        self.stats["prefix_hits"] += 1
+        self.stats["prefix_tokens_reused"] += best
+        return best
+
+    def _remember_prefix(self, prompt: list[int], one: KVCache) -> None:
+        if self.prefix_cache_tokens <= 0 or len(prompt) < self.min_prefix or len(prompt) > self.prefix_cache_tokens:
+            return
+        self.prefixes[tuple(prompt)] = one
+        self.prefixes.move_to_end(tuple(prompt))
+        while sum(len(k) for k in self.prefixes) > self.prefix_cache_tokens:
+            self.prefixes.popitem(last=False)
 
     def _compact(self) -> None:
         """Shift every row left by the padding they all share, so the shared column moves back."""
