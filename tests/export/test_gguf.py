@@ -182,3 +182,27 @@ def test_int8_export_loads_with_the_same_integers_and_logits(models, tmp_path, c
     assert (tmp_path / "q" / WEIGHTS).stat().st_size < 0.6 * (d / "model.safetensors").stat().st_size
     assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "北京", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
+
+
+def test_int4_blocks_equal_gguf_q4_0_and_the_export_loads(models, tmp_path):
+    import gguf
+
+    from lmforge.cli import main
+    from lmforge.model import quantize_int4
+    from lmforge.model.quantize import dequantize_int4_blocks, quantize_int4_blocks
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * 0.3
+    w[3, :32] = 0  # an all-zero block
+    ours = dequantize_int4_blocks(*quantize_int4_blocks(w)).numpy()
+    q = gguf.GGMLQuantizationType.Q4_0
+    theirs = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q), q).reshape(w.shape)
+    assert np.array_equal(ours, theirs)
+    d = models["qwen2.5"]
+    assert main(["export", "int4", "--model", str(d), "--out", str(tmp_path / "q4")]) == 0
+    loaded, reference = load_hf_model(tmp_path / "q4"), quantize_int4(load_hf_model(d))
+    ids = torch.tensor([load_tokenizer(d).encode(TEXTS[1])])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), reference(ids))
+    # the embedding stays float32 (a lookup reads one row); a q4_0 GGUF rounds it too
+    assert loaded.embed.weight.dtype == torch.float32 and type(loaded.lm_head).__name__ == "Int4Linear"

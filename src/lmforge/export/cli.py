@@ -19,7 +19,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 def cmd_export_int8(args: argparse.Namespace) -> int:
     from lmforge.export.int8 import WEIGHTS, export_int8
 
-    out = export_int8(args.model, args.out)
+    out = export_int8(args.model, args.out, bits=args.bits)
     print(f"wrote {out} ({(out / WEIGHTS).stat().st_size / 2**20:.1f} MiB of weights); lmforge generate / chat / "
           f"serve --model {out} load it", file=sys.stderr)
     return 0
@@ -56,4 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "generate / chat / serve load directly. See docs/export.md.")
     q.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
     q.add_argument("--out", required=True, metavar="DIR")
-    q.set_defaults(func=cmd_export_int8, _parser=q)
+    q.set_defaults(func=cmd_export_int8, _parser=q, bits="int8")
+    f = esub.add_parser("int4", help="weight-only int4 (Q4_0 blocks) model directory for lmforge's own engine",
+                        description="Quantize the matrices to llama.cpp's Q4_0 blocks (32 weights, one float16 "
+                                    "scale; 7x less than float32) and write a directory that lmforge generate / chat "
+                                    "/ serve load directly. Saves memory, not time (dequantized per call).")
+    f.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
+    f.add_argument("--out", required=True, metavar="DIR")
+    f.set_defaults(func=cmd_export_int8, _parser=f, bits="int4")

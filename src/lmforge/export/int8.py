@@ -1,4 +1,7 @@
-"""`lmforge export int8`: a model directory with weight-only int8 matrices for lmforge's own engine.
+"""`lmforge export int8 | int4`: model directories with weight-only int8 or int4 matrices for lmforge's own engine.
+
+int4 is llama.cpp's Q4_0 block format (32 weights, one float16 scale; model/quantize.py), so an int4 directory holds
+the same rounded numbers as a q4_0 GGUF of the model.
 
 The file holds what `quantize_int8` computes (model/quantize.py: one float32 scale per output channel, the integers
 equal torchao's), so loading it skips the quantization and reads a quarter of the float32 weights' bytes. Layout:
@@ -20,17 +23,21 @@ QUANT_KEY = "lmforge_quantization"
 WEIGHTS = "model.int8.safetensors"
 
 
-def export_int8(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+METHODS = {"int8": {"method": "int8_weight_only", "granularity": "per_output_channel"},
+           "int4": {"method": "int4_weight_only", "granularity": "q4_0_blocks_of_32"}}
+
+
+def export_int8(model_dir: str | os.PathLike, out: str | os.PathLike, bits: str = "int8") -> Path:
     from lmforge.files import StagedDirectory, save_tensors, write_json
-    from lmforge.model import load_hf_model, quantize_int8
+    from lmforge.model import load_hf_model, quantize_int4, quantize_int8
     from lmforge.model.hf import _read_config, resolve_model_dir
 
     d = resolve_model_dir(model_dir)
-    model = quantize_int8(load_hf_model(d))
+    model = (quantize_int8 if bits == "int8" else quantize_int4)(load_hf_model(d))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("scale_bf16")}
-    config = _read_config(d) | {QUANT_KEY: {"method": "int8_weight_only", "granularity": "per_output_channel"}}
+    config = _read_config(d) | {QUANT_KEY: METHODS[bits]}
     with StagedDirectory(out) as stage:
-        save_tensors(state, stage.path(WEIGHTS), metadata={"format": "lmforge-int8"})
+        save_tensors(state, stage.path(WEIGHTS), metadata={"format": f"lmforge-{bits}"})
         write_json(stage.path("config.json"), config)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                      "generation_config.json", "vocab.json", "merges.txt"):
@@ -39,20 +46,21 @@ def export_int8(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def load_int8(d: Path, cfg, device: str = "cpu"):
-    """The Transformer of an `export int8` directory, its Int8Linear layers filled from the file."""
+def load_int8(d: Path, cfg, device: str = "cpu", method: str = "int8_weight_only"):
+    """The Transformer of an `export int8 / int4` directory, its quantized layers filled from the file."""
     from safetensors.torch import load_file
 
-    from lmforge.model import quantize_int8
+    from lmforge.model import quantize_int4, quantize_int8
     from lmforge.model.hf import CheckpointError
     from lmforge.model.transformer import Transformer
 
     tensors = load_file(str(d / WEIGHTS))
     with torch.device("meta"):
         model = Transformer(cfg)
-    quantize_int8(model)  # the same modules, on the meta device: the file gives them their values
+    # the same modules, built on the meta device: the file gives them their values
+    (quantize_int4 if method == "int4_weight_only" else quantize_int8)(model)
     for name, module in model.named_modules():
-        if type(module).__name__ == "Int8Linear":
+        if type(module).__name__ == "Int8Linear":  # its bf16 scales (for the GEMV kernel) are derived
             if f"{name}.scale" not in tensors:
                 raise CheckpointError(f"{d / WEIGHTS}: no int8 weights for {name}")
             tensors[f"{name}.scale_bf16"] = tensors[f"{name}.scale"].to(torch.bfloat16)

@@ -12,13 +12,15 @@ from lmforge.infer.sampling import SamplingConfig
 def _load(args: argparse.Namespace):
     import torch
 
-    from lmforge.model import load_hf_model, pack_for_cpu, quantize_int8
+    from lmforge.model import load_hf_model, pack_for_cpu, quantize_int4, quantize_int8
     from lmforge.tokenizer import load_tokenizer
 
     model = load_hf_model(args.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
     tokenizer = load_tokenizer(args.model)
     if args.quantize == "int8":
         quantize_int8(model)
+    elif args.quantize == "int4":
+        quantize_int4(model)
     elif args.pack and args.dtype == "float32":
         pack_for_cpu(model)  # same float32 math in lmforge's CPU kernels (model/packed.py)
     return model, tokenizer
@@ -100,9 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="HF-layout model directory (config.json, model.safetensors, tokenizer.json)")
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations dtype")
-    common.add_argument("--quantize", default="none", choices=["none", "int8"],
+    common.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="int8: weight-only int8 matrices (4x less memory; on CPU 1.3-1.6x faster decoding than "
-                             "unpacked float32, fastest with --compile); outputs differ slightly from the float model")
+                             "unpacked float32, fastest with --compile); int4: llama.cpp's Q4_0 blocks (7x less memory, "
+                             "dequantized per call, slower); outputs differ slightly from the float model")
     common.add_argument("--pack", action="store_true",
                         help="float32 on CPU: lmforge's own kernels, packed matmul and KV-cache decode attention (built once "
                              "per machine, ~30 s); same results; with --compile the fastest float32 decoding (docs/model.md)")

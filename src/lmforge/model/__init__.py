@@ -21,6 +21,8 @@ _EXPORTS = {
     "pack_for_cpu": "lmforge.model.packed",
     "Int8Linear": "lmforge.model.quantize",
     "quantize_int8": "lmforge.model.quantize",
+    "Int4Linear": "lmforge.model.quantize",
+    "quantize_int4": "lmforge.model.quantize",
     "KVCache": "lmforge.model.transformer",
     "Transformer": "lmforge.model.transformer",
 }

@@ -235,7 +235,7 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
 
         if dtype != torch.float32:
             raise CheckpointError(f"{d}: an int8 export runs with float32 activations (got dtype {dtype})")
-        return load_int8(d, cfg, device)
+        return load_int8(d, cfg, device, raw["lmforge_quantization"].get("method", "int8_weight_only"))
     tensors = read_state_dict(d)
     if cfg.arch == "gpt2":  # original GPT-2 files have no "transformer." prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}

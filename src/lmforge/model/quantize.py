@@ -90,3 +90,68 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
         model.lm_head = Int8Linear(model.embed.weight)
     model.inference_only = "int8"
     return model.eval()
+
+
+# --- int4 -----------------------------------------------------------------------------------------------------------
+# llama.cpp's Q4_0 scheme: blocks of 32 weights along the input, one float16 scale d = (the weight of largest
+# magnitude) / -8 per block, codes q = trunc(w / d + 8.5) clipped to 0..15, w ~= d * (q - 8). The same numbers as a
+# q4_0 GGUF, so lmforge and llama.cpp run the same rounded model.
+INT4_BLOCK = 32
+
+
+def quantize_int4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight (in divisible by 32) -> packed uint8 codes (out, in / 2), two per byte (the low nibble
+    holds weight j, the high one weight j + 16 of each block, as Q4_0 packs them), and float16 scales (out, in / 32)."""
+    w = weight.detach().float()
+    out, n_in = w.shape
+    if n_in % INT4_BLOCK:
+        raise ValueError(f"int4 blocks need an input width divisible by {INT4_BLOCK}, got {n_in}")
+    blocks = w.reshape(out, n_in // INT4_BLOCK, INT4_BLOCK)
+    imax = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = blocks.gather(-1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
+    packed = q[..., :INT4_BLOCK // 2] | (q[..., INT4_BLOCK // 2:] << 4)
+    return packed.reshape(out, n_in // 2), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_int4_blocks(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    out = packed.shape[0]
+    p = packed.reshape(out, -1, INT4_BLOCK // 2)
+    q = torch.cat([p & 0x0F, p >> 4], dim=-1).to(torch.int8) - 8
+    return (q.to(dtype) * scales.to(dtype)[..., None]).reshape(out, -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias with W stored as Q4_0 blocks (4.5 bits a weight): 7x less weight memory than float32. The
+    matrix is dequantized per call, so it saves memory, not time."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        packed, scales = quantize_int4_blocks(weight)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_int4_blocks(self.qweight, self.scales, x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 (Q4_0 blocks)"
+
+
+def quantize_int4(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace the decoder's nn.Linear layers (and the tied output head) with Int4Linear where the input width
+    splits into 32-weight blocks; others stay float. Returns the model, in eval mode."""
+    from lmforge.model.transformer import Transformer
+
+    replace_linears(model, lambda name, m: name not in skip and not name.endswith("router")
+                    and m.in_features % INT4_BLOCK == 0, lambda linear: Int4Linear(linear.weight, linear.bias))
+    if isinstance(model, Transformer) and model.lm_head is None and "lm_head" not in skip \
+            and model.embed.weight.shape[1] % INT4_BLOCK == 0:
+        model.lm_head = Int4Linear(model.embed.weight)
+    model.inference_only = "int4"
+    return model.eval()
+

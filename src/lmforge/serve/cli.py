@@ -21,6 +21,10 @@ def build_server(args: argparse.Namespace):
         from lmforge.model import quantize_int8
 
         quantize_int8(model)  # weight-only int8: 4x less weight memory (docs/model.md)
+    elif args.quantize == "int4":
+        from lmforge.model import quantize_int4
+
+        quantize_int4(model)  # Q4_0 blocks: 7x less weight memory, dequantized per call
     tokenizer = load_tokenizer(args.model)
     if args.chat_template:
         _use_template(tokenizer, args.chat_template)  # warns when it is not the template the model was trained with
@@ -74,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--name", help="the model id clients see (default: the directory's name)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 matrices, 4x less weight memory; outputs differ slightly")
+    s.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="int8: weight-only int8 matrices, 4x less weight memory; int4: llama.cpp's Q4_0 blocks, 7x "
+                        "less, slower (dequantized per call); outputs differ from the float model")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     s.add_argument("--context", type=int, help="KV-cache tokens per request (default: the model's max_seq_len)")
