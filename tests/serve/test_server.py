@@ -577,3 +577,38 @@ def test_a_shared_system_prompt_is_prefilled_once(model_dir):
         assert stats["prefix_hits"] == 2 and stats["prefix_tokens_reused"] >= 2 * 30
     finally:
         r.close()
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_through_the_server(served, model_dir, tmp_path):
+    """lm-eval's local-completions model (token-id prompts, echo + logprobs) against `lmforge serve` gives the
+    log-likelihoods lm-eval's HF backend computes on the same model directory."""
+    import os
+
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval's API models need it
+    from lm_eval.tasks import TaskManager
+
+    rows = [{"question": "Which gas do plants take in?", "choices": {"text": ["oxygen", "carbon dioxide"],
+                                                                     "label": ["A", "B"]}, "answerKey": "B"},
+            {"question": "水在多少摄氏度时沸腾？", "choices": {"text": ["50度", "100度", "0度"], "label": ["1", "2", "3"]},
+             "answerKey": "2"}]
+    (tmp_path / "arc.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    (tmp_path / "arc_srv.yaml").write_text(
+        "task: arc_srv\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(tmp_path / "arc.jsonl")
+        + "\noutput_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \"{{choices.label.index(answerKey)}}\"\ndoc_to_choice: \"{{choices.text}}\"\n"
+        "metric_list:\n  - metric: acc\n", encoding="utf-8")
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    tm = TaskManager(include_path=str(tmp_path))
+    via_server = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["arc_srv"], task_manager=tm, log_samples=True,
+        model_args=f"base_url={served.url}/v1/completions,model=tiny,tokenizer_backend=huggingface,"
+                   f"tokenizer={model_dir},tokenized_requests=True,num_concurrent=1,max_retries=1")
+    direct = lm_eval.simple_evaluate(model="hf", tasks=["arc_srv"], task_manager=tm, log_samples=True,
+                                     model_args=f"pretrained={model_dir},dtype=float32,device=cpu", batch_size=1)
+    a = sorted(via_server["samples"]["arc_srv"], key=lambda s: s["doc_id"])
+    b = sorted(direct["samples"]["arc_srv"], key=lambda s: s["doc_id"])
+    for x, y in zip(a, b):
+        assert [r[0] for r in x["filtered_resps"]] == pytest.approx([r[0] for r in y["filtered_resps"]], abs=1e-4)
+    assert via_server["results"]["arc_srv"]["acc,none"] == direct["results"]["arc_srv"]["acc,none"]
