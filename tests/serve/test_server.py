@@ -612,3 +612,21 @@ def test_lm_evaluation_harness_scores_through_the_server(served, model_dir, tmp_
     for x, y in zip(a, b):
         assert [r[0] for r in x["filtered_resps"]] == pytest.approx([r[0] for r in y["filtered_resps"]], abs=1e-4)
     assert via_server["results"]["arc_srv"]["acc,none"] == direct["results"]["arc_srv"]["acc,none"]
+
+
+def test_cors_only_for_the_origins_given(model_dir):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import Server, create_app
+
+    model, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
+    server = Server(model, tok, "tiny")
+    with TestClient(create_app(server, cors=["http://localhost:3000"])) as client:
+        pre = client.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000",
+                                                              "Access-Control-Request-Method": "POST"})
+        assert pre.headers.get("access-control-allow-origin") == "http://localhost:3000"
+        other = client.options("/v1/chat/completions", headers={"Origin": "http://evil.example",
+                                                                "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    with TestClient(create_app(Server(model, tok, "tiny"))) as client:  # no --cors: no CORS headers at all
+        assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "http://x"}).headers
