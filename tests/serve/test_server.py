@@ -204,6 +204,7 @@ def test_bad_requests_get_openai_errors(served):
     assert health["status"] == "ok" and health["model"] == "tiny"
     metrics = httpx.get(served.url + "/metrics").text
     assert "lmforge_requests_total" in metrics and 'lmforge_request_seconds_bucket{le="+Inf"}' in metrics
+    assert "lmforge_generated_tokens_per_second" in metrics and "lmforge_queue_depth 0" in metrics
 
 
 def _until(condition, seconds: float = 10.0) -> None:
@@ -630,3 +631,28 @@ def test_cors_only_for_the_origins_given(model_dir):
         assert "access-control-allow-origin" not in other.headers
     with TestClient(create_app(Server(model, tok, "tiny"))) as client:  # no --cors: no CORS headers at all
         assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "http://x"}).headers
+
+
+def test_packed_cpu_kernels_serve_the_same_tokens(model_dir):
+    """--pack: lmforge's float32 CPU kernels under continuous batching give the float model's greedy tokens."""
+    from lmforge.infer.batching import ContinuousBatcher
+    from lmforge.model import pack_for_cpu
+
+    tok = load_tokenizer(model_dir)
+    ref, packed = load_hf_model(model_dir), pack_for_cpu(load_hf_model(model_dir))
+    prompts = [tok.encode(t) for t in ("The for statement", "北京是中国的首都", "def f(x):\n    return")]
+    lengths = [20, 9, 14]
+    alone = [generate(ref, tok, p, SamplingConfig(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+    batcher = ContinuousBatcher(packed, tok, max_batch=2).start()
+    texts, done = [""] * 3, [threading.Event() for _ in prompts]
+    try:
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            def emit(e, i=i):
+                texts[i] += e.text
+                if e.finish_reason:
+                    done[i].set()
+            batcher.submit(p, SamplingConfig(max_new_tokens=n, temperature=0), emit)
+        assert all(d.wait(60) for d in done)
+    finally:
+        batcher.stop()
+    assert texts == alone

@@ -118,6 +118,7 @@ class ContinuousBatcher:
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "rejected": 0, "prefill_tokens": 0}
         self.ttft: collections.deque[float] = collections.deque(maxlen=1000)
         self.finished: dict[str, int] = {}  # requests finished, by reason
+        self.recent: collections.deque[float] = collections.deque(maxlen=100_000)  # when the last tokens came
         # prefix cache: the keys and values of recent prompts (batch-1 caches), so a prompt that begins like one of
         # them (a shared system prompt, a conversation's earlier turns) prefills only the rest; bounded in tokens
         self.prefixes: collections.OrderedDict[tuple[int, ...], KVCache] = collections.OrderedDict()
@@ -266,6 +267,7 @@ class ContinuousBatcher:
         """Record one sampled token, emit its text; True while the request goes on."""
         row.tokens.append(token)
         self.stats["tokens"] += 1
+        self.recent.append(time.perf_counter())
         if row.first_token_s is None:
             row.first_token_s = time.perf_counter() - row.submitted
             self.ttft.append(row.first_token_s)
@@ -414,5 +416,8 @@ class ContinuousBatcher:
         """Counters and gauges for /metrics."""
         ttft = sorted(self.ttft)
         q = (lambda f: ttft[min(int(f * len(ttft)), len(ttft) - 1)]) if ttft else (lambda f: math.nan)
+        now = time.perf_counter()
+        last_10s = sum(1 for t in list(self.recent) if now - t <= 10.0)
         return self.stats | {"queue_depth": self.queue_depth, "running": self.running, "ttft_p50_s": q(0.5),
+                             "tokens_per_s_10s": last_10s / 10.0,
                              "ttft_p99_s": q(0.99), "finished": dict(self.finished)}

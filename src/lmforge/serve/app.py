@@ -402,7 +402,8 @@ def create_app(server: Server, cors: list[str] | None = None):
                  f"lmforge_rejected_requests_total {m['rejected']}", f"lmforge_http_errors_total {server.http_errors}",
                  f"lmforge_prefix_cache_hits_total {m['prefix_hits']}",
                  f"lmforge_prefix_cache_reused_tokens_total {m['prefix_tokens_reused']}",
-                 f"lmforge_queue_depth {m['queue_depth']}", f"lmforge_running_requests {m['running']}"]
+                 f"lmforge_queue_depth {m['queue_depth']}", f"lmforge_running_requests {m['running']}",
+                 f"lmforge_generated_tokens_per_second {m['tokens_per_s_10s']}"]  # over the last 10 s
         lines += [f'lmforge_finished_requests_total{{reason="{k}"}} {v}' for k, v in sorted(m["finished"].items())]
         lat = list(server.latencies)
         lines.append("# TYPE lmforge_request_seconds histogram")

@@ -25,6 +25,10 @@ def build_server(args: argparse.Namespace):
         from lmforge.model import quantize_int4
 
         quantize_int4(model)  # Q4_0 blocks: 7x less weight memory, dequantized per call
+    elif args.pack and args.dtype == "float32":
+        from lmforge.model import pack_for_cpu
+
+        pack_for_cpu(model)  # lmforge's float32 CPU kernels: the same math, faster steps
     tokenizer = load_tokenizer(args.model)
     if args.chat_template:
         _use_template(tokenizer, args.chat_template)  # warns when it is not the template the model was trained with
@@ -81,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="int8: weight-only int8 matrices, 4x less weight memory; int4: llama.cpp's Q4_0 blocks, 7x "
                         "less, slower (dequantized per call); outputs differ from the float model")
+    s.add_argument("--pack", action="store_true",
+                   help="float32 on CPU: lmforge's packed-matmul kernels (built once per machine, ~30 s); the same "
+                        "tokens, faster steps (docs/model.md)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     s.add_argument("--context", type=int, help="KV-cache tokens per request (default: the model's max_seq_len)")
