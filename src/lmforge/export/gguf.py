@@ -8,9 +8,10 @@ types stand for:
   gpt2 pattern   -> "gpt-2"       cl100k pattern -> "llama-bpe" (Llama 3's, the same regex)
   Qwen2's        -> "qwen2"       o200k pattern  -> "gpt-4o"
 
-Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style) and the llama (Llama,
-Mistral, SmolLM), qwen2 and gpt2 architectures; tensors in f32, f16, q8_0 or q4_0 (1-D tensors stay f32; a matrix
-whose rows do not split into 32-value blocks stays f16). The chat template and the end-of-turn token travel in the
+Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style), SentencePiece vocabularies in
+tokenizer.json form (Llama 2, Phi-3, Mistral v0.1: llama.cpp's "llama" tokenizer, scores derived from the merge
+ranks), and the llama (Llama, Mistral, SmolLM), qwen2 and gpt2 architectures; tensors in f32, f16, q8_0 or q4_0
+(1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and the end-of-turn token travel in the
 file, so llama.cpp stops where the fine-tuned model learned to.
 
 HF's Llama checkpoints rotate q/k in two halves (NeoX style); llama.cpp's llama architecture rotates interleaved
@@ -135,7 +136,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     if not (d / "tokenizer.json").exists():
         raise ExportError(f"{d}: no tokenizer.json (GGUF carries the tokenizer)")
     tok_json = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
-    pre = pre_tokenizer_type(tok_json)
+    spm = _sentencepiece_style(tok_json)
+    pre = None if spm else pre_tokenizer_type(tok_json)
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")) \
         if (d / "tokenizer_config.json").exists() else {}
 
@@ -165,7 +167,10 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     w.add_file_type(file_type)
-    _add_tokenizer(w, tok_json, tok_cfg, cfg, pre, d)
+    if spm:
+        _add_sentencepiece_tokenizer(w, tok_json, tok_cfg, cfg, d)
+    else:
+        _add_tokenizer(w, tok_json, tok_cfg, cfg, pre, d)
 
     state = read_state_dict(d)
     if arch == "gpt2":  # the causal-mask buffers old checkpoints carry are not weights; GPT2Model has no prefix
@@ -200,6 +205,96 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
         w.close()
     os.replace(tmp, out)
     return out
+
+
+def _sentencepiece_style(tokenizer_json: dict) -> bool:
+    """A SentencePiece vocabulary in tokenizer.json form (Llama 2, Phi-3, Mistral v0.1): BPE with byte fallback over
+    "▁"-for-space text."""
+    model = tokenizer_json.get("model", {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "\u2581" in json.dumps(
+        tokenizer_json.get("normalizer") or {}, ensure_ascii=False) + json.dumps(tokenizer_json.get("pre_tokenizer")
+                                                                              or {}, ensure_ascii=False)
+
+
+def _special_ids(tok_cfg: dict, vocab: dict) -> dict[str, int | None]:
+    def token_id(key: str) -> int | None:
+        value = tok_cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return vocab.get(value) if isinstance(value, str) else None
+
+    return {k: token_id(f"{k}_token") for k in ("bos", "eos", "pad", "unk")}
+
+
+def _add_sentencepiece_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, d: Path) -> None:
+    """llama.cpp's "llama" tokenizer (SentencePiece): pieces with "▁" for spaces, byte tokens <0xXX>, and scores that
+    order the merges. tokenizer.json keeps merges, not scores, so a piece's score is minus the rank of the first merge
+    that makes it: llama.cpp's SPM merges the highest-scoring pair first, which is the lowest-ranked merge, as HF's BPE
+    does."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    model = tok_json["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    size = max(cfg.vocab_size, max(vocab.values()) + 1)
+    if size > cfg.vocab_size:
+        raise ExportError(f"{d}: the tokenizer has ids up to {size - 1} but the model's embedding has "
+                          f"{cfg.vocab_size} rows")
+    scores = [0.0] * size
+    for rank, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(a + b)
+        if i is not None and scores[i] == 0.0:
+            scores[i] = -float(rank + 1)
+    ids = _special_ids(tok_cfg, vocab)
+    unk = vocab.get(model.get("unk_token")) if model.get("unk_token") else ids["unk"]
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+        t = added.get(token)
+        if i == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+        elif t is not None:
+            types[i] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types[i] = gguf.TokenType.BYTE
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    prefix = '"Prepend"' in json.dumps(tok_json.get("normalizer") or {}) or '"prepend_scheme": "always"' in json.dumps(
+        tok_json.get("pre_tokenizer") or {})
+    w.add_add_space_prefix(prefix)
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+        value = ids[key] if not (key == "eos" and ids[key] is None) else cfg.eos_token_id
+        if value is not None:
+            add(value)
+    if unk is not None:
+        w.add_unk_token_id(unk)
+    first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
+    w.add_add_bos_token(ids["bos"] is not None and first == [ids["bos"]])
+    _add_chat_template(w, tok_cfg, d, ids["eos"] if ids["eos"] is not None else cfg.eos_token_id)
+
+
+def _add_chat_template(w, tok_cfg: dict, d: Path, eos: int | None) -> None:
+    template = tok_cfg.get("chat_template")
+    if template is None and (d / "chat_template.jinja").exists():
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str):
+        w.add_chat_template(template)
+        from lmforge.infer.engine import turn_end_ids
+        from lmforge.tokenizer import load_tokenizer
+
+        ends = [i for i in turn_end_ids(load_tokenizer(d)) if i != eos]
+        if ends:  # the end-of-turn token (ChatML's <|im_end|>, Phi-3's <|end|>): llama.cpp stops there in chat
+            w.add_eot_token_id(ends[0])
 
 
 def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> None:
@@ -249,14 +344,4 @@ def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> 
 
     first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
     w.add_add_bos_token(bos is not None and first == [bos])
-    template = tok_cfg.get("chat_template")
-    if template is None and (d / "chat_template.jinja").exists():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-    if isinstance(template, str):
-        w.add_chat_template(template)
-        from lmforge.infer.engine import turn_end_ids
-        from lmforge.tokenizer import load_tokenizer
-
-        ends = [i for i in turn_end_ids(load_tokenizer(d)) if i != eos]
-        if ends:  # the end-of-turn token (ChatML's <|im_end|>): llama.cpp stops there in chat
-            w.add_eot_token_id(ends[0])
+    _add_chat_template(w, tok_cfg, d, eos)
