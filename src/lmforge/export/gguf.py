@@ -11,8 +11,8 @@ types stand for:
 Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style), SentencePiece vocabularies in
 tokenizer.json form (Llama 2, Phi-3, Mistral v0.1: llama.cpp's "llama" tokenizer, scores derived from the merge
 ranks), and the llama (Llama, Mistral, SmolLM), qwen2 and gpt2 architectures; tensors in f32, f16, q8_0 or q4_0
-(1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and the end-of-turn token travel in the
-file, so llama.cpp stops where the fine-tuned model learned to.
+(1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and the
+end-of-turn token travel in the file, so llama.cpp stops where the fine-tuned model learned to.
 
 HF's Llama checkpoints rotate q/k in two halves (NeoX style); llama.cpp's llama architecture rotates interleaved
 pairs, so q and k rows are permuted on the way, as llama.cpp's convert_hf_to_gguf.py does. Qwen2 uses NeoX rotation
