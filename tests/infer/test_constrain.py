@@ -48,8 +48,11 @@ def test_documents_the_schema_forbids_are_refused_at_the_first_bad_character(bad
     assert all(c.prefix_ok(bad[:i]) for i in range(1, first_bad))
 
 
+# no subnormal floats: once llama.cpp is loaded in the test process (tests/export) the CPU flushes them to zero,
+# and hypothesis refuses to draw them
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) |
-                           st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                           st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False) |
+                           st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                         max_size=3), max_leaves=8)
 
