@@ -182,7 +182,8 @@ def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(base_model, alpaca_file, tmp_path):
     """LoRA fine-tuning under torchrun (2 gloo processes) follows the single-process run with the same global batch
-    (dropout off: each process draws its own masks)."""
+    (dropout off: each process draws its own masks). FSDP with adapters is refused (test below)."""
+    distributed = "ddp"
     import os
 
     from safetensors.torch import load_file
@@ -195,8 +196,8 @@ def test_ddp_two_processes_equal_one(base_model, alpaca_file, tmp_path):
                           str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "lmforge", *common, "--micro-batch-size", "1", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
+                          "-m", "lmforge", *common, "--micro-batch-size", "1", "--distributed", distributed, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
 
     def losses(out):
@@ -334,3 +335,17 @@ def test_best_checkpoint_by_rouge_of_held_out_replies(base_model, alpaca_file, t
 
         run_finetune(dataclasses.replace(_cfg(base_model, alpaca_file, tmp_path / "r2", best_metric="val_rougeL"),
                                          samples=0))
+
+
+def test_fsdp_with_adapters_is_refused_before_training(base_model, alpaca_file, tmp_path):
+    """Under FSDP the checkpoints are sharded full-model states, and writing them as a plain model would drop the
+    trained adapters: the run is refused up front instead."""
+    import dataclasses
+
+    from lmforge.config import ConfigError
+
+    cfg = dataclasses.replace(_cfg(base_model, alpaca_file, tmp_path / "r"), distributed="fsdp")
+    with pytest.raises(ConfigError, match="fsdp with --method lora is not supported yet"):
+        run_finetune(cfg)
+    assert not (tmp_path / "r").exists()
+

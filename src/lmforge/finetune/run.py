@@ -125,6 +125,12 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("model: give the base model (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the training data (--data FILE)")
+    if cfg.distributed == "fsdp" and cfg.method not in ("full", "freeze"):
+        # FSDP's checkpoints are sharded full-model states; exporting them as a PEFT adapter is not built, and a
+        # plain export would write the base weights without the trained adapters
+        raise ConfigError(f"distributed: fsdp with --method {cfg.method} is not supported yet; adapters are small, so "
+                          "use --distributed ddp (it gives the single-process result, tested), or fsdp with "
+                          "--method full / freeze")
     if cfg.method in ("prompt", "prefix") and cfg.packing:
         raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
                           "cannot share a row; use --no-packing")

@@ -335,6 +335,12 @@ def export_checkpoint(directory: str | os.PathLike) -> Path:
         raise CheckpointError(f"{d} is not a sharded training checkpoint (no trainer_state.json with format 'sharded')")
     model = Transformer(config_from_hf(json.loads((d / "config.json").read_text())))
     weights = {"model": model.state_dict()}
+    stored = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(d / "shards")).read_metadata()
+              .state_dict_metadata if k.startswith("model.")}
+    extra = sorted(stored - set(weights["model"]))
+    if extra:  # e.g. adapters: exporting the base model alone would drop what was trained
+        raise CheckpointError(f"{d}: the shards hold tensors a plain model has no place for ({extra[:3]}); this "
+                              "export writes full models only")
     # without a process group: planning and reading happen in this process alone
     dcp.load(weights, checkpoint_id=d / "shards", no_dist=True)
     save_hf_model(model, d)
