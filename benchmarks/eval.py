@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,14 +34,9 @@ def build_model(d: Path, layers: int) -> Path:
     import torch
     import transformers
 
-    src = ROOT / "tests" / "fixtures" / "tokenizers" / "phi-3-mini-instruct"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name.endswith(".gz"):
-            with gzip.open(f) as a, open(d / f.name[:-3], "wb") as b:
-                shutil.copyfileobj(a, b)
-        else:
-            shutil.copy(f, d / f.name)
+    from tests.corpora import real_tokenizer
+
+    real_tokenizer("phi-3-mini-instruct", d)
     tok = transformers.AutoTokenizer.from_pretrained(d)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536,

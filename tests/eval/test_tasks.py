@@ -5,7 +5,6 @@ loop, generation tasks' answer extraction."""
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from lmforge.eval.scoring import perplexity, windows
 from lmforge.eval.tasks import GSM8K_FILTERS, TaskError, load_task
 from lmforge.model import load_hf_model
 from lmforge.tokenizer import load_tokenizer
-from tests.conftest import REAL_TOKENIZERS
+from tests import corpora
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,14 +50,7 @@ HELLASWAG = [{"activity_label": "Baking cookies", "ctx_a": "A woman stands in a 
 
 def _model_dir(tmp: Path, fixture: str) -> Path:
     """A tiny random Llama with a real model's tokenizer (phi-3: SentencePiece with BOS; qwen2.5: byte-level)."""
-    d = tmp / fixture
-    d.mkdir()
-    for f in (Path(REAL_TOKENIZERS) / fixture).iterdir():
-        if f.name.endswith(".gz"):
-            with gzip.open(f) as a, open(d / f.name[:-3], "wb") as b:
-                shutil.copyfileobj(a, b)
-        else:
-            shutil.copy(f, d / f.name)
+    d = corpora.real_tokenizer(fixture, tmp / fixture)
     tok = transformers.AutoTokenizer.from_pretrained(d)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -3,7 +3,6 @@ English, Chinese and emoji text, the same logits, the same greedy tokens; real t
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from lmforge.infer.engine import generate_ids
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.model import load_hf_model
 from lmforge.tokenizer import load_tokenizer
-from tests.conftest import REAL_TOKENIZERS
+from tests import corpora
 
 transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
@@ -28,17 +27,11 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, 12345 times.\n\tdef f(x):
 
 
 def _tokenizer_dir(d: Path, fixture: str | None, trained_dir: Path | None) -> Path:
-    d.mkdir()
     if fixture:
-        for f in (Path(REAL_TOKENIZERS) / fixture).iterdir():
-            if f.name.endswith(".gz"):
-                with gzip.open(f) as a, open(d / f.name[:-3], "wb") as b:
-                    shutil.copyfileobj(a, b)
-            else:
-                shutil.copy(f, d / f.name)
-    else:
-        for f in trained_dir.iterdir():
-            shutil.copy(f, d / f.name)
+        return corpora.real_tokenizer(fixture, d)
+    d.mkdir()
+    for f in trained_dir.iterdir():
+        shutil.copy(f, d / f.name)
     return d
 
 

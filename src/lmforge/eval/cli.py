@@ -260,24 +260,17 @@ def cmd_contamination(args: argparse.Namespace) -> int:
 
 
 def _records(path: str) -> list[dict]:
+    """Alpaca-style judge records (file:line errors from the task readers' jsonl reader)."""
     from lmforge.cli import UserError
+    from lmforge.eval.tasks import _read_jsonl
 
-    rows = []
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or "output" not in row:
-            raise UserError(f"{path}:{n}: a judge record is alpaca-style: instruction, input (optional), output")
-        rows.append(row | {"_line": n})
-    if not rows:
-        raise UserError(f"{path}: no records")
+    rows = _read_jsonl(Path(path))
+    for row in rows:
+        if not isinstance(row.get("instruction"), str) or "output" not in row:
+            raise UserError(f"{path}:{row.get('_line', '?')}: a judge record is alpaca-style: instruction, input (optional), "
+                            "output")
     return rows
 
 

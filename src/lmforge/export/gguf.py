@@ -216,6 +216,19 @@ def _sentencepiece_style(tokenizer_json: dict) -> bool:
                                                                               or {}, ensure_ascii=False)
 
 
+def _vocab(tok_json: dict, cfg, d: Path) -> tuple[dict[str, int], dict[str, dict], int]:
+    """(token -> id with the added tokens, added tokens by text, the file's vocabulary size = the embedding's)."""
+    vocab: dict[str, int] = dict(tok_json["model"]["vocab"])
+    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    size = max(cfg.vocab_size, max(vocab.values()) + 1)
+    if size > cfg.vocab_size:
+        raise ExportError(f"{d}: the tokenizer has ids up to {size - 1} but the model's embedding has "
+                          f"{cfg.vocab_size} rows")
+    return vocab, added, size
+
+
 def _special_ids(tok_cfg: dict, vocab: dict) -> dict[str, int | None]:
     def token_id(key: str) -> int | None:
         value = tok_cfg.get(key)
@@ -226,31 +239,38 @@ def _special_ids(tok_cfg: dict, vocab: dict) -> dict[str, int | None]:
     return {k: token_id(f"{k}_token") for k in ("bos", "eos", "pad", "unk")}
 
 
+def _add_special_tokens(w, tok_json: dict, tok_cfg: dict, vocab: dict, cfg, d: Path, unk: int | None = None) -> None:
+    """BOS / EOS / pad (/ unk) ids, whether the tokenizer puts a BOS first when it encodes for the model (Llama 3
+    and Llama 2 yes; Qwen and GPT-2 no), the chat template and its end-of-turn token."""
+    from tokenizers import Tokenizer
+
+    ids = _special_ids(tok_cfg, vocab)
+    eos = ids["eos"] if ids["eos"] is not None else cfg.eos_token_id
+    for value, add in ((ids["bos"], w.add_bos_token_id), (eos, w.add_eos_token_id), (ids["pad"], w.add_pad_token_id),
+                       (unk, w.add_unk_token_id)):
+        if value is not None:
+            add(value)
+    first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
+    w.add_add_bos_token(ids["bos"] is not None and first == [ids["bos"]])
+    _add_chat_template(w, tok_cfg, d, eos)
+
+
 def _add_sentencepiece_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, d: Path) -> None:
     """llama.cpp's "llama" tokenizer (SentencePiece): pieces with "▁" for spaces, byte tokens <0xXX>, and scores that
     order the merges. tokenizer.json keeps merges, not scores, so a piece's score is minus the rank of the first merge
     that makes it: llama.cpp's SPM merges the highest-scoring pair first, which is the lowest-ranked merge, as HF's BPE
     does."""
     import gguf
-    from tokenizers import Tokenizer
 
     model = tok_json["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    size = max(cfg.vocab_size, max(vocab.values()) + 1)
-    if size > cfg.vocab_size:
-        raise ExportError(f"{d}: the tokenizer has ids up to {size - 1} but the model's embedding has "
-                          f"{cfg.vocab_size} rows")
+    vocab, added, size = _vocab(tok_json, cfg, d)
     scores = [0.0] * size
     for rank, m in enumerate(model.get("merges", [])):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         i = vocab.get(a + b)
         if i is not None and scores[i] == 0.0:
             scores[i] = -float(rank + 1)
-    ids = _special_ids(tok_cfg, vocab)
-    unk = vocab.get(model.get("unk_token")) if model.get("unk_token") else ids["unk"]
+    unk = vocab.get(model.get("unk_token")) if model.get("unk_token") else _special_ids(tok_cfg, vocab)["unk"]
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for token, i in vocab.items():
@@ -272,15 +292,7 @@ def _add_sentencepiece_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, d: Path)
     prefix = '"Prepend"' in json.dumps(tok_json.get("normalizer") or {}) or '"prepend_scheme": "always"' in json.dumps(
         tok_json.get("pre_tokenizer") or {})
     w.add_add_space_prefix(prefix)
-    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
-        value = ids[key] if not (key == "eos" and ids[key] is None) else cfg.eos_token_id
-        if value is not None:
-            add(value)
-    if unk is not None:
-        w.add_unk_token_id(unk)
-    first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
-    w.add_add_bos_token(ids["bos"] is not None and first == [ids["bos"]])
-    _add_chat_template(w, tok_cfg, d, ids["eos"] if ids["eos"] is not None else cfg.eos_token_id)
+    _add_special_tokens(w, tok_json, tok_cfg, vocab, cfg, d, unk)
 
 
 def _add_chat_template(w, tok_cfg: dict, d: Path, eos: int | None) -> None:
@@ -298,17 +310,10 @@ def _add_chat_template(w, tok_cfg: dict, d: Path, eos: int | None) -> None:
 
 
 def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> None:
+    """llama.cpp's "gpt2" tokenizer (byte-level BPE): tokens, types, merges and the pre-tokenizer type."""
     import gguf
 
-    model = tok_json["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    size = max(cfg.vocab_size, max(vocab.values()) + 1)
-    if size > cfg.vocab_size:
-        raise ExportError(f"{d}: the tokenizer has ids up to {size - 1} but the model's embedding has "
-                          f"{cfg.vocab_size} rows")
+    vocab, added, size = _vocab(tok_json, cfg, d)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for token, i in vocab.items():
@@ -316,7 +321,7 @@ def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> 
         t = added.get(token)
         types[i] = (gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED) if t \
             else gguf.TokenType.NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges", [])]
     if not merges:
         raise ExportError(f"{d}/tokenizer.json has no BPE merges: llama.cpp cannot tokenize with it")
     w.add_tokenizer_model("gpt2")
@@ -324,24 +329,4 @@ def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> 
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-
-    def token_id(key: str) -> int | None:
-        value = tok_cfg.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        return vocab.get(value) if isinstance(value, str) else None
-
-    bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
-    eos = eos if eos is not None else cfg.eos_token_id
-    if bos is not None:
-        w.add_bos_token_id(bos)
-    if eos is not None:
-        w.add_eos_token_id(eos)
-    if pad is not None:
-        w.add_pad_token_id(pad)
-    # does the tokenizer put a BOS first when it encodes for the model? (Llama 3 yes; Qwen and GPT-2 no)
-    from tokenizers import Tokenizer
-
-    first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
-    w.add_add_bos_token(bos is not None and first == [bos])
-    _add_chat_template(w, tok_cfg, d, eos)
+    _add_special_tokens(w, tok_json, tok_cfg, vocab, cfg, d)

@@ -117,32 +117,25 @@ class JSONConstraint:
                 return i + len(word)
         raise _Bad
 
-    def _any(self, s: str, i: int, branches: list, key: str) -> int:
+    @staticmethod
+    def _first(attempts) -> int:
+        """The end of the first alternative that parses; _End if one could still complete; else _Bad."""
         ended = False
-        for b in branches:
-            sub = {k: v for k, v in b.items() if k != key} if isinstance(b, dict) else {}
+        for attempt in attempts:
             try:
-                return self._value(s, i, sub)
+                return attempt()
             except _End:
                 ended = True
             except _Bad:
                 continue
-        if ended:
-            raise _End
-        raise _Bad
+        raise _End if ended else _Bad
+
+    def _any(self, s: str, i: int, branches: list, key: str) -> int:
+        subs = [{k: v for k, v in b.items() if k != key} if isinstance(b, dict) else {} for b in branches]
+        return self._first(lambda sub=sub: self._value(s, i, sub) for sub in subs)
 
     def _any_literal(self, s: str, i: int, values: list) -> int:
-        ended = False
-        for v in values:
-            try:
-                return self._literal_value(s, i, v)
-            except _End:
-                ended = True
-            except _Bad:
-                continue
-        if ended:
-            raise _End
-        raise _Bad
+        return self._first(lambda v=v: self._literal_value(s, i, v) for v in values)
 
     def _literal_value(self, s: str, i: int, value) -> int:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
