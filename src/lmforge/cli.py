@@ -13,7 +13,8 @@ import warnings
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.eval.cli",
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.classify.cli",
+          "lmforge.eval.cli",
           "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
@@ -25,9 +26,7 @@ EPILOG = """examples:
 
 
 # stages of the map (docs/architecture.md) that this version does not have yet
-PLANNED = {"classify": "classification heads",
-           "prompt": "prompting",
-           "synth": "synthetic data", "dpo": "preference tuning"}
+PLANNED = {"prompt": "prompting", "synth": "synthetic data"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

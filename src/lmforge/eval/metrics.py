@@ -4,6 +4,8 @@
               own code), rouge (= rouge-score's rouge1/2/L/Lsum F-measure, averaged over pairs)
   labels      accuracy, precision / recall / F1 (binary, macro, micro, weighted, per class), ROC-AUC, MCC,
               confusion matrix (= scikit-learn)
+  entities    entity-level precision / recall / F1 of BIO tags, per type and averaged (= seqeval, default and
+              strict IOB2 modes)
   regression  MSE, MAE, R² (= scikit-learn)
   QA          SQuAD exact match and token F1 (the official SQuAD v2 script's normalisation)
   code        pass@k (the unbiased estimator of Chen et al. 2021)
@@ -576,6 +578,90 @@ def roc_auc(y_true, scores, labels=None, average: str = "macro") -> float:
         w = np.array([(yt == c).sum() for c in labels], dtype=float)
         return float(np.dot(aucs, w / w.sum()))
     return float(np.mean(aucs))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# entities of BIO-tagged sequences (seqeval 1.2)
+
+def _conll_end(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    if prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O")):
+        return True
+    return prev_tag not in ("O", ".") and prev_type != type_
+
+
+def _conll_start(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    if tag in ("B", "S") or (prev_tag in ("E", "S", "O") and tag in ("E", "I")):
+        return True
+    return tag not in ("O", ".") and prev_type != type_
+
+
+def entities(tags: Sequence[str], mode: str = "default") -> list[tuple[str, int, int]]:
+    """(type, first, last) of every entity in one tag sequence ("B-PER", "I-PER", "O", ...; inclusive indices).
+
+    mode "default": conlleval's chunking, as seqeval's default (an I- after O or after another type starts an
+    entity). "strict": seqeval's mode="strict" with the IOB2 scheme: an entity is B- followed by I- of its type;
+    a stray I- is no entity, and a tag other than B/I/O is an error."""
+    if mode == "strict":
+        out, i = [], 0
+        parsed = []
+        for t in tags:
+            if t[:1] not in ("B", "I", "O"):
+                raise ValueError(f"tag {t!r} is not IOB2 (B-, I- or O)")
+            parsed.append((t[0], t[1:].strip("-") or "_"))
+        while i < len(parsed):
+            prefix, type_ = parsed[i]
+            if prefix != "B":
+                i += 1
+                continue
+            j = i + 1
+            while j < len(parsed) and parsed[j] == ("I", type_):
+                j += 1
+            out.append((type_, i, j - 1))
+            i = j
+        return out
+    if mode != "default":
+        raise ValueError(f"mode={mode!r}: default or strict")
+    chunks, prev_tag, prev_type, begin = [], "O", "", 0
+    for i, chunk in enumerate(list(tags) + ["O"]):
+        tag, type_ = chunk[0], chunk[1:].split("-", maxsplit=1)[-1] or "_"
+        if _conll_end(prev_tag, tag, prev_type, type_):
+            chunks.append((prev_type, begin, i - 1))
+        if _conll_start(prev_tag, tag, prev_type, type_):
+            begin = i
+        prev_tag, prev_type = tag, type_
+    return chunks
+
+
+def entity_scores(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str]], mode: str = "default") -> dict:
+    """Entity-level scores of tagged sentences, as seqeval's classification_report(output_dict=True) (zero_division
+    = 0): {"per_type": {TYPE: {precision, recall, f1, support}}, "micro", "macro", "weighted": {precision, recall,
+    f1, support}, "accuracy": token accuracy}."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} true sentences but {len(y_pred)} predicted")
+    true_ents, pred_ents = set(), set()
+    for s, (t, p) in enumerate(zip(y_true, y_pred)):
+        if len(t) != len(p):
+            raise ValueError(f"sentence {s}: {len(t)} true tags but {len(p)} predicted")
+        true_ents |= {(s, *e) for e in entities(t, mode)}
+        pred_ents |= {(s, *e) for e in entities(p, mode)}
+    types = sorted({e[1] for e in true_ents | pred_ents})
+    per_type = {}
+    for ty in types:
+        tt = {e for e in true_ents if e[1] == ty}
+        pp = {e for e in pred_ents if e[1] == ty}
+        p, r, f = _prf(len(tt & pp), len(pp), len(tt))
+        per_type[ty] = {"precision": p, "recall": r, "f1": f, "support": len(tt)}
+    p, r, f = _prf(len(true_ents & pred_ents), len(pred_ents), len(true_ents))
+    support = len(true_ents)
+    rows = list(per_type.values())
+    macro = {k: float(np.mean([row[k] for row in rows])) if rows else 0.0 for k in ("precision", "recall", "f1")}
+    weighted = {k: (sum(row[k] * row["support"] for row in rows) / support if support else 0.0)
+                for k in ("precision", "recall", "f1")}
+    flat_t = [x for t in y_true for x in t]
+    flat_p = [x for p in y_pred for x in p]
+    return {"per_type": per_type, "micro": {"precision": p, "recall": r, "f1": f, "support": support},
+            "macro": {**macro, "support": support}, "weighted": {**weighted, "support": support},
+            "accuracy": accuracy(flat_t, flat_p) if flat_t else 0.0}
 
 
 def regression(y_true, y_pred) -> dict:

@@ -17,15 +17,18 @@ def plot_training(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, titl
     with open(metrics_jsonl, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_ppl"]) for r in rows if "val_ppl" in r]
+    key = "val_ppl" if any("val_ppl" in r for r in rows) else "val_loss"  # task heads and DPO have no perplexity
+    val = [(r["step"], r[key]) for r in rows if key in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     if train:
         a.plot(*zip(*train), lw=1, color="#3b6ea8")
     a.set(xlabel="step", ylabel="training loss", title=f"{title}: loss")
     if val:
         b.plot(*zip(*val), marker="o", color="#c4572a")
-        b.set_yscale("log")
-    b.set(xlabel="step", ylabel="validation perplexity (log)", title=f"{title}: perplexity")
+        if key == "val_ppl":
+            b.set_yscale("log")
+    b.set(xlabel="step", ylabel="validation perplexity (log)" if key == "val_ppl" else "validation loss",
+          title=f"{title}: {'perplexity' if key == 'val_ppl' else 'validation loss'}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return _save(fig, png)
@@ -101,4 +104,25 @@ def plot_comparison(table: dict[str, dict[str, float | None]], png: str | os.Pat
     ax.set(ylabel="score", title="evaluation runs")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
+    return _save(fig, png)
+
+
+def plot_confusion(matrix, labels: list[str], png: str | os.PathLike) -> Path:
+    """A confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix)
+    size = max(3.5, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
     return _save(fig, png)

@@ -32,6 +32,12 @@ class EncoderConfig:
     type_vocab_size: int = 2
     norm_eps: float = 1e-12
     pad_token_id: int = 0
+    n_experts: int = 0  # the Trainer asks (MoE auxiliary loss): an encoder has none
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 x the matrix parameters plus attention."""
+        matrix = self.n_layers * (4 * self.d_model**2 + 2 * self.d_model * self.d_ff)
+        return 6 * matrix + 12 * self.n_layers * self.d_model * seq_len
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> EncoderConfig:
@@ -111,20 +117,37 @@ def load_hf_encoder(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
         raise CheckpointError(f"{d}: no config.json (is this a Hugging Face model directory?)")
     cfg = EncoderConfig.from_hf(json.loads((d / "config.json").read_text()), str(d / "config.json"))
     tensors = {k.removeprefix("bert."): v for k, v in read_state_dict(d).items()}
-    state = {"embed.weight": "embeddings.word_embeddings.weight",
+    model = Encoder(cfg)
+    model.load_state_dict(encoder_state_from_hf(tensors, cfg, d))
+    return model.to(dtype).eval()
+
+
+def _hf_names(cfg: EncoderConfig) -> dict[str, str]:
+    """lmforge parameter name -> BertModel's (without the 'bert.' prefix)."""
+    names = {"embed.weight": "embeddings.word_embeddings.weight",
              "pos_embed.weight": "embeddings.position_embeddings.weight",
              "type_embed.weight": "embeddings.token_type_embeddings.weight",
              "embed_norm.weight": "embeddings.LayerNorm.weight", "embed_norm.bias": "embeddings.LayerNorm.bias"}
     for i in range(cfg.n_layers):
         for theirs, ours in _BERT_NAMES.items():
             for p in ("weight", "bias"):
-                state[f"layers.{i}.{ours}.{p}"] = f"encoder.layer.{i}.{theirs}.{p}"
-    missing = [t for t in state.values() if t not in tensors]
+                names[f"layers.{i}.{ours}.{p}"] = f"encoder.layer.{i}.{theirs}.{p}"
+    return names
+
+
+def encoder_state_from_hf(tensors: dict[str, torch.Tensor], cfg: EncoderConfig, where) -> dict[str, torch.Tensor]:
+    """Our state dict from BertModel tensors (already without the 'bert.' prefix)."""
+    names = _hf_names(cfg)
+    missing = [t for t in names.values() if t not in tensors]
     if missing:
-        raise CheckpointError(f"{d}: tensor '{missing[0]}' is missing from the checkpoint")
-    model = Encoder(cfg)
-    model.load_state_dict({ours: tensors[theirs] for ours, theirs in state.items()})
-    return model.to(dtype).eval()
+        raise CheckpointError(f"{where}: tensor '{missing[0]}' is missing from the checkpoint")
+    return {ours: tensors[theirs] for ours, theirs in names.items()}
+
+
+def encoder_hf_tensors(encoder: Encoder, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The encoder's weights under BertModel's names (with `prefix`, e.g. 'bert.' inside a task model)."""
+    ours = encoder.state_dict()
+    return {prefix + theirs: ours[name] for name, theirs in _hf_names(encoder.cfg).items()}
 
 
 class SentenceEmbedder:

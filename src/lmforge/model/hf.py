@@ -236,7 +236,13 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
         if dtype != torch.float32:
             raise CheckpointError(f"{d}: an int8 export runs with float32 activations (got dtype {dtype})")
         return load_int8(d, cfg, device, raw["lmforge_quantization"].get("method", "int8_weight_only"))
-    tensors = read_state_dict(d)
+    return transformer_from_tensors(cfg, read_state_dict(d), d).to(device=device, dtype=dtype).eval()
+
+
+def transformer_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], d: Path | str,
+                             head_optional: bool = False) -> Transformer:
+    """A Transformer from HF-named tensors (float32 as stored). `head_optional`: an untied model may lack
+    lm_head.weight (a classifier's backbone); the head then keeps its random init and is not used."""
     if cfg.arch == "gpt2":  # original GPT-2 files have no "transformer." prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
     with torch.device("meta"):
@@ -252,6 +258,9 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
         return t.t() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(name) else t
 
     for ours, theirs in _name_map(cfg).items():
+        if head_optional and theirs == ["lm_head.weight"] and "lm_head.weight" not in tensors:
+            state[ours] = torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std)
+            continue
         parts = [take(t) for t in theirs]
         state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if cfg.arch == "gpt2":
@@ -261,10 +270,29 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
     unknown = [k for k in tensors if k not in used and not _IGNORED.match(k)]
     if unknown:
         raise CheckpointError(f"{d}: tensors lmforge does not know: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    model.load_state_dict({k: v.to(dtype if v.is_floating_point() else v.dtype) for k, v in state.items()},
+                          strict=True, assign=True)
     if model.rotary is not None:
         model.rotary = type(model.rotary)(cfg)  # rebuilt off the meta device
-    return model.to(device=device, dtype=dtype).eval()
+    return model
+
+
+def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under their HF names (fused q/k/v and gate/up split; GPT-2's Conv1D transposed)."""
+    cfg = model.cfg
+    ours = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, theirs in _name_map(cfg).items():
+        t = ours[name]
+        if len(theirs) > 1:  # a fused lmforge tensor: split into the HF tensors, in order
+            sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim] \
+                if len(theirs) == 3 else [cfg.d_ff, cfg.d_ff]
+            for part_name, part in zip(theirs, t.split(sizes, dim=0)):
+                out[part_name] = part.contiguous()
+        else:
+            out[theirs[0]] = t.t().contiguous() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(theirs[0]) else t
+    return out
 
 
 def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -283,17 +311,7 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
                               "lmforge.finetune.adapters.save_adapters (they cannot be merged into the weights)")
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
-    ours = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, theirs in _name_map(cfg).items():
-        t = ours[name]
-        if len(theirs) > 1:  # a fused lmforge tensor: split into the HF tensors, in order
-            sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim] \
-                if len(theirs) == 3 else [cfg.d_ff, cfg.d_ff]
-            for part_name, part in zip(theirs, t.split(sizes, dim=0)):
-                out[part_name] = part.contiguous()
-        else:
-            out[theirs[0]] = t.t().contiguous() if cfg.arch == "gpt2" and _GPT2_CONV1D.match(theirs[0]) else t
+    out = {k: v.to(dtype or v.dtype).contiguous() for k, v in hf_tensors(model).items()}
     if dtype is not None:
         hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")
     # weights, generation config and config land together (files.StagedDirectory): a crash leaves the old model

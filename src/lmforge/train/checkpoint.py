@@ -152,7 +152,11 @@ def _gather_full_state(trainer: Trainer) -> tuple[dict, dict, list | None]:
 def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
     tmp = trainer.out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if full is None and _adapted(trainer.model):
+    if full is None and hasattr(trainer.model, "save_pretrained"):  # a task model (model/heads.py): its HF layout
+        trainer.model.save_pretrained(tmp)
+        _save_trainable(trainer.model, tmp)
+        opt = trainer.optimizer.state_dict()
+    elif full is None and _adapted(trainer.model):
         _save_adapter_checkpoint(trainer, tmp)
         opt = trainer.optimizer.state_dict()
     elif full is None:
@@ -181,6 +185,16 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
     write_json(tmp / "trainer_state.json", {**_trainer_state(trainer), "param_groups": groups})
     copy_tokenizer(trainer.tokenizer_dir, tmp)
     swap_into_place(tmp, final)
+
+
+def _save_trainable(model, directory: Path) -> None:
+    """A task model with LoRA: its HF directory holds the merged weights, so resuming needs the adapters and head as
+    they train (trainable.safetensors); the frozen base is the one the run loads."""
+    from lmforge.finetune.lora import has_adapters
+
+    if has_adapters(model):
+        save_tensors({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                     directory / "trainable.safetensors")
 
 
 def _adapted(model) -> bool:
@@ -218,7 +232,16 @@ def _save_ema_model(trainer: Trainer, directory: Path, full_ema: list | None = N
                     full_state: dict | None = None) -> None:
     """The averaged weights as their own HF model directory (FSDP: from the gathered EMA). Frozen parameters have
     no average: they are saved as they are."""
-    if full_ema is not None:
+    if full_ema is None and hasattr(trainer.model, "save_pretrained"):
+        params = dict(trainer.model.named_parameters())
+        live = {n: params[n].detach().clone() for n in trainer.ema_names}
+        with torch.no_grad():
+            for n, e in zip(trainer.ema_names, trainer.ema):
+                params[n].copy_(e)
+            trainer.model.save_pretrained(directory)
+            for n, w in live.items():
+                params[n].copy_(w)
+    elif full_ema is not None:
         replica = Transformer(trainer.model.cfg)
         replica.load_state_dict({**full_state, **dict(zip(trainer.ema_names, full_ema))})
         save_hf_model(replica, directory)
@@ -241,7 +264,17 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     if state.get("format") == "sharded":
         _load_sharded(trainer, directory, state)
         return
-    if (directory / "adapter_config.json").exists():  # an adapter run: the adapters into the adapted model
+    if (directory / "trainable.safetensors").exists():  # a task model with LoRA: adapters and head
+        trainable = load_file(str(directory / "trainable.safetensors"))
+        params = dict(trainer.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        weights = None
+    elif hasattr(trainer.model, "load_state_from"):
+        trainer.model.load_state_from(directory)
+        weights = None
+    elif (directory / "adapter_config.json").exists():  # an adapter run: the adapters into the adapted model
         from lmforge.finetune.adapters import has_bottleneck, load_adapters
         from lmforge.finetune.lora import load_adapter
         from lmforge.finetune.prompt import has_prefix, has_prompt, load_prefix, load_prompt

@@ -77,3 +77,134 @@ class CausalLM(Objective):
         equal = len(set(counts)) == 1
         loss = sum(means) / len(means) if equal else sum(m * c for m, c in zip(means, counts)) / sum(counts)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+
+# --- task heads (model/heads.py) -----------------------------------------------------------------------------------
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool = False) -> dict:
+    """val_* metrics of classifier logits (N, C) against labels (N,) class ids, or (N, C) 0/1 for multi-label:
+    accuracy, macro precision / recall / F1, micro F1 and ROC-AUC (scikit-learn's definitions, eval/metrics.py)."""
+    import numpy as np
+
+    from lmforge.eval import metrics as M
+
+    n_classes = logits.shape[-1]
+    if multi_label:
+        pred = (logits > 0).numpy().astype(int)
+        gold = labels.numpy().astype(int)
+        per = [M.precision_recall_f1(gold[:, c], pred[:, c], average="binary", labels=[0, 1]) for c in range(n_classes)]
+        tp, fp, fn = ((pred == 1) & (gold == 1)).sum(), ((pred == 1) & (gold == 0)).sum(), ((pred == 0) & (gold == 1)).sum()
+        micro_p, micro_r = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        return {"val_accuracy": float((pred == gold).all(1).mean()),  # subset accuracy, as sklearn's accuracy_score
+                "val_precision": float(np.mean([p["precision"] for p in per])),
+                "val_recall": float(np.mean([p["recall"] for p in per])),
+                "val_f1": float(np.mean([p["f1"] for p in per])),
+                "val_f1_micro": float(2 * micro_p * micro_r / (micro_p + micro_r)) if micro_p + micro_r else 0.0}
+    pred, gold = logits.argmax(-1).numpy(), labels.numpy()
+    classes = list(range(n_classes))
+    macro = M.precision_recall_f1(gold, pred, average="macro", labels=classes)
+    out = {"val_accuracy": M.accuracy(gold, pred), "val_precision": macro["precision"], "val_recall": macro["recall"],
+           "val_f1": macro["f1"], "val_f1_micro": M.precision_recall_f1(gold, pred, "micro", classes)["f1"]}
+    present = sorted(set(gold.tolist()))
+    if len(present) > 1:  # AUC needs both classes (every class, one-vs-rest) among the gold labels
+        probs = F.softmax(logits.float(), -1).numpy()
+        if n_classes == 2:
+            out["val_roc_auc"] = M.roc_auc(gold, probs[:, 1])
+        elif len(present) == n_classes:
+            out["val_roc_auc"] = M.roc_auc(gold, probs, labels=classes)
+    return out
+
+
+class SequenceClassification(Objective):
+    """Cross entropy of a sequence classifier's logits on `labels` (B,) class ids, with optional class weights;
+    multi-label: binary cross entropy on `labels` (B, C) of 0/1. Eval: loss, accuracy, macro P/R/F1, micro F1,
+    ROC-AUC; the best checkpoint by macro F1 unless told otherwise."""
+
+    best_metric = "val_f1"
+    higher_is_better = True
+
+    def __init__(self, multi_label: bool = False, class_weights: torch.Tensor | None = None):
+        self.multi_label = multi_label
+        self.class_weights = class_weights
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        if self.multi_label:  # a weight per label scales its positives (pos_weight)
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weight)
+        return F.cross_entropy(logits.float(), labels, weight=weight)
+
+    def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, int]:
+        logits = forward(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self._loss(logits, batch["labels"]), len(batch["input_ids"])
+
+    def count(self, batch: dict) -> int:
+        return len(batch["input_ids"])
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, batches: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of every evaluation example, on the CPU."""
+        logits, labels = [], []
+        for batch in batches:
+            logits.append(model(batch["input_ids"], attention_mask=batch["attention_mask"]).float().cpu())
+            labels.append(batch["labels"].cpu())
+        return torch.cat(logits), torch.cat(labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
+        logits, labels = self.predict(model, batches)
+        if not len(logits):
+            return {}
+        weights, self.class_weights = self.class_weights, None  # the plain loss: comparable across weightings
+        try:
+            loss = self._loss(logits, labels).item()
+        finally:
+            self.class_weights = weights
+        return {"val_loss": loss, **classification_metrics(logits, labels, self.multi_label)}
+
+
+class TokenClassification(Objective):
+    """Cross entropy per token on `labels` (B, T): a tag id at each word's first piece, -100 elsewhere. Eval: loss,
+    token accuracy and entity-level precision / recall / F1 (micro, seqeval's default mode) of the words' tags."""
+
+    best_metric = "val_f1"
+    higher_is_better = True
+
+    def __init__(self, tags: list[str], class_weights: torch.Tensor | None = None):
+        self.tags = tags
+        self.class_weights = class_weights
+
+    def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, int]:
+        logits = forward(batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"]
+        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        return F.cross_entropy(logits.float()[labels != -100], labels[labels != -100], weight=weight), \
+            int((labels != -100).sum())
+
+    @torch.no_grad()
+    def sentences(self, model: torch.nn.Module, batches: Iterable[dict]) -> tuple[list, list, float, int]:
+        """(gold tag lists, predicted tag lists, summed loss, labelled words) over the batches."""
+        gold, pred, total, n = [], [], 0.0, 0
+        for batch in batches:
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+            labels = batch["labels"]
+            keep = labels != -100
+            if keep.any():
+                total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+                n += int(keep.sum())
+            best = logits.argmax(-1)
+            for row in range(len(labels)):
+                k = keep[row]
+                gold.append([self.tags[i] for i in labels[row][k].tolist()])
+                pred.append([self.tags[i] for i in best[row][k].tolist()])
+        return gold, pred, total, n
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
+        from lmforge.eval.metrics import entity_scores
+
+        gold, pred, total, n = self.sentences(model, batches)
+        if not n:
+            return {}
+        scores = entity_scores(gold, pred)
+        return {"val_loss": total / n, "val_accuracy": scores["accuracy"], "val_precision": scores["micro"]["precision"],
+                "val_recall": scores["micro"]["recall"], "val_f1": scores["micro"]["f1"]}

@@ -326,7 +326,7 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
                     loss, _ = self.objective.loss(self.forward, batch)
-                    if self.model.cfg.n_experts:
+                    if getattr(self.model.cfg, "n_experts", 0):
                         loss = loss + cfg.moe_aux_weight * self.model.aux_loss()
                 bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
                 if self.world > 1:  # every process stops together, none waits forever in a collective
@@ -425,7 +425,7 @@ class Trainer:
         keys = RESUME_MUST_MATCH + getattr(self.cfg, "resume_extra", ())
         diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in keys
                  if k in saved and saved[k] != now[k]]
-        if (directory / "config.json").exists():
+        if (directory / "config.json").exists() and not hasattr(self.model, "save_pretrained"):
             from lmforge.model.hf import config_from_hf
 
             theirs = asdict(config_from_hf(json.loads((directory / "config.json").read_text())))
@@ -524,7 +524,8 @@ class Trainer:
         summary.update({"steps": self.step, "best_" + self.objective.best_metric: self.best_val,
                         "peak_flops": peak, "peak_source": peak_source,
                         "final": self.evaluate() if "interrupted" not in summary else {},
-                        "hf_config": config_to_hf(self.model.cfg)["architectures"][0]})
+                        "hf_config": self.model.hf_architecture() if hasattr(self.model, "hf_architecture")
+                        else config_to_hf(self.model.cfg)["architectures"][0]})
         if self.is_main:
             from lmforge.eval.plots import plot_training
 

