@@ -73,13 +73,14 @@ class DataSpec:
 
 # --- locating the data ----------------------------------------------------------------------------------------
 
-def resolve_spec(data: str, format: str = "auto", columns: dict | None = None, tags: dict | None = None) -> DataSpec:
+def resolve_spec(data: str, format: str = "auto", columns: dict | None = None, tags: dict | None = None,
+                 ranking: bool = False) -> DataSpec:
     """A file, a folder of data files, or `DIR/dataset_info.json#NAME` (LLaMA-Factory's registry)."""
     if format not in FORMATS:
         raise ConfigError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
     path, _, name = data.partition("#")
     if Path(path).name == "dataset_info.json" or name:
-        return _from_dataset_info(Path(path), name, columns, tags)
+        return _from_dataset_info(Path(path), name, columns, tags, ranking)
     p = Path(path)
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_data_file(str(f)))
@@ -98,7 +99,8 @@ def _is_data_file(path: str) -> bool:
     return path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".tsv", ".parquet", ".txt"))
 
 
-def _from_dataset_info(path: Path, name: str, columns: dict | None, tags: dict | None) -> DataSpec:
+def _from_dataset_info(path: Path, name: str, columns: dict | None, tags: dict | None,
+                       ranking: bool = False) -> DataSpec:
     if not path.exists():
         raise CorpusError(f"{path}: not found (a LLaMA-Factory dataset registry is DIR/dataset_info.json#NAME)")
     try:
@@ -121,9 +123,11 @@ def _from_dataset_info(path: Path, name: str, columns: dict | None, tags: dict |
                               "files: download it and give file_name")
     if "file_name" not in entry:
         raise ConfigError(f"{where}: no file_name")
-    if entry.get("ranking"):
-        raise ConfigError(f"{where}: a ranking (preference) dataset; it trains with preference tuning (DPO), "
-                          "not SFT")
+    if bool(entry.get("ranking")) != ranking:
+        raise ConfigError(f"{where}: a ranking (preference) dataset; train it with --objective dpo (or ipo, orpo, "
+                          "simpo), not SFT" if entry.get("ranking") else
+                          f"{where}: not a ranking dataset (no \"ranking\": true); preference tuning needs chosen and "
+                          "rejected replies")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise ConfigError(f"{where}: formatting {formatting!r} is not alpaca, sharegpt or openai")

@@ -69,8 +69,19 @@ class FinetuneConfig(TrainConfig):
     best_metric: str = field(default="val_loss", metadata={
         "help": "what picks the best checkpoint (and early stopping): val_loss, or val_rougeL / val_exact_match of "
                 "the greedy replies to the --samples held-out prompts (lmforge.eval.metrics; one process only)",
-        "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match"),
-                  "one of val_loss, val_rougeL, val_exact_match")})
+        "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy"),
+                  "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
+    objective: str = field(default="sft", metadata={
+        "help": "sft (instruction tuning), or preference tuning on chosen/rejected pairs: dpo, ipo (references "
+                "computed once before training), orpo, simpo (reference-free)",
+        "choices": ["sft", "dpo", "ipo", "orpo", "simpo"]})
+    beta: float = field(default=0.0, metadata={"help": "preference: the loss's beta (0: the method's usual value: dpo "
+                                                       "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0)",
+                                               "check": (lambda v: v >= 0, ">= 0")})
+    label_smoothing: float = field(default=0.0, metadata={"help": "dpo / simpo: the share of pairs assumed "
+                                                                  "mislabelled (conservative DPO)",
+                                                          "check": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")})
+    simpo_gamma: float = field(default=1.0, metadata={"help": "simpo: the target reward margin gamma"})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
                                                           "adapter (bottleneck adapters), prompt (prompt tuning), "
@@ -110,7 +121,7 @@ class FinetuneConfig(TrainConfig):
 
     #: what a resumed run must share with its checkpoint, beyond the loop's own (trainer.RESUME_MUST_MATCH)
     resume_extra: ClassVar[tuple[str, ...]] = (
-        "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
+        "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
 
@@ -134,6 +145,11 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.method in ("prompt", "prefix") and cfg.packing:
         raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
                           "cannot share a row; use --no-packing")
+    if cfg.objective != "sft" and cfg.method in ("prompt", "prefix"):
+        raise ConfigError(f"objective: {cfg.objective} with --method {cfg.method} is not supported: the reference "
+                          "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
+    if cfg.best_metric == "val_reward_accuracy" and cfg.objective == "sft":
+        raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
@@ -233,6 +249,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
     rejects = RejectLog() if cfg.on_error == "skip" else None
+    if cfg.objective != "sft":
+        return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
     conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
         train_convs = conversations
@@ -306,6 +324,86 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if trainer.is_main:
         from lmforge.files import write_json
 
+        write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "hf_config"})
+    return summary
+
+
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: str, template_source: str,
+                   rejects) -> dict:
+    """DPO / IPO / ORPO / SimPO on the one Trainer (finetune/preference.py): pairs -> both sides through the chat
+    template -> reference log-probabilities once (DPO, IPO) -> the Preference objective."""
+    import torch
+
+    from lmforge.files import write_json
+    from lmforge.finetune import lora
+    from lmforge.finetune.preference import (
+        PreferenceBatches,
+        build_pairs,
+        load_pairs,
+        pair_eval_batches,
+        reference_logps,
+    )
+    from lmforge.finetune.templates import template_hash
+    from lmforge.infer.engine import default_stop_ids
+    from lmforge.model import load_hf_model
+    from lmforge.train.objectives import REFERENCE_FREE, Preference
+    from lmforge.train.trainer import Trainer
+
+    pairs = load_pairs(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+    if cfg.val_data:
+        train_pairs = pairs
+        val_pairs = load_pairs(cfg.val_data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+    else:
+        train_pairs, val_pairs = _split(pairs, cfg.val_fraction, cfg.seed)
+    model = load_hf_model(model_dir)
+    eos_ids = default_stop_ids(tokenizer, model)
+    pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
+    pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+    progress = cfg.progress and sys.stderr.isatty()
+    train = build_pairs(tokenizer, template, train_pairs, cfg.max_length, rejects, progress)
+    val = build_pairs(tokenizer, template, val_pairs, cfg.max_length) if val_pairs else None
+    beta = cfg.beta or PREFERENCE_BETA[cfg.objective]
+    objective = Preference(cfg.objective, beta, cfg.label_smoothing, cfg.simpo_gamma)
+    if cfg.best_metric == "val_reward_accuracy":
+        objective.best_metric, objective.higher_is_better = "val_reward_accuracy", True
+    elif cfg.best_metric != "val_loss":
+        raise ConfigError(f"best_metric: {cfg.best_metric} is for SFT; preference tuning picks by val_loss or "
+                          "val_reward_accuracy")
+    torch.manual_seed(cfg.seed)
+    prepare_model(model, cfg)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    batches = PreferenceBatches(train, micro, pad_id, cfg.seed, rank, world)
+    out = Path(cfg.out)
+    samples = [p.chosen for p in val_pairs][:cfg.samples]
+    trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, tokenizer_dir=model_dir,
+                      eval_data=(lambda: pair_eval_batches(val, max(1, micro), pad_id)) if val is not None else None,
+                      after_eval=_sampler(tokenizer, template, samples, cfg, eos_ids, out) if samples else None)
+    if cfg.objective not in REFERENCE_FREE:  # the model as it starts is the reference: before any checkpoint loads
+        for ex in (train, val):
+            if ex is not None:
+                ex.ref_logps = reference_logps(trainer.model, ex, pad_id, max(1, micro), trainer.device, progress,
+                                               trainer.autocast_dtype)
+    trainer.prepare_run_dir()
+    if trainer.is_main:
+        trainer.tokenizer_dir = _stage_tokenizer(model_dir, out, template)
+        write_json(out / "template.json", {"source": template_source, "name": cfg.template,
+                                           "hash": template_hash(template), "template": template, "mask": "last"})
+        write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None})
+        if rejects is not None:
+            rejects.write(out)
+        counts = lora.parameter_counts(model)
+        print(f"preference tuning ({cfg.objective}, beta {beta}) of {model_dir} with {cfg.method}: "
+              f"{counts['trainable']:,} trainable parameters ({counts['trainable_percent']}%); {len(train)} train / "
+              f"{len(val) if val else 0} held-out pairs; template: {template_source}", file=sys.stderr)
+    summary = trainer.fit()
+    summary["parameters"] = lora.parameter_counts(model)
+    summary["data"] = {"train": train.stats, "val": val.stats if val else None}
+    summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
+    if trainer.is_main:
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "hf_config"})
     return summary
 

@@ -208,3 +208,107 @@ class TokenClassification(Objective):
         scores = entity_scores(gold, pred)
         return {"val_loss": total / n, "val_accuracy": scores["accuracy"], "val_precision": scores["micro"]["precision"],
                 "val_recall": scores["micro"]["recall"], "val_f1": scores["micro"]["f1"]}
+
+
+# --- preference tuning ----------------------------------------------------------------------------------------------
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+def sequence_logps(forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's trained tokens (rows,), their number (rows,)). The head's matmul and
+    softmax run on the trained (completion) positions only."""
+    labels = batch["labels"]
+    trained = labels != -100
+    logits = forward(batch["input_ids"], logits_mask=trained, **_model_inputs(batch))
+    token_logps = torch.log_softmax(logits.float(), -1).gather(-1, labels[trained][:, None]).squeeze(-1)
+    rows = trained.nonzero()[:, 0]
+    sums = torch.zeros(len(labels), device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    return sums, trained.sum(1)
+
+
+def preference_losses(loss_type: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_n: torch.Tensor,
+                      rejected_n: torch.Tensor, ref_chosen: torch.Tensor | None = None,
+                      ref_rejected: torch.Tensor | None = None, beta: float = 0.1, label_smoothing: float = 0.0,
+                      simpo_gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards) from summed completion log-probabilities.
+
+    dpo    -(1-e) logsigmoid(b d) - e logsigmoid(-b d), d = (chosen - ref) - (rejected - ref)   (Rafailov et al.
+           2023; e = label_smoothing: conservative DPO); rewards b (policy - ref)
+    ipo    (d' - 1/(2b))^2 with d' the same margin of per-token log-probabilities (Azar et al. 2023, Eq. 17, length-
+           normalised as trl does)
+    simpo  -(1-e) logsigmoid(b (avg_c - avg_r) - gamma) - e logsigmoid(-(...)), avg = per-token log-probability
+           (Meng et al. 2024; no reference)
+    orpo   -b logsigmoid(log odds(avg_c) - log odds(avg_r)), odds(p) = p / (1 - p) (Hong et al. 2024; no reference;
+           the chosen reply's NLL is added by the objective)"""
+    if loss_type in ("dpo", "ipo"):
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"{loss_type} needs the reference log-probabilities")
+        c, r = chosen - ref_chosen, rejected - ref_rejected
+        if loss_type == "dpo":
+            d = beta * (c - r)
+            losses = -F.logsigmoid(d) * (1 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
+        else:
+            d = c / chosen_n.clamp(min=1) - r / rejected_n.clamp(min=1)
+            losses = (d - 1 / (2 * beta)) ** 2
+        return losses, beta * c.detach(), beta * r.detach()
+    avg_c, avg_r = chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1)
+    if loss_type == "simpo":
+        d = beta * (avg_c - avg_r) - simpo_gamma
+        losses = -F.logsigmoid(d) * (1 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
+    elif loss_type == "orpo":
+        def log1mexp(x):  # log(1 - exp(x)) for x < 0, stable at both ends
+            return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+        log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+        losses = -beta * F.logsigmoid(log_odds)
+    else:
+        raise ValueError(f"loss {loss_type!r}: one of {', '.join(PREFERENCE_LOSSES)}")
+    return losses, beta * avg_c.detach(), beta * avg_r.detach()
+
+
+class Preference(Objective):
+    """Preference tuning on pairs. A batch holds B chosen rows then B rejected rows (`input_ids`, `labels` on the
+    reply tokens, `attention_mask`) and, for DPO / IPO, `ref_logps` (2B,): the reference model's summed reply
+    log-probabilities, computed once before training (no second model in memory). Eval: loss, reward accuracy
+    (chosen reward > rejected), margins and mean rewards on held-out pairs; the best checkpoint by eval loss."""
+
+    def __init__(self, loss_type: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0,
+                 simpo_gamma: float = 1.0):
+        if loss_type not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss {loss_type!r}: one of {', '.join(PREFERENCE_LOSSES)}")
+        self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma = loss_type, beta, label_smoothing, simpo_gamma
+
+    def count(self, batch: dict) -> int:
+        return len(batch["input_ids"]) // 2
+
+    def terms(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logps, n = sequence_logps(forward, batch)
+        B = len(logps) // 2
+        ref = batch.get("ref_logps")
+        losses, rc, rr = preference_losses(
+            self.loss_type, logps[:B], logps[B:], n[:B], n[B:], None if ref is None else ref[:B],
+            None if ref is None else ref[B:], self.beta, self.label_smoothing, self.simpo_gamma)
+        if self.loss_type == "orpo":  # + the chosen replies' NLL, a mean over their tokens (ORPO's SFT part)
+            losses = losses - logps[:B].sum() / n[:B].sum().clamp(min=1)
+        return losses, rc, rr
+
+    def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, int]:
+        losses, _, _ = self.terms(forward, batch)
+        return losses.mean(), len(losses)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
+        losses, chosen, rejected = [], [], []
+        for batch in batches:
+            lo, rc, rr = self.terms(model, batch)
+            losses.append(lo.float().cpu())
+            chosen.append(rc.float().cpu())
+            rejected.append(rr.float().cpu())
+        if not losses:
+            return {}
+        lo, rc, rr = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
+        return {"val_loss": lo.mean().item(), "val_reward_accuracy": (rc > rr).float().mean().item(),
+                "val_reward_margin": (rc - rr).mean().item(), "val_reward_chosen": rc.mean().item(),
+                "val_reward_rejected": rr.mean().item()}
