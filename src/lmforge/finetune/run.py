@@ -121,7 +121,8 @@ class FinetuneConfig(TrainConfig):
 
     #: what a resumed run must share with its checkpoint, beyond the loop's own (trainer.RESUME_MUST_MATCH)
     resume_extra: ClassVar[tuple[str, ...]] = (
-        "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template", "mask", "train_on_prompt", "packing", "group_by_length",
+        "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template", "mask",
+        "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
 
