@@ -102,13 +102,14 @@ def minilm():
 def test_english_encoder_classifier_learns_and_loads_in_transformers(minilm, tmp_path):
     out = tmp_path / "clf"
     cfg = ClassifyConfig(model=minilm, data="builtin:python-docs-topics", out=str(out), max_steps=40, batch_size=16,
-                         lr=2e-4, max_length=96, eval_every=20, progress=False, val_fraction=0.15)
+                         lr=2e-4, max_length=64, eval_every=40, progress=False, val_fraction=0.1)
     summary = run_classify(cfg)
     assert summary["final"]["val_accuracy"] > summary["initial"]["val_accuracy"] + 0.2
     assert summary["best"]["accuracy"] > 0.75 and summary["best"]["f1"] > 0.6
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["per_class"]) == {"expression", "statement", "type"} and (out / "confusion.png").exists()
-    assert report["calibration"]["ece_after"] <= report["calibration"]["ece_before"] + 1e-6
+    # temperature scaling minimises the held-out NLL (ECE, on 80 examples, may move either way)
+    assert report["calibration"]["nll_after"] <= report["calibration"]["nll_before"]
     # the best checkpoint is a BertForSequenceClassification transformers loads with the same logits
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
     tok = transformers.AutoTokenizer.from_pretrained(out / "best")
@@ -126,7 +127,7 @@ def test_english_encoder_classifier_learns_and_loads_in_transformers(minilm, tmp
     # the metrics equal scikit-learn's on the same predictions
     from lmforge.classify.builtin import python_docs_topics
 
-    rows = python_docs_topics()[::7]
+    rows = python_docs_topics()[::16]
     data = _write_jsonl(tmp_path / "eval.jsonl", rows)
     report = evaluate_dir(out / "best", str(data))
     preds = [r["label"] for r in p.predict([Labelled(r["text"], []) for r in rows])]
@@ -265,3 +266,43 @@ def test_chinese_character_ner_tagger_learns_with_seqeval_metrics(zh_decoder, mi
     gold = [s.tags for s in sents]
     assert report["overall"]["f1"] == pytest.approx(seqeval.f1_score(gold, pred, zero_division=0))
     assert np.isfinite(report["strict_f1"] if "strict_f1" in report else report["overall"]["strict_f1"])
+
+
+def test_multi_label_lora_classifier_merges_into_its_hf_dir_and_resumes(zh_decoder, tmp_path):
+    """Multi-label on a decoder with LoRA: the saved HF dir holds the merged weights (transformers gives the same
+    sigmoid logits), and resuming from trainable.safetensors (adapters + head) equals an uninterrupted run."""
+    rows = []
+    for r in _zh_reviews(200):
+        labels = [r["sentiment"]] + (["long"] if len(r["review"]) > 30 else [])
+        rows.append({"text": r["review"], "labels": labels})
+    data = _write_jsonl(tmp_path / "ml.jsonl", rows)
+
+    def cfg(out, **kw):
+        return ClassifyConfig(model=str(zh_decoder), data=str(data), label_field="labels", multi_label=True,
+                              train="lora", lr=5e-3, batch_size=16, max_steps=20, eval_every=10, max_length=64,
+                              progress=False, out=str(out), **kw)
+
+    full = run_classify(cfg(tmp_path / "full"))
+    assert full["best"]["f1"] > 0 and set(json.loads((tmp_path / "full" / "labels.json").read_text())["labels"]) \
+        == {"long", "neg", "pos"}
+    best = tmp_path / "full" / "best"
+    assert (best / "trainable.safetensors").exists()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(best).eval()
+    assert hf.config.problem_type == "multi_label_classification"
+    from lmforge.classify.data import Labelled
+
+    p = Predictor(best)
+    texts = [r["text"] for r in rows[:4]]
+    ids = [p.tokenizer.encode_for_model([t])[0] for t in texts]
+    with torch.no_grad():
+        for t, row in zip(texts, ids):
+            theirs = hf(input_ids=torch.tensor([row])).logits[0]
+            torch.testing.assert_close(p.logits([Labelled(t, [])])[0], theirs, atol=1e-4, rtol=1e-4)
+    got = p.predict([Labelled(texts[0], [])])[0]
+    assert isinstance(got["labels"], list) and set(got["probabilities"]) == {"long", "neg", "pos"}
+    part = run_classify_until(cfg(tmp_path / "part"), 10)
+    del part
+    run_classify(cfg(tmp_path / "part", resume=True))
+    a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in b if "loss" in r] == pytest.approx([r["loss"] for r in a if "loss" in r], rel=1e-4)

@@ -531,11 +531,17 @@ def evaluate_dir(directory: str | Path, data: str | None, cfg: ClassifyConfig | 
     y = torch.tensor([labels.index(r.labels[0]) for r in records])
     report = {"task": "sequence", "examples": len(records)}
     if calibrate:
+        import torch.nn.functional as F
+
         t = fit_temperature(stacked, y)
-        before = expected_calibration_error(torch.softmax(stacked, -1), y)
-        after = expected_calibration_error(torch.softmax(stacked / t, -1), y)
-        report["calibration"] = {"temperature": round(t, 4), "ece_before": round(before, 4), "ece_after": round(after, 4),
-                                 "fitted_on": "the validation split"}
+        nll_before, nll_after = F.cross_entropy(stacked, y).item(), F.cross_entropy(stacked / t, y).item()
+        if nll_after > nll_before:  # the fit did not converge: keep the raw softmax
+            t, nll_after = 1.0, nll_before
+        report["calibration"] = {
+            "temperature": round(t, 4), "nll_before": round(nll_before, 4), "nll_after": round(nll_after, 4),
+            "ece_before": round(expected_calibration_error(torch.softmax(stacked, -1), y), 4),
+            "ece_after": round(expected_calibration_error(torch.softmax(stacked / t, -1), y), 4),
+            "fitted_on": "the validation split"}
         config_path = Path(directory) / "config.json"
         raw = json.loads(config_path.read_text())
         raw.setdefault("lmforge_task", {})["temperature"] = round(t, 6)

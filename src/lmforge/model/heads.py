@@ -114,10 +114,12 @@ class Classifier(nn.Module):
     def hf_state(self) -> dict[str, torch.Tensor]:
         """The HF tensors: the backbone's (LoRA merged into a copy, the model itself unchanged) and the head's."""
         backbone = self.backbone
-        from lmforge.finetune.lora import has_adapters, merge_lora
+        from lmforge.finetune.lora import has_adapters, lora_layers
 
-        if has_adapters(backbone):
-            backbone = merge_lora(copy.deepcopy(backbone))
+        if has_adapters(backbone):  # merged in a copy, layer by layer: no new module (whose init would draw from
+            backbone = copy.deepcopy(backbone)  # the global RNG and change a run's later dropout masks)
+            for _, layer in lora_layers(backbone):
+                layer.merge()
         if self.encoder:
             out = encoder_hf_tensors(backbone, prefix="bert.")
             if self.pooler is not None:
