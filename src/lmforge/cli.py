@@ -13,7 +13,7 @@ import warnings
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.classify.cli",
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.classify.cli", "lmforge.prompting.cli",
           "lmforge.eval.cli",
           "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
 
@@ -26,7 +26,7 @@ EPILOG = """examples:
 
 
 # stages of the map (docs/architecture.md) that this version does not have yet
-PLANNED = {"prompt": "prompting", "synth": "synthetic data"}
+PLANNED = {"synth": "synthetic data"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

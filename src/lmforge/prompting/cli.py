@@ -1,0 +1,187 @@
+"""`lmforge prompt cot | agent | auto-cot | eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.config import ConfigError
+
+EXAMPLES = """examples:
+  lmforge prompt cot --model runs/sft/merged --question "A pen costs 3 dollars. How much do 4 pens cost?"
+  lmforge prompt cot --endpoint http://localhost:8000/v1 --question "..." --samples 10 --temperature 0.7
+  lmforge prompt agent --model DIR --question "What is 17 * 23 + 4?" --tools calculator,python --trace trace.jsonl
+  lmforge prompt agent --endpoint http://localhost:8000/v1 --mode openai --tools calculator,search:runs/index --question "..."
+  lmforge prompt auto-cot --model DIR --questions gsm8k_train.jsonl --clusters 8 --out demos.jsonl
+  lmforge prompt eval --model DIR --data gsm8k_test.jsonl --methods greedy,cot,self-consistency --limit 50
+"""
+
+
+def make_client(args: argparse.Namespace):
+    from lmforge.prompting.client import EngineClient, HTTPClient
+
+    if bool(args.model) == bool(args.endpoint):
+        raise ConfigError("give the model: --model DIR (in this process) or --endpoint URL (an OpenAI-compatible API)")
+    if args.endpoint:
+        import os
+
+        return HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                          concurrency=args.concurrency)
+    return EngineClient(args.model, template=args.chat_template or None)
+
+
+def _demos(path: str | None) -> list[dict]:
+    if not path:
+        return []
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, r in enumerate(rows, 1):
+        if "question" not in r or "rationale" not in r:
+            raise ConfigError(f"{path}:{i}: a demonstration needs 'question' and 'rationale'")
+    return rows
+
+
+def cmd_cot(args) -> int:
+    from lmforge.prompting.reasoning import ChainOfThought, Sampling, self_consistency
+
+    client = make_client(args)
+    demos = _demos(args.demos)
+    if args.samples > 1:
+        vote = self_consistency(client, args.question, args.samples, args.temperature, args.rule, demos,
+                                args.max_tokens, args.seed)
+        out = {"answer": vote.answer, "votes": vote.votes, "tie": vote.tie, "failures": vote.failures,
+               "chains": [c["reasoning"] for c in vote.samples]}
+    else:
+        r = ChainOfThought(client, demos, sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens,
+                                                            stop=["\n\nQ:", "\nQ:"])).answer(args.question, args.rule)[0]
+        out = {"answer": r["answer"], "reasoning": r["reasoning"]}
+    print(json.dumps(out, ensure_ascii=False, indent=None if args.json else 2))
+    return 0
+
+
+def build_tools(spec: str, user: list[str]) -> list:
+    from lmforge.prompting import tools as T
+
+    out = []
+    for name in filter(None, spec.split(",")):
+        kind, _, arg = name.partition(":")
+        if kind == "calculator":
+            out.append(T.calculator_tool())
+        elif kind == "python":
+            out.append(T.python_tool())
+        elif kind == "search":
+            if not arg:
+                raise ConfigError("tools: search needs an index, as search:DIR (lmforge rag index --out DIR)")
+            out.append(T.search_tool(arg))
+        else:
+            raise ConfigError(f"tools: {kind!r} is not calculator, python or search:INDEX (your own: --tool-module)")
+    for spec_ in user:
+        out += T.load_user_tools(spec_)
+    if not out:
+        raise ConfigError("tools: give at least one (--tools calculator,python,search:INDEX or --tool-module)")
+    return out
+
+
+def cmd_agent(args) -> int:
+    from lmforge.prompting.agent import ReActAgent
+    from lmforge.prompting.client import Sampling
+
+    agent = ReActAgent(make_client(args), build_tools(args.tools, args.tool_module), args.mode, args.max_steps,
+                       sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens))
+    result = agent.run(args.question, args.trace)
+    if args.json:
+        print(json.dumps({"answer": result.answer, "stopped": result.stopped, "steps": result.trace()},
+                         ensure_ascii=False))
+    else:
+        for s in result.steps:
+            if s.thought:
+                print(f"Thought: {s.thought}")
+            if s.action:
+                print(f"Action: {s.action}[{s.input}]\nObservation: {s.observation}")
+        print(f"Final Answer: {result.answer}" if result.answer is not None else f"(no answer: {result.stopped})")
+    return 0 if result.answer is not None else 1
+
+
+def cmd_auto_cot(args) -> int:
+    from lmforge.files import atomic_write
+    from lmforge.prompting.reasoning import auto_cot
+
+    rows = [json.loads(line) for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    questions = [r["question"] if isinstance(r, dict) else str(r) for r in rows]
+    demos = auto_cot(make_client(args), questions, args.clusters, seed=args.seed)
+    with atomic_write(Path(args.out)) as f:
+        for d in demos:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    print(f"{len(demos)} demonstrations from {args.clusters} clusters -> {args.out} (use with --demos)", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lmforge.eval.tasks import read_gsm8k
+    from lmforge.prompting.reasoning import compare_methods
+
+    docs = read_gsm8k(Path(args.data))[:args.limit or None]
+    report = compare_methods(make_client(args), docs, args.methods.split(","), _demos(args.demos), args.samples,
+                             args.temperature, args.max_tokens, args.seed)
+    if args.out:
+        from lmforge.files import write_json
+
+        write_json(Path(args.out), report)
+    if args.json:
+        print(json.dumps({"examples": report["examples"], "methods": report["methods"]}))
+    else:
+        for name, m in report["methods"].items():
+            print(f"{name:<18} accuracy {m['accuracy']:.4f}  (no answer found: {m['failures']})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prompt", help="prompting: chain of thought, self-consistency, Auto-CoT, ReAct agents",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Prompting methods over a model directory (lmforge's engine) or any "
+                                   "OpenAI-compatible endpoint (lmforge serve, llama.cpp, a hosted API). "
+                                   "See docs/prompting.md.")
+    psub = p.add_subparsers(dest="prompt_command", metavar="ACTION", parser_class=type(p))
+    p.set_defaults(func=lambda a: p.print_help())
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", metavar="DIR", help="a model directory, run in this process")
+    model.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    model.add_argument("--served-model", default="default", help="the model name the endpoint expects")
+    model.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
+    model.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
+    model.add_argument("--chat-template", default="", help="--model: a template name or file instead of the model's")
+    model.add_argument("--max-tokens", type=int, default=256)
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--json", action="store_true", help="print one JSON object")
+    c = psub.add_parser("cot", parents=[model], help="chain-of-thought answer (self-consistency with --samples)")
+    c.add_argument("--question", required=True)
+    c.add_argument("--demos", metavar="FILE.jsonl", help="few-shot CoT demonstrations (question, rationale)")
+    c.add_argument("--samples", type=int, default=1, help="sampled chains for self-consistency (1: greedy CoT)")
+    c.add_argument("--temperature", type=float, default=0.7, help="self-consistency's sampling temperature")
+    c.add_argument("--rule", default="number", help="answer extraction: number, letter, text, regex:PATTERN")
+    c.set_defaults(func=cmd_cot)
+    a = psub.add_parser("agent", parents=[model], help="a ReAct agent with tools")
+    a.add_argument("--question", required=True)
+    a.add_argument("--tools", default="calculator", help="calculator, python, search:INDEX_DIR (comma-separated)")
+    a.add_argument("--tool-module", action="append", default=[], metavar="MODULE:FN[,FN]",
+                   help="your own tools: functions of one string argument (module or file.py)")
+    a.add_argument("--mode", default="text", choices=["text", "openai"],
+                   help="text: Thought/Action/Observation lines; openai: the API's tool calling")
+    a.add_argument("--max-steps", type=int, default=8)
+    a.add_argument("--trace", metavar="FILE.jsonl", help="write every step here")
+    a.set_defaults(func=cmd_agent)
+    ac = psub.add_parser("auto-cot", parents=[model], help="build Auto-CoT demonstrations from questions")
+    ac.add_argument("--questions", required=True, metavar="FILE.jsonl", help="records with a 'question' field")
+    ac.add_argument("--clusters", type=int, default=8)
+    ac.add_argument("--out", required=True, metavar="FILE.jsonl")
+    ac.set_defaults(func=cmd_auto_cot)
+    e = psub.add_parser("eval", parents=[model], help="GSM8K-style accuracy: greedy vs CoT vs self-consistency")
+    e.add_argument("--data", required=True, metavar="FILE.jsonl", help="GSM8K jsonl (question, answer '... #### N')")
+    e.add_argument("--methods", default="greedy,cot,self-consistency")
+    e.add_argument("--demos", metavar="FILE.jsonl")
+    e.add_argument("--samples", type=int, default=5, help="self-consistency: chains per question")
+    e.add_argument("--temperature", type=float, default=0.7)
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--out", metavar="FILE.json", help="write the per-question predictions too")
+    e.set_defaults(func=cmd_eval)

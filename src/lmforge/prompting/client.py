@@ -1,0 +1,206 @@
+"""Model clients: one small interface, two implementations, the same sampling options.
+
+    client = EngineClient("runs/sft/merged")                    # lmforge's engine, in this process
+    client = HTTPClient("http://localhost:8000/v1", model="m")   # lmforge serve, llama.cpp's server, any OpenAI API
+    replies = client.chat([[{"role": "user", "content": "2+2?"}]], Sampling(temperature=0.0, max_tokens=32))
+
+`chat(conversations, sampling, n=1)` returns, per conversation, a list of n Completion (text, finish_reason,
+tool_calls, tokens). Each conversation is a list of OpenAI-style messages; the engine renders it with the model's
+chat template (or `template=`), the HTTP client sends it as is. `tools=` passes OpenAI tool definitions (the engine
+renders them through the template and parses calls back like `lmforge serve`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class ClientError(RuntimeError):
+    """A request the endpoint refused or could not answer, with its status and message."""
+
+
+@dataclass
+class Sampling:
+    """The sampling options both clients take (OpenAI names)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str = "stop"
+    tool_calls: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ModelClient:
+    """The interface: `chat(conversations, sampling, n, tools)`; `complete(prompts, ...)` is one user turn each."""
+
+    name = "model"
+
+    def chat(self, conversations: Sequence[list[dict]], sampling: Sampling | None = None, n: int = 1,
+             tools: list[dict] | None = None) -> list[list[Completion]]:
+        raise NotImplementedError
+
+    def complete(self, prompts: Sequence[str], sampling: Sampling | None = None, n: int = 1) -> list[list[Completion]]:
+        return self.chat([[{"role": "user", "content": p}] for p in prompts], sampling, n)
+
+
+class EngineClient(ModelClient):
+    """lmforge's generation engine in this process: a model directory (or a loaded model and tokenizer)."""
+
+    def __init__(self, model=None, tokenizer=None, template: str | None = None, batch_size: int = 16):
+        from pathlib import Path
+
+        from lmforge.infer.engine import default_stop_ids, turn_end_ids
+        from lmforge.model import load_hf_model
+        from lmforge.tokenizer import load_tokenizer
+
+        if isinstance(model, (str, Path)):
+            self.name = str(model)
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = load_hf_model(model)
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.template = tokenizer.get_chat_template(template) if template or tokenizer.chat_template else None
+        self.stop_ids = sorted(set(default_stop_ids(tokenizer, model)) | set(turn_end_ids(tokenizer)))
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        from lmforge.tokenizer.chat import encode_chat
+
+        if self.template is None:  # a base model without a template: the last user turn is the prompt
+            return self.tokenizer.encode(messages[-1]["content"])
+        return encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True, tools=tools).ids
+
+    def chat(self, conversations, sampling=None, n=1, tools=None):
+        import torch
+
+        from lmforge.infer.engine import Request, generate_stream
+        from lmforge.infer.sampling import SamplingConfig
+
+        s = sampling or Sampling()
+        prompts = [self.render(c, tools) for c in conversations]
+        requests, owners = [], []
+        for i, ids in enumerate(prompts):
+            for k in range(n):
+                # each of the n samples its own stream: seed + k (greedy ones are the same anyway)
+                seed = None if s.seed is None else s.seed + k
+                requests.append(Request(ids, SamplingConfig(max_new_tokens=s.max_tokens, temperature=s.temperature,
+                                                            top_p=s.top_p, stop_strings=list(s.stop),
+                                                            stop_token_ids=self.stop_ids, seed=seed)))
+                owners.append(i)
+        texts, tokens = [""] * len(requests), [0] * len(requests)
+        reasons = ["length"] * len(requests)
+        with torch.no_grad():
+            for start in range(0, len(requests), self.batch_size):
+                chunk = requests[start:start + self.batch_size]
+                for event in generate_stream(self.model, self.tokenizer, chunk):
+                    j = start + event.index
+                    texts[j] += event.text
+                    if event.token_id is not None:
+                        tokens[j] += 1
+                    if event.finish_reason is not None:
+                        reasons[j] = event.finish_reason
+        out: list[list[Completion]] = [[] for _ in conversations]
+        for j, i in enumerate(owners):
+            done = Completion(texts[j], reasons[j], prompt_tokens=len(prompts[i]), completion_tokens=tokens[j])
+            if tools:
+                from lmforge.serve.tools import parse_tool_calls
+
+                content, calls = parse_tool_calls(texts[j], {t["function"]["name"] for t in tools})
+                if calls:
+                    done.text, done.finish_reason = content or "", "tool_calls"
+                    done.tool_calls = [{"id": f"call_{j}_{k}", "name": c["function"]["name"],
+                                        "arguments": c["function"].get("arguments", {})} for k, c in enumerate(calls)]
+            out[i].append(done)
+        return out
+
+
+class HTTPClient(ModelClient):
+    """An OpenAI-compatible endpoint (`base_url` ending in /v1): `concurrency` requests in flight, retries with
+    backoff on connection errors, 429 and 5xx (Retry-After honoured), token usage counted."""
+
+    def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0,
+                 concurrency: int = 4, retries: int = 4):
+        self.base_url, self.name, self.api_key = base_url.rstrip("/"), model, api_key
+        self.timeout, self.concurrency, self.retries = timeout, concurrency, retries
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+
+    def _post(self, client, body: dict) -> dict:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                r = client.post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout)
+            except httpx.TransportError as e:
+                if attempt == self.retries:
+                    raise ClientError(f"{self.base_url}: {type(e).__name__}: {e}") from None
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if r.status_code == 429 or r.status_code >= 500:
+                if attempt == self.retries:
+                    raise ClientError(f"{self.base_url}: HTTP {r.status_code} after {self.retries} retries: "
+                                      f"{r.text[:200]}")
+                wait = r.headers.get("retry-after")
+                time.sleep(float(wait) if wait and wait.replace(".", "", 1).isdigit() else delay)
+                delay *= 2
+                continue
+            if r.status_code != 200:
+                try:
+                    message = r.json().get("error", {}).get("message", r.text)
+                except ValueError:
+                    message = r.text
+                raise ClientError(f"{self.base_url}: HTTP {r.status_code}: {str(message)[:300]}")
+            return r.json()
+        raise AssertionError("unreachable")
+
+    def chat(self, conversations, sampling=None, n=1, tools=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import httpx
+
+        s = sampling or Sampling()
+
+        def one(messages):
+            body = {"model": self.name, "messages": messages, "temperature": s.temperature, "top_p": s.top_p,
+                    "max_tokens": s.max_tokens, "n": n}
+            if s.stop:
+                body["stop"] = list(s.stop)
+            if s.seed is not None:
+                body["seed"] = s.seed
+            if tools:
+                body["tools"] = tools
+            data = self._post(client, body)
+            usage = data.get("usage") or {}
+            self.usage["prompt_tokens"] += usage.get("prompt_tokens", 0)
+            self.usage["completion_tokens"] += usage.get("completion_tokens", 0)
+            self.usage["requests"] += 1
+            out = []
+            for choice in sorted(data.get("choices", []), key=lambda c: c.get("index", 0)):
+                msg = choice.get("message") or {}
+                calls = []
+                for c in msg.get("tool_calls") or []:
+                    fn = c.get("function", {})
+                    args = fn.get("arguments", "{}")
+                    try:
+                        args = json.loads(args) if isinstance(args, str) else args
+                    except json.JSONDecodeError:
+                        pass
+                    calls.append({"id": c.get("id"), "name": fn.get("name"), "arguments": args})
+                out.append(Completion(msg.get("content") or "", choice.get("finish_reason") or "stop", calls,
+                                      usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
+            return out
+
+        with httpx.Client() as client, ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, conversations))
