@@ -147,9 +147,6 @@ def test_mistyped_and_planned_commands(capsys):
     with pytest.raises(SystemExit):
         main(["pretrian"])
     assert "did you mean 'pretrain'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["synth"])
-    assert "not in this version of lmforge yet" in capsys.readouterr().err
     assert main(["finetune", "--data", "x.jsonl"]) == 2  # a stage that exists: its own one-line error
     assert "model: give the base model" in capsys.readouterr().err
 

@@ -13,8 +13,8 @@ import warnings
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.classify.cli", "lmforge.prompting.cli",
-          "lmforge.eval.cli",
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.classify.cli",
+          "lmforge.prompting.cli", "lmforge.synth.cli", "lmforge.eval.cli",
           "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
 
 EPILOG = """examples:
@@ -26,7 +26,7 @@ EPILOG = """examples:
 
 
 # stages of the map (docs/architecture.md) that this version does not have yet
-PLANNED = {"synth": "synthetic data"}
+PLANNED: dict[str, str] = {}
 
 
 class ArgumentParser(argparse.ArgumentParser):

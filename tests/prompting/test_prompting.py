@@ -63,6 +63,19 @@ def test_python_tool_runs_code_within_its_limits():
     assert run_python("import os\nprint(sorted(os.environ))") in ("['PATH']", "['LC_CTYPE', 'PATH']")
 
 
+def test_search_tool_reads_an_lmforge_index(tmp_path):
+    from lmforge.data.document import Document
+    from lmforge.prompting.tools import search_tool
+    from lmforge.rag.chunking import ChunkerConfig
+    from lmforge.rag.index import IndexConfig, RagIndex
+
+    index = RagIndex(tmp_path / "ix", IndexConfig(chunker=ChunkerConfig(kind="none"), dense=False))
+    index.upsert([Document("py", "The for statement iterates over the items of a sequence."),
+                  Document("zh", "北京是中国的首都。")])
+    out = search_tool(str(tmp_path / "ix"), k=1).run({"query": "for statement"})
+    assert out.startswith("[1] (py) The for statement")
+
+
 def test_user_functions_become_tools():
     def shout(text: str) -> str:
         """Upper-cases the text."""
@@ -166,10 +179,11 @@ def _teach(model, pairs: list[tuple[list[int], list[int]]], steps: int = 300, lr
         mask[r, :len(p) + len(a)] = 1
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for _ in range(steps):
-        logits = model(ids[:, :-1], attention_mask=mask[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
+    targets = labels[:, 1:]
+    trained = targets != -100
+    for _ in range(steps):  # the output head only where a reply token is predicted (most positions are prompt)
+        logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_mask=trained)
+        loss = torch.nn.functional.cross_entropy(logits, targets[trained])
         opt.zero_grad()
         loss.backward()
         opt.step()

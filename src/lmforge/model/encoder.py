@@ -32,6 +32,8 @@ class EncoderConfig:
     type_vocab_size: int = 2
     norm_eps: float = 1e-12
     pad_token_id: int = 0
+    dropout: float = 0.1  # BERT's hidden_dropout_prob (embeddings, attention output, MLP output), training only
+    attention_dropout: float = 0.1  # attention_probs_dropout_prob, training only
     n_experts: int = 0  # the Trainer asks (MoE auxiliary loss): an encoder has none
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -48,7 +50,9 @@ class EncoderConfig:
         return cls(vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
                    n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
                    max_seq_len=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
-                   norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0) or 0)
+                   norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0) or 0,
+                   dropout=hf.get("hidden_dropout_prob", 0.1),
+                   attention_dropout=hf.get("attention_probs_dropout_prob", 0.1))
 
 
 class EncoderLayer(nn.Module):
@@ -63,6 +67,8 @@ class EncoderLayer(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model)
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.attention_dropout = cfg.attention_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
@@ -71,10 +77,11 @@ class EncoderLayer(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, H, D // H).transpose(1, 2)
 
+        # dropout as BERT trains (attention probabilities, then each sublayer's output); none in eval mode
         y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
-                                           attn_mask=mask)
-        x = self.attn_norm(x + self.o_proj(y.transpose(1, 2).reshape(B, T, D)))
-        return self.mlp_norm(x + self.down_proj(F.gelu(self.up_proj(x))))
+                                           attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.attn_norm(x + self.dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, D))))
+        return self.mlp_norm(x + self.dropout(self.down_proj(F.gelu(self.up_proj(x)))))
 
 
 class Encoder(nn.Module):
@@ -88,6 +95,7 @@ class Encoder(nn.Module):
         self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.embed_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,7 +104,7 @@ class Encoder(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than the encoder's {self.cfg.max_seq_len} positions")
         positions = torch.arange(T, device=input_ids.device)
         types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-        x = self.embed_norm(self.embed(input_ids) + self.pos_embed(positions) + self.type_embed(types))
+        x = self.dropout(self.embed_norm(self.embed(input_ids) + self.pos_embed(positions) + self.type_embed(types)))
         mask = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
         for layer in self.layers:
             x = layer(x, mask)

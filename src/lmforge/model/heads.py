@@ -154,8 +154,8 @@ class Classifier(nn.Module):
 def encoder_config_to_hf(cfg: EncoderConfig) -> dict:
     return {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-            "attention_probs_dropout_prob": 0.1, "max_position_embeddings": cfg.max_seq_len,
+            "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.attention_dropout, "max_position_embeddings": cfg.max_seq_len,
             "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.norm_eps, "pad_token_id": cfg.pad_token_id,
             "position_embedding_type": "absolute", "torch_dtype": "float32"}
 

@@ -155,12 +155,14 @@ def python_tool(timeout: float = 10.0, memory_mb: int = 512) -> Tool:
 
 # --- RAG search and user tools ---------------------------------------------------------------------------------------
 
-def search_tool(index, k: int = 3, mode: str = "auto") -> Tool:
-    """Search an lmforge RagIndex (a directory or an opened index): the top k passages with their ids."""
+def search_tool(index, k: int = 3, mode: str | None = None) -> Tool:
+    """Search an lmforge RagIndex (a directory or an opened index): the top k passages with their ids. mode:
+    sparse, dense or hybrid (default: hybrid where the index has vectors, else sparse)."""
     if isinstance(index, (str, os.PathLike)):
         from lmforge.rag.index import RagIndex
 
         index = RagIndex.open(index)
+    mode = mode or ("hybrid" if index.cfg.dense else "sparse")
 
     def search(query: str) -> str:
         hits = index.search(query, k, mode)

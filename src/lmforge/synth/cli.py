@@ -1,0 +1,119 @@
+"""`lmforge synth self-instruct | evol-instruct`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  lmforge serve --model runs/quickstart/merged --port 8000 &
+  lmforge synth self-instruct --seed-tasks builtin:seeds-en --endpoint http://localhost:8000/v1 --num 50 --out runs/si
+  lmforge synth self-instruct --seed-tasks builtin:seeds-zh --model DIR --num 20 --out runs/si_zh
+  lmforge synth evol-instruct --seed-tasks runs/si/data/alpaca.jsonl --endpoint URL --rounds 3 --out runs/evol
+  lmforge finetune --model DIR --data runs/si/data/alpaca.jsonl --out runs/sft_si
+"""
+BUILTIN_SEEDS = {"builtin:seeds-en": "seeds_en.jsonl", "builtin:seeds-zh": "seeds_zh.jsonl"}
+
+
+def seed_path(spec: str) -> str:
+    if spec in BUILTIN_SEEDS:
+        return str(Path(__file__).parent / "data" / BUILTIN_SEEDS[spec])
+    if not Path(spec).exists():
+        from lmforge.data.sources import CorpusError
+        from lmforge.hub import missing_path_error
+
+        raise CorpusError(missing_path_error(Path(spec), "seed file"))
+    return spec
+
+
+def _instructions(path: str) -> list[str]:
+    """Evol-Instruct's starting pool: seed tasks, alpaca records (instruction + input) or sharegpt first turns."""
+    from lmforge.data.sources import CorpusError, iter_records
+
+    out = []
+    for where, rec in iter_records(path):
+        if isinstance(rec.get("instruction"), str):
+            inst = rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else "")
+        elif isinstance(rec.get("conversations"), list) and rec["conversations"]:
+            inst = rec["conversations"][0].get("value", "")
+        elif isinstance(rec.get("prompt"), str):
+            inst = rec["prompt"]
+        else:
+            raise CorpusError(f"{where}: no instruction (an 'instruction', 'prompt' or sharegpt 'conversations' field)")
+        if inst.strip():
+            out.append(inst.strip())
+    return out
+
+
+def cmd_self_instruct(args) -> int:
+    from lmforge.prompting.cli import make_client
+    from lmforge.synth.selfinstruct import SelfInstruct, SelfInstructConfig, read_seeds
+
+    cfg = SelfInstructConfig(num=args.num, prompts_per_round=args.prompts_per_round, max_rounds=args.max_rounds,
+                             max_tokens=args.max_tokens,
+                             temperature=args.temperature, seed=args.seed, eval_data=args.eval_data)
+    stats = SelfInstruct(make_client(args), read_seeds(seed_path(args.seed_tasks)), cfg).run(
+        args.out, args.resume, args.overwrite)
+    _report(stats, args)
+    return 0
+
+
+def cmd_evol(args) -> int:
+    from lmforge.prompting.cli import make_client
+    from lmforge.synth.evol import EvolConfig, EvolInstruct
+
+    cfg = EvolConfig(rounds=args.rounds, num=args.num, max_tokens=args.max_tokens, temperature=args.temperature,
+                     seed=args.seed, eval_data=args.eval_data)
+    stats = EvolInstruct(make_client(args), _instructions(seed_path(args.seed_tasks)), cfg).run(
+        args.out, args.resume, args.overwrite)
+    _report(stats, args)
+    return 0
+
+
+def _report(stats: dict, args) -> None:
+    shown = {k: stats[k] for k in ("generated", "kept", "rejected", "rejection_reasons", "rounds", "seconds",
+                                   "instructions_per_minute", "tokens") if k in stats}
+    print(json.dumps(shown, ensure_ascii=False, indent=None if args.json else 2))
+    print(f"kept items: {args.out}/data/alpaca.jsonl (and sharegpt.jsonl); every rejected one with its reason: "
+          f"{args.out}/rejects/rejects.jsonl; stats: {args.out}/stats.json", file=sys.stderr)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="synthetic instruction data: self-instruct, Evol-Instruct",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Generate instruction data with a model (lmforge's engine or any OpenAI-compatible "
+                                   "endpoint), filtered by ROUGE-L novelty, the papers' heuristics and elimination "
+                                   "rules, and the data stage's dedup and contamination checks. See docs/synthetic.md.")
+    ssub = p.add_subparsers(dest="synth_command", metavar="ACTION", parser_class=type(p))
+    p.set_defaults(func=lambda a: p.print_help())
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seed-tasks", required=True, metavar="FILE",
+                        help="seed tasks (self-instruct's JSONL schema; builtin:seeds-en / builtin:seeds-zh), or for "
+                             "evol-instruct any instruction data")
+    common.add_argument("--out", required=True, metavar="DIR")
+    common.add_argument("--model", metavar="DIR", help="a model directory, run in this process")
+    common.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL")
+    common.add_argument("--served-model", default="default")
+    common.add_argument("--api-key")
+    common.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
+    common.add_argument("--chat-template", default="")
+    common.add_argument("--max-tokens", type=int, default=512)
+    common.add_argument("--temperature", type=float, default=0.7)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--eval-data", metavar="FILE", help="a held-out eval set: generated items overlapping it "
+                                                            "are rejected (contamination)")
+    common.add_argument("--resume", action="store_true", help="continue the run in --out")
+    common.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    common.add_argument("--json", action="store_true")
+    si = ssub.add_parser("self-instruct", parents=[common], help="self-instruct (Wang et al. 2022)")
+    si.add_argument("--num", type=int, default=100, help="new instructions to keep")
+    si.add_argument("--prompts-per-round", type=int, default=4, help="generation prompts per round (sent together)")
+    si.add_argument("--max-rounds", type=int, default=1000, help="stop after this many rounds even short of --num")
+    si.set_defaults(func=cmd_self_instruct)
+    ev = ssub.add_parser("evol-instruct", parents=[common], help="Evol-Instruct (Xu et al. 2023, WizardLM)")
+    ev.add_argument("--rounds", type=int, default=4)
+    ev.add_argument("--num", type=int, default=0, help="stop once this many evolved instructions are kept (0: all "
+                                                       "rounds)")
+    ev.set_defaults(func=cmd_evol)
