@@ -2,9 +2,12 @@
 where the generated ones went (kept or rejected, by reason).
 
 Both commands are the ones a user types: `lmforge serve --model DIR` in a child process, then `lmforge synth
-self-instruct --seed-tasks builtin:seeds-en --endpoint URL --num N` against it. The model is the quickstart's
-fine-tuned, merged model (`lmforge quickstart` writes runs/quickstart/finetune-merged), or --model DIR. There is no
-peer in this script: distilabel, the usual peer, needs an online LLM provider and is not installed here.
+self-instruct --seed-tasks builtin:seeds-en --endpoint URL --num N` against it. The model is --model DIR, or by
+default a SmolLM2-135M-shaped Llama with --layers blocks, random weights and Qwen2.5's real tokenizer (the
+quickstart's model has a 128-token context, shorter than self-instruct's prompts). A random model writes noise, so
+this measures the pipeline's cost per generated instruction and shows the filters rejecting; valid instructions per
+minute need a real instruction model. There is no peer in this script: distilabel, the usual one, needs an online
+LLM provider and is not installed here.
 
     python benchmarks/synth.py [--model DIR] [--num 20] [--rounds 5]
 """
@@ -34,13 +37,21 @@ def free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "runs" / "quickstart" / "finetune-merged"))
+    ap.add_argument("--model", default="", help="a model directory (default: a random SmolLM2-135M-shaped model)")
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--num", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5, help="stop after this many rounds even if --num is not reached")
     ap.add_argument("--prompts-per-round", type=int, default=4)
     a = ap.parse_args()
-    if not Path(a.model, "config.json").exists():
-        sys.exit(f"{a.model}: no model (run `lmforge quickstart` first, or pass --model DIR)")
+    tmp_model = None
+    if not a.model:
+        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from dpo import build_model
+
+        tmp_model = tempfile.TemporaryDirectory()
+        a.model = tmp_model.name
+        build_model(Path(a.model), a.layers)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", a.model, "--port", str(port)],
@@ -65,8 +76,11 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        if tmp_model is not None:
+            tmp_model.cleanup()
     print(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "model": a.model,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": f"random SmolLM2-135M-shaped, {a.layers} blocks, Qwen2.5 tokenizer" if tmp_model else a.model,
         "command": " ".join(["lmforge"] + cmd[3:]), "wall_s": round(wall, 1), "rounds": stats["rounds"],
         "generated": stats["generated"], "kept_items": stats["kept"], "instructions_kept": stats["instructions_kept"],
         "valid_instructions_per_minute": round(stats["instructions_kept"] / wall * 60, 2),

@@ -81,6 +81,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.finetune.conversations import DataFormatError
     from lmforge.hub import SourceError
     from lmforge.model import CheckpointError
+    from lmforge.prompting.client import ClientError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
     from lmforge.tokenizer.chat import TemplateError
     from lmforge.train.config import RunDirectoryError, TrainingStopped
@@ -89,7 +90,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # and keeps its traceback. PermissionError is the environment's (an output directory not writable).
     return (UserError, ConfigError, CorpusError, CheckpointError, TrainingError, TokenizerFormatError, TokenizerError,
             TemplateError, TrainingStopped, RunDirectoryError, SourceError, DataFormatError, TaskError, JudgeError,
-            PermissionError)
+            ClientError, PermissionError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from lmforge.config import ConfigError
+from lmforge.finetune.templates import BUILTIN_TEMPLATES
 from lmforge.model import load_hf_model
 from lmforge.prompting.agent import ReActAgent, parse_react
 from lmforge.prompting.client import EngineClient, HTTPClient, Sampling
@@ -223,6 +224,16 @@ def taught(trained_dir, tmp_path_factory):
              (client.render([{"role": "user", "content": loop_after}]), tok.encode(loop_step))]
     for q, chain in COT.items():
         pairs.append((client.render([{"role": "user", "content": cot_prompt(q)}]), tok.encode(" " + chain) + [end]))
+    # OpenAI tool calling through a template that renders tools (Qwen2.5's Hermes format, a built-in)
+    hermes = EngineClient(model, tok, template=BUILTIN_TEMPLATES["qwen"])
+    defs = [calculator_tool().openai()]
+    call = {"id": "call_1_0", "type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 * 7"}}}
+    asked = [{"role": "user", "content": REACT_Q}]
+    answered = asked + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "call_1_0", "name": "calculator", "content": "84"}]
+    pairs += [(hermes.render(asked, defs), tok.encode('<tool_call>\n{"name": "calculator", "arguments": '
+                                                      '{"expression": "12 * 7"}}\n</tool_call>') + [end]),
+              (hermes.render(answered, defs), tok.encode("12 * 7 = 84.") + [end])]
     _teach(model, pairs)
     from lmforge.model import save_hf_model
 
@@ -244,6 +255,15 @@ def test_react_agent_on_the_engine_calls_the_tool_and_writes_its_trace(taught, t
     assert looped.stopped == "loop" and len(looped.steps) == 2 and looped.answer is None
     capped = ReActAgent(EngineClient(taught), [calculator_tool()], max_steps=1, loop_limit=9).run(LOOP_Q)
     assert capped.stopped == "max_steps"
+
+
+def test_openai_tool_calling_agent_on_the_engine(taught, tmp_path):
+    client = EngineClient(taught, template=BUILTIN_TEMPLATES["qwen"])
+    result = ReActAgent(client, [calculator_tool()], mode="openai").run(REACT_Q, trace_path=tmp_path / "t.jsonl")
+    assert result.stopped == "final" and result.answer == "12 * 7 = 84.", result.trace()
+    call = result.steps[0]
+    assert (call.action, call.input, call.observation) == ("calculator", {"expression": "12 * 7"}, "84")
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2
 
 
 def test_parse_react_handles_final_answers_actions_and_junk():
@@ -303,6 +323,10 @@ def test_the_same_agent_runs_against_lmforge_serve(taught):
         assert got["answer"] == "12"
         replies = client.complete(["hi"] * 3, Sampling(max_tokens=4, temperature=0.0))
         assert len(replies) == 3 and all(r[0].text == replies[0][0].text for r in replies)
+        # OpenAI tool calling through the server (its template now one that renders tools)
+        served.tok.chat_template = BUILTIN_TEMPLATES["qwen"]
+        result = ReActAgent(client, [calculator_tool()], mode="openai").run(REACT_Q)
+        assert result.answer == "12 * 7 = 84." and result.steps[0].input == {"expression": "12 * 7"}, result.trace()
     finally:
         served.close()
 

@@ -204,3 +204,18 @@ def test_evol_instruct_round_evolves_and_answers(synth_setup, tmp_path):
     state = json.loads((tmp_path / "ev" / "state.json").read_text())
     assert state["kept"][0]["method"] == s["method"] and state["pool"] == [s["evolved"]]
     assert stats["generated"] == stats["kept"] + stats["rejected"] == 1
+
+
+def test_self_instruct_resume_equals_an_uninterrupted_run(synth_setup, tmp_path):
+    """Rounds are saved as they finish and a round's draws depend only on the seed and its number: two rounds in
+    one go equal one round, stopped, then resumed for the second (greedy decoding: the same replies)."""
+    from dataclasses import replace
+
+    s = synth_setup
+    cfg = replace(s["si_cfg"], num=50, max_rounds=2)
+    whole = SelfInstruct(EngineClient(s["dir"]), s["seeds"], cfg).run(str(tmp_path / "whole"))
+    SelfInstruct(EngineClient(s["dir"]), s["seeds"], replace(cfg, max_rounds=1)).run(str(tmp_path / "part"))
+    resumed = SelfInstruct(EngineClient(s["dir"]), s["seeds"], cfg).run(str(tmp_path / "part"), resume=True)
+    for name in ("data/alpaca.jsonl", "rejects/rejects.jsonl"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "part" / name).read_text()
+    assert whole["rounds"] == resumed["rounds"] == 2 and whole["generated"] == resumed["generated"]

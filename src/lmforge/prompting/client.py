@@ -119,9 +119,20 @@ class EngineClient(ModelClient):
                 if calls:
                     done.text, done.finish_reason = content or "", "tool_calls"
                     done.tool_calls = [{"id": f"call_{j}_{k}", "name": c["function"]["name"],
-                                        "arguments": c["function"].get("arguments", {})} for k, c in enumerate(calls)]
+                                        "arguments": _arguments(c["function"].get("arguments", {}))}
+                                       for k, c in enumerate(calls)]
             out[i].append(done)
         return out
+
+
+def _arguments(args):
+    """A call's arguments as an object (the API sends a JSON string; templates want the object)."""
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except json.JSONDecodeError:
+            return args
+    return args
 
 
 class HTTPClient(ModelClient):
@@ -172,8 +183,17 @@ class HTTPClient(ModelClient):
 
         s = sampling or Sampling()
 
+        def wire(m: dict) -> dict:  # OpenAI's wire format: a call's arguments travel as a JSON string
+            if not m.get("tool_calls"):
+                return m
+            calls = [{**c, "function": {**c["function"], "arguments": c["function"]["arguments"] if isinstance(
+                c["function"].get("arguments"), str) else json.dumps(c["function"].get("arguments", {}),
+                                                                      ensure_ascii=False)}} for c in m["tool_calls"]]
+            return {**m, "tool_calls": calls}
+
         def one(messages):
-            body = {"model": self.name, "messages": messages, "temperature": s.temperature, "top_p": s.top_p,
+            body = {"model": self.name, "messages": [wire(m) for m in messages], "temperature": s.temperature,
+                    "top_p": s.top_p,
                     "max_tokens": s.max_tokens, "n": n}
             if s.stop:
                 body["stop"] = list(s.stop)
@@ -192,12 +212,8 @@ class HTTPClient(ModelClient):
                 calls = []
                 for c in msg.get("tool_calls") or []:
                     fn = c.get("function", {})
-                    args = fn.get("arguments", "{}")
-                    try:
-                        args = json.loads(args) if isinstance(args, str) else args
-                    except json.JSONDecodeError:
-                        pass
-                    calls.append({"id": c.get("id"), "name": fn.get("name"), "arguments": args})
+                    calls.append({"id": c.get("id"), "name": fn.get("name"),
+                                  "arguments": _arguments(fn.get("arguments", "{}"))})
                 out.append(Completion(msg.get("content") or "", choice.get("finish_reason") or "stop", calls,
                                       usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
             return out
