@@ -331,6 +331,47 @@ def test_the_same_agent_runs_against_lmforge_serve(taught):
         served.close()
 
 
+def test_http_client_retries_rate_limits_and_counts_tokens():
+    """A local server that answers 429 (Retry-After 0) once, then a completion: the client waits and retries."""
+    import http.server
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if len(seen) == 1:
+                self.send_response(429)
+                self.send_header("Retry-After", "0")
+                self.end_headers()
+                return
+            out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HTTPClient(f"http://127.0.0.1:{server.server_port}/v1", model="m", api_key="k")
+        got = client.complete(["hello"], Sampling(temperature=0.2, max_tokens=5, seed=3))
+        assert got[0][0].text == "ok" and len(seen) == 2
+        assert seen[1]["messages"] == [{"role": "user", "content": "hello"}] and seen[1]["seed"] == 3
+        assert client.usage == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1}
+    finally:
+        server.shutdown()
+
+
 def test_http_client_errors_name_the_endpoint():
     from lmforge.prompting.client import ClientError
 

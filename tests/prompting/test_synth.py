@@ -104,7 +104,8 @@ def test_data_stage_checks_drop_duplicates_and_contamination():
              {"instruction": "Solve the problem.", "input": "Natalia sold clips to 48 of her friends in April, and "
               "then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",
               "output": "72"},
-             {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, move, sleep."}]
+             {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, move, sleep."},
+             {"instruction": "Describe a cat.", "input": "", "output": "The cat is a cat. " * 12}]
     eval_set = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How "
                 "many clips did Natalia sell altogether in April and May?"]
     kept, rejected = data_stage_checks(items, eval_set)
@@ -113,6 +114,7 @@ def test_data_stage_checks_drop_duplicates_and_contamination():
     assert reasons[items[1]["instruction"]].startswith("exact duplicate: of item 0")
     assert reasons[items[3]["instruction"]].startswith("near duplicate: cluster of item 2")
     assert reasons[items[4]["instruction"]].startswith("contamination:")
+    assert reasons["Describe a cat."].startswith("quality: gopher_repetition:")
     assert len(kept) + len(rejected) == len(items)
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  lmforge serve --model runs/quickstart/merged --port 8000 &
+  lmforge serve --model ./Qwen2.5-0.5B-Instruct --port 8000 &
   lmforge synth self-instruct --seed-tasks builtin:seeds-en --endpoint http://localhost:8000/v1 --num 50 --out runs/si
   lmforge synth self-instruct --seed-tasks builtin:seeds-zh --model DIR --num 20 --out runs/si_zh
   lmforge synth evol-instruct --seed-tasks runs/si/data/alpaca.jsonl --endpoint URL --rounds 3 --out runs/evol

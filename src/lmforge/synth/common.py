@@ -136,15 +136,28 @@ def plot_histogram(values: list[float], png: Path) -> Path:
 
 def data_stage_checks(kept: list[dict], eval_texts: list[str] | None = None, threshold: float = 0.8,
                       ngram: int = 13) -> tuple[list[dict], list[dict]]:
-    """The data stage on generated items: exact duplicates (normalised text), MinHash near-duplicates (Jaccard of
-    5-gram shingles >= threshold, verified), and overlap with a held-out eval set (its n-grams: contamination).
-    Returns (kept, rejected with reasons)."""
+    """The data stage on generated items: the Gopher repetition rules on each output (quality), exact duplicates
+    (normalised text), MinHash near-duplicates (Jaccard of 5-gram shingles >= threshold, verified), and overlap with
+    a held-out eval set (its n-grams: contamination). Returns (kept, rejected with reasons)."""
     from lmforge.data.dedup import exact_keys, near_duplicates
 
     if not kept:
         return [], []
+    from lmforge.data.document import Document
+    from lmforge.data.filters import GopherRepetition
+
+    rejected, good = [], []
+    repetition = GopherRepetition()  # the data stage's repetition rules catch a model stuck in a loop
+    for k in kept:
+        verdict = repetition.apply(Document("synth", k["output"]))
+        if isinstance(verdict, str):
+            rejected.append({**k, "reason": f"quality: {verdict}"})
+        else:
+            good.append(k)
+    kept = good
+    if not kept:
+        return [], rejected
     texts = [f"{k['instruction']}\n{k.get('input', '')}\n{k['output']}" for k in kept]
-    rejected = []
     first: dict = {}
     keep = np.ones(len(kept), bool)
     for i, key in enumerate(exact_keys(texts).tolist()):  # the data stage's normal form (NFKC, case, spaces)
