@@ -341,6 +341,13 @@ def test_http_client_retries_rate_limits_and_counts_tokens():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(body)
+            if body["messages"][0]["content"] == "too long":
+                out = json.dumps({"error": {"message": "this model's context is 128 tokens"}}).encode()
+                self.send_response(400)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+                return
             if len(seen) == 1:
                 self.send_response(429)
                 self.send_header("Retry-After", "0")
@@ -368,6 +375,12 @@ def test_http_client_retries_rate_limits_and_counts_tokens():
         assert got[0][0].text == "ok" and len(seen) == 2
         assert seen[1]["messages"] == [{"role": "user", "content": "hello"}] and seen[1]["seed"] == 3
         assert client.usage == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1}
+        from lmforge.prompting.client import ClientError
+
+        with pytest.raises(ClientError, match="HTTP 400: this model's context is 128 tokens"):
+            client.complete(["too long"])
+        kept = HTTPClient(client.base_url, model="m", request_errors="keep").complete(["too long", "fine"])
+        assert "context is 128" in kept[0][0].error and kept[1][0].text == "ok" and kept[1][0].error is None
     finally:
         server.shutdown()
 

@@ -28,7 +28,7 @@ def make_client(args: argparse.Namespace):
         import os
 
         return HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                          concurrency=args.concurrency)
+                          concurrency=args.concurrency, request_errors=getattr(args, "request_errors", "raise"))
     return EngineClient(args.model, template=args.chat_template or None)
 
 

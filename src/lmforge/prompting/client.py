@@ -40,6 +40,7 @@ class Completion:
     tool_calls: list[dict] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None  # HTTPClient(request_errors="keep"): why the endpoint refused this request
 
 
 class ModelClient:
@@ -137,12 +138,16 @@ def _arguments(args):
 
 class HTTPClient(ModelClient):
     """An OpenAI-compatible endpoint (`base_url` ending in /v1): `concurrency` requests in flight, retries with
-    backoff on connection errors, 429 and 5xx (Retry-After honoured), token usage counted."""
+    backoff on connection errors, 429 and 5xx (Retry-After honoured), token usage counted. A request the endpoint
+    refuses (4xx: a prompt longer than its context, ...) raises ClientError, or with request_errors="keep" comes back
+    as one Completion with `error` set, so a batch job can set that one prompt aside and go on (401/403/404 always
+    raise: every request would fail the same way)."""
 
     def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0,
-                 concurrency: int = 4, retries: int = 4):
+                 concurrency: int = 4, retries: int = 4, request_errors: str = "raise"):
         self.base_url, self.name, self.api_key = base_url.rstrip("/"), model, api_key
         self.timeout, self.concurrency, self.retries = timeout, concurrency, retries
+        self.request_errors = request_errors
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
 
     def _post(self, client, body: dict) -> dict:
@@ -172,7 +177,10 @@ class HTTPClient(ModelClient):
                     message = r.json().get("error", {}).get("message", r.text)
                 except ValueError:
                     message = r.text
-                raise ClientError(f"{self.base_url}: HTTP {r.status_code}: {str(message)[:300]}")
+                error = ClientError(f"{self.base_url}: HTTP {r.status_code}: {str(message)[:300]}")
+                if self.request_errors == "keep" and r.status_code not in (401, 403, 404):
+                    return {"error": str(error)}
+                raise error
             return r.json()
         raise AssertionError("unreachable")
 
@@ -202,6 +210,8 @@ class HTTPClient(ModelClient):
             if tools:
                 body["tools"] = tools
             data = self._post(client, body)
+            if "error" in data and "choices" not in data:
+                return [Completion("", "error", error=data["error"])] * n
             usage = data.get("usage") or {}
             self.usage["prompt_tokens"] += usage.get("prompt_tokens", 0)
             self.usage["completion_tokens"] += usage.get("completion_tokens", 0)

@@ -49,6 +49,8 @@ def _instructions(path: str) -> list[str]:
 
 def cmd_self_instruct(args) -> int:
     from lmforge.prompting.cli import make_client
+
+    args.request_errors = "keep"  # a refused prompt is a reject with the endpoint's reason, the run goes on
     from lmforge.synth.selfinstruct import SelfInstruct, SelfInstructConfig, read_seeds
 
     cfg = SelfInstructConfig(num=args.num, prompts_per_round=args.prompts_per_round, max_rounds=args.max_rounds,
@@ -62,6 +64,8 @@ def cmd_self_instruct(args) -> int:
 
 def cmd_evol(args) -> int:
     from lmforge.prompting.cli import make_client
+
+    args.request_errors = "keep"
     from lmforge.synth.evol import EvolConfig, EvolInstruct
 
     cfg = EvolConfig(rounds=args.rounds, num=args.num, max_tokens=args.max_tokens, temperature=args.temperature,

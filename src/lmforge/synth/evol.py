@@ -197,16 +197,18 @@ class EvolInstruct:
             rng = np.random.default_rng([self.cfg.seed, st["round"]])
             pool = st["pool"]
             methods = self.methods(rng, len(pool))
-            evolved = [clean_evolved(r[0].text) for r in
-                       self.client.complete([evolve_prompt(i, m) for i, m in zip(pool, methods)], s)]
-            responses = [r[0].text.strip() for r in self.client.complete(evolved, s)]
+            evolved_replies = self.client.complete([evolve_prompt(i, m) for i, m in zip(pool, methods)], s)
+            evolved = [clean_evolved(r[0].text) for r in evolved_replies]
+            answered = self.client.complete(evolved, s)
+            responses = [r[0].text.strip() for r in answered]
+            errors = [a[0].error or b[0].error for a, b in zip(evolved_replies, answered)]
             judged = [parse_equal(r[0].text) for r in self.client.complete(
                 [(EQUAL_ZH if _zh(a) else EQUAL_EN).format(a=a, b=b) for a, b in zip(pool, evolved)],
                 Sampling(temperature=0.0, max_tokens=4))]
             counts, next_pool = Counter(), []
-            for original, method, new, response, equal in zip(pool, methods, evolved, responses, judged):
+            for original, method, new, response, equal, error in zip(pool, methods, evolved, responses, judged, errors):
                 counts[method] += 1
-                reason = elimination_reason(original, new, response, equal)
+                reason = f"request: {error}" if error else elimination_reason(original, new, response, equal)
                 if reason is None:
                     score, closest = novelty.check(new)
                     st["similarities"].append(round(score, 4))

@@ -225,12 +225,26 @@ class SelfInstruct:
         bar = tqdm(total=self.cfg.num, initial=len(st["kept"]), desc="self-instruct", unit="instr",
                    disable=not (self.cfg.progress and sys.stderr.isatty()))
         started = time.perf_counter()
+        stopped = None
         while len(st["kept"]) < self.cfg.num and st["round"] < self.cfg.max_rounds:
             rng = np.random.default_rng([self.cfg.seed, st["round"]])  # a round's draws: the same after a resume
             prompts = self.round_prompts(rng, [k["instruction"] for k in st["kept"]])
             replies = self.client.complete([p for p, _, _ in prompts], self._sampling())
+            if all(r[0].error for r in replies):  # nothing can progress (e.g. every prompt exceeds the context)
+                stopped = f"every request of round {st['round']} was refused: {replies[0][0].error}"
+                print(f"lmforge: {stopped}", file=sys.stderr)
+                for prompt, _, _ in prompts:
+                    st["rejects"].append({"instruction": "", "input": prompt[-300:], "output": "",
+                                          "round": st["round"], "reason": f"request: {replies[0][0].error}"})
+                st["round"] += 1
+                run.save_state(st)
+                break
             new, counts = [], Counter()
-            for (_, first, clf_hint), reply in zip(prompts, replies):
+            for (prompt, first, clf_hint), reply in zip(prompts, replies):
+                if reply[0].error:  # the endpoint refused this prompt: set aside with its reason, the run goes on
+                    st["rejects"].append({"instruction": "", "input": prompt[-300:], "output": "", "round": st["round"],
+                                          "reason": f"request: {reply[0].error}"})
+                    continue
                 for inst in parse_instructions(reply[0].text, first):
                     counts["generated"] += 1
                     reason = heuristic_reason(inst)
@@ -256,6 +270,10 @@ class SelfInstruct:
                     [instance_prompt(shots_c if c else shots_g, i, c) for (i, _), c in zip(new, kinds)],
                     self._sampling(self.cfg.max_tokens))
                 for (inst, _), clf, reply in zip(new, kinds, inst_replies):
+                    if reply[0].error:
+                        st["rejects"].append({"instruction": inst, "input": "", "output": "", "round": st["round"],
+                                              "reason": f"request: {reply[0].error}"})
+                        continue
                     instances = parse_instances(reply[0].text, clf)
                     outputs: dict[str, set] = {}
                     for x in instances:
@@ -289,7 +307,7 @@ class SelfInstruct:
         seconds = time.perf_counter() - started
         usage = getattr(self.client, "usage", None)
         stats = run.write(kept, st["rejects"] + dropped, {
-            "method": "self-instruct", "rounds": st["round"], "per_round": st["per_round"],
+            "method": "self-instruct", "rounds": st["round"], "per_round": st["per_round"], "stopped": stopped,
             "instructions_kept": len({k["instruction"] for k in kept}), "seconds": round(seconds, 1),
             "instructions_per_minute": round(len({k["instruction"] for k in kept}) / max(seconds, 1e-9) * 60, 2),
             "tokens": usage}, st["similarities"])
