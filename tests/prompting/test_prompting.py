@@ -394,3 +394,21 @@ def test_http_client_errors_name_the_endpoint():
     with pytest.raises(ClientError, match=f"127.0.0.1:{port}"):
         HTTPClient(f"http://127.0.0.1:{port}/v1", retries=1).complete(["x"])
 
+
+
+def test_prompt_commands(taught, tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(["prompt", "agent", "--model", str(taught), "--question", REACT_Q, "--tools", "calculator",
+                 "--trace", str(tmp_path / "t.jsonl"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == "84" and out["stopped"] == "final" and (tmp_path / "t.jsonl").exists()
+    q = next(iter(COT))
+    assert main(["prompt", "cot", "--model", str(taught), "--question", q, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == "12"
+    assert main(["prompt", "cot", "--question", q]) == 2
+    assert "give the model: --model DIR" in capsys.readouterr().err
+    assert main(["synth", "self-instruct", "--seed-tasks", "builtin:seeds-en", "--out", str(tmp_path / "s")]) == 2
+    assert "give the model" in capsys.readouterr().err
+    assert main(["prompt", "agent", "--model", str(taught), "--question", "x", "--tools", "abacus"]) == 2
+    assert "tools: 'abacus' is not calculator" in capsys.readouterr().err

@@ -19,6 +19,21 @@ EXAMPLES = """examples:
 """
 
 
+def model_options(max_tokens: int) -> argparse.ArgumentParser:
+    """The flags every command that talks to a model shares (prompt, synth): a parent parser."""
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", metavar="DIR", help="a model directory, run in this process")
+    model.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    model.add_argument("--served-model", default="default", help="the model name the endpoint expects")
+    model.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
+    model.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
+    model.add_argument("--chat-template", default="", help="--model: a template name or file instead of the model's")
+    model.add_argument("--max-tokens", type=int, default=max_tokens)
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--json", action="store_true", help="print one JSON object")
+    return model
+
+
 def make_client(args: argparse.Namespace):
     from lmforge.prompting.client import EngineClient, HTTPClient
 
@@ -144,16 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "See docs/prompting.md.")
     psub = p.add_subparsers(dest="prompt_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", metavar="DIR", help="a model directory, run in this process")
-    model.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    model.add_argument("--served-model", default="default", help="the model name the endpoint expects")
-    model.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
-    model.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
-    model.add_argument("--chat-template", default="", help="--model: a template name or file instead of the model's")
-    model.add_argument("--max-tokens", type=int, default=256)
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--json", action="store_true", help="print one JSON object")
+    model = model_options(max_tokens=256)
     c = psub.add_parser("cot", parents=[model], help="chain-of-thought answer (self-consistency with --samples)")
     c.add_argument("--question", required=True)
     c.add_argument("--demos", metavar="FILE.jsonl", help="few-shot CoT demonstrations (question, rationale)")

@@ -92,25 +92,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "rules, and the data stage's dedup and contamination checks. See docs/synthetic.md.")
     ssub = p.add_subparsers(dest="synth_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
-    common = argparse.ArgumentParser(add_help=False)
+    from lmforge.prompting.cli import model_options
+
+    common = argparse.ArgumentParser(add_help=False, parents=[model_options(max_tokens=512)])
     common.add_argument("--seed-tasks", required=True, metavar="FILE",
                         help="seed tasks (self-instruct's JSONL schema; builtin:seeds-en / builtin:seeds-zh), or for "
                              "evol-instruct any instruction data")
     common.add_argument("--out", required=True, metavar="DIR")
-    common.add_argument("--model", metavar="DIR", help="a model directory, run in this process")
-    common.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL")
-    common.add_argument("--served-model", default="default")
-    common.add_argument("--api-key")
-    common.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
-    common.add_argument("--chat-template", default="")
-    common.add_argument("--max-tokens", type=int, default=512)
     common.add_argument("--temperature", type=float, default=0.7)
-    common.add_argument("--seed", type=int, default=0)
     common.add_argument("--eval-data", metavar="FILE", help="a held-out eval set: generated items overlapping it "
                                                             "are rejected (contamination)")
     common.add_argument("--resume", action="store_true", help="continue the run in --out")
     common.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    common.add_argument("--json", action="store_true")
     si = ssub.add_parser("self-instruct", parents=[common], help="self-instruct (Wang et al. 2022)")
     si.add_argument("--num", type=int, default=100, help="new instructions to keep")
     si.add_argument("--prompts-per-round", type=int, default=4, help="generation prompts per round (sent together)")
