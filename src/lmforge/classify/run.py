@@ -102,38 +102,13 @@ class ClassifyConfig(TrainConfig):
         "lora_alpha", "lora_dropout", "epochs")
 
 
-class LabelBatches:
-    """Shuffled epochs of (input_ids, attention_mask, labels) batches, right-padded to the batch's longest row; each
-    process reads its own share (rank / world). `next_batch`, `state_dict`, `load_state_dict` for the Trainer."""
+def label_batches(ids: list[list[int]], labels: list, micro_batch_size: int, pad_id: int, seed: int = 0,
+                  rank: int = 0, world: int = 1, multi_label_classes: int = 0):
+    """The Trainer's train_data: shuffled epochs of right-padded (input_ids, attention_mask, labels) batches."""
+    from lmforge.train.datasets import ShuffledBatches
 
-    def __init__(self, ids: list[list[int]], labels: list, micro_batch_size: int, pad_id: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, multi_label_classes: int = 0):
-        self.ids, self.labels, self.micro, self.pad_id = ids, labels, micro_batch_size, pad_id
-        self.seed, self.rank, self.world, self.multi = seed, rank, world, multi_label_classes
-        self.epoch, self.cursor = 0, 0
-        self._plan()
-
-    def _plan(self) -> None:
-        import numpy as np
-
-        self.order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.ids)).tolist()
-
-    def next_batch(self) -> dict:
-        step = self.micro * self.world
-        if self.cursor + step > len(self.order):  # a new epoch; the tail of the last one is dropped
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._plan()
-        start = self.cursor + self.rank * self.micro
-        members = [self.order[(start + i) % len(self.order)] for i in range(self.micro)]
-        self.cursor += step
-        return collate(self.ids, self.labels, members, self.pad_id, self.multi)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._plan()
+    return ShuffledBatches(len(ids), micro_batch_size,
+                           lambda members: collate(ids, labels, members, pad_id, multi_label_classes), seed, rank, world)
 
 
 def collate(ids: list[list[int]], labels: list, members: list[int], pad_id: int, multi: int = 0) -> dict:
@@ -391,7 +366,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     objective.higher_is_better = cfg.best_metric != "val_loss"
     micro = cfg.micro_batch_size or cfg.batch_size // world
     multi = len(labels) if cfg.multi_label else 0
-    batches = LabelBatches(train.ids, train.labels, micro, pad_id, cfg.seed, rank, world, multi)
+    batches = label_batches(train.ids, train.labels, micro, pad_id, cfg.seed, rank, world, multi)
     evals = eval_batches(val.ids, val.labels, max(micro, 16), pad_id, multi)
     trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=evals,
                       tokenizer_dir=model_dir)

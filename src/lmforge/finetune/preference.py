@@ -225,35 +225,13 @@ def reference_logps(model, examples: PreferenceExamples, pad_id: int, batch_size
     return out
 
 
-class PreferenceBatches:
+def preference_batches(examples: PreferenceExamples, micro_batch_size: int, pad_id: int, seed: int = 0, rank: int = 0,
+                       world: int = 1):
     """The Trainer's train_data for pairs: shuffled epochs, this process's share (rank / world), resumable."""
+    from lmforge.train.datasets import ShuffledBatches
 
-    def __init__(self, examples: PreferenceExamples, micro_batch_size: int, pad_id: int, seed: int = 0, rank: int = 0,
-                 world: int = 1):
-        self.examples, self.micro, self.pad_id = examples, micro_batch_size, pad_id
-        self.seed, self.rank, self.world = seed, rank, world
-        self.epoch, self.cursor = 0, 0
-        self._plan()
-
-    def _plan(self) -> None:
-        self.order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.examples)).tolist()
-
-    def next_batch(self) -> dict:
-        step = self.micro * self.world
-        if self.cursor + step > len(self.order):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._plan()
-        start = self.cursor + self.rank * self.micro
-        members = [self.order[(start + i) % len(self.order)] for i in range(self.micro)]
-        self.cursor += step
-        return collate_pairs(self.examples, members, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._plan()
+    return ShuffledBatches(len(examples), micro_batch_size, lambda members: collate_pairs(examples, members, pad_id),
+                           seed, rank, world)
 
 
 def pair_eval_batches(examples: PreferenceExamples, batch_size: int, pad_id: int) -> list[dict]:

@@ -341,10 +341,10 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     from lmforge.files import write_json
     from lmforge.finetune import lora
     from lmforge.finetune.preference import (
-        PreferenceBatches,
         build_pairs,
         load_pairs,
         pair_eval_batches,
+        preference_batches,
         reference_logps,
     )
     from lmforge.finetune.templates import template_hash
@@ -377,7 +377,7 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     prepare_model(model, cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     micro = cfg.micro_batch_size or cfg.batch_size // world
-    batches = PreferenceBatches(train, micro, pad_id, cfg.seed, rank, world)
+    batches = preference_batches(train, micro, pad_id, cfg.seed, rank, world)
     out = Path(cfg.out)
     samples = [p.chosen for p in val_pairs][:cfg.samples]
     trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, tokenizer_dir=model_dir,

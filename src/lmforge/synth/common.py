@@ -20,13 +20,6 @@ import numpy as np
 from lmforge.files import atomic_write, write_json
 
 
-def rouge_l(a: str, b: str) -> float:
-    """ROUGE-L F-measure as rouge-score computes it (English words; Chinese by characters: lmforge.eval.metrics)."""
-    from lmforge.eval.metrics import rouge_pair
-
-    return rouge_pair(a, b, types=("rougeL",))["rougeL"][2]
-
-
 class NoveltyFilter:
     """The pool of instructions so far; `check(text)` -> (highest ROUGE-L to the pool, the instruction it is
     closest to). Tokenised once per instruction (the pool grows to thousands)."""

@@ -20,7 +20,6 @@ Seed file: the paper's JSONL schema, {"id", "name", "instruction", "instances": 
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import sys
@@ -313,7 +312,3 @@ class SelfInstruct:
             "tokens": usage}, st["similarities"])
         return stats
 
-
-def seeds_to_json(seeds: list[Seed]) -> str:
-    return "\n".join(json.dumps({"instruction": s.instruction, "instances": s.instances,
-                                 "is_classification": s.is_classification}, ensure_ascii=False) for s in seeds)

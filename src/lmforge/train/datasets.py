@@ -163,6 +163,38 @@ class BatchLoader:
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
 
 
+class ShuffledBatches:
+    """The Trainer's train_data over n in-memory examples: each epoch a fresh seeded order (numpy, seed + epoch), this
+    process's `micro_batch_size` members of every global batch (rank r takes the r-th slice), `collate(members)`
+    builds the batch; an epoch's tail shorter than a global batch is dropped. Resumes mid-epoch from state_dict()."""
+
+    def __init__(self, n: int, micro_batch_size: int, collate, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.micro, self.collate = n, micro_batch_size, collate
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.cursor = 0, 0
+        self._plan()
+
+    def _plan(self) -> None:
+        self.order = np.random.default_rng(self.seed + self.epoch).permutation(self.n).tolist()
+
+    def next_batch(self) -> dict:
+        step = self.micro * self.world
+        if self.cursor + step > len(self.order):  # a new epoch
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._plan()
+        start = self.cursor + self.rank * self.micro
+        members = [self.order[(start + i) % len(self.order)] for i in range(self.micro)]
+        self.cursor += step
+        return self.collate(members)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._plan()
+
+
 class RandomOffsetBatches:
     """nanoGPT's sampler: each example starts at a uniformly random offset. Batch k depends only on
     (seed, k), so resuming is setting the step."""
