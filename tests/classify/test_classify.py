@@ -150,12 +150,9 @@ def zh_decoder(tmp_path_factory):
     tok = train_tokenizer([str(d / "corpus.txt")], vocab_size=2000, show_progress=False)
     (d / "corpus.txt").unlink()
     tok.save(d)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, eos_token_id=tok.special_tokens["<|endoftext|>"])
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    from tests.models import tiny_llama
+
+    return tiny_llama(d, d, tie=False)
 
 
 def _zh_reviews(n: int, offset: int = 0) -> list[dict]:

@@ -33,17 +33,9 @@ QA = [("北京是哪个国家的首都？", "北京是中国的首都。"), ("Wh
 @pytest.fixture(scope="module")
 def base_model(trained_dir, tmp_path_factory):
     """A tiny random Llama sized to a real lmforge tokenizer (ChatML tokens and template included)."""
-    d = tmp_path_factory.mktemp("base")
-    tok = load_tokenizer(trained_dir)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, tie_word_embeddings=True,
-                                   eos_token_id=tok.special_tokens["<|endoftext|>"])
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in trained_dir.iterdir():
-        shutil.copy(f, d / f.name)
-    return d
+    from tests.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("base"), trained_dir, max_positions=512)
 
 
 @pytest.fixture(scope="module")

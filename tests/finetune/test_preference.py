@@ -5,7 +5,6 @@ transformers' on the same tokens, and a tiny DPO / IPO / ORPO / SimPO run learns
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -124,17 +123,9 @@ def test_pair_readers_take_every_format_and_name_bad_records(tmp_path):
 
 @pytest.fixture(scope="module")
 def base_model(trained_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("pref_base")
-    tok = load_tokenizer(trained_dir)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, tie_word_embeddings=True,
-                                   eos_token_id=tok.special_tokens["<|endoftext|>"])
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in trained_dir.iterdir():
-        shutil.copy(f, d / f.name)
-    return d
+    from tests.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("pref_base"), trained_dir)
 
 
 def test_reference_log_probabilities_equal_transformers(base_model, tmp_path):

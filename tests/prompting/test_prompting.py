@@ -5,13 +5,11 @@ sandbox's limits, extraction and voting, k-means against scikit-learn, few-shot 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from lmforge.config import ConfigError
 from lmforge.finetune.templates import BUILTIN_TEMPLATES
@@ -195,16 +193,10 @@ def _teach(model, pairs: list[tuple[list[int], list[int]]], steps: int = 300, lr
 def taught(trained_dir, tmp_path_factory):
     """A tiny Llama (real lmforge BPE, ChatML) trained to write ReAct steps for two questions and chains of thought
     for three, saved as a model directory."""
-    d = tmp_path_factory.mktemp("taught")
-    tok = load_tokenizer(trained_dir)
-    torch.manual_seed(0)
-    eos = tok.special_tokens["<|endoftext|>"]
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=eos)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in trained_dir.iterdir():
-        shutil.copy(f, d / f.name)
+    from tests.models import tiny_llama
+
+    d = tiny_llama(tmp_path_factory.mktemp("taught"), trained_dir, hidden=128, max_positions=1024)
+    tok = load_tokenizer(d)
     model = load_hf_model(d)
     client = EngineClient(model, tok)
     agent = ReActAgent(client, [calculator_tool()])

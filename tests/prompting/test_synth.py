@@ -6,12 +6,9 @@ every reject with its reason."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from lmforge.model import load_hf_model, save_hf_model
 from lmforge.prompting.client import EngineClient
@@ -127,16 +124,10 @@ def test_builtin_seed_sets_read():
 @pytest.fixture(scope="module")
 def synth_setup(trained_dir, tmp_path_factory):
     """A tiny Llama taught one self-instruct round and one Evol-Instruct round, prompt by prompt."""
-    d = tmp_path_factory.mktemp("synth_model")
-    tok = load_tokenizer(trained_dir)
-    torch.manual_seed(0)
-    eos = tok.special_tokens["<|endoftext|>"]
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=2048, tie_word_embeddings=True, eos_token_id=eos)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in trained_dir.iterdir():
-        shutil.copy(f, d / f.name)
+    from tests.models import tiny_llama
+
+    d = tiny_llama(tmp_path_factory.mktemp("synth_model"), trained_dir, hidden=128, max_positions=2048)
+    tok = load_tokenizer(d)
     model = load_hf_model(d)
     client = EngineClient(model, tok)
     end = tok.special_tokens["<|im_end|>"]

@@ -28,17 +28,9 @@ uvicorn = pytest.importorskip("uvicorn")
 @pytest.fixture(scope="module")
 def model_dir(trained_dir, tmp_path_factory):
     """A tiny random Llama over a real lmforge tokenizer (English + Chinese BPE, ChatML template)."""
-    d = tmp_path_factory.mktemp("served")
-    tok = load_tokenizer(trained_dir)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, tie_word_embeddings=True,
-                                   eos_token_id=tok.special_tokens["<|endoftext|>"])
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in trained_dir.iterdir():
-        shutil.copy(f, d / f.name)
-    return d
+    from tests.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("served"), trained_dir)
 
 
 def _free_port() -> int:
