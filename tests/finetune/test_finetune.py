@@ -172,10 +172,10 @@ def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(base_model, alpaca_file, tmp_path):
-    """LoRA fine-tuning under torchrun (2 gloo processes) follows the single-process run with the same global batch
-    (dropout off: each process draws its own masks). FSDP with adapters is refused (test below)."""
-    distributed = "ddp"
+def test_ddp_and_fsdp_two_processes_equal_one(base_model, alpaca_file, tmp_path):
+    """LoRA fine-tuning under torchrun (2 gloo processes, DDP and FSDP2) follows the single-process run with the same
+    global batch (dropout off: each process draws its own masks), and writes the same PEFT adapter; an FSDP run
+    resumes from its gathered adapter checkpoint."""
     import os
 
     from safetensors.torch import load_file
@@ -187,18 +187,33 @@ def test_ddp_two_processes_equal_one(base_model, alpaca_file, tmp_path):
     one = subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "2", "--out",
                           str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "lmforge", *common, "--micro-batch-size", "1", "--distributed", distributed, "--out",
-                          str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
 
     def losses(out):
         return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
     a = load_file(str(tmp_path / "one" / "last" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "last" / "adapter_model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    partial = tmp_path / "partial.py"  # the CLI, stopped after step 2 as a crash would (its checkpoint stays)
+    partial.write_text("import sys\nimport lmforge.train.trainer as T\nfrom lmforge.cli import main\n"
+                       "fit = T.Trainer.fit\nT.Trainer.fit = lambda self, **kw: fit(self, until_step=2)\n"
+                       "sys.exit(main(sys.argv[1:]))\n")
+    for distributed in ("ddp", "fsdp"):
+        out = tmp_path / distributed
+        args = [*common, "--micro-batch-size", "1", "--distributed", distributed, "--out", str(out)]
+        if distributed == "fsdp":  # 2 steps, then resumed to 4
+            two = subprocess.run([*torchrun[:-2], str(partial), *args, "--save-every", "2"], env=env,
+                                 capture_output=True, text=True)
+        else:
+            two = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True)
+        assert two.returncode == 0, two.stderr[-3000:]
+        if distributed == "fsdp":
+            assert (out / "last" / "adapter_config.json").exists() and not (out / "last" / "shards").exists()
+            two = subprocess.run([*torchrun, *args, "--save-every", "2", "--resume"], env=env, capture_output=True,
+                                 text=True)
+            assert two.returncode == 0, two.stderr[-3000:]
+        assert losses(tmp_path / "one") == pytest.approx(losses(out), rel=1e-4), distributed
+        b = load_file(str(out / "last" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), distributed
 
 
 def test_bottleneck_adapters_start_as_the_base_train_and_round_trip(base_model, alpaca_file, tmp_path):
@@ -329,15 +344,17 @@ def test_best_checkpoint_by_rouge_of_held_out_replies(base_model, alpaca_file, t
                                          samples=0))
 
 
-def test_fsdp_with_adapters_is_refused_before_training(base_model, alpaca_file, tmp_path):
-    """Under FSDP the checkpoints are sharded full-model states, and writing them as a plain model would drop the
-    trained adapters: the run is refused up front instead."""
+def test_fsdp_refuses_what_it_cannot_checkpoint_before_training(base_model, alpaca_file, tmp_path):
+    """FSDP trains full / freeze / LoRA / DoRA; other adapter methods, and sharded checkpoints of a LoRA run (which
+    would hold no PEFT adapter), are refused up front."""
     import dataclasses
 
     from lmforge.config import ConfigError
 
-    cfg = dataclasses.replace(_cfg(base_model, alpaca_file, tmp_path / "r"), distributed="fsdp")
-    with pytest.raises(ConfigError, match="fsdp with --method lora is not supported yet"):
+    cfg = dataclasses.replace(_cfg(base_model, alpaca_file, tmp_path / "r"), distributed="fsdp", method="prefix")
+    with pytest.raises(ConfigError, match="fsdp with --method prefix is not supported yet"):
         run_finetune(cfg)
+    with pytest.raises(ConfigError, match="sharded checkpoints hold the whole model"):
+        run_finetune(dataclasses.replace(cfg, method="lora", checkpoint_format="sharded"))
     assert not (tmp_path / "r").exists()
 

@@ -162,3 +162,19 @@ def test_prefix_tuning_equals_peft_both_ways(tmp_path, kind):
         for _ in range(4):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert got == seq[6:]
+
+
+def test_mask_dropout_drops_at_rate_p_and_its_gradient_is_the_mask():
+    """LoRA's dropout keeps a bool mask: outputs are 0 or x / (1 - p), about p of them dropped, and the gradient is
+    the same mask scaled (as torch's dropout); off in eval mode and without grad it is torch's own."""
+    torch.manual_seed(0)
+    d = L.MaskDropout(0.25)
+    x = (torch.rand(200, 300) + 0.5).requires_grad_()
+    y = d(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.75)
+    d.eval()
+    assert d(x) is x

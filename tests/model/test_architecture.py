@@ -138,3 +138,53 @@ def test_packed_sequences_give_the_loss_of_separate_sequences(name, overrides):
         hidden = model(packed, segment_ids=segments, return_hidden=True)
     assert hidden.shape == (1, packed.shape[1], model.cfg.d_model)
     assert (torch.nn.functional.linear(hidden, model.output_weight())[0] - together).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(dtype):
+    """The chunked head + loss (no logits tensor kept) gives F.cross_entropy's value and gradients, ignored targets
+    included, whatever the chunk size (1 row, uneven, all rows at once)."""
+    from lmforge.model.transformer import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(300, 16, generator=g).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (37,), generator=g)
+    targets[::5] = -100
+    want = F.cross_entropy((hidden @ weight.t()).float(), targets)
+    (want * 3).backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 10, 37):
+        hidden.grad = weight.grad = None
+        got = linear_cross_entropy(hidden, weight, targets, chunk_bytes=4 * 300 * rows)
+        (got * 3).backward()
+        assert abs(got.item() - want.item()) < tol
+        assert (hidden.grad - gh).abs().max() <= tol * gh.abs().max()
+        assert (weight.grad - gw).abs().max() <= tol * gw.abs().max()
+    with torch.no_grad():  # evaluation: the loss alone
+        assert abs(linear_cross_entropy(hidden, weight, targets).item() - want.item()) < tol
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_model_loss_with_targets_equals_the_logits_path(name):
+    """`model(ids, targets=...)` (what CausalLM trains with) equals cross entropy of the model's logits, with and
+    without a logits mask, in value and in every parameter's gradient, tied or untied head."""
+    from lmforge.train.objectives import CausalLM
+
+    torch.manual_seed(0)
+    model = Transformer(preset(name)).train()
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.roll(-1, 1)
+    labels[0, :5] = -100
+    for lab in (labels, ids.roll(-1, 1)):
+        model.zero_grad()
+        loss, _ = CausalLM().loss(model, {"input_ids": ids, "labels": lab})
+        loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        ref = F.cross_entropy(model(ids).reshape(-1, model.cfg.vocab_size), lab.reshape(-1))
+        ref.backward()
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        for n, p in model.named_parameters():
+            assert (got[n] - p.grad).abs().max() <= 1e-5 * max(p.grad.abs().max().item(), 1e-3), n

@@ -19,6 +19,7 @@ from lmforge.synth.selfinstruct import (
     SelfInstruct,
     SelfInstructConfig,
     classification_prompt,
+    copies_demonstration,
     heuristic_reason,
     instance_prompt,
     parse_instances,
@@ -68,7 +69,17 @@ def test_parsers():
     assert parse_instances("Example 1\nOutput: red, orange\n", False) == [{"input": "", "output": "red, orange"}]
     assert parse_instances("Class label: positive\nInput: Great film.\nClass label: negative\nInput: Dull.", True) == \
         [{"input": "Great film.", "output": "positive"}, {"input": "Dull.", "output": "negative"}]
-    assert parse_instances("nothing useful", False) == []
+    # a direct answer is the output (the authors' parse_input_output); a broken Input/Output layout is nothing
+    assert parse_instances("Paris is the capital.\nTask: next", False) == [{"input": "", "output": "Paris is the capital."}]
+    assert parse_instances("Example 1\nInput: France\n", False) == []
+    assert parse_instances("  ", False) == []
+    assert parse_instances("no labels here", True) == []
+    seed = read_seeds(seed_path("builtin:seeds-en"))[0]
+    shown = seed.instances[0]["output"]
+    assert copies_demonstration(f"Sure.\n{shown}\nDone.", [seed]) and not copies_demonstration(shown[:-3], [seed])
+    # a chat model restarting the list or labelling its items
+    assert parse_instructions(" 1. Convert 3 km to miles.\n10. Task 3: Name a river in Asia.", 9) == \
+        ["Convert 3 km to miles.", "Name a river in Asia."]
     assert parse_equal("Not Equal") is False and parse_equal("Equal") is True and parse_equal("相同") is True
     assert clean_evolved("#Rewritten Prompt#: Do X in two steps.") == "Do X in two steps."
 

@@ -1,4 +1,4 @@
-"""`lmforge export merge | gguf`."""
+"""`lmforge export merge | gguf | hf | int8 | int4`."""
 
 from __future__ import annotations
 
@@ -25,10 +25,21 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from lmforge.export.gguf import import_gguf
+
+    out = import_gguf(args.model, args.out, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"wrote {out} ({size:.1f} MiB, {args.dtype}); lmforge generate / chat / serve / finetune --model {out} "
+          "load it, as does transformers' AutoModelForCausalLM.from_pretrained", file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.finetune.cli import cmd_export_merge
 
-    e = sub.add_parser("export", help="export a model: merge (base + LoRA -> a full HF model), gguf (llama.cpp / ollama)")
+    e = sub.add_parser("export", help="export a model: merge (base + LoRA -> a full HF model), gguf (llama.cpp / ollama), "
+                                         "hf (a GGUF file -> an HF model directory), int8, int4")
     esub = e.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
     m = esub.add_parser("merge", help="merge a PEFT adapter into its base model",
                         description="Merge a LoRA/DoRA adapter (a checkpoint of `lmforge finetune`, or any PEFT LoRA "
@@ -50,6 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tensor type (1-D tensors stay f32)")
     g.add_argument("--name", help="general.name in the file (default: the directory's name)")
     g.set_defaults(func=cmd_export_gguf, _parser=g)
+    h = esub.add_parser("hf", help="turn a GGUF file into an HF model directory (the reverse of `export gguf`)",
+                        description="Read a GGUF file (llama, qwen2 or gpt2 architecture, byte-level BPE vocabulary, "
+                                    "any tensor type the gguf package dequantizes) and write an HF model directory: "
+                                    "weights dequantized to --dtype, tokenizer.json, the chat template and the stop "
+                                    "tokens. lmforge and transformers load it; fine-tune or serve it like any model.",
+                        epilog="example: lmforge export hf --model SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2")
+    h.add_argument("--model", required=True, metavar="FILE", help="the .gguf file to read")
+    h.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    h.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
+    h.set_defaults(func=cmd_export_hf, _parser=h)
     q = esub.add_parser("int8", help="weight-only int8 model directory for lmforge's own engine",
                         description="Quantize the matrices to int8 (one scale per output channel, as "
                                     "--quantize int8 does at load time) and write a directory that lmforge "

@@ -330,3 +330,179 @@ def _add_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, pre: str, d: Path) -> 
     w.add_token_types(types)
     w.add_token_merges(merges)
     _add_special_tokens(w, tok_json, tok_cfg, vocab, cfg, d)
+
+
+# --- GGUF -> HF ----------------------------------------------------------------------------------------------------
+
+# llama.cpp's pre-tokenizer type -> the tokenizer.json pre_tokenizer of the HF models that carry it (SmolLM's splits
+# every digit first; the split-pattern types are a Split + a regex-free ByteLevel, as Llama 3 / Qwen2 ship them)
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_SPLIT_TYPES = {"llama-bpe": PATTERNS["cl100k"], "qwen2": QWEN2_PATTERN, "gpt-4o": PATTERNS["o200k"]}
+
+
+def _hf_pre_tokenizer(pre: str, where: Path) -> dict:
+    if pre in ("gpt-2", "gpt2"):
+        return dict(_BYTE_LEVEL)
+    if pre == "smollm":
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, dict(_BYTE_LEVEL)]}
+    if pre in _SPLIT_TYPES:
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _SPLIT_TYPES[pre]}, "behavior": "Isolated", "invert": False},
+            {**_BYTE_LEVEL, "use_regex": False}]}
+    raise ExportError(f"{where}: tokenizer.ggml.pre {pre!r} is not one this import knows (gpt-2, smollm, llama-bpe, "
+                      "qwen2, gpt-4o): the text would be split differently from llama.cpp")
+
+
+def _field(meta: dict, key: str, where: Path, default=None):
+    if key in meta:
+        return meta[key]
+    if default is None:
+        raise ExportError(f"{where}: GGUF metadata has no {key!r}")
+    return default
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the decimal it was written from (9.999999747378752e-06 -> 1e-05)."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's interleaved rotary layout -> HF's half-split one (the inverse of `_permute`)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tokenizer(meta: dict, where: Path, context: int) -> tuple[dict, dict, dict]:
+    """(tokenizer.json, tokenizer_config.json, special ids) from a GGUF file's byte-level BPE vocabulary."""
+    import gguf
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ExportError(f"{where}: tokenizer.ggml.model {model!r}: this import reads byte-level BPE vocabularies "
+                          "('gpt2': GPT-2, Llama 3, Qwen2, SmolLM); SentencePiece ('llama') is not supported yet")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens))
+    merges = list(_field(meta, "tokenizer.ggml.merges", where))
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated string (padding rows) keeps its first id; the others are never produced
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] == gguf.TokenType.CONTROL}
+             for i, t in enumerate(tokens) if types[i] in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown", "eot", "eom")}
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and ids["bos"] is not None
+    if add_bos:
+        bos = tokens[ids["bos"]]
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [ids["bos"]], "tokens": [bos]}}}
+    else:
+        post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    pre = str(meta.get("tokenizer.ggml.pre", "gpt-2"))
+    tok_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                "pre_tokenizer": _hf_pre_tokenizer(pre, where), "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                          "ignore_merges": pre == "llama-bpe", "vocab": vocab, "merges": merges}}
+    tok_cfg: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context,
+                     "add_bos_token": add_bos, "clean_up_tokenization_spaces": False}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token"), ("unknown", "unk_token")):
+        if ids[key] is not None and 0 <= ids[key] < len(tokens):
+            tok_cfg[name] = tokens[ids[key]]
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return tok_json, tok_cfg, ids
+
+
+def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
+    """Write an HF model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the
+    chat template, generation_config.json) from a GGUF file: llama, qwen2 and gpt2 architectures, any tensor type
+    the `gguf` package dequantizes (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants), a byte-level BPE vocabulary.
+
+    Quantized weights are dequantized to `dtype` (fp32 by default: the values the file encodes, exactly), so the
+    directory loads in lmforge and transformers alike and fine-tunes like any float model."""
+    import gguf
+    import torch
+
+    from lmforge.files import StagedDirectory, save_tensors, write_json
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.hf import config_from_hf, config_to_hf, generation_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such GGUF file")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ExportError(f"--dtype {dtype!r}: one of fp32, bf16, fp16")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, KeyError) as e:
+        raise ExportError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2", "gpt2"):
+        raise ExportError(f"{path}: GGUF architecture {arch!r}; this import reads llama (Llama, Mistral, SmolLM), "
+                          "qwen2 and gpt2")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", None):
+        raise ExportError(f"{path}: RoPE scaling (rope_freqs or {arch}.rope.scaling.*) is not imported yet")
+    n_layers = int(_field(meta, f"{arch}.block_count", path))
+    d_model = int(_field(meta, f"{arch}.embedding_length", path))
+    n_heads = int(_field(meta, f"{arch}.attention.head_count", path))
+    n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
+    context = int(_field(meta, f"{arch}.context_length", path))
+    vocab_rows = int(tensors["token_embd.weight"].shape[1]) if "token_embd.weight" in tensors else 0
+    tok_json, tok_cfg, ids = _gguf_tokenizer(meta, path, context)
+    eos = ids["eos"]
+    common = dict(vocab_size=vocab_rows, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                  d_ff=int(_field(meta, f"{arch}.feed_forward_length", path)), max_seq_len=context,
+                  tie_embeddings="output.weight" not in tensors, bos_token_id=ids["bos"], eos_token_id=eos)
+    if arch == "gpt2":
+        cfg = ModelConfig(arch="gpt2", norm="layernorm", norm_eps=_f32(meta.get("gpt2.attention.layer_norm_epsilon",
+                          1e-5)), mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True, **common)
+    else:
+        head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_heads))
+        cfg = ModelConfig(arch=arch, n_kv_heads=n_kv, head_dim=head_dim, norm="rmsnorm",
+                          norm_eps=_f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)), mlp="swiglu",
+                          pos="rope", rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                          qkv_bias=arch == "qwen2", proj_bias=False, **common)
+    hf_config = config_to_hf(cfg)
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    config_from_hf(hf_config, str(path))  # the config lmforge will read back is one it supports
+
+    names = {gg: hf for hf, gg in _tensor_names(arch, n_layers).items()}
+    unknown = sorted(n for n in tensors if n not in names)
+    if unknown:
+        raise ExportError(f"{path}: tensors the {arch} layout has no place for: {unknown[:4]}")
+    state: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ExportError(f"{path}: tensor {name} is {t.tensor_type.name}, which the gguf package cannot "
+                              "dequantize") from None
+        data = np.array(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape.tolist())])
+        hf_name = names[name]
+        if arch == "llama" and name.endswith("attn_q.weight"):
+            data = _unpermute(data, n_heads)
+        elif arch == "llama" and name.endswith("attn_k.weight"):
+            data = _unpermute(data, n_kv)
+        elif arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
+                                               "ffn_down.weight")):
+            data = data.T  # back to GPT-2's Conv1D (in, out)
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(data)).to(torch_dtype)
+    gen = generation_config(cfg)
+    stops = [i for i in (eos, ids["eot"], ids["eom"]) if i is not None]
+    if len(set(stops)) > 1:  # an instruct model ends a turn with its end-of-turn token
+        gen["eos_token_id"] = list(dict.fromkeys(stops))
+    if ids["padding"] is not None:
+        gen["pad_token_id"] = ids["padding"]
+    with StagedDirectory(out) as stage:
+        save_tensors(state, stage.path("model.safetensors"), metadata={"format": "pt"})
+        write_json(stage.path("tokenizer.json"), tok_json, indent=None)
+        write_json(stage.path("tokenizer_config.json"), tok_cfg)
+        write_json(stage.path("generation_config.json"), gen)
+        write_json(stage.path("config.json"), hf_config)
+    return Path(out)

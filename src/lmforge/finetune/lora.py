@@ -113,6 +113,44 @@ def select_sites(cfg, targets: list | str) -> list[Site]:
 
 # --- the adapted linear layer -------------------------------------------------------------------------------------
 
+def keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
+    """A bool mask, True with probability 1 - p (to 1/65536). On CPU the random numbers are drawn 64 bits at a time
+    and cut into four 16-bit ones: torch's per-element Bernoulli costs 3x as much (13 ms against 4 ms for 3 M
+    elements here), which made dropout 8% of a LoRA step."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
+    n = math.prod(shape)
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+    return (bits < round((1 - p) * 65536) - 32768).view(shape)
+
+
+class _MaskDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1 / (1 - p)
+        return torch.mul(x, keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None
+
+
+class MaskDropout(nn.Dropout):
+    """nn.Dropout that keeps a bool mask for backward. On CPU torch's dropout multiplies by a float32 noise tensor
+    and saves it: 4 bytes per element of every adapter input (0.8 GB at 4 x 512 tokens on a 30-layer 576-wide model,
+    peft's too) where 1 byte does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return F.dropout(x, self.p, True)
+        return _MaskDropout.apply(x, self.p)
+
+
 class LoraLinear(nn.Linear):
     """An nn.Linear (the same frozen weight and bias, under the same names) plus adapters on output slices."""
 
@@ -133,7 +171,7 @@ class LoraLinear(nn.Linear):
         self.config = lora
         self.scale = lora.scale
         self.slices = sorted(slices)  # (start, end, hf_name)
-        self.dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+        self.dropout = MaskDropout(lora.dropout) if lora.dropout else nn.Identity()
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.magnitude = nn.ParameterList()

@@ -137,12 +137,12 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("model: give the base model (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the training data (--data FILE)")
-    if cfg.distributed == "fsdp" and cfg.method not in ("full", "freeze"):
-        # FSDP's checkpoints are sharded full-model states; exporting them as a PEFT adapter is not built, and a
-        # plain export would write the base weights without the trained adapters
-        raise ConfigError(f"distributed: fsdp with --method {cfg.method} is not supported yet; adapters are small, so "
-                          "use --distributed ddp (it gives the single-process result, tested), or fsdp with "
-                          "--method full / freeze")
+    if cfg.distributed == "fsdp" and cfg.method not in ("full", "freeze", "lora", "dora"):
+        raise ConfigError(f"distributed: fsdp with --method {cfg.method} is not supported yet (full, freeze, lora and "
+                          "dora are); its weights are small, so use --distributed ddp (tested equal to one process)")
+    if cfg.distributed == "fsdp" and cfg.method in ("lora", "dora") and cfg.checkpoint_format == "sharded":
+        raise ConfigError("checkpoint_format: sharded checkpoints hold the whole model, not a PEFT adapter directory; "
+                          "with --method lora/dora under FSDP checkpoints are full (the adapter is gathered to rank 0)")
     if cfg.method in ("prompt", "prefix") and cfg.packing:
         raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
                           "cannot share a row; use --no-packing")

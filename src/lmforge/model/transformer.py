@@ -20,6 +20,63 @@ from lmforge.model.config import ModelConfig
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of `hidden @ weight.T` against `targets`, without the (N, vocab) logits in memory.
+
+    The logits are built a chunk of rows at a time, and each chunk's gradient (softmax - one-hot) is turned into the
+    gradients for `hidden` and `weight` at once, in the forward pass, as Liger Kernel's fused linear cross entropy
+    does. Backward only scales them. Against logits + F.cross_entropy this keeps ~chunk x vocab floats instead of
+    three (N, vocab) tensors (logits, log-softmax, their gradient: 1.2 GB at 2,048 tokens x 49,152 ids) and runs the
+    same two matmuls. Targets of -100 are ignored, as F.cross_entropy's default does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        keep = targets != -100
+        n = int(keep.sum())
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            k = t != -100
+            logits = (h @ weight.t()).float()
+            rows = torch.arange(len(t), device=t.device)
+            safe = t.clamp(min=0)
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits[rows, safe] - top[:, 0]
+            g = logits.sub_(top).exp_()  # in place of the logits: exp(z - max), then the softmax
+            norm = g.sum(dim=-1, keepdim=True)
+            total += ((norm[:, 0].log() - picked) * k).sum()
+            if need_h or need_w:
+                g.div_(norm)
+                g[rows, safe] -= 1.0
+                g.mul_((k.float() / max(n, 1))[:, None])  # d(mean loss) / d(logits); ignored rows give nothing
+                if need_h:
+                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / max(n, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """Mean cross entropy of `hidden` (N, d) through the output matrix `weight` (vocab, d) against `targets` (N,):
+    F.cross_entropy(hidden @ weight.T, targets) in chunks of about `chunk_bytes` of float32 logits."""
+    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Llama does."""
 
@@ -392,7 +449,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int | None = None, segment_ids: torch.Tensor | None = None,
-                return_hidden: bool = False, logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, logits_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token
         (with a static cache: (B, max_len), later slots are never attended anyway).
 
@@ -402,7 +460,9 @@ class Transformer(nn.Module):
         1), which skips most of the output-head matmul and its (B, T, vocab) tensor. `return_hidden=True` returns
         the final-norm hidden states (B, T, d_model) instead of logits (for task heads and embeddings).
         `logits_mask` (B, T) bool: logits only where it is True, as (N, vocab) in row-major order (SFT trains on
-        the replies only: the head's matmul and softmax then skip the prompt tokens).
+        the replies only: the head's matmul and softmax then skip the prompt tokens). `targets`: next-token ids for
+        those positions ((N,) with `logits_mask`, else (B, T)); the mean cross entropy is returned instead of logits,
+        computed by `linear_cross_entropy` without the logits tensor (training's memory peak at large vocabularies).
         """
         B, T = input_ids.shape
         # prompt tuning (finetune/prompt.py): learned virtual-token embeddings go before the sequence
@@ -461,6 +521,12 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
+        if targets is not None:
+            head = self.lm_head
+            if head is None or (type(head) is nn.Linear and head.bias is None):  # a plain matrix (not LoRA / int8)
+                return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight(), targets.reshape(-1))
+            logits = head(x)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
             return self.lm_head(x)
         return F.linear(x, self.embed.weight)

@@ -26,7 +26,8 @@ def model_options(max_tokens: int) -> argparse.ArgumentParser:
     model.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     model.add_argument("--served-model", default="default", help="the model name the endpoint expects")
     model.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
-    model.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
+    model.add_argument("--concurrency", type=int, default=8,
+                       help="requests in flight to an endpoint (default 8: lmforge serve batches 8)")
     model.add_argument("--chat-template", default="", help="--model: a template name or file instead of the model's")
     model.add_argument("--max-tokens", type=int, default=max_tokens)
     model.add_argument("--seed", type=int, default=0)

@@ -107,7 +107,9 @@ def parse_instructions(reply: str, first_number: int) -> list[str]:
     parts = re.split(r"(?:^|\n)\s*\d+\s?[.、]\s*", text)
     out = []
     for p in parts:
-        p = re.sub(r"\s+", " ", p).strip()
+        # a chat model answering the list in its own words restarts it ("9. 1. Convert ...") or labels the items
+        p = re.sub(r"^(?:\s*(?:\d+\s?[.、)]|(?:Task|Instruction)\s*\d*\s*[:：]|任务\s*\d*\s*[:：]))+", "",
+                   re.sub(r"\s+", " ", p)).strip()
         if p:
             out.append(p)
     return out
@@ -146,6 +148,12 @@ def instance_prompt(seeds: list[Seed], instruction: str, classification: bool) -
     return f"{head}{shots}Task: {instruction}\n"
 
 
+def copies_demonstration(output: str, shots: list[Seed]) -> bool:
+    """Whether `output` contains, verbatim, the output of an example the instance prompt showed (16+ characters:
+    short labels and numbers may repeat by right)."""
+    return any(len(i["output"]) >= 16 and i["output"] in output for s in shots for i in s.instances)
+
+
 def parse_instances(reply: str, classification: bool) -> list[dict]:
     """(input, output) pairs of an instance reply; [] when nothing parses."""
     out = []
@@ -166,6 +174,12 @@ def parse_instances(reply: str, classification: bool) -> list[dict]:
         output = m.group(1).strip()
         if output:
             out.append({"input": i.group(1).strip() if i else "", "output": output})
+    if not out and not re.search(r"(?:^|\n)\s*(?:Input|Example)\s*\d*\s*[:：\n]", reply):
+        # a reply that answers the task directly is its output with no input, as the authors' parse_input_output
+        # (self_instruct/prepare_for_finetuning.py) reads it
+        output = reply.split("\nTask:")[0].strip()
+        if output:
+            out.append({"input": "", "output": output})
     return out
 
 
@@ -274,6 +288,14 @@ class SelfInstruct:
                                               "reason": f"request: {reply[0].error}"})
                         continue
                     instances = parse_instances(reply[0].text, clf)
+                    if not clf and instances:  # a small model parrots the prompt's examples: not a new instance
+                        copied = [x for x in instances if copies_demonstration(x["output"], shots_g)]
+                        if copied and len(copied) == len(instances):
+                            st["rejects"].append({"instruction": inst, "input": "", "output": copied[0]["output"],
+                                                  "round": st["round"],
+                                                  "reason": "instances: repeats a demonstration's output"})
+                            continue
+                        instances = [x for x in instances if x not in copied]
                     outputs: dict[str, set] = {}
                     for x in instances:
                         outputs.setdefault(x["input"], set()).add(x["output"])

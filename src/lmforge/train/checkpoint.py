@@ -156,16 +156,19 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
         trainer.model.save_pretrained(tmp)
         _save_trainable(trainer.model, tmp)
         opt = trainer.optimizer.state_dict()
-    elif full is None and _adapted(trainer.model):
+    elif full is None and adapted(trainer.model):
         _save_adapter_checkpoint(trainer, tmp)
         opt = trainer.optimizer.state_dict()
     elif full is None:
         save_hf_model(trainer.model, tmp)
         opt = trainer.optimizer.state_dict()
     else:  # FSDP: the gathered full weights go through an unsharded CPU replica
-        replica = Transformer(trainer.model.cfg)
+        replica = _replica(trainer)
         replica.load_state_dict(full[0])
-        save_hf_model(replica, tmp)
+        if adapted(replica):
+            _save_adapter_checkpoint(trainer, tmp, replica)
+        else:
+            save_hf_model(replica, tmp)
         opt = full[1]
     tensors = {}
     for idx, state in opt["state"].items():
@@ -197,7 +200,7 @@ def _save_trainable(model, directory: Path) -> None:
                      directory / "trainable.safetensors")
 
 
-def _adapted(model) -> bool:
+def adapted(model) -> bool:
     from lmforge.finetune.adapters import has_bottleneck
     from lmforge.finetune.lora import has_adapters
     from lmforge.finetune.prompt import has_prefix, has_prompt
@@ -205,7 +208,18 @@ def _adapted(model) -> bool:
     return has_adapters(model) or has_bottleneck(model) or has_prompt(model) or has_prefix(model)
 
 
-def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
+def _replica(trainer: Trainer) -> Transformer:
+    """An unsharded CPU model shaped like the trainer's (with its LoRA adapters), for FSDP's gathered weights."""
+    from lmforge.finetune.lora import apply_lora, lora_layers
+
+    replica = Transformer(trainer.model.cfg)
+    layers = lora_layers(trainer.model)
+    if layers:
+        apply_lora(replica, layers[0][1].config)
+    return replica
+
+
+def _save_adapter_checkpoint(trainer: Trainer, directory: Path, model=None) -> None:
     """A LoRA run's checkpoint: the PEFT adapter (what trains), the base model's config.json (its shape, for the
     resume check) and generation_config.json; the frozen base stays where it was loaded from."""
     from lmforge.finetune.adapters import has_bottleneck, save_adapters
@@ -216,16 +230,17 @@ def _save_adapter_checkpoint(trainer: Trainer, directory: Path) -> None:
     base_name = str(base.resolve()) if base.is_dir() else trainer.cfg.model
     from lmforge.finetune.prompt import has_prefix, has_prompt, save_prefix, save_prompt
 
-    if has_bottleneck(trainer.model):
-        save_adapters(trainer.model, directory, base_name)
-    elif has_prompt(trainer.model):
-        save_prompt(trainer.model, directory, base_name)
-    elif has_prefix(trainer.model):
-        save_prefix(trainer.model, directory, base_name)
+    model = trainer.model if model is None else model
+    if has_bottleneck(model):
+        save_adapters(model, directory, base_name)
+    elif has_prompt(model):
+        save_prompt(model, directory, base_name)
+    elif has_prefix(model):
+        save_prefix(model, directory, base_name)
     else:
-        save_adapter(trainer.model, directory, base_name)
-    write_json(directory / "config.json", config_to_hf(trainer.model.cfg))
-    write_json(directory / "generation_config.json", generation_config(trainer.model.cfg))
+        save_adapter(model, directory, base_name)
+    write_json(directory / "config.json", config_to_hf(model.cfg))
+    write_json(directory / "generation_config.json", generation_config(model.cfg))
 
 
 def _save_ema_model(trainer: Trainer, directory: Path, full_ema: list | None = None,
@@ -281,8 +296,13 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
 
         loader = load_adapters if has_bottleneck(trainer.model) else load_prompt if has_prompt(trainer.model) \
             else load_prefix if has_prefix(trainer.model) else load_adapter
-        loader(trainer.model, directory)
-        weights = None
+        if trainer.fsdp:  # into an unsharded replica; its adapter tensors then go to every rank's shards
+            replica = _replica(trainer)
+            loader(replica, directory)
+            weights = {n: p.detach() for n, p in replica.named_parameters() if p.requires_grad}
+        else:
+            loader(trainer.model, directory)
+            weights = None
     else:
         weights = load_hf_model(directory).state_dict()
     tensors = load_file(str(directory / "optimizer.safetensors"))
@@ -313,7 +333,9 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
         )
 
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(trainer.model, weights, options=options)
+        if weights is not None:  # (an adapter checkpoint holds the adapters only: the base is the one loaded)
+            set_model_state_dict(trainer.model, weights, options=StateDictOptions(
+                full_state_dict=True, strict=not adapted(trainer.model)))
         set_optimizer_state_dict(trainer.model, trainer.optimizer, full_opt, options=options)
     else:
         if weights is not None:

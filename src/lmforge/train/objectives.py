@@ -44,6 +44,20 @@ class Objective(abc.ABC):
         return int((labels != -100).sum())
 
 
+def _is_decoder(forward: Callable) -> bool:
+    """Whether `forward` is lmforge's decoder, possibly wrapped (DDP's .module, torch.compile's ._orig_mod; FSDP2
+    keeps the class)."""
+    from lmforge.model.transformer import Transformer
+
+    for _ in range(4):
+        if isinstance(forward, Transformer):
+            return True
+        forward = getattr(forward, "module", None) or getattr(forward, "_orig_mod", None)
+        if forward is None:
+            return False
+    return False
+
+
 def _model_inputs(batch: dict) -> dict:
     return {"attention_mask": batch.get("attention_mask"), "segment_ids": batch.get("segment_ids"),
             "positions": batch.get("position_ids")}
@@ -56,7 +70,13 @@ class CausalLM(Objective):
         labels = batch["labels"]
         trained = labels != -100
         count = int(trained.sum())
-        if count < labels.numel():  # masked prompts or padding: logits only where there is a target
+        masked = count < labels.numel()  # masked prompts or padding: the head runs only where there is a target
+        if _is_decoder(forward):  # the model returns the loss: no (tokens, vocab) logits kept (linear_cross_entropy)
+            if masked:
+                return forward(batch["input_ids"], logits_mask=trained, targets=labels[trained],
+                               **_model_inputs(batch)), count
+            return forward(batch["input_ids"], targets=labels, **_model_inputs(batch)), count
+        if masked:
             logits = forward(batch["input_ids"], logits_mask=trained, **_model_inputs(batch))
             return F.cross_entropy(logits.float(), labels[trained]), count
         logits = forward(batch["input_ids"], **_model_inputs(batch))

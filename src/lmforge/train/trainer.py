@@ -202,7 +202,12 @@ class Trainer:
         trainable = trainable_parameters(self.model)
         self.ema_names = [name for name, _ in trainable]
         self.ema = [p.detach().clone().float() for _, p in trainable] if cfg.ema_decay else None
-        self.sharded = cfg.checkpoint_format == "sharded" or (cfg.checkpoint_format == "auto" and self.fsdp)
+        # FSDP writes sharded checkpoints by default, but adapters are small and their checkpoint is a PEFT directory:
+        # gathered to rank 0 instead
+        from lmforge.train.checkpoint import adapted
+
+        self.sharded = cfg.checkpoint_format == "sharded" or (cfg.checkpoint_format == "auto" and self.fsdp
+                                                              and not adapted(self.model))
         # the tokenizer that belongs with the weights: a model directory's own, else the one the shards were made with
         model_dir = Path(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
         source = tokenizer_dir or model_dir or (self.manifest or {}).get("tokenizer")
