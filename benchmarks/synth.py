@@ -102,7 +102,7 @@ def main() -> None:
         "generated": stats["generated"], "kept_items": stats["kept"], "instructions_kept": stats["instructions_kept"],
         "valid_instructions_per_minute": round(stats["instructions_kept"] / wall * 60, 2),
         "generated_per_minute": round(stats["generated"] / wall * 60, 1),
-        "rejection_reasons": stats["rejection_reasons"], "tokens": stats.get("tokens"),
+        "rejection_reasons": stats["rejection_reasons"], "tokens": stats.get("tokens"), "stopped": stats.get("stopped"),
     }, indent=2))
 
 

@@ -235,11 +235,21 @@ class SelfInstruct:
         novelty = NoveltyFilter([s.instruction for s in self.seeds] + [k["instruction"] for k in st["kept"]])
         zh_seeds = _zh(" ".join(s.instruction for s in self.seeds))
         clf_shots = self.seeds[:self.cfg.classification_shots]
-        bar = tqdm(total=self.cfg.num, initial=len(st["kept"]), desc="self-instruct", unit="instr",
+        from lmforge.synth.common import read_eval_texts
+
+        eval_texts = read_eval_texts(self.cfg.eval_data)
+
+        def kept_instructions() -> int:
+            """Instructions that survive the data stage's checks (run on the whole set, as at the end): --num counts
+            what the output will hold, and one instruction may keep several instances."""
+            return len({k["instruction"] for k in data_stage_checks(st["kept"], eval_texts)[0]}) if st["kept"] else 0
+
+        have = kept_instructions()
+        bar = tqdm(total=self.cfg.num, initial=have, desc="self-instruct", unit="instr",
                    disable=not (self.cfg.progress and sys.stderr.isatty()))
         started = time.perf_counter()
         stopped = None
-        while len(st["kept"]) < self.cfg.num and st["round"] < self.cfg.max_rounds:
+        while have < self.cfg.num and st["round"] < self.cfg.max_rounds:
             rng = np.random.default_rng([self.cfg.seed, st["round"]])  # a round's draws: the same after a resume
             prompts = self.round_prompts(rng, [k["instruction"] for k in st["kept"]])
             replies = self.client.complete([p for p, _, _ in prompts], self._sampling())
@@ -316,15 +326,14 @@ class SelfInstruct:
                         st["kept"].append({"instruction": inst, "input": x["input"], "output": x["output"],
                                            "is_classification": clf, "round": st["round"]})
                     counts["kept_instructions"] += 1
-                    bar.update(1)
             st["per_round"].append({"round": st["round"], **counts})
             st["round"] += 1
             run.save_state(st)
+            have = kept_instructions()
+            bar.update(max(0, have - bar.n))
         bar.close()
         # the data stage on the instances: duplicates within the set, and overlap with a held-out eval set
-        from lmforge.synth.common import read_eval_texts
-
-        kept, dropped = data_stage_checks(st["kept"], read_eval_texts(self.cfg.eval_data))
+        kept, dropped = data_stage_checks(st["kept"], eval_texts)
         seconds = time.perf_counter() - started
         usage = getattr(self.client, "usage", None)
         stats = run.write(kept, st["rejects"] + dropped, {
