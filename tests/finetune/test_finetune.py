@@ -268,7 +268,8 @@ def test_prompt_tuning_matches_peft_and_trains(base_model, alpaca_file, tmp_path
     again = P.load_prompt(load_hf_model(base_model).eval(), tmp_path / "pt")
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
-    # the engine generates with it (no KV cache): the same tokens as a plain greedy loop over whole sequences
+    # the engine generates with it (its KV cache holds the virtual tokens first): the tokens of a plain greedy
+    # loop over whole sequences
     from lmforge.infer.engine import generate_ids
     from lmforge.infer.sampling import SamplingConfig
 
@@ -279,11 +280,14 @@ def test_prompt_tuning_matches_peft_and_trains(base_model, alpaca_file, tmp_path
         for _ in range(5):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert got == seq[6:]
+    batch = [prompt, ids[1, :11].tolist()]  # left padding; the KV cache starts with the virtual tokens
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, seed=3)
+    assert generate_ids(model, batch, cfg) == generate_ids(model, batch, cfg, use_cache=False)
     summary = run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run", method="prompt", num_virtual_tokens=8,
                                 max_steps=20, lr=3e-2))
     assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
     assert json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
-    assert (tmp_path / "run" / "samples.jsonl").exists()  # held-out answers, generated without a KV cache
+    assert (tmp_path / "run" / "samples.jsonl").exists()  # held-out answers, generated at each evaluation
     with pytest.raises(ConfigError, match="no-packing"):
         run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run2", method="prompt", packing=True))
     # prefix tuning through the same command: learns, saves peft's PREFIX_TUNING format

@@ -151,7 +151,8 @@ def test_prefix_tuning_equals_peft_both_ways(tmp_path, kind):
             .abs().max() < TOL
         again = P.load_prefix(load_hf_model(tmp_path / "base").eval(), tmp_path / "pf")
         assert torch.equal(again(ids), ours)
-    # generation runs the whole sequence each step (no KV cache): the tokens of a plain greedy loop
+    # generation from a KV cache that starts with the prefix: the tokens of a plain greedy loop over whole
+    # sequences, and, in a batch with left padding, those of the engine without a cache
     from lmforge.infer.engine import generate_ids
     from lmforge.infer.sampling import SamplingConfig
 
@@ -162,6 +163,9 @@ def test_prefix_tuning_equals_peft_both_ways(tmp_path, kind):
         for _ in range(4):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert got == seq[6:]
+    batch = [prompt, ids[1, :11].tolist()]
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, seed=3)
+    assert generate_ids(model, batch, cfg) == generate_ids(model, batch, cfg, use_cache=False)
 
 
 def test_mask_dropout_drops_at_rate_p_and_its_gradient_is_the_mask():

@@ -4,8 +4,9 @@ they train. Saved as peft saves it (`adapter_config.json` with `"peft_type": "PR
 model gives lmforge's logits for the real tokens (tested). The embeddings start as those of `n` vocabulary
 tokens drawn at random (peft's SAMPLE_VOCAB), which trains faster than noise.
 
-The generation engine runs a prompt-tuned model without a KV cache (each step the whole sequence again: exact,
-and quadratic in the length); a cache that starts with the virtual tokens is not built yet.
+The generation engine decodes a prompt- or prefix-tuned model from a KV cache that starts with the virtual tokens
+(infer/engine.py's Decoder; `Transformer.prefill_prefix` writes a prefix's keys and values), with the tokens of
+decoding without a cache (tested).
 """
 
 from __future__ import annotations

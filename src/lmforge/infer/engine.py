@@ -69,12 +69,16 @@ class Decoder:
         if len(configs) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(configs)} sampling configs")
         self.model, self.configs = model, list(configs)
-        if getattr(model, "prompt_embeddings", None) is not None or getattr(model, "n_prefix", 0):
-            # a prompt- or prefix-tuned model puts its virtual tokens first on every forward: no KV cache (each step
-            # runs the whole sequence again, which is exact and quadratic)
+        prompt = getattr(model, "prompt_embeddings", None)
+        n_prefix = getattr(model, "n_prefix", 0)
+        # a prompt- or prefix-tuned model's virtual tokens come first in its KV cache: the prompt's learned embeddings
+        # go through the first forward, a prefix's keys and values are written in before it (a dynamic cache; the
+        # compiled static one does not take them)
+        self.offset = (0 if prompt is None else prompt.shape[0]) + n_prefix
+        if self.offset:
             if cache is not None:
                 raise ValueError("a prompt- or prefix-tuned model does not continue a KV cache")
-            use_cache = False
+            compile = False
         device = model.embed.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         self.prompt_len = P
@@ -90,7 +94,10 @@ class Decoder:
                 raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new}) exceeds the KV cache's {cache.max_len} slots")
             compile = cache.static
         self.compile = compile and use_cache
-        self.cache = cache if cache is not None else (new_cache(model, B, total, self.compile) if use_cache else None)
+        self.cache = cache if cache is not None else (new_cache(model, B, total + self.offset, self.compile)
+                                                      if use_cache else None)
+        if n_prefix and self.cache is not None:
+            model.prefill_prefix(self.cache)
         self.step_model = _decode_step_model(model) if self.compile else model
         self.ids = torch.full((B, total), pad_id, dtype=torch.long, device=device)
         # a static cache attends over all its slots, so the mask spans them (slots not yet filled stay 0)
@@ -123,7 +130,7 @@ class Decoder:
             raise RuntimeError("every row has finished")
         model, cache, end = self.model, self.cache, self.end
         if cache is not None:
-            start = cache.length
+            start = max(0, cache.length - self.offset)  # real tokens the cache holds (after any virtual ones)
             run = self.step_model if end - start == 1 else model
             # a copy: a slice of `ids` has the width as its stride, and a new stride would recompile the graph
             step_ids = self.ids[:, start:end].clone(memory_format=torch.contiguous_format)

@@ -471,11 +471,16 @@ class Transformer(nn.Module):
         # prefix tuning: every layer's attention has learned keys and values first, as if a KV cache held them
         n_prefix = getattr(self, "n_prefix", 0)
         if n_virtual or n_prefix:  # both: the attention mask gains the virtual positions, always attended
-            if cache is not None or segment_ids is not None or positions is not None:
-                raise ValueError("a prompt- or prefix-tuned model takes whole unpacked sequences (no KV cache, "
-                                 "packing or explicit positions yet)")
-            if attention_mask is not None:
+            if (cache is not None and cache.static) or segment_ids is not None or positions is not None:
+                raise ValueError("a prompt- or prefix-tuned model takes whole unpacked sequences (no static KV "
+                                 "cache, packing or explicit positions)")
+            if attention_mask is not None:  # (real tokens only: the virtual ones are always attended)
                 attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual + n_prefix), attention_mask], dim=1)
+            if cache is not None and cache.length > 0:  # decoding: the cache holds the virtual tokens already
+                n_virtual = 0
+            elif cache is not None and n_prefix:
+                raise ValueError("a prefix-tuned model decodes from a cache that starts with its prefix "
+                                 "(Transformer.prefill_prefix)")
             T += n_virtual
         static = cache is not None and cache.static
         if segment_ids is not None and cache is not None:
@@ -530,6 +535,17 @@ class Transformer(nn.Module):
         if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
             return self.lm_head(x)
         return F.linear(x, self.embed.weight)
+
+    def prefill_prefix(self, cache: KVCache) -> None:
+        """Write a prefix-tuned model's learned keys and values into an empty cache's first slots (every row): the
+        cache then stands where the model's forward without a cache puts them."""
+        if cache.length:
+            raise ValueError("the prefix goes into an empty KV cache")
+        for i, layer in enumerate(self.layers):
+            k, v = layer.attn.prefix_key, layer.attn.prefix_value
+            B = cache.k[i].shape[0]
+            cache.update(i, k.to(cache.k[i].dtype).expand(B, -1, -1, -1), v.to(cache.v[i].dtype).expand(B, -1, -1, -1))
+        cache.advance(self.n_prefix)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""
