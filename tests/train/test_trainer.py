@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
+from lmforge.model import Transformer, preset
 from lmforge.train.trainer import TrainConfig, Trainer, TrainingStopped, learning_rate
 
 
@@ -338,3 +339,33 @@ def test_an_hf_model_directory_takes_only_overrides_its_weights_allow(shards, tm
         Trainer(_cfg(shards, tmp_path / "ft", model=base, model_overrides={"n_layers": 3}))
     t = Trainer(_cfg(shards, tmp_path / "ft", model=base, model_overrides={"rope_theta": 5e5}, max_steps=1))
     assert t.model.cfg.rope_theta == 5e5 and t.tokenizer_dir == tmp_path / "base" / "last"
+
+
+def test_training_flops_count_what_trains():
+    """Full training: 6N + attention over the matrices. LoRA: the frozen base's weight gradients are not computed, so 4
+    FLOPs per frozen weight and 6 per adapter weight (hand count); QLoRA's NF4 base counts like the float one."""
+    from lmforge.finetune import lora
+    from lmforge.finetune.nf4 import quantize_model
+    from lmforge.train.trainer import training_flops_per_token
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama"))
+    cfg = model.cfg
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 64
+    # the block matrices and the (tied) head; norms are not matmuls
+    matmuls = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed.weight") \
+        + cfg.vocab_size * cfg.d_model
+    assert model.lm_head is None and training_flops_per_token(model, 64) == 6 * matmuls + attention
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    assert cfg.flops_per_token(64) == 6 * (matmuls + norms) + attention
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora.apply_lora(model, lora.LoraConfig(r=4, targets="all-linear"))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert adapters > 0 and training_flops_per_token(model, 64) == 4 * matmuls + 6 * adapters + attention
+    q = Transformer(preset("tiny-llama"))
+    quantize_model(q, sorted({s.module for s in lora.adapter_sites(q.cfg)}))
+    lora.apply_lora(q, lora.LoraConfig(r=4, targets="all-linear"))
+    for n, p in q.named_parameters():
+        p.requires_grad_("lora_" in n)
+    assert training_flops_per_token(q, 64) == 4 * matmuls + 6 * adapters + attention

@@ -102,6 +102,29 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return best
 
 
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token of what a decoder computes: per matmul weight 2 in the forward pass and 2 for the
+    input's gradient, and 2 more for the weight's own gradient only where it trains (LoRA's frozen base skips it),
+    plus attention (Kaplan et al. 2020). Full training gives the usual 6N + attention; LoRA about 4N. Other models
+    (task heads): their config's 6N count."""
+    if not isinstance(model, Transformer):
+        return model.cfg.flops_per_token(seq_len)
+    cfg = model.cfg
+    weights = trained = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in ("embed.weight", "pos_embed.weight"):  # lookups, not matmuls
+            continue
+        weights += p.numel()
+        trained += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        if type(m).__name__ == "NF4Linear":  # QLoRA's frozen base is NF4 codes, not a Parameter
+            weights += m.in_features * m.out_features
+    if model.lm_head is None:  # tied: the head is the embedding matrix
+        weights += cfg.vocab_size * cfg.d_model
+        trained += cfg.vocab_size * cfg.d_model if model.embed.weight.requires_grad else 0
+    return 4 * weights + 2 * trained + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, stated_tflops: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from): the stated value, a known GPU's datasheet, or a measurement."""
     if stated_tflops > 0:
@@ -459,7 +482,7 @@ class Trainer:
             except ImportError:
                 raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             tb = SummaryWriter(str(self.out / "tensorboard"))
-        flops_per_token = self.model.cfg.flops_per_token(cfg.max_length)
+        flops_per_token = training_flops_per_token(self.model, cfg.max_length)
         peak, peak_source = peak_flops(self.device, self.autocast_dtype or torch.float32, cfg.peak_tflops)
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
