@@ -455,6 +455,8 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     context = int(_field(meta, f"{arch}.context_length", path))
     vocab_rows = int(tensors["token_embd.weight"].shape[1]) if "token_embd.weight" in tensors else 0
     tok_json, tok_cfg, ids = _gguf_tokenizer(meta, path, context)
+    if len(meta["tokenizer.ggml.tokens"]) > vocab_rows:
+        raise ExportError(f"{path}: {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd has {vocab_rows} rows")
     eos = ids["eos"]
     common = dict(vocab_size=vocab_rows, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                   d_ff=int(_field(meta, f"{arch}.feed_forward_length", path)), max_seq_len=context,
