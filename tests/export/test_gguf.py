@@ -284,10 +284,13 @@ def _smollm2_gguf() -> Path:
 
 
 @pytest.mark.slow
-def test_real_quantized_instruct_model_imports_as_transformers_and_llama_cpp_read_it(tmp_path):
+def test_real_quantized_instruct_model_imports_as_llama_cpp_reads_it(tmp_path):
     """SmolLM2-135M-Instruct in Q4_1 (+ a Q8_0 embedding), a file llama.cpp's converter wrote: `lmforge export hf`
-    gives the logits transformers' own GGUF loader gives, llama.cpp's token ids on English, Chinese and emoji, the
-    same chat prompt, and the model still answers."""
+    gives llama.cpp's token ids on English, Chinese and emoji (transformers' tokenizer on the directory too), the
+    file's chat template, logits that follow llama.cpp's own quantized kernels (which also round the activations
+    to 8 bits: a few percent apart, the same top token almost everywhere; a wrong q/k permutation or tensor would
+    scatter them), and the model still answers. (Against transformers' own GGUF loader the logits were equal,
+    measured difference 0.0; that loader takes 13 s, too slow for every run.)"""
     from lmforge.cli import main
     from lmforge.infer.engine import default_stop_ids
     from lmforge.tokenizer.chat import encode_chat
@@ -296,23 +299,25 @@ def test_real_quantized_instruct_model_imports_as_transformers_and_llama_cpp_rea
     assert main(["export", "hf", "--model", str(path), "--out", str(tmp_path / "smol")]) == 0
     d = tmp_path / "smol"
     tok, model = load_tokenizer(d), load_hf_model(d)
-    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, n_threads=2, vocab_only=True)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    llm = _llama(path)
     for text in TEXTS:
-        assert tok.encode(text) == ref_tok(text).input_ids == llm.tokenize(text.encode(), add_bos=False,
-                                                                            special=False), text
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True) == prompt
+        assert tok.encode(text) == hf_tok(text).input_ids == llm.tokenize(text.encode(), add_bos=False,
+                                                                           special=False), text
+    assert tok.chat_template == llm.metadata["tokenizer.chat_template"]
+    msgs = [{"role": "user", "content": "What is the capital of France? 北京是中国的首都。"}]
     ids = encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
-    assert ids == ref_tok(prompt).input_ids
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    assert ids == hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"]
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
     with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits
-        got = model(torch.tensor([ids]))
-    assert (got - want).abs().max().item() < 1e-4
-    assert tok.special_tokens.get("<|im_end|>") in default_stop_ids(tok, model)
+        ours = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(ours - theirs).mean() < 0.06 * ours.std()  # measured 0.032
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.85  # measured 0.94
     stops = default_stop_ids(tok, model)
+    assert tok.special_tokens["<|im_end|>"] in stops
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
     out = generate_ids(model, [ids], SamplingConfig(temperature=0.0, max_new_tokens=12, stop_token_ids=stops))[0]
     assert "Paris" in tok.decode(out)
