@@ -217,8 +217,8 @@ def test_int4_blocks_equal_gguf_q4_0_and_the_export_loads(models, tmp_path):
 
 def _qwen2_split_model(d: Path) -> Path:
     """A Qwen2 model over a small BPE trained here with Qwen2's split pattern (GGUF pre-tokenizer "qwen2", a Split +
-    ByteLevel pair on import), ChatML markers included: Qwen2.5's own 151k-entry vocabulary takes gguf's reader
-    6 s to parse, for the same code path."""
+    ByteLevel pair on import), ChatML markers included: the code path of Qwen2.5's own 151k-entry vocabulary, whose
+    export, import and tokenizer loads would add about 8 s."""
     from lmforge.export.gguf import QWEN2_PATTERN
     from lmforge.tokenizer import train_tokenizer
 
@@ -259,6 +259,24 @@ def test_import_inverts_export_tokens_logits_and_template(models, tmp_path, name
         assert original.special_tokens["<|im_end|>"] in stops
 
 
+def test_gguf_reader_equals_the_gguf_packages(models, tmp_path):
+    """lmforge's one-pass GGUF reader gives GGUFReader's metadata and tensor bytes (f16 and q4_0 files here; f32, Q8_0
+    and Q4_1 go through the import tests)."""
+    import gguf
+
+    from lmforge.export.gguf import read_gguf
+
+    for dtype in ("f16", "q4_0"):
+        path = export_gguf(models["lmforge-bpe"], tmp_path / f"m-{dtype}.gguf", dtype=dtype)
+        meta, tensors = read_gguf(path)
+        ref = gguf.GGUFReader(str(path))
+        assert meta == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+        assert sorted(tensors) == sorted(t.name for t in ref.tensors)
+        for t in ref.tensors:
+            data, kind, dims = tensors[t.name]
+            assert kind == t.tensor_type and dims == t.shape.tolist() and np.array_equal(data, t.data), t.name
+
+
 def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path):
     from lmforge.export.gguf import import_gguf
 
@@ -271,6 +289,13 @@ def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path):
     junk.write_bytes(b"not a gguf file at all")
     with pytest.raises(ExportError, match="junk.gguf: not a readable GGUF file"):
         import_gguf(junk, tmp_path / "x")
+    junk.write_bytes(b"")
+    with pytest.raises(ExportError, match="junk.gguf: not a readable GGUF file"):
+        import_gguf(junk, tmp_path / "x")
+    cut = tmp_path / "cut.gguf"  # a download that stopped in the middle of the tensors
+    cut.write_bytes(export_gguf(models["lmforge-bpe"], tmp_path / "whole.gguf", dtype="f32").read_bytes()[:-4096])
+    with pytest.raises(ExportError, match="runs past the end of the file"):
+        import_gguf(cut, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
