@@ -277,7 +277,7 @@ def test_gguf_reader_equals_the_gguf_packages(models, tmp_path):
             assert kind == t.tensor_type and dims == t.shape.tolist() and np.array_equal(data, t.data), t.name
 
 
-def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path):
+def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path, monkeypatch):
     from lmforge.export.gguf import import_gguf
 
     spm = export_gguf(models["phi-3"], tmp_path / "phi.gguf", dtype="f32")
@@ -292,8 +292,22 @@ def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path):
     junk.write_bytes(b"")
     with pytest.raises(ExportError, match="junk.gguf: not a readable GGUF file"):
         import_gguf(junk, tmp_path / "x")
+    import lmforge.export.gguf as G
+
+    whole = export_gguf(models["lmforge-bpe"], tmp_path / "whole.gguf", dtype="f32")
+    read = G.read_gguf
+
+    def without_a_block_tensor(path):  # a file missing one of the layout's tensors: refused, not half-written
+        meta, tensors = read(path)
+        tensors.pop("blk.1.ffn_up.weight")
+        return meta, tensors
+
+    with monkeypatch.context() as m:
+        m.setattr(G, "read_gguf", without_a_block_tensor)
+        with pytest.raises(ExportError, match=r"needs tensors this file lacks: \['blk.1.ffn_up.weight'\]"):
+            import_gguf(whole, tmp_path / "x")
     cut = tmp_path / "cut.gguf"  # a download that stopped in the middle of the tensors
-    cut.write_bytes(export_gguf(models["lmforge-bpe"], tmp_path / "whole.gguf", dtype="f32").read_bytes()[:-4096])
+    cut.write_bytes(whole.read_bytes()[:-4096])
     with pytest.raises(ExportError, match="runs past the end of the file"):
         import_gguf(cut, tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -487,7 +487,11 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, int, list[i
     start = -(-pos // align) * align
     tensors = {}
     for name, dims, kind, offset in infos:
-        qtype = gguf.GGMLQuantizationType(kind)
+        try:
+            qtype = gguf.GGMLQuantizationType(kind)
+        except ValueError:
+            raise ExportError(f"{path}: tensor {name} has GGML type {kind}, which the gguf package does not know "
+                              "(a newer file format?)") from None
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         shape = list(reversed(dims))  # numpy order: rows first
         n_bytes = int(np.prod(dims)) * type_size // block
@@ -535,7 +539,14 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     n_heads = int(_field(meta, f"{arch}.attention.head_count", path))
     n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
     context = int(_field(meta, f"{arch}.context_length", path))
-    vocab_rows = int(tensors["token_embd.weight"][1]) if "token_embd.weight" in tensors else 0
+    names = {gg: hf for hf, gg in _tensor_names(arch, n_layers).items()}
+    unknown = sorted(n for n in tensors if n not in names)
+    if unknown:
+        raise ExportError(f"{path}: tensors the {arch} layout has no place for: {unknown[:4]}")
+    missing = sorted(n for n in names if n not in tensors and n != "output.weight")  # no output: a tied head
+    if missing:
+        raise ExportError(f"{path}: the {arch} layout needs tensors this file lacks: {missing[:4]}")
+    vocab_rows = int(tensors["token_embd.weight"][1])
     tok_json, tok_cfg, ids = _gguf_tokenizer(meta, path, context)
     if len(meta["tokenizer.ggml.tokens"]) > vocab_rows:
         raise ExportError(f"{path}: {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd has {vocab_rows} rows")
@@ -556,10 +567,6 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     hf_config["torch_dtype"] = hf_config["dtype"] = str(torch_dtype).removeprefix("torch.")
     config_from_hf(hf_config, str(path))  # the config lmforge will read back is one it supports
 
-    names = {gg: hf for hf, gg in _tensor_names(arch, n_layers).items()}
-    unknown = sorted(n for n in tensors if n not in names)
-    if unknown:
-        raise ExportError(f"{path}: tensors the {arch} layout has no place for: {unknown[:4]}")
     state: dict[str, torch.Tensor] = {}
     for name, (raw, kind, dims) in raw_tensors.items():
         qtype = gguf.GGMLQuantizationType(kind)
