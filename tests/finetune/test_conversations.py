@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from lmforge.config import ConfigError
@@ -115,6 +116,58 @@ def test_llama_factory_dataset_info_loads_as_it_ships(tmp_path):
         load_conversations(f"{info}#remote")
     with pytest.raises(ConfigError, match="did you mean 'alpaca_zh_demo'"):
         load_conversations(f"{info}#alpaca_zh_dem")
+
+
+def test_llama_factory_pretraining_kto_and_multimodal_entries(tmp_path, caplog):
+    """The entry kinds of LLaMA-Factory 0.9.5's shipped dataset_info.json beyond SFT: pretraining text named by a
+    prompt column alone (c4_demo, wiki_demo), KTO's kto_tag, and multimodal columns."""
+    _jsonl(tmp_path / "c4_demo.jsonl", [{"text": "Beginners BBQ Class Taking Place in Missoula!"},
+                                        {"text": "人民日报社论：新年献词。"}])
+    (tmp_path / "wiki_demo.txt").write_text("Anarchism is a political philosophy.\n\n无政府主义是一种政治哲学。\n",
+                                            encoding="utf-8")
+    (tmp_path / "kto.json").write_text(json.dumps([
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "label": True},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
+         "label": False}]), encoding="utf-8")
+    (tmp_path / "mllm.json").write_text(json.dumps([{"messages": [
+        {"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", "content": "Two players."}],
+        "images": ["1.jpg"]}]), encoding="utf-8")
+    sharegpt_openai = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({
+        "c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}},
+        "wiki_demo": {"file_name": "wiki_demo.txt", "columns": {"prompt": "text"}},
+        "kto_demo": {"file_name": "kto.json", "formatting": "sharegpt",
+                     "columns": {"messages": "messages", "kto_tag": "label"}, "tags": sharegpt_openai},
+        "mllm_demo": {"file_name": "mllm.json", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "images": "images"}, "tags": sharegpt_openai}}),
+        encoding="utf-8")
+    assert [c.text for c in load_conversations(f"{info}#c4_demo")] == [
+        "Beginners BBQ Class Taking Place in Missoula!", "人民日报社论：新年献词。"]
+    wiki = load_conversations(f"{info}#wiki_demo")  # one document per line, as LLaMA-Factory's pt stage reads it
+    assert [c.text for c in wiki] == ["Anarchism is a political philosophy.", "无政府主义是一种政治哲学。"]
+    assert wiki[1].where.endswith("wiki_demo.txt:3")
+    kto = load_conversations(f"{info}#kto_demo")
+    assert [c.messages[1]["content"] for c in kto] == ["Hello!"]  # the undesirable reply is not learned, and said
+    assert "1 examples are undesirable replies (label false)" in caplog.text
+    with pytest.raises(ConfigError, match="multimodal dataset \\(its images column\\)"):
+        load_conversations(f"{info}#mllm_demo")
+
+
+def test_long_plain_text_is_cut_into_windows_not_truncated(real_tokenizers):
+    """Continued pretraining on a document longer than max_length trains every token once, window by window."""
+    from lmforge.finetune.conversations import Conversation
+    from lmforge.finetune.sft import build_examples
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(real_tokenizers["qwen2.5-instruct"])
+    text = "无政府主义是一种政治哲学，怀疑权威。Anarchism is a political philosophy. " * 6
+    ids = tok.encode(text) + [0]
+    ex = build_examples(tok, "", [Conversation(text=text)], max_length=16, eos_id=0)
+    assert [len(x) for x in ex.input_ids] == [16] * ((len(ids) - 1) // 16) + [(len(ids) - 1) % 16]
+    assert np.concatenate(ex.input_ids).tolist() == ids[:-1]
+    assert np.concatenate(ex.labels).tolist() == ids[1:]
+    assert ex.stats["truncated"] == 0 and ex.stats["trained_tokens"] == len(ids) - 1
 
 
 BAD = [

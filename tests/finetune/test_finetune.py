@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -146,6 +147,29 @@ def test_packed_rows_give_each_example_its_unpacked_loss(base_model):
         loss, count = objective.loss(model, padded)
         singles = [objective.loss(model, collate_padded(ex, [i], 0)) for i in range(3)]
     assert abs(loss.item() - sum(part.item() * c for part, c in singles) / count) < 1e-5
+
+
+def test_best_fit_decreasing_packs_every_example_once_and_fills_rows():
+    """pack(): each example in exactly one row, no row over max_length, as few rows as best-fit decreasing's
+    hand-worked answer, and fuller rows than filling in order (next-fit) on long-tailed lengths."""
+    from lmforge.finetune.sft import pack
+
+    # hand-worked: 10 tokens a row; sorted 7 6 5 4 3 2 2 1 -> [7 3] [6 4] [5 2 2 1]
+    lengths = np.array([2, 7, 4, 1, 6, 3, 5, 2])
+    rows = pack(lengths, np.arange(8), 10)
+    assert [[int(lengths[i]) for i in r] for r in rows] == [[7, 3], [6, 4], [5, 2, 2, 1]]
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(5.0, 0.7, 2000).astype(int) + 8, 512)  # alpaca-like: median ~160
+    order = rng.permutation(len(lengths))
+    rows = pack(lengths, order, 512)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert max(lengths[r].sum() for r in rows) <= 512
+    assert len(rows) <= np.ceil(lengths.sum() / 512) * 1.02  # within 2% of the bound no packing can beat
+    next_fit, used = 1, 0
+    for i in order:
+        next_fit, used = (next_fit + 1, lengths[i]) if used + lengths[i] > 512 else (next_fit, used + lengths[i])
+    assert len(rows) < 0.85 * next_fit
+    assert pack(lengths, order, 512) == rows  # deterministic
 
 
 def test_a_set_with_no_trained_token_fails_before_training(base_model, tmp_path):
@@ -362,3 +386,43 @@ def test_fsdp_refuses_what_it_cannot_checkpoint_before_training(base_model, alpa
         run_finetune(dataclasses.replace(cfg, method="lora", checkpoint_format="sharded"))
     assert not (tmp_path / "r").exists()
 
+
+
+@pytest.mark.parametrize("recipe", ["finetune-qwen2.5-0.5b-lora-gpu", "finetune-qwen2.5-1.5b-qlora-gpu",
+                                    "finetune-llama3.2-1b-lora-gpu"])
+def test_gpu_recipes_run_their_settings_on_a_tiny_model_of_their_architecture(recipe, trained_dir, alpaca_file,
+                                                                               tmp_path):
+    """Each GPU recipe's own method, targets, rank and bf16 autocast, on a tiny random model of the recipe's
+    architecture (Qwen2 with q/k/v biases, or Llama) on CPU: what can be checked without a GPU."""
+    from lmforge.config import load_config
+    from tests.models import tiny_llama
+
+    if "qwen" in recipe:
+        from lmforge.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(trained_dir)
+        torch.manual_seed(0)
+        transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            eos_token_id=tok.special_tokens["<|endoftext|>"])).save_pretrained(tmp_path / "model")
+        for f in trained_dir.iterdir():
+            shutil.copy(f, tmp_path / "model" / f.name)
+        model = tmp_path / "model"
+    else:
+        model = tiny_llama(tmp_path / "model", trained_dir, max_positions=512)
+    cfg = load_config(FinetuneConfig, f"recipe:{recipe}", {
+        "model": str(model), "data": str(alpaca_file), "out": str(tmp_path / "run"), "max_steps": 2,
+        "batch_size": 4, "micro_batch_size": 2, "max_length": 64, "eval_every": 0, "samples": 0,
+        "warmup_steps": 1, "progress": False})
+    assert cfg.precision == "bf16"
+    summary = run_finetune(cfg)
+    if cfg.method == "qlora":  # the base weights became NF4 codes (buffers), so fewer parameters remain
+        full = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model).parameters())
+        assert summary["parameters"]["total"] < full
+    adapter = json.loads((tmp_path / "run" / "last" / "adapter_config.json").read_text())
+    assert adapter["r"] == cfg.lora_r == 16 and adapter["lora_alpha"] == 32
+    assert {"q_proj", "v_proj", "down_proj"} <= set(adapter["target_modules"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)

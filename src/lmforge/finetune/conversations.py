@@ -24,6 +24,7 @@ naming file:line and field, or with `on_error="skip"` goes to the reject log wit
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 OPENAI_COLUMNS = {"messages": "messages", "tools": "tools"}
 PAIRS_COLUMNS = {"prompt": "prompt", "response": "response", "system": "system"}
 TEXT_COLUMNS = {"text": "text"}
+
+log = logging.getLogger(__name__)
 
 
 class DataFormatError(ValueError):
@@ -69,6 +72,7 @@ class DataSpec:
     columns: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
     name: str = ""
+    lines: bool = False  # a .txt file holds one document per line (LLaMA-Factory's pretraining files), not one
 
 
 # --- locating the data ----------------------------------------------------------------------------------------
@@ -131,7 +135,17 @@ def _from_dataset_info(path: Path, name: str, columns: dict | None, tags: dict |
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise ConfigError(f"{where}: formatting {formatting!r} is not alpaca, sharegpt or openai")
+    media = [k for k in ("images", "videos", "audios") if k in entry.get("columns", {})]
+    if media:
+        raise ConfigError(f"{where}: a multimodal dataset (its {media[0]} column); lmforge fine-tunes text-only "
+                          "models, and training on its text alone would teach the model to answer unseen media")
     target = path.parent / entry["file_name"]
+    if formatting == "alpaca" and set(entry.get("columns", {})) == {"prompt"} and not columns:
+        # LLaMA-Factory's pretraining entries (c4_demo, wiki_demo, fineweb...) name only a prompt column: its `pt`
+        # stage reads that column as plain text, and a .txt file as one document per line (datasets' text builder)
+        spec = resolve_spec(str(target), "text", {"text": entry["columns"]["prompt"]})
+        spec.lines, spec.name = True, name
+        return spec
     spec = resolve_spec(str(target), "sharegpt" if formatting == "openai" else formatting,
                         {**entry.get("columns", {}), **(columns or {})}, {**entry.get("tags", {}), **(tags or {})})
     if formatting == "openai" and not entry.get("tags"):  # LLaMA-Factory's openai = sharegpt with OpenAI tags
@@ -149,16 +163,33 @@ def read_conversations(spec: DataSpec, on_bad: OnBad | None = None, encoding: st
                        errors: str = "strict") -> Iterator[Conversation]:
     """Every valid Conversation of the spec's files, in order; a bad record raises DataFormatError naming it, or
     goes to `on_bad(where, reason, raw)` when given."""
+    kto = spec.columns.get("kto_tag")
+    undesirable = 0
     for path in spec.files:
         if path.endswith(".txt"):
             text = Path(path).read_text(encoding=encoding if encoding != "auto" else "utf-8")
-            if text.strip():
+            if spec.lines:
+                for i, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        yield Conversation(text=line, where=f"{path}:{i}")
+            elif text.strip():
                 yield Conversation(text=text, where=path)
             continue
         fmt = spec.format
         for where, rec in iter_records(path, on_bad, encoding, errors):
             if fmt == "auto":
                 fmt = detect_format(rec, spec.columns, where)
+            if kto:  # a KTO set marks each reply desirable or not; SFT learns only the desirable ones
+                tag = rec.get(kto)
+                if not isinstance(tag, bool):
+                    e = DataFormatError(f"{where}: field '{kto}' (kto_tag) is not true or false ({tag!r})")
+                    if on_bad is None:
+                        raise e
+                    on_bad(where, str(e).split(": ", 1)[1], json.dumps(rec, ensure_ascii=False, default=str)[:2000])
+                    continue
+                if not tag:
+                    undesirable += 1
+                    continue
             try:
                 conv = parse_record(rec, fmt, spec.columns, spec.tags, where)
             except DataFormatError as e:
@@ -167,6 +198,9 @@ def read_conversations(spec: DataSpec, on_bad: OnBad | None = None, encoding: st
                 on_bad(where, str(e).split(": ", 1)[1], json.dumps(rec, ensure_ascii=False, default=str)[:2000])
                 continue
             yield conv
+    if undesirable:
+        log.warning("%s: %d examples are undesirable replies (%s false) and are not trained: lmforge does not "
+                    "train KTO, so SFT learns the desirable ones only", spec.name or spec.files[0], undesirable, kto)
 
 
 def detect_format(rec: dict, columns: dict, where: str) -> str:

@@ -58,7 +58,8 @@ class FinetuneConfig(TrainConfig):
                                                            "attention across examples); off: each batch is padded "
                                                            "to its longest example"})
     group_by_length: bool = field(default=True, metadata={"help": "without packing: batch examples of similar length "
-                                                                  "(measured 1.6x faster than packing on CPU, see "
+                                                                  "(faster than packing on short, even-length data; "
+                                                                  "packing wins on long-tailed data, see "
                                                                   "docs/benchmarks.md)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out for evaluation "
                                                                 "(at least 1, at most 500)",
