@@ -28,6 +28,22 @@ MULTITURN = [
     {"role": "assistant", "content": "About 21 million people live in Beijing."},
 ]
 NO_SYSTEM = MULTITURN[1:]
+# a tool-calling exchange as LLaMA-Factory's glaive_toolcall_zh_demo reads (a call without content, its result)
+TOOLS = [{"type": "function", "function": {"name": "generate_invoice", "description": "生成发票", "parameters": {
+    "type": "object", "properties": {"customer_name": {"type": "string", "description": "客户名称"}},
+    "required": ["customer_name"]}}}, {"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+TOOL_CHAT = [
+    {"role": "user", "content": "我需要为约翰·多伊生成一张发票，再查一下北京的天气。"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "generate_invoice", "arguments": {"customer_name": "约翰·多伊"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+    {"role": "tool", "content": '{"invoice_id": "INV12345"}'},
+    {"role": "tool", "content": '{"weather": "晴"}'},
+    {"role": "assistant", "content": "发票已生成，编号 INV12345。北京今天晴。"},
+    {"role": "user", "content": "Thanks! Once more for Jane?"},
+    {"role": "assistant", "content": "Sure.", "tool_calls": [
+        {"type": "function", "function": {"name": "generate_invoice", "arguments": {"customer_name": "Jane"}}}]},
+]
 
 
 def _real_template(real_tokenizers, name):
@@ -46,6 +62,11 @@ def test_builtin_templates_render_as_the_models_own(real_tokenizers):
                 render_chat(phi3, m, add_generation_prompt=gen, eos_token="<|endoftext|>")
         if messages[0]["role"] == "system":
             assert render_chat(BUILTIN_TEMPLATES["chatml"], messages) == render_chat(qwen, messages)
+    for tools, messages in ((TOOLS, TOOL_CHAT), (TOOLS, [MULTITURN[0]] + TOOL_CHAT), (None, TOOL_CHAT)):
+        for gen in (False, True):
+            m = messages[:-1] if gen else messages
+            assert render_chat(BUILTIN_TEMPLATES["qwen"], m, tools=tools, add_generation_prompt=gen) == \
+                render_chat(qwen, m, tools=tools, add_generation_prompt=gen)
     # Llama 3 and Mistral, hand-written from their model cards
     two = NO_SYSTEM[:2]
     assert render_chat(BUILTIN_TEMPLATES["llama-3"], two, bos_token="<|begin_of_text|>") == (
@@ -64,10 +85,10 @@ def test_builtin_masks_equal_transformers_assistant_tokens_mask(real_tokenizers,
     hf = transformers.AutoTokenizer.from_pretrained(folder)
     ours = load_tokenizer(folder)
     text = BUILTIN_TEMPLATES[template]
-    for messages in (MULTITURN, NO_SYSTEM):
+    for messages, tools in ((MULTITURN, None), (NO_SYSTEM, None)) + (((TOOL_CHAT, TOOLS),) if template == "qwen" else ()):
         want = hf.apply_chat_template(copy.deepcopy(messages), chat_template=text, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
-        enc = encode_example(ours, text, Conversation(messages))
+                                      return_assistant_tokens_mask=True, tools=tools)
+        enc = encode_example(ours, text, Conversation(messages, tools))
         assert enc.input_ids + [want["input_ids"][-1]] == want["input_ids"]
         # labels[t] is token t+1 where token t+1 is an assistant token: transformers' mask shifted by one
         assert enc.labels == [t if m else IGNORE for t, m in zip(want["input_ids"][1:], want["assistant_masks"][1:])]
@@ -156,3 +177,20 @@ def test_stop_token_mismatch_is_named(real_tokenizers):
     assert "<|im_end|>" in warning and "would not stop" in warning
     # Llama 3's <|eot_id|> is not in Qwen's vocabulary: no token to learn to stop with
     assert "no control token" in stop_token_check(ours, BUILTIN_TEMPLATES["llama-3"], [eot])
+
+
+def test_tool_data_through_a_template_that_drops_tools_is_refused(real_tokenizers):
+    """SmolLM2's template (ChatML, like the chatml built-in) ignores tools and tool calls: the model would learn an
+    empty reply where each call is. Found fine-tuning SmolLM2 on LLaMA-Factory's glaive_toolcall demos."""
+    from lmforge.finetune.templates import tool_rendering_check
+
+    tok = load_tokenizer(real_tokenizers["qwen2.5-instruct"])
+    convs = [Conversation(NO_SYSTEM, where="a.json:1"), Conversation(TOOL_CHAT, TOOLS, where="a.json:2")]
+    problem = tool_rendering_check(tok, BUILTIN_TEMPLATES["chatml"], convs)
+    assert problem.startswith("1 examples carry tools or tool calls, but the chat template does not render their "
+                              "tool definitions or tool calls (a.json:2)")
+    no_defs = [Conversation(TOOL_CHAT, None, where="b.json:1")]  # calls without definitions: the calls are named
+    assert "render their tool calls (b.json:1)" in tool_rendering_check(tok, BUILTIN_TEMPLATES["chatml"], no_defs)
+    assert tool_rendering_check(tok, BUILTIN_TEMPLATES["qwen"], convs) is None
+    assert tool_rendering_check(tok, _real_template(real_tokenizers, "qwen2.5-instruct"), convs) is None
+    assert tool_rendering_check(tok, BUILTIN_TEMPLATES["chatml"], convs[:1]) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from lmforge.data.sources import encoding_field, on_error_field
 from lmforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
+_PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
 
 METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prompt", "prefix")
 ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter", "prompt", "prefix")
@@ -235,7 +237,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from lmforge.data.sources import RejectLog
     from lmforge.finetune import lora, sft
     from lmforge.finetune.conversations import load_conversations
-    from lmforge.finetune.templates import render_masked, resolve_template, stop_token_check, template_hash
+    from lmforge.finetune.templates import (render_masked, resolve_template, stop_token_check, template_hash,
+                                            tool_rendering_check)
     from lmforge.infer.engine import default_stop_ids, turn_end_ids
     from lmforge.model import load_hf_model
     from lmforge.model.hf import resolve_model_dir
@@ -261,6 +264,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     else:
         train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
 
+    problem = tool_rendering_check(tokenizer, template, conversations)
+    if problem:
+        raise ConfigError(f"template: {problem}")
+    placeholders = sum(bool(_PLACEHOLDER.search(m["content"])) for c in conversations if c.text is None
+                       for m in c.messages if m["role"] == "assistant" and isinstance(m.get("content"), str))
+    if placeholders:  # LLaMA-Factory's identity.json ships {{name}} and {{author}} for the user to fill in
+        log.warning("%d replies hold {{...}} placeholders (e.g. LLaMA-Factory's identity.json: replace {{name}} and "
+                    "{{author}} first); they are trained as written", placeholders)
     model = load_hf_model(model_dir)
     eos_ids = default_stop_ids(tokenizer, model)
     eos_id = eos_ids[0] if eos_ids else None

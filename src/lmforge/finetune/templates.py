@@ -45,13 +45,54 @@ _CHATML = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+_QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_QWEN25 = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{{- messages[0].content if messages[0].role == 'system' else '" + _QWEN_SYSTEM + "' -}}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' -}}{{- tool | tojson -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- elif messages[0].role == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n" + _QWEN_SYSTEM + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}"
+    "{%- if message.tool_calls -%}"
+    "{{- message.content if message.content else '' -}}"
+    "{%- for tool_call in message.tool_calls -%}"
+    "{%- if tool_call.function is defined -%}{%- set tool_call = tool_call.function -%}{%- endif -%}"
+    "{{- ('\\n' if message.content or not loop.first else '') + '<tool_call>\\n{\"name\": \"' -}}"
+    "{{- tool_call.name -}}{{- '\", \"arguments\": ' -}}{{- tool_call.arguments | tojson -}}{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{%- else -%}{{- message.content -}}{%- endif -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- elif message.role == 'user' or not loop.first -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
 BUILTIN_TEMPLATES = {
     # ChatML (OpenAI's format; lmforge's own tokenizers carry its tokens)
     "chatml": _CHATML,
-    # Qwen2.5 without tools: ChatML with Qwen's default system prompt
-    "qwen": "{%- if messages[0].role != 'system' -%}"
-            "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' -}}"
-            "{%- endif -%}" + _CHATML,
+    # Qwen2.5's own template (tools in the system turn, Hermes <tool_call> replies, tool results as
+    # <tool_response> user turns), with generation blocks around each reply; renders exactly as the real one
+    "qwen": _QWEN25,
     # Llama 3 / 3.1 / 3.2 instruct (Meta's format, content trimmed as their template does)
     "llama-3": "{{- bos_token -}}"
                "{%- for message in messages -%}"
@@ -246,3 +287,36 @@ def stop_token_check(tokenizer, template: str, eos_ids: list[int]) -> str | None
                 f"({after.strip()[:20]!r}): the model cannot learn to stop; use a template whose end-of-turn "
                 "token is in the vocabulary")
     return None
+
+
+
+def tool_rendering_check(tokenizer, template: str, conversations: list[Conversation]) -> str | None:
+    """An error message when examples carry tool definitions or tool calls that the template does not render
+    (SmolLM2's and most base models' templates ignore `tools` and `tool_calls`): the model would learn an empty
+    reply where each call should be, and calls to tools it never saw. Decided on the first such example: rendered
+    with and without its tools (and its calls), the text must differ. None when it does, or no example has them."""
+    from lmforge.tokenizer.chat import render_chat
+
+    with_tools = [c for c in conversations if c.text is None and (c.tools or any(m.get("tool_calls")
+                                                                                 for m in c.messages))]
+    if not with_tools:
+        return None
+    conv = with_tools[0]
+    no_calls = [{k: v for k, v in m.items() if k != "tool_calls"} for m in conv.messages]
+    specials = tokenizer.special_tokens_map()
+    try:
+        text = render_chat(template, conv.messages, tools=conv.tools, special_tokens_map=specials)
+        missing = []
+        if conv.tools and text == render_chat(template, conv.messages, special_tokens_map=specials):
+            missing.append("tool definitions")
+        if no_calls != conv.messages and text == render_chat(template, no_calls, tools=conv.tools,
+                                                             special_tokens_map=specials):
+            missing.append("tool calls")
+    except TemplateError:
+        return None  # a template that refuses the conversation says so when the examples are encoded
+    if not missing:
+        return None
+    return (f"{len(with_tools)} examples carry tools or tool calls, but the chat template does not render their "
+            f"{' or '.join(missing)} ({conv.where or 'the first such example'}), so the model would learn empty "
+            "replies where its calls should be. Use a template that renders tools (--template qwen: Qwen2.5's "
+            "Hermes format), or leave those examples out")
