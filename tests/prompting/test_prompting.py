@@ -166,7 +166,7 @@ COT = {"A pen costs 3 dollars. How much do 4 pens cost?": "4 pens cost 4 * 3 = 1
        "一支笔3元，买4支笔要多少钱？": "4乘3等于12。答案是 12。"}
 
 
-def _teach(model, pairs: list[tuple[list[int], list[int]]], steps: int = 300, lr: float = 3e-3) -> None:
+def _teach(model, pairs: list[tuple[list[int], list[int]]], steps: int = 150, lr: float = 3e-3) -> None:
     """Teach the model each (prompt, reply) pair: all pairs in one right-padded batch per step."""
     T = max(len(p) + len(a) for p, a in pairs)
     ids = torch.zeros((len(pairs), T), dtype=torch.long)

@@ -170,7 +170,7 @@ def synth_setup(trained_dir, tmp_path_factory):
               (evolved, "Light is absorbed, water is split, and carbon dioxide becomes sugar while oxygen is released."),
               (EQUAL_EN.format(a=start, b=evolved), " Not Equal")]
     ids = [(client.render([{"role": "user", "content": p}]), tok.encode(a) + [end]) for p, a in pairs]
-    _teach(model, ids, steps=200)
+    _teach(model, ids, steps=100)
     save_hf_model(model, d)
     return {"dir": d, "seeds": seeds, "si_cfg": si_cfg, "ev_cfg": ev_cfg, "new": new, "start": start,
             "evolved": evolved, "method": method}
