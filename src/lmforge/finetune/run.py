@@ -237,8 +237,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from lmforge.data.sources import RejectLog
     from lmforge.finetune import lora, sft
     from lmforge.finetune.conversations import load_conversations
-    from lmforge.finetune.templates import (render_masked, resolve_template, stop_token_check, template_hash,
-                                            tool_rendering_check)
+    from lmforge.finetune.templates import render_masked, resolve_template, stop_token_check, template_hash, tool_rendering_check
     from lmforge.infer.engine import default_stop_ids, turn_end_ids
     from lmforge.model import load_hf_model
     from lmforge.model.hf import resolve_model_dir
