@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,40 +119,44 @@ def test_llama_factory_dataset_info_loads_as_it_ships(tmp_path):
         load_conversations(f"{info}#alpaca_zh_dem")
 
 
-def test_llama_factory_pretraining_kto_and_multimodal_entries(tmp_path, caplog):
-    """The entry kinds of LLaMA-Factory 0.9.5's shipped dataset_info.json beyond SFT: pretraining text named by a
-    prompt column alone (c4_demo, wiki_demo), KTO's kto_tag, and multimodal columns."""
-    _jsonl(tmp_path / "c4_demo.jsonl", [{"text": "Beginners BBQ Class Taking Place in Missoula!"},
-                                        {"text": "人民日报社论：新年献词。"}])
-    (tmp_path / "wiki_demo.txt").write_text("Anarchism is a political philosophy.\n\n无政府主义是一种政治哲学。\n",
-                                            encoding="utf-8")
-    (tmp_path / "kto.json").write_text(json.dumps([
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "label": True},
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
-         "label": False}]), encoding="utf-8")
-    (tmp_path / "mllm.json").write_text(json.dumps([{"messages": [
-        {"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", "content": "Two players."}],
-        "images": ["1.jpg"]}]), encoding="utf-8")
-    sharegpt_openai = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
-    info = tmp_path / "dataset_info.json"
-    info.write_text(json.dumps({
-        "c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}},
-        "wiki_demo": {"file_name": "wiki_demo.txt", "columns": {"prompt": "text"}},
-        "kto_demo": {"file_name": "kto.json", "formatting": "sharegpt",
-                     "columns": {"messages": "messages", "kto_tag": "label"}, "tags": sharegpt_openai},
-        "mllm_demo": {"file_name": "mllm.json", "formatting": "sharegpt",
-                      "columns": {"messages": "messages", "images": "images"}, "tags": sharegpt_openai}}),
-        encoding="utf-8")
-    assert [c.text for c in load_conversations(f"{info}#c4_demo")] == [
-        "Beginners BBQ Class Taking Place in Missoula!", "人民日报社论：新年献词。"]
-    wiki = load_conversations(f"{info}#wiki_demo")  # one document per line, as LLaMA-Factory's pt stage reads it
-    assert [c.text for c in wiki] == ["Anarchism is a political philosophy.", "无政府主义是一种政治哲学。"]
-    assert wiki[1].where.endswith("wiki_demo.txt:3")
-    kto = load_conversations(f"{info}#kto_demo")
-    assert [c.messages[1]["content"] for c in kto] == ["Hello!"]  # the undesirable reply is not learned, and said
-    assert "1 examples are undesirable replies (label false)" in caplog.text
-    with pytest.raises(ConfigError, match="multimodal dataset \\(its images column\\)"):
-        load_conversations(f"{info}#mllm_demo")
+LLAMA_FACTORY = Path(__file__).resolve().parents[1] / "fixtures" / "llamafactory" / "dataset_info.json"
+
+
+def test_llama_factory_registry_as_it_ships(caplog):
+    """LLaMA-Factory 0.9.5's own dataset_info.json (tests/fixtures/llamafactory) and excerpts of its demo sets: every
+    local entry loads as its kind, or is refused saying why; remote entries say to download."""
+    from lmforge.finetune.preference import load_pairs
+
+    registry = json.loads(LLAMA_FACTORY.read_text(encoding="utf-8"))
+    local = {n for n, e in registry.items() if "file_name" in e and (LLAMA_FACTORY.parent / e["file_name"]).exists()}
+    assert {"alpaca_en_demo", "alpaca_zh_demo", "identity", "glaive_toolcall_en_demo", "glaive_toolcall_zh_demo",
+            "dpo_en_demo", "dpo_zh_demo", "kto_en_demo", "mllm_demo", "c4_demo", "wiki_demo"} <= local
+    zh = load_conversations(f"{LLAMA_FACTORY}#alpaca_zh_demo")
+    assert zh[0].messages[0] == {"role": "user", "content": "识别并解释给定列表中的两个科学理论：细胞理论和日心说。"}
+    assert zh[0].messages[1]["content"].startswith("细胞理论是生物科学的一个理论")
+    for name in ("glaive_toolcall_en_demo", "glaive_toolcall_zh_demo"):
+        convs = load_conversations(f"{LLAMA_FACTORY}#{name}")
+        calls = [m["tool_calls"][0]["function"] for c in convs for m in c.messages if m.get("tool_calls")]
+        assert len(calls) >= 2 and isinstance(calls[0]["arguments"], dict)  # function_call -> an OpenAI tool call
+        assert convs[0].tools and convs[0].tools[0]["type"] == "function"
+        assert any(m["role"] == "tool" for m in convs[0].messages)  # observation -> a tool turn
+    assert len(load_pairs(f"{LLAMA_FACTORY}#dpo_zh_demo")) == 3
+    with pytest.raises(ConfigError, match="ranking"):
+        load_conversations(f"{LLAMA_FACTORY}#dpo_en_demo")
+    # KTO: the desirable replies only, the others counted
+    kto = load_conversations(f"{LLAMA_FACTORY}#kto_en_demo")
+    assert len(kto) == 2 and "2 examples are undesirable replies (label false)" in caplog.text
+    # pretraining entries (columns: {prompt: text}): plain text, a .txt file one document per line
+    c4 = load_conversations(f"{LLAMA_FACTORY}#c4_demo")
+    assert len(c4) == 3 and c4[0].text.startswith("Don’t think you need all the bells and whistles?")
+    wiki = load_conversations(f"{LLAMA_FACTORY}#wiki_demo")
+    assert len(wiki) == 3 and wiki[0].text.startswith("Anarchism is a political philosophy")
+    assert wiki[2].where.endswith("wiki_demo.txt:3")
+    with pytest.raises(ConfigError, match=r"a multimodal dataset \(its images column\)"):
+        load_conversations(f"{LLAMA_FACTORY}#mllm_demo")
+    with pytest.raises(ConfigError, match="remote"):
+        load_conversations(f"{LLAMA_FACTORY}#alpaca_gpt4_zh")
+    assert [len(load_conversations(f"{LLAMA_FACTORY}#{n}")) for n in ("alpaca_en_demo", "identity")] == [3, 3]
 
 
 def test_long_plain_text_is_cut_into_windows_not_truncated(real_tokenizers):

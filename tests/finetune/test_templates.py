@@ -194,3 +194,12 @@ def test_tool_data_through_a_template_that_drops_tools_is_refused(real_tokenizer
     assert tool_rendering_check(tok, BUILTIN_TEMPLATES["qwen"], convs) is None
     assert tool_rendering_check(tok, _real_template(real_tokenizers, "qwen2.5-instruct"), convs) is None
     assert tool_rendering_check(tok, BUILTIN_TEMPLATES["chatml"], convs[:1]) is None
+    # LLaMA-Factory's own glaive tool-call records (tests/fixtures/llamafactory)
+    from lmforge.finetune.conversations import load_conversations
+    from tests.finetune.test_conversations import LLAMA_FACTORY
+
+    glaive = load_conversations(f"{LLAMA_FACTORY}#glaive_toolcall_zh_demo")
+    assert "glaive_toolcall_zh_demo.json:record 1" in tool_rendering_check(tok, BUILTIN_TEMPLATES["chatml"], glaive)
+    assert tool_rendering_check(tok, BUILTIN_TEMPLATES["qwen"], glaive) is None
+    text = render_masked(tok, BUILTIN_TEMPLATES["qwen"], glaive[0], limit=100_000)
+    assert '[[<tool_call>\n{"name": "' in text  # the call is what the reply trains
