@@ -492,6 +492,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.progress and self.is_main))
         summary = {"initial": initial}
+        last_eval = (self.step, initial) if initial else (-1, {})
         self.model.train()
         with _stop_on_signals(self):
             try:
@@ -519,6 +520,7 @@ class Trainer:
                         ev = self.evaluate()
                         if ev and self.after_eval is not None and self.is_main:
                             self.after_eval(self, ev)  # may add metrics (val_rougeL ...) that pick the best
+                        last_eval = (self.step, ev)
                         record.update(ev)
                         if self._improved(ev):
                             self.best_val, self.bad_evals = ev[self.objective.best_metric], 0
@@ -551,7 +553,9 @@ class Trainer:
             checkpoint.export_sharded_checkpoints(self)
         summary.update({"steps": self.step, "best_" + self.objective.best_metric: self.best_val,
                         "peak_flops": peak, "peak_source": peak_source,
-                        "final": self.evaluate() if "interrupted" not in summary else {},
+                        # the last step's evaluation when there was one (with the hook's metrics), not a second pass
+                        "final": {} if "interrupted" in summary else
+                        last_eval[1] if last_eval[0] == self.step and last_eval[1] else self.evaluate(),
                         "hf_config": self.model.hf_architecture() if hasattr(self.model, "hf_architecture")
                         else config_to_hf(self.model.cfg)["architectures"][0]})
         if self.is_main:
