@@ -24,6 +24,36 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing $torch_spec"
     pip install "$torch_spec"
 fi
+if [ "$extras" = "[dev]" ]; then
+    # llama-cpp-python is the tests' reference for GGUF files and builds llama.cpp from its sdist. Its default build
+    # is -march=native, which on an Intel CPU with AMX compiles llama.cpp's AMX kernels; inside VMs those fault at
+    # `ldtilecfg` on every quantized GGUF and take the test run down (SIGSEGV). So: GGML_NATIVE off, this CPU's
+    # vector extensions named one by one, AMX never (docs/export.md). A build that has AMX in it is rebuilt.
+    llama_pin=$(grep -o '"llama-cpp-python==[^"]*"' pyproject.toml | tr -d '"')
+    if .venv/bin/python -c "import llama_cpp, sys; sys.exit('AMX' in llama_cpp.llama_print_system_info().decode())" 2>/dev/null; then
+        :
+    else
+        flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null) "
+        cmake_args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+        if [ "$(uname -m)" = x86_64 ]; then
+            for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 bmi2:BMI2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 \
+                        avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+                case "$flags" in *" ${pair%%:*} "*) on=ON ;; *) on=OFF ;; esac
+                cmake_args="$cmake_args -DGGML_${pair#*:}=$on"
+            done
+        fi
+        echo "setup: building $llama_pin from its sdist (llama.cpp, the reference the GGUF tests read files with;"
+        echo "       about 10 minutes on 2 cores, once) with CMAKE_ARGS=\"$cmake_args\""
+        .venv/bin/python -m pip uninstall -y -q llama-cpp-python 2>/dev/null || true
+        # the build prints nothing for minutes: say that it is still going; --no-cache-dir so that a wheel built
+        # earlier with other flags is not reused
+        started=$SECONDS
+        ( while sleep 60; do echo "setup: still building llama-cpp-python ($(( (SECONDS - started) / 60 )) min)"; done ) &
+        ticker=$!
+        CMAKE_ARGS="$cmake_args" pip install --no-cache-dir "$llama_pin" || { kill $ticker; exit 1; }
+        kill $ticker
+    fi
+fi
 echo "setup: installing lmforge$extras"
 pip install -e ".$extras"
 echo "setup: done (.venv/bin/lmforge --help)"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmforge.export.gguf import ExportError, export_gguf
+from lmforge.export.llamacpp import LlamaCpp
 from lmforge.infer.engine import generate_ids
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.model import load_hf_model
@@ -18,8 +19,8 @@ from lmforge.tokenizer import load_tokenizer
 from tests import corpora
 
 transformers = pytest.importorskip("transformers")
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                                                    "llama-cpp-python; it builds from its sdist)")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python; it "
+                                         "builds from its sdist)")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog, 12345 times.\n\tdef f(x): return x ** 2",
          "北京是中华人民共和国的首都，也是全国的政治、文化中心。", "emoji 🙂🚀 and naïve café — “quotes”",
@@ -72,10 +73,10 @@ def models(tmp_path_factory, trained_dir):
             "qwen2.5": _model(qwen, "qwen2", 151645), "gpt2": _gpt2(tmp / "gpt2"), "phi-3": _model(phi, "llama", 32000)}
 
 
-def _llama(path: Path):
-    # f32 KV cache (llama.cpp defaults to f16 keys and values, which moves logits by ~1e-3 of their range)
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0,
-                           type_k=0, type_v=0)
+def _llama(path: Path) -> LlamaCpp:
+    """llama.cpp in a child process: if it crashes (a build for another CPU), this test fails saying so and the run
+    goes on. f32 KV cache (llama.cpp defaults to f16 keys and values, which moves logits by ~1e-3 of their range)."""
+    return LlamaCpp(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0, type_k=0, type_v=0)
 
 
 @pytest.mark.slow
@@ -89,25 +90,17 @@ def test_llama_cpp_reads_the_same_tokens_logits_and_greedy_output(models, tmp_pa
     # the tokenizers library and llama.cpp give ▁▁ + two's piece; every other text agrees
     texts = [t for t in TEXTS if "  " not in t] if name == "phi-3" else TEXTS
     for text in texts:
-        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == tok.encode(text), text
+        assert llm.tokenize(text) == tok.encode(text), text
         if name != "phi-3":  # llama.cpp's SPM detokenizer drops the prefix space differently: compare ids, not text
-            assert llm.detokenize(tok.encode(text)).decode("utf-8") == text
+            assert llm.detokenize(tok.encode(text)) == text
     ids = tok.encode(TEXTS[0] + TEXTS[1])
-    llm.reset()
-    llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)])
+    theirs = llm.logits(ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
     assert np.abs(theirs - ours).max() < 1e-3 * np.abs(ours).max()
     prompt = tok.encode(TEXTS[1])
     ours_greedy = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=16, temperature=0))[0]
-    llm.reset()
-    theirs_greedy = []
-    for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        theirs_greedy.append(t)
-        if len(theirs_greedy) == len(ours_greedy) or t == llm.token_eos():
-            break
-    assert theirs_greedy == ours_greedy
+    assert llm.greedy(prompt, len(ours_greedy)) == ours_greedy
     meta = llm.metadata
     assert meta["tokenizer.ggml.pre"] == {"lmforge-bpe": "gpt-2", "qwen2.5": "qwen2", "gpt2": "gpt-2",
                                           "phi-3": "default"}[name]
@@ -139,13 +132,35 @@ def test_quantized_exports_equal_lmforge_with_the_same_rounded_weights(models, t
                         p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, q), q).reshape(w.shape)))
         with torch.no_grad():
             ours = model(torch.tensor([ids]))[0].numpy()
-        llm = _llama(path)
-        llm.eval(ids)
-        theirs = np.array(llm.scores[:len(ids)])
+        with _llama(path) as llm:
+            theirs = llm.logits(ids)
         err = np.abs(theirs - ours)
         assert err.mean() < 0.05 * ours.std(), dtype  # measured: f16 0.2%, q8_0 1.7%, q4_0 2.7% of the logits' std
         assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9, dtype
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
+
+
+def test_a_crash_inside_llama_cpp_fails_the_caller_with_a_hint_not_the_run(models, tmp_path):
+    """llama.cpp runs in a child process: killed by a signal there (as its AMX kernels do inside some VMs), the
+    caller gets LlamaCppCrash naming the signal and the build fix, and this process lives on."""
+    import os
+    import signal
+
+    from lmforge.export.llamacpp import LlamaCppCrash
+
+    llm = _llama(export_gguf(models["lmforge-bpe"], tmp_path / "m.gguf", dtype="f32"))
+    assert llm.tokenize("hello") == load_tokenizer(models["lmforge-bpe"]).encode("hello")
+    os.kill(llm._proc.pid, signal.SIGSEGV)
+    with pytest.raises(LlamaCppCrash, match=r"killed by SIGSEGV.*GGML_NATIVE=OFF"):
+        llm.logits([1, 2, 3])
+
+
+def test_the_installed_llama_cpp_has_no_amx_kernels(models, tmp_path):
+    """scripts/setup.sh --dev builds llama.cpp without its AMX kernels (they fault on quantized files inside VMs on
+    Intel CPUs that advertise AMX); a build with them would crash the quantized tests on such a machine."""
+    with _llama(export_gguf(models["lmforge-bpe"], tmp_path / "m.gguf", dtype="f32")) as llm:
+        assert "AMX" not in llm.system_info, (f"llama-cpp-python was built with AMX ({llm.system_info}); rebuild it "
+                                              "with scripts/setup.sh --dev")
 
 
 def test_unsupported_tokenizers_and_models_are_clear_errors(tmp_path, models):
@@ -341,15 +356,14 @@ def test_real_quantized_instruct_model_imports_as_llama_cpp_reads_it(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(d)
     llm = _llama(path)
     for text in TEXTS:
-        assert tok.encode(text) == hf_tok(text).input_ids == llm.tokenize(text.encode(), add_bos=False,
-                                                                           special=False), text
+        assert tok.encode(text) == hf_tok(text).input_ids == llm.tokenize(text), text
     assert tok.chat_template == llm.metadata["tokenizer.chat_template"]
     msgs = [{"role": "user", "content": "What is the capital of France? 北京是中国的首都。"}]
     ids = encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids
     assert ids == hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"]
-    llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)])
+    theirs = llm.logits(ids)
+    llm.close()
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
     assert np.abs(ours - theirs).mean() < 0.06 * ours.std()  # measured 0.032
