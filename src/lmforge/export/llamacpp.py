@@ -90,18 +90,24 @@ class LlamaCpp:
             raise LlamaCppCrash(f"llama.cpp did not answer within {self.timeout:.0f} s ({what}, {self.path})")
         try:
             status, value = self._conn.recv()
-        except EOFError:
-            self._proc.join(5)
-            code = self._proc.exitcode
-            died = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
-                    else f"exited with status {code}")
-            raise LlamaCppCrash(f"llama.cpp's process {died} while {what} ({self.path}). {HINT}") from None
+        except (EOFError, ConnectionError):
+            raise self._crash(what) from None
         if status == "error":
             raise LlamaCppCrash(f"llama.cpp failed while {what} ({self.path}):\n{value}")
         return value
 
+    def _crash(self, what: str) -> LlamaCppCrash:
+        self._proc.join(5)
+        code = self._proc.exitcode
+        died = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                else f"exited with status {code}")
+        return LlamaCppCrash(f"llama.cpp's process {died} while {what} ({self.path}). {HINT}")
+
     def _call(self, name: str, *args):
-        self._conn.send((name, args))
+        try:
+            self._conn.send((name, args))
+        except (BrokenPipeError, ConnectionError):  # it died since the last answer
+            raise self._crash(name) from None
         return self._receive(name)
 
     def tokenize(self, text: str) -> list[int]:

@@ -4,9 +4,8 @@ Python function a user registers. Each has a name, a one-line description and an
 
 The calculator parses the expression with `ast` and evaluates only numbers, + - * / // % **, unary signs and a
 small set of math functions (no names, attributes, calls of anything else, or huge powers): nothing is `eval`ed.
-The Python tool runs code in a fresh `python -I` subprocess with a wall-clock timeout, CPU-time and address-space
-limits (setrlimit), an empty environment, a temporary working directory, and an audit hook installed before the code
-runs that refuses every socket, subprocess and os.system event: no network, no child processes.
+The Python tool runs code in lmforge's sandbox (lmforge/sandbox.py: bubblewrap namespaces with an empty filesystem
+and no network, a seccomp filter against new processes, resource limits), and refuses to run where it is unavailable.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import json
 import math
 import operator
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,34 +109,21 @@ def calculator_tool() -> Tool:
 
 # --- sandboxed Python ------------------------------------------------------------------------------------------------
 
-_PRELUDE = r'''
-import sys, resource
-resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
-resource.setrlimit(resource.RLIMIT_AS, ({mem}, {mem}))
-def _guard(event, args):
-    if event.startswith(("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-                         "os.fork", "pty.", "ctypes.")):
-        raise PermissionError(f"{{event}} is not allowed in the sandbox")
-sys.addaudithook(_guard)
-del _guard, resource
-'''
-
-
 def run_python(code: str, timeout: float = 10.0, cpu_seconds: int = 10, memory_mb: int = 512) -> str:
-    """stdout (and stderr) of `code` run in the sandbox (module docstring), or why it was stopped."""
-    prelude = _PRELUDE.format(cpu=int(cpu_seconds), mem=int(memory_mb) * 2**20)
-    with tempfile.TemporaryDirectory() as cwd:
-        try:
-            done = subprocess.run([sys.executable, "-I", "-c", prelude + "\nexec(compile(sys.stdin.read(), "
-                                   "'<agent>', 'exec'))"], input=code, capture_output=True, text=True,
-                                  timeout=timeout, cwd=cwd, env={"PATH": "/usr/bin:/bin"})
-        except subprocess.TimeoutExpired:
-            return f"Error: the code ran longer than {timeout:g} s and was stopped"
-    out = (done.stdout + done.stderr).strip()
-    if done.returncode < 0:
-        import signal
+    """stdout (and stderr) of `code` run in lmforge's sandbox (lmforge/sandbox.py: no files but its own temporary
+    directory, no network, no processes, limits), or why it was stopped. Where the sandbox is unavailable the
+    answer says so and nothing runs (unless LMFORGE_ALLOW_UNCONFINED_CODE=1)."""
+    from lmforge.sandbox import Limits, SandboxUnavailable, run_python_code
 
-        name = signal.Signals(-done.returncode).name
+    try:
+        done = run_python_code(code, Limits(timeout=timeout, cpu_seconds=int(cpu_seconds), memory_mb=int(memory_mb)))
+    except SandboxUnavailable as e:
+        return f"Error: {e}"
+    out = (done.stdout + done.stderr).strip()
+    if done.timed_out:
+        return f"Error: the code ran longer than {timeout:g} s and was stopped"
+    if done.returncode < 0:
+        name = done.signal_name
         return f"Error: stopped by {name}" + (" (CPU time limit)" if name == "SIGXCPU" else "") + (f"\n{out}" if out else "")
     if "MemoryError" in out:
         return f"Error: MemoryError (the {memory_mb} MB limit)\n{out[-500:]}"
