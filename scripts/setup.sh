@@ -56,4 +56,5 @@ if [ "$extras" = "[dev]" ]; then
 fi
 echo "setup: installing lmforge$extras"
 pip install -e ".$extras"
+command -v bwrap >/dev/null || echo "setup: note: bubblewrap is not installed, so the agents' Python tool will refuse to run model-written code (apt-get install bubblewrap; docs/prompting.md)"
 echo "setup: done (.venv/bin/lmforge --help)"
