@@ -118,7 +118,7 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     # the shipped tiny CPU recipe, pointed at this run's shards
     train_cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {
         "data": str(out / "tokens"), "out": str(out / "pretrain"), "max_steps": cfg.max_steps, "eval_batches": 10,
-        "seed": cfg.seed, "progress": False, "overwrite": True})  # the quickstart rebuilds its run directory
+        "seed": cfg.seed, "progress": True, "overwrite": True})  # the quickstart rebuilds its run directory
     trainer = Trainer(train_cfg)
     n_params = trainer.model.cfg.num_params()
     log(f"[5/10] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
@@ -287,7 +287,7 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
     write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     cfg = load_config(FinetuneConfig, "recipe:finetune-lora-cpu", {
         "model": str(out / "pretrain" / "best"), "data": str(data), "out": str(out / "finetune"), "seed": seed,
-        "max_steps": steps, "eval_every": max(1, steps // 4), "progress": False, "overwrite": True,
+        "max_steps": steps, "eval_every": max(1, steps // 4), "progress": True, "overwrite": True,
         "samples": 16})  # ROUGE-L / exact match over 16 held-out questions at each evaluation
     log(f"[7/10] fine-tuning it with LoRA (r={cfg.lora_r}) on {len(records)} questions and answers drawn from the "
         f"corpus, {cfg.max_steps} steps ...")
@@ -447,7 +447,7 @@ def _rag_step(corpus: list[str], index_dir: Path, log) -> dict:
     if index_dir.exists():
         shutil.rmtree(index_dir)
     index = RagIndex(index_dir)
-    stats = index.upsert(iter_documents(corpus))
+    stats = index.upsert(iter_documents(corpus), progress=True)
     queries, qrels = builtin_questions()
     qrels = {q: {f"python-docs/{d}": r for d, r in rels.items()} for q, rels in qrels.items()}  # the corpus' ids
     results = evaluate_index(index, queries, qrels)

@@ -223,3 +223,21 @@ def test_self_instruct_resume_equals_an_uninterrupted_run(synth_setup, tmp_path)
     for name in ("data/alpaca.jsonl", "rejects/rejects.jsonl"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "part" / name).read_text()
     assert whole["rounds"] == resumed["rounds"] == 2 and whole["generated"] == resumed["generated"]
+
+
+def test_self_instruct_stops_when_rounds_keep_nothing_and_says_why(tmp_path, capsys):
+    """A model whose every instruction fails the filters (here: a picture task, refused by the paper's keyword
+    heuristic, or a copy of a seed) must not run until killed: after stall_rounds empty rounds it stops and names
+    the most common reasons."""
+    from lmforge.prompting.client import Completion, ModelClient
+
+    class Parrot(ModelClient):  # the same useless list, whatever it is asked
+        def complete(self, prompts, sampling, n=1):
+            return [[Completion(" Draw a picture of a cat.\n2. Draw a picture of a dog.")] for _ in prompts]
+
+    seeds = read_seeds(seed_path("builtin:seeds-en"))
+    cfg = SelfInstructConfig(num=5, prompts_per_round=2, max_rounds=1000, stall_rounds=3, progress=False)
+    stats = SelfInstruct(Parrot(), seeds, cfg).run(str(tmp_path / "si"))
+    assert stats["rounds"] == 3 and stats["instructions_kept"] == 0
+    assert stats["stopped"].startswith("3 rounds in a row kept nothing; most common reasons: heuristic (12)")
+    assert "lmforge: stopping: 3 rounds in a row kept nothing" in capsys.readouterr().err

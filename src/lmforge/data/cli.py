@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lmforge.config import add_config_args, config_from_args, save_config
 from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
@@ -14,7 +13,6 @@ _FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     cfg = config_from_args(TokenizeConfig, args)
-    cfg.progress = cfg.progress and sys.stderr.isatty()
     manifest = tokenize_corpus(cfg)
     save_config(cfg, cfg.out)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -36,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in _FLAGS_OVER_FILE if getattr(args, k, None) is not None}
     cfg = load_pipeline(args.pipeline, **overrides)
-    cfg.progress = sys.stderr.isatty()
+    cfg.progress = True
     return _finish(run_pipeline(cfg, overwrite=args.overwrite), cfg.output)
 
 
@@ -52,7 +50,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
                         on_error=args.on_error, workers=args.workers, executor=args.executor,
                         ray_address=args.ray_address, output_format=args.output_format, encoding=args.encoding,
                         errors=args.errors)
-    cfg.progress = sys.stderr.isatty()
+    cfg.progress = True
     return _finish(run_pipeline(cfg, overwrite=args.overwrite), cfg.output)
 
 

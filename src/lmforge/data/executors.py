@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def run_local(tasks: list[tuple], workers: int, progress: bool, desc: str) -> list[dict]:
-    from tqdm.auto import tqdm
+    from lmforge.progress import progress as progress_bar
 
-    bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc=desc, unit="shard", enabled=progress)
     results = []
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
@@ -50,7 +50,7 @@ def run_ray(tasks: list[tuple], address: str | None, progress: bool, desc: str) 
         import ray
     except ImportError:
         raise ConfigError("executor 'ray' needs Ray: pip install 'lmforge[ray]'") from None
-    from tqdm.auto import tqdm
+    from lmforge.progress import progress as progress_bar
 
     if not ray.is_initialized():
         previous = signal.getsignal(signal.SIGTERM)
@@ -61,7 +61,7 @@ def run_ray(tasks: list[tuple], address: str | None, progress: bool, desc: str) 
     remote = ray.remote(num_cpus=1, max_retries=2)(run_map_task)
     pending = [remote.remote(*t) for t in tasks]
     results = []
-    bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc=desc, unit="shard", enabled=progress)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         results.append(ray.get(done[0]))

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lmforge.config import ConfigError
 from lmforge.data.sources import RejectLog, check_encoding, encoding_field, iter_documents, on_error_field
 from lmforge.files import write_json
+from lmforge.progress import progress
 
 MANIFEST = "manifest.json"
 
@@ -107,7 +107,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     t0 = time.perf_counter()
     n_chars = 0
-    bar = tqdm(desc="tokenize", unit="doc", disable=not cfg.progress)
+    bar = progress(desc="tokenize", unit="doc", enabled=cfg.progress)
 
     check_encoding(cfg.encoding)
     rejects = RejectLog() if cfg.on_error == "skip" else None

@@ -102,16 +102,15 @@ def _texts(specs: list[str], text_field: str) -> list[str]:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from lmforge.cli import UserError
     from lmforge.eval.scoring import perplexity
+    from lmforge.progress import progress
 
     texts = _texts(args.data, args.text_field)
     if not texts:
         raise UserError(f"--data {' '.join(args.data)}: no text")
     model, tokenizer = _load_model(args)
-    with tqdm(desc="perplexity", unit="window", disable=True if args.json else None, leave=False) as bar:
+    with progress(desc="perplexity", unit="window", enabled=not args.json) as bar:
         res = perplexity(model, tokenizer, texts, window=args.window, stride=args.stride, progress=bar.update)
     out = res.as_dict() | {"documents": len(texts), "window": args.window or model.cfg.max_seq_len}
     if args.json:
@@ -229,17 +228,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_contamination(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from lmforge.data.sources import iter_documents
     from lmforge.eval.contamination import check_contamination, task_item_texts
     from lmforge.eval.tasks import load_task
     from lmforge.files import write_json
+    from lmforge.progress import progress
 
     task = load_task(args.task, args.data)
     items = task_item_texts(task)
     corpus = ((d.id, d.text) for d in iter_documents(args.corpus, text_field=args.text_field))
-    with tqdm(desc="corpus", unit="doc", disable=True if args.json else None, leave=False) as bar:
+    with progress(desc="corpus", unit="doc", enabled=not args.json) as bar:
         report = check_contamination(items, corpus, ngram=args.ngram, threshold=args.threshold, progress=bar.update)
     summary = {"task": task.name, "data": task.source} | report.summary()
     flagged = [{"doc": task.docs[i].get("_line"), "overlap": report.overlap[i], "documents": report.documents[i],
@@ -307,16 +305,15 @@ def _responses(args, entries: list[dict], field_name: str, model_dir: str | None
 def cmd_judge(args: argparse.Namespace) -> int:
     import os
 
-    from tqdm import tqdm
-
     from lmforge.eval.judge import OpenAIClient, judge_pairwise, judge_pointwise
     from lmforge.files import atomic_write, write_json
+    from lmforge.progress import progress
 
     entries = _records(args.data)
     responses = _responses(args, entries, args.response_field, args.model, args.data)
     client = OpenAIClient(args.endpoint, model=args.judge_model,
                           api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
-    with tqdm(total=len(entries), desc="judge", unit="item", disable=True if args.json else None, leave=False) as bar:
+    with progress(total=len(entries), desc="judge", unit="item", enabled=not args.json) as bar:
         if args.against or args.against_model:
             other = _responses(args, _records(args.against) if args.against else entries, args.against_field,
                                args.against_model, args.against or args.data)

@@ -50,9 +50,9 @@ def _hash(text: str) -> str:
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
+    from lmforge.progress import progress
 
-    return tqdm(total=total, desc=desc, unit="item", disable=None, leave=False)
+    return progress(total=total, desc=desc, unit="item")
 
 
 FORMATS = ("plain", "chat", "chat-multiturn")

@@ -202,8 +202,7 @@ def collate_pairs(examples: PreferenceExamples, members: list[int], pad_id: int)
 def reference_logps(model, examples: PreferenceExamples, pad_id: int, batch_size: int = 8, device=None,
                     progress: bool = False, dtype: torch.dtype | None = None) -> np.ndarray:
     """(n, 2) summed reply log-probabilities of both sides under `model` as it is now (the reference)."""
-    from tqdm.auto import tqdm
-
+    from lmforge.progress import progress as progress_bar
     from lmforge.train.objectives import sequence_logps
 
     was = model.training
@@ -211,7 +210,8 @@ def reference_logps(model, examples: PreferenceExamples, pad_id: int, batch_size
     out = np.zeros((len(examples), 2), np.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples.chosen.input_ids[i]))
     try:
-        for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch", disable=not progress):
+        for s in progress_bar(range(0, len(order), batch_size), desc="reference log-probs", unit="batch",
+                           enabled=progress):
             members = order[s:s + batch_size]
             batch = collate_pairs(PreferenceExamples(examples.chosen, examples.rejected), members, pad_id)
             batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}

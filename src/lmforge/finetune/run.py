@@ -279,7 +279,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         log.warning("%s", warning)
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_id or 0)
-    progress = cfg.progress and sys.stderr.isatty()
+    progress = cfg.progress
     train = sft.build_examples(tokenizer, template, train_convs, mask, cfg.max_length, eos_id, rejects, progress,
                                "tokenize train")
     val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False) \
@@ -374,7 +374,7 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     eos_ids = default_stop_ids(tokenizer, model)
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
-    progress = cfg.progress and sys.stderr.isatty()
+    progress = cfg.progress
     train = build_pairs(tokenizer, template, train_pairs, cfg.max_length, rejects, progress)
     val = build_pairs(tokenizer, template, val_pairs, cfg.max_length) if val_pairs else None
     beta = cfg.beta or PREFERENCE_BETA[cfg.objective]

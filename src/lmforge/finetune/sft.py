@@ -41,11 +41,11 @@ def build_examples(tokenizer, template: str, conversations: list[Conversation], 
                    desc: str = "tokenize") -> SFTExamples:
     """Tokenize and mask every conversation. `on_bad(where, reason, raw)` receives the examples left out (none
     trained on after truncation); without it they are only counted."""
-    from tqdm.auto import tqdm
+    from lmforge.progress import progress as progress_bar
 
     ids_out, labels_out = [], []
     truncated = empty = tokens = trained = windows = 0
-    for conv in tqdm(conversations, desc=desc, unit="example", disable=not progress):
+    for conv in progress_bar(conversations, desc=desc, unit="example", enabled=progress):
         if conv.text is not None:
             # continued pretraining: a long document is cut into max_length windows, as pretraining chunks its
             # stream, instead of losing everything after its first window; each token is predicted once

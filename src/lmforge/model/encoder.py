@@ -194,11 +194,11 @@ class SentenceEmbedder:
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
         """(len(texts), dim) float32 embeddings; texts are truncated to max_length tokens."""
-        from tqdm.auto import tqdm
+        from lmforge.progress import progress
 
         out = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
-        for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=not show_progress):
+        for start in progress(range(0, len(order), batch_size), desc="embed", unit="batch", enabled=show_progress):
             idx = order[start:start + batch_size]
             batch = self.tokenizer.encode_for_model([texts[i] for i in idx], max_length=self.max_length)
             T = max(len(ids) for ids in batch)

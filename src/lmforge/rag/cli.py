@@ -119,7 +119,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     rejects = RejectLog() if c.on_error == "skip" else None
     if c.input:
         docs = _documents(c.input, c.text_field, c.encoding, rejects)
-        result.update(index.upsert(docs) if _is_pg(c.out) else index.upsert(docs, progress=sys.stderr.isatty()))
+        result.update(index.upsert(docs) if _is_pg(c.out) else index.upsert(docs, progress=True))
     if rejects is not None and rejects.items:
         result["rejected"] = len(rejects.items)
         if not _is_pg(c.out):
@@ -212,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modes = args.modes or (["sparse", "dense", "hybrid"] if index.cfg.dense else ["sparse"])
     for m in modes:
         _mode(index, m)
-    results = evaluate_index(index, queries, qrels, modes=modes, progress=sys.stderr.isatty(), fusion=args.fusion,
+    results = evaluate_index(index, queries, qrels, modes=modes, progress=True, fusion=args.fusion,
                              dense_weight=args.dense_weight)
     if args.out:
         from lmforge.files import write_json

@@ -137,7 +137,7 @@ def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, in
                    modes: Sequence[str] = ("sparse", "dense", "hybrid"), k: int = 100, progress: bool = False,
                    fusion: str = "rrf", dense_weight: float = 0.5) -> dict:
     """Metrics and per-query latency of each retrieval mode."""
-    from tqdm.auto import tqdm
+    from lmforge.progress import progress as progress_bar
 
     results = {}
     qids = [q for q in qrels if q in queries]
@@ -148,7 +148,7 @@ def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, in
         rankings, latency = {}, []
         if mode != "sparse":
             index._embed(["warm up"])  # load the embedder outside the timed loop
-        for q in tqdm(qids, desc=mode, unit="query", disable=not progress):
+        for q in progress_bar(qids, desc=mode, unit="query", enabled=progress):
             t0 = time.perf_counter()
             hits = index.search(queries[q], k=k, mode=mode, fusion=fusion, dense_weight=dense_weight)
             latency.append(time.perf_counter() - t0)

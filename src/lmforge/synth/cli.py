@@ -54,6 +54,7 @@ def cmd_self_instruct(args) -> int:
     from lmforge.synth.selfinstruct import SelfInstruct, SelfInstructConfig, read_seeds
 
     cfg = SelfInstructConfig(num=args.num, prompts_per_round=args.prompts_per_round, max_rounds=args.max_rounds,
+                             stall_rounds=args.stall_rounds,
                              max_tokens=args.max_tokens,
                              temperature=args.temperature, seed=args.seed, eval_data=args.eval_data)
     stats = SelfInstruct(make_client(args), read_seeds(seed_path(args.seed_tasks)), cfg).run(
@@ -108,6 +109,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     si.add_argument("--num", type=int, default=100, help="new instructions to keep")
     si.add_argument("--prompts-per-round", type=int, default=4, help="generation prompts per round (sent together)")
     si.add_argument("--max-rounds", type=int, default=1000, help="stop after this many rounds even short of --num")
+    si.add_argument("--stall-rounds", type=int, default=10,
+                    help="stop, naming the most common reject reasons, after this many rounds in a row that keep "
+                         "nothing (0: never)")
     si.set_defaults(func=cmd_self_instruct)
     ev = ssub.add_parser("evol-instruct", parents=[common], help="Evol-Instruct (Xu et al. 2023, WizardLM)")
     ev.add_argument("--rounds", type=int, default=4)

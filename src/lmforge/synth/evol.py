@@ -16,7 +16,6 @@ English and Chinese prompt sets; the language follows the instruction.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,15 +182,15 @@ class EvolInstruct:
         return [choices[i] for i in rng.choice(len(choices), size=n, p=weights)]
 
     def run(self, out: str, resume: bool = False, overwrite: bool = False) -> dict:
-        from tqdm.auto import tqdm
+        from lmforge.progress import progress
 
         run = SynthRun(out, resume, overwrite)
         st = run.state or {"round": 0, "pool": list(self.instructions), "kept": [], "rejects": [], "per_round": [],
                            "similarities": []}
         novelty = NoveltyFilter([k["instruction"] for k in st["kept"]])
         s = Sampling(temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens, seed=self.cfg.seed)
-        bar = tqdm(total=self.cfg.rounds, initial=st["round"], desc="evol-instruct", unit="round",
-                   disable=not (self.cfg.progress and sys.stderr.isatty()))
+        bar = progress(total=self.cfg.rounds, initial=st["round"], desc="evol-instruct", unit="round",
+                       enabled=self.cfg.progress)
         started = time.perf_counter()
         while st["round"] < self.cfg.rounds and not (self.cfg.num and len(st["kept"]) >= self.cfg.num):
             rng = np.random.default_rng([self.cfg.seed, st["round"]])

@@ -183,6 +183,22 @@ def parse_instances(reply: str, classification: bool) -> list[dict]:
     return out
 
 
+def stalled_rounds(per_round: list[dict]) -> int:
+    """How many of the last rounds in a row kept no instruction."""
+    n = 0
+    for r in reversed(per_round):
+        if r.get("kept_instructions", 0):
+            break
+        n += 1
+    return n
+
+
+def top_reasons(rejects: list[dict], k: int = 3) -> str:
+    """The k most common reject reasons, grouped by their kind (the text before ':'), with counts."""
+    counts = Counter(str(r.get("reason", "")).split(":")[0] for r in rejects)
+    return "; ".join(f"{reason} ({n})" for reason, n in counts.most_common(k)) or "none recorded"
+
+
 @dataclass
 class SelfInstructConfig:
     num: int = 100  # kept instructions to reach
@@ -191,6 +207,7 @@ class SelfInstructConfig:
     machine_per_prompt: int = 2
     novelty_threshold: float = 0.7
     max_rounds: int = 1000
+    stall_rounds: int = 10  # stop after this many rounds in a row that keep nothing (a model that cannot do it)
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.5
@@ -228,7 +245,7 @@ class SelfInstruct:
         return out
 
     def run(self, out: str, resume: bool = False, overwrite: bool = False) -> dict:
-        from tqdm.auto import tqdm
+        from lmforge.progress import progress
 
         run = SynthRun(out, resume, overwrite)
         st = run.state or {"round": 0, "kept": [], "rejects": [], "similarities": [], "per_round": []}
@@ -245,8 +262,8 @@ class SelfInstruct:
             return len({k["instruction"] for k in data_stage_checks(st["kept"], eval_texts)[0]}) if st["kept"] else 0
 
         have = kept_instructions()
-        bar = tqdm(total=self.cfg.num, initial=have, desc="self-instruct", unit="instr",
-                   disable=not (self.cfg.progress and sys.stderr.isatty()))
+        bar = progress(total=self.cfg.num, initial=have, desc="self-instruct", unit="instr",
+                       enabled=self.cfg.progress)
         started = time.perf_counter()
         stopped = None
         while have < self.cfg.num and st["round"] < self.cfg.max_rounds:
@@ -331,6 +348,13 @@ class SelfInstruct:
             run.save_state(st)
             have = kept_instructions()
             bar.update(max(0, have - bar.n))
+            stalled = stalled_rounds(st["per_round"])
+            if self.cfg.stall_rounds and stalled >= self.cfg.stall_rounds:
+                stopped = (f"{stalled} rounds in a row kept nothing; most common reasons: "
+                           f"{top_reasons(st['rejects'][-2000:])} (rejects/ has every one; a larger or instruction-"
+                           "tuned model, a lower --novelty-threshold or more --max-tokens may help)")
+                print(f"lmforge: stopping: {stopped}", file=sys.stderr)
+                break
         bar.close()
         # the data stage on the instances: duplicates within the set, and overlap with a held-out eval set
         kept, dropped = data_stage_checks(st["kept"], eval_texts)

@@ -24,9 +24,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 
 import regex
-from tqdm.auto import tqdm
 
 from lmforge.data.sources import iter_text_chunks
+from lmforge.progress import progress
 from lmforge.tokenizer.chat import CHATML_TEMPLATE, CHATML_TOKENS
 from lmforge.tokenizer.patterns import resolve_pattern
 from lmforge.tokenizer.tokenizer import BPETokenizer
@@ -86,7 +86,7 @@ def count_pretokens(chunks: Iterable[str], pattern: str, special_tokens: Iterabl
     num_workers = num_workers or os.cpu_count() or 1
     stats = {"chars": 0, "texts": 0}
     total: Counter = Counter()
-    bar = tqdm(desc="count pre-tokens", unit="MB", unit_scale=False, disable=not show_progress,
+    bar = progress(desc="count pre-tokens", unit="MB", unit_scale=False, enabled=show_progress,
                bar_format="{desc}: {n:.1f} MB [{elapsed}, {rate_fmt}]")
     batches = _batches(chunks, stats)
     if num_workers == 1:
@@ -139,7 +139,7 @@ def merge_pairs(words: list[bytes], counts: list[int], token_bytes: list[bytes],
     heapq.heapify(heap)
     bytes_to_id = {b: i for i, b in enumerate(token_bytes)}
     merges: list[tuple[int, int, int]] = []
-    bar = tqdm(total=max(0, vocab_target - len(token_bytes)), desc="merge", unit="tok", disable=not show_progress)
+    bar = progress(total=max(0, vocab_target - len(token_bytes)), desc="merge", unit="tok", enabled=show_progress)
     while len(token_bytes) < vocab_target and heap:
         neg, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     rejects = RejectLog() if cfg.on_error == "skip" else None
     t0 = time.perf_counter()
     tok = train_tokenizer(cfg.input, cfg.vocab_size, cfg.pattern, cfg.special, cfg.min_frequency,
-                          cfg.errors, cfg.text_field, cfg.workers or None, cfg.progress and sys.stderr.isatty(),
+                          cfg.errors, cfg.text_field, cfg.workers or None, cfg.progress,
                           encoding=cfg.encoding, on_bad=rejects)
     seconds = time.perf_counter() - t0
     tok.save(out)

@@ -15,7 +15,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.train.trainer import Trainer
 
     cfg = config_from_args(TrainConfig, args)
-    cfg.progress = cfg.progress and sys.stderr.isatty()
     trainer = Trainer(cfg)
     try:
         if trainer.is_main:

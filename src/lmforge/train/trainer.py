@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from lmforge.files import atomic_write
 from lmforge.model import Transformer, load_hf_model, preset
 from lmforge.model.hf import config_to_hf
+from lmforge.progress import progress
 from lmforge.train import checkpoint
 from lmforge.train.checkpoint import export_checkpoint  # noqa: F401  (users import it from here)
 from lmforge.train.config import RunDirectoryError, TrainConfig, TrainingStopped  # noqa: F401
@@ -489,8 +489,8 @@ class Trainer:
             if self.after_eval is not None and self.is_main:  # before writing: the hook may add metrics
                 self.after_eval(self, initial)
             metrics.write(json.dumps({"step": 0, **initial}) + "\n")
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (cfg.progress and self.is_main))
+        bar = progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                       enabled=cfg.progress and self.is_main)
         summary = {"initial": initial}
         last_eval = (self.step, initial) if initial else (-1, {})
         self.model.train()
