@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 
 from lmforge.cli import main
+from lmforge.tokenizer import load_tokenizer
 
 
 def test_help_lists_stages(capsys):
@@ -75,6 +76,7 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
     assert (tmp_path / "qs" / "finetune" / "best" / "adapter_config.json").exists()
     # the report's commands are filled in, and each of its next steps runs on what the quickstart wrote
     assert "{model_dir}" not in report and "{next_steps" not in report
+    assert report.rstrip().endswith(summary["next_steps"][-1])  # nothing stale after them
     import shlex
 
     capsys.readouterr()
@@ -179,3 +181,19 @@ def test_pgvector_urls_are_shown_without_their_password():
 
     assert redact_dsn("postgresql://me:s3cr:t@db:5432/x#chunks") == "postgresql://me:***@db:5432/x#chunks"
     assert redact_dsn("host=db password='a b' user=me") == "host=db password=*** user=me"
+
+
+def test_a_bad_option_value_names_the_allowed_ones_not_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--objective", "grpo"])
+    err = capsys.readouterr().err
+    assert "argument --objective: invalid choice: 'grpo' (choose from 'sft'" in err and "commands:" not in err
+
+
+def test_decoded_text_ends_with_a_newline_on_a_terminal_only(trained_dir, monkeypatch, capsys):
+    ids = json.dumps(load_tokenizer(trained_dir).encode("你好"))
+    assert main(["tokenizer", "encode", "--tokenizer", str(trained_dir), "--decode", "--text", ids]) == 0
+    assert capsys.readouterr().out == "你好"  # piped: the exact text
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert main(["tokenizer", "encode", "--tokenizer", str(trained_dir), "--decode", "--text", ids]) == 0
+    assert capsys.readouterr().out == "你好\n"

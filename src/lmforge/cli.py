@@ -25,10 +25,6 @@ EPILOG = """examples:
 """
 
 
-# stages of the map (docs/architecture.md) that this version does not have yet
-PLANNED: dict[str, str] = {}
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that suggests the nearest flag or command for a mistyped one."""
 
@@ -42,17 +38,14 @@ class ArgumentParser(argparse.ArgumentParser):
                     hints.append(f"'{arg}' -> did you mean '{close[0]}'?")
             if hints:
                 message += "\n  " + "\n  ".join(hints)
-        choice = re.match(r"argument \S+: invalid choice: '([^']*)'", message)
-        if choice:
-            name = choice.group(1)
-            commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
-            if name in PLANNED:
-                message = (f"'{name}' ({PLANNED[name]}) is not in this version of lmforge yet; the commands that exist: "
-                           f"{', '.join(commands)}")
-            else:
-                close = difflib.get_close_matches(name, commands, n=1, cutoff=0.6)
-                message = f"unknown command '{name}'" + (f"; did you mean '{close[0]}'?" if close else "") \
-                    + f" (commands: {', '.join(commands)})"
+        choice = re.match(r"argument (\S+): invalid choice: '([^']*)'", message)
+        commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        if choice and commands and not choice.group(1).startswith("-"):  # a subcommand (an option's value: argparse
+            # lists the allowed values itself)
+            name = choice.group(2)
+            close = difflib.get_close_matches(name, commands, n=1, cutoff=0.6)
+            message = f"unknown command '{name}'" + (f"; did you mean '{close[0]}'?" if close else "") \
+                + f" (commands: {', '.join(commands)})"
         super().error(message)
 
 

@@ -253,10 +253,7 @@ Try it: `{next_steps[0]}`.
 ## Next steps
 Each of these runs on what this quickstart wrote:
 
-""" + "\n".join(f"    {c}" for c in next_steps) + """
-
-Export to GGUF joins this run when it lands.
-"""
+""" + "\n".join(f"    {c}" for c in next_steps) + "\n"
     write_text(out / "report.md", report)
     summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
                "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after,

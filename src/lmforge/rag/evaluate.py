@@ -150,7 +150,7 @@ def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, in
             index._embed(["warm up"])  # load the embedder outside the timed loop
         for q in progress_bar(qids, desc=mode, unit="query", enabled=progress):
             t0 = time.perf_counter()
-            hits = index.search(queries[q], k=k, mode=mode, fusion=fusion, dense_weight=dense_weight)
+            hits = index.search(queries[q], k=k, mode=mode, fusion=fusion, dense_weight=dense_weight, distinct=False)
             latency.append(time.perf_counter() - t0)
             rankings[q] = doc_ranking(hits)
         metrics = evaluate_rankings(rankings, {q: qrels[q] for q in qids})

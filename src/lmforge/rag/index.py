@@ -69,12 +69,32 @@ class Hit:
     score: float
     rank: int
     scores: dict[str, float] = field(default_factory=dict)  # per retriever: sparse / dense / fused
+    also_in: list[str] = field(default_factory=list)  # other documents holding the same passage (distinct search)
 
     def as_dict(self) -> dict:
         c = self.chunk
         return {"rank": self.rank, "score": round(self.score, 6), "chunk_id": c.chunk_id, "doc_id": c.doc_id,
                 "start": c.start, "end": c.end, "heading": c.heading, "text": c.text, "meta": c.meta,
-                "scores": {k: round(v, 6) for k, v in self.scores.items()}}
+                "scores": {k: round(v, 6) for k, v in self.scores.items()}} | ({"also_in": self.also_in}
+                                                                              if self.also_in else {})
+
+
+def distinct_passages(hits: list[Hit], k: int) -> list[Hit]:
+    """The first k hits with distinct text (whitespace aside): a passage that several documents share (a corpus
+    with copied sections) is shown once, at its best rank, naming the other documents in `also_in`."""
+    out: list[Hit] = []
+    seen: dict[str, Hit] = {}
+    for hit in hits:
+        key = " ".join(hit.chunk.text.split())
+        if key in seen:
+            seen[key].also_in.append(hit.chunk.doc_id)
+            continue
+        if len(out) == k:
+            continue  # past k: only the copies of what is shown still count
+        hit = dataclasses.replace(hit, rank=len(out) + 1, also_in=[])
+        seen[key] = hit
+        out.append(hit)
+    return out
 
 
 def content_hash(text: str) -> str:
@@ -301,9 +321,10 @@ class RagIndex:
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", filters: dict | None = None,
                fusion: str = "rrf", dense_weight: float = 0.5, depth: int | None = None,
-               reranker=None, rerank_depth: int = 30) -> list[Hit]:
+               reranker=None, rerank_depth: int = 30, distinct: bool = True) -> list[Hit]:
         """Top `k` chunks. With a `reranker` (lmforge.model.encoder.CrossEncoder) the first
-        `rerank_depth` fused results are re-scored jointly with the query and re-sorted."""
+        `rerank_depth` fused results are re-scored jointly with the query and re-sorted. `distinct` shows a passage
+        that several documents share once (distinct_passages); evaluation turns it off to score every document."""
         if mode not in ("sparse", "dense", "hybrid"):
             raise ValueError(f"mode must be sparse, dense or hybrid, got {mode!r}")
         if mode != "sparse" and not self.cfg.dense:
@@ -314,9 +335,11 @@ class RagIndex:
         depth = depth or max(100, 4 * k)
         sparse = self.sparse_scores(query, allowed, depth) if mode != "dense" else {}
         dense = self.dense_scores(query, allowed, depth) if mode != "sparse" else {}
-        ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(k, rerank_depth) if reranker is not None else k)
+        want = 2 * k if distinct else k  # room for the copies that distinct_passages folds away
+        ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(want, rerank_depth) if reranker is not None else want)
         hits = [Hit(self.chunks[i], score, rank, parts) for rank, (i, score, parts) in enumerate(ranked, start=1)]
-        return rerank(query, hits, reranker, k) if reranker is not None else hits
+        hits = rerank(query, hits, reranker, want) if reranker is not None else hits
+        return distinct_passages(hits, k) if distinct else hits[:k]
 
 
 def make_chunker(cfg: IndexConfig, index) -> Chunker:

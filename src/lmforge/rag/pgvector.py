@@ -27,7 +27,7 @@ import regex
 from lmforge.config import ConfigError, from_dict
 from lmforge.data.document import Document
 from lmforge.rag.chunking import Chunk
-from lmforge.rag.index import Hit, IndexConfig, content_hash, embedder_reads, fuse, make_chunker, rerank
+from lmforge.rag.index import Hit, IndexConfig, content_hash, distinct_passages, embedder_reads, fuse, make_chunker, rerank
 from lmforge.rag.sparse import Analyzer
 
 _IDENT = regex.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
@@ -229,7 +229,7 @@ class PgVectorIndex:
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", filters: dict | None = None,
                fusion: str = "rrf", dense_weight: float = 0.5, depth: int | None = None,
-               reranker=None, rerank_depth: int = 30) -> list[Hit]:
+               reranker=None, rerank_depth: int = 30, distinct: bool = True) -> list[Hit]:
         if mode not in ("sparse", "dense", "hybrid"):
             raise ValueError(f"mode must be sparse, dense or hybrid, got {mode!r}")
         if mode != "sparse" and not self.cfg.dense:
@@ -259,9 +259,11 @@ class PgVectorIndex:
                                 [qv, *wparams, qv, depth], exact=bool(filters)):
                 rows[r[0]] = r[:7]
                 dense[r[0]] = float(r[7])
-        ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(k, rerank_depth) if reranker is not None else k)
+        want = 2 * k if distinct else k  # room for the copies that distinct_passages folds away
+        ranked = fuse(mode, sparse, dense, fusion, dense_weight, max(want, rerank_depth) if reranker is not None else want)
         hits = []
         for rank, (i, score, parts) in enumerate(ranked, start=1):
             _, doc_id, text, start, end, heading, meta = rows[i]
             hits.append(Hit(Chunk(doc_id, text, start, end, heading or [], meta or {}), score, rank, parts))
-        return rerank(query, hits, reranker, k) if reranker is not None else hits
+        hits = rerank(query, hits, reranker, want) if reranker is not None else hits
+        return distinct_passages(hits, k) if distinct else hits[:k]

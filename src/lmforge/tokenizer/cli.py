@@ -90,7 +90,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
             raise UserError(f"--decode expects a JSON list of token ids: {e}") from None
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise UserError("--decode expects a JSON list of integer token ids")
-        sys.stdout.write(tok.decode(ids))
+        text = tok.decode(ids)
+        # the exact text when piped; on a terminal a final newline, so the shell prompt does not join the text
+        sys.stdout.write(text + ("\n" if sys.stdout.isatty() and not text.endswith("\n") else ""))
         return 0
     allowed = "all" if args.allowed_special == ["all"] else set(args.allowed_special or ())
     try:
