@@ -385,6 +385,6 @@ def test_mfu_never_reads_above_one_when_the_peak_was_measured_on_a_busy_machine(
     peak.cache_clear = lambda: None
     monkeypatch.setattr(T, "measure_matmul_peak", peak)
     summary = T.Trainer(_cfg(shards, tmp_path / "run", max_steps=3)).fit()
-    mfu = [r["mfu"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "mfu" in r]
+    mfu = [r["mfu"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "mfu" in r]
     assert len(calls) == 2 and mfu and max(mfu) <= 1.0
     assert summary["peak_flops"] == 1e15 and "measured again" in summary["peak_source"]
