@@ -55,3 +55,30 @@ def real_tokenizers(tmp_path_factory):
         dst = corpora.real_tokenizer(src.name, root / src.name)
         out[src.name] = dst
     return out
+
+
+# --- test tiers -------------------------------------------------------------------------------------------------------
+# The default run (the README's test command) is the fast tier: every package's tests except the end-to-end ones
+# marked @pytest.mark.slow. `pytest --tier slow` runs only those, `--tier all` both; .ci/run runs both tiers.
+# A test named on the command line (path::name) runs whatever its tier.
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=("fast", "slow", "all"), default=os.environ.get("LMFORGE_TEST_TIER", "fast"),
+                     help="fast (default): all but the end-to-end tests marked slow; slow: only those; all: both")
+
+
+def pytest_report_header(config):
+    return f"lmforge test tier: {config.getoption('--tier')} (--tier fast | slow | all)"
+
+
+def pytest_collection_modifyitems(config, items):
+    tier = config.getoption("--tier")
+    if tier == "all" or any("::" in str(a) for a in config.args):
+        return
+    keep, drop = [], []
+    for item in items:
+        slow = item.get_closest_marker("slow") is not None
+        (keep if slow == (tier == "slow") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
