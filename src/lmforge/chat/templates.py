@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lmforge.chat.render import ChatEncoding, TemplateError, encode_chat, render_chat
 from lmforge.config import ConfigError
+from lmforge.tokenizer.formats import read_tokenizer_config
 
 MODEL_TEMPLATE = ("", "model")  # the choices that mean "the model's own" (and None)
 
@@ -180,8 +181,6 @@ def model_template(tokenizer, chat_template: str | None = None, tools: list | No
 def _from_file(path: Path, choice: str) -> str:
     """The template a file or model directory holds (see the module docstring, 4)."""
     if path.is_dir():
-        from lmforge.tokenizer.formats import read_tokenizer_config
-
         template = pick_template(read_tokenizer_config(path).get("chat_template"))
         if not template:
             raise ConfigError(f"template: {choice}: the directory has no chat template (chat_template.jinja, "
