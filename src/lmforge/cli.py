@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from lmforge.chat.render import TemplateError
     from lmforge.config import ConfigError
     from lmforge.data.sources import CorpusError
     from lmforge.eval.judge import JudgeError
@@ -76,7 +77,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.model import CheckpointError
     from lmforge.prompting.client import ClientError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
-    from lmforge.tokenizer.chat import TemplateError
     from lmforge.train.config import RunDirectoryError, TrainingStopped
 
     # the errors lmforge raises about input (each message names the file, line or field); anything else is a bug

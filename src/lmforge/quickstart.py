@@ -341,14 +341,14 @@ def _serve_step(out: Path, log) -> dict:
     import urllib.request
 
     from lmforge.finetune.cli import merge_adapter
-    from lmforge.model import load_hf_model
+    from lmforge.infer.load import load_for_inference
     from lmforge.serve.app import Server, create_app
-    from lmforge.tokenizer import load_tokenizer
 
     merged = merge_adapter(out / "finetune" / "best", out / "finetune-merged")
     samples = [json.loads(line) for line in (out / "finetune" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     question = samples[0]["prompt"]
-    server = Server(load_hf_model(merged), load_tokenizer(merged), "quickstart")
+    loaded = load_for_inference(merged)  # as `lmforge serve --model merged` loads it
+    server = Server(loaded.model, loaded.tokenizer, "quickstart")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -345,9 +345,9 @@ def test_real_quantized_instruct_model_imports_as_llama_cpp_reads_it(tmp_path):
     to 8 bits: a few percent apart, the same top token almost everywhere; a wrong q/k permutation or tensor would
     scatter them), and the model still answers. (Against transformers' own GGUF loader the logits were equal,
     measured difference 0.0; that loader takes 13 s, too slow for every run.)"""
+    from lmforge.chat.render import encode_chat
+    from lmforge.chat.stops import eos_ids
     from lmforge.cli import main
-    from lmforge.infer.engine import default_stop_ids
-    from lmforge.tokenizer.chat import encode_chat
 
     path = _smollm2_gguf()
     assert main(["export", "hf", "--model", str(path), "--out", str(tmp_path / "smol")]) == 0
@@ -368,7 +368,7 @@ def test_real_quantized_instruct_model_imports_as_llama_cpp_reads_it(tmp_path):
         ours = model(torch.tensor([ids]))[0].numpy()
     assert np.abs(ours - theirs).mean() < 0.06 * ours.std()  # measured 0.032
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.85  # measured 0.94
-    stops = default_stop_ids(tok, model)
+    stops = eos_ids(tok, model.cfg)
     assert tok.special_tokens["<|im_end|>"] in stops
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True).ids

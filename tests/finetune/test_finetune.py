@@ -13,12 +13,12 @@ import pytest
 import torch
 import transformers
 
+from lmforge.chat.templates import BUILTIN_TEMPLATES
 from lmforge.data.sources import CorpusError
 from lmforge.finetune import lora as L
 from lmforge.finetune.conversations import Conversation
 from lmforge.finetune.run import FinetuneConfig, run_finetune
 from lmforge.finetune.sft import SFTBatches, build_examples, collate_padded
-from lmforge.finetune.templates import BUILTIN_TEMPLATES
 from lmforge.model import load_hf_model
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train.objectives import CausalLM

@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 
+from lmforge.chat.templates import BUILTIN_TEMPLATES
 from lmforge.data.sources import CorpusError
 from lmforge.finetune.conversations import DataFormatError
 from lmforge.finetune.preference import build_pairs, collate_pairs, load_pairs, reference_logps
 from lmforge.finetune.run import FinetuneConfig, run_finetune
-from lmforge.finetune.templates import BUILTIN_TEMPLATES
 from lmforge.model import load_hf_model
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train.objectives import preference_losses

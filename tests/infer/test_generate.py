@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmforge.chat.templates import apply_chat_template
 from lmforge.infer import (
     ChatSession,
     IncrementalDetokenizer,
@@ -150,7 +151,7 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
     assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6", "--pack"]) == 0
     out = capsys.readouterr().out
     first = [{"role": "user", "content": "你好"}]
-    expected = generate(model, trained, trained.apply_chat_template(first, add_generation_prompt=True, tokenize=True),
+    expected = generate(model, trained, apply_chat_template(trained, first, add_generation_prompt=True, tokenize=True),
                         SamplingConfig(max_new_tokens=6, temperature=0,
                                        stop_token_ids=[trained.special_tokens["<|im_end|>"],
                                                        trained.special_tokens["<|endoftext|>"]]))
@@ -163,6 +164,63 @@ def test_chat_cli_uses_the_chat_template(trained, tmp_path, capsys, monkeypatch)
     answers = iter([""])  # the patched input reads this name
     assert main(["chat", "--model", str(tmp_path), "--chat-template", "no-such"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
+
+
+def _inputs(*lines: str):
+    """A stand-in for input(): the lines, one per call."""
+    answers = iter(lines)
+    return lambda prompt="": next(answers)
+
+
+def test_chat_cli_shows_a_reasoning_models_thinking_dimmed(trained, real_tokenizers, tmp_path, capsys, monkeypatch):
+    """DeepSeek-R1's real template opens a <think> block in the prompt: what the model writes is its thinking, shown
+    dimmed on a terminal (ANSI dim) and behind a "(thinking)" prefix elsewhere; the text is the engine's own."""
+    import io
+    import json
+
+    from lmforge.chat.reasoning import ReasoningMarkers, split_reasoning
+    from lmforge.chat.render import encode_chat
+    from lmforge.cli import main
+    from lmforge.model import save_hf_model
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size)).eval()
+    save_hf_model(model, tmp_path)
+    trained.save(tmp_path)
+    r1 = json.loads((real_tokenizers["deepseek-r1-distill-qwen-1.5b-template-only"] / "tokenizer_config.json")
+                    .read_text())["chat_template"]
+    (tmp_path / "r1.jinja").write_text(r1)
+    prompt = encode_chat(trained, r1, [{"role": "user", "content": "你好"}], add_generation_prompt=True).ids
+    alone = generate(model, trained, prompt, SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3,
+                                                            stop_token_ids=[trained.special_tokens["<|endoftext|>"]]))
+    split = split_reasoning(alone, ReasoningMarkers(), inside=True)
+    assert split.reasoning and split.content == ""  # the random model's reply: all thinking
+    flags = ["chat", "--model", str(tmp_path), "--template", str(tmp_path / "r1.jinja"), "--temperature", "1",
+             "--seed", "3", "--max-new-tokens", "8"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for tty, shown in ((True, "\033[2m" + split.reasoning + "\033[0m\n"), (False, "(thinking) " + split.reasoning + "\n")):
+        monkeypatch.setattr("builtins.input", _inputs("你好", ""))
+        out = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr("sys.stdout", out)
+        assert main(flags) == 0
+        assert out.getvalue() == "model> " + shown
+    # the printer on a reply with an answer after the thinking: the answer on its own line, not dimmed
+    from lmforge.infer.cli import ReplyPrinter
+
+    out = Terminal()
+    printer = ReplyPrinter(out, ReasoningMarkers(), inside=False)
+    for piece in ("<thi", "nk>\nfirst", " this\n</th", "ink>\n\nthe ", "answer"):
+        printer.write(piece)
+    printer.close()
+    assert out.getvalue() == "\033[2mfirst this\033[0m\nthe answer\n"
+    plain = ReplyPrinter(out := io.StringIO(), None)
+    plain.write("<think>as is</think>")
+    plain.close()
+    assert out.getvalue() == "<think>as is</think>\n"  # no reasoning blocks in the template: the text as it comes
 
 
 @pytest.mark.slow
@@ -254,7 +312,7 @@ def test_chat_session_reuses_its_cache_and_trims_old_turns(trained):
     second = "".join(session.reply("and then?"))
     messages = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好"},
                 {"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
-    prompt = trained.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = apply_chat_template(trained, messages, add_generation_prompt=True, tokenize=True)
     assert second == generate(model, trained, prompt, SamplingConfig(max_new_tokens=8, temperature=0,
                                                                       stop_token_ids=session.cfg.stop_token_ids))
     assert fed[0] < len(prompt) // 2  # the prefill fed only what the cache did not hold
@@ -264,6 +322,6 @@ def test_chat_session_reuses_its_cache_and_trims_old_turns(trained):
     for turn in range(6):
         "".join(small.reply(f"message number {turn} with some words"))
     assert small.dropped_turns > 0 and small.messages[0] == {"role": "system", "content": "sys"}
-    assert len(trained.apply_chat_template(small.messages, tokenize=True)) <= 70
+    assert len(apply_chat_template(trained, small.messages, tokenize=True)) <= 70
     with pytest.raises(ValueError, match="does not fit"):
         "".join(small.reply("long " * 200))

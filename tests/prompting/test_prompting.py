@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.chat.templates import BUILTIN_TEMPLATES
 from lmforge.config import ConfigError
-from lmforge.finetune.templates import BUILTIN_TEMPLATES
 from lmforge.model import load_hf_model
 from lmforge.prompting.agent import ReActAgent, parse_react
 from lmforge.prompting.client import EngineClient, HTTPClient, Sampling

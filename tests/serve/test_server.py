@@ -70,7 +70,7 @@ def served(model_dir):
 
 def _alone(r: Running, messages, max_tokens, stop=()):
     """What the engine produces for the same prompt, greedy, run alone."""
-    from lmforge.tokenizer.chat import encode_chat
+    from lmforge.chat.render import encode_chat
 
     ids = encode_chat(r.tok, r.tok.chat_template, messages, add_generation_prompt=True).ids
     return generate(r.model, r.tok, ids, SamplingConfig(max_new_tokens=max_tokens, temperature=0,
@@ -300,14 +300,14 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
         out = client.chat.completions.create(model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
         assert out.model == model_dir.name and out.choices[0].message.content is not None
         # --quantize int8: the int8 model's own greedy tokens
+        from lmforge.chat.render import encode_chat
         from lmforge.model import quantize_int8
-        from lmforge.tokenizer.chat import encode_chat
 
         tok, model = load_tokenizer(model_dir), quantize_int8(load_hf_model(model_dir))
         ids = encode_chat(tok, tok.chat_template, MESSAGES[1], add_generation_prompt=True).ids
-        from lmforge.infer.engine import default_stop_ids, turn_end_ids
+        from lmforge.chat.stops import stop_ids
 
-        stops = sorted(set(default_stop_ids(tok, model)) | set(turn_end_ids(tok)))
+        stops = stop_ids(tok, model.cfg)
         expected_int8 = generate(model, tok, ids, SamplingConfig(max_new_tokens=8, temperature=0, stop_token_ids=stops))
     finally:
         proc.send_signal(signal.SIGINT)
@@ -429,9 +429,9 @@ def test_tool_calls_in_the_templates_format_come_back_as_openai_tool_calls(serve
     """The model's text is canned here (a random model writes no tool calls): the protocol layer is under test."""
     import types
 
+    from lmforge.chat.tools import parse_tool_calls
     from lmforge.infer.batching import Event
     from lmforge.serve.app import Message, Server
-    from lmforge.serve.tools import parse_tool_calls
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                                "parameters": {"type": "object", "properties": {
@@ -648,3 +648,106 @@ def test_packed_cpu_kernels_serve_the_same_tokens(model_dir):
     finally:
         batcher.stop()
     assert texts == alone
+
+
+def _qwen3_reply(template: str, user: dict, reasoning: str, answer: str) -> str:
+    """The reply Qwen3's template renders for an assistant turn with this reasoning and answer (what the model
+    writes after the generation prompt, its end-of-turn token left out)."""
+    from lmforge.chat.render import render_chat
+
+    prompt = render_chat(template, [user], add_generation_prompt=True)
+    whole = render_chat(template, [user, {"role": "assistant", "content": answer, "reasoning_content": reasoning}])
+    assert whole.startswith(prompt) and whole.endswith("<|im_end|>\n")
+    return whole[len(prompt):-len("<|im_end|>\n")]
+
+
+class _Scripted:
+    """A decoding constraint (infer/constrain.py's interface) that lets the text grow only into `text`: the random
+    model is made to write a real reasoning reply, token by token through the batcher, the tokenizer and the
+    streaming detokenizer."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def prefix_ok(self, text: str) -> bool:
+        return self.text.startswith(text)
+
+    def complete(self, text: str) -> bool:
+        return text == self.text
+
+
+def _reasoning_and_content(chunks) -> tuple[str, str]:
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    return ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
+            "".join(d.content or "" for d in deltas))
+
+
+def _with_template(model_dir, d, template: str):
+    """A copy of the model with `template` as its chat_template.jinja (which wins over tokenizer_config.json's)."""
+    shutil.copytree(model_dir, d)
+    (d / "chat_template.jinja").write_text(template)
+    return d
+
+
+def _real_template(real_tokenizers, name: str) -> str:
+    import json
+
+    return json.loads((real_tokenizers[name] / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_a_reasoning_models_thinking_comes_back_as_reasoning_content(model_dir, real_tokenizers, served, tmp_path,
+                                                                     monkeypatch):
+    """Qwen3's real template: the thinking goes out as reasoning_content, the answer as content, whole and streamed
+    (as vLLM and DeepSeek's API send them); the OpenAI client reads both. A model whose template has no reasoning
+    blocks answers as before (no reasoning_content)."""
+    import lmforge.serve.app as app
+
+    qwen3 = _with_template(model_dir, tmp_path / "qwen3", _real_template(real_tokenizers, "qwen3"))
+    tok = load_tokenizer(qwen3)
+    user = {"role": "user", "content": "2+3=?"}
+    reasoning, answer = "我们先想一想。\nThen check.", "北京是中国的首都。"
+    reply = _qwen3_reply(tok.chat_template, user, reasoning, answer)
+    assert reply.startswith("<think>\n") and "</think>" in reply
+    # the constraint checks text: every character must be reachable by whole-character tokens
+    assert all("\ufffd" not in tok.decode([i]) for i in tok.encode(reply))
+    monkeypatch.setattr(app, "_response_constraint", lambda response_format: _Scripted(reply))
+    r = Running(qwen3, max_batch=2)
+    try:
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
+        out = client.chat.completions.create(model="tiny", messages=[user], max_tokens=100, temperature=0)
+        message = out.choices[0].message
+        assert (message.reasoning_content, message.content) == (reasoning, answer)
+        assert out.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model="tiny", messages=[user], max_tokens=100, temperature=0,
+                                                     stream=True))
+        assert _reasoning_and_content(chunks) == (reasoning, answer)
+        assert sum(1 for c in chunks if c.choices and getattr(c.choices[0].delta, "reasoning_content", None)) > 1
+    finally:
+        r.close()
+    monkeypatch.undo()
+    plain = httpx.post(served.url + "/v1/chat/completions", json={"messages": [user], "max_tokens": 5}).json()
+    assert set(plain["choices"][0]["message"]) == {"role", "content"}  # ChatML: no reasoning blocks, as before
+
+
+def test_a_prompt_that_opens_the_reasoning_block_makes_the_reply_reasoning(model_dir, real_tokenizers, tmp_path,
+                                                                            monkeypatch):
+    """DeepSeek-R1's real template ends the generation prompt with "<think>\\n": the model writes its reasoning,
+    "</think>" and the answer, and only what follows </think> is content."""
+    import lmforge.serve.app as app
+    from lmforge.chat.render import render_chat
+
+    r1 = _real_template(real_tokenizers, "deepseek-r1-distill-qwen-1.5b-template-only")
+    user = [{"role": "user", "content": "北京是哪个国家的首都？"}]
+    assert render_chat(r1, user, add_generation_prompt=True).endswith("<｜Assistant｜><think>\n")
+    reply = "我们先想一想。\n</think>\n\n北京是中国的首都。"  # DeepSeek-R1's way: the reasoning, </think>, the answer
+    monkeypatch.setattr(app, "_response_constraint", lambda response_format: _Scripted(reply))
+    r = Running(_with_template(model_dir, tmp_path / "r1", r1), max_batch=2)
+    try:
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
+        out = client.chat.completions.create(model="tiny", messages=user, max_tokens=100, temperature=0)
+        want = ("我们先想一想。", "北京是中国的首都。")
+        assert (out.choices[0].message.reasoning_content, out.choices[0].message.content) == want
+        stream = client.chat.completions.create(model="tiny", messages=user, max_tokens=100, temperature=0, stream=True)
+        assert _reasoning_and_content(list(stream)) == want
+    finally:
+        r.close()

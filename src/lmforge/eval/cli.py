@@ -24,13 +24,10 @@ EXAMPLES = """examples:
 
 
 def _load_model(args):
-    import torch
+    from lmforge.infer.load import load_from_args
 
-    from lmforge.model import load_hf_model
-    from lmforge.tokenizer import load_tokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return load_hf_model(args.model, dtype=dtype), load_tokenizer(args.model)
+    loaded = load_from_args(args)
+    return loaded.model, loaded.tokenizer
 
 
 def _out_dir(args, name: str) -> Path:
@@ -288,24 +285,21 @@ def _responses(args, entries: list[dict], field_name: str, model_dir: str | None
             raise UserError(f"{path}:{missing[0]}: no {field_name!r} field to judge (name it with --response-field, "
                             "or generate responses with --model DIR)")
         return [e[field_name] for e in entries]
+    from lmforge.chat.render import encode_chat
     from lmforge.eval.judge import format_input
-    from lmforge.infer.engine import generate, turn_end_ids
+    from lmforge.infer.engine import generate
+    from lmforge.infer.load import load_from_args
     from lmforge.infer.sampling import SamplingConfig
-    from lmforge.model import load_hf_model
-    from lmforge.tokenizer import load_tokenizer
-    from lmforge.tokenizer.chat import encode_chat
 
-    model, tok = load_hf_model(model_dir), load_tokenizer(model_dir)
-    if tok.chat_template:
-        prompts = [encode_chat(tok, tok.chat_template, [{"role": "user", "content": format_input(e)}],
+    loaded = load_from_args(args, model_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    if loaded.template:
+        prompts = [encode_chat(tok, loaded.template, [{"role": "user", "content": format_input(e)}],
                                add_generation_prompt=True).ids for e in entries]
     else:
         prompts = [format_input(e) + "\n\n### Response:\n" for e in entries]
-    from lmforge.infer.engine import default_stop_ids
-
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                         stop_token_ids=sorted(set(default_stop_ids(tok, model)) | set(turn_end_ids(tok))))
-    return [r.strip() for r in generate(model, tok, prompts, cfg)]
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_token_ids=loaded.stop_ids)
+    return [r.strip() for r in generate(model, tok, prompts, cfg, compile=loaded.compile)]
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
@@ -350,10 +344,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "handled); n-gram contamination checks. See docs/eval.md.")
     esub = p.add_subparsers(dest="eval_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
-    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    model.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    from lmforge.infer.load import add_inference_args
+
+    model, scoring = argparse.ArgumentParser(add_help=False), argparse.ArgumentParser(add_help=False)
+    add_inference_args(model, compile=False)  # run: --template is the chat formats' template
+    add_inference_args(scoring, compile=False, template=False)
+    for parent in (model, scoring):
+        parent.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
     r = esub.add_parser("run", parents=[model], help="score a model on benchmark tasks",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -377,7 +374,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     r.set_defaults(func=cmd_run, _parser=r)
 
-    q = esub.add_parser("ppl", parents=[model], help="perplexity and bits per byte on text files")
+    q = esub.add_parser("ppl", parents=[scoring], help="perplexity and bits per byte on text files")
     q.add_argument("--data", nargs="+", required=True, help="text, markdown, jsonl or parquet files or folders")
     q.add_argument("--text-field", default="text", help="the text field of jsonl / parquet records")
     q.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
@@ -409,7 +406,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "--against-model runs/base --endpoint http://127.0.0.1:8080/v1 --out runs/ab")
     j.add_argument("--data", required=True, help="alpaca jsonl: instruction, input, output (the reference answer)")
     j.add_argument("--response-field", default="model_response", help="the field holding the response to judge")
-    j.add_argument("--model", metavar="DIR", help="generate the responses with this model instead (greedy)")
+    add_inference_args(j, model_required=False, model_help="generate the responses with this model instead (greedy; "
+                                                           "--dtype ... --template apply to --against-model too)")
     j.add_argument("--against", metavar="FILE", help="pairwise: a second file of responses (same items, in order)")
     j.add_argument("--against-field", default="model_response")
     j.add_argument("--against-model", metavar="DIR", help="pairwise: generate the second responses with this model")

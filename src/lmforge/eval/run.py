@@ -67,7 +67,7 @@ def prompts(tokenizer, task: Task, docs: list[dict], fmt: str = "plain") -> list
         raise ValueError(f"format {fmt!r}: one of {', '.join(FORMATS)}")
     if not tokenizer.chat_template:
         raise TaskError(f"{task.name}: format {fmt} needs a chat template, and this tokenizer has none")
-    from lmforge.tokenizer.chat import encode_chat
+    from lmforge.chat.render import encode_chat
 
     return [encode_chat(tokenizer, tokenizer.chat_template, task.messages(d, multiturn=fmt == "chat-multiturn"),
                         add_generation_prompt=True).ids for d in docs]
@@ -105,12 +105,9 @@ def evaluate_generation(model, tokenizer, task: Task, docs: list[dict], temperat
     from lmforge.infer.engine import generate
     from lmforge.infer.sampling import SamplingConfig
 
+    # no stop ids given: the engine's (chat.stop_ids: EOS and the template's end of turn, in every format)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
                          stop_strings=list(task.until), seed=seed)
-    if fmt != "plain":  # a chat reply also ends at the template's end-of-turn token
-        from lmforge.infer.engine import default_stop_ids, turn_end_ids
-
-        cfg.stop_token_ids = sorted(set(default_stop_ids(tokenizer, model)) | set(turn_end_ids(tokenizer)))
     contexts = prompts(tokenizer, task, docs, fmt)
     refs = [task.target(d) for d in docs]
     outputs: list[str] = []

@@ -27,8 +27,10 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from lmforge.export.gguf import import_gguf
+    from lmforge.infer.load import DTYPE_ALIASES
 
-    out = import_gguf(args.model, args.out, dtype=args.dtype)
+    short = {name: alias for alias, name in DTYPE_ALIASES.items()}  # import_gguf's Python API spells fp32 / bf16 / fp16
+    out = import_gguf(args.model, args.out, dtype=short[args.dtype])
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"wrote {out} ({size:.1f} MiB, {args.dtype}); lmforge generate / chat / serve / finetune --model {out} "
           "load it, as does transformers' AutoModelForCausalLM.from_pretrained", file=sys.stderr)
@@ -37,6 +39,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.finetune.cli import cmd_export_merge
+    from lmforge.infer.load import add_dtype_arg
 
     e = sub.add_parser("export", help="export a model: merge (base + LoRA -> a full HF model), gguf (llama.cpp / ollama), "
                                          "hf (a GGUF file -> an HF model directory), int8, int4")
@@ -48,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--model", required=True, help="the adapter directory (holds adapter_config.json)")
     m.add_argument("--out", required=True, help="output model directory")
     m.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--dtype", default="", choices=["", "fp32", "bf16", "fp16"], help="weight dtype (default: the base's)")
+    add_dtype_arg(m, default=None, help="weight dtype (default: the base's; fp32, bf16, fp16 also accepted)")
     m.set_defaults(func=cmd_export_merge, _parser=m)
     g = esub.add_parser("gguf", help="write a GGUF file for llama.cpp / ollama",
                         description="Write a GGUF file (tensors, hyper-parameters, the byte-level BPE tokenizer with "
@@ -69,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         epilog="example: lmforge export hf --model SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2")
     h.add_argument("--model", required=True, metavar="FILE", help="the .gguf file to read")
     h.add_argument("--out", required=True, metavar="DIR", help="output model directory")
-    h.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
+    add_dtype_arg(h, help="weight dtype (default float32: the values the file encodes; fp32, bf16, fp16 also "
+                          "accepted)")
     h.set_defaults(func=cmd_export_hf, _parser=h)
     q = esub.add_parser("int8", help="weight-only int8 model directory for lmforge's own engine",
                         description="Quantize the matrices to int8 (one scale per output channel, as "

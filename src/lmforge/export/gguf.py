@@ -252,7 +252,7 @@ def _add_special_tokens(w, tok_json: dict, tok_cfg: dict, vocab: dict, cfg, d: P
             add(value)
     first = Tokenizer.from_str(json.dumps(tok_json)).encode("a", add_special_tokens=True).ids[:1]
     w.add_add_bos_token(ids["bos"] is not None and first == [ids["bos"]])
-    _add_chat_template(w, tok_cfg, d, eos)
+    _add_chat_template(w, d, eos)
 
 
 def _add_sentencepiece_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, d: Path) -> None:
@@ -295,16 +295,18 @@ def _add_sentencepiece_tokenizer(w, tok_json: dict, tok_cfg: dict, cfg, d: Path)
     _add_special_tokens(w, tok_json, tok_cfg, vocab, cfg, d, unk)
 
 
-def _add_chat_template(w, tok_cfg: dict, d: Path, eos: int | None) -> None:
-    template = tok_cfg.get("chat_template")
-    if template is None and (d / "chat_template.jinja").exists():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-    if isinstance(template, str):
-        w.add_chat_template(template)
-        from lmforge.infer.engine import turn_end_ids
-        from lmforge.tokenizer import load_tokenizer
+def _add_chat_template(w, d: Path, eos: int | None) -> None:
+    """The model's own chat template, found as everywhere else (chat/templates.py: chat_template.jinja, then
+    chat_template.json, then tokenizer_config.json's), and its end-of-turn token."""
+    from lmforge.chat.stops import turn_end_ids
+    from lmforge.chat.templates import resolve_template
+    from lmforge.tokenizer import load_tokenizer
 
-        ends = [i for i in turn_end_ids(load_tokenizer(d)) if i != eos]
+    tokenizer = load_tokenizer(d)
+    template, _ = resolve_template(tokenizer, required=False)
+    if template is not None:
+        w.add_chat_template(template)
+        ends = [i for i in turn_end_ids(tokenizer, template) if i != eos]
         if ends:  # the end-of-turn token (ChatML's <|im_end|>, Phi-3's <|end|>): llama.cpp stops there in chat
             w.add_eot_token_id(ends[0])
 

@@ -39,15 +39,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "") -> Path:
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, dtype: str | None = None) -> Path:
     """Base model + PEFT adapter -> a full HF model directory (weights merged exactly in float32, then cast),
     with the tokenizer and chat template the adapter was trained with and generation_config.json stopping at the
     template's end-of-turn token too."""
-    import torch
-
+    from lmforge.chat.stops import turn_end_ids
     from lmforge.files import write_json
     from lmforge.finetune import lora
-    from lmforge.infer.engine import turn_end_ids
+    from lmforge.infer.load import torch_dtype
     from lmforge.model import load_hf_model, save_hf_model
     from lmforge.model.hf import generation_config, resolve_model_dir
     from lmforge.tokenizer import load_tokenizer
@@ -69,8 +68,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     base_dir = resolve_model_dir(base)
     model = lora.load_adapter(load_hf_model(base_dir), adapter_dir)
     lora.merge_lora(model)
-    torch_dtype = {"": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    save_hf_model(model, out, dtype=torch_dtype)
+    save_hf_model(model, out, dtype=torch_dtype(dtype) if dtype else None)  # float32 / bf16 / ...: infer/load.py
     out = Path(out)
     source = adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_dir
     for name in TOKENIZER_FILES:

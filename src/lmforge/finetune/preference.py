@@ -12,7 +12,7 @@ A LLaMA-Factory `dataset_info.json` entry with `"ranking": true` loads as it shi
 Conversation (prompt turns + that reply) parsed and validated by the SFT readers, so every bad record names file:line
 and field; a pair whose two replies are the same is a bad record too (it has no preference to learn).
 
-Each side is rendered through the chat template with the loss mask on its last reply (finetune/templates.py). A batch
+Each side is rendered through the chat template with the loss mask on its last reply (chat/masks.py). A batch
 is B chosen rows then B rejected rows, right-padded; DPO and IPO also carry the reference model's summed reply
 log-probabilities, computed once before training by `reference_logps` (the model as it starts: the base model for
 adapter methods, whose adapters start as the identity; the initial weights for full fine-tuning).
@@ -181,7 +181,7 @@ def build_pairs(tokenizer, template: str, pairs: list[PreferencePair], max_lengt
 
 
 def _trained_flags(tokenizer, template: str, convs: list[Conversation], max_length: int) -> list[bool]:
-    from lmforge.finetune.templates import IGNORE, encode_example
+    from lmforge.chat.masks import IGNORE, encode_example
 
     return [any(label != IGNORE for label in encode_example(tokenizer, template, c, "last", max_length).labels)
             for c in convs]

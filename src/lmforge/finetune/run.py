@@ -234,11 +234,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune and return the Trainer's summary plus data and parameter figures."""
     import torch
 
+    from lmforge.chat.masks import render_masked, stop_token_check, tool_rendering_check
+    from lmforge.chat.stops import eos_ids as model_eos_ids
+    from lmforge.chat.stops import turn_end_ids
+    from lmforge.chat.templates import resolve_template, template_hash
     from lmforge.data.sources import RejectLog
     from lmforge.finetune import lora, sft
     from lmforge.finetune.conversations import load_conversations
-    from lmforge.finetune.templates import render_masked, resolve_template, stop_token_check, template_hash, tool_rendering_check
-    from lmforge.infer.engine import default_stop_ids, turn_end_ids
     from lmforge.model import load_hf_model
     from lmforge.model.hf import resolve_model_dir
     from lmforge.tokenizer import load_tokenizer
@@ -272,7 +274,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         log.warning("%d replies hold {{...}} placeholders (e.g. LLaMA-Factory's identity.json: replace {{name}} and "
                     "{{author}} first); they are trained as written", placeholders)
     model = load_hf_model(model_dir)
-    eos_ids = default_stop_ids(tokenizer, model)
+    eos_ids = model_eos_ids(tokenizer, model.cfg)
     eos_id = eos_ids[0] if eos_ids else None
     warning = stop_token_check(tokenizer, template, eos_ids)
     if warning and any(c.text is None for c in conversations):
@@ -332,7 +334,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     summary["parameters"] = lora.parameter_counts(model)
     summary["data"] = {"train": train.stats, "val": val.stats if val else None}
     summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
-    summary["turn_end_ids"] = turn_end_ids(tokenizer)
+    summary["turn_end_ids"] = turn_end_ids(tokenizer, template)
     if trainer.is_main:
         from lmforge.files import write_json
 
@@ -349,6 +351,8 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     template -> reference log-probabilities once (DPO, IPO) -> the Preference objective."""
     import torch
 
+    from lmforge.chat.stops import eos_ids as model_eos_ids
+    from lmforge.chat.templates import template_hash
     from lmforge.files import write_json
     from lmforge.finetune import lora
     from lmforge.finetune.preference import (
@@ -358,8 +362,6 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
         preference_batches,
         reference_logps,
     )
-    from lmforge.finetune.templates import template_hash
-    from lmforge.infer.engine import default_stop_ids
     from lmforge.model import load_hf_model
     from lmforge.train.objectives import REFERENCE_FREE, Preference
     from lmforge.train.trainer import Trainer
@@ -371,7 +373,7 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     else:
         train_pairs, val_pairs = _split(pairs, cfg.val_fraction, cfg.seed)
     model = load_hf_model(model_dir)
-    eos_ids = default_stop_ids(tokenizer, model)
+    eos_ids = model_eos_ids(tokenizer, model.cfg)
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
     progress = cfg.progress
@@ -430,13 +432,14 @@ def _peak_memory_mb(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, stop_ids: list[int], out: Path):
+def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, eos_ids: list[int], out: Path):
     """After each evaluation: greedy replies to held-out prompts, appended to samples.jsonl."""
-    from lmforge.infer.engine import generate, turn_end_ids
+    from lmforge.chat.render import encode_chat
+    from lmforge.chat.stops import stop_ids
+    from lmforge.infer.engine import generate
     from lmforge.infer.sampling import SamplingConfig
-    from lmforge.tokenizer.chat import encode_chat
 
-    stops = sorted(set(stop_ids) | set(turn_end_ids(tokenizer)))
+    stops = stop_ids(tokenizer, eos_ids, template)  # the template being trained ends the replies
     prompts = [encode_chat(tokenizer, template, c.messages[:-1], add_generation_prompt=True, tools=c.tools).ids
                for c in convs]
 

@@ -1,6 +1,6 @@
 """SFT examples and the batches the Trainer reads.
 
-Each conversation becomes (input_ids, labels) through its chat template (finetune/templates.py). Batches are
+Each conversation becomes (input_ids, labels) through its chat template (chat/masks.py). Batches are
 either **padded** (the default): one example per row, right-padded to the longest of the batch
 (`attention_mask`), grouped by length by default so rows hold similar lengths; or **packed**: several examples
 share a row of `max_length` tokens (best-fit decreasing), each its own segment (`segment_ids`), so attention never
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmforge.chat.masks import IGNORE, encode_example
 from lmforge.finetune.conversations import Conversation
-from lmforge.finetune.templates import IGNORE, encode_example
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Inference: one generation engine (KV cache, per-request sampling, stop strings, streaming text), chat sessions."""
+"""Inference: one generation engine (KV cache, per-request sampling, stop strings, streaming text), chat sessions,
+and one way to load a model for it (load_for_inference)."""
 
 from lmforge import lazy_exports
 
@@ -10,12 +11,12 @@ _EXPORTS = {
     "Decoder": "lmforge.infer.engine",
     "Request": "lmforge.infer.engine",
     "TextEvent": "lmforge.infer.engine",
-    "default_stop_ids": "lmforge.infer.engine",
     "generate": "lmforge.infer.engine",
     "generate_ids": "lmforge.infer.engine",
     "generate_stream": "lmforge.infer.engine",
     "stream": "lmforge.infer.engine",
-    "turn_end_ids": "lmforge.infer.engine",
+    "Loaded": "lmforge.infer.load",
+    "load_for_inference": "lmforge.infer.load",
     "SamplingConfig": "lmforge.infer.sampling",
     "process_logits": "lmforge.infer.sampling",
     "sample_tokens": "lmforge.infer.sampling",

@@ -8,7 +8,8 @@ grows, so a request ends at the step its stop string appears. `generate`, `strea
 layers over those two.
 
 Prompts given as text are plain text: a special token's text in them stays text (only a chat template writes
-control tokens, tokenizer/chat.py); pass token ids for a prompt that holds them.
+control tokens, chat/render.py); pass token ids for a prompt that holds them. A request without stop ids stops at
+the ids chat/stops.py gives every caller: the end-of-text token and the chat template's end of turn.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lmforge.chat.render import encode_chat
+from lmforge.chat.stops import stop_ids
 from lmforge.infer.detokenize import IncrementalDetokenizer
 from lmforge.infer.sampling import SamplingConfig, sample_tokens
 from lmforge.model.transformer import KVCache, Transformer
@@ -177,17 +180,6 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Samp
     return [decoder.tokens(r) for r in range(len(prompts))]
 
 
-def default_stop_ids(tokenizer, model: Transformer | None = None) -> list[int]:
-    """The tokenizer's end-of-text token and the model config's eos_token_id, where they exist."""
-    ids = []
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos in tokenizer.special_tokens:
-        ids.append(tokenizer.special_tokens[eos])
-    if model is not None and model.cfg.eos_token_id is not None and model.cfg.eos_token_id not in ids:
-        ids.append(model.cfg.eos_token_id)
-    return ids
-
-
 @dataclass
 class Request:
     """One generation: prompt text (plain text) or token ids, and its sampling settings."""
@@ -249,8 +241,12 @@ def _prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return list(prompt)
 
 
-def _with_stops(cfg: SamplingConfig, tokenizer, model: Transformer) -> SamplingConfig:
-    return cfg if cfg.stop_token_ids else replace(cfg, stop_token_ids=default_stop_ids(tokenizer, model))
+def _with_stops(configs: Sequence[SamplingConfig], tokenizer, model: Transformer) -> list[SamplingConfig]:
+    """The configs, those without stop ids given the model's (worked out once: the template is rendered for them)."""
+    if all(c.stop_token_ids for c in configs):
+        return list(configs)
+    stops = stop_ids(tokenizer, model.cfg)
+    return [c if c.stop_token_ids else replace(c, stop_token_ids=stops) for c in configs]
 
 
 def warn_if_context_overflows(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
@@ -264,8 +260,8 @@ def warn_if_context_overflows(model: Transformer, prompt_len: int, max_new_token
 def generate_stream(model: Transformer, tokenizer, requests: Sequence[Request], compile: bool = False,
                     decoder: Decoder | None = None) -> Iterator[TextEvent]:
     """Run requests as one batch and yield their text as it is generated (one event per request per step with
-    new text, plus its last event). A request without stop ids stops at the tokenizer's and model's EOS."""
-    configs = [_with_stops(r.sampling, tokenizer, model) for r in requests]
+    new text, plus its last event). A request without stop ids stops at `chat.stop_ids` (EOS, end of turn)."""
+    configs = _with_stops([r.sampling for r in requests], tokenizer, model)
     if decoder is None:
         prompts = [_prompt_ids(tokenizer, r.prompt) for r in requests]
         for p, c in zip(prompts, configs):
@@ -333,12 +329,12 @@ class ChatSession:
         if cfg.max_new_tokens >= self.context:
             raise ValueError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a message in the "
                              f"{self.context}-token context")
-        self.cfg = cfg if cfg.stop_token_ids else replace(
-            cfg, stop_token_ids=sorted(set(turn_end_ids(tokenizer)) | set(default_stop_ids(tokenizer, model))))
+        self.cfg = _with_stops([cfg], tokenizer, model)[0]
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cache = new_cache(model, 1, self.context, compile)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
         self.dropped_turns = 0
+        self.prompt_text = ""  # the last turn's rendered prompt (a reasoning model's may open its <think> block)
 
     def _fit(self) -> list[int]:
         """The conversation's prompt ids, leaving out the oldest turns until it and the reply fit."""
@@ -361,8 +357,11 @@ class ChatSession:
     def _render(self) -> list[int]:
         tok = self.tokenizer
         if tok.chat_template:
-            return tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
-        return tok.encode("\n".join(m["content"] for m in self.messages) + "\n", disallowed_special=())
+            encoded = encode_chat(tok, tok.chat_template, self.messages, add_generation_prompt=True)
+            self.prompt_text = encoded.text
+            return encoded.ids
+        self.prompt_text = "\n".join(m["content"] for m in self.messages) + "\n"
+        return tok.encode(self.prompt_text, disallowed_special=())
 
     def reply(self, user: str) -> Iterator[str]:
         """Add a user turn and stream the model's reply (it becomes an assistant turn when done)."""
@@ -383,22 +382,3 @@ class ChatSession:
         generated = decoder.tokens(0)
         self.cached = (ids + generated)[:self.cache.length]
         self.messages.append({"role": "assistant", "content": reply})
-
-
-def turn_end_ids(tokenizer) -> list[int]:
-    """The control token(s) the chat template writes right after an assistant's message (ChatML's <|im_end|>,
-    Phi-3's <|end|>, Llama 3's <|eot_id|>): where a chat reply stops."""
-    if not tokenizer.chat_template:
-        return []
-    from lmforge.tokenizer.chat import TemplateError
-
-    probe = "lmforge-probe-reply"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
-    except TemplateError:  # a template that refuses this shape: no end-of-turn token is known
-        return []
-    after = text[text.find(probe) + len(probe):].lstrip() if probe in text else ""
-    for name in tokenizer.control_tokens():  # longest first
-        if after.startswith(name) and tokenizer.token_to_id(name) is not None:
-            return [tokenizer.token_to_id(name)]
-    return []

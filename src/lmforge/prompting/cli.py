@@ -21,14 +21,17 @@ EXAMPLES = """examples:
 
 def model_options(max_tokens: int) -> argparse.ArgumentParser:
     """The flags every command that talks to a model shares (prompt, synth): a parent parser."""
+    from lmforge.infer.load import add_inference_args
+
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", metavar="DIR", help="a model directory, run in this process")
+    add_inference_args(model, model_required=False, model_help="a model directory (or Hub id), run in this process; "
+                                                               "--dtype, --quantize, --pack, --compile and --template "
+                                                               "apply to it")
     model.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     model.add_argument("--served-model", default="default", help="the model name the endpoint expects")
     model.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
     model.add_argument("--concurrency", type=int, default=8,
                        help="requests in flight to an endpoint (default 8: lmforge serve batches 8)")
-    model.add_argument("--chat-template", default="", help="--model: a template name or file instead of the model's")
     model.add_argument("--max-tokens", type=int, default=max_tokens)
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,7 +48,8 @@ def make_client(args: argparse.Namespace):
 
         return HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
                           concurrency=args.concurrency, request_errors=getattr(args, "request_errors", "raise"))
-    return EngineClient(args.model, template=args.chat_template or None)
+    return EngineClient(args.model, template=args.template, compile=args.compile, dtype=args.dtype,
+                        quantize=args.quantize, pack=args.pack)
 
 
 def _demos(path: str | None) -> list[dict]:

@@ -57,25 +57,33 @@ class ModelClient:
 
 
 class EngineClient(ModelClient):
-    """lmforge's generation engine in this process: a model directory (or a loaded model and tokenizer)."""
+    """lmforge's generation engine in this process: a model directory (loaded by infer/load.py, with its `dtype`,
+    `quantize`, `pack` and `compile` options) or a loaded model and tokenizer. `template`: any choice
+    chat/templates.py resolves (a built-in, one of the model's named templates, a file, Jinja text)."""
 
-    def __init__(self, model=None, tokenizer=None, template: str | None = None, batch_size: int = 16):
+    def __init__(self, model=None, tokenizer=None, template: str | None = None, batch_size: int = 16,
+                 compile: bool = False, **load_options):
         from pathlib import Path
 
-        from lmforge.infer.engine import default_stop_ids, turn_end_ids
-        from lmforge.model import load_hf_model
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.chat.stops import stop_ids
+        from lmforge.chat.templates import resolve_template
 
+        loaded = None
         if isinstance(model, (str, Path)):
+            from lmforge.infer.load import load_for_inference
+
             self.name = str(model)
-            tokenizer = tokenizer or load_tokenizer(model)
-            model = load_hf_model(model)
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.template = tokenizer.get_chat_template(template) if template or tokenizer.chat_template else None
-        self.stop_ids = sorted(set(default_stop_ids(tokenizer, model)) | set(turn_end_ids(tokenizer)))
+            loaded = load_for_inference(model, template=template, **load_options)
+            model = loaded.model
+        if loaded is not None and tokenizer is None:  # the template is resolved and in the tokenizer already
+            tokenizer, self.template = loaded.tokenizer, loaded.template
+        else:
+            self.template, _ = resolve_template(tokenizer, template, required=False)
+        self.model, self.tokenizer, self.batch_size, self.compile = model.eval(), tokenizer, batch_size, compile
+        self.stop_ids = stop_ids(tokenizer, model.cfg, self.template)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        from lmforge.tokenizer.chat import encode_chat
+        from lmforge.chat.render import encode_chat
 
         if self.template is None:  # a base model without a template: the last user turn is the prompt
             return self.tokenizer.encode(messages[-1]["content"])
@@ -103,7 +111,7 @@ class EngineClient(ModelClient):
         with torch.no_grad():
             for start in range(0, len(requests), self.batch_size):
                 chunk = requests[start:start + self.batch_size]
-                for event in generate_stream(self.model, self.tokenizer, chunk):
+                for event in generate_stream(self.model, self.tokenizer, chunk, compile=self.compile):
                     j = start + event.index
                     texts[j] += event.text
                     if event.token_id is not None:
@@ -114,7 +122,7 @@ class EngineClient(ModelClient):
         for j, i in enumerate(owners):
             done = Completion(texts[j], reasons[j], prompt_tokens=len(prompts[i]), completion_tokens=tokens[j])
             if tools:
-                from lmforge.serve.tools import parse_tool_calls
+                from lmforge.chat.tools import parse_tool_calls
 
                 content, calls = parse_tool_calls(texts[j], {t["function"]["name"] for t in tools})
                 if calls:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import regex
 
+from lmforge.chat.templates import apply_chat_template
 from lmforge.rag.index import Hit, RagIndex
 from lmforge.text import HAN_RUN
 
@@ -55,8 +56,8 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int) -> tupl
     def render(sources: list[str]) -> list[int]:
         body = INSTRUCTIONS + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True,
-                                                 tokenize=True)
+            return apply_chat_template(tokenizer, [{"role": "user", "content": body}], add_generation_prompt=True,
+                                       tokenize=True)
         return tokenizer.encode(body + "Answer:", disallowed_special=())
 
     sources: list[str] = []

@@ -170,11 +170,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     index = _open(args.index)
     model = tokenizer = None
     if args.model:
-        from lmforge.model import load_hf_model
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.infer.load import load_from_args
 
-        tokenizer = load_tokenizer(args.model)
-        model = load_hf_model(args.model)
+        loaded = load_from_args(args)
+        model, tokenizer = loaded.model, loaded.tokenizer
     try:
         result = ask(index, args.question, model, tokenizer,
                      AskConfig(k=args.k, mode=_mode(index, args.mode), min_similarity=args.min_similarity,
@@ -235,6 +234,8 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.infer.load import add_inference_args
+
     p = sub.add_parser("rag", help="retrieval-augmented generation: index, search, ask, evaluate",
                        description="RAG stage: chunk + index documents (BM25 and dense vectors), search them, "
                                    "answer questions with citations, evaluate retrieval on BEIR data.")
@@ -280,7 +281,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         epilog='examples:\n  lmforge rag ask --index runs/index "What does the yield statement do?"\n'
                                '  lmforge rag ask --index runs/index --model runs/sft "What does yield do?" --json')
     a.add_argument("--index", required=True, help="index directory or postgresql:// URL")
-    a.add_argument("--model", help="HF model directory (without: show the sources only)")
+    add_inference_args(a, model_required=False, compile=False,
+                       model_help="HF model directory or Hub id (without: show the sources only)")
     a.add_argument("question", help="the question")
     a.add_argument("--k", type=int, default=5, help="sources retrieved")
     a.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default=None,

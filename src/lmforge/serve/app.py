@@ -6,7 +6,9 @@
                               frequency penalties, logprobs + top_logprobs, tools (tool_choice auto / none: the
                               tools go through the template, the calls the model writes come back as tool_calls,
                               streamed ones ending with finish_reason "tool_calls"), response_format json_object /
-                              json_schema enforced by constrained decoding (infer/constrain.py)
+                              json_schema enforced by constrained decoding (infer/constrain.py); a reasoning model's
+                              <think> part (its template's markers) comes back as reasoning_content, apart from
+                              content, in whole replies and in streamed deltas (as vLLM and DeepSeek's API do)
   POST /v1/completions        a text or token-id prompt; echo + logprobs score the prompt (lm-evaluation-harness's
                               loglikelihood through a server: max_tokens 0, echo, logprobs)
                               with --index: answered from a RAG index (lmforge's hybrid retrieval), the sources with
@@ -32,6 +34,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lmforge.chat.reasoning import ReasoningStream, opens_reasoning, reasoning_markers, split_reasoning
+from lmforge.chat.render import TemplateError, encode_chat
+from lmforge.chat.stops import stop_ids
+from lmforge.chat.templates import model_template
+from lmforge.chat.tools import HoldBack, parse_tool_calls
 from lmforge.infer.batching import ContinuousBatcher, Event, QueueFull
 from lmforge.infer.sampling import SamplingConfig
 
@@ -174,18 +181,18 @@ class EmbeddingRequest(_Strict):
 
 
 class Server:
-    """The state the routes share: the model, its tokenizer and template, the batcher, counters, and an optional
-    sentence embedder for /v1/embeddings."""
+    """The state the routes share: the model, its tokenizer and template (and the markers of its reasoning blocks,
+    None for a template without them), the batcher, counters, and an optional sentence embedder for
+    /v1/embeddings."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                  max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder",
                  index=None, ask_cfg=None):
-        from lmforge.infer.engine import default_stop_ids, turn_end_ids
-
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
         self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context)
         self.context = self.batcher.context
-        self.stop_ids = sorted(set(default_stop_ids(tokenizer, model)) | set(turn_end_ids(tokenizer)))
+        self.stop_ids = stop_ids(tokenizer, model.cfg)
+        self.reasoning = reasoning_markers(tokenizer.chat_template, tokenizer.special_tokens_map())
         self.created = int(time.time())
         self.latencies: list[float] = []  # seconds per finished request, for the /metrics histogram
         self.http_errors = 0
@@ -195,8 +202,6 @@ class Server:
 
     # --- prompts ---
     def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
-        from lmforge.tokenizer.chat import TemplateError, encode_chat
-
         msgs = [m.for_template() for m in messages]
         tok = self.tokenizer
         if not tok.chat_template:
@@ -204,7 +209,8 @@ class Server:
                 raise APIError(400, "this model has no chat template, so it cannot be offered tools", param="tools")
             return tok.encode("\n".join(m["content"] for m in msgs) + "\n", disallowed_special=())
         try:
-            return encode_chat(tok, tok.chat_template, msgs, add_generation_prompt=True, tools=tools).ids
+            return encode_chat(tok, model_template(tok, tools=tools), msgs, add_generation_prompt=True,
+                               tools=tools).ids
         except TemplateError as e:
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
 
@@ -229,6 +235,25 @@ class Server:
             raise APIError(400, f"the {self.context}-token context cannot hold the question and one source",
                            param="messages", code="context_length_exceeded")
         return prompt, [_source(i + 1, h) for i, h in enumerate(used)], ""
+
+    def opens_reasoning(self, prompt: list[int]) -> bool:
+        """Whether the prompt ends inside a reasoning block (DeepSeek-R1's generation prompt opens <think>), so the
+        reply is reasoning up to the closing marker."""
+        return self.reasoning is not None and opens_reasoning(self.tokenizer.decode(prompt[-32:]), self.reasoning)
+
+    def reply_message(self, text: str, inside: bool, tool_names: set[str] | None) -> tuple[dict, str]:
+        """The assistant message of a whole reply: its reasoning apart (for a template with reasoning blocks) and
+        its tool calls parsed out of the answer; and the answer's text."""
+        message = {"role": "assistant", "content": text}
+        if self.reasoning is not None:
+            split = split_reasoning(text, self.reasoning, inside)
+            text = split.content
+            message = {"role": "assistant", "content": text, "reasoning_content": split.reasoning}
+        if tool_names:
+            content, calls = parse_tool_calls(text, tool_names)
+            if calls:
+                message |= {"content": content, "tool_calls": calls}
+        return message, text
 
     def sampling(self, req: _Sampling, prompt_len: int, max_tokens: int | None, index: int) -> SamplingConfig:
         room = self.context - prompt_len
@@ -453,15 +478,12 @@ def create_app(server: Server, cors: list[str] | None = None):
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await asyncio.gather(*[_collect(server, st, logprobs) for st in streams])
         choices, completion_tokens = [], 0
+        inside = server.opens_reasoning(prompt)
         for i, (text, finish, entries, n_tokens) in enumerate(results):
             completion_tokens += n_tokens
-            message = {"role": "assistant", "content": text}
-            if names:
-                from lmforge.serve.tools import parse_tool_calls
-
-                content, calls = parse_tool_calls(text, names)
-                if calls:
-                    message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            message, text = server.reply_message(text, inside, names)
+            if "tool_calls" in message:
+                finish = "tool_calls"
             choice = {"index": i, "message": message,
                       "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": finish}
             if sources is not None:
@@ -686,11 +708,17 @@ def _finish(event: Event) -> str | None:
     return "stop" if event.finish_reason == "cancelled" else event.finish_reason
 
 
+def _delta(reasoning: str, content: str) -> dict:
+    """A streamed chunk's delta: reasoning_content and content, each only when there is some."""
+    return ({"reasoning_content": reasoning} if reasoning else {}) | ({"content": content} if content else {})
+
+
 async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatRequest, base: dict,
                        tool_names: set[str] | None = None):
-    from lmforge.serve.tools import HoldBack, parse_tool_calls
-
     holds = [HoldBack() for _ in streams] if tool_names else None  # text that may be a tool call waits
+    inside = server.opens_reasoning(prompt)
+    # a reasoning model's thinking goes out as reasoning_content deltas, its answer as content (held for tool calls)
+    splits = [ReasoningStream(server.reasoning, inside) for _ in streams] if server.reasoning is not None else None
     base = dict(base)
     sources = base.pop("sources", None)  # --index: sent once, with the first chunk
     chunk = base | {"object": "chat.completion.chunk"}
@@ -710,7 +738,12 @@ async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatReque
         except APIError as e:  # the response has started: the error goes in the stream, as OpenAI's does
             yield _sse(e.body())
             return
-        text = event.text
+        reasoning, text = "", event.text
+        if splits is not None:
+            reasoning, text = splits[i].push(text)
+            if finish:
+                rest = splits[i].flush()
+                reasoning, text = reasoning + rest[0], text + rest[1]
         if holds is not None:
             text = holds[i].push(text)
             if finish:
@@ -718,18 +751,17 @@ async def _chat_stream(server: Server, prompt, streams, logprobs, req: ChatReque
                 if calls:  # what was held is the calls (and any text after them)
                     sent = holds[i].text[:holds[i].sent]
                     after = (content or "")[len(sent.strip()):].strip() if content else ""
-                    if text or after:
-                        yield _sse(chunk | {"choices": [{"index": i, "delta": {"content": text + after},
+                    if reasoning or text or after:
+                        yield _sse(chunk | {"choices": [{"index": i, "delta": _delta(reasoning, text + after),
                                                          "logprobs": None, "finish_reason": None}]} | extra)
                     deltas = [{"index": k} | c for k, c in enumerate(calls)]
                     yield _sse(chunk | {"choices": [{"index": i, "delta": {"tool_calls": deltas}, "logprobs": lp,
                                                      "finish_reason": "tool_calls"}]} | extra)
                     continue
                 text += holds[i].rest()
-        if text or finish or lp:
-            delta = {"content": text} if text else {}
-            yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
-                       | extra)
+        if reasoning or text or finish or lp:
+            yield _sse(chunk | {"choices": [{"index": i, "delta": _delta(reasoning, text), "logprobs": lp,
+                                             "finish_reason": finish}]} | extra)
     if usage:
         yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
                                                      "total_tokens": len(prompt) + completion_tokens}})

@@ -8,30 +8,12 @@ from pathlib import Path
 
 
 def build_server(args: argparse.Namespace):
-    import torch
-
-    from lmforge.infer.cli import _use_template
-    from lmforge.model import load_hf_model
+    from lmforge.infer.load import load_from_args
     from lmforge.serve.app import Server
-    from lmforge.tokenizer import load_tokenizer
 
-    model = load_hf_model(args.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
-    model.eval()
-    if args.quantize == "int8":
-        from lmforge.model import quantize_int8
-
-        quantize_int8(model)  # weight-only int8: 4x less weight memory (docs/model.md)
-    elif args.quantize == "int4":
-        from lmforge.model import quantize_int4
-
-        quantize_int4(model)  # Q4_0 blocks: 7x less weight memory, dequantized per call
-    elif args.pack and args.dtype == "float32":
-        from lmforge.model import pack_for_cpu
-
-        pack_for_cpu(model)  # lmforge's float32 CPU kernels: the same math, faster steps
-    tokenizer = load_tokenizer(args.model)
-    if args.chat_template:
-        _use_template(tokenizer, args.chat_template)  # warns when it is not the template the model was trained with
+    loaded = load_from_args(args)  # warns when --template is not the template the model was trained with
+    model, tokenizer = loaded.model, loaded.tokenizer
+    print(f"loaded {loaded.description}", file=sys.stderr)
     name = args.name or Path(args.model).resolve().name
     embedder, embedder_name = None, "embedder"
     if args.embedder:
@@ -66,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.infer.load import add_inference_args
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve one model: /v1/chat/completions, /v1/completions, /v1/models (OpenAI's "
@@ -76,23 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', "
                               "api_key='x'); print(c.chat.completions.create(model='m', messages=[{'role': 'user', "
                               "'content': 'hi'}]).choices[0].message.content)\"")
-    s.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory")
+    add_inference_args(s, compile=False)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--name", help="the model id clients see (default: the directory's name)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                   help="int8: weight-only int8 matrices, 4x less weight memory; int4: llama.cpp's Q4_0 blocks, 7x "
-                        "less, slower (dequantized per call); outputs differ from the float model")
-    s.add_argument("--pack", action="store_true",
-                   help="float32 on CPU: lmforge's packed-matmul kernels (built once per machine, ~30 s); the same "
-                        "tokens, faster steps (docs/model.md)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     s.add_argument("--context", type=int, help="KV-cache tokens per request (default: the model's max_seq_len)")
-    s.add_argument("--chat-template", metavar="NAME|FILE", help="a built-in template or a Jinja file instead of the "
-                                                                 "model's own (a warning says when they differ)")
     s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
     s.add_argument("--index", metavar="RAG_DIR", help="answer chat requests from this `lmforge rag index` (sources "
                                                        "in the response; \"I don't know\" when nothing is relevant)")

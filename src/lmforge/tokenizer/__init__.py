@@ -1,4 +1,5 @@
-"""Tokenization: byte-level BPE training, encoding/decoding, HF and GPT-2 formats, chat templates.
+"""Tokenization: byte-level BPE training, encoding/decoding, HF and GPT-2 formats (a tokenizer carries its chat
+template; lmforge.chat renders it).
 
     from lmforge.tokenizer import train_tokenizer, load_tokenizer
     tok = train_tokenizer("builtin:python-docs", vocab_size=4096)

@@ -27,13 +27,21 @@ import regex
 
 from lmforge.data.sources import iter_text_chunks
 from lmforge.progress import progress
-from lmforge.tokenizer.chat import CHATML_TEMPLATE, CHATML_TOKENS
 from lmforge.tokenizer.patterns import resolve_pattern
 from lmforge.tokenizer.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
 
 TASK_BYTES = 4 << 20  # text handed to one worker at a time
+
+# ChatML (used by Qwen and many others): a trained tokenizer that reserves its markers gets this template
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 class TrainingError(ValueError):

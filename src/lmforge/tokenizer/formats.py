@@ -202,16 +202,26 @@ def _apply_config(tok: Tokenizer, config: dict) -> Tokenizer:
     return tok
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerFormatError(f"cannot read {path}: {e}") from None
+
+
 def read_tokenizer_config(directory: Path) -> dict:
-    """tokenizer_config.json with the chat template transformers would use: chat_template.jinja, else
-    chat_template.json, else the config's own "chat_template" (transformers 4.43+ saves it in the separate files)."""
+    """tokenizer_config.json with the chat template transformers would use: chat_template.jinja (the default) and
+    additional_chat_templates/NAME.jinja (named ones), as transformers 5 saves them; else chat_template.json (a
+    processor's, e.g. Gemma 3's); else the config's own "chat_template". The one reader of a model's template
+    files: chat/templates.py documents this order with the other sources."""
     config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
     jinja = directory / "chat_template.jinja"
-    if jinja.exists():
-        try:
-            config["chat_template"] = jinja.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerFormatError(f"cannot read {jinja}: {e}") from None
+    named = sorted((directory / "additional_chat_templates").glob("*.jinja"))
+    if jinja.exists() or named:
+        templates = {"default": _read_text(jinja)} if jinja.exists() else {}
+        templates |= {path.name.removesuffix(".jinja"): _read_text(path) for path in named}
+        config["chat_template"] = templates["default"] if list(templates) == ["default"] else \
+            [{"name": name, "template": text} for name, text in templates.items()]
     elif (directory / "chat_template.json").exists():
         template = _read_json(directory / "chat_template.json").get("chat_template")
         if template is not None:
@@ -347,7 +357,8 @@ def load_tokenizer(path: str | os.PathLike, backend: Literal["auto", "lmforge", 
 def _load_from_hub(repo_id: str, backend: Literal["auto", "lmforge", "hf"]) -> Tokenizer:
     from lmforge.hub import download
 
-    d = download(repo_id, ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"])
+    d = download(repo_id, ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                           "additional_chat_templates/*.jinja"])
     if not (d / "tokenizer.json").exists():
         raise TokenizerFormatError(f"'{repo_id}' on the Hugging Face Hub has no tokenizer.json")
     return load_hf_json(d / "tokenizer.json", read_tokenizer_config(d), backend)

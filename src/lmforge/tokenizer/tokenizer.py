@@ -35,8 +35,6 @@ from typing import Literal
 
 import regex
 
-from lmforge.tokenizer.chat import ChatEncoding, encode_chat, pick_template, render_chat
-
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _SURROGATE_LEADS = range(0xA0, 0xC0)
 
@@ -275,37 +273,6 @@ class Tokenizer(abc.ABC):
                 offsets.append((char_of_byte[pos], char_of_byte[pos + n - 1] + 1))
             pos += n
         return offsets
-
-    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
-        """The template to render with: `chat_template` (a template, or the name of one of this tokenizer's),
-        else "tool_use" when tools are given and it exists, else the default."""
-        if chat_template is not None and self.chat_templates and chat_template in self.chat_templates:
-            return self.chat_templates[chat_template]
-        if chat_template is not None:
-            return chat_template
-        template = pick_template(self.chat_templates, tools) if self.chat_templates else self.chat_template
-        if not template:
-            raise ValueError("this tokenizer has no chat template; set tokenizer.chat_template "
-                             "(a Jinja template, as in HF tokenizer_config.json)")
-        return template
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
-                            *, tools: list | None = None, documents: list | None = None,
-                            continue_final_message: bool | str = False, return_assistant_tokens_mask: bool = False,
-                            chat_template: str | None = None, **variables) -> str | list[int] | ChatEncoding:
-        """Render a conversation with the chat template, as transformers' `apply_chat_template` does.
-
-        Returns the text (`tokenize=False`), the ids (`tokenize=True`), or a `ChatEncoding` with ids, the assistant
-        mask from `{% generation %}` blocks and token offsets (`return_assistant_tokens_mask=True`). Control tokens
-        inside messages, tools, documents and variables are always encoded as text (see tokenizer/chat.py).
-        """
-        template = self.get_chat_template(chat_template, tools)
-        kwargs = dict(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-                      continue_final_message=continue_final_message, **variables)
-        if not tokenize and not return_assistant_tokens_mask:
-            return render_chat(template, messages, special_tokens_map=self.special_tokens_map(), **kwargs)
-        encoded = encode_chat(self, template, messages, **kwargs)
-        return encoded if return_assistant_tokens_mask else encoded.ids
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -1,4 +1,4 @@
-"""Chat templates: rendered exactly as transformers renders them, encoded so that data never becomes control.
+"""Chat templates rendered exactly as transformers renders them, and encoded so that data never becomes control.
 
 Rendering follows transformers' `apply_chat_template` (transformers/utils/chat_template_utils.py, 4.45-5.x):
 a sandboxed Jinja environment with trim_blocks and lstrip_blocks; `{% break %}` / `{% continue %}`; a
@@ -34,15 +34,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
-
-# ChatML (used by Qwen and many others); lmforge-trained tokenizers reserve its markers.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -240,14 +231,14 @@ def mark_control_tokens(value: Any, tokens_re: re.Pattern) -> Any:
 
 # --- rendering -------------------------------------------------------------------------------------------------
 
-def _render(template: str, messages: Sequence, *, tools: list | None = None, documents: list | None = None,
+def render_with_spans(template: str, messages: Sequence, *, tools: list | None = None, documents: list | None = None,
             add_generation_prompt: bool = False, continue_final_message: bool | str = False,
             control_tokens: tuple[str, ...] = (), special_tokens_map: dict | None = None,
             **variables) -> tuple[str, list[tuple[int, int]]]:
-    """Render with control tokens in the inputs marked; returns the (marked) text and the generation spans.
-
-    `special_tokens_map` ({"eos_token": ...}) are variables the tokenizer provides: never marked, and overridden by
-    the caller's own `variables`."""
+    """The rendered text and the character spans of its `{% generation %}` blocks (transformers' assistant-mask
+    spans). With `control_tokens`, the control tokens inside the inputs are wrapped in the markers (encode_chat's
+    second render). `special_tokens_map` ({"eos_token": ...}) are variables the tokenizer provides: never marked,
+    and overridden by the caller's own `variables`."""
     import jinja2
 
     if continue_final_message and add_generation_prompt:
@@ -319,19 +310,14 @@ def render_chat(template: str, messages: Sequence, add_generation_prompt: bool =
                 tools: list | None = None, documents: list | None = None, continue_final_message: bool | str = False,
                 special_tokens_map: dict | None = None, **variables) -> str:
     """The conversation as text, exactly as transformers' `apply_chat_template(tokenize=False)` renders it."""
-    text, _ = _render(template, messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+    text, _ = render_with_spans(template, messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
                       continue_final_message=continue_final_message, special_tokens_map=special_tokens_map, **variables)
     return text
 
 
-def generation_spans(template: str, messages: Sequence, **kwargs) -> list[tuple[int, int]]:
-    """Character spans of the text inside `{% generation %}` blocks (transformers' assistant-mask spans)."""
-    return _render(template, messages, **kwargs)[1]
-
-
 # --- encoding ---------------------------------------------------------------------------------------------------
 
-def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+def tokens_in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """1 for every token overlapping a span (transformers' rule: a token cut by a span boundary counts)."""
     mask = [0] * len(offsets)
     k = 0
@@ -368,7 +354,7 @@ def _from_data(template: str, messages: Sequence, text: str, control: tuple[str,
     methods make that render differ from the plain one (Qwen3 splits assistant turns at "</think>" and strips
     newlines, which a marker stops), the two are aligned and only characters that align with marked ones count."""
     tokens_re, marked_re = _control_patterns(control)
-    marked, _ = _render(template, messages, control_tokens=control, **kwargs)
+    marked, _ = render_with_spans(template, messages, control_tokens=control, **kwargs)
     plain, flags = _data_flags(marked, marked_re)
     if plain == text:
         return flags
@@ -397,7 +383,7 @@ def encode_chat(tokenizer, template: str, messages: Sequence, *, add_generation_
     kwargs = dict(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
                   continue_final_message=continue_final_message, special_tokens_map=tokenizer.special_tokens_map(),
                   **variables)
-    text, spans = _render(template, messages, **kwargs)
+    text, spans = render_with_spans(template, messages, **kwargs)
     control = tokenizer.control_tokens()
     tokens_re, _ = _control_patterns(control)
     # pieces of the text: (text, encode as plain text?, start); control tokens from the inputs are plain text
@@ -433,20 +419,6 @@ def encode_chat(tokenizer, template: str, messages: Sequence, *, add_generation_
                 piece_ids, piece_offsets = encode(piece)
         ids += piece_ids
         offsets += [(start + a, start + b) for a, b in piece_offsets]
-    return ChatEncoding(text, ids, _overlaps(offsets, spans), offsets)
+    return ChatEncoding(text, ids, tokens_in_spans(offsets, spans), offsets)
 
-
-def pick_template(template: str | dict | list | None, tools: list | None = None, name: str | None = None) -> str | None:
-    """The template to use from tokenizer_config's chat_template (a string, or named templates: `name`, else
-    "tool_use" when tools are given and it exists, else "default")."""
-    if template is None or isinstance(template, str):
-        return template
-    named = {t["name"]: t["template"] for t in template} if isinstance(template, list) else dict(template)
-    if name is not None:
-        if name not in named:
-            raise TemplateError(f"no chat template named {name!r}; this tokenizer has {sorted(named)}")
-        return named[name]
-    if tools is not None and "tool_use" in named:
-        return named["tool_use"]
-    return named.get("default")
 

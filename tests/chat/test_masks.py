@@ -8,17 +8,11 @@ import json
 import pytest
 import transformers
 
+from lmforge.chat.masks import IGNORE, assistant_spans, encode_example, render_masked, stop_token_check
+from lmforge.chat.render import TemplateError, render_chat
+from lmforge.chat.templates import BUILTIN_TEMPLATES, apply_chat_template
 from lmforge.finetune.conversations import Conversation
-from lmforge.finetune.templates import (
-    BUILTIN_TEMPLATES,
-    IGNORE,
-    assistant_spans,
-    encode_example,
-    render_masked,
-    stop_token_check,
-)
 from lmforge.tokenizer import load_tokenizer
-from lmforge.tokenizer.chat import TemplateError, render_chat
 
 MULTITURN = [
     {"role": "system", "content": "你是一个乐于助人的助手。"},
@@ -137,7 +131,7 @@ def test_the_first_response_token_is_trained_and_masks_select_turns(real_tokeniz
     conv = Conversation(MULTITURN)
     enc = encode_example(ours, template, conv)
     first = ours.encode("北京是中华人民共和国的首都。")[0]
-    prompt = ours.apply_chat_template(MULTITURN[:2], add_generation_prompt=True, chat_template=template, tokenize=True)
+    prompt = apply_chat_template(ours, MULTITURN[:2], add_generation_prompt=True, chat_template=template, tokenize=True)
     # position len(prompt) - 1 (the "\n" after "<|im_start|>assistant") predicts the first response token
     assert enc.labels[len(prompt) - 1] == first
     assert enc.labels[len(prompt) - 2] == IGNORE
@@ -182,7 +176,7 @@ def test_stop_token_mismatch_is_named(real_tokenizers):
 def test_tool_data_through_a_template_that_drops_tools_is_refused(real_tokenizers):
     """SmolLM2's template (ChatML, like the chatml built-in) ignores tools and tool calls: the model would learn an
     empty reply where each call is. Found fine-tuning SmolLM2 on LLaMA-Factory's glaive_toolcall demos."""
-    from lmforge.finetune.templates import tool_rendering_check
+    from lmforge.chat.masks import tool_rendering_check
 
     tok = load_tokenizer(real_tokenizers["qwen2.5-instruct"])
     convs = [Conversation(NO_SYSTEM, where="a.json:1"), Conversation(TOOL_CHAT, TOOLS, where="a.json:2")]
