@@ -45,8 +45,8 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     template's end-of-turn token too."""
     import torch
 
+    from lmforge import peft
     from lmforge.files import write_json
-    from lmforge.finetune import lora
     from lmforge.infer.engine import turn_end_ids
     from lmforge.model import load_hf_model, save_hf_model
     from lmforge.model.hf import generation_config, resolve_model_dir
@@ -54,21 +54,14 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     from lmforge.train.checkpoint import TOKENIZER_FILES
 
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if config_path.exists() and any(f'"{t}"' in config_path.read_text(encoding="utf-8")
-                                    for t in ("PROMPT_TUNING", "PREFIX_TUNING")):
-        raise ConfigError(f"{adapter_dir}: a prompt- or prefix-tuning adapter has no weights to merge (its virtual "
-                          "tokens go before every input); load it with lmforge.finetune.prompt or peft")
-    if config_path.exists() and "LMFORGE_BOTTLENECK" in config_path.read_text(encoding="utf-8"):
-        raise ConfigError(f"{adapter_dir}: bottleneck adapters cannot be merged into the weights (a non-linearity sits "
-                          "inside them); load them with lmforge.finetune.adapters.load_adapters on the base model")
-    _, raw = lora.read_adapter_config(adapter_dir)
+    adapter, raw = peft.read_adapter_config(adapter_dir)
+    if not adapter.mergeable:
+        raise ConfigError(f"{adapter_dir}: {adapter.not_mergeable}")
     base = base or raw.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path; pass --base DIR")
     base_dir = resolve_model_dir(base)
-    model = lora.load_adapter(load_hf_model(base_dir), adapter_dir)
-    lora.merge_lora(model)
+    model = peft.merge(peft.load_adapter(load_hf_model(base_dir), adapter_dir))
     torch_dtype = {"": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     save_hf_model(model, out, dtype=torch_dtype)
     out = Path(out)
