@@ -46,9 +46,9 @@ WEIGHT_BYTES: dict[str, int] = {}
 
 
 def lmforge_side(directory: Path, qlora: bool = False):
-    from lmforge.finetune import lora
-    from lmforge.finetune.nf4 import quantize_model
     from lmforge.model import load_hf_model
+    from lmforge.peft import lora
+    from lmforge.peft.nf4 import quantize_model
     from lmforge.train.objectives import CausalLM
 
     model = load_hf_model(directory).train()

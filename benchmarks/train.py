@@ -85,7 +85,8 @@ class BaselineLoop:
     def train_step(self):
         x = torch.randint(0, self.vocab, (self.batch, self.length + 1), generator=self.g)
         with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model(x[:, :-1])
+            out = self.model(x[:, :-1])
+            logits = self.model.logits(out) if isinstance(self.model, Transformer) else out  # lmforge: hidden states
         loss = F.cross_entropy(logits.float().reshape(-1, self.vocab), x[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -41,7 +41,7 @@ def test_alibi_attention_equals_explicit_softmax():
     expected = model.embed(ids) + y
     h = expected + model.layers[0].mlp(model.layers[0].mlp_norm(expected))
     with torch.no_grad():
-        assert torch.allclose(model(ids), F.linear(model.norm(h), model.output_weight()), atol=1e-5)
+        assert torch.allclose(model.logits(model(ids)), F.linear(model.norm(h), model.output_weight()), atol=1e-5)
 
 
 def test_alibi_generation_cache_equals_no_cache():
@@ -99,7 +99,7 @@ def test_moe_model_trains_and_reports_aux_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        logits = model(ids[:, :-1])
+        logits = model.logits(model(ids[:, :-1]))
         loss = F.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1)) + 0.01 * model.aux_loss()
         opt.zero_grad()
         loss.backward()
@@ -125,17 +125,17 @@ def test_packed_sequences_give_the_loss_of_separate_sequences(name, overrides):
     packed = torch.cat(seqs)[None]
     segments = torch.cat([torch.full((len(s),), i) for i, s in enumerate(seqs)])[None]
     with torch.no_grad():
-        together = model(packed, segment_ids=segments)[0]
-        alone = torch.cat([model(s[None])[0] for s in seqs])
+        together = model.logits(model(packed, segment_ids=segments))[0]
+        alone = torch.cat([model.logits(model(s[None]))[0] for s in seqs])
     assert (together - alone).abs().max() < 1e-5
     # the loss a packed SFT batch computes: next-token targets that never cross a boundary
     targets = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in seqs])
     packed_loss = torch.nn.functional.cross_entropy(together, targets, ignore_index=-100)
-    separate = sum(torch.nn.functional.cross_entropy(model(s[None])[0, :-1], s[1:], reduction="sum") for s in seqs)
+    separate = sum(torch.nn.functional.cross_entropy(model.logits(model(s[None]))[0, :-1], s[1:], reduction="sum") for s in seqs)
     assert packed_loss.item() == pytest.approx(separate.item() / (sum(len(s) for s in seqs) - 3), rel=1e-5)
     # hidden states are the final-norm activations the head reads
     with torch.no_grad():
-        hidden = model(packed, segment_ids=segments, return_hidden=True)
+        hidden = model(packed, segment_ids=segments)
     assert hidden.shape == (1, packed.shape[1], model.cfg.d_model)
     assert (torch.nn.functional.linear(hidden, model.output_weight())[0] - together).abs().max() < 1e-5
 
@@ -168,8 +168,8 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(dtype):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_model_loss_with_targets_equals_the_logits_path(name):
-    """`model(ids, targets=...)` (what CausalLM trains with) equals cross entropy of the model's logits, with and
-    without a logits mask, in value and in every parameter's gradient, tied or untied head."""
+    """`model.loss(hidden, targets, mask)` (what CausalLM trains with) equals cross entropy of the model's logits,
+    with and without a mask, in value and in every parameter's gradient, tied or untied head."""
     from lmforge.train.objectives import CausalLM
 
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_model_loss_with_targets_equals_the_logits_path(name):
         loss.backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
-        ref = F.cross_entropy(model(ids).reshape(-1, model.cfg.vocab_size), lab.reshape(-1))
+        ref = F.cross_entropy(model.logits(model(ids)).reshape(-1, model.cfg.vocab_size), lab.reshape(-1))
         ref.backward()
         assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
         for n, p in model.named_parameters():

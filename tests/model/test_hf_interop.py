@@ -47,7 +47,7 @@ def test_logits_match_transformers(tmp_path, kind):
     ids = _ids()
     with torch.no_grad():
         expected = hf(ids).logits
-        got = ours(ids)
+        got = ours.logits(ours(ids))
     assert (got - expected).abs().max().item() <= TOL
 
 
@@ -63,7 +63,7 @@ def test_rope_scaling_variants_match(tmp_path, scaling):
     ours = load_hf_model(tmp_path)
     ids = _ids(length=60)  # beyond 32 positions, where the scalings differ
     with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL
+        assert (ours.logits(ours(ids)) - hf(ids).logits).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral"])
@@ -76,10 +76,10 @@ def test_round_trip_through_hf_layout(tmp_path, kind):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = _ids()
     with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL
+        assert (ours.logits(ours(ids)) - hf(ids).logits).abs().max().item() <= TOL
     again = load_hf_model(tmp_path)
     with torch.no_grad():
-        assert torch.equal(again(ids), ours(ids))
+        assert torch.equal(again.logits(again(ids)), ours.logits(ours(ids)))
 
 
 def test_sharded_and_bin_checkpoints(tmp_path):
@@ -87,12 +87,14 @@ def test_sharded_and_bin_checkpoints(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     ids = _ids()
     with torch.no_grad():
-        assert (load_hf_model(tmp_path / "sharded")(ids) - hf(ids).logits).abs().max().item() <= TOL
+        ours = load_hf_model(tmp_path / "sharded")
+        assert (ours.logits(ours(ids)) - hf(ids).logits).abs().max().item() <= TOL
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     with torch.no_grad():
-        assert (load_hf_model(tmp_path / "bin")(ids) - hf(ids).logits).abs().max().item() <= TOL
+        ours = load_hf_model(tmp_path / "bin")
+        assert (ours.logits(ours(ids)) - hf(ids).logits).abs().max().item() <= TOL
 
 
 def test_clear_errors(tmp_path):

@@ -182,7 +182,7 @@ def _teach(model, pairs: list[tuple[list[int], list[int]]], steps: int = 150, lr
     targets = labels[:, 1:]
     trained = targets != -100
     for _ in range(steps):  # the output head only where a reply token is predicted (most positions are prompt)
-        logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_mask=trained)
+        logits = model.logits(model(ids[:, :-1], attention_mask=mask[:, :-1])[trained])
         loss = torch.nn.functional.cross_entropy(logits, targets[trained])
         opt.zero_grad()
         loss.backward()

@@ -130,7 +130,7 @@ def test_ask_maps_the_models_citations_to_sources(sparse_index, trained):
         for p_ids, a_ids in examples:
             ids = torch.tensor([p_ids + a_ids])
             labels = torch.tensor([[-100] * len(p_ids) + a_ids])
-            logits = model(ids[:, :-1])
+            logits = model.logits(model(ids[:, :-1]))
             loss = torch.nn.functional.cross_entropy(logits[0], labels[0, 1:], ignore_index=-100)
             opt.zero_grad()
             loss.backward()

@@ -158,7 +158,7 @@ def test_completions_echo_logprobs_score_the_prompt(served):
     lp = r.json()["choices"][0]["logprobs"]
     assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
     with torch.no_grad():
-        ref = torch.log_softmax(served.model(torch.tensor([ids]))[0, :-1].float(), -1)
+        ref = torch.log_softmax(served.model.logits(served.model(torch.tensor([ids])))[0, :-1].float(), -1)
     expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
     assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")

@@ -48,7 +48,7 @@ def test_loss_decreases_and_checkpoint_loads_in_transformers(shards, tmp_path):
     ours = load_hf_model(tmp_path / "last")
     ids = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
-        assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
+        assert (hf(ids).logits - ours.logits(ours(ids))).abs().max() < 1e-4
     assert (tmp_path / "last" / "tokenizer.json").exists() and (tmp_path / "best" / "config.json").exists()
     # the export names the tokenizer's end of text, so transformers' generate stops there
     eos = json.loads((shards / "manifest.json").read_text())["eos_id"]
@@ -127,9 +127,9 @@ def test_ema_hand_worked_and_resumed(shards, tmp_path):
     from lmforge.model import load_hf_model
 
     ids = torch.randint(0, 100, (1, 12))
+    a, b = load_hf_model(tmp_path / "a" / "last" / "ema"), load_hf_model(tmp_path / "b" / "last" / "ema")
     with torch.no_grad():
-        assert torch.allclose(load_hf_model(tmp_path / "a" / "last" / "ema")(ids),
-                              load_hf_model(tmp_path / "b" / "last" / "ema")(ids), atol=1e-6)
+        assert torch.allclose(a.logits(a(ids)), b.logits(b(ids)), atol=1e-6)
 
 
 def test_tensorboard_logs_scalars(shards, tmp_path):
@@ -181,7 +181,7 @@ def test_pretraining_losses_equal_a_plain_reference_loop(shards, tmp_path):
         total = 0.0
         for _ in range(2):
             x, y = loader.next_batch()
-            loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+            loss = torch.nn.functional.cross_entropy(model.logits(model(x)).reshape(-1, vocab), y.reshape(-1))
             (loss / 2).backward()
             total += loss.item() / 2
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -245,7 +245,7 @@ def test_dict_batches_accumulate_by_target_tokens(shards, tmp_path):
     torch.manual_seed(0)
     model = Transformer(preset("tiny-llama", vocab_size=3000))
     with torch.no_grad():
-        want = torch.nn.functional.cross_entropy(model(batch["input_ids"]).reshape(-1, 3000),
+        want = torch.nn.functional.cross_entropy(model.logits(model(batch["input_ids"])).reshape(-1, 3000),
                                                  batch["labels"].reshape(-1), ignore_index=-100)
     assert trainer(4, tmp_path / "c").accumulate_gradients() == pytest.approx(want.item(), rel=1e-5)
 
@@ -344,8 +344,8 @@ def test_an_hf_model_directory_takes_only_overrides_its_weights_allow(shards, tm
 def test_training_flops_count_what_trains():
     """Full training: 6N + attention over the matrices. LoRA: the frozen base's weight gradients are not computed, so 4
     FLOPs per frozen weight and 6 per adapter weight (hand count); QLoRA's NF4 base counts like the float one."""
-    from lmforge.finetune import lora
-    from lmforge.finetune.nf4 import quantize_model
+    from lmforge.peft import lora
+    from lmforge.peft.nf4 import quantize_model
     from lmforge.train.trainer import training_flops_per_token
 
     torch.manual_seed(0)

@@ -191,7 +191,7 @@ def _prepare(model, cfg: ClassifyConfig) -> None:
     elif cfg.train == "lora":
         if model.encoder:
             raise ConfigError("train: lora on an encoder is not supported yet; use --train all, last or head")
-        from lmforge.finetune.lora import LoraConfig, apply_lora
+        from lmforge.peft.lora import LoraConfig, apply_lora
 
         apply_lora(backbone, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
 
@@ -282,9 +282,9 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     from lmforge.classify.data import encode_tagged, encode_texts
     from lmforge.data.sources import RejectLog
     from lmforge.files import write_json
-    from lmforge.finetune.lora import parameter_counts
     from lmforge.model.heads import build_classifier, is_encoder_dir
     from lmforge.model.hf import resolve_model_dir
+    from lmforge.peft import parameter_counts
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.objectives import SequenceClassification, TokenClassification
     from lmforge.train.trainer import Trainer

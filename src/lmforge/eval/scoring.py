@@ -159,7 +159,7 @@ def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
     shared = _common_prefix([u[1] for u in units]) if B > 1 else 0
     if shared:
         one = KVCache(model.cfg, 1, shared, device=device, dtype=dtype)
-        model(torch.tensor([units[0][1][:shared]], device=device), cache=one, logits_to_keep=1)
+        model(torch.tensor([units[0][1][:shared]], device=device), cache=one)  # its keys and values only
         for layer in range(model.cfg.n_layers):
             cache.k[layer][:, :, :shared] = one.k[layer]
             cache.v[layer][:, :, :shared] = one.v[layer]
@@ -170,7 +170,7 @@ def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
         ids[b, :len(ctx) - shared] = torch.tensor(ctx[shared:])
         last[b, len(ctx) - shared - 1] = True
     ids, last = ids.to(device), last.to(device)
-    first = model(ids, cache=cache, logits_mask=last)  # (B, vocab): each context's last position, in row order
+    first = model.logits(model(ids, cache=cache)[last])  # (B, vocab): each context's last position, in row order
     first = F.log_softmax(first.float(), dim=-1)  # the distribution of every choice's first token
     rows = [(b, c) for b, u in enumerate(units) for c in u[2]]
     longer = [(r, b, c) for r, (b, c) in enumerate(rows) if len(c) > 1]
@@ -196,11 +196,12 @@ def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
         for k, (_, _, c) in enumerate(longer):
             real[k, :len(c) - 1] = True
         # logits only at the choices' real tokens: the vocabulary matmul over padding would dominate the pass
-        logits = model(cont_ids.to(device), positions=positions.to(device), attention_mask=mask.to(device),
-                       cache=cont_cache, logits_mask=real.to(device))
+        hidden = model(cont_ids.to(device), positions=positions.to(device), attention_mask=mask.to(device),
+                       cache=cont_cache)
+        logits = model.logits(hidden[real.to(device)])
         logp = F.log_softmax(logits.float(), dim=-1)
         start = 0
-        for r, _, c in longer:  # logits_mask returns rows in row-major order
+        for r, _, c in longer:  # the masked positions come in row-major order
             rest[r] = logp[start:start + len(c) - 1]
             start += len(c) - 1
     out: list[list[Choice]] = [[] for _ in units]
@@ -282,7 +283,7 @@ def perplexity(model: Transformer, tokenizer, texts: Sequence[str], window: int 
         ids = torch.zeros(len(chunk), T, dtype=torch.long)
         for b, (w, _) in enumerate(chunk):
             ids[b, :len(w)] = torch.tensor(w)
-        logits = model(ids.to(device)).float()
+        logits = model.logits(model(ids.to(device))).float()
         logp = F.log_softmax(logits[:, :-1], dim=-1)
         target = ids[:, 1:].to(device)
         token_lp = logp.gather(2, target[..., None]).squeeze(-1)

@@ -43,9 +43,9 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     """Base model + PEFT adapter -> a full HF model directory (weights merged exactly in float32, then cast),
     with the tokenizer and chat template the adapter was trained with and generation_config.json stopping at the
     template's end-of-turn token too."""
+    from lmforge import peft
     from lmforge.chat.stops import turn_end_ids
     from lmforge.files import write_json
-    from lmforge.finetune import lora
     from lmforge.infer.load import torch_dtype
     from lmforge.model import load_hf_model, save_hf_model
     from lmforge.model.hf import generation_config, resolve_model_dir
@@ -53,21 +53,14 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     from lmforge.train.checkpoint import TOKENIZER_FILES
 
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if config_path.exists() and any(f'"{t}"' in config_path.read_text(encoding="utf-8")
-                                    for t in ("PROMPT_TUNING", "PREFIX_TUNING")):
-        raise ConfigError(f"{adapter_dir}: a prompt- or prefix-tuning adapter has no weights to merge (its virtual "
-                          "tokens go before every input); load it with lmforge.finetune.prompt or peft")
-    if config_path.exists() and "LMFORGE_BOTTLENECK" in config_path.read_text(encoding="utf-8"):
-        raise ConfigError(f"{adapter_dir}: bottleneck adapters cannot be merged into the weights (a non-linearity sits "
-                          "inside them); load them with lmforge.finetune.adapters.load_adapters on the base model")
-    _, raw = lora.read_adapter_config(adapter_dir)
+    adapter, raw = peft.read_adapter_config(adapter_dir)
+    if not adapter.mergeable:
+        raise ConfigError(f"{adapter_dir}: {adapter.not_mergeable}")
     base = base or raw.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path; pass --base DIR")
     base_dir = resolve_model_dir(base)
-    model = lora.load_adapter(load_hf_model(base_dir), adapter_dir)
-    lora.merge_lora(model)
+    model = peft.merge(peft.load_adapter(load_hf_model(base_dir), adapter_dir))
     save_hf_model(model, out, dtype=torch_dtype(dtype) if dtype else None)  # float32 / bf16 / ...: infer/load.py
     out = Path(out)
     source = adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_dir

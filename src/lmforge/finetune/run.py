@@ -159,7 +159,7 @@ def check_config(cfg: FinetuneConfig) -> None:
 
 
 def lora_config(cfg: FinetuneConfig):
-    from lmforge.finetune.lora import LoraConfig
+    from lmforge.peft.lora import LoraConfig
 
     targets = cfg.lora_target_regex or (cfg.lora_targets[0] if cfg.lora_targets == ["all-linear"] else cfg.lora_targets)
     return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
@@ -169,7 +169,6 @@ def lora_config(cfg: FinetuneConfig):
 
 def prepare_model(model, cfg: FinetuneConfig) -> None:
     """Freeze / add adapters in place, as the method says."""
-    from lmforge.finetune import lora
 
     if cfg.method == "full":
         for p in model.parameters():
@@ -182,20 +181,22 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
     elif cfg.method == "prefix":
-        from lmforge.finetune.prompt import apply_prefix_tuning
+        from lmforge.peft.prefix import apply_prefix_tuning
 
         apply_prefix_tuning(model, cfg.num_virtual_tokens, cfg.seed)
     elif cfg.method == "prompt":
-        from lmforge.finetune.prompt import apply_prompt_tuning
+        from lmforge.peft.prompt import apply_prompt_tuning
 
         apply_prompt_tuning(model, cfg.num_virtual_tokens, cfg.seed)
     elif cfg.method == "adapter":
-        from lmforge.finetune.adapters import BottleneckConfig, apply_bottleneck
+        from lmforge.peft.bottleneck import BottleneckConfig, apply_bottleneck
 
         apply_bottleneck(model, BottleneckConfig(cfg.adapter_size, dropout=cfg.lora_dropout))
     else:
+        from lmforge.peft import lora
+
         if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings and head stay float)
-            from lmforge.finetune.nf4 import quantize_model
+            from lmforge.peft.nf4 import quantize_model
 
             quantize_model(model, sorted({s.module for s in lora.adapter_sites(model.cfg)}))
         lora.apply_lora(model, lora_config(cfg))
@@ -239,10 +240,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from lmforge.chat.stops import turn_end_ids
     from lmforge.chat.templates import resolve_template, template_hash
     from lmforge.data.sources import RejectLog
-    from lmforge.finetune import lora, sft
+    from lmforge.finetune import sft
     from lmforge.finetune.conversations import load_conversations
     from lmforge.model import load_hf_model
     from lmforge.model.hf import resolve_model_dir
+    from lmforge.peft import parameter_counts
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.trainer import Trainer
 
@@ -319,7 +321,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                        "packing_utilisation": round(batches.utilisation(), 4)})
         if rejects is not None:
             rejects.write(out)
-        counts = lora.parameter_counts(model)
+        counts = parameter_counts(model)
         print(f"fine-tuning {model_dir} ({counts['total'] / 1e6:.2f} M parameters) with {cfg.method}: "
               f"{counts['trainable']:,} trainable ({counts['trainable_percent']}%); {len(train)} train / "
               f"{len(val) if val else 0} held-out examples, {train.stats['trained_tokens']:,} trained tokens; "
@@ -331,7 +333,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             print("one training example, the trained part in [[ ]]:\n" + render_masked(tokenizer, template, example,
                                                                                       mask), file=sys.stderr)
     summary = trainer.fit()
-    summary["parameters"] = lora.parameter_counts(model)
+    summary["parameters"] = parameter_counts(model)
     summary["data"] = {"train": train.stats, "val": val.stats if val else None}
     summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
     summary["turn_end_ids"] = turn_end_ids(tokenizer, template)
@@ -354,7 +356,6 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     from lmforge.chat.stops import eos_ids as model_eos_ids
     from lmforge.chat.templates import template_hash
     from lmforge.files import write_json
-    from lmforge.finetune import lora
     from lmforge.finetune.preference import (
         build_pairs,
         load_pairs,
@@ -363,6 +364,7 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
         reference_logps,
     )
     from lmforge.model import load_hf_model
+    from lmforge.peft import parameter_counts
     from lmforge.train.objectives import REFERENCE_FREE, Preference
     from lmforge.train.trainer import Trainer
 
@@ -409,12 +411,12 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
         write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None})
         if rejects is not None:
             rejects.write(out)
-        counts = lora.parameter_counts(model)
+        counts = parameter_counts(model)
         print(f"preference tuning ({cfg.objective}, beta {beta}) of {model_dir} with {cfg.method}: "
               f"{counts['trainable']:,} trainable parameters ({counts['trainable_percent']}%); {len(train)} train / "
               f"{len(val) if val else 0} held-out pairs; template: {template_source}", file=sys.stderr)
     summary = trainer.fit()
-    summary["parameters"] = lora.parameter_counts(model)
+    summary["parameters"] = parameter_counts(model)
     summary["data"] = {"train": train.stats, "val": val.stats if val else None}
     summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
     if trainer.is_main:

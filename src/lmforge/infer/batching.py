@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from lmforge.infer.engine import _TextState
 from lmforge.infer.sampling import SamplingConfig, sample_tokens
 from lmforge.model.transformer import KVCache, Transformer
+from lmforge.peft import virtual_tokens
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class ContinuousBatcher:
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, prefix_cache_tokens: int = 16384, min_prefix: int = 16):
+        if virtual_tokens(model):
+            raise ValueError("the continuous batcher serves models without virtual tokens; generate with a prompt- or "
+                             "prefix-tuned model through lmforge.infer.generate")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -301,7 +305,7 @@ class ContinuousBatcher:
             return
         one = KVCache(model.cfg, 1, p, device=self.device, dtype=self.cache.k[0].dtype)
         reused = self._reuse_prefix(row.prompt, one)
-        logits = model(torch.tensor([row.prompt[reused:]], device=self.device), cache=one, logits_to_keep=1)[:, -1]
+        logits = model.logits(model(torch.tensor([row.prompt[reused:]], device=self.device), cache=one)[:, -1])
         self.stats["prefill_tokens"] += p - reused
         self._remember_prefix(row.prompt, one)
         token = self._sample(logits, [row])[0]
@@ -380,8 +384,8 @@ class ContinuousBatcher:
         mask = torch.zeros(n, col + 1, dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
             mask[i, col - r.n:] = 1
-        logits = self.model(tokens, positions=positions, attention_mask=mask, cache=_View(self.cache, n, col),
-                            logits_to_keep=1)[:, -1]
+        logits = self.model.logits(self.model(tokens, positions=positions, attention_mask=mask,
+                                              cache=_View(self.cache, n, col))[:, -1])
         self.col += 1
         self.stats["steps"] += 1
         for r in rows:

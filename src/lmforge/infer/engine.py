@@ -26,6 +26,7 @@ from lmforge.chat.stops import stop_ids
 from lmforge.infer.detokenize import IncrementalDetokenizer
 from lmforge.infer.sampling import SamplingConfig, sample_tokens
 from lmforge.model.transformer import KVCache, Transformer
+from lmforge.peft import prefill, virtual_tokens
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled one-token step
 _STATIC_CACHE_ROUND = 256  # static caches round their length up, so nearby lengths share one compiled graph
@@ -72,12 +73,10 @@ class Decoder:
         if len(configs) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(configs)} sampling configs")
         self.model, self.configs = model, list(configs)
-        prompt = getattr(model, "prompt_embeddings", None)
-        n_prefix = getattr(model, "n_prefix", 0)
-        # a prompt- or prefix-tuned model's virtual tokens come first in its KV cache: the prompt's learned embeddings
-        # go through the first forward, a prefix's keys and values are written in before it (a dynamic cache; the
-        # compiled static one does not take them)
-        self.offset = (0 if prompt is None else prompt.shape[0]) + n_prefix
+        # an adapter's virtual tokens (prompt / prefix tuning) take the KV cache's first slots, written by its
+        # prefill before the prompt (a dynamic cache; the compiled static one does not take them); the attention
+        # mask covers them
+        self.offset = virtual_tokens(model)
         if self.offset:
             if cache is not None:
                 raise ValueError("a prompt- or prefix-tuned model does not continue a KV cache")
@@ -99,19 +98,21 @@ class Decoder:
         self.compile = compile and use_cache
         self.cache = cache if cache is not None else (new_cache(model, B, total + self.offset, self.compile)
                                                       if use_cache else None)
-        if n_prefix and self.cache is not None:
-            model.prefill_prefix(self.cache)
+        if self.offset and self.cache is not None:
+            prefill(model, self.cache)
         self.step_model = _decode_step_model(model) if self.compile else model
         self.ids = torch.full((B, total), pad_id, dtype=torch.long, device=device)
-        # a static cache attends over all its slots, so the mask spans them (slots not yet filled stay 0)
-        width = self.cache.max_len if self.compile else total
+        # a static cache attends over all its slots, so the mask spans them (slots not yet filled stay 0); column
+        # offset + j is ids[:, j]
+        width = self.cache.max_len if self.compile else self.offset + total
         self.mask = torch.zeros((B, width), dtype=torch.long, device=device)
+        self.mask[:, :self.offset] = 1
         self.starts = []
         for i, p in enumerate(prompts):
             self.ids[i, P - len(p):P] = torch.as_tensor(list(p), device=device)
-            self.mask[i, P - len(p):P] = 1
+            self.mask[i, self.offset + P - len(p):self.offset + P] = 1
             self.starts.append(P - len(p))
-        self.padded = bool((self.mask[:, :P] == 0).any())
+        self.padded = bool((self.mask[:, self.offset:self.offset + P] == 0).any())
         self.pad_id = pad_id
         self.generators = [torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
                            for c in configs]
@@ -137,11 +138,12 @@ class Decoder:
             run = self.step_model if end - start == 1 else model
             # a copy: a slice of `ids` has the width as its stride, and a new stride would recompile the graph
             step_ids = self.ids[:, start:end].clone(memory_format=torch.contiguous_format)
-            step_mask = (self.mask if self.compile else self.mask[:, :end]) if self.padded else None
-            logits = run(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1)[:, -1]
-        else:
-            logits = model(self.ids[:, :end], attention_mask=self.mask[:, :end] if self.padded else None,
-                           logits_to_keep=1)[:, -1]
+            step_mask = (self.mask if self.compile else self.mask[:, :self.offset + end]) if self.padded else None
+            hidden = run(step_ids, attention_mask=step_mask, cache=cache)
+        else:  # without a cache the model's adapter puts its virtual tokens first itself
+            hidden = model(self.ids[:, :end], attention_mask=self.mask[:, self.offset:self.offset + end]
+                           if self.padded else None)
+        logits = model.logits(hidden[:, -1])
         rows = [r for r, a in enumerate(self.active) if a]
         index = torch.tensor(rows, device=logits.device)
         previous = [self.ids[r, self.starts[r]:end] if self.configs[r].repetition_penalty != 1.0 else None for r in rows]
@@ -149,7 +151,7 @@ class Decoder:
                                 [self.generators[r] for r in rows], previous)
         tokens = torch.full((len(self.active),), self.pad_id, dtype=torch.long, device=logits.device)
         tokens[index] = sampled
-        self.ids[:, end], self.mask[:, end] = tokens, 1
+        self.ids[:, end], self.mask[:, self.offset + end] = tokens, 1
         self.end += 1
         out: list[int | None] = [None] * len(self.active)
         for r, token in zip(rows, sampled.tolist()):

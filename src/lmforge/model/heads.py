@@ -15,7 +15,6 @@ Saved layouts, with label2id / id2label / problem_type / pad_token_id in config.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -73,9 +72,8 @@ class Classifier(nn.Module):
         return self.backbone.aux_loss() if not self.encoder else torch.zeros(())
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.encoder:
-            return self.backbone(input_ids, attention_mask=attention_mask)
-        return self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True)
+        """The backbone's last hidden states (B, T, d_model): an encoder's, or a decoder's after its final norm."""
+        return self.backbone(input_ids, attention_mask=attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
         if attention_mask is None:
@@ -112,14 +110,9 @@ class Classifier(nn.Module):
         return out
 
     def hf_state(self) -> dict[str, torch.Tensor]:
-        """The HF tensors: the backbone's (LoRA merged into a copy, the model itself unchanged) and the head's."""
+        """The HF tensors: the backbone's and the head's. A backbone with an adapter merges it first (in a copy:
+        lmforge.peft.merge), or hf_tensors refuses it."""
         backbone = self.backbone
-        from lmforge.finetune.lora import has_adapters, lora_layers
-
-        if has_adapters(backbone):  # merged in a copy, layer by layer: no new module (whose init would draw from
-            backbone = copy.deepcopy(backbone)  # the global RNG and change a run's later dropout masks)
-            for _, layer in lora_layers(backbone):
-                layer.merge()
         if self.encoder:
             out = encoder_hf_tensors(backbone, prefix="bert.")
             if self.pooler is not None:

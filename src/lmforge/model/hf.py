@@ -280,6 +280,10 @@ def transformer_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor],
 
 def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under their HF names (fused q/k/v and gate/up split; GPT-2's Conv1D transposed)."""
+    if "peft" in model._modules:  # lmforge.peft registers a model's adapter as its child module "peft": saving the
+        # base alone would drop what was trained
+        raise CheckpointError(f"this model has an adapter ({model.peft.peft_type}): save it with "
+                              "lmforge.peft.save_adapter, or merge it first (lmforge.peft.merge) to save a full model")
     cfg = model.cfg
     ours = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -300,15 +304,6 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
     if getattr(model, "inference_only", None):
         raise CheckpointError(f"this model's weights are in an inference-only format ({model.inference_only}); "
                               "save the float model instead")
-    if any(hasattr(m, "lora_A") for m in model.modules()):
-        raise CheckpointError("this model has LoRA adapters: save them with lmforge.finetune.lora.save_adapter, or "
-                              "merge them first (merge_lora) to save a full model")
-    if getattr(model, "prompt_embeddings", None) is not None or getattr(model, "n_prefix", 0):
-        raise CheckpointError("this model is prompt- or prefix-tuned: save its virtual tokens with "
-                              "lmforge.finetune.prompt.save_prompt / save_prefix")
-    if any(type(m).__name__ == "WithAdapter" for m in model.modules()):
-        raise CheckpointError("this model has bottleneck adapters: save them with "
-                              "lmforge.finetune.adapters.save_adapters (they cannot be merged into the weights)")
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
     out = {k: v.to(dtype or v.dtype).contiguous() for k, v in hf_tensors(model).items()}

@@ -304,9 +304,6 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        elif getattr(self, "prefix_key", None) is not None:  # prefix tuning: learned keys and values come first
-            k = torch.cat([self.prefix_key.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([self.prefix_value.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         if self.decode_kernel and cache is not None and T == 1 and (mask is None or mask.dtype == torch.bool):
             # one new token: read only the cache's filled slots (SDPA reads a static cache's every slot)
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
@@ -386,7 +383,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model; `forward` returns logits (B, T, vocab)."""
+    """Decoder-only language model: `forward` returns the final-norm hidden states (B, T, d_model), `logits` and
+    `loss` apply the output head to them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -448,47 +446,32 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int | None = None, segment_ids: torch.Tensor | None = None,
-                return_hidden: bool = False, logits_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T); positions (B, T) default start..start+T-1; attention_mask (B, cache+T), 1 = real token
-        (with a static cache: (B, max_len), later slots are never attended anyway).
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model) of input_ids (B, T): what `logits` and `loss` take, and what
+        task heads and embeddings read.
 
-        `segment_ids` (B, T): several sequences packed in one row (training); a token attends only to earlier
-        tokens of its own segment and positions restart at each segment, so the packed row gives each sequence the
-        logits it has alone. `logits_to_keep=k` computes logits for the last k positions only (generation needs
-        1), which skips most of the output-head matmul and its (B, T, vocab) tensor. `return_hidden=True` returns
-        the final-norm hidden states (B, T, d_model) instead of logits (for task heads and embeddings).
-        `logits_mask` (B, T) bool: logits only where it is True, as (N, vocab) in row-major order (SFT trains on
-        the replies only: the head's matmul and softmax then skip the prompt tokens). `targets`: next-token ids for
-        those positions ((N,) with `logits_mask`, else (B, T)); the mean cross entropy is returned instead of logits,
-        computed by `linear_cross_entropy` without the logits tensor (training's memory peak at large vocabularies).
+        positions (B, T) default start..start+T-1 (start: the tokens `cache` holds); attention_mask (B, cache+T),
+        1 = real token (with a static cache: (B, max_len), later slots are never attended anyway). `segment_ids`
+        (B, T): several sequences packed in one row (training); a token attends only to earlier tokens of its own
+        segment and positions restart at each segment, so the packed row gives each sequence the hidden states it
+        has alone. Select the positions that need logits before the head (generation: `hidden[:, -1]`), which
+        skips most of the output-head matmul and its (B, T, vocab) tensor.
         """
-        B, T = input_ids.shape
-        # prompt tuning (finetune/prompt.py): learned virtual-token embeddings go before the sequence
-        prompt = getattr(self, "prompt_embeddings", None)
-        n_virtual = 0 if prompt is None else prompt.shape[0]
-        # prefix tuning: every layer's attention has learned keys and values first, as if a KV cache held them
-        n_prefix = getattr(self, "n_prefix", 0)
-        if n_virtual or n_prefix:  # both: the attention mask gains the virtual positions, always attended
-            if (cache is not None and cache.static) or segment_ids is not None or positions is not None:
-                raise ValueError("a prompt- or prefix-tuned model takes whole unpacked sequences (no static KV "
-                                 "cache, packing or explicit positions)")
-            if attention_mask is not None:  # (real tokens only: the virtual ones are always attended)
-                attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual + n_prefix), attention_mask], dim=1)
-            if cache is not None and cache.length > 0:  # decoding: the cache holds the virtual tokens already
-                n_virtual = 0
-            elif cache is not None and n_prefix:
-                raise ValueError("a prefix-tuned model decodes from a cache that starts with its prefix "
-                                 "(Transformer.prefill_prefix)")
-            T += n_virtual
+        return self.forward_embeddings(self.embed(input_ids), positions, attention_mask, cache, segment_ids)
+
+    def forward_embeddings(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                           attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                           segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` over input embeddings x (B, T, d_model) instead of token ids (prompt tuning's virtual tokens)."""
+        B, T, _ = x.shape
+        device = x.device
         static = cache is not None and cache.static
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not for decoding with a KV cache")
         # a static cache's position stays a tensor: reading it as an int would specialise a compiled graph
-        start = (cache.pos if static else cache.length) if cache is not None else n_prefix
+        start = (cache.pos if static else cache.length) if cache is not None else 0
         if positions is None:
-            slots = (start + torch.arange(T, device=input_ids.device)).expand(B, T)
+            slots = (start + torch.arange(T, device=device)).expand(B, T)
             if segment_ids is not None:  # each segment counts from 0
                 first = torch.ones_like(segment_ids, dtype=torch.bool)
                 first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
@@ -497,9 +480,6 @@ class Transformer(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots)
             else:
                 positions = slots
-        x = self.embed(input_ids)
-        if n_virtual:
-            x = torch.cat([prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)
         if self.pos_embed is not None:
             if not static and int(positions.max()) >= self.cfg.max_seq_len:  # static: generation checked it
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
@@ -509,7 +489,7 @@ class Transformer(nn.Module):
                 and (self.cfg.sliding_window is None or self.cfg.sliding_window >= T)):
             mask = Segments.of(segment_ids)
         else:
-            mask = self._mask(B, T, start, attention_mask, input_ids.device, keys=cache.max_len if static else None,
+            mask = self._mask(B, T, start, attention_mask, device, keys=cache.max_len if static else None,
                               segment_ids=segment_ids)
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
@@ -517,35 +497,26 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        if n_virtual:
-            x = x[:, n_virtual:]
-        if logits_to_keep is not None:
-            x = x[:, -logits_to_keep:]
-        if logits_mask is not None:
-            x = x[logits_mask]
-        x = self.norm(x)
-        if return_hidden:
-            return x
-        if targets is not None:
-            head = self.lm_head
-            if head is None or (type(head) is nn.Linear and head.bias is None):  # a plain matrix (not LoRA / int8)
-                return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight(), targets.reshape(-1))
-            logits = head(x)
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
-            return self.lm_head(x)
-        return F.linear(x, self.embed.weight)
+        return self.norm(x)
 
-    def prefill_prefix(self, cache: KVCache) -> None:
-        """Write a prefix-tuned model's learned keys and values into an empty cache's first slots (every row): the
-        cache then stands where the model's forward without a cache puts them."""
-        if cache.length:
-            raise ValueError("the prefix goes into an empty KV cache")
-        for i, layer in enumerate(self.layers):
-            k, v = layer.attn.prefix_key, layer.attn.prefix_value
-            B = cache.k[i].shape[0]
-            cache.update(i, k.to(cache.k[i].dtype).expand(B, -1, -1, -1), v.to(cache.v[i].dtype).expand(B, -1, -1, -1))
-        cache.advance(self.n_prefix)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head over hidden states (..., d_model) -> (..., vocab)."""
+        if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed.weight)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross entropy of hidden states (..., d_model) against `targets` (...) (-100: no loss);
+        `mask` (...) bool keeps only the positions where it is True (SFT trains on the replies only: the head then
+        skips the prompt tokens). A plain output matrix goes through `linear_cross_entropy`: the head and the loss
+        in chunks, no logits tensor (training's memory peak at large vocabularies)."""
+        if mask is not None:
+            hidden, targets = hidden[mask], targets[mask]
+        head = self.lm_head
+        if head is None or (type(head) is nn.Linear and head.bias is None):  # a plain matrix (not LoRA / int8)
+            return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.output_weight(), targets.reshape(-1))
+        logits = head(hidden)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""

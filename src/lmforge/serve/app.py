@@ -626,7 +626,7 @@ def _score_prompt(server: Server, ids: list[int], top: int) -> list[dict]:
     import torch.nn.functional as F
 
     with torch.no_grad():
-        logits = server.model(torch.tensor([ids], device=server.batcher.device))[0]
+        logits = server.model.logits(server.model(torch.tensor([ids], device=server.batcher.device))[0])
     logp = F.log_softmax(logits.float(), -1)
     out = [{"token_id": ids[0], "logprob": None, "top": None}]
     for i in range(1, len(ids)):

@@ -13,22 +13,43 @@ under NAME or `.NAME.old`, and `resolve_checkpoint` finds it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from lmforge import peft
 from lmforge.files import save_tensors, write_json
 from lmforge.model import CheckpointError, Transformer, load_hf_model, save_hf_model
 from lmforge.model.hf import config_to_hf
 
-if TYPE_CHECKING:
-    from lmforge.train.trainer import Trainer
+
+class Run(Protocol):
+    """What checkpoints read and restore of a training run (the Trainer is one): this module needs no more."""
+
+    cfg: object  # a TrainConfig (saved in trainer_state.json; cfg.model names an adapter's base)
+    out: Path  # the run directory
+    model: torch.nn.Module  # the model being trained (FSDP-sharded, never DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    loader: object  # state_dict() / load_state_dict()
+    ema: list[torch.Tensor] | None  # the weight average of the trainable parameters
+    ema_names: list[str]
+    step: int
+    best_val: float
+    bad_evals: int
+    world: int
+    is_main: bool
+    fsdp: bool
+    sharded: bool  # per-rank shards (torch.distributed.checkpoint), else one full checkpoint written by rank 0
+    device: torch.device
+    tokenizer_dir: Path | None
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -83,12 +104,12 @@ def copy_tokenizer(source: Path | None, directory: Path) -> None:
             shutil.copy(source / name, directory / name)
 
 
-def _barrier(trainer: Trainer) -> None:
+def _barrier(trainer: Run) -> None:
     if trainer.world > 1:
         dist.barrier()
 
 
-def save_checkpoint(trainer: Trainer, name: str) -> Path:
+def save_checkpoint(trainer: Run, name: str) -> Path:
     """Full: rank 0 writes (FSDP first gathers every tensor to it). Sharded: every rank writes its own part."""
     final = trainer.out / name
     if trainer.sharded:
@@ -101,12 +122,12 @@ def save_checkpoint(trainer: Trainer, name: str) -> Path:
     return final
 
 
-def _trainer_state(trainer: Trainer) -> dict:
+def _trainer_state(trainer: Run) -> dict:
     return {"step": trainer.step, "best_val": trainer.best_val, "bad_evals": trainer.bad_evals,
             "loader": trainer.loader.state_dict(), "config": asdict(trainer.cfg)}
 
 
-def _training_state(trainer: Trainer, with_ema: bool) -> dict:
+def _training_state(trainer: Run, with_ema: bool) -> dict:
     """Model, optimizer and EMA keyed by parameter name: this rank's DTensor shards under FSDP, whole tensors
     otherwise. torch.distributed.checkpoint saves either and loads into any sharding (another world size)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -118,7 +139,7 @@ def _training_state(trainer: Trainer, with_ema: bool) -> dict:
     return state
 
 
-def _write_sharded(trainer: Trainer, name: str, final: Path) -> None:
+def _write_sharded(trainer: Run, name: str, final: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     tmp = trainer.out / f".{name}.tmp"
@@ -139,7 +160,7 @@ def _write_sharded(trainer: Trainer, name: str, final: Path) -> None:
     _barrier(trainer)
 
 
-def _gather_full_state(trainer: Trainer) -> tuple[dict, dict, list | None]:
+def _gather_full_state(trainer: Run) -> tuple[dict, dict, list | None]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -149,14 +170,13 @@ def _gather_full_state(trainer: Trainer) -> tuple[dict, dict, list | None]:
             get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options), ema)
 
 
-def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
+def _write_full(trainer: Run, name: str, final: Path, full: tuple[dict, dict, list | None] | None = None) -> None:
     tmp = trainer.out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if full is None and hasattr(trainer.model, "save_pretrained"):  # a task model (model/heads.py): its HF layout
-        trainer.model.save_pretrained(tmp)
-        _save_trainable(trainer.model, tmp)
+        _save_task_model(trainer.model, tmp)
         opt = trainer.optimizer.state_dict()
-    elif full is None and adapted(trainer.model):
+    elif full is None and peft.adapter_of(trainer.model) is not None:
         _save_adapter_checkpoint(trainer, tmp)
         opt = trainer.optimizer.state_dict()
     elif full is None:
@@ -165,7 +185,7 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
     else:  # FSDP: the gathered full weights go through an unsharded CPU replica
         replica = _replica(trainer)
         replica.load_state_dict(full[0])
-        if adapted(replica):
+        if peft.adapter_of(replica) is not None:
             _save_adapter_checkpoint(trainer, tmp, replica)
         else:
             save_hf_model(replica, tmp)
@@ -190,60 +210,45 @@ def _write_full(trainer: Trainer, name: str, final: Path, full: tuple[dict, dict
     swap_into_place(tmp, final)
 
 
-def _save_trainable(model, directory: Path) -> None:
-    """A task model with LoRA: its HF directory holds the merged weights, so resuming needs the adapters and head as
-    they train (trainable.safetensors); the frozen base is the one the run loads."""
-    from lmforge.finetune.lora import has_adapters
-
-    if has_adapters(model):
-        save_tensors({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+def _save_task_model(model, directory: Path) -> None:
+    """A task model's HF directory. With an adapter, the directory holds the merged weights (merged in a copy, the
+    model unchanged) and resuming needs the adapter and head as they train (trainable.safetensors); the frozen base
+    is the one the run loads."""
+    _merged(model).save_pretrained(directory)
+    if peft.adapter_of(model) is not None:
+            save_tensors({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                      directory / "trainable.safetensors")
 
 
-def adapted(model) -> bool:
-    from lmforge.finetune.adapters import has_bottleneck
-    from lmforge.finetune.lora import has_adapters
-    from lmforge.finetune.prompt import has_prefix, has_prompt
-
-    return has_adapters(model) or has_bottleneck(model) or has_prompt(model) or has_prefix(model)
+def _merged(model):
+    """The model, or a copy with its adapter merged into the weights (the model itself unchanged)."""
+    return model if peft.adapter_of(model) is None else peft.merge(copy.deepcopy(model))
 
 
-def _replica(trainer: Trainer) -> Transformer:
-    """An unsharded CPU model shaped like the trainer's (with its LoRA adapters), for FSDP's gathered weights."""
-    from lmforge.finetune.lora import apply_lora, lora_layers
-
+def _replica(trainer: Run) -> Transformer:
+    """An unsharded CPU model shaped like the trainer's (with a new adapter like its own), for FSDP's gathered
+    weights."""
     replica = Transformer(trainer.model.cfg)
-    layers = lora_layers(trainer.model)
-    if layers:
-        apply_lora(replica, layers[0][1].config)
+    adapter = peft.adapter_of(trainer.model)
+    if adapter is not None:
+        peft.apply_adapter(replica, type(adapter)(adapter.config))
     return replica
 
 
-def _save_adapter_checkpoint(trainer: Trainer, directory: Path, model=None) -> None:
-    """A LoRA run's checkpoint: the PEFT adapter (what trains), the base model's config.json (its shape, for the
-    resume check) and generation_config.json; the frozen base stays where it was loaded from."""
-    from lmforge.finetune.adapters import has_bottleneck, save_adapters
-    from lmforge.finetune.lora import save_adapter
+def _save_adapter_checkpoint(trainer: Run, directory: Path, model=None) -> None:
+    """An adapter run's checkpoint: the adapter directory (what trains), the base model's config.json (its shape,
+    for the resume check) and generation_config.json; the frozen base stays where it was loaded from."""
     from lmforge.model.hf import generation_config
 
     base = Path(trainer.cfg.model)
     base_name = str(base.resolve()) if base.is_dir() else trainer.cfg.model
-    from lmforge.finetune.prompt import has_prefix, has_prompt, save_prefix, save_prompt
-
     model = trainer.model if model is None else model
-    if has_bottleneck(model):
-        save_adapters(model, directory, base_name)
-    elif has_prompt(model):
-        save_prompt(model, directory, base_name)
-    elif has_prefix(model):
-        save_prefix(model, directory, base_name)
-    else:
-        save_adapter(model, directory, base_name)
+    peft.save_adapter(model, directory, base_name)
     write_json(directory / "config.json", config_to_hf(model.cfg))
     write_json(directory / "generation_config.json", generation_config(model.cfg))
 
 
-def _save_ema_model(trainer: Trainer, directory: Path, full_ema: list | None = None,
+def _save_ema_model(trainer: Run, directory: Path, full_ema: list | None = None,
                     full_state: dict | None = None) -> None:
     """The averaged weights as their own HF model directory (FSDP: from the gathered EMA). Frozen parameters have
     no average: they are saved as they are."""
@@ -253,7 +258,7 @@ def _save_ema_model(trainer: Trainer, directory: Path, full_ema: list | None = N
         with torch.no_grad():
             for n, e in zip(trainer.ema_names, trainer.ema):
                 params[n].copy_(e)
-            trainer.model.save_pretrained(directory)
+            _merged(trainer.model).save_pretrained(directory)
             for n, w in live.items():
                 params[n].copy_(w)
     elif full_ema is not None:
@@ -272,7 +277,7 @@ def _save_ema_model(trainer: Trainer, directory: Path, full_ema: list | None = N
     copy_tokenizer(trainer.tokenizer_dir, directory)
 
 
-def load_checkpoint(trainer: Trainer, directory: Path) -> None:
+def load_checkpoint(trainer: Run, directory: Path) -> None:
     from safetensors.torch import load_file
 
     state = json.loads((directory / "trainer_state.json").read_text())
@@ -289,19 +294,13 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     elif hasattr(trainer.model, "load_state_from"):
         trainer.model.load_state_from(directory)
         weights = None
-    elif (directory / "adapter_config.json").exists():  # an adapter run: the adapters into the adapted model
-        from lmforge.finetune.adapters import has_bottleneck, load_adapters
-        from lmforge.finetune.lora import load_adapter
-        from lmforge.finetune.prompt import has_prefix, has_prompt, load_prefix, load_prompt
-
-        loader = load_adapters if has_bottleneck(trainer.model) else load_prompt if has_prompt(trainer.model) \
-            else load_prefix if has_prefix(trainer.model) else load_adapter
+    elif (directory / "adapter_config.json").exists():  # an adapter run: the adapter into the adapted model
         if trainer.fsdp:  # into an unsharded replica; its adapter tensors then go to every rank's shards
             replica = _replica(trainer)
-            loader(replica, directory)
+            peft.load_adapter(replica, directory)
             weights = {n: p.detach() for n, p in replica.named_parameters() if p.requires_grad}
         else:
-            loader(trainer.model, directory)
+            peft.load_adapter(trainer.model, directory)
             weights = None
     else:
         weights = load_hf_model(directory).state_dict()
@@ -335,7 +334,7 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
         options = StateDictOptions(full_state_dict=True)
         if weights is not None:  # (an adapter checkpoint holds the adapters only: the base is the one loaded)
             set_model_state_dict(trainer.model, weights, options=StateDictOptions(
-                full_state_dict=True, strict=not adapted(trainer.model)))
+                full_state_dict=True, strict=peft.adapter_of(trainer.model) is None))
         set_optimizer_state_dict(trainer.model, trainer.optimizer, full_opt, options=options)
     else:
         if weights is not None:
@@ -345,12 +344,12 @@ def load_checkpoint(trainer: Trainer, directory: Path) -> None:
     _restore_progress(trainer, state)
 
 
-def _restore_progress(trainer: Trainer, state: dict) -> None:
+def _restore_progress(trainer: Run, state: dict) -> None:
     trainer.loader.load_state_dict(state["loader"])
     trainer.step, trainer.best_val, trainer.bad_evals = state["step"], state["best_val"], state["bad_evals"]
 
 
-def _load_sharded(trainer: Trainer, directory: Path, state: dict) -> None:
+def _load_sharded(trainer: Run, directory: Path, state: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -365,7 +364,7 @@ def _load_sharded(trainer: Trainer, directory: Path, state: dict) -> None:
     _restore_progress(trainer, state)
 
 
-def export_sharded_checkpoints(trainer: Trainer) -> None:
+def export_sharded_checkpoints(trainer: Run) -> None:
     """End of training: best/ and last/ get HF weights (rank 0 reads the shards; the others wait)."""
     _barrier(trainer)
     if trainer.is_main:

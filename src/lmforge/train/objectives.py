@@ -44,18 +44,18 @@ class Objective(abc.ABC):
         return int((labels != -100).sum())
 
 
-def _is_decoder(forward: Callable) -> bool:
-    """Whether `forward` is lmforge's decoder, possibly wrapped (DDP's .module, torch.compile's ._orig_mod; FSDP2
-    keeps the class)."""
+def _decoder(forward: Callable):
+    """lmforge's decoder behind `forward`, possibly wrapped (DDP's .module, torch.compile's ._orig_mod; FSDP2 keeps
+    the class), or None: its forward returns hidden states, its `logits` / `loss` apply the head."""
     from lmforge.model.transformer import Transformer
 
     for _ in range(4):
         if isinstance(forward, Transformer):
-            return True
+            return forward
         forward = getattr(forward, "module", None) or getattr(forward, "_orig_mod", None)
         if forward is None:
-            return False
-    return False
+            return None
+    return None
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -71,16 +71,13 @@ class CausalLM(Objective):
         trained = labels != -100
         count = int(trained.sum())
         masked = count < labels.numel()  # masked prompts or padding: the head runs only where there is a target
-        if _is_decoder(forward):  # the model returns the loss: no (tokens, vocab) logits kept (linear_cross_entropy)
-            if masked:
-                return forward(batch["input_ids"], logits_mask=trained, targets=labels[trained],
-                               **_model_inputs(batch)), count
-            return forward(batch["input_ids"], targets=labels, **_model_inputs(batch)), count
-        if masked:
-            logits = forward(batch["input_ids"], logits_mask=trained, **_model_inputs(batch))
-            return F.cross_entropy(logits.float(), labels[trained]), count
-        logits = forward(batch["input_ids"], **_model_inputs(batch))
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        out = forward(batch["input_ids"], **_model_inputs(batch))
+        decoder = _decoder(forward)
+        if decoder is not None:  # hidden states: the head and the loss fused, no (tokens, vocab) logits kept
+            return decoder.loss(out, labels, trained if masked else None), count
+        if masked:  # another model's logits
+            return F.cross_entropy(out[trained].float(), labels[trained]), count
+        loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return loss, count
 
     @torch.no_grad()
@@ -241,7 +238,9 @@ def sequence_logps(forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.
     softmax run on the trained (completion) positions only."""
     labels = batch["labels"]
     trained = labels != -100
-    logits = forward(batch["input_ids"], logits_mask=trained, **_model_inputs(batch))
+    out = forward(batch["input_ids"], **_model_inputs(batch))[trained]
+    decoder = _decoder(forward)
+    logits = decoder.logits(out) if decoder is not None else out
     token_logps = torch.log_softmax(logits.float(), -1).gather(-1, labels[trained][:, None]).squeeze(-1)
     rows = trained.nonzero()[:, 0]
     sums = torch.zeros(len(labels), device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from lmforge.files import atomic_write
 from lmforge.model import Transformer, load_hf_model, preset
 from lmforge.model.hf import config_to_hf
+from lmforge.peft import adapter_of
 from lmforge.progress import progress
 from lmforge.train import checkpoint
 from lmforge.train.checkpoint import export_checkpoint  # noqa: F401  (users import it from here)
@@ -225,12 +226,10 @@ class Trainer:
         trainable = trainable_parameters(self.model)
         self.ema_names = [name for name, _ in trainable]
         self.ema = [p.detach().clone().float() for _, p in trainable] if cfg.ema_decay else None
-        # FSDP writes sharded checkpoints by default, but adapters are small and their checkpoint is a PEFT directory:
-        # gathered to rank 0 instead
-        from lmforge.train.checkpoint import adapted
-
+        # FSDP writes sharded checkpoints by default, but adapters are small and their checkpoint is an adapter
+        # directory: gathered to rank 0 instead
         self.sharded = cfg.checkpoint_format == "sharded" or (cfg.checkpoint_format == "auto" and self.fsdp
-                                                              and not adapted(self.model))
+                                                              and adapter_of(self.model) is None)
         # the tokenizer that belongs with the weights: a model directory's own, else the one the shards were made with
         model_dir = Path(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
         source = tokenizer_dir or model_dir or (self.manifest or {}).get("tokenizer")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.finetune import lora as L
 from lmforge.model import load_hf_model, save_hf_model
+from lmforge.peft import adapter_of, load_adapter, merge, parameter_counts, save_adapter, set_merged
+from lmforge.peft import lora as L
 from tests.model.test_hf_interop import _hf_tiny, _ids, _save
 
 peft = pytest.importorskip("peft")
@@ -37,7 +38,7 @@ def test_lmforge_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets
     model = load_hf_model(tmp_path / "base").eval()
     L.apply_lora(model, L.LoraConfig(r=4, alpha=8, dropout=0.0, targets=targets, dora=dora, rslora=rslora))
     _randomise_adapters(model)
-    L.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
     if kind != "gpt2":  # separate HF names, never the fused ones (vLLM and llama.cpp's converter need them)
@@ -46,11 +47,12 @@ def test_lmforge_adapter_loads_in_peft_with_equal_logits(tmp_path, kind, targets
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ids = _ids()
     with torch.no_grad():
-        ours, theirs = model(ids), peft_model(ids).logits
+        ours, theirs = model.logits(model(ids)), peft_model(ids).logits
     assert (ours - theirs).abs().max() < TOL
     # the adapters do change the output (so the comparison means something)
     with torch.no_grad():
-        plain = load_hf_model(tmp_path / "base").eval()(ids)
+        base = load_hf_model(tmp_path / "base").eval()
+        plain = base.logits(base(ids))
     assert (ours - plain).abs().max() > 1e-3
 
 
@@ -61,10 +63,10 @@ def test_peft_adapter_loads_in_lmforge_with_equal_logits(tmp_path, kind, targets
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                                                  use_dora=dora, use_rslora=rslora, init_lora_weights=False)).eval()
     pm.save_pretrained(tmp_path / "adapter")
-    model = L.load_adapter(load_hf_model(tmp_path / "base").eval(), tmp_path / "adapter")
+    model = load_adapter(load_hf_model(tmp_path / "base").eval(), tmp_path / "adapter")
     ids = _ids()
     with torch.no_grad():
-        assert (model(ids) - pm(ids).logits).abs().max() < TOL
+        assert (model.logits(model(ids)) - pm(ids).logits).abs().max() < TOL
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -75,14 +77,14 @@ def test_merge_equals_unmerged_and_peft_merge(tmp_path, dora):
     _randomise_adapters(model)
     ids = _ids()
     with torch.no_grad():
-        unmerged = model(ids)
-        L.set_merged(model, True)
-        assert (model(ids) - unmerged).abs().max() < TOL
-        L.set_merged(model, False)  # unmerge gives the adapted model back
-        assert (model(ids) - unmerged).abs().max() < TOL
-    L.save_adapter(model, tmp_path / "adapter")
-    L.merge_lora(model)
-    assert not L.has_adapters(model)
+        unmerged = model.logits(model(ids))
+        set_merged(model, True)
+        assert (model.logits(model(ids)) - unmerged).abs().max() < TOL
+        set_merged(model, False)  # unmerge gives the adapted model back
+        assert (model.logits(model(ids)) - unmerged).abs().max() < TOL
+    save_adapter(model, tmp_path / "adapter")
+    merge(model)
+    assert adapter_of(model) is None and not L.lora_layers(model)
     save_hf_model(model, tmp_path / "merged")
     import transformers
 
@@ -99,7 +101,7 @@ def test_only_adapters_train_and_lora_plus_groups(tmp_path):
     L.apply_lora(model, L.LoraConfig(r=2, targets=["q_proj", "v_proj"], lora_plus_ratio=16))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
-    counts = L.parameter_counts(model)
+    counts = parameter_counts(model)
     # q (64 out) and v (16 out) of 64 inputs, rank 2, 3 layers: A 2x64 each, B 64x2 and 16x2
     assert counts["trainable"] == 3 * (2 * 64 + 64 * 2 + 2 * 64 + 16 * 2)
     from lmforge.train.config import TrainConfig
@@ -109,7 +111,7 @@ def test_only_adapters_train_and_lora_plus_groups(tmp_path):
     scales = sorted(g["lr_scale"] for g in opt.param_groups if g["params"])
     assert scales == [1.0, 16.0]
     # the loss reaches A and B and nothing else
-    model(_ids()).float().pow(2).mean().backward()
+    model.logits(model(_ids())).float().pow(2).mean().backward()
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
 
 
@@ -121,51 +123,9 @@ def test_bad_targets_and_adapter_dirs_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="matches no module"):
         L.apply_lora(load_hf_model(tmp_path / "base"), L.LoraConfig(targets=r".*\.attn\.q"))
     with pytest.raises(ConfigError, match="no adapter_config.json"):
-        L.load_adapter(load_hf_model(tmp_path / "base"), tmp_path / "base")
+        load_adapter(load_hf_model(tmp_path / "base"), tmp_path / "base")
     regex = L.select_sites(model.cfg, r"model\.layers\.[01]\.self_attn\.(q|v)_proj")
     assert [s.hf_name for s in regex] == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
-def test_prefix_tuning_equals_peft_both_ways(tmp_path, kind):
-    from lmforge.finetune import prompt as P
-
-    hf = _save(_hf_tiny(kind), tmp_path / "base")
-    model = load_hf_model(tmp_path / "base").eval()
-    P.apply_prefix_tuning(model, 5, seed=1)
-    with torch.no_grad():
-        for block in model.layers:
-            block.attn.prefix_key.normal_(0, 1)
-            block.attn.prefix_value.normal_(0, 1)
-    P.save_prefix(model, tmp_path / "pf", str(tmp_path / "base"))
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "pf").eval()
-    ids = _ids()
-    mask = torch.ones_like(ids)
-    mask[1, 30:] = 0  # right padding
-    with torch.no_grad():
-        base = load_hf_model(tmp_path / "base").eval()(ids)
-        ours = model(ids)
-        assert (ours - base).abs().max() > 1e-2  # the prefixes matter
-        assert (ours - pm(input_ids=ids).logits).abs().max() < TOL
-        assert (model(ids, attention_mask=mask) - pm(input_ids=ids, attention_mask=mask).logits)[mask.bool()] \
-            .abs().max() < TOL
-        again = P.load_prefix(load_hf_model(tmp_path / "base").eval(), tmp_path / "pf")
-        assert torch.equal(again(ids), ours)
-    # generation from a KV cache that starts with the prefix: the tokens of a plain greedy loop over whole
-    # sequences, and, in a batch with left padding, those of the engine without a cache
-    from lmforge.infer.engine import generate_ids
-    from lmforge.infer.sampling import SamplingConfig
-
-    prompt = ids[0, :6].tolist()
-    got = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=4, temperature=0))[0]
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(4):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert got == seq[6:]
-    batch = [prompt, ids[1, :11].tolist()]
-    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, seed=3)
-    assert generate_ids(model, batch, cfg) == generate_ids(model, batch, cfg, use_cache=False)
 
 
 def test_mask_dropout_drops_at_rate_p_and_its_gradient_is_the_mask():

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from lmforge.finetune import lora as L
-from lmforge.finetune.nf4 import NF4Linear, NF4Weight, dynamic_map, quantize_model
 from lmforge.model import load_hf_model
+from lmforge.peft import lora as L
+from lmforge.peft import merge
+from lmforge.peft.nf4 import NF4Linear, NF4Weight, dynamic_map, quantize_model
 from tests.model.test_hf_interop import _hf_tiny, _ids, _save
 
 # bitsandbytes 0.50.2 runs on CPU; its 4-bit matmul fails under no_grad when the input width is not a multiple
@@ -94,18 +95,18 @@ def test_qlora_equals_lora_on_the_dequantized_base_and_merges_into_it(llama, dor
     _randomise(reference)
     ids = _ids(vocab=300)
     with torch.no_grad():
-        unmerged = model(ids)
-        assert (unmerged - reference(ids)).abs().max() < 1e-5
+        unmerged = model.logits(model(ids))
+        assert (unmerged - reference.logits(reference(ids))).abs().max() < 1e-5
         # merging into the dequantized base (kept in float) keeps the model (the goal: <= 0.01)
-        L.merge_lora(model)
-        merged = model(ids)
+        merge(model)
+        merged = model.logits(model(ids))
     assert (merged - unmerged).abs().max() < 0.01
     assert (merged - unmerged).abs().max() < 1e-4  # in fact float rounding only
     # what peft's merge_and_unload into 4-bit weights does instead: re-quantize the merged weight
     requant = copy.deepcopy(model)
     quantize_model(requant, sites)
     with torch.no_grad():
-        assert (requant(ids) - unmerged).abs().max() > 10 * (merged - unmerged).abs().max()
+        assert (requant.logits(requant(ids)) - unmerged).abs().max() > 10 * (merged - unmerged).abs().max()
 
 
 def test_qlora_finetune_run(llama, tmp_path, trained_dir):

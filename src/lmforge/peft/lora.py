@@ -1,4 +1,4 @@
-"""LoRA and DoRA on lmforge's transformer, in PEFT's format.
+"""LoRA and DoRA on lmforge's transformer, in PEFT's format: the `Lora` adapter (peft/adapter.py's protocol).
 
 LoRA (Hu et al. 2021) adds `scale * B @ A` to a frozen weight W, with A (r x in) and B (out x r), B starting at zero
 so training starts from the base model; `scale = alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski
@@ -14,22 +14,18 @@ with `.NAME`), a regular expression (matched against the whole HF name), or "all
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.peft.adapter import Adapter, apply_adapter, register_adapter
 
 ALL_LINEAR = "all-linear"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -155,7 +151,7 @@ class LoraLinear(nn.Linear):
     """An nn.Linear (the same frozen weight and bias, under the same names) plus adapters on output slices."""
 
     def __init__(self, base: nn.Module, lora: LoraConfig, slices: list[tuple[int, int, str]]):
-        from lmforge.finetune.nf4 import NF4Linear
+        from lmforge.peft.nf4 import NF4Linear
 
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -270,188 +266,116 @@ class LoraLinear(nn.Linear):
         """An nn.Linear with the current (merged or base) weight and no adapters (the NF4 layer while unmerged)."""
         if self.quantized is not None:
             return self.quantized
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        # built on the meta device, then given the weight: a merge draws nothing from the global RNG (a run that
+        # merges a copy for its checkpoint keeps the dropout masks it would have had)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         out.weight, out.bias = self.weight, self.bias
         return out
 
 
-# --- applying, merging, counting ----------------------------------------------------------------------------------
-
-def _get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
+# --- the method ---------------------------------------------------------------------------------------------------
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig, train_modules: tuple[str, ...] = ()) -> list[Site]:
-    """Freeze the model and add adapters on the sites `lora.targets` names; returns them. `train_modules`:
-    parameter-name prefixes that also train in full (e.g. "embed", "lm_head")."""
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
-        raise ValueError("the model already has adapters")
-    sites = select_sites(model.cfg, lora.targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    by_module: dict[str, list[tuple[int, int, str]]] = {}
-    for s in sites:
-        by_module.setdefault(s.module, []).append((s.start, s.end, s.hf_name))
-    for path, slices in by_module.items():
-        base = _get(model, path)
-        # the new dropout follows the model's mode: adapters added to a model in eval() do not drop out
-        _set(model, path, LoraLinear(base, lora, slices).train(base.training))
-    for name, p in model.named_parameters():
-        if any(name.startswith(prefix) for prefix in train_modules):
-            p.requires_grad_(True)
-    for m in model.modules():
-        if isinstance(m, LoraLinear):
-            for p in [*m.lora_A, *m.lora_B, *m.magnitude]:
-                p.requires_grad_(True)
-            for p in m.lora_B:
-                p.lr_scale = lora.lora_plus_ratio or 1.0  # LoRA+: build_optimizer gives B its own group
-    model.lora = lora
-    return sites
-
-
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
-def has_adapters(model: nn.Module) -> bool:
-    return bool(lora_layers(model))
+@register_adapter
+class Lora(Adapter):
+    """LoRA / DoRA / rsLoRA / LoRA+ on the sites `config.targets` names (QLoRA: on a model whose linear layers
+    quantize_model put in NF4); saved as peft's LORA adapter directory."""
 
+    peft_type = "LORA"
+    mergeable = True
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight and put plain nn.Linear layers back (the model then saves as an HF
-    model). In place; returns the model."""
-    for path, layer in lora_layers(model):
-        layer.merge()
-        _set(model, path, layer.plain())
-    if hasattr(model, "lora"):
-        del model.lora
-    return model
+    def __init__(self, config: LoraConfig):
+        super().__init__(config)
+        self.sites: list[Site] = []
 
+    def attach(self, model: nn.Module) -> None:
+        lora = self.config
+        self.sites = select_sites(model.cfg, lora.targets)
+        by_module: dict[str, list[tuple[int, int, str]]] = {}
+        for s in self.sites:
+            by_module.setdefault(s.module, []).append((s.start, s.end, s.hf_name))
+        for path, slices in by_module.items():
+            base = model.get_submodule(path)
+            # the new dropout follows the model's mode: adapters added to a model in eval() do not drop out
+            _set(model, path, LoraLinear(base, lora, slices).train(base.training))
+        for _, layer in lora_layers(model):
+            for p in layer.lora_B:
+                p.lr_scale = lora.lora_plus_ratio or 1.0  # LoRA+: build_optimizer gives B its own group
 
-def set_merged(model: nn.Module, merged: bool) -> None:
-    """Merge (for fast inference) or unmerge the adapters while keeping them."""
-    for _, layer in lora_layers(model):
-        layer.merge() if merged else layer.unmerge()
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for _, layer in lora_layers(model) for p in [*layer.lora_A, *layer.lora_B, *layer.magnitude]]
 
-
-def parameter_counts(model: nn.Module) -> dict:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "trainable_percent": round(100 * trainable / max(total, 1), 4)}
-
-
-# --- the PEFT adapter directory ------------------------------------------------------------------------------------
-
-def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters under peft's names: base_model.model.<hf module>.lora_A.weight / lora_B.weight /
-    lora_magnitude_vector."""
-    out = {}
-    for _, layer in lora_layers(model):
-        for k, (_, _, hf_name) in enumerate(layer.slices):
-            key = f"base_model.model.{hf_name}"
-            out[f"{key}.lora_A.weight"] = layer.lora_A[k].detach().contiguous()
-            out[f"{key}.lora_B.weight"] = layer.lora_B[k].detach().contiguous()
-            if layer.config.dora:
-                out[f"{key}.lora_magnitude_vector"] = layer.magnitude[k].detach().contiguous()
-    return out
-
-
-def peft_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
-    lora: LoraConfig = model.lora
-    leaves = sorted({hf.rsplit(".", 1)[1] for _, layer in lora_layers(model) for _, _, hf in layer.slices})
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
-            "lora_dropout": lora.dropout, "target_modules": leaves if not isinstance(lora.targets, str)
-            or lora.targets == ALL_LINEAR else lora.targets, "use_rslora": lora.rslora, "use_dora": lora.dora,
-            "fan_in_fan_out": model.cfg.arch == "gpt2", "bias": "none", "modules_to_save": None,
-            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "init_lora_weights": True,
-            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
-
-
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """adapter_config.json + adapter_model.safetensors, as `peft.PeftModel.from_pretrained` reads them. With
-    "all-linear" the config lists the module names, so peft targets exactly the same layers."""
-    from lmforge.files import StagedDirectory, save_tensors, write_json
-
-    cfg = peft_config(model, base_model_name_or_path)
-    if cfg["target_modules"] == ALL_LINEAR:
-        cfg["target_modules"] = sorted({hf.rsplit(".", 1)[1] for _, layer in lora_layers(model) for *_, hf in layer.slices})
-    with StagedDirectory(directory) as stage:
-        save_tensors(peft_state_dict(model), stage.path(ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_json(stage.path(ADAPTER_CONFIG), cfg)
-
-
-def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict]:
-    """The LoraConfig of a peft LoRA adapter directory (lmforge's or peft's), and the raw config; anything peft
-    can express that lmforge cannot is a one-line error."""
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{directory}: no {ADAPTER_CONFIG}; not a PEFT adapter directory") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"{path}: peft_type {raw.get('peft_type')!r}; lmforge loads LORA adapters")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if raw.get(key):
-            raise ConfigError(f"{path}: {key} (per-module ranks) is not supported yet")
-    for key in ("layers_to_transform", "modules_to_save", "trainable_token_indices"):
-        if raw.get(key):
-            raise ConfigError(f"{path}: {key} is not supported yet")
-    if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
-        raise ConfigError(f"{path}: trained biases (bias={raw.get('bias')!r}) are not supported yet")
-    targets = raw.get("target_modules") or ALL_LINEAR
-    if isinstance(targets, list):
-        targets = sorted(targets)
-    lora = LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)), dropout=float(raw.get("lora_dropout", 0)),
-                      targets=targets, rslora=bool(raw.get("use_rslora")), dora=bool(raw.get("use_dora")))
-    return lora, raw
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Add the adapters of a PEFT directory to a (base) lmforge model, in place; every tensor must fit."""
-    from safetensors.torch import load_file
-
-    from lmforge.model.hf import CheckpointError
-
-    lora, _ = read_adapter_config(directory)
-    if not has_adapters(model):
-        apply_lora(model, lora)
-    path = Path(directory) / ADAPTER_WEIGHTS
-    if not path.exists():
-        bin_path = Path(directory) / "adapter_model.bin"
-        raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS}" + (" (adapter_model.bin is a pickle lmforge "
-                              "does not load; re-save it with safe_serialization=True)" if bin_path.exists() else ""))
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    tensors = {re.sub(r"\.default(?=\.|$)", "", k): v for k, v in tensors.items()}  # peft's adapter-name infix
-    wanted = peft_state_dict(model)
-    missing = sorted(set(wanted) - set(tensors))
-    extra = sorted(set(tensors) - set(wanted))
-    if missing or extra:
-        raise CheckpointError(f"{path}: adapter tensors do not fit this model: "
-                              + (f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                                 if missing else "")
-                              + ("; " if missing and extra else "")
-                              + (f"unexpected {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
-                                 if extra else ""))
-    with torch.no_grad():
+    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapters under peft's names: base_model.model.<hf module>.lora_A.weight / lora_B.weight /
+        lora_magnitude_vector."""
+        out = {}
         for _, layer in lora_layers(model):
             for k, (_, _, hf_name) in enumerate(layer.slices):
-                key = f"base_model.model.{hf_name}"
-                for param, name in ((layer.lora_A[k], "lora_A.weight"), (layer.lora_B[k], "lora_B.weight")) + \
-                        (((layer.magnitude[k], "lora_magnitude_vector"),) if lora.dora else ()):
-                    t = tensors[f"{key}.{name}"]
-                    if t.shape != param.shape:
-                        raise CheckpointError(f"{path}: {key}.{name} has shape {tuple(t.shape)}, this model needs "
-                                              f"{tuple(param.shape)}")
-                    param.copy_(t.to(param.dtype))
-    return model
+                for name, param in self._named(layer, k):
+                    out[f"base_model.model.{hf_name}.{name}"] = param.detach().contiguous()
+        return out
+
+    def load_adapter_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        for _, layer in lora_layers(model):
+            for k, (_, _, hf_name) in enumerate(layer.slices):
+                for name, param in self._named(layer, k):
+                    param.copy_(tensors[f"base_model.model.{hf_name}.{name}"])
+
+    def _named(self, layer: LoraLinear, k: int) -> list[tuple[str, nn.Parameter]]:
+        named = [("lora_A.weight", layer.lora_A[k]), ("lora_B.weight", layer.lora_B[k])]
+        return named + ([("lora_magnitude_vector", layer.magnitude[k])] if self.config.dora else [])
+
+    def adapter_config(self, model: nn.Module) -> dict:
+        """peft's LoraConfig fields. With "all-linear" the config lists the module names, so peft targets exactly
+        the same layers."""
+        lora = self.config
+        leaves = sorted({hf.rsplit(".", 1)[1] for _, layer in lora_layers(model) for *_, hf in layer.slices})
+        return {"task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                "target_modules": lora.targets if isinstance(lora.targets, str) and lora.targets != ALL_LINEAR
+                else leaves, "use_rslora": lora.rslora, "use_dora": lora.dora,
+                "fan_in_fan_out": model.cfg.arch == "gpt2", "bias": "none", "modules_to_save": None,
+                "inference_mode": True, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+                "layers_to_transform": None, "layers_pattern": None}
+
+    @classmethod
+    def from_adapter_config(cls, raw: dict, where: str) -> Lora:
+        """A peft LoRA adapter_config.json (lmforge's or peft's); anything peft can express that lmforge cannot is
+        a one-line error."""
+        for key in ("rank_pattern", "alpha_pattern"):
+            if raw.get(key):
+                raise ConfigError(f"{where}: {key} (per-module ranks) is not supported yet")
+        for key in ("layers_to_transform", "modules_to_save", "trainable_token_indices"):
+            if raw.get(key):
+                raise ConfigError(f"{where}: {key} is not supported yet")
+        if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+            raise ConfigError(f"{where}: trained biases (bias={raw.get('bias')!r}) are not supported yet")
+        targets = raw.get("target_modules") or ALL_LINEAR
+        if isinstance(targets, list):
+            targets = sorted(targets)
+        return cls(LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)),
+                              dropout=float(raw.get("lora_dropout", 0)), targets=targets,
+                              rslora=bool(raw.get("use_rslora")), dora=bool(raw.get("use_dora"))))
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold every adapter into its weight and put plain nn.Linear layers back."""
+        for path, layer in lora_layers(model):
+            layer.merge()
+            _set(model, path, layer.plain())
+
+    def set_merged(self, model: nn.Module, merged: bool) -> None:
+        for _, layer in lora_layers(model):
+            layer.merge() if merged else layer.unmerge()
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig) -> list[Site]:
+    """Freeze the model and add adapters on the sites `lora.targets` names (apply_adapter with a Lora); returns
+    them."""
+    return apply_adapter(model, Lora(lora)).sites
