@@ -122,9 +122,7 @@ def _layer_types(hf: dict, model_type: str, n_layers: int, window: int | None, w
     it; None where every layer is the same."""
     from lmforge.model.config import LAYER_TYPES
 
-    if window is None:
-        types = None
-    elif model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # the window applies to every layer
+    if window is None or model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # (these: every layer slides)
         types = None
     elif hf.get("layer_types") is not None:
         types = tuple(hf["layer_types"])
