@@ -10,13 +10,15 @@ types stand for:
 
 Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style), SentencePiece vocabularies in
 tokenizer.json form (Llama 2, Phi-3, Mistral v0.1: llama.cpp's "llama" tokenizer, scores derived from the merge
-ranks), and the llama (Llama, Mistral, SmolLM), qwen2 and gpt2 architectures; tensors in f32, f16, q8_0 or q4_0
-(1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and the
-end-of-turn token travel in the file, so llama.cpp stops where the fine-tuned model learned to.
+ranks); every family lmforge loads, each in llama.cpp's own architecture (GGUF_ARCH); tensors in f32, f16, q8_0 or
+q4_0 (1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and
+the end-of-turn token travel in the file, so llama.cpp stops where the fine-tuned model learned to.
 
-HF's Llama checkpoints rotate q/k in two halves (NeoX style); llama.cpp's llama architecture rotates interleaved
-pairs, so q and k rows are permuted on the way, as llama.cpp's convert_hf_to_gguf.py does. Qwen2 uses NeoX rotation
-in llama.cpp too: no permutation.
+The tensors go through lmforge's own parameters: hf.py maps a family's checkpoint onto them, `_layout` maps them onto
+an architecture's GGUF tensors (lmforge's fused q/k/v and gate/up split where llama.cpp keeps them apart), and the
+import runs both maps backwards. HF rotates q/k in two halves (NeoX style); llama.cpp's llama and smollm3
+architectures rotate interleaved pairs, so their q and k rows are permuted on the way, as llama.cpp's converter
+does. Gemma's norms scale by 1 + w, llama.cpp's by the stored weight: they are written as 1 + w.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ def _config_from_gguf(meta: dict, tensors: dict[str, list[int]], path: Path, ids
     head_dim = int(key("attention.key_length", d_model // n_heads))
     kw = dict(_LLAMA_SWITCHES, **FAMILIES[family], arch=family, n_kv_heads=int(key("attention.head_count_kv", n_heads)),
               head_dim=head_dim, norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
-              rope_theta=_f32(key("rope.freq_base", 10000.0)), qkv_bias="blk.0.attn_q.bias" in tensors, **common)
+              rope_theta=_f32(key("rope.freq_base", 10000.0)), **common)
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "linear" or (kind == "none" and meta.get(f"{arch}.rope.scaling.factor", 0) not in (0, 1)):
         kw["rope_scaling"] = {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}

@@ -90,7 +90,7 @@ class LlamaCpp:
             raise LlamaCppCrash(f"llama.cpp did not answer within {self.timeout:.0f} s ({what}, {self.path})")
         try:
             status, value = self._conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # the child's end closed by its death (which one: a race)
             self._proc.join(5)
             code = self._proc.exitcode
             died = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
@@ -101,7 +101,10 @@ class LlamaCpp:
         return value
 
     def _call(self, name: str, *args):
-        self._conn.send((name, args))
+        try:
+            self._conn.send((name, args))
+        except (BrokenPipeError, ConnectionResetError):  # the child died before the request: _receive says how
+            pass
         return self._receive(name)
 
     def tokenize(self, text: str) -> list[int]:
