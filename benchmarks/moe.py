@@ -8,7 +8,7 @@ each one's rows with a mask. transformers 5 also ships a grouped_mm implementati
 grouped_mm): both are timed. Forward (no grad) and forward + backward; outputs checked equal first.
 
 Prints JSON (machine, date, shape, seconds per call, ratios lmforge / transformers).
-    .venv/bin/python benchmarks/moe.py [--tokens 2048 8] [--repeats 5]
+    .venv/bin/python benchmarks/moe.py [--tokens 2048 8] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--expert-width", type=int, default=256)
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen3MoeConfig(hidden_size=args.d_model, num_experts=args.experts,
                                          num_experts_per_tok=args.top_k, moe_intermediate_size=args.expert_width,

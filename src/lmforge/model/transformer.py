@@ -426,6 +426,8 @@ class MLP(nn.Module):
 
 # torch's grouped GEMM (one call for every expert's rows); CUDA's kernel takes bfloat16 only
 _GROUPED_MM = getattr(F, "grouped_mm", None)
+# up to this many rows for the busiest expert, experts run as padded batched matmuls (else a grouped GEMM)
+_PAD_ROWS = 8
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -449,10 +451,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, d, ff).normal_(std=cfg.init_std))
         self.geglu = cfg.mlp == "geglu"
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x: rows sorted by expert, offsets: the cumulative row count of each expert (int32)."""
-        return grouped_linear(_gated(grouped_linear(x, self.gate_up_proj, offsets), self.geglu), self.down_proj,
-                              offsets)
+    def forward(self, h: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token h (N, d_model) through each of its experts `chosen` (N, k): (N * k, d_model) outputs in
+        (token, choice) order, and the number of rows each expert got.
+
+        The pairs are sorted by expert once (a stable sort) and each expert's rows run as one slice of a grouped
+        GEMM. Where every expert has only a few rows (a decode step's handful of tokens over many experts) they run
+        instead as two batched matmuls over an (experts, busiest, d_model) buffer padded with zero rows: two calls
+        per layer instead of a GEMM per expert with one or two rows each."""
+        n, k = self.gate_up_proj.shape[0], chosen.shape[1]
+        experts = chosen.flatten()
+        order = experts.argsort(stable=True)
+        counts = torch.bincount(experts, minlength=n)
+        busiest = int(counts.max())
+        if busiest <= _PAD_ROWS:
+            rank = torch.empty_like(order)  # each pair's row within its expert
+            rank[order] = torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[experts[order]]
+            padded = h.new_zeros(n, busiest, h.shape[1]).index_put(
+                (experts, rank), h.repeat_interleave(k, dim=0))
+            hidden = _gated(torch.bmm(padded, self.gate_up_proj.transpose(1, 2)), self.geglu)
+            return torch.bmm(hidden, self.down_proj.transpose(1, 2))[experts, rank], counts
+        offsets = counts.cumsum(0).to(torch.int32)
+        rows = grouped_linear(_gated(grouped_linear(h[order // k], self.gate_up_proj, offsets), self.geglu),
+                              self.down_proj, offsets)
+        return rows[order.argsort()], counts
 
 
 class MoE(nn.Module):
@@ -461,10 +483,10 @@ class MoE(nn.Module):
     Qwen3-MoE's norm_topk_prob).
 
     Grouped dispatch: the (token, expert) pairs are sorted by expert once, every expert's rows then run as one
-    slice of a grouped GEMM, and the outputs are added back to their tokens with one index_add; no Python loop
-    over tokens or over experts' masks. Each forward keeps the routing statistics of the Switch Transformer
-    load-balancing loss (Fedus et al. 2021) as transformers' load_balancing_loss_func computes it:
-    `Transformer.aux_loss` combines every MoE layer's; `aux_loss` here is this layer's alone."""
+    slice of a batched or grouped GEMM (Experts.forward), and each token's k outputs come back as one weighted
+    sum; no Python loop over tokens or over experts' masks. Each forward keeps the routing statistics of the
+    Switch Transformer load-balancing loss (Fedus et al. 2021) as transformers' load_balancing_loss_func computes
+    it: `Transformer.aux_loss` combines every MoE layer's; `aux_loss` here is this layer's alone."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -486,13 +508,9 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
-        flat = chosen.flatten()
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        rows = order // self.top_k
-        y = self.experts(h[rows], counts.cumsum(0).to(torch.int32))
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(h).index_add_(0, rows, y.to(h.dtype))
+        y, counts = self.experts(h, chosen)
+        # each token's k outputs weighted and summed: a reduction, not a scatter-add of N x k rows into N
+        out = (y.view(*chosen.shape, -1) * weights[..., None].to(y.dtype)).sum(1).to(h.dtype)
         self.expert_counts, self.prob_sums, self.tokens = counts.detach().float(), probs.sum(0), h.shape[0]
         return out.view(shape)
 
