@@ -138,6 +138,7 @@ def test_saved_directory_loads_in_transformers(family, tmp_path):
     assert torch.equal(_logits(load_hf_model(tmp_path), ids), _logits(ours, ids))
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_transformers(family):
     """KV cache, one prompt at a time and as a left-padded batch, 24 tokens: every sliding layer decodes well past
     its 8-position window; the same tokens as transformers' generate (its own caches, sliding ones included)."""
@@ -153,6 +154,7 @@ def test_greedy_generation_equals_transformers(family):
     assert generate_ids(ours, prompts, cfg, use_cache=False) == one_by_one
 
 
+@pytest.mark.slow
 def test_packed_cpu_kernels(family):
     """pack_for_cpu: transformers' logits within 1e-4, step by step through the decode attention kernel (Gemma 2's
     soft-capped scores included), and the unpacked model's greedy tokens."""
@@ -179,6 +181,7 @@ def test_packed_cpu_kernels(family):
     assert generate_ids(packed, prompts, cfg) == generate_ids(ours, prompts, cfg)
 
 
+@pytest.mark.slow
 def test_int8_is_the_model_with_its_dequantized_weights(family):
     """quantize_int8 computes the float model with every matrix replaced by its int8 values x scales (experts and
     routers stay float), and generates batched as one by one."""
