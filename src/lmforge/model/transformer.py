@@ -426,8 +426,6 @@ class MLP(nn.Module):
 
 # torch's grouped GEMM (one call for every expert's rows); CUDA's kernel takes bfloat16 only
 _GROUPED_MM = getattr(F, "grouped_mm", None)
-# up to this many rows for the busiest expert, experts run as padded batched matmuls (else a grouped GEMM)
-_PAD_ROWS = 8
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -453,24 +451,12 @@ class Experts(nn.Module):
 
     def forward(self, h: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token h (N, d_model) through each of its experts `chosen` (N, k): (N * k, d_model) outputs in
-        (token, choice) order, and the number of rows each expert got.
-
-        The pairs are sorted by expert once (a stable sort) and each expert's rows run as one slice of a grouped
-        GEMM. Where every expert has only a few rows (a decode step's handful of tokens over many experts) they run
-        instead as two batched matmuls over an (experts, busiest, d_model) buffer padded with zero rows: two calls
-        per layer instead of a GEMM per expert with one or two rows each."""
-        n, k = self.gate_up_proj.shape[0], chosen.shape[1]
+        (token, choice) order, and the number of rows each expert got. The pairs are sorted by expert once (a
+        stable sort), each expert's rows run as one slice of a grouped GEMM, and one gather puts them back."""
+        k = chosen.shape[1]
         experts = chosen.flatten()
         order = experts.argsort(stable=True)
-        counts = torch.bincount(experts, minlength=n)
-        busiest = int(counts.max())
-        if busiest <= _PAD_ROWS:
-            rank = torch.empty_like(order)  # each pair's row within its expert
-            rank[order] = torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[experts[order]]
-            padded = h.new_zeros(n, busiest, h.shape[1]).index_put(
-                (experts, rank), h.repeat_interleave(k, dim=0))
-            hidden = _gated(torch.bmm(padded, self.gate_up_proj.transpose(1, 2)), self.geglu)
-            return torch.bmm(hidden, self.down_proj.transpose(1, 2))[experts, rank], counts
+        counts = torch.bincount(experts, minlength=self.gate_up_proj.shape[0])
         offsets = counts.cumsum(0).to(torch.int32)
         rows = grouped_linear(_gated(grouped_linear(h[order // k], self.gate_up_proj, offsets), self.geglu),
                               self.down_proj, offsets)
