@@ -53,11 +53,20 @@ def test_alibi_generation_cache_equals_no_cache():
     assert generate_ids(model, prompts, cfg) == [generate_ids(model, [p], cfg)[0] for p in prompts]
 
 
+def _expert(moe: MoE, e: int) -> MLP:
+    """Expert e of the stacked expert weights as a plain MLP (nn.Linear layers)."""
+    mlp = MLP(moe.cfg, d_ff=moe.experts.down_proj.shape[2])
+    with torch.no_grad():
+        mlp.gate_up_proj.weight.copy_(moe.experts.gate_up_proj[e])
+        mlp.down_proj.weight.copy_(moe.experts.down_proj[e])
+    return mlp
+
+
 def test_moe_with_one_expert_is_the_dense_mlp():
     torch.manual_seed(0)
     cfg = preset("tiny-llama", n_experts=1, experts_top_k=1)
     moe, dense = MoE(cfg), MLP(cfg)
-    dense.load_state_dict(moe.experts[0].state_dict())
+    dense.load_state_dict(_expert(moe, 0).state_dict())
     x = torch.randn(2, 5, cfg.d_model)
     assert torch.allclose(moe(x), dense(x), atol=1e-6)
     assert moe.aux_loss.item() == pytest.approx(1.0)  # one expert: f = P = 1
@@ -73,7 +82,7 @@ def test_moe_equals_per_token_reference():
         p = (moe.router.weight @ h).softmax(-1)
         w, e = p.topk(2)
         w = w / w.sum()
-        expected = sum(w[i] * moe.experts[int(e[i])](h) for i in range(2))
+        expected = sum(w[i] * _expert(moe, int(e[i]))(h) for i in range(2))
         assert torch.allclose(got[t], expected, atol=1e-5)
 
 

@@ -51,7 +51,7 @@ def test_kernel_names_bad_shapes():
 
 
 @pytest.mark.parametrize("B,H,Hkv,D", [(2, 4, 4, 64), (3, 9, 3, 64), (1, 8, 2, 128), (2, 6, 3, 32), (2, 4, 2, 24),
-                                        (1, 2, 1, 16)])
+                                        (1, 2, 1, 16), (2, 4, 1, 256)])
 def test_decode_attention_equals_sdpa(B, H, Hkv, D):
     """Vectorised head sizes (32, 64, 128) and the plain loop (others); multi-head and grouped-query; a
     strided q (as sliced from the fused projection); n filled slots given as a tensor or as k's length."""
@@ -69,6 +69,21 @@ def test_decode_attention_equals_sdpa(B, H, Hkv, D):
             assert (got - want).abs().max().item() <= 1e-5, (n, m is None)
         got = torch.ops.lmforge.decode_attention(q, k[:, :, :n], v[:, :, :n], None, None, 0.3)  # a view of the cache
         assert (got - F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=0.3, enable_gqa=True)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("D", [64, 24])
+def test_decode_attention_soft_caps_scores_as_gemma_2(D):
+    """softcap c: scores become c * tanh(scores / c) before the softmax (the vectorised and the plain loop)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, D) * 3, torch.randn(2, 2, 40, D) * 3, torch.randn(2, 2, 40, D)
+    mask = torch.rand(2, 40) > 0.3
+    mask[:, -1] = True
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * D ** -0.5
+    capped = (torch.tanh(scores / 5.0) * 5.0).masked_fill(~mask[:, None, None], float("-inf"))
+    want = capped.softmax(-1) @ v.repeat_interleave(2, dim=1)
+    got = torch.ops.lmforge.decode_attention(q, k, v, mask, None, D ** -0.5, 5.0)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (got - torch.ops.lmforge.decode_attention(q, k, v, mask, None, D ** -0.5, 0.0)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("H,Hkv,D", [(4, 1, 64), (2, 2, 24)])

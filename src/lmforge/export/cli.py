@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = esub.add_parser("gguf", help="write a GGUF file for llama.cpp / ollama",
                         description="Write a GGUF file (tensors, hyper-parameters, the byte-level BPE tokenizer with "
                                     "its pre-tokenizer type, the chat template and end-of-turn token) from an HF model "
-                                    "directory: llama, mistral, qwen2 and gpt2 families. See docs/export.md.",
+                                    "directory, in llama.cpp's own architecture for each family lmforge loads. See "
+                                    "docs/export.md.",
                         epilog="example: lmforge export gguf --model runs/sft-merged --out runs/sft.gguf --type q8_0")
     g.add_argument("--model", required=True, metavar="DIR", help="HF-layout model directory (merge adapters first)")
     g.add_argument("--out", required=True, metavar="FILE", help="the .gguf file to write")

@@ -10,13 +10,15 @@ types stand for:
 
 Supported: byte-level BPE tokenizers (lmforge's own, GPT-2, Qwen2.5, Llama 3 style), SentencePiece vocabularies in
 tokenizer.json form (Llama 2, Phi-3, Mistral v0.1: llama.cpp's "llama" tokenizer, scores derived from the merge
-ranks), and the llama (Llama, Mistral, SmolLM), qwen2 and gpt2 architectures; tensors in f32, f16, q8_0 or q4_0
-(1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and the
-end-of-turn token travel in the file, so llama.cpp stops where the fine-tuned model learned to.
+ranks); every family lmforge loads, each in llama.cpp's own architecture (GGUF_ARCH); tensors in f32, f16, q8_0 or
+q4_0 (1-D tensors stay f32; a matrix whose rows do not split into 32-value blocks stays f16). The chat template and
+the end-of-turn token travel in the file, so llama.cpp stops where the fine-tuned model learned to.
 
-HF's Llama checkpoints rotate q/k in two halves (NeoX style); llama.cpp's llama architecture rotates interleaved
-pairs, so q and k rows are permuted on the way, as llama.cpp's convert_hf_to_gguf.py does. Qwen2 uses NeoX rotation
-in llama.cpp too: no permutation.
+The tensors go through lmforge's own parameters: hf.py maps a family's checkpoint onto them, `_layout` maps them onto
+an architecture's GGUF tensors (lmforge's fused q/k/v and gate/up split where llama.cpp keeps them apart), and the
+import runs both maps backwards. HF rotates q/k in two halves (NeoX style); llama.cpp's llama and smollm3
+architectures rotate interleaved pairs, so their q and k rows are permuted on the way, as llama.cpp's converter
+does. Gemma's norms scale by 1 + w, llama.cpp's by the stored weight: they are written as 1 + w.
 """
 
 from __future__ import annotations
@@ -78,74 +80,160 @@ def pre_tokenizer_type(tokenizer_json: dict) -> str:
                       "tokens")
 
 
+# --- architectures ---------------------------------------------------------------------------------------------------
+
+# llama.cpp's architecture for each HF family (Mistral is Llama with a window llama.cpp does not apply; Mixtral is
+# llama with experts, as llama.cpp's own converter writes it)
+GGUF_ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
+             "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
+             "smollm3": "smollm3", "olmo2": "olmo2"}
+# llama.cpp rotates interleaved pairs in these ("norm" RoPE); HF rotates two halves: q/k rows are permuted
+_INTERLEAVED_ROPE = ("llama", "smollm3")
+# llama.cpp's Gemma attention scale: 1/sqrt(head_dim), or 1/sqrt(d_model / heads) for the 27B shapes (by depth)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's half-split rotary layout -> the interleaved one of llama.cpp's llama architecture (per head)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor_names(arch: str, n_layers: int) -> dict[str, str]:
-    if arch == "gpt2":  # (llama.cpp reuses token_embd as the output head when output.weight is absent)
-        names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
-                 "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
-                 "lm_head.weight": "output.weight"}
-        per = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-        for i in range(n_layers):
-            for hf, gg in per.items():
-                for p in ("weight", "bias"):
-                    names[f"transformer.h.{i}.{hf}.{p}"] = f"blk.{i}.{gg}.{p}"
-        return names
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-           "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-           "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-           "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-           "mlp.down_proj.weight": "ffn_down.weight"}
-    if arch == "qwen2":
-        per |= {"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-                "self_attn.v_proj.bias": "attn_v.bias"}
-    for i in range(n_layers):
-        for hf, gg in per.items():
-            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
-    return names
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's interleaved rotary layout -> HF's half-split one (the inverse of `_permute`)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "f16",
-                name: str | None = None) -> Path:
-    """Write `out` (a .gguf file) from an HF model directory with a byte-level BPE tokenizer.json."""
+def _layout(cfg, arch: str) -> dict[str, list[str]]:
+    """lmforge parameter -> the GGUF tensors it is made of, in order (several: lmforge's fused q/k/v or gate/up,
+    concatenated along the output rows, dim 0 of a matrix and dim 1 of stacked experts)."""
+    m = {"embed.weight": ["token_embd.weight"], "norm.weight": ["output_norm.weight"]}
+    if arch == "gpt2":
+        m |= {"pos_embed.weight": ["position_embd.weight"], "norm.bias": ["output_norm.bias"]}
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = ["output.weight"]
+    fused_qkv = arch in ("gpt2", "phi3")  # their llama.cpp layouts keep q, k, v in one matrix, as lmforge does
+    for i in range(cfg.n_layers):
+        blk, ours = f"blk.{i}", f"layers.{i}"
+        for norm, theirs in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm"),
+                             ("post_attn_norm", "post_attention_norm"), ("post_mlp_norm", "post_ffw_norm")):
+            m[f"{ours}.{norm}.weight"] = [f"{blk}.{theirs}.weight"]
+            if arch == "gpt2":
+                m[f"{ours}.{norm}.bias"] = [f"{blk}.{theirs}.bias"]
+        for p in ("weight", "bias"):
+            m[f"{ours}.attn.qkv_proj.{p}"] = [f"{blk}.attn_qkv.{p}"] if fused_qkv else \
+                [f"{blk}.attn_{x}.{p}" for x in "qkv"]
+            m[f"{ours}.attn.o_proj.{p}"] = [f"{blk}.attn_output.{p}"]
+            m[f"{ours}.mlp.up_proj.{p}"] = [f"{blk}.ffn_up.{p}"]
+            m[f"{ours}.mlp.down_proj.{p}"] = [f"{blk}.ffn_down.{p}"]
+        m[f"{ours}.attn.q_norm.weight"] = [f"{blk}.attn_q_norm.weight"]
+        m[f"{ours}.attn.k_norm.weight"] = [f"{blk}.attn_k_norm.weight"]
+        # Phi-3 keeps gate and up in one matrix (llama.cpp's ffn_up of 2 x n_ff, gate first, as lmforge does)
+        m[f"{ours}.mlp.gate_up_proj.weight"] = [f"{blk}.ffn_up.weight"] if arch == "phi3" else \
+            [f"{blk}.ffn_gate.weight", f"{blk}.ffn_up.weight"]
+        m[f"{ours}.mlp.router.weight"] = [f"{blk}.ffn_gate_inp.weight"]
+        m[f"{ours}.mlp.experts.gate_up_proj"] = [f"{blk}.ffn_gate_exps.weight", f"{blk}.ffn_up_exps.weight"]
+        m[f"{ours}.mlp.experts.down_proj"] = [f"{blk}.ffn_down_exps.weight"]
+    return m
+
+
+def _split_sizes(cfg, name: str, parts: int, t: np.ndarray) -> list[int]:
+    if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    axis = 1 if ".experts." in name else 0
+    return [t.shape[axis] // parts] * parts
+
+
+def _to_gguf(cfg, arch: str, state: dict) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for each of lmforge's tensors: fused ones split, q/k permuted for llama.cpp's
+    interleaved RoPE, Gemma's norm weights stored as the 1 + w they scale by (llama.cpp's RMSNorm multiplies by w)."""
+    layout = _layout(cfg, arch)
+    out = []
+    for name, t in state.items():
+        data = t.float().numpy()
+        if cfg.norm_offset and name.endswith("norm.weight"):
+            data = data + cfg.norm_offset
+        names = layout[name]
+        pieces = np.split(data, np.cumsum(_split_sizes(cfg, name, len(names), data))[:-1],
+                          axis=1 if ".experts." in name else 0) if len(names) > 1 else [data]
+        for gguf_name, piece in zip(names, pieces):
+            if arch in _INTERLEAVED_ROPE and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                piece = _permute(piece, cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads)
+            out.append((gguf_name, np.ascontiguousarray(piece)))
+    if arch == "olmo2" and cfg.tie_embeddings:  # llama.cpp's olmo2 requires an output matrix
+        out.append(("output.weight", state["embed.weight"].float().numpy()))
+    return out
+
+
+def _from_gguf(cfg, arch: str, tensors: dict[str, np.ndarray], where: Path) -> dict:
+    """lmforge's state dict from GGUF tensors (the inverse of _to_gguf); every layout tensor must be there."""
+    import torch
+
+    layout = {k: v for k, v in _layout(cfg, arch).items()}
+    with torch.device("meta"):
+        from lmforge.model.transformer import Transformer
+
+        wanted = list(Transformer(cfg).state_dict())
+    missing = sorted(g for name in wanted for g in layout[name] if g not in tensors)
+    if missing:
+        raise ExportError(f"{where}: the {arch} layout needs tensors this file lacks: {missing[:4]}")
+    state = {}
+    for name in wanted:
+        pieces = []
+        for gguf_name in layout[name]:
+            data = tensors[gguf_name]
+            if arch in _INTERLEAVED_ROPE and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                data = _unpermute(data, cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads)
+            pieces.append(data)
+        data = np.concatenate(pieces, axis=1 if ".experts." in name else 0) if len(pieces) > 1 else pieces[0]
+        if cfg.norm_offset and name.endswith("norm.weight"):
+            data = data - cfg.norm_offset
+        state[name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    return state
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(f"lmforge: warning: {message}", stacklevel=3)
+
+
+def _check_llama_cpp_can_run(cfg, arch: str, d: Path) -> None:
+    """An ExportError naming what llama.cpp's architecture would compute differently from the model; a warning
+    where it differs only past a sliding window llama.cpp does not apply."""
+    family = cfg.arch
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") not in ("linear", "longrope"):
+        raise ExportError(f"{d}: rope_scaling {cfg.rope_scaling.get('rope_type')!r} is not written to GGUF by this "
+                          "version (linear, and Phi-3's longrope, are)")
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope" and arch != "phi3":
+        raise ExportError(f"{d}: LongRoPE is written for llama.cpp's phi3 architecture only")
+    if cfg.sliding_window is not None and arch not in ("gemma2", "gemma3"):
+        _warn(f"llama.cpp's {arch} architecture has no sliding window: past {cfg.sliding_window} tokens of "
+                  f"context it attends to more than {family} does")
+    if arch in ("gemma2", "gemma3"):
+        want = (cfg.d_model / cfg.n_heads if cfg.n_layers == _GEMMA_27B_LAYERS[arch] else cfg.head_dim) ** -0.5
+        if abs((cfg.attn_scale or cfg.head_dim ** -0.5) - want) > 1e-6 * want:
+            raise ExportError(f"{d}: query_pre_attn_scalar {round((cfg.attn_scale or 1) ** -2)}: llama.cpp's {arch} "
+                              f"scales attention by {want:.6g} (1/sqrt(head_dim), or 1/sqrt(d_model/heads) for the "
+                              f"27B shape)")
+    if arch == "gemma2" and (cfg.attn_softcap is None or cfg.final_softcap is None or not cfg.tie_embeddings):
+        raise ExportError(f"{d}: llama.cpp's gemma2 always soft-caps the attention and the logits and ties the head "
+                          "to the embedding; this model does not")
+    if arch in ("phi3", "olmo2") and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        raise ExportError(f"{d}: llama.cpp's {arch} needs head_dim x heads = d_model ({cfg.head_dim} x {cfg.n_heads} "
+                          f"!= {cfg.d_model})")
+    if arch == "smollm3" and cfg.no_rope_layers != tuple(i for i in range(cfg.n_layers) if (i + 1) % 4 == 0):
+        raise ExportError(f"{d}: no_rope_layers: llama.cpp's smollm3 leaves RoPE out of every 4th layer exactly")
+    if arch == "qwen3moe" and (cfg.moe_layers is not None or not cfg.moe_norm_topk):
+        raise ExportError(f"{d}: llama.cpp's qwen3moe has experts in every layer and renormalises the top-k router "
+                          "weights (mlp_only_layers / decoder_sparse_step / norm_topk_prob differ)")
+    if cfg.n_experts and arch not in ("llama", "qwen3moe"):
+        raise ExportError(f"{d}: experts in a {family} model have no place in llama.cpp's {arch}")
+
+
+def _add_hyperparameters(w, cfg, arch: str, state: dict) -> None:
+    """The architecture's metadata, as llama.cpp's convert_hf_to_gguf.py writes it for the family."""
     import gguf
 
-    from lmforge.model.hf import _read_config, config_from_hf, read_state_dict, resolve_model_dir
-
-    if dtype not in TYPES:
-        raise ExportError(f"--type {dtype!r}: one of {', '.join(TYPES)}")
-    d = resolve_model_dir(model_dir)
-    hf_cfg = _read_config(d)
-    cfg = config_from_hf(hf_cfg, str(d / "config.json"))
-    hf_arch = hf_cfg.get("model_type")
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}.get(hf_arch)
-    if arch is None:
-        raise ExportError(f"{d}: GGUF export supports gpt2, llama, mistral and qwen2 models; this is {hf_arch!r}")
-    if arch != "gpt2" and (cfg.qk_norm or cfg.n_experts or cfg.pos != "rope" or cfg.norm != "rmsnorm"
-                           or cfg.mlp != "swiglu"):
-        raise ExportError(f"{d}: a {hf_arch} variant GGUF's {arch} architecture does not describe (qk-norm, experts, "
-                          "non-RoPE positions or a non-RMSNorm/SwiGLU block)")
-    if arch != "gpt2" and ((cfg.qkv_bias and arch != "qwen2") or cfg.proj_bias):
-        raise ExportError(f"{d}: attention or projection biases are not part of llama.cpp's {arch} architecture")
-    if not (d / "tokenizer.json").exists():
-        raise ExportError(f"{d}: no tokenizer.json (GGUF carries the tokenizer)")
-    tok_json = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
-    spm = _sentencepiece_style(tok_json)
-    pre = None if spm else pre_tokenizer_type(tok_json)
-    tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")) \
-        if (d / "tokenizer_config.json").exists() else {}
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(name or d.name)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
@@ -157,12 +245,146 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
         w.add_head_count_kv(cfg.n_kv_heads)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_rope_freq_base(cfg.rope_theta)
-        w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.d_model // cfg.n_heads:
+        w.add_rope_dimension_count(cfg.rotary_dim)
+    if cfg.head_dim != cfg.d_model // cfg.n_heads or arch in ("gemma2", "gemma3"):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
-    if cfg.rope_scaling:
-        raise ExportError(f"{d}: rope_scaling {cfg.rope_scaling} is not written to GGUF by this version")
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    if scaling.get("rope_type") == "longrope":  # the factor tensors go with the weights (_rope_factor_tensors)
+        from lmforge.model.transformer import rope_frequencies
+
+        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        w.add_rope_scaling_attn_factors(rope_frequencies(cfg)[1])
+    if arch in ("gemma2", "gemma3") and cfg.sliding_window is not None:
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([cfg.window(i) is not None for i in range(cfg.n_layers)])
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if arch in ("gemma2", "gemma3") and cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
+    if cfg.n_experts:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.experts_top_k)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(cfg.moe_d_ff or cfg.d_ff)
+
+
+def _rope_factor_tensors(cfg) -> list[tuple[str, np.ndarray]]:
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        return []
+    return [("rope_factors_long.weight", np.asarray(scaling["long_factor"], dtype=np.float32)),
+            ("rope_factors_short.weight", np.asarray(scaling["short_factor"], dtype=np.float32))]
+
+
+def _config_from_gguf(meta: dict, tensors: dict[str, list[int]], path: Path, ids: dict):
+    """The ModelConfig a GGUF file describes (llama.cpp's reading of its metadata), for the archs GGUF_ARCH names."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.hf import _LLAMA_SWITCHES, FAMILIES
+
+    arch = meta.get("general.architecture")
+
+    def key(name: str, default=None):
+        return _field(meta, f"{arch}.{name}", path, default)
+
+    n_layers, d_model, n_heads = int(key("block_count")), int(key("embedding_length")), int(key("attention.head_count"))
+    context = int(key("context_length"))
+    common = dict(vocab_size=int(tensors["token_embd.weight"][1]), n_layers=n_layers, d_model=d_model,
+                  n_heads=n_heads, d_ff=int(key("feed_forward_length")), max_seq_len=context,
+                  tie_embeddings="output.weight" not in tensors, bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    if arch == "gpt2":
+        return ModelConfig(arch="gpt2", norm="layernorm", norm_eps=_f32(key("attention.layer_norm_epsilon", 1e-5)),
+                           mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True, **common)
+    n_experts = int(meta.get(f"{arch}.expert_count", 0))
+    family = {"llama": "mixtral" if n_experts else "llama", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch,
+                                                                                                                arch)
+    head_dim = int(key("attention.key_length", d_model // n_heads))
+    kw = dict(_LLAMA_SWITCHES, **FAMILIES[family], arch=family, n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+              head_dim=head_dim, norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
+              rope_theta=_f32(key("rope.freq_base", 10000.0)), **common)
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear" or (kind == "none" and meta.get(f"{arch}.rope.scaling.factor", 0) not in (0, 1)):
+        kw["rope_scaling"] = {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
+    elif kind not in ("none", None) or "rope_freqs.weight" in tensors:
+        raise ExportError(f"{path}: RoPE scaling ({arch}.rope.scaling.type {kind!r} / rope_freqs) is not imported yet")
+    rotary = int(key("rope.dimension_count", head_dim))
+    if rotary != head_dim:
+        if arch != "phi3":
+            raise ExportError(f"{path}: {arch}.rope.dimension_count {rotary} of {head_dim}: partial rotary is "
+                              "imported for phi3 only")
+        kw["partial_rotary"] = rotary / head_dim
+    if arch == "phi3" and "rope_factors_long.weight" in tensors:
+        kw["rope_scaling"] = {"rope_type": "longrope",
+                              "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
+                              "long_factor": None, "short_factor": None}  # the factors come from their tensors
+    if arch in ("gemma2", "gemma3"):
+        want = (d_model / n_heads if n_layers == _GEMMA_27B_LAYERS[arch] else head_dim) ** -0.5
+        kw["attn_scale"] = want  # what llama.cpp computes (query_pre_attn_scalar is not in the file)
+        window = meta.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
+        if window:
+            pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+            slides = [bool(x) for x in pattern] if isinstance(pattern, list) else \
+                [i % pattern < pattern - 1 for i in range(n_layers)]  # llama.cpp's set_swa_pattern
+            kw["sliding_window"] = int(window)
+            if not all(slides):
+                kw["layer_types"] = tuple("sliding_attention" if s else "full_attention" for s in slides)
+            if not any(slides):
+                kw["sliding_window"] = None
+        if arch == "gemma2":
+            kw["attn_softcap"] = _f32(key("attn_logit_softcapping", 50.0))
+            kw["final_softcap"] = _f32(key("final_logit_softcapping", 30.0))
+        elif meta.get(f"{arch}.final_logit_softcapping"):
+            kw["final_softcap"] = _f32(key("final_logit_softcapping"))
+        if arch == "gemma3":
+            kw["rope_local_theta"] = _f32(key("rope.freq_base_swa", 10000.0))
+    if arch == "smollm3":
+        kw["no_rope_layers"] = tuple(i for i in range(n_layers) if (i + 1) % 4 == 0)
+    if n_experts:
+        kw.update(n_experts=n_experts, experts_top_k=int(key("expert_used_count")))
+        if arch == "qwen3moe":
+            kw["moe_d_ff"] = int(key("expert_feed_forward_length"))
+    return ModelConfig(**kw)
+
+
+def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "f16",
+                name: str | None = None) -> Path:
+    """Write `out` (a .gguf file) from an HF model directory of any family in GGUF_ARCH, with its tokenizer."""
+    import gguf
+
+    from lmforge.model.hf import _read_config, config_from_hf, read_state_dict, resolve_model_dir, transformer_from_tensors
+
+    if dtype not in TYPES:
+        raise ExportError(f"--type {dtype!r}: one of {', '.join(TYPES)}")
+    d = resolve_model_dir(model_dir)
+    hf_cfg = _read_config(d)
+    if "lmforge_quantization" in hf_cfg:
+        raise ExportError(f"{d} is an lmforge int8/int4 directory; export the float model it was made from")
+    cfg = config_from_hf(hf_cfg, str(d / "config.json"))
+    arch = GGUF_ARCH.get(cfg.arch)
+    if arch is None:
+        raise ExportError(f"{d}: GGUF export supports {', '.join(GGUF_ARCH)} models; this is {cfg.arch!r}")
+    _check_llama_cpp_can_run(cfg, arch, d)
+    if not (d / "tokenizer.json").exists():
+        raise ExportError(f"{d}: no tokenizer.json (GGUF carries the tokenizer)")
+    tok_json = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    spm = _sentencepiece_style(tok_json)
+    pre = None if spm else pre_tokenizer_type(tok_json)
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")) \
+        if (d / "tokenizer_config.json").exists() else {}
+    # through lmforge's own tensors: one name map per family (hf.py) and one per GGUF architecture (_layout)
+    state = transformer_from_tensors(cfg, read_state_dict(d), d).state_dict()
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(name or d.name)
+    _add_hyperparameters(w, cfg, arch, state)
     w.add_vocab_size(cfg.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
@@ -171,26 +393,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
         _add_sentencepiece_tokenizer(w, tok_json, tok_cfg, cfg, d)
     else:
         _add_tokenizer(w, tok_json, tok_cfg, cfg, pre, d)
-
-    state = read_state_dict(d)
-    if arch == "gpt2":  # the causal-mask buffers old checkpoints carry are not weights; GPT2Model has no prefix
-        state = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
-                 for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    names = _tensor_names(arch, cfg.n_layers)
-    unknown = sorted(k for k in state if k not in names)
-    if unknown:
-        raise ExportError(f"{d}: tensors GGUF's {arch} layout has no place for: {unknown[:4]}")
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
-    for hf_name, tensor in state.items():
-        data = tensor.float().numpy()
-        if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
-            data = np.ascontiguousarray(data.T)  # GPT-2's Conv1D keeps (in, out); GGUF wants (out, in) like Linear
-        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute(data, cfg.n_heads)
-        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute(data, cfg.n_kv_heads)
-        target = names[hf_name]
+    for target, data in _to_gguf(cfg, arch, state) + _rope_factor_tensors(cfg):
         if data.ndim == 1 or dtype == "f32":
             w.add_tensor(target, data.astype(np.float32))
         elif dtype == "f16" or data.shape[-1] % 32:
@@ -368,11 +573,6 @@ def _f32(value) -> float:
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's interleaved rotary layout -> HF's half-split one (the inverse of `_permute`)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _gguf_tokenizer(meta: dict, where: Path, context: int) -> tuple[dict, dict, dict]:
     """(tokenizer.json, tokenizer_config.json, special ids) from a GGUF file's byte-level BPE vocabulary."""
     import gguf
@@ -510,8 +710,9 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, int, list[i
 
 def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
     """Write an HF model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the
-    chat template, generation_config.json) from a GGUF file: llama, qwen2 and gpt2 architectures, any tensor type
-    the `gguf` package dequantizes (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants), a byte-level BPE vocabulary.
+    chat template, generation_config.json) from a GGUF file of any architecture in GGUF_ARCH (llama with experts
+    becomes Mixtral), any tensor type the `gguf` package dequantizes (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1,
+    K-quants), a byte-level BPE vocabulary.
 
     Quantized weights are dequantized to `dtype` (fp32 by default: the values the file encodes, exactly), so the
     directory loads in lmforge and transformers alike and fine-tunes like any float model."""
@@ -519,8 +720,8 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     import torch
 
     from lmforge.files import StagedDirectory, save_tensors, write_json
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.hf import config_from_hf, config_to_hf, generation_config
+    from lmforge.model.hf import config_from_hf, config_to_hf, generation_config, hf_tensors
+    from lmforge.model.transformer import Transformer
 
     path = Path(path)
     if not path.is_file():
@@ -530,63 +731,55 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
         raise ExportError(f"--dtype {dtype!r}: one of fp32, bf16, fp16")
     meta, raw_tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
-        raise ExportError(f"{path}: GGUF architecture {arch!r}; this import reads llama (Llama, Mistral, SmolLM), "
-                          "qwen2 and gpt2")
-    tensors = {name: dims for name, (_, _, dims) in raw_tensors.items()}  # GGUF's ne order: columns first
-    if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", None):
-        raise ExportError(f"{path}: RoPE scaling (rope_freqs or {arch}.rope.scaling.*) is not imported yet")
-    n_layers = int(_field(meta, f"{arch}.block_count", path))
-    d_model = int(_field(meta, f"{arch}.embedding_length", path))
-    n_heads = int(_field(meta, f"{arch}.attention.head_count", path))
-    n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
+    if arch not in set(GGUF_ARCH.values()):
+        raise ExportError(f"{path}: GGUF architecture {arch!r}; this import reads {', '.join(sorted(set(GGUF_ARCH.values())))}")
+    dims = {name: d for name, (_, _, d) in raw_tensors.items()}  # GGUF's ne order: columns first
     context = int(_field(meta, f"{arch}.context_length", path))
-    names = {gg: hf for hf, gg in _tensor_names(arch, n_layers).items()}
-    unknown = sorted(n for n in tensors if n not in names)
-    if unknown:
-        raise ExportError(f"{path}: tensors the {arch} layout has no place for: {unknown[:4]}")
-    missing = sorted(n for n in names if n not in tensors and n != "output.weight")  # no output: a tied head
-    if missing:
-        raise ExportError(f"{path}: the {arch} layout needs tensors this file lacks: {missing[:4]}")
-    vocab_rows = int(tensors["token_embd.weight"][1])
     tok_json, tok_cfg, ids = _gguf_tokenizer(meta, path, context)
+    if "token_embd.weight" not in dims:
+        raise ExportError(f"{path}: the {arch} layout needs tensors this file lacks: ['token_embd.weight']")
+    vocab_rows = int(dims["token_embd.weight"][1])
     if len(meta["tokenizer.ggml.tokens"]) > vocab_rows:
         raise ExportError(f"{path}: {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd has {vocab_rows} rows")
-    eos = ids["eos"]
-    common = dict(vocab_size=vocab_rows, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-                  d_ff=int(_field(meta, f"{arch}.feed_forward_length", path)), max_seq_len=context,
-                  tie_embeddings="output.weight" not in tensors, bos_token_id=ids["bos"], eos_token_id=eos)
-    if arch == "gpt2":
-        cfg = ModelConfig(arch="gpt2", norm="layernorm", norm_eps=_f32(meta.get("gpt2.attention.layer_norm_epsilon",
-                          1e-5)), mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True, **common)
-    else:
-        head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_heads))
-        cfg = ModelConfig(arch=arch, n_kv_heads=n_kv, head_dim=head_dim, norm="rmsnorm",
-                          norm_eps=_f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)), mlp="swiglu",
-                          pos="rope", rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-                          qkv_bias=arch == "qwen2", proj_bias=False, **common)
-    hf_config = config_to_hf(cfg)
-    hf_config["torch_dtype"] = hf_config["dtype"] = str(torch_dtype).removeprefix("torch.")
-    config_from_hf(hf_config, str(path))  # the config lmforge will read back is one it supports
 
-    state: dict[str, torch.Tensor] = {}
-    for name, (raw, kind, dims) in raw_tensors.items():
+    def dequantized(name: str) -> np.ndarray:
+        raw, kind, shape = raw_tensors[name]
         qtype = gguf.GGMLQuantizationType(kind)
         try:
             data = gguf.quants.dequantize(raw, qtype)
         except NotImplementedError:
             raise ExportError(f"{path}: tensor {name} is {qtype.name}, which the gguf package cannot "
                               "dequantize") from None
-        data = np.array(data, dtype=np.float32).reshape([int(x) for x in reversed(dims)])
-        hf_name = names[name]
-        if arch == "llama" and name.endswith("attn_q.weight"):
-            data = _unpermute(data, n_heads)
-        elif arch == "llama" and name.endswith("attn_k.weight"):
-            data = _unpermute(data, n_kv)
-        elif arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
-                                               "ffn_down.weight")):
-            data = data.T  # back to GPT-2's Conv1D (in, out)
-        state[hf_name] = torch.from_numpy(np.ascontiguousarray(data)).to(torch_dtype)
+        return np.array(data, dtype=np.float32).reshape([int(x) for x in reversed(shape)])
+
+    cfg = _config_from_gguf(meta, dims, path, ids)
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":  # Phi-3's factors are tensors in the file
+        from lmforge.model.transformer import rope_frequencies
+
+        cfg.rope_scaling.update(long_factor=dequantized("rope_factors_long.weight").tolist(),
+                                short_factor=dequantized("rope_factors_short.weight").tolist())
+        stated = meta.get(f"{arch}.rope.scaling.attn_factor")
+        if stated is not None and abs(stated - rope_frequencies(cfg)[1]) > 1e-6:
+            cfg.rope_scaling["attention_factor"] = _f32(stated)
+    layout = _layout(cfg, arch)
+    with torch.device("meta"):
+        wanted = list(Transformer(cfg).state_dict())
+    known = {g for name in wanted for g in layout[name]} | {"rope_factors_long.weight", "rope_factors_short.weight"}
+    if arch == "olmo2":  # written even for a tied head (llama.cpp's olmo2 requires it); read as an untied one
+        known.add("output.weight")
+    unknown = sorted(n for n in dims if n not in known)
+    if unknown:
+        raise ExportError(f"{path}: tensors the {arch} layout has no place for: {unknown[:4]}")
+    needed = {g for name in wanted for g in layout[name]}
+    state = _from_gguf(cfg, arch, {n: dequantized(n) for n in dims if n in needed}, path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    hf_config = config_to_hf(cfg)
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    config_from_hf(hf_config, str(path))  # the config lmforge will read back is one it supports
+    tensors = {k: v.to(torch_dtype).contiguous() for k, v in hf_tensors(model).items()}
+    eos = ids["eos"]
     gen = generation_config(cfg)
     stops = [i for i in (eos, ids["eot"], ids["eom"]) if i is not None]
     if len(set(stops)) > 1:  # an instruct model ends a turn with its end-of-turn token
@@ -594,7 +787,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     if ids["padding"] is not None:
         gen["pad_token_id"] = ids["padding"]
     with StagedDirectory(out) as stage:
-        save_tensors(state, stage.path("model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, stage.path("model.safetensors"), metadata={"format": "pt"})
         write_json(stage.path("tokenizer.json"), tok_json, indent=None)
         write_json(stage.path("tokenizer_config.json"), tok_cfg)
         write_json(stage.path("generation_config.json"), gen)

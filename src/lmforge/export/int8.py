@@ -68,6 +68,5 @@ def load_int8(d: Path, cfg, device: str = "cpu", method: str = "int8_weight_only
     if missing:
         raise CheckpointError(f"{d / WEIGHTS}: missing {sorted(missing)[:4]}")
     model.load_state_dict(tensors, strict=True, assign=True)
-    if model.rotary is not None:
-        model.rotary = type(model.rotary)(cfg)
+    model.reset_rotary()  # rebuilt off the meta device
     return model.to(device).eval()

@@ -1,8 +1,12 @@
 """`ModelConfig`: one dataclass that describes every supported decoder, plus named presets.
 
-A model family is a set of choices here (norm, MLP, positions, biases, heads), not a class:
+A model family is a set of choices here, not a class (litgpt's `Config` is the model):
 GPT-2 is LayerNorm + GELU + learned positions + biases; Llama is RMSNorm + SwiGLU + RoPE;
-Qwen2 adds q/k/v biases; Mistral adds a sliding window.
+Qwen2 adds q/k/v biases; Mistral a sliding window; Qwen3 per-head q/k norms; Gemma 2/3 (1 + w)
+norms around both sublayers, GeGLU, a scaled embedding, local and global layers with their own
+RoPE bases and soft-capping; Phi-3 partial rotary and LongRoPE; SmolLM3 layers without RoPE;
+OLMo 2 norms after each sublayer and q/k norms over the whole projection; Mixtral and Qwen3-MoE
+a mixture of experts.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names for a layer's attention span
+
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # the HF family written on export: gpt2 | llama | qwen2 | mistral
+    arch: str = "llama"  # the HF model_type written on export (model/hf.py: SUPPORTED)
     vocab_size: int = 32000
     n_layers: int = 12
     d_model: int = 768
@@ -25,17 +31,40 @@ class ModelConfig:
     max_seq_len: int = 2048
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
     norm_eps: float = 1e-5
-    mlp: str = field(default="swiglu", metadata={"choices": ["swiglu", "gelu"]})
+    # RMSNorm scales by (norm_offset + w): Gemma stores w around 0 and scales by 1 + w
+    norm_offset: float = 0.0
+    # the scale multiplies in float32 before the cast back (Gemma, OLMo 2); Llama casts first, then scales
+    norm_scale_float32: bool = False
+    # where a block's norms sit: pre (x + f(norm(x)): Llama), post (x + norm(f(x)): OLMo 2),
+    # sandwich (x + norm(f(norm(x))): Gemma 2/3's four norms per layer)
+    norm_placement: str = field(default="pre", metadata={"choices": ["pre", "post", "sandwich"]})
+    # swiglu: silu(gate) * up; geglu: tanh-GELU(gate) * up (Gemma); gelu: one up projection (GPT-2)
+    mlp: str = field(default="swiglu", metadata={"choices": ["swiglu", "geglu", "gelu"]})
     pos: str = field(default="rope", metadata={"choices": ["rope", "learned", "alibi"]})
     rope_theta: float = 10000.0
-    # HF-style scaling: {"rope_type": "linear"|"dynamic"|"yarn"|"llama3", "factor": ..., ...}
+    # HF-style scaling: {"rope_type": "linear"|"dynamic"|"yarn"|"llama3"|"longrope", "factor": ..., ...}
     rope_scaling: dict[str, Any] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers (Gemma 3); None: rope_theta
+    partial_rotary: float = 1.0  # fraction of each head rotated by RoPE (Phi-4-mini 0.75); the rest passes through
+    no_rope_layers: tuple[int, ...] = ()  # layers that use no positional encoding at all (SmolLM3's NoPE layers)
     qkv_bias: bool = False
     proj_bias: bool = False  # biases on the attention output and MLP projections (GPT-2)
     qk_norm: bool = False
-    sliding_window: int | None = None
+    # head: one RMSNorm of head_dim applied to every head (Qwen3, Gemma 3); projection: over the whole q and k
+    # projections before they split into heads (OLMo 2)
+    qk_norm_scope: str = field(default="head", metadata={"choices": ["head", "projection"]})
+    attn_scale: float | None = None  # scores are q.k * attn_scale; None: head_dim^-0.5 (Gemma: query_pre_attn_scalar^-0.5)
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model), in the embedding's dtype (Gemma)
+    sliding_window: int | None = None  # a sliding layer attends to this many positions, its own included
+    # per layer: "full_attention" or "sliding_attention"; None: every layer slides when sliding_window is set
+    layer_types: tuple[str, ...] | None = None
     n_experts: int = 0  # > 0: mixture-of-experts MLP with this many experts
     experts_top_k: int = 2  # experts each token is routed to
+    moe_d_ff: int | None = None  # width of each expert's MLP; None: d_ff (d_ff stays the width of dense layers)
+    moe_norm_topk: bool = True  # renormalise the chosen experts' probabilities to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    moe_layers: tuple[int, ...] | None = None  # layers whose MLP is the MoE; None: all (with n_experts > 0)
     tie_embeddings: bool = True
     init_std: float = 0.02
     bos_token_id: int | None = None
@@ -50,10 +79,59 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not 0 < self.partial_rotary <= 1:
+            raise ValueError(f"partial_rotary must be in (0, 1], got {self.partial_rotary}")
+        if self.pos == "rope" and self.rotary_dim % 2:
+            raise ValueError(f"RoPE needs an even number of rotated dims, got {self.rotary_dim} "
+                             f"(head_dim {self.head_dim} x partial_rotary {self.partial_rotary})")
         if self.n_experts and not 1 <= self.experts_top_k <= self.n_experts:
             raise ValueError(f"experts_top_k must be in 1..n_experts ({self.n_experts}), got {self.experts_top_k}")
+        if self.n_experts and self.mlp == "gelu":
+            raise ValueError("mixture-of-experts layers need a gated MLP (mlp 'swiglu' or 'geglu')")
+        self.no_rope_layers = tuple(sorted(set(self.no_rope_layers)))
+        if self.moe_layers is not None:
+            self.moe_layers = tuple(sorted(set(self.moe_layers)))
+        for name in ("no_rope_layers", "moe_layers"):
+            bad = [i for i in getattr(self, name) or () if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"{name}: layer(s) {bad} outside 0..{self.n_layers - 1}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ValueError(f"layer_types: {unknown[0]!r} is not one of {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types names sliding_attention layers but sliding_window is not set")
+        for name in ("attn_softcap", "final_softcap", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    # --- per-layer choices ---------------------------------------------------------------------------------
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: it attends to every earlier position)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def rope_kind(self, layer: int) -> str | None:
+        """Which RoPE `layer` uses: "global", "local" (sliding layers with their own base), or None (no RoPE)."""
+        if self.pos != "rope" or layer in self.no_rope_layers:
+            return None
+        return "local" if self.rope_local_theta is not None and self.window(layer) is not None else "global"
+
+    def is_moe(self, layer: int) -> bool:
+        return bool(self.n_experts) and (self.moe_layers is None or layer in self.moe_layers)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count (exact for the modules in transformer.py)."""
@@ -61,23 +139,26 @@ class ModelConfig:
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attn = d * (q + 2 * kv) + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.proj_bias else 0)
         if self.qk_norm:
-            attn += 2 * hd
-        n_mats = 3 if self.mlp == "swiglu" else 2
+            attn += 2 * hd if self.qk_norm_scope == "head" else q + kv
+        n_mats = 2 if self.mlp == "gelu" else 3
         mlp = n_mats * d * self.d_ff + ((self.d_ff + d) if self.proj_bias else 0)
-        if self.n_experts:
-            mlp = self.n_experts * mlp + d * self.n_experts  # experts + router
+        moe = self.n_experts * 3 * d * (self.moe_d_ff or self.d_ff) + d * self.n_experts  # experts + router
         norm = d * (2 if self.norm == "layernorm" else 1)
-        per_layer = attn + mlp + 2 * norm
-        total = self.n_layers * per_layer + norm
+        norms = (4 if self.norm_placement == "sandwich" else 2) * norm
+        total = sum(attn + (moe if self.is_moe(i) else mlp) + norms for i in range(self.n_layers)) + norm
         if include_embeddings:
             total += self.vocab_size * d + (0 if self.tie_embeddings else self.vocab_size * d)
             total += self.max_seq_len * d if self.pos == "learned" else 0
         return total
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 x (non-embedding params + output head) + attention (Kaplan et al. 2020)."""
+        """Training FLOPs per token: 6 x (active non-embedding params + output head) + attention (Kaplan et al.
+        2020); an MoE layer counts the experts a token runs through (top-k), not all of them."""
         seq_len = seq_len or self.max_seq_len
         matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+        idle = self.n_experts - self.experts_top_k
+        matmul_params -= sum(idle * 3 * self.d_model * (self.moe_d_ff or self.d_ff)
+                             for i in range(self.n_layers) if self.is_moe(i))
         attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len  # QK^T and AV, fwd + bwd
         return 6 * matmul_params + attention
 
@@ -105,6 +186,18 @@ PRESETS = {
     "smollm2-135m": lambda: ModelConfig(
         arch="llama", vocab_size=49152, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
         max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # the shapes of two small 2025 models (benchmarks/generate.py runs them with random weights)
+    "qwen3-0.6b": lambda: ModelConfig(
+        arch="qwen3", vocab_size=151936, n_layers=28, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=128,
+        d_ff=3072, max_seq_len=40960, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, tie_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645),
+    "gemma-3-270m": lambda: ModelConfig(
+        arch="gemma3_text", vocab_size=262144, n_layers=18, d_model=640, n_heads=4, n_kv_heads=1, head_dim=256,
+        d_ff=2048, max_seq_len=32768, norm_eps=1e-6, norm_offset=1.0, norm_scale_float32=True,
+        norm_placement="sandwich", mlp="geglu", rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True,
+        attn_scale=256 ** -0.5, scale_embeddings=True, sliding_window=512,
+        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)),
+        tie_embeddings=True, bos_token_id=2, eos_token_id=1),
     # tiny configs of each family, for tests and laptop experiments
     "tiny-gpt2": lambda: dataclasses.replace(_gpt2(2, 64, 4), vocab_size=512, max_seq_len=128),
     "tiny-llama": lambda: ModelConfig(arch="llama", vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,

@@ -154,14 +154,19 @@ inline float sum16(vec16 v) {
   return (b[0] + b[1]) + (b[2] + b[3]);
 }
 
+// Gemma 2's attention soft-capping, c * tanh(score / c) before the softmax; c = 0: the score as it is.
+inline float capped(float score, float softcap) {
+  return softcap > 0.f ? softcap * std::tanh(score / softcap) : score;
+}
+
 // One (sequence, kv head) over a run of n keys: G query heads (already scaled), keys and values in rows of
 // D = 16 V floats. Writes each head's unnormalised sum of e^(score - top) x value to out, and top and the sum of
 // the weights to tops / totals (the caller divides, after merging runs of one cache split across threads).
 // p holds G x n scores (padded to a multiple of 16); every key and value row is loaded once for the whole group.
 template <int V>
 void attend_group(const float* q, int64_t q_head_stride, const float* k, const float* v, const bool* mask,
-                  int64_t mask_col, int64_t n, int64_t G, float* p, int64_t p_row, float* out, float* tops,
-                  float* totals) {
+                  int64_t mask_col, int64_t n, int64_t G, float softcap, float* p, int64_t p_row, float* out,
+                  float* tops, float* totals) {
   constexpr float kMasked = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < n; s++) {
     vec16 kv[V];
@@ -170,7 +175,7 @@ void attend_group(const float* q, int64_t q_head_stride, const float* k, const f
     for (int64_t g = 0; g < G; g++) {
       vec16 acc{};
       for (int i = 0; i < V; i++) acc += load16(q + g * q_head_stride + 16 * i) * kv[i];
-      p[g * p_row + s] = allowed ? sum16(acc) : kMasked;
+      p[g * p_row + s] = allowed ? capped(sum16(acc), softcap) : kMasked;
     }
   }
   // softmax numerators in place, each head's row of p
@@ -227,14 +232,14 @@ void attend_group(const float* q, int64_t q_head_stride, const float* k, const f
 
 // The same for any head size, in plain loops (test configs use small odd ones).
 void attend_group_any(const float* q, int64_t q_head_stride, const float* k, const float* v, const bool* mask,
-                      int64_t mask_col, int64_t n, int64_t G, int64_t D, float* p, float* out, float* tops,
-                      float* totals) {
+                      int64_t mask_col, int64_t n, int64_t G, int64_t D, float softcap, float* p, float* out,
+                      float* tops, float* totals) {
   for (int64_t g = 0; g < G; g++) {
     float* pg = p + g * n;
     for (int64_t s = 0; s < n; s++) {
       float dot = 0.f;
       for (int64_t d = 0; d < D; d++) dot += q[g * q_head_stride + d] * k[s * D + d];
-      pg[s] = mask == nullptr || mask[s * mask_col] ? dot : -std::numeric_limits<float>::infinity();
+      pg[s] = mask == nullptr || mask[s * mask_col] ? capped(dot, softcap) : -std::numeric_limits<float>::infinity();
     }
     const float top = *std::max_element(pg, pg + n);
     float* o = out + g * D;
@@ -248,14 +253,15 @@ void attend_group_any(const float* q, int64_t q_head_stride, const float* k, con
   }
 }
 
-// Attention of one query per (sequence, head) over the first n slots of a KV cache: q (B, H, 1, D),
+// Attention of one query per (sequence, head) over the first n slots of a KV cache (scores soft-capped when
+// softcap > 0): q (B, H, 1, D),
 // k and v (B, Hkv, S, D) with H a multiple of Hkv (grouped-query), mask (B, >= n) bool (true = attend) or none,
 // n = length when given (a static cache's fill count, a tensor so a compiled step does not specialise on it),
 // else S. SDPA has to read a static cache's every slot under a mask; this reads the n filled ones, and one
 // (sequence, kv head) unit serves its whole group of query heads while its keys are in L1.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& length,
-                            double scale) {
+                            double scale, double softcap) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat && q.device().is_cpu() && q.stride(3) == 1,
               "lmforge.decode_attention: q must be a float32 CPU (B, H, 1, D) tensor with D contiguous, got ",
               q.sizes(), " ", q.scalar_type());
@@ -292,7 +298,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* pp = parts.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   at::parallel_for(0, units * chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t p_row = (chunk + 15) / 16 * 16;
     std::vector<float> p(G * p_row), qu(G * D), out(G * D), tops(G), totals(G);
@@ -314,10 +320,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* qb = qu.data();
       float *pb = p.data(), *ob = out.data(), *tb = tops.data(), *wb = totals.data();
       switch (D) {
-        case 32: attend_group<2>(qb, D, ku, vu, mu, mask_col, len, G, pb, p_row, ob, tb, wb); break;
-        case 64: attend_group<4>(qb, D, ku, vu, mu, mask_col, len, G, pb, p_row, ob, tb, wb); break;
-        case 128: attend_group<8>(qb, D, ku, vu, mu, mask_col, len, G, pb, p_row, ob, tb, wb); break;
-        default: attend_group_any(qb, D, ku, vu, mu, mask_col, len, G, D, pb, ob, tb, wb); break;
+        case 32: attend_group<2>(qb, D, ku, vu, mu, mask_col, len, G, cap, pb, p_row, ob, tb, wb); break;
+        case 64: attend_group<4>(qb, D, ku, vu, mu, mask_col, len, G, cap, pb, p_row, ob, tb, wb); break;
+        case 128: attend_group<8>(qb, D, ku, vu, mu, mask_col, len, G, cap, pb, p_row, ob, tb, wb); break;
+        case 256: attend_group<16>(qb, D, ku, vu, mu, mask_col, len, G, cap, pb, p_row, ob, tb, wb); break;
+        default: attend_group_any(qb, D, ku, vu, mu, mask_col, len, G, D, cap, pb, ob, tb, wb); break;
       }
       for (int64_t g = 0; g < G; g++) {
         std::copy(out.data() + g * D, out.data() + (g + 1) * D, part + g * (D + 2));
@@ -353,7 +360,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(lmforge, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? length, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? length, float scale, float softcap=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {

@@ -70,7 +70,11 @@ def _build() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-    name = "lmforge_cpu_kernels"
+    import hashlib
+
+    # named after the source's hash: another version of lmforge on the machine keeps its own build instead of
+    # rebuilding over this one (torch_extensions keys its cache directory by name)
+    name = f"lmforge_cpu_kernels_{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]}"
     built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
         print("lmforge: compiling the float32 CPU kernels (once per machine, about 30 s)", file=sys.stderr)
@@ -88,7 +92,7 @@ def _build() -> None:
         return x.new_empty((x.shape[0], out_features))
 
     @torch.library.register_fake("lmforge::decode_attention")
-    def _(q, k, v, mask, length, scale):
+    def _(q, k, v, mask, length, scale, softcap=0.0):
         return q.new_empty(q.shape)
 
 

@@ -1,8 +1,9 @@
-"""The decoder: one pre-norm transformer whose family (GPT-2, Llama, Qwen2, Mistral) comes from ModelConfig.
+"""The decoder: one transformer whose family (GPT-2, Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, SmolLM3, OLMo 2,
+Mixtral, Qwen3-MoE) comes from ModelConfig.
 
-Reads top to bottom: norms, rotary embeddings, KV cache, attention, MLP, block, model.
+Reads top to bottom: norms, rotary embeddings, KV cache, attention, MLP and mixture of experts, block, model.
 Numerics follow the reference implementations (HF transformers) so that published checkpoints
-give the same logits: RMSNorm in float32, rotate-half RoPE, GPT-2's tanh GELU.
+give the same logits: RMSNorm in float32 (Gemma's 1 + w too), rotate-half RoPE, GPT-2's tanh GELU.
 """
 
 from __future__ import annotations
@@ -78,32 +79,46 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Llama does."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Llama does.
 
-    def __init__(self, dim: int, eps: float):
+    `offset`: the scale is offset + w (Gemma's 1 + w, its weights stored around 0). `scale_float32`: the scale
+    multiplies in float32 before the cast back to x's dtype (Gemma, OLMo 2), where Llama casts first."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, scale_float32: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset, self.scale_float32 = eps, offset, scale_float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel instead of five (decode runs two norms per layer per token); float32 inside
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        if self.offset or self.scale_float32:
+            return (normed * (self.weight.float() + self.offset)).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.d_model
-    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset, cfg.norm_scale_float32)
 
 
-def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scale for RoPE (Su et al. 2021) and its scaled variants.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None, local: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scale for RoPE (Su et al. 2021) and its scaled variants, over the
+    rotated dims (cfg.rotary_dim). `local`: the sliding-window layers' RoPE (base rope_local_theta, unscaled).
 
     linear: position interpolation (Chen et al. 2023); dynamic: NTK-aware base growth once the
-    sequence passes max_seq_len; yarn (Peng et al. 2023); llama3: wavelength-dependent smoothing.
-    Formulas as in transformers' modeling_rope_utils, so checkpoints match.
+    sequence passes max_seq_len; yarn (Peng et al. 2023); llama3: wavelength-dependent smoothing;
+    longrope (Phi-3's "su"; Ding et al. 2024): per-frequency factors, the long set once the sequence
+    passes original_max_position_embeddings. Formulas as in transformers' modeling_rope_utils, so checkpoints match.
     """
-    dim, base = cfg.head_dim, cfg.rope_theta
-    s = dict(cfg.rope_scaling or {})
+    dim = cfg.rotary_dim
+    base = cfg.rope_local_theta if local else cfg.rope_theta
+    s = {} if local else dict(cfg.rope_scaling or {})
     kind = s.get("rope_type", s.get("type", "default"))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (base ** exponents)
@@ -153,26 +168,50 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torc
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high_f) * ~(wavelen > old_len / low_f)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        orig = s["original_max_position_embeddings"]
+        # without a stated factor, the context's growth over the original (Phi-3 states none)
+        factor = s.get("factor") or cfg.max_seq_len / orig
+        long = seq_len is not None and seq_len > orig
+        inv_freq = 1.0 / (torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
+                          * base ** exponents)
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        scale = float(attention_factor)
     else:
-        raise ValueError(f"unsupported rope_scaling type '{kind}' (supported: linear, dynamic, yarn, llama3)")
+        raise ValueError(f"unsupported rope_scaling type '{kind}' (supported: {', '.join(ROPE_TYPES[1:])})")
     return inv_freq, scale
 
 
 class Rotary(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """cos and sin of each position for RoPE; `local` is the sliding layers' own RoPE (Gemma 3)."""
+
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.local = cfg, local
         # a plain tensor, not a buffer: model.to(bfloat16) must not round the frequencies (the reference keeps fp32)
-        self.inv_freq, self.scale = rope_frequencies(cfg)
-        self.dynamic = (cfg.rope_scaling or {}).get("rope_type") == "dynamic"
+        self.inv_freq, self.scale = rope_frequencies(cfg, local=local)
+        scaling = {} if local else cfg.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        self.dynamic = kind == "dynamic"
+        # LongRoPE switches to its long factors for every position once a forward's positions pass the original
+        # context (as transformers does); both sets are kept so a compiled step can pick one without a Python branch
+        self.long_after = cfg.rope_scaling["original_max_position_embeddings"] if kind == "longrope" else None
+        if self.long_after is not None:
+            self.long_inv_freq = rope_frequencies(cfg, self.long_after + 1)[0]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
+            if self.long_after is not None:
+                self.long_inv_freq = self.long_inv_freq.to(positions.device)
         inv_freq = self.inv_freq
         if self.dynamic:
             inv_freq = rope_frequencies(self.cfg, int(positions.max()) + 1)[0].to(positions.device)
-        freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2), float32 as in the reference
+        elif self.long_after is not None:
+            inv_freq = torch.where(positions.max() + 1 > self.long_after, self.long_inv_freq, inv_freq)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, rotary_dim/2), float32 as in the reference
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
@@ -192,8 +231,12 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the last dim of x; cos/sin broadcast against x (e.g. (B, 1, T, D) for (B, heads, T, D))."""
-    half = x.shape[-1] // 2
+    """Rotate-half RoPE on the last dim of x; cos/sin broadcast against x (e.g. (B, 1, T, D) for (B, heads, T, D)).
+    cos/sin narrower than x (partial rotary, Phi-4-mini): the first dims rotate, the rest pass through."""
+    d = cos.shape[-1]
+    if d < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :d], cos, sin), x[..., d:]), dim=-1)
+    half = d // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
@@ -269,8 +312,34 @@ class Segments:
         return cls(tuple(rows))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+           scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D): SDPA, or with soft-capped scores (Gemma 2:
+    c * tanh(scores / c) before the softmax, which SDPA has no place for) written out as transformers' eager
+    attention computes it (softmax in float32). `mask`: bool (True = attend) or float bias, broadcast to
+    (B, H, T, S); `causal`: the last T keys are the queries' own positions, earlier keys are all visible."""
+    groups = q.shape[1] // k.shape[1]
+    if softcap is None:
+        if groups > 1 and not _SDPA_GQA:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **extra)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    T, S = q.shape[2], k.shape[2]
+    if causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Self-attention of layer `layer`: fused q/k/v projection, optional q/k norms (per head or over the whole
+    projection), RoPE (this layer's kind, partial or none), the layer's sliding window, scale and soft-capping."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -279,12 +348,16 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.d_model, q + 2 * kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.d_model, bias=cfg.proj_bias)
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+            per_head = cfg.qk_norm_scope == "head"
+            self.q_norm = make_norm(cfg, cfg.head_dim if per_head else q)
+            self.k_norm = make_norm(cfg, cfg.head_dim if per_head else kv)
         self.decode_kernel = False  # pack_for_cpu turns on lmforge's CPU decode attention (model/cpu_kernels.cpp)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        cfg = self.cfg
+        cfg = self.cfg  # read at each call: a loaded model's config may change where no weight depends on it
+        window, softcap = cfg.window(layer), cfg.attn_softcap
+        scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
         qkv = self.qkv_proj(x)
         if rope is not None and not cfg.qk_norm:
             # rotate q and k in one pass over their heads, (B, T, heads, head_dim): half the RoPE kernels
@@ -294,92 +367,167 @@ class Attention(nn.Module):
             v = qkv[..., -self.split[2]:].view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         else:
             q, k, v = qkv.split(self.split, dim=-1)
+            if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # OLMo 2: over all heads at once
+                q, k = self.q_norm(q), self.k_norm(k)
             q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
             k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
             v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-            if cfg.qk_norm:
+            if cfg.qk_norm and cfg.qk_norm_scope == "head":  # Qwen3, Gemma 3: each head, after projection
                 q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+            # a sliding layer reads only the slots its window can reach (the mask rules out the earlier ones anyway);
+            # rows are left-padded into the same slot columns, so the window is the same slots for every row
+            first = k.shape[2] - T - window + 1 if window is not None else 0
+            if first > 0 and not cache.static and isinstance(mask, torch.Tensor):
+                k, v, mask = k[:, :, first:], v[:, :, first:], mask[..., first:]
         if self.decode_kernel and cache is not None and T == 1 and (mask is None or mask.dtype == torch.bool):
             # one new token: read only the cache's filled slots (SDPA reads a static cache's every slot)
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
-                                                   cache.pos + 1 if cache.static else None, cfg.head_dim ** -0.5)
+                                                   cache.pos + 1 if cache.static else None, scale, softcap or 0.0)
+        elif isinstance(mask, Segments):  # packed rows: causal attention inside each segment
+            y = torch.cat([torch.cat([attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None,
+                                             e - s > 1, scale, softcap)
+                                      for s, e in spans], dim=2) for b, spans in enumerate(mask.spans)], dim=0)
         else:
-            groups = cfg.n_heads // cfg.n_kv_heads
-            if groups > 1 and not _SDPA_GQA:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
-            if isinstance(mask, Segments):  # packed rows: causal attention inside each segment
-                y = torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
-                                                                         v[b:b + 1, :, s:e], is_causal=e - s > 1,
-                                                                         **extra)
-                                          for s, e in spans], dim=2) for b, spans in enumerate(mask.spans)], dim=0)
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
             # mask None means plain causal attention: SDPA can then use its flash / memory-efficient kernels
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **extra)
+            y = attend(q, k, v, mask, mask is None and T > 1, scale, softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
+
+def _gated(gate_up: torch.Tensor, geglu: bool) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    # GeGLU uses the tanh GELU (Gemma's gelu_pytorch_tanh); SwiGLU silu (Shazeer 2020)
+    return (F.gelu(gate, approximate="tanh") if geglu else F.silu(gate)) * up
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:  # Shazeer 2020; gate and up fused into one matmul
-            self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.proj_bias)
+        d_ff = d_ff or cfg.d_ff
+        self.gated, self.geglu = cfg.mlp != "gelu", cfg.mlp == "geglu"
+        if self.gated:  # gate and up fused into one matmul
+            self.gate_up_proj = nn.Linear(cfg.d_model, 2 * d_ff, bias=cfg.proj_bias)
         else:
-            self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.proj_bias)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.proj_bias)
+            self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.proj_bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+        if self.gated:
+            return self.down_proj(_gated(self.gate_up_proj(x), self.geglu))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
-class MoE(nn.Module):
-    """Mixture-of-experts MLP: a linear router sends each token to its top-k experts, whose outputs are
-    mixed by the renormalised router probabilities (Shazeer et al. 2017; Mixtral). `aux_loss` is the
-    Switch Transformer load-balancing loss (Fedus et al. 2021): n_experts * sum_e f_e * P_e, where f_e
-    is the fraction of routing slots that chose expert e and P_e its mean router probability; it is 1
-    for perfectly even routing."""
+# torch's grouped GEMM (one call for every expert's rows); CUDA's kernel takes bfloat16 only
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group, through their group's matrix: rows offsets[g-1]:offsets[g] times weight[g].T,
+    weight (groups, out, in) as nn.Linear stores it. One grouped GEMM where torch has it for x's device and dtype,
+    else one matmul per group."""
+    if _GROUPED_MM is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return _GROUPED_MM(x, weight.transpose(1, 2), offs=offsets)
+    bounds = [0] + offsets.tolist()
+    return torch.cat([x[a:b] @ weight[g].t() for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+
+
+class Experts(nn.Module):
+    """The experts' weights stacked, as transformers keeps them: gate_up_proj (experts, 2 x width, d_model) and
+    down_proj (experts, d_model, width), each expert's slice laid out like nn.Linear's weight."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k = cfg.experts_top_k
-        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
-        self.aux_loss = torch.zeros(())
+        n, d, ff = cfg.n_experts, cfg.d_model, cfg.moe_d_ff or cfg.d_ff
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * ff, d).normal_(std=cfg.init_std))
+        self.down_proj = nn.Parameter(torch.empty(n, d, ff).normal_(std=cfg.init_std))
+        self.geglu = cfg.mlp == "geglu"
 
+    def forward(self, h: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token h (N, d_model) through each of its experts `chosen` (N, k): (N * k, d_model) outputs in
+        (token, choice) order, and the number of rows each expert got. The pairs are sorted by expert once (a
+        stable sort), each expert's rows run as one slice of a grouped GEMM, and one gather puts them back."""
+        k = chosen.shape[1]
+        experts = chosen.flatten()
+        order = experts.argsort(stable=True)
+        counts = torch.bincount(experts, minlength=self.gate_up_proj.shape[0])
+        offsets = counts.cumsum(0).to(torch.int32)
+        rows = grouped_linear(_gated(grouped_linear(h[order // k], self.gate_up_proj, offsets), self.geglu),
+                              self.down_proj, offsets)
+        return rows[order.argsort()], counts
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts MLP: a linear router sends each token to its top-k experts, whose outputs are mixed by
+    the router probabilities, renormalised over the chosen k where the family does (Shazeer et al. 2017; Mixtral;
+    Qwen3-MoE's norm_topk_prob).
+
+    Grouped dispatch: the (token, expert) pairs are sorted by expert once, every expert's rows then run as one
+    slice of a batched or grouped GEMM (Experts.forward), and each token's k outputs come back as one weighted
+    sum; no Python loop over tokens or over experts' masks. Each forward keeps the routing statistics of the
+    Switch Transformer load-balancing loss (Fedus et al. 2021) as transformers' load_balancing_loss_func computes
+    it: `Transformer.aux_loss` combines every MoE layer's; `aux_loss` here is this layer's alone."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.top_k, self.norm_topk, self.n_experts = cfg.experts_top_k, cfg.moe_norm_topk, cfg.n_experts
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg)
+        zero = torch.zeros(cfg.n_experts)
+        # the last forward's top-k choices per expert, router probabilities summed per expert, and tokens
+        self.expert_counts, self.prob_sums, self.tokens = zero, zero, 0
+
+    # a compiled decode step runs the dispatch eagerly: its sizes depend on the routing, and inductor has no CPU
+    # float32 grouped GEMM
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         probs = self.router(h).float().softmax(-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(h.dtype)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(h[rows]) * weights[rows, slot, None])
-        n = len(self.experts)
-        fraction = torch.bincount(chosen.flatten(), minlength=n).float() / chosen.numel()
-        self.aux_loss = n * (fraction * probs.mean(0)).sum()
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        y, counts = self.experts(h, chosen)
+        # each token's k outputs weighted and summed: a reduction, not a scatter-add of N x k rows into N
+        out = (y.view(*chosen.shape, -1) * weights[..., None].to(y.dtype)).sum(1).to(h.dtype)
+        self.expert_counts, self.prob_sums, self.tokens = counts.detach().float(), probs.sum(0), h.shape[0]
         return out.view(shape)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """n_experts * sum_e f_e * P_e for this layer's last forward: f_e the top-k choices of expert e per token,
+        P_e its mean router probability (1 for even top-1 routing, top_k for even top-k routing)."""
+        if not self.tokens:
+            return torch.zeros(())
+        return self.n_experts * ((self.expert_counts / self.tokens) * (self.prob_sums / self.tokens)).sum()
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """One layer: attention and MLP (or MoE), each as a residual branch with the family's norm placement."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
-        self.mlp_norm, self.mlp = make_norm(cfg), (MoE(cfg) if cfg.n_experts else MLP(cfg))
+        self.placement = cfg.norm_placement
+        self.attn = Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
+        if self.placement in ("pre", "sandwich"):
+            self.attn_norm, self.mlp_norm = make_norm(cfg), make_norm(cfg)
+        if self.placement in ("post", "sandwich"):
+            self.post_attn_norm, self.post_mlp_norm = make_norm(cfg), make_norm(cfg)
 
     def forward(self, x, rope, mask, cache, layer):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.placement == "pre":
+            x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
+            return x + self.mlp(self.mlp_norm(x))
+        if self.placement == "post":  # OLMo 2: the branch's output is normed, its input is not
+            x = x + self.post_attn_norm(self.attn(x, rope, mask, cache, layer))
+            return x + self.post_mlp_norm(self.mlp(x))
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, mask, cache, layer))
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -392,16 +540,24 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
+        # the sliding layers' own RoPE base (Gemma 3's local layers)
+        self.local_rotary = Rotary(cfg, local=True) if cfg.pos == "rope" and cfg.rope_local_theta else None
         self.alibi = alibi_slopes(cfg.n_heads) if cfg.pos == "alibi" else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.inference_only: str | None = None  # "int8" (quantize_int8) or "packed float32" (pack_for_cpu)
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def reset_rotary(self) -> None:
+        """Recompute the RoPE tables from the config (after building on the meta device, or a changed rope_theta)."""
+        cfg = self.cfg
+        self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
+        self.local_rotary = Rotary(cfg, local=True) if cfg.pos == "rope" and cfg.rope_local_theta else None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -413,14 +569,15 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def _mask(self, B: int, T: int, start, attention_mask: torch.Tensor | None, device,
-              keys: int | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+              keys: int | None = None, segment_ids: torch.Tensor | None = None,
+              window: int | None = None) -> torch.Tensor | None:
         """Boolean (B, 1, T, S) mask (True = attend), or None when plain causal attention suffices.
 
         `start` is the first query's slot (an int, or a 0-d tensor for a static cache, whose S = `keys` is the
         whole cache). `segment_ids` (B, T) keep packed sequences apart: a token sees only its own segment.
+        `window`: a sliding layer's, each query sees itself and the window - 1 positions before it.
         With ALiBi it is a float (B, heads, T, S) bias: -slope * distance where allowed, -inf elsewhere.
         """
-        window = self.cfg.sliding_window
         S = keys if keys is not None else start + T
         plain = (keys is None and attention_mask is None and segment_ids is None and self.alibi is None
                  and (window is None or window >= S))
@@ -465,6 +622,8 @@ class Transformer(nn.Module):
         """`forward` over input embeddings x (B, T, d_model) instead of token ids (prompt tuning's virtual tokens)."""
         B, T, _ = x.shape
         device = x.device
+        if self.cfg.scale_embeddings:  # Gemma: times sqrt(d_model), rounded to the embedding's dtype as transformers does
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
         static = cache is not None and cache.static
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not for decoding with a KV cache")
@@ -484,26 +643,34 @@ class Transformer(nn.Module):
             if not static and int(positions.max()) >= self.cfg.max_seq_len:  # static: generation checked it
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
             x = x + self.pos_embed(positions)
-        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        if (segment_ids is not None and attention_mask is None and self.alibi is None
-                and (self.cfg.sliding_window is None or self.cfg.sliding_window >= T)):
-            mask = Segments.of(segment_ids)
-        else:
-            mask = self._mask(B, T, start, attention_mask, device, keys=cache.max_len if static else None,
-                              segment_ids=segment_ids)
-        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
-            mask = mask.to(x.dtype)
+        # each layer's RoPE (global, the sliding layers' local one, or none) and mask (full, or its window)
+        ropes = {None: None}
+        for kind, rotary in (("global", self.rotary), ("local", self.local_rotary)):
+            if rotary is not None and kind in self._rope_kinds:
+                ropes[kind] = rotary(positions, x.dtype)
+        masks, segments = {}, None
+        for window in self._windows:
+            if (segment_ids is not None and attention_mask is None and self.alibi is None
+                    and (window is None or window >= T)):
+                masks[window] = segments = segments or Segments.of(segment_ids)
+            else:
+                mask = self._mask(B, T, start, attention_mask, device,
+                                  keys=cache.max_len if static else None, segment_ids=segment_ids, window=window)
+                masks[window] = mask.to(x.dtype) if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool \
+                    else mask
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i)
+            x = layer(x, ropes[self.cfg.rope_kind(i)], masks[self.cfg.window(i)], cache, i)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output head over hidden states (..., d_model) -> (..., vocab)."""
-        if self.lm_head is not None:  # untied, or a quantized copy of the tied matrix (model/quantize.py)
-            return self.lm_head(hidden)
-        return F.linear(hidden, self.embed.weight)
+        """The output head over hidden states (..., d_model) -> (..., vocab), soft-capped where the family does."""
+        # lm_head: untied, or a quantized / packed copy of the tied matrix (model/quantize.py, model/packed.py)
+        logits = self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed.weight)
+        if self.cfg.final_softcap is not None:  # Gemma 2: c * tanh(logits / c)
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross entropy of hidden states (..., d_model) against `targets` (...) (-100: no loss);
@@ -513,12 +680,41 @@ class Transformer(nn.Module):
         if mask is not None:
             hidden, targets = hidden[mask], targets[mask]
         head = self.lm_head
-        if head is None or (type(head) is nn.Linear and head.bias is None):  # a plain matrix (not LoRA / int8)
+        plain = head is None or (type(head) is nn.Linear and head.bias is None)  # a plain matrix (not LoRA / int8)
+        if plain and self.cfg.final_softcap is None:
             return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.output_weight(), targets.reshape(-1))
-        logits = head(hidden)
+        logits = self.logits(hidden)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
+    @property
+    def _rope_kinds(self) -> set[str | None]:
+        return {self.cfg.rope_kind(i) for i in range(self.cfg.n_layers)}
+
+    @property
+    def _windows(self) -> list[int | None]:
+        return sorted({self.cfg.window(i) for i in range(self.cfg.n_layers)}, key=lambda w: (w is not None, w or 0))
+
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""
-        losses = [layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE)]
-        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
+        """The MoE load-balancing loss of the last forward (0 for a dense model), as transformers'
+        load_balancing_loss_func computes it over every MoE layer's router: n_experts * sum_e f_e * P_e, with f_e the
+        top-k choices of expert e and P_e its router probability, each summed over the layers and divided by
+        (layers x tokens)."""
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE) and layer.mlp.tokens]
+        if not moe:
+            return torch.zeros((), device=self.embed.weight.device)
+        rows = sum(m.tokens for m in moe)
+        counts = torch.stack([m.expert_counts for m in moe]).sum(0) / rows
+        probs = torch.stack([m.prob_sums for m in moe]).sum(0) / rows
+        return moe[0].n_experts * (counts * probs).sum()
+
+    def router_balance(self) -> dict[str, float]:
+        """How evenly the last forward's tokens were routed, for training logs: per MoE layer's choices, the
+        busiest expert's share over an even share (1.0 = perfectly even) and the fraction of experts no token
+        chose."""
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE) and layer.mlp.tokens]
+        if not moe:
+            return {}
+        counts = torch.stack([m.expert_counts for m in moe])  # (layers, experts)
+        even = counts.sum(1, keepdim=True) / counts.shape[1]
+        return {"router_max_load": float((counts / even).amax(1).mean()),
+                "router_unused_experts": float((counts == 0).float().mean())}
