@@ -85,7 +85,7 @@ def family(request, tmp_path_factory):
 def _logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         out = model(torch.tensor([ids]))
-    return (out.logits if hasattr(out, "logits") else out)[0]
+    return (out.logits if hasattr(out, "logits") else model.logits(out))[0]  # transformers' or lmforge's head
 
 
 def test_logits_equal_transformers(family):
@@ -106,7 +106,7 @@ def test_left_padded_batch_equals_each_row_alone(family):
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     with torch.no_grad():
-        batch = ours(ids, attention_mask=mask)
+        batch = ours.logits(ours(ids, attention_mask=mask))
     for i, r in enumerate(rows):
         assert (batch[i, width - len(r):] - _logits(ours, r)).abs().max().item() <= TOL
 
@@ -174,7 +174,7 @@ def test_packed_cpu_kernels(family):
     with torch.no_grad():
         packed(torch.tensor([ids[:5]]), cache=cache)
         for t in range(5, len(ids)):  # one token at a time: the decode kernel reads the cache
-            step = packed(torch.tensor([[ids[t]]]), cache=cache)[0, -1]
+            step = packed.logits(packed(torch.tensor([[ids[t]]]), cache=cache))[0, -1]
             assert (step - expected[t]).abs().max().item() <= TOL, t
     prompts = [tok.encode(t)[:12] for t in TEXTS]
     cfg = SamplingConfig(max_new_tokens=16, temperature=0)
@@ -226,14 +226,14 @@ def test_sliding_layer_sees_only_its_window():
     b = a.clone()
     b[0, 2] = (a[0, 2] + 1) % 100
     with torch.no_grad():
-        la, lb = model(a)[0], model(b)[0]
+        la, lb = model.logits(model(a))[0], model.logits(model(b))[0]
     assert (la[6:] - lb[6:]).abs().max() == 0 and (la[2:6] - lb[2:6]).abs().max() > 1e-3
     cfg = SamplingConfig(max_new_tokens=12, temperature=0)
     assert generate_ids(model, [a[0].tolist()], cfg) == generate_ids(model, [b[0].tolist()], cfg)
     c = a.clone()
     c[0, -2] = (a[0, -2] + 1) % 100
     with torch.no_grad():
-        assert (model(c)[0, -1] - la[-1]).abs().max() > 1e-3
+        assert (model.logits(model(c))[0, -1] - la[-1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
