@@ -75,7 +75,7 @@ def test_load_for_inference_gives_the_model_its_options_ask_for(trained_dir, tmp
         want = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
         loaded = load_for_inference(d)
         assert not loaded.model.training
-        assert (loaded.model(ids) - want).abs().max() < 1e-4
+        assert (loaded.model.logits(loaded.model(ids)) - want).abs().max() < 1e-4
         assert loaded.template == loaded.tokenizer.chat_template and loaded.template_source == "the model's chat template"
         assert loaded.reasoning is None and "float32" in loaded.description
         half = load_for_inference(d, dtype="bf16")
@@ -84,7 +84,7 @@ def test_load_for_inference_gives_the_model_its_options_ask_for(trained_dir, tmp
         assert any(isinstance(m, Int8Linear) for m in int8.model.modules()) and "int8 weights" in int8.description
         packed = load_for_inference(d, pack=True)
         assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
-        assert (packed.model(ids) - want).abs().max() < 1e-4
+        assert (packed.model.logits(packed.model(ids)) - want).abs().max() < 1e-4
         assert not any(isinstance(m, PackedLinear) for m in load_for_inference(d, "bfloat16", pack=True).model.modules())
     # a chosen template becomes the tokenizer's (one warning: it is not the model's own), its stop ids follow it
     with pytest.warns(UserWarning, match="is not the model's own chat template"):
