@@ -21,6 +21,8 @@ NO_ANSWER = "I don't know: the indexed documents contain nothing relevant to thi
 NO_ANSWER_ZH = "我不知道：索引中的文档没有与这个问题相关的内容。"
 INSTRUCTIONS = ("Answer the question using only the numbered sources below. Cite the sources you use as [1], [2]. "
                 "If the sources do not contain the answer, say you don't know.")
+# what a small context (a 128-token model's) gets in their place: the same request in a few tokens
+BRIEF_INSTRUCTIONS = "Answer from the sources; cite them as [1]."
 _CITATION = regex.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
@@ -50,12 +52,13 @@ def relevant_hits(hits: list[Hit], cfg: AskConfig, dense: bool) -> list[Hit]:
     return [h for h in hits if ok(h)]
 
 
-def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int) -> tuple[list[int], list[Hit]]:
+def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int,
+                 instructions: str = INSTRUCTIONS) -> tuple[list[int], list[Hit]]:
     """The prompt's token ids with as many sources (best first) as fit in `budget` tokens; the last one may be cut.
     Uses the tokenizer's chat template when it has one. Sources and the question are data: a special token's
     text inside them is encoded as text, never as a control token."""
     def render(sources: list[str]) -> list[int]:
-        body = INSTRUCTIONS + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
+        body = instructions + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
         if getattr(tokenizer, "chat_template", None):
             return apply_chat_template(tokenizer, [{"role": "user", "content": body}], add_generation_prompt=True,
                                        tokenize=True)
@@ -110,7 +113,8 @@ def answer_prompt(index: RagIndex, question: str, tokenizer, cfg: AskConfig, con
                   max_new_tokens: int | None = None) -> AnswerPrompt:
     """Retrieve the relevant sources of `question` and build its prompt within a `context`-token model, leaving
     `max_new_tokens` (default cfg.max_new_tokens) for the answer; in a context too small for that and one source,
-    the answer's room shrinks to a quarter of the context (at least 16 tokens) and the budget says so. What
+    the answer's room shrinks to a quarter of the context (at least 16 tokens), then the instructions to their brief
+    form, and the budget says so. What
     `lmforge rag ask` and `lmforge serve --index` both answer from."""
     dense = index.cfg.dense
     hits = relevant_hits(index.search(question, k=cfg.k, mode=cfg.mode if dense else "sparse"), cfg,
@@ -121,6 +125,9 @@ def answer_prompt(index: RagIndex, question: str, tokenizer, cfg: AskConfig, con
     prompt, used = build_prompt(question, hits, tokenizer, context - want)
     if not used:  # a small context: less room for the answer rather than no answer
         prompt, used = build_prompt(question, hits, tokenizer, context - min(want, max(16, context // 4)))
+    if not used:  # and brief instructions rather than none
+        prompt, used = build_prompt(question, hits, tokenizer, context - min(want, max(16, context // 4)),
+                                    BRIEF_INSTRUCTIONS)
     if not used:  # not even a cut source fits next to the instructions and the question
         raise ContextTooSmall(f"the model's {context}-token context cannot hold the question and one source (the "
                               f"prompt alone takes {len(prompt)} tokens): use a model with a longer context")
