@@ -195,10 +195,11 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
     else:
         from lmforge.peft import lora
 
-        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings and head stay float)
+        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings, head, experts and
+            # routers stay float)
             from lmforge.peft.nf4 import quantize_model
 
-            quantize_model(model, sorted({s.module for s in lora.adapter_sites(model.cfg)}))
+            quantize_model(model, lora.linear_modules(model.cfg))
         lora.apply_lora(model, lora_config(cfg))
 
 
