@@ -23,9 +23,17 @@ from tests.model.test_families import FAMILIES, TEXTS, _hf_model
 peft = pytest.importorskip("peft")
 TOL = 1e-4
 MOE = ("qwen3_moe", "mixtral")
+# the default tier covers one family of each kind of site (GeGLU slices, Phi-3's fused modules, stacked experts);
+# the others run in the slow tier
+FAST = ("gemma3_text", "phi3", "qwen3_moe")
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+def _tiered(family, *values):
+    """A parameter set for `family`, marked slow unless the family is in FAST."""
+    return pytest.param(*values, marks=() if family in FAST else pytest.mark.slow, id="-".join(map(str, values)))
+
+
+@pytest.fixture(scope="module", params=[_tiered(f, f) for f in FAMILIES])
 def base(request, tmp_path_factory):  # (also parametrized indirectly by the tests that pair families with variants)
     """(family, its HF directory with a real tokenizer, token ids of English + Chinese + emoji text)."""
     name = request.param
@@ -71,8 +79,8 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("base,variant", [(f, v) for f in FAMILIES for v, _, only in VARIANTS if only is None or f in only],
-                         indirect=["base"])
+@pytest.mark.parametrize("base,variant", [_tiered(f, f, v) for f in FAMILIES for v, _, only in VARIANTS
+                                          if only is None or f in only], indirect=["base"])
 def test_lmforge_adapter_loads_in_peft_with_equal_logits(base, variant, tmp_path):
     name, d, ids = base
     fields = next(v[1] for v in VARIANTS if v[0] == variant)
