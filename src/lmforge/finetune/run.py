@@ -52,6 +52,9 @@ class FinetuneConfig(TrainConfig):
     on_error: str = on_error_field()
     template: str = field(default="model", metadata={
         "help": "chat template: model (the tokenizer's own), or chatml, qwen, llama-3, mistral, phi-3, alpaca, plain"})
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "the chat template's own variables, as apply_chat_template's keyword arguments, e.g. "
+                "'{enable_thinking: false}' (Qwen3: train replies without a reasoning block)"})
     mask: str = field(default="assistant", metadata={
         "help": "tokens trained on: assistant (every reply), last (the last reply), all (prompts too)",
         "choices": ["assistant", "last", "all"]})
@@ -109,7 +112,6 @@ class FinetuneConfig(TrainConfig):
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
     model_overrides: dict = field(default_factory=dict, metadata={"cli": False})
-    moe_aux_weight: float = field(default=0.01, metadata={"cli": False})
     # the loop's settings, with fine-tuning defaults
     max_length: int = field(default=512, metadata={"help": "tokens per row (an example longer than this is cut)",
                                                    "check": (lambda v: v > 0, "> 0")})
@@ -124,10 +126,21 @@ class FinetuneConfig(TrainConfig):
 
     #: what a resumed run must share with its checkpoint, beyond the loop's own (trainer.RESUME_MUST_MATCH)
     resume_extra: ClassVar[tuple[str, ...]] = (
-        "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template", "mask",
+        "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template",
+        "chat_template_kwargs", "mask",
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
+
+
+def _check_template_variables(variables: dict, template: str, source: str) -> None:
+    """chat_template_kwargs must be variables the template reads, not the ones lmforge passes itself."""
+    for name in variables:
+        if name in ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message"):
+            raise ConfigError(f"chat_template_kwargs: {name} is set by lmforge for each example; give the template's "
+                              "own variables only")
+        if not re.search(rf"\b{re.escape(str(name))}\b", template):
+            raise ConfigError(f"chat_template_kwargs: the chat template ({source}) never reads {name!r}")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -195,10 +208,11 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
     else:
         from lmforge.peft import lora
 
-        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings and head stay float)
+        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings, head, experts and
+            # routers stay float)
             from lmforge.peft.nf4 import quantize_model
 
-            quantize_model(model, sorted({s.module for s in lora.adapter_sites(model.cfg)}))
+            quantize_model(model, lora.linear_modules(model.cfg))
         lora.apply_lora(model, lora_config(cfg))
 
 
@@ -256,6 +270,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           "its weights")
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
+    _check_template_variables(cfg.chat_template_kwargs, template, template_source)
     rejects = RejectLog() if cfg.on_error == "skip" else None
     if cfg.objective != "sft":
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
@@ -282,10 +297,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_id or 0)
     progress = cfg.progress
+    variables = cfg.chat_template_kwargs
     train = sft.build_examples(tokenizer, template, train_convs, mask, cfg.max_length, eos_id, rejects, progress,
-                               "tokenize train")
-    val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False) \
-        if val_convs else None
+                               "tokenize train", variables)
+    val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False,
+                             variables=variables) if val_convs else None
 
     torch.manual_seed(cfg.seed)  # the adapters' initial A matrices: the same for the same seed, in any process
     prepare_model(model, cfg)
@@ -314,7 +330,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         from lmforge.files import write_json
 
         write_json(out / "template.json", {"source": template_source, "name": cfg.template,
-                                           "hash": template_hash(template), "template": template, "mask": mask})
+                                           "hash": template_hash(template), "template": template, "mask": mask,
+                                           "variables": variables})
         write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None,
                                        "packing_utilisation": round(batches.utilisation(), 4)})
         if rejects is not None:
@@ -329,12 +346,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         example = next((c for c in train_convs if c.text is None), None)
         if example is not None:
             print("one training example, the trained part in [[ ]]:\n" + render_masked(tokenizer, template, example,
-                                                                                      mask), file=sys.stderr)
+                                                                                      mask, variables=variables),
+                  file=sys.stderr)
     summary = trainer.fit()
     summary["parameters"] = parameter_counts(model)
     summary["data"] = {"train": train.stats, "val": val.stats if val else None}
     summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
     summary["turn_end_ids"] = turn_end_ids(tokenizer, template)
+    if model.cfg.n_experts:
+        summary["moe_aux_weight"] = trainer.moe_aux_weight
     if trainer.is_main:
         from lmforge.files import write_json
 
@@ -377,8 +397,9 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
     progress = cfg.progress
-    train = build_pairs(tokenizer, template, train_pairs, cfg.max_length, rejects, progress)
-    val = build_pairs(tokenizer, template, val_pairs, cfg.max_length) if val_pairs else None
+    variables = cfg.chat_template_kwargs
+    train = build_pairs(tokenizer, template, train_pairs, cfg.max_length, rejects, progress, variables)
+    val = build_pairs(tokenizer, template, val_pairs, cfg.max_length, variables=variables) if val_pairs else None
     beta = cfg.beta or PREFERENCE_BETA[cfg.objective]
     objective = Preference(cfg.objective, beta, cfg.label_smoothing, cfg.simpo_gamma)
     if cfg.best_metric == "val_reward_accuracy":
@@ -440,8 +461,8 @@ def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, eos_ids
     from lmforge.infer.sampling import SamplingConfig
 
     stops = stop_ids(tokenizer, eos_ids, template)  # the template being trained ends the replies
-    prompts = [encode_chat(tokenizer, template, c.messages[:-1], add_generation_prompt=True, tools=c.tools).ids
-               for c in convs]
+    prompts = [encode_chat(tokenizer, template, c.messages[:-1], add_generation_prompt=True, tools=c.tools,
+                           **cfg.chat_template_kwargs).ids for c in convs]
 
     def after_eval(trainer, metrics: dict) -> None:
         import torch
