@@ -75,9 +75,10 @@ class FinetuneConfig(TrainConfig):
         "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy"),
                   "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
     objective: str = field(default="sft", metadata={
-        "help": "sft (instruction tuning), or preference tuning on chosen/rejected pairs: dpo, ipo (references "
-                "computed once before training), orpo, simpo (reference-free)",
-        "choices": ["sft", "dpo", "ipo", "orpo", "simpo"]})
+        "help": "sft (instruction tuning), preference tuning on chosen/rejected pairs: dpo, ipo (references "
+                "computed once before training), orpo, simpo (reference-free), or distill (learn a --teacher's "
+                "next-token distributions on the SFT data)",
+        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "distill"]})
     beta: float = field(default=0.0, metadata={"help": "preference: the loss's beta (0: the method's usual value: dpo "
                                                        "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0)",
                                                "check": (lambda v: v >= 0, ">= 0")})
@@ -85,6 +86,22 @@ class FinetuneConfig(TrainConfig):
                                                                   "mislabelled (conservative DPO)",
                                                           "check": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")})
     simpo_gamma: float = field(default=1.0, metadata={"help": "simpo: the target reward margin gamma"})
+    # distillation (train/distill.py): --objective distill
+    teacher: str = field(default="", metadata={"help": "distill: the teacher model directory (the student's tokenizer)"})
+    teacher_dtype: str = field(default="float32", metadata={"help": "distill: the teacher's weights (bfloat16 halves "
+                                                                    "its memory)",
+                                                            "choices": ["float32", "bfloat16", "float16"]})
+    kd_loss: str = field(default="forward_kl", metadata={
+        "help": "distill: forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized JSD "
+                "with --kd-beta)", "choices": ["forward_kl", "reverse_kl", "jsd"]})
+    kd_beta: float = field(default=0.5, metadata={"help": "distill, jsd: the teacher's weight in the mixture (0: "
+                                                          "forward KL, 1: reverse KL)",
+                                                  "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distill: softmax temperature of both models (the "
+                                                                 "loss is scaled by its square)",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    kd_ratio: float = field(default=0.5, metadata={"help": "distill: loss = (1 - r) * cross entropy + r * KD",
+                                                   "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
                                                           "adapter (bottleneck adapters), prompt (prompt tuning), "
@@ -127,7 +144,8 @@ class FinetuneConfig(TrainConfig):
         "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template", "mask",
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
+        "teacher", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -149,10 +167,14 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.method in ("prompt", "prefix") and cfg.packing:
         raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
                           "cannot share a row; use --no-packing")
-    if cfg.objective != "sft" and cfg.method in ("prompt", "prefix"):
+    if cfg.objective not in ("sft", "distill") and cfg.method in ("prompt", "prefix"):
         raise ConfigError(f"objective: {cfg.objective} with --method {cfg.method} is not supported: the reference "
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
-    if cfg.best_metric == "val_reward_accuracy" and cfg.objective == "sft":
+    if cfg.objective == "distill" and not cfg.teacher:
+        raise ConfigError("teacher: --objective distill needs the teacher model (--teacher DIR)")
+    if cfg.teacher and cfg.objective != "distill":
+        raise ConfigError(f"teacher: a teacher is used by --objective distill, not {cfg.objective}")
+    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill"):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
@@ -257,7 +279,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
     rejects = RejectLog() if cfg.on_error == "skip" else None
-    if cfg.objective != "sft":
+    if cfg.objective not in ("sft", "distill"):
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
     conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
@@ -305,7 +327,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         if not sample_convs:
             raise ConfigError(f"best_metric: {cfg.best_metric} scores replies to held-out prompts: give --samples N "
                               "(N > 0) and held-out conversations")
-    trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
+    objective = None
+    if cfg.objective == "distill":  # the same batches; the loss adds the teacher's distributions
+        from lmforge.distill.teacher import load_teacher
+        from lmforge.train.distill import Distill
+
+        objective = Distill(load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype), cfg.kd_loss,
+                            cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio)
+    trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=eval_data,
+                      tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
     if cfg.best_metric != "val_loss":
         trainer.objective.best_metric, trainer.objective.higher_is_better = cfg.best_metric, True
