@@ -1,4 +1,5 @@
-"""`lmforge distill init`: a student cut from a teacher. Training it is `lmforge finetune --objective distill`."""
+"""`lmforge distill init` (a student cut from a teacher) and `lmforge distill cache` (the teacher's top-k
+log-probabilities over a data set). Training is `lmforge finetune --objective distill`."""
 
 from __future__ import annotations
 
@@ -26,8 +27,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from lmforge.config import config_from_args
+    from lmforge.distill.cache import CacheConfig, build_cache
+
+    manifest = build_cache(config_from_args(CacheConfig, args))
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="knowledge distillation: cut a student from a teacher",
+    p = sub.add_parser("distill", help="knowledge distillation: cut a student from a teacher, cache a teacher",
                        description="Distillation helpers. Training is `lmforge finetune --objective distill --teacher "
                                    "DIR`; this command prepares a student.")
     commands = p.add_subparsers(dest="distill_command", metavar="COMMAND", required=True)
@@ -43,3 +53,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--keep-every", type=int, default=0, help="keep blocks 0, K, 2K, ... instead of --layers")
     init.add_argument("--out", required=True, help="the student's directory (new or empty)")
     init.set_defaults(func=cmd_init, _parser=init)
+
+    from lmforge.config import add_config_args
+    from lmforge.distill.cache import CacheConfig
+
+    cache = commands.add_parser("cache", help="the teacher's top-k log-probabilities at every trained token of a "
+                                              "data set (train with --teacher-cache, no teacher in memory)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Run the teacher once over SFT data rendered as lmforge finetune renders "
+                                            "it; keep the top-k log-probabilities and the tail's mass per trained "
+                                            "token, in shards. A stopped run continues where it stopped.",
+                                epilog="example:\n  lmforge distill cache --teacher ./teacher --data "
+                                       "data/dataset_info.json#alpaca_en_demo --top-k 64 --out cache\n"
+                                       "  lmforge finetune --objective distill --teacher-cache cache --model ./student "
+                                       "--data data/dataset_info.json#alpaca_en_demo")
+    add_config_args(cache, CacheConfig)
+    cache.set_defaults(func=cmd_cache, _parser=cache)

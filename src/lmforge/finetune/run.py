@@ -88,6 +88,8 @@ class FinetuneConfig(TrainConfig):
     simpo_gamma: float = field(default=1.0, metadata={"help": "simpo: the target reward margin gamma"})
     # distillation (train/distill.py): --objective distill
     teacher: str = field(default="", metadata={"help": "distill: the teacher model directory (the student's tokenizer)"})
+    teacher_cache: str = field(default="", metadata={"help": "distill: a teacher cache (lmforge distill cache) "
+                                                             "instead of --teacher: no teacher in memory"})
     teacher_dtype: str = field(default="float32", metadata={"help": "distill: the teacher's weights (bfloat16 halves "
                                                                     "its memory)",
                                                             "choices": ["float32", "bfloat16", "float16"]})
@@ -145,7 +147,7 @@ class FinetuneConfig(TrainConfig):
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
-        "teacher", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio")
+        "teacher", "teacher_cache", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -170,9 +172,10 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.objective not in ("sft", "distill") and cfg.method in ("prompt", "prefix"):
         raise ConfigError(f"objective: {cfg.objective} with --method {cfg.method} is not supported: the reference "
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
-    if cfg.objective == "distill" and not cfg.teacher:
-        raise ConfigError("teacher: --objective distill needs the teacher model (--teacher DIR)")
-    if cfg.teacher and cfg.objective != "distill":
+    if cfg.objective == "distill" and bool(cfg.teacher) == bool(cfg.teacher_cache):
+        raise ConfigError("teacher: --objective distill needs the teacher model (--teacher DIR) or its cache "
+                          "(--teacher-cache DIR), one of them")
+    if (cfg.teacher or cfg.teacher_cache) and cfg.objective != "distill":
         raise ConfigError(f"teacher: a teacher is used by --objective distill, not {cfg.objective}")
     if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill"):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
@@ -327,11 +330,21 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                               "(N > 0) and held-out conversations")
     objective = None
     if cfg.objective == "distill":  # the same batches; the loss adds the teacher's distributions
-        from lmforge.distill.teacher import load_teacher
         from lmforge.train.distill import Distill
 
-        objective = Distill(load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype), cfg.kd_loss,
-                            cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio)
+        if cfg.teacher_cache:  # the teacher's top-k rows ride along with each batch's examples
+            from lmforge.distill.cache import CachedTeacherBatches, TeacherCache, cached_eval_batches
+
+            cache = TeacherCache(cfg.teacher_cache)
+            cache.check(tokenizer, cfg.kd_temperature, str(model_dir))
+            batches = CachedTeacherBatches(batches, cache)
+            eval_data = cached_eval_batches(val, max(1, micro), pad_id, cache) if val is not None else None
+            teacher = None
+        else:
+            from lmforge.distill.teacher import load_teacher
+
+            teacher = load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype)
+        objective = Distill(teacher, cfg.kd_loss, cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio)
     trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=eval_data,
                       tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
