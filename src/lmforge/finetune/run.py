@@ -78,9 +78,10 @@ class FinetuneConfig(TrainConfig):
         "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy"),
                   "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
     objective: str = field(default="sft", metadata={
-        "help": "sft (instruction tuning), or preference tuning on chosen/rejected pairs: dpo, ipo (references "
-                "computed once before training), orpo, simpo (reference-free)",
-        "choices": ["sft", "dpo", "ipo", "orpo", "simpo"]})
+        "help": "sft (instruction tuning), preference tuning on chosen/rejected pairs: dpo, ipo (references "
+                "computed once before training), orpo, simpo (reference-free), or distill (learn a --teacher's "
+                "next-token distributions on the SFT data)",
+        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "distill"]})
     beta: float = field(default=0.0, metadata={"help": "preference: the loss's beta (0: the method's usual value: dpo "
                                                        "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0)",
                                                "check": (lambda v: v >= 0, ">= 0")})
@@ -88,6 +89,34 @@ class FinetuneConfig(TrainConfig):
                                                                   "mislabelled (conservative DPO)",
                                                           "check": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")})
     simpo_gamma: float = field(default=1.0, metadata={"help": "simpo: the target reward margin gamma"})
+    # distillation (train/distill.py): --objective distill
+    teacher: str = field(default="", metadata={"help": "distill: the teacher model directory (the student's tokenizer)"})
+    teacher_cache: str = field(default="", metadata={"help": "distill: a teacher cache (lmforge distill cache) "
+                                                             "instead of --teacher: no teacher in memory"})
+    teacher_dtype: str = field(default="float32", metadata={"help": "distill: the teacher's weights (bfloat16 halves "
+                                                                    "its memory)",
+                                                            "choices": ["float32", "bfloat16", "float16"]})
+    kd_loss: str = field(default="forward_kl", metadata={
+        "help": "distill: forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized JSD "
+                "with --kd-beta)", "choices": ["forward_kl", "reverse_kl", "jsd"]})
+    kd_beta: float = field(default=0.5, metadata={"help": "distill, jsd: the teacher's weight in the mixture (0: "
+                                                          "forward KL, 1: reverse KL)",
+                                                  "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distill: softmax temperature of both models (the "
+                                                                 "loss is scaled by its square)",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    kd_ratio: float = field(default=0.5, metadata={"help": "distill: loss = (1 - r) * cross entropy + r * KD",
+                                                   "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    kd_lmbda: float = field(default=0.0, metadata={"help": "distill: share of batches whose replies the student "
+                                                           "samples itself (on-policy, GKD's lambda)",
+                                                   "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    seq_kd: bool = field(default=False, metadata={"help": "distill: the other batches' replies are the teacher's "
+                                                          "generations (sequence-level KD)"})
+    kd_max_new_tokens: int = field(default=128, metadata={"help": "distill, on-policy / seq_kd: tokens per generated "
+                                                                  "reply", "check": (lambda v: v > 0, "> 0")})
+    kd_sample_temperature: float = field(default=0.9, metadata={"help": "distill, on-policy / seq_kd: sampling "
+                                                                        "temperature of generated replies",
+                                                                "check": (lambda v: v >= 0, ">= 0")})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
                                                           "adapter (bottleneck adapters), prompt (prompt tuning), "
@@ -130,7 +159,9 @@ class FinetuneConfig(TrainConfig):
         "chat_template_kwargs", "mask",
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
+        "teacher", "teacher_cache", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio",
+        "kd_lmbda", "seq_kd", "kd_max_new_tokens", "kd_sample_temperature")
 
 
 def _check_template_variables(variables: dict, template: str, source: str) -> None:
@@ -162,10 +193,25 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.method in ("prompt", "prefix") and cfg.packing:
         raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
                           "cannot share a row; use --no-packing")
-    if cfg.objective != "sft" and cfg.method in ("prompt", "prefix"):
+    if cfg.objective not in ("sft", "distill") and cfg.method in ("prompt", "prefix"):
         raise ConfigError(f"objective: {cfg.objective} with --method {cfg.method} is not supported: the reference "
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
-    if cfg.best_metric == "val_reward_accuracy" and cfg.objective == "sft":
+    if cfg.objective == "distill" and bool(cfg.teacher) == bool(cfg.teacher_cache):
+        raise ConfigError("teacher: --objective distill needs the teacher model (--teacher DIR) or its cache "
+                          "(--teacher-cache DIR), one of them")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.teacher_cache:
+        raise ConfigError("teacher_cache: a cache holds the teacher's view of the data's replies only; on-policy "
+                          "(--kd-lmbda) and --seq-kd generate new replies, so they need --teacher DIR")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.packing:
+        raise ConfigError("packing: generated replies replace the data's per example; use --no-packing with "
+                          "--kd-lmbda / --seq-kd")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.distributed == "fsdp":
+        raise ConfigError("distributed: on-policy generation needs the whole student on each process; use ddp")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.objective != "distill":
+        raise ConfigError("kd_lmbda: on-policy and sequence-level KD belong to --objective distill")
+    if (cfg.teacher or cfg.teacher_cache) and cfg.objective != "distill":
+        raise ConfigError(f"teacher: a teacher is used by --objective distill, not {cfg.objective}")
+    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill"):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
@@ -272,7 +318,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     template, template_source = resolve_template(tokenizer, cfg.template)
     _check_template_variables(cfg.chat_template_kwargs, template, template_source)
     rejects = RejectLog() if cfg.on_error == "skip" else None
-    if cfg.objective != "sft":
+    if cfg.objective not in ("sft", "distill"):
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
     conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
@@ -319,7 +365,32 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         if not sample_convs:
             raise ConfigError(f"best_metric: {cfg.best_metric} scores replies to held-out prompts: give --samples N "
                               "(N > 0) and held-out conversations")
-    trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
+    objective = None
+    if cfg.objective == "distill":  # the same batches; the loss adds the teacher's distributions
+        from lmforge.train.distill import Distill
+
+        if cfg.teacher_cache:  # the teacher's top-k rows ride along with each batch's examples
+            from lmforge.distill.cache import CachedTeacherBatches, TeacherCache, cached_eval_batches
+
+            cache = TeacherCache(cfg.teacher_cache)
+            cache.check(tokenizer, cfg.kd_temperature, str(model_dir))
+            batches = CachedTeacherBatches(batches, cache)
+            eval_data = cached_eval_batches(val, max(1, micro), pad_id, cache) if val is not None else None
+            teacher = None
+        else:
+            from lmforge.distill.teacher import load_teacher
+
+            teacher = load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype)
+            if cfg.kd_lmbda or cfg.seq_kd:  # replies generated by the student (or the teacher) as training goes
+                from lmforge.chat.stops import stop_ids
+                from lmforge.distill.on_policy import OnPolicyBatches
+
+                batches = OnPolicyBatches(batches, model, teacher, cfg.kd_lmbda, cfg.seq_kd,
+                                          stop_ids(tokenizer, eos_ids, template), pad_id, cfg.seed,
+                                          cfg.kd_max_new_tokens, cfg.kd_sample_temperature)
+        objective = Distill(teacher, cfg.kd_loss, cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio)
+    trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=eval_data,
+                      tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
     if cfg.best_metric != "val_loss":
         trainer.objective.best_metric, trainer.objective.higher_is_better = cfg.best_metric, True

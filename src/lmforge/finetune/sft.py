@@ -186,6 +186,8 @@ class SFTBatches:
         start = self.cursor * per_batch + self.rank * self.micro
         mine = self.units[start:start + self.micro]
         self.cursor += 1
+        self.last_members = [i for unit in mine for i in unit]  # the examples in the batch's row order (a teacher
+        # cache attaches their rows: distill/cache.py)
         if self.packing:
             return collate_packed(self.examples, mine, self.max_length, self.pad_id)
         return collate_padded(self.examples, [u[0] for u in mine], self.pad_id)
@@ -205,7 +207,12 @@ class SFTBatches:
         return 1.0
 
 
+def eval_order(examples: SFTExamples, batch_size: int) -> list[list[int]]:
+    """The held-out examples of each evaluation batch: longest first, so batches hold similar lengths."""
+    idx = np.argsort(-np.array([len(x) for x in examples.input_ids]), kind="stable")
+    return [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+
+
 def eval_batches(examples: SFTExamples, batch_size: int, pad_id: int) -> list[dict]:
     """Fixed padded batches over every held-out example (the same each evaluation)."""
-    idx = np.argsort(-np.array([len(x) for x in examples.input_ids]), kind="stable")
-    return [collate_padded(examples, idx[i:i + batch_size].tolist(), pad_id) for i in range(0, len(idx), batch_size)]
+    return [collate_padded(examples, members, pad_id) for members in eval_order(examples, batch_size)]
