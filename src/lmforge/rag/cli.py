@@ -143,6 +143,61 @@ def _mode(index, asked: str | None) -> str:
     return asked
 
 
+def add_transform_args(parser: argparse.ArgumentParser, model_flags: bool) -> None:
+    """--query-transform and the model that writes the queries: --model (this process) or --endpoint."""
+    parser.add_argument("--query-transform", dest="query_transform", metavar="KIND",
+                        help="let a model rewrite the query first, fusing the rankings of its queries and the "
+                             "original by RRF: rewrite | hyde | multi-query[:N] | decompose[:N] (needs --model or "
+                             "--endpoint; replies cached in INDEX/query_transforms.jsonl)")
+    if model_flags:
+        from lmforge.infer.load import add_inference_args
+
+        add_inference_args(parser, model_required=False, compile=False,
+                           model_help="model directory that writes --query-transform's queries (in this process)")
+    parser.add_argument("--endpoint", metavar="URL",
+                        help="an OpenAI-compatible base URL that writes --query-transform's queries instead of --model")
+    parser.add_argument("--served-model", dest="served_model", default="default",
+                        help="the model name the endpoint expects")
+    parser.add_argument("--api-key", dest="api_key", help="the endpoint's key (default: $OPENAI_API_KEY)")
+
+
+def _transformed(index, args: argparse.Namespace, loaded=None):
+    """The index itself, or with --query-transform the index behind a TransformedIndex and its model client."""
+    if not getattr(args, "query_transform", None):
+        return index
+    from lmforge.config import ConfigError
+    from lmforge.prompting.client import EngineClient, HTTPClient
+    from lmforge.rag.transforms import QueryTransform, TransformCache, TransformedIndex, default_cache_path
+
+    transform = QueryTransform.parse(args.query_transform)
+    if args.endpoint:
+        import os
+
+        client = HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    elif loaded is not None:
+        client = EngineClient(loaded.model, loaded.tokenizer)
+        client.name = args.model
+    elif args.model:
+        client = EngineClient(args.model, template=args.template, dtype=args.dtype, quantize=args.quantize,
+                              pack=args.pack)
+    else:
+        raise ConfigError(f"--query-transform {args.query_transform}: give the model that writes the queries "
+                          "(--model DIR or --endpoint URL)")
+    return TransformedIndex(index, transform, client, TransformCache(default_cache_path(args.index)))
+
+
+def _explain(index, query: str) -> None:
+    """--explain: the queries the transform wrote, on stderr (stdout stays the result)."""
+    from lmforge.rag.transforms import TransformedIndex
+
+    if isinstance(index, TransformedIndex):
+        print(f"{index.transform}: searched the query and {len(index.generated(query))} generated:", file=sys.stderr)
+        for q in index.generated(query):
+            print(f"  - {q}", file=sys.stderr)
+    else:
+        print("(--explain: no --query-transform; the query was searched as written)", file=sys.stderr)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     index = _open(args.index)
     reranker = None
@@ -150,7 +205,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         from lmforge.model.encoder import CrossEncoder
 
         reranker = CrossEncoder.load(args.reranker)
-    hits = index.search(args.query, k=args.k, mode=_mode(index, args.mode), filters=_filters(args.filter),
+    mode = _mode(index, args.mode)
+    index = _transformed(index, args)
+    if args.explain:
+        _explain(index, args.query)
+    hits = index.search(args.query, k=args.k, mode=mode, filters=_filters(args.filter),
                         fusion=args.fusion,
                         dense_weight=args.dense_weight, reranker=reranker)
     if args.json:
@@ -168,18 +227,24 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from lmforge.rag.answer import AskConfig, ContextTooSmall, ask
 
     index = _open(args.index)
-    model = tokenizer = None
+    model = tokenizer = loaded = None
     if args.model:
         from lmforge.infer.load import load_from_args
 
         loaded = load_from_args(args)
         model, tokenizer = loaded.model, loaded.tokenizer
+    mode = _mode(index, args.mode)
+    index = _transformed(index, args, loaded)
+    if args.explain:
+        _explain(index, args.question)
     try:
         result = ask(index, args.question, model, tokenizer,
-                     AskConfig(k=args.k, mode=_mode(index, args.mode), min_similarity=args.min_similarity,
+                     AskConfig(k=args.k, mode=mode, min_similarity=args.min_similarity,
                                max_new_tokens=args.max_new_tokens))
     except ContextTooSmall as e:
         raise UserError(str(e)) from None
+    if getattr(index, "transform", None) is not None:  # a TransformedIndex
+        result["query_transform"] = {"kind": str(index.transform), "queries": index.generated(args.question)}
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -211,8 +276,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modes = args.modes or (["sparse", "dense", "hybrid"] if index.cfg.dense else ["sparse"])
     for m in modes:
         _mode(index, m)
+    index = _transformed(index, args)
+    transform = getattr(index, "transform", None)
+    if transform is not None:
+        index.prepare([queries[q] for q in qrels if q in queries])  # one batch of generations, then cached
     results = evaluate_index(index, queries, qrels, modes=modes, progress=True, fusion=args.fusion,
                              dense_weight=args.dense_weight)
+    if transform is not None:
+        results["query_transform"] = str(transform)
     if args.out:
         from lmforge.files import write_json
 
@@ -272,6 +343,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--reranker", metavar="DIR", help="cross-encoder directory (BertForSequenceClassification) to "
                                                      "re-score the top 30")
     s.add_argument("--json", action="store_true", help="print the hits as JSON")
+    add_transform_args(s, model_flags=True)
+    s.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
     s.set_defaults(func=cmd_search, _parser=s)
 
     a = rsub.add_parser("ask", help="answer a question from the index, with [n] citations", formatter_class=_Help,
@@ -291,6 +364,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dense cosine a source needs; below it for all sources the answer is 'I don't know'")
     a.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200, help="answer length at most")
     a.add_argument("--json", action="store_true", help="print the answer, citations and sources as JSON")
+    add_transform_args(a, model_flags=False)
+    a.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
     a.set_defaults(func=cmd_ask, _parser=a)
 
     e = rsub.add_parser("eval", help="nDCG@10, recall, MRR, MAP and latency on BEIR-format queries + qrels",
@@ -310,4 +385,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     e.add_argument("--out", help="also write the results JSON here")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_transform_args(e, model_flags=True)
     e.set_defaults(func=cmd_eval, _parser=e)
