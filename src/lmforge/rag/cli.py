@@ -48,7 +48,7 @@ def _documents(inputs: list[str], text_field: str, encoding: str = "utf-8", on_b
     from lmforge.rag.evaluate import load_beir_corpus
 
     for item in resolve_inputs(inputs):
-        if Path(item).name in ("corpus.jsonl",):  # BEIR: title + text, "_id"
+        if Path(item).name in ("corpus.jsonl", "corpus.jsonl.gz"):  # BEIR: title + text, "_id"
             yield from load_beir_corpus(item)
         else:
             yield from iter_documents([item], text_field=text_field, encoding=encoding, on_bad=on_bad)
@@ -153,7 +153,8 @@ def add_transform_args(parser: argparse.ArgumentParser, model_flags: bool) -> No
         from lmforge.infer.load import add_inference_args
 
         add_inference_args(parser, model_required=False, compile=False,
-                           model_help="model directory that writes --query-transform's queries (in this process)")
+                           model_help="model directory (in this process) that writes --query-transform's queries "
+                                      "(rag eval --generate: and the answers)")
     parser.add_argument("--endpoint", metavar="URL",
                         help="an OpenAI-compatible base URL that writes --query-transform's queries instead of --model")
     parser.add_argument("--served-model", dest="served_model", default="default",
@@ -276,10 +277,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modes = args.modes or (["sparse", "dense", "hybrid"] if index.cfg.dense else ["sparse"])
     for m in modes:
         _mode(index, m)
-    index = _transformed(index, args)
+    if args.limit:
+        qrels = {q: qrels[q] for q in sorted(q for q in qrels if q in queries)[:args.limit]}
+    loaded = None
+    if args.generate:
+        if not args.model:
+            raise ConfigError("rag eval --generate: give the model that answers (--model DIR)")
+        from lmforge.infer.load import load_from_args
+
+        loaded = load_from_args(args)
+    index = _transformed(index, args, loaded)
     transform = getattr(index, "transform", None)
     if transform is not None:
         index.prepare([queries[q] for q in qrels if q in queries])  # one batch of generations, then cached
+    if args.generate:
+        return _eval_answers(index, args, queries, qrels, loaded)
     results = evaluate_index(index, queries, qrels, modes=modes, progress=True, fusion=args.fusion,
                              dense_weight=args.dense_weight)
     if transform is not None:
@@ -289,6 +301,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         write_json(args.out, results)
     print(json.dumps(results, indent=2) if args.json else metrics_table(results) + f"\n{results['queries']} queries")
+    return 0
+
+
+def _eval_answers(index, args, queries, qrels, loaded) -> int:
+    """rag eval --generate: answer each query with the model and score the answers (rag/grounding.py)."""
+    import os
+
+    from lmforge.rag.answer import AskConfig
+    from lmforge.rag.grounding import JudgeSupport, OverlapSupport, evaluate_answers
+
+    judge = embed = None
+    if args.judge_endpoint:
+        from lmforge.prompting.client import HTTPClient
+
+        judge = HTTPClient(args.judge_endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    elif args.judge_model:
+        from lmforge.prompting.client import EngineClient
+
+        judge = EngineClient(args.judge_model) if args.judge_model != args.model else EngineClient(
+            loaded.model, loaded.tokenizer)
+    if judge is not None:
+        from lmforge.model.encoder import SentenceEmbedder
+
+        embedder = SentenceEmbedder.load(None)
+        embed = lambda texts: embedder.embed(texts).numpy()  # noqa: E731
+    cfg = AskConfig(k=args.answer_k, mode=_mode(index, args.modes[0] if args.modes else None),
+                    max_new_tokens=args.max_new_tokens)
+    results = evaluate_answers(index, queries, qrels, loaded.model, loaded.tokenizer, cfg,
+                               support=JudgeSupport(judge) if judge is not None else OverlapSupport(),
+                               judge=judge, embed=embed, progress=True)
+    if args.out:
+        from lmforge.files import write_json
+
+        write_json(args.out, results)
+    if args.json:
+        print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2, ensure_ascii=False))
+    else:
+        for name, value in results["metrics"].items():
+            print(f"{name:<20} {value:.4f}" if isinstance(value, float) else f"{name:<20} {value}")
+        print(f"{results['queries']} queries, support judged by {results['support']}")
     return 0
 
 
@@ -385,5 +437,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     e.add_argument("--out", help="also write the results JSON here")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--limit", type=int, default=0, help="the first N judged queries only (by id; 0: all)")
+    e.add_argument("--generate", action="store_true",
+                   help="answer each query with --model (rag ask) and score the answers: citation recall/precision, "
+                        "faithfulness, context precision/recall, answer relevance (with a judge) — docs/rag.md")
+    e.add_argument("--judge-model", dest="judge_model", metavar="DIR",
+                   help="--generate: a model that judges support by an NLI-style prompt and writes questions for "
+                        "answer relevance (without a judge: word-overlap support, no answer relevance)")
+    e.add_argument("--judge-endpoint", dest="judge_endpoint", metavar="URL",
+                   help="--generate: the judge behind an OpenAI-compatible endpoint (--served-model, --api-key)")
+    e.add_argument("--answer-k", dest="answer_k", type=int, default=5, help="--generate: sources per answer")
+    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200,
+                   help="--generate: answer length at most")
     add_transform_args(e, model_flags=True)
     e.set_defaults(func=cmd_eval, _parser=e)
