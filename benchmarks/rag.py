@@ -156,6 +156,27 @@ def run_transforms(index, args, queries, qrels, out, tmp: Path) -> None:
               file=sys.stderr, flush=True)
 
 
+def open_or_build(path: Path, cfg: IndexConfig, docs) -> tuple[RagIndex, float | None]:
+    """The index at `path` when a run before built it (--work), else built now; the seconds building took."""
+    if (path / "CURRENT").exists():
+        return RagIndex.open(path), None
+    t0 = time.perf_counter()
+    index = RagIndex(path, cfg)
+    index.upsert(docs)
+    return index, time.perf_counter() - t0
+
+
+def run_default_and_transforms(docs, queries, qrels, out, args, tmp: Path) -> None:
+    """--transforms-only: the default index (recursive chunks, hybrid) without and with each transform."""
+    index, _ = open_or_build(tmp / "idx-recursive", IndexConfig(chunker=ChunkerConfig(kind="recursive")), docs)
+    res = E.evaluate_index(index, queries, qrels, modes=args.modes.split(","))
+    for mode, m in res["modes"].items():
+        out["systems"][f"lmforge {mode}, chunked"] = {
+            "ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4), "mrr@10": round(m["mrr@10"], 4)}
+    run_transforms(index, args, queries, qrels, out, tmp)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--beir", help="a BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
@@ -166,8 +187,12 @@ def main() -> None:
     ap.add_argument("--model", help="the model directory that writes the transforms' queries")
     ap.add_argument("--transform-cache", default=None, help="reply cache file (default: in the temporary folder)")
     ap.add_argument("--modes", default="sparse,dense,hybrid", help="lmforge modes to measure")
+    ap.add_argument("--work", help="keep lmforge's indexes here and reuse them on the next run (default: a new "
+                                   "temporary folder)")
+    ap.add_argument("--transforms-only", action="store_true",
+                    help="with --transforms: only the default (chunked) index, without and with each transform")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-rag-bench-"))
+    tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmforge-rag-bench-"))
     if args.chinese:
         return run_chinese(tmp)
     beir = Path(args.beir) if args.beir else write_builtin_beir(tmp / "pydocs")
@@ -181,6 +206,9 @@ def main() -> None:
     out = {"dataset": str(beir) if args.beir else "built-in: Python reference + 54 hand-written questions",
            "documents": len(docs), "queries": len(qrels), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "systems": {}}
+
+    if args.transforms_only:
+        return run_default_and_transforms(docs, queries, qrels, out, args, tmp)
 
     # --- peers ---------------------------------------------------------------------------------
     import bm25s
@@ -253,10 +281,7 @@ def main() -> None:
     out["systems"]["lmforge sparse, whole pages, plain words (--no-stem)"] = {
         "ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4), "mrr@10": round(m["mrr@10"], 4)}
     for label, chunker in (("whole pages", ChunkerConfig(kind="none")), ("chunked", ChunkerConfig(kind="recursive"))):
-        t0 = time.perf_counter()
-        index = RagIndex(tmp / f"idx-{chunker.kind}", IndexConfig(chunker=chunker))
-        index.upsert(docs)
-        index_s = time.perf_counter() - t0
+        index, index_s = open_or_build(tmp / f"idx-{chunker.kind}", IndexConfig(chunker=chunker), docs)
         modes = args.modes.split(",")
         res = E.evaluate_index(index, queries, qrels, modes=modes)
         if "hybrid" in modes:
@@ -265,8 +290,8 @@ def main() -> None:
         for mode, m in res["modes"].items():
             out["systems"][f"lmforge {mode}, {label}"] = {
                 "ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4), "mrr@10": round(m["mrr@10"], 4),
-                "queries_per_s": round(1000 / m["latency_ms_mean"], 1), "index_docs_per_s": round(len(docs) / index_s, 1),
-                "chunks": len(index.chunks)}
+                "queries_per_s": round(1000 / m["latency_ms_mean"], 1), "chunks": len(index.chunks)} | (
+                {"index_docs_per_s": round(len(docs) / index_s, 1)} if index_s else {})
     if args.transforms:
         run_transforms(index, args, queries, qrels, out, tmp)
     best_single = max(v["ndcg@10"] for k, v in out["systems"].items() if "hybrid" not in k)
