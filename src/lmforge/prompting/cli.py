@@ -1,4 +1,4 @@
-"""`lmforge prompt cot | agent | auto-cot | eval | tot`."""
+"""`lmforge prompt cot | agent | auto-cot | eval | tot | chain`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   lmforge prompt eval --model DIR --data gsm8k_test.jsonl --methods greedy,cot,self-consistency --limit 50
   lmforge prompt tot --model DIR --ranks 901-910 --breadth 5 --compare-cot --trace tot.jsonl
   lmforge prompt tot --endpoint http://localhost:8000/v1 --puzzle "4 9 10 13" --search dfs
+  lmforge prompt chain chain.yaml --model DIR --inputs questions.jsonl --out answers.jsonl
 """
 
 
@@ -188,6 +189,18 @@ def cmd_tot(args) -> int:
     return 0
 
 
+def cmd_chain(args) -> int:
+    from lmforge.prompting.chain import Chain, run_chain
+
+    chain = Chain.load(args.chain)
+    needs_model = any(s.kind == "prompt" for s in chain.steps)
+    client = make_client(args) if needs_model or args.model or args.endpoint else None
+    result = run_chain(chain, client, args.inputs, args.out, args.batch_size)
+    print(json.dumps(result) if args.json else
+          f"{result['done']} records -> {result['out']} ({result['skipped']} already there, skipped)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prompt", help="prompting: chain of thought, self-consistency, Auto-CoT, ReAct agents, Tree of Thoughts",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -243,3 +256,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--compare-cot", action="store_true", help="also solve each puzzle by plain chain of thought")
     t.add_argument("--trace", metavar="FILE.jsonl", help="write every puzzle's result and search trace here")
     t.set_defaults(func=cmd_tot)
+    ch = psub.add_parser("chain", parents=[model], help="a prompt chain from a YAML file over a JSONL of inputs",
+                         description="Steps whose outputs feed later templates (model prompts, retrieval from an "
+                                     "lmforge index, calculator / python tools), run over every input record; "
+                                     "rerun with the same --out to go on where it stopped. See docs/prompting.md.")
+    ch.add_argument("chain", metavar="FILE.yaml", help="the chain: a list of steps under 'steps'")
+    ch.add_argument("--inputs", required=True, metavar="FILE.jsonl", help="one JSON object a line: the variables")
+    ch.add_argument("--out", required=True, metavar="FILE.jsonl", help="each input plus one field per step")
+    ch.add_argument("--batch-size", type=int, default=16, help="records per batch (model steps: one request each)")
+    ch.set_defaults(func=cmd_chain)
