@@ -168,12 +168,39 @@ def open_or_build(path: Path, cfg: IndexConfig, docs) -> tuple[RagIndex, float |
 
 def run_default_and_transforms(docs, queries, qrels, out, args, tmp: Path) -> None:
     """--transforms-only: the default index (recursive chunks, hybrid) without and with each transform."""
-    index, _ = open_or_build(tmp / "idx-recursive", IndexConfig(chunker=ChunkerConfig(kind="recursive")), docs)
+    dense = args.modes != "sparse"  # BM25 alone needs no embedder: a quick run
+    index, _ = open_or_build(tmp / ("idx-recursive" if dense else "idx-recursive-bm25"),
+                             IndexConfig(chunker=ChunkerConfig(kind="recursive"), dense=dense), docs)
     res = E.evaluate_index(index, queries, qrels, modes=args.modes.split(","))
     for mode, m in res["modes"].items():
         out["systems"][f"lmforge {mode}, chunked"] = {
             "ndcg@10": round(m["ndcg@10"], 4), "recall@10": round(m["recall@10"], 4), "mrr@10": round(m["mrr@10"], 4)}
     run_transforms(index, args, queries, qrels, out, tmp)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+def run_sparse(docs, queries, qrels, out, tmp: Path) -> None:
+    """--modes sparse: the BM25 systems only (no embedding: minutes, not an hour, on a busy machine)."""
+    import bm25s
+    import Stemmer
+
+    ids, texts = [d.id for d in docs], [d.text for d in docs]
+    stemmer = Stemmer.Stemmer("english")
+    stemmed = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+    stemmed.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+
+    def rank(q):
+        res, _ = stemmed.retrieve(bm25s.tokenize([q], stopwords="en", stemmer=stemmer, show_progress=False),
+                                  k=min(100, len(docs)), show_progress=False)
+        return [ids[i] for i in res[0]]
+
+    out["systems"]["bm25s + Snowball"] = run_peer("bm25s", rank, queries, qrels)
+    for label, chunker in (("whole pages", ChunkerConfig(kind="none")), ("chunked", ChunkerConfig(kind="recursive"))):
+        index, _ = open_or_build(tmp / f"idx-{chunker.kind}-bm25", IndexConfig(chunker=chunker, dense=False), docs)
+        m = E.evaluate_index(index, queries, qrels, modes=["sparse"])["modes"]["sparse"]
+        out["systems"][f"lmforge sparse, {label}"] = {"ndcg@10": round(m["ndcg@10"], 4),
+                                                      "recall@10": round(m["recall@10"], 4),
+                                                      "mrr@10": round(m["mrr@10"], 4)}
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 
@@ -209,6 +236,8 @@ def main() -> None:
 
     if args.transforms_only:
         return run_default_and_transforms(docs, queries, qrels, out, args, tmp)
+    if args.modes == "sparse":
+        return run_sparse(docs, queries, qrels, out, tmp)
 
     # --- peers ---------------------------------------------------------------------------------
     import bm25s

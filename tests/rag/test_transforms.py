@@ -188,6 +188,21 @@ def test_cli_search_and_eval_with_a_real_tiny_engine_model(index, tmp_path, trai
     assert result["query_transform"] == "rewrite" and result["modes"]["sparse"]["ndcg@10"] == 1.0
     assert len((idx / "query_transforms.jsonl").read_text(encoding="utf-8").splitlines()) == 1  # from the cache
 
+    # the same through `lmforge serve` and the HTTP client: the same greedy reply, cached under the served name
+    from tests.serve.test_server import Running
+
+    served = Running(model_dir, max_batch=4)
+    try:
+        (idx / "query_transforms.jsonl").unlink()
+        assert main(["rag", "search", "--index", str(idx), question, "--query-transform", "rewrite", "--endpoint",
+                     served.url + "/v1", "--served-model", "tiny", "--explain", "--mode", "sparse"]) == 0
+    finally:
+        served.close()
+    err = capsys.readouterr().err
+    assert [line[4:] for line in err[err.index("rewrite: searched"):].splitlines()[1:]] == expected
+    cached = [json.loads(line) for line in (idx / "query_transforms.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert cached[0]["model"] == "tiny" and cached[0]["reply"].strip() == reply.strip()
+
 
 def test_cli_needs_a_model_for_a_transform(index, capsys):
     from lmforge.cli import main
