@@ -103,8 +103,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
 
     # --- tokenize, pretrain, sample ---------------------------------------------------------
     from lmforge.config import load_config
-    from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
     from lmforge.infer import SamplingConfig, generate
+    from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
     from lmforge.train.trainer import TrainConfig, Trainer
 
     t0 = time.perf_counter()
@@ -138,11 +138,11 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log("[6/10] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
     t0 = time.perf_counter()
     from lmforge.data.sources import iter_documents
-    from lmforge.data.tokenize import _is_val
     from lmforge.eval.scoring import perplexity
+    from lmforge.tokenizer.shards import is_validation
 
     # the validation documents (the shards' split by id hash), scored as `lmforge eval ppl` scores text files
-    held_out = perplexity(model, reloaded, [d.text for d in iter_documents(clean_corpus) if _is_val(d.id, 0.1)])
+    held_out = perplexity(model, reloaded, [d.text for d in iter_documents(clean_corpus) if is_validation(d.id, 0.1)])
     timings["evaluate"] = time.perf_counter() - t0
     log(f"      held-out documents: perplexity {held_out.perplexity:.1f}, {held_out.bits_per_byte:.3f} bits per byte "
         f"({held_out.tokens:,} tokens)")
@@ -317,7 +317,7 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
               + (f"Greedy replies to the held-out questions against their references: ROUGE-L "
                  f"{scores['val_rougeL'][0]:.3f} -> {scores['val_rougeL'][1]:.3f}, exact match "
                  f"{scores['val_exact_match'][0]:.2f} -> {scores['val_exact_match'][1]:.2f} (first -> last evaluation; "
-                 f"`lmforge.eval.metrics`). " if scores else "")
+                 f"`lmforge.metrics`). " if scores else "")
               + f"The adapter (`finetune/best/`) loads in peft; "
               f"`lmforge export merge` makes a full model of it.\n\n| held-out question | before | after | reference |\n"
               f"|---|---|---|---|\n{table}")
@@ -340,7 +340,7 @@ def _serve_step(out: Path, log) -> dict:
     import threading
     import urllib.request
 
-    from lmforge.finetune.cli import merge_adapter
+    from lmforge.export.merge import merge_adapter
     from lmforge.infer.load import load_for_inference
     from lmforge.serve.app import Server, create_app
 
@@ -477,8 +477,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="The whole chain, offline, on the built-in corpus (Python's reference): clean "
                                    "and deduplicate, train a tokenizer, pretrain a small model, LoRA-tune it on "
                                    "questions drawn from the corpus, index the corpus for RAG, serve the merged "
-                                   "model and export it to GGUF; writes a run directory with a report.md. About "
-                                   "2.5 minutes on 2 CPU cores.",
+                                   "model and export it to GGUF; writes a run directory with a report.md (how "
+                                   "long it takes: docs/benchmarks.md).",
                        epilog="example: lmforge quickstart --out runs/quickstart")
     add_config_args(p, QuickstartConfig)
     p.set_defaults(func=cmd_quickstart, _parser=p)

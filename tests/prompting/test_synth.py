@@ -12,8 +12,7 @@ import pytest
 
 from lmforge.model import load_hf_model, save_hf_model
 from lmforge.prompting.client import EngineClient
-from lmforge.synth.cli import seed_path
-from lmforge.synth.common import NoveltyFilter, data_stage_checks
+from lmforge.synth.common import NoveltyFilter, data_stage_checks, seed_path
 from lmforge.synth.evol import EvolConfig, EvolInstruct, clean_evolved, elimination_reason, evolve_prompt, parse_equal
 from lmforge.synth.selfinstruct import (
     SelfInstruct,

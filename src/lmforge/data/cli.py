@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge.config import add_config_args, config_from_args, save_config
-from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
+from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
 
 _FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on_error", "output_format", "text_field",
                     "encoding", "errors")

@@ -150,8 +150,8 @@ def _read_lines(path: str, field: str | None) -> list:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    from lmforge import metrics as m
     from lmforge.cli import UserError
-    from lmforge.eval import metrics as m
 
     preds = _read_lines(args.pred, args.field)
     refs = [_read_lines(r, args.field) for r in args.ref]
@@ -217,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for t, k in keys:
             print(f"{t}/{k}".ljust(width) + "".join(f"{_fmt(table[n][f'{t}/{k}']):>16}" for n, _ in runs))
     if args.out:
-        from lmforge.eval.plots import plot_comparison
+        from lmforge.plots import plot_comparison
 
         plot_comparison(table, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -263,11 +263,11 @@ def cmd_contamination(args: argparse.Namespace) -> int:
 def _records(path: str) -> list[dict]:
     """Alpaca-style judge records (file:line errors from the task readers' jsonl reader)."""
     from lmforge.cli import UserError
-    from lmforge.eval.tasks import _read_jsonl
+    from lmforge.eval.tasks import read_jsonl
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    rows = _read_jsonl(Path(path))
+    rows = read_jsonl(Path(path))
     for row in rows:
         if not isinstance(row.get("instruction"), str) or "output" not in row:
             raise UserError(f"{path}:{row.get('_line', '?')}: a judge record is alpaca-style: instruction, input (optional), "

@@ -71,7 +71,7 @@ class FinetuneConfig(TrainConfig):
     sample_tokens: int = field(default=64, metadata={"help": "tokens per sample answer"})
     best_metric: str = field(default="val_loss", metadata={
         "help": "what picks the best checkpoint (and early stopping): val_loss, or val_rougeL / val_exact_match of "
-                "the greedy replies to the --samples held-out prompts (lmforge.eval.metrics; one process only)",
+                "the greedy replies to the --samples held-out prompts (lmforge.metrics; one process only)",
         "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy"),
                   "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
     objective: str = field(default="sft", metadata={
@@ -457,7 +457,7 @@ def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, eos_ids
                     max_new_tokens=cfg.sample_tokens, temperature=0.0, stop_token_ids=stops))
         finally:
             model.train(was_training)
-        from lmforge.eval.metrics import exact_match, rouge
+        from lmforge.metrics import exact_match, rouge
 
         references = [c.messages[-1]["content"] for c in convs]
         # ROUGE-L (Chinese by characters) and exact match of the replies join the evaluation's metrics

@@ -104,7 +104,7 @@ def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConf
                 "citations": [], "sources": []}
     if model is None or tokenizer is None:
         return {"question": question, "answer": None, "answered": False, "citations": [],
-                "sources": [_source(i + 1, h) for i, h in enumerate(hits)]}
+                "sources": [numbered_source(i + 1, h) for i, h in enumerate(hits)]}
     from lmforge.infer import SamplingConfig, generate
 
     context = cfg.context_tokens or model.cfg.max_seq_len
@@ -117,12 +117,13 @@ def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConf
     text = generate(model, tokenizer, prompt, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
                                                             temperature=cfg.temperature, seed=0)).strip()
     cited = parse_citations(text, len(used))
-    sources = [_source(i + 1, h) for i, h in enumerate(used)]
+    sources = [numbered_source(i + 1, h) for i, h in enumerate(used)]
     return {"question": question, "answer": text, "answered": True, "prompt_tokens": len(prompt),
             "citations": [sources[n - 1] for n in cited], "sources": sources}
 
 
-def _source(n: int, h: Hit) -> dict:
+def numbered_source(n: int, h: Hit) -> dict:
+    """A hit as the n-th source of a prompt (what answers list and citations point to)."""
     c = h.chunk
     return {"n": n, "doc_id": c.doc_id, "start": c.start, "end": c.end, "heading": c.heading,
             "score": round(h.score, 6), "scores": {k: round(v, 6) for k, v in h.scores.items()}, "text": c.text}

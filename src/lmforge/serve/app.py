@@ -217,7 +217,7 @@ class Server:
     def rag_prompt(self, messages: list[Message], max_tokens: int | None) -> tuple[list[int] | None, list[dict], str]:
         """With --index: the last user message is the question; (prompt ids, sources, "") from the index's hits,
         or (None, [], the "I don't know" answer) when nothing relevant is found (the model is not asked)."""
-        from lmforge.rag.answer import NO_ANSWER, NO_ANSWER_ZH, _source, build_prompt, relevant_hits
+        from lmforge.rag.answer import NO_ANSWER, NO_ANSWER_ZH, build_prompt, numbered_source, relevant_hits
         from lmforge.text import HAN_RUN
 
         question = next((m.text() for m in reversed(messages) if m.role == "user"), "")
@@ -234,7 +234,7 @@ class Server:
         if not used:
             raise APIError(400, f"the {self.context}-token context cannot hold the question and one source",
                            param="messages", code="context_length_exceeded")
-        return prompt, [_source(i + 1, h) for i, h in enumerate(used)], ""
+        return prompt, [numbered_source(i + 1, h) for i, h in enumerate(used)], ""
 
     def opens_reasoning(self, prompt: list[int]) -> bool:
         """Whether the prompt ends inside a reasoning block (DeepSeek-R1's generation prompt opens <think>), so the

@@ -100,10 +100,10 @@ class CausalLM(Objective):
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool = False) -> dict:
     """val_* metrics of classifier logits (N, C) against labels (N,) class ids, or (N, C) 0/1 for multi-label:
-    accuracy, macro precision / recall / F1, micro F1 and ROC-AUC (scikit-learn's definitions, eval/metrics.py)."""
+    accuracy, macro precision / recall / F1, micro F1 and ROC-AUC (scikit-learn's definitions, metrics.py)."""
     import numpy as np
 
-    from lmforge.eval import metrics as M
+    from lmforge import metrics as M
 
     n_classes = logits.shape[-1]
     if multi_label:
@@ -217,7 +217,7 @@ class TokenClassification(Objective):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
-        from lmforge.eval.metrics import entity_scores
+        from lmforge.metrics import entity_scores
 
         gold, pred, total, n = self.sentences(model, batches)
         if not n:
