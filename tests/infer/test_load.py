@@ -59,7 +59,8 @@ def test_dtype_one_spelling_the_other_accepted_without_a_warning(capsys):
         parser.parse_args(["--model", "m", "--dtype", "half"])
     assert "'half': one of float32, bfloat16, float16 (or fp32, bf16, fp16)" in capsys.readouterr().err
     args = parser.parse_args(["--model", "m", "--chat-template", "qwen"])
-    assert args.template == "qwen" and args.quantize == "none" and not args.pack and not args.compile
+    assert args.template == "qwen" and args.quantize == "none" and args.pack is None and not args.compile
+    assert parser.parse_args(["--model", "m", "--no-pack"]).pack is False
 
 
 def test_load_for_inference_gives_the_model_its_options_ask_for(trained_dir, tmp_path):
@@ -73,9 +74,13 @@ def test_load_for_inference_gives_the_model_its_options_ask_for(trained_dir, tmp
     ids = torch.tensor([[5, 17, 300, 42, 7]])
     with torch.no_grad():
         want = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
-        loaded = load_for_inference(d)
-        assert not loaded.model.training
-        assert (loaded.model.logits(loaded.model(ids)) - want).abs().max() < 1e-4
+        loaded = load_for_inference(d)  # float32 on a CPU: lmforge's packed kernels by default, the same logits
+        assert not loaded.model.training and any(isinstance(m, PackedLinear) for m in loaded.model.modules())
+        assert (loaded.model.logits(loaded.model(ids)) - want).abs().max() < 1e-4 and "packed (the default" in \
+            loaded.description
+        plain = load_for_inference(d, pack=False)
+        assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+        assert (plain.model.logits(plain.model(ids)) - want).abs().max() < 1e-4
         assert loaded.template == loaded.tokenizer.chat_template and loaded.template_source == "the model's chat template"
         assert loaded.reasoning is None and "float32" in loaded.description
         half = load_for_inference(d, dtype="bf16")

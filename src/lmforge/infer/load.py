@@ -67,9 +67,10 @@ def add_inference_args(parser: argparse.ArgumentParser, *, model_required: bool 
                         help="int8: weight-only int8 matrices (4x less weight memory than float32); int4: llama.cpp's "
                              "Q4_0 blocks (7x less, dequantized per call, slower); outputs differ slightly from the "
                              "float model (speeds: docs/benchmarks.md)")
-    parser.add_argument("--pack", action="store_true",
-                        help="float32 on CPU: lmforge's own kernels, packed matmul and KV-cache decode attention (built "
-                             "once per machine); the same results, faster steps (docs/model.md)")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                        help="lmforge's own float32 CPU kernels, packed matmul and KV-cache decode attention (built "
+                             "once per machine; the same results up to float rounding, faster steps). Default: on "
+                             "for float32 on a CPU; --no-pack for torch's matmul (docs/model.md)"),
     if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the one-token decode step (static KV cache): compiling takes from "
@@ -97,10 +98,12 @@ class Loaded:
     description: str = ""
 
 
-def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str | None = None, pack: bool = False,
+def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str | None = None, pack: bool | None = None,
                        compile: bool = False, template: str | None = None) -> Loaded:
     """Load a model directory or Hub id for generation (see the module docstring): weights in `dtype`, then
-    int8 / int4 weights (`quantize`) or, in float32, lmforge's packed CPU kernels (`pack`); the tokenizer with
+    int8 / int4 weights (`quantize`) or, in float32, lmforge's packed CPU kernels (`pack`; None: packed when the
+    model runs in float32 on a CPU, the fastest safe path, falling back to torch's matmul with one warning where the
+    kernels cannot be built); the tokenizer with
     `template` (chat/templates.py `resolve_template`) as its chat template when one is given."""
     from lmforge.chat.reasoning import reasoning_markers
     from lmforge.chat.stops import stop_ids
@@ -126,11 +129,12 @@ def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str |
 
         quantize_int4(model)
         done.append("int4 (Q4_0) weights")
-    elif pack and dtype == "float32":
+    elif (pack or pack is None) and dtype == "float32" and next(model.parameters()).device.type == "cpu":
         from lmforge.model import pack_for_cpu
 
-        pack_for_cpu(model)  # the same float32 math in lmforge's CPU kernels (model/packed.py)
-        done.append("packed")
+        pack_for_cpu(model)  # the same float32 math in lmforge's CPU kernels (model/packed.py); warns if unbuildable
+        if model.inference_only:
+            done.append("packed" if pack else "packed (the default on CPU; --no-pack for torch's matmul)")
     if compile:
         done.append("compiled decode step")
     own = tokenizer.chat_template
