@@ -17,20 +17,15 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from lmforge.classify.data import (
-    Encoded,
-    encode_tagged,
-    encode_texts,
-    eval_batches,
-    label_batches,
-    read_examples,
-    stratified_split,
-)
 from lmforge.config import ConfigError
 from lmforge.data.sources import encoding_field, on_error_field
 from lmforge.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from lmforge.classify.data import Encoded
+# classify/data.py is imported where it is used: `lmforge --help` builds this module's flags and needs none of it
 
 TRAINS = ("all", "head", "last", "lora")
 
@@ -166,6 +161,7 @@ def _class_weights(cfg: ClassifyConfig, counts: list[int], n: int):
 
 def run_classify(cfg: ClassifyConfig) -> dict:
     """Train a classifier; returns the Trainer's summary plus data figures and the best checkpoint's metrics."""
+    from lmforge.classify.data import read_examples
     from lmforge.classify.predict import evaluate_dir
     from lmforge.data.sources import RejectLog
     from lmforge.files import write_json
@@ -248,6 +244,8 @@ def label_set(cfg: ClassifyConfig, records: list) -> list[str]:
 
 def _split(cfg: ClassifyConfig, records: list, rejects) -> tuple[list, list]:
     """(training, validation) records: --val-data, or a split stratified by label (token task: by entity types)."""
+    from lmforge.classify.data import read_examples, stratified_split
+
     if cfg.val_data:
         return records, read_examples(cfg, cfg.val_data, rejects)
     token_task = cfg.task == "token"
@@ -259,6 +257,8 @@ def _split(cfg: ClassifyConfig, records: list, rejects) -> tuple[list, list]:
 def encode_examples(cfg: ClassifyConfig, tokenizer, records: list, labels: list[str]) -> Encoded:
     """Token ids and targets: a class index per text, a 0/1 row per text (multi-label) or a tag index per word's
     first piece (token task)."""
+    from lmforge.classify.data import Encoded, encode_tagged, encode_texts
+
     index = {label: i for i, label in enumerate(labels)}
     if cfg.task == "token":
         return encode_tagged(tokenizer, records, index, cfg.max_length)
@@ -298,6 +298,7 @@ def _trainer(cfg: ClassifyConfig, model_dir: Path, tokenizer, labels: list[str],
 
     import torch
 
+    from lmforge.classify.data import eval_batches, label_batches
     from lmforge.model.heads import build_classifier
     from lmforge.train.objectives import SequenceClassification, TokenClassification
     from lmforge.train.trainer import Trainer
