@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def split(rows: list[dict], how: str = "random", seed: int = 0) -> tuple[list[dict], list[dict]]:
     """random: 80/20 stratified by label. topic: every 5th documented topic of each label is held out whole, so the
     test paragraphs come from sections the model never saw (their vocabulary too)."""
-    from lmforge.classify.run import stratified_split
+    from lmforge.classify.data import stratified_split
 
     if how == "topic":
         held = set()

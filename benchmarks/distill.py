@@ -59,11 +59,11 @@ def step_seconds(run: Path) -> float:
 def held_out_scores(models: dict[str, Path], teacher: Path, val_file: Path, max_length: int, tokens: int) -> dict:
     """Per model: KL(teacher || model) per reply token, answer loss, ROUGE-L of greedy replies to the teacher's."""
     import torch
+    from lmforge.eval.metrics import rouge
 
     from lmforge.chat.render import encode_chat
     from lmforge.chat.stops import eos_ids, stop_ids
     from lmforge.chat.templates import resolve_template
-    from lmforge.eval.metrics import rouge
     from lmforge.finetune import sft
     from lmforge.finetune.conversations import load_conversations
     from lmforge.infer.engine import generate
@@ -100,13 +100,13 @@ def top_k_gap(student: Path, teacher: Path, val_file: Path, max_length: int, k: 
 
     from lmforge.chat.stops import eos_ids
     from lmforge.chat.templates import resolve_template
-    from lmforge.distill.cache import teacher_top_k
     from lmforge.finetune import sft
     from lmforge.finetune.conversations import load_conversations
+    from lmforge.finetune.distill.cache import teacher_top_k
     from lmforge.model import load_hf_model
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.distill import sparse_kd_losses, token_kd_losses
-    from lmforge.train.objectives import _model_inputs
+    from lmforge.train.objectives import model_inputs
 
     tok = load_tokenizer(teacher)
     template, _ = resolve_template(tok, "model")
@@ -120,8 +120,8 @@ def top_k_gap(student: Path, teacher: Path, val_file: Path, max_length: int, k: 
         for batch in sft.eval_batches(examples, 4, 0):
             trained = batch["labels"] != -100
             ids, logps, tail = teacher_top_k(t, batch, k)
-            sl = s.logits(s(batch["input_ids"], **_model_inputs(batch))[trained])
-            tl = t.logits(t(batch["input_ids"], **_model_inputs(batch))[trained])
+            sl = s.logits(s(batch["input_ids"], **model_inputs(batch))[trained])
+            tl = t.logits(t(batch["input_ids"], **model_inputs(batch))[trained])
             dense += token_kd_losses(sl, tl).sum().item()
             sparse += sparse_kd_losses(sl, ids, logps, tail).sum().item()
             n += int(trained.sum())

@@ -169,11 +169,11 @@ def bench_mc(model_dir: Path, files: dict, lm_eval_batch: int, out: Path) -> dic
 def bench_metrics(n: int) -> dict:
     import sacrebleu
     from rouge_score import rouge_scorer
+    from tests.eval.test_metrics import _perturb
 
-    from lmforge.eval import metrics
+    from lmforge import metrics
     from lmforge.text import split_sentences
     from tests import corpora
-    from tests.eval.test_metrics import _perturb
 
     rng = random.Random(0)
     refs = [s for s in split_sentences(corpora.english(3_000_000)) if 20 < len(s) < 400]

@@ -132,7 +132,7 @@ def run_chinese(tmp: Path) -> None:
 
 def run_transforms(index, args, queries, qrels, out, tmp: Path) -> None:
     """Each query transform on the default (chunked) index, its queries written by --model."""
-    from lmforge.prompting.client import EngineClient
+    from lmforge.infer.client import EngineClient
     from lmforge.rag.transforms import QueryTransform, TransformCache, TransformedIndex
 
     if not args.model:

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lmforge.data.tokenize import _ShardWriter  # noqa: E402
 from lmforge.files import write_json  # noqa: E402
 from lmforge.model import preset  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.tokenizer.shards import _ShardWriter  # noqa: E402
 from lmforge.train.trainer import TrainConfig, Trainer, measure_matmul_peak  # noqa: E402
 
 SHAPES = {

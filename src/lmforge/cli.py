@@ -13,8 +13,8 @@ import warnings
 from lmforge import __version__
 
 # Stage modules that add subcommands; each has `register(subparsers)`.
-STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli", "lmforge.distill.cli",
-          "lmforge.classify.cli",
+STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli",
+          "lmforge.finetune.distill.cli", "lmforge.classify.cli",
           "lmforge.prompting.cli", "lmforge.synth.cli", "lmforge.eval.cli",
           "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
 
@@ -75,8 +75,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.eval.tasks import TaskError
     from lmforge.finetune.conversations import DataFormatError
     from lmforge.hub import SourceError
+    from lmforge.infer.client import ClientError
     from lmforge.model import CheckpointError
-    from lmforge.prompting.client import ClientError
     from lmforge.tokenizer import TokenizerError, TokenizerFormatError, TrainingError
     from lmforge.train.config import RunDirectoryError, TrainingStopped
 

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
     """A config file or flag that cannot be used; the message names the key."""
 
 
-def _nearest(key: str, valid: list[str]) -> str:
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """The end of an unknown-key error: the nearest valid key, or the valid keys."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
 
@@ -112,7 +113,7 @@ def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'.{_nearest(name, list(fields))}")
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(name, list(fields))}")
         f = fields[name]
         value = _coerce(value, hints[name], f"{where}.{name}")
         choices = f.metadata.get("choices")
@@ -143,7 +144,7 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
         recipes = resources.files("lmforge").joinpath("recipes")
         available = sorted(p.name.removesuffix(".yaml") for p in recipes.iterdir() if p.name.endswith(".yaml"))
         if name not in available:
-            raise ConfigError(f"unknown recipe '{name}'.{_nearest(name, available)}")
+            raise ConfigError(f"unknown recipe '{name}'.{did_you_mean(name, available)}")
         return Path(str(recipes.joinpath(f"{name}.yaml")))
     return Path(path)
 

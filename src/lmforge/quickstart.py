@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,41 +56,112 @@ def _step_names() -> list[str]:
     return [s if isinstance(s, str) else next(iter(s)) for s in QUICKSTART_STEPS]
 
 
+@dataclass
+class QuickstartRun:
+    """What the steps of one quickstart share: its settings, the run directory, the log, what each step made
+    (set by the step that makes it), the report's sections and the time each step took (seconds)."""
+
+    cfg: QuickstartConfig
+    out: Path
+    log: Callable[[str], object]
+    made: dict = field(default_factory=dict)
+    sections: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def clean_corpus(self) -> list[str]:
+        return [str(self.out / "clean" / "data")]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "pretrain" / "best"
+
+
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
-    from tokenizers import Tokenizer as RustTokenizer
-
-    from lmforge.data.sources import iter_documents
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
-    from lmforge.tokenizer.inspect import chinese_sample, compression_report, english_sample, render_spans
-
+    """Run every step (STEPS, in order; each timed), then write report.md and summary.json into cfg.out."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    timings = {}
+    run = QuickstartRun(cfg, out, log)
+    for name, step in STEPS:
+        t0 = time.perf_counter()
+        step(run)
+        run.timings[name] = time.perf_counter() - t0
+    m = run.made
+    run.sections["Timings"] = "\n".join(f"- {k}: {v:.2f} s" for k, v in run.timings.items())
+    next_steps = _next_steps(run)
+    run.sections["Samples (temperature 0.8, top-p 0.95)"] += f"\n\nTry it: `{next_steps[0]}`."
+    run.sections["Next steps"] = "Each of these runs on what this quickstart wrote:\n\n" + "\n".join(
+        f"    {c}" for c in next_steps)
+    header = (f"# lmforge quickstart\n\nRun on {platform.node() or 'this machine'} ({platform.machine()}, Python "
+              f"{platform.python_version()}),\n{time.strftime('%Y-%m-%d %H:%M')}.")
+    write_text(out / "report.md", "\n\n".join([header] + [f"## {title}\n{run.sections[title]}" for title in SECTIONS])
+               + "\n")
+    summary = {"corpus": m["corpus"], "vocab_size": m["tokenizer"].vocab_size, "compression": m["compression"],
+               "checks": m["checks"],
+               "pretrain": {"steps": m["trainer"].step, "params": m["params"], "val_ppl_before": m["ppl_before"],
+                            "val_ppl_after": m["ppl_after"], "held_out": m["held_out"].as_dict()},
+               "samples": dict(zip(m["prompts"], m["samples"])), "finetune": m["finetune"], "rag": m["rag"],
+               "serve": m["serve"],
+               "next_steps": next_steps,
+               "timings_s": {k: round(v, 3) for k, v in run.timings.items()}}
+    write_json(out / "summary.json", summary)
+    log(f"[10/10] report: {out / 'report.md'}")
+    if not all(m["checks"].values()):
+        raise RuntimeError(f"quickstart checks failed: {m['checks']}")
+    if not m["ppl_after"] < m["ppl_before"] / 2:
+        raise RuntimeError(f"validation perplexity did not clearly drop: {m['ppl_before']:.1f} -> {m['ppl_after']:.1f}")
+    return summary
 
+
+def _clean(run: QuickstartRun) -> None:
+    """The corpus through the data pipeline (QUICKSTART_STEPS), with its report."""
     from lmforge.data.pipeline import load_pipeline, run_pipeline
     from lmforge.data.report import stats_table, write_report
+    from lmforge.data.sources import iter_documents
 
-    t0 = time.perf_counter()
+    cfg, out = run.cfg, run.out
     pipeline = load_pipeline(None, input=cfg.corpus, output=str(out / "clean"), steps=QUICKSTART_STEPS, progress=False)
     clean_stats = run_pipeline(pipeline, overwrite=True)
     write_report(out / "clean")
-    clean_corpus = [str(out / "clean" / "data")]
-    docs = list(iter_documents(clean_corpus))
+    docs = list(iter_documents(run.clean_corpus))
     corpus = {"documents": len(docs), "characters": sum(len(d.text) for d in docs),
               "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
               "documents_read": clean_stats["documents_read"], "documents_removed": clean_stats["documents_rejected"]}
-    timings["clean + dedup"] = time.perf_counter() - t0
-    log(f"[1/10] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} documents "
-        f"({corpus['bytes'] / 1e6:.2f} MB) -> {out / 'clean'}")
+    run.made["corpus"] = corpus
+    run.log(f"[1/10] cleaned {' '.join(cfg.corpus)}: kept {corpus['documents']} of {corpus['documents_read']} "
+            f"documents ({corpus['bytes'] / 1e6:.2f} MB) -> {out / 'clean'}")
+    run.sections["Corpus and cleaning"] = f"""\
+`{' '.join(cfg.corpus)}` through the data pipeline ({', '.join(_step_names())}):
+kept {corpus['documents']} of {corpus['documents_read']} documents, {corpus['characters']:,} characters,
+{corpus['bytes']:,} bytes.
+Every removed document is in `clean/rejects/` with its step and reason; full report: [clean/report.md](clean/report.md).
+
+```
+{stats_table(clean_stats)}
+```"""
+
+
+def _train_tokenizer(run: QuickstartRun) -> None:
+    from lmforge.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(clean_corpus, vocab_size=cfg.vocab_size, pattern=cfg.pattern, show_progress=False)
-    tok.save(out / "tokenizer")
-    timings["train tokenizer"] = time.perf_counter() - t0
-    log(f"[2/10] tokenizer: {tok.vocab_size} tokens in {timings['train tokenizer']:.1f} s -> {out / 'tokenizer'}")
+    tok = train_tokenizer(run.clean_corpus, vocab_size=run.cfg.vocab_size, pattern=run.cfg.pattern, show_progress=False)
+    tok.save(run.out / "tokenizer")
+    run.made["tokenizer"], run.made["tokenizer_seconds"] = tok, time.perf_counter() - t0
+    run.log(f"[2/10] tokenizer: {tok.vocab_size} tokens in {run.made['tokenizer_seconds']:.1f} s -> "
+            f"{run.out / 'tokenizer'}")
 
-    t0 = time.perf_counter()
+
+def _check_tokenizer(run: QuickstartRun) -> None:
+    """The saved tokenizer reloaded: round trip, the same ids as HF `tokenizers` and as the reference encoder, and
+    its compression on English and Chinese."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.inspect import chinese_sample, compression_report, english_sample, render_spans
+
+    tok, out = run.made["tokenizer"], run.out
     reloaded = load_tokenizer(out / "tokenizer")
     hf = RustTokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     check_text = english_sample() + chinese_sample()
@@ -98,104 +170,14 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     checks = {"round_trip": reloaded.decode(ids) == check_text, "matches_hf_tokenizers": ids == hf_ids,
               "matches_reference_encoder": ids == reloaded.encode(check_text, reference=True)}
     compression = compression_report(reloaded)
-    timings["check + measure"] = time.perf_counter() - t0
-    log(f"[3/10] tokenizer checks: {checks}")
-
-    # --- tokenize, pretrain, sample ---------------------------------------------------------
-    from lmforge.config import load_config
-    from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
-    from lmforge.infer import SamplingConfig, generate
-    from lmforge.train.trainer import TrainConfig, Trainer
-
-    t0 = time.perf_counter()
-    manifest = tokenize_corpus(TokenizeConfig(input=clean_corpus, tokenizer=str(out / "tokenizer"), out=str(out / "tokens"),
-                                              val_fraction=0.1, progress=False))
-    timings["tokenize"] = time.perf_counter() - t0
-    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    log(f"[4/10] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
-
-    t0 = time.perf_counter()
-    # the shipped tiny CPU recipe, pointed at this run's shards
-    train_cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {
-        "data": str(out / "tokens"), "out": str(out / "pretrain"), "max_steps": cfg.max_steps, "eval_batches": 10,
-        "seed": cfg.seed, "progress": True, "overwrite": True})  # the quickstart rebuilds its run directory
-    trainer = Trainer(train_cfg)
-    n_params = trainer.model.cfg.num_params()
-    log(f"[5/10] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
-    train_summary = trainer.fit(time_budget_s=cfg.train_seconds or None)
-    timings["pretrain"] = time.perf_counter() - t0
-    before, after = train_summary["initial"]["val_ppl"], math.exp(min(train_summary["best_val_loss"], 50))
-    log(f"      {trainer.step} steps; validation perplexity {before:.0f} -> {after:.1f} (best checkpoint)")
-
-    t0 = time.perf_counter()
-    from lmforge.model import load_hf_model
-
-    model = load_hf_model(out / "pretrain" / "best")
-    prompts = ["The for statement", "A class definition", "Exceptions are"]
-    samples = generate(model, reloaded, prompts, SamplingConfig(max_new_tokens=40, temperature=0.8, top_p=0.95,
-                                                                  seed=cfg.seed))
-    timings["sample"] = time.perf_counter() - t0
-    log("[6/10] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
-    t0 = time.perf_counter()
-    from lmforge.data.sources import iter_documents
-    from lmforge.data.tokenize import _is_val
-    from lmforge.eval.scoring import perplexity
-
-    # the validation documents (the shards' split by id hash), scored as `lmforge eval ppl` scores text files
-    held_out = perplexity(model, reloaded, [d.text for d in iter_documents(clean_corpus) if _is_val(d.id, 0.1)])
-    timings["evaluate"] = time.perf_counter() - t0
-    log(f"      held-out documents: perplexity {held_out.perplexity:.1f}, {held_out.bits_per_byte:.3f} bits per byte "
-        f"({held_out.tokens:,} tokens)")
-    with open(out / "pretrain" / "metrics.jsonl", encoding="utf-8") as f:
-        evals = [r for r in map(json.loads, f) if "val_loss" in r]
-
-    t0 = time.perf_counter()
-    finetune = _finetune_step(clean_corpus, out, cfg.seed, cfg.finetune_steps, log)
-    timings["fine-tune"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    rag = _rag_step(clean_corpus, out / "rag-index", log)
-    timings["RAG index + eval"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    served = _serve_step(out, log)
-    timings["merge + serve round trip"] = time.perf_counter() - t0
-
-    model_dir = out / "pretrain" / "best"
-    next_steps = [f'lmforge generate --model {model_dir} --prompt "The while statement" --max-new-tokens 40 --seed 1',
-                  f'lmforge tokenizer inspect --tokenizer {out / "tokenizer"} --text "Tokenizers 把文本切开"']
-    if rag["metrics"] is not None:
-        next_steps += [f'lmforge rag search --index {out / "rag-index"} "how do I catch an exception" --k 5',
-                       f'lmforge rag ask --index {out / "rag-index"} "What does the yield statement do?"',
-                       f"lmforge rag eval --index {out / 'rag-index'} --queries builtin:python-docs"]
-    next_steps.append(f"lmforge pretrain --config recipe:pretrain-tiny-cpu --data {out / 'tokens'} "
-                      f"--out {out.parent / 'pretrain-longer'} --max-steps 800")
-    next_steps += [f"lmforge finetune --config recipe:finetune-lora-cpu --model {model_dir} --data "
-                   f"{out / 'instructions.jsonl'} --out {out.parent / 'finetune-longer'} --max-steps 200",
-                   f"lmforge export merge --model {out / 'finetune' / 'best'} --out {out.parent / 'sft-merged'}",
-                   f"lmforge eval ppl --model {out / 'finetune-merged'} --data {out / 'instructions.jsonl'} "
-                   f"--text-field output"]
+    run.made.update(reloaded=reloaded, checks=checks, compression=compression)
+    run.log(f"[3/10] tokenizer checks: {checks}")
     sample = "Python 的列表推导式 (list comprehension) is concise."
     spans = render_spans(reloaded.token_spans(sample), color=False)
     en, zh = compression["en"], compression["zh"]
-    report = f"""# lmforge quickstart
-
-Run on {platform.node() or 'this machine'} ({platform.machine()}, Python {platform.python_version()}),
-{time.strftime('%Y-%m-%d %H:%M')}.
-
-## Corpus and cleaning
-`{' '.join(cfg.corpus)}` through the data pipeline ({', '.join(_step_names())}):
-kept {corpus['documents']} of {corpus['documents_read']} documents, {corpus['characters']:,} characters,
-{corpus['bytes']:,} bytes.
-Every removed document is in `clean/rejects/` with its step and reason; full report: [clean/report.md](clean/report.md).
-
-```
-{stats_table(clean_stats)}
-```
-
-## Tokenizer
-Byte-level BPE, pattern `{cfg.pattern}`, {tok.vocab_size} tokens (specials: {', '.join(tok.special_tokens)}),
-trained from {tok.training_stats['unique_pretokens']:,} distinct pre-tokens in {timings['train tokenizer']:.1f} s.
+    run.sections["Tokenizer"] = f"""\
+Byte-level BPE, pattern `{run.cfg.pattern}`, {tok.vocab_size} tokens (specials: {', '.join(tok.special_tokens)}),
+trained from {tok.training_stats['unique_pretokens']:,} distinct pre-tokens in {run.made['tokenizer_seconds']:.1f} s.
 
 | text | bytes/token | chars/token | tokens per Chinese character |
 |---|---|---|---|
@@ -211,14 +193,74 @@ Token boundaries of `{sample}`:
 
 Checks: decode(encode(text)) == text: **{checks['round_trip']}**; ids identical to the HF `tokenizers`
 library loading our tokenizer.json: **{checks['matches_hf_tokenizers']}**; tiktoken fast path identical to the
-pure-Python reference encoder: **{checks['matches_reference_encoder']}**.
+pure-Python reference encoder: **{checks['matches_reference_encoder']}**."""
 
-## Pretraining
+
+def _tokenize(run: QuickstartRun) -> None:
+    from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
+
+    out = run.out
+    manifest = tokenize_corpus(TokenizeConfig(input=run.clean_corpus, tokenizer=str(out / "tokenizer"),
+                                              out=str(out / "tokens"), val_fraction=0.1, progress=False))
+    run.made["splits"] = manifest["splits"]
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    run.log(f"[4/10] shards: {tr['tokens']:,} train / {va['tokens']:,} validation tokens -> {out / 'tokens'}")
+
+
+def _pretrain(run: QuickstartRun) -> None:
+    """The shipped tiny CPU recipe, pointed at this run's shards, for cfg.max_steps steps."""
+    from lmforge.config import load_config
+    from lmforge.train.trainer import TrainConfig, Trainer
+
+    cfg, out = run.cfg, run.out
+    train_cfg = load_config(TrainConfig, "recipe:pretrain-tiny-cpu", {
+        "data": str(out / "tokens"), "out": str(out / "pretrain"), "max_steps": cfg.max_steps, "eval_batches": 10,
+        "seed": cfg.seed, "progress": True, "overwrite": True})  # the quickstart rebuilds its run directory
+    trainer = Trainer(train_cfg)
+    n_params = trainer.model.cfg.num_params()
+    run.log(f"[5/10] pretraining a {n_params / 1e6:.1f} M-parameter Llama-style model for {cfg.max_steps} steps ...")
+    train_summary = trainer.fit(time_budget_s=cfg.train_seconds or None)
+    before, after = train_summary["initial"]["val_ppl"], math.exp(min(train_summary["best_val_loss"], 50))
+    run.made.update(trainer=trainer, train_cfg=train_cfg, params=n_params, ppl_before=before, ppl_after=after)
+    run.log(f"      {trainer.step} steps; validation perplexity {before:.0f} -> {after:.1f} (best checkpoint)")
+
+
+def _sample(run: QuickstartRun) -> None:
+    from lmforge.infer import SamplingConfig, generate
+    from lmforge.model import load_hf_model
+
+    model = load_hf_model(run.model_dir)
+    prompts = ["The for statement", "A class definition", "Exceptions are"]
+    samples = generate(model, run.made["reloaded"], prompts,
+                       SamplingConfig(max_new_tokens=40, temperature=0.8, top_p=0.95, seed=run.cfg.seed))
+    run.made.update(model=model, prompts=prompts, samples=samples)
+    run.log("[6/10] samples:\n" + "\n".join(f"      {p!r} -> {s[:80]!r}" for p, s in zip(prompts, samples)))
+    run.sections["Samples (temperature 0.8, top-p 0.95)"] = "\n".join(
+        f"- `{p}` → `{s.strip()[:200]}`" for p, s in zip(prompts, samples))
+
+
+def _evaluate(run: QuickstartRun) -> None:
+    """The validation documents (the shards' split by id hash), scored as `lmforge eval ppl` scores text files."""
+    from lmforge.data.sources import iter_documents
+    from lmforge.eval.scoring import perplexity
+    from lmforge.tokenizer.shards import is_validation
+
+    m, out = run.made, run.out
+    held_out = perplexity(m["model"], m["reloaded"],
+                          [d.text for d in iter_documents(run.clean_corpus) if is_validation(d.id, 0.1)])
+    m["held_out"] = held_out
+    run.log(f"      held-out documents: perplexity {held_out.perplexity:.1f}, {held_out.bits_per_byte:.3f} bits per "
+            f"byte ({held_out.tokens:,} tokens)")
+    with open(out / "pretrain" / "metrics.jsonl", encoding="utf-8") as f:
+        evals = [r for r in map(json.loads, f) if "val_loss" in r]
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    trainer, train_cfg = m["trainer"], m["train_cfg"]
+    run.sections["Pretraining"] = f"""\
 `{out / 'tokens'}`: {tr['tokens']:,} training and {va['tokens']:,} validation tokens (documents split by id hash).
-A Llama-style model (RMSNorm, RoPE, SwiGLU, grouped-query attention) with {n_params / 1e6:.2f} M parameters,
+A Llama-style model (RMSNorm, RoPE, SwiGLU, grouped-query attention) with {m['params'] / 1e6:.2f} M parameters,
 {trainer.step} steps of {train_cfg.batch_size} x {train_cfg.max_length} tokens, AdamW, warmup + cosine, on {trainer.device}.
 
-**Validation perplexity: {before:.0f} before training -> {after:.1f} at the best checkpoint.**
+**Validation perplexity: {m['ppl_before']:.0f} before training -> {m['ppl_after']:.1f} at the best checkpoint.**
 Scored again as whole documents (`lmforge eval ppl`: each held-out document on its own, strided windows of
 {train_cfg.max_length} tokens): perplexity {held_out.perplexity:.1f}, **{held_out.bits_per_byte:.3f} bits per byte**
 ({held_out.tokens:,} tokens, {held_out.bytes:,} bytes); bits per byte compare across tokenizers, perplexity does not.
@@ -231,44 +273,52 @@ Scored again as whole documents (`lmforge eval ppl`: each held-out document on i
 
 The corpus is small (0.47 MB), so the model starts to overfit after a few passes; the best checkpoint
 (`pretrain/best/`, HF layout, loadable by transformers) is kept, and early stopping ends the run if validation
-stops improving.
+stops improving."""
 
-## Samples (temperature 0.8, top-p 0.95)
-""" + "\n".join(f"- `{p}` → `{s.strip()[:200]}`" for p, s in zip(prompts, samples)) + f"""
 
-Try it: `{next_steps[0]}`.
+def _finetune(run: QuickstartRun) -> None:
+    result = _finetune_step(run.clean_corpus, run.out, run.cfg.seed, run.cfg.finetune_steps, run.log)
+    run.made["finetune"], run.sections["Fine-tuning (LoRA)"] = result["metrics"], result["report"]
 
-## Fine-tuning (LoRA)
-""" + finetune["report"] + """
 
-## Retrieval (RAG)
-""" + rag["report"] + """
+def _rag(run: QuickstartRun) -> None:
+    result = _rag_step(run.clean_corpus, run.out / "rag-index", run.log)
+    run.made["rag"], run.sections["Retrieval (RAG)"] = result["metrics"], result["report"]
 
-## Serving
-""" + served["report"] + """
 
-## Timings
-""" + "\n".join(f"- {k}: {v:.2f} s" for k, v in timings.items()) + """
+def _serve(run: QuickstartRun) -> None:
+    result = _serve_step(run.out, run.log)
+    run.made["serve"], run.sections["Serving"] = result["metrics"], result["report"]
 
-## Next steps
-Each of these runs on what this quickstart wrote:
 
-""" + "\n".join(f"    {c}" for c in next_steps) + "\n"
-    write_text(out / "report.md", report)
-    summary = {"corpus": corpus, "vocab_size": tok.vocab_size, "compression": compression, "checks": checks,
-               "pretrain": {"steps": trainer.step, "params": n_params, "val_ppl_before": before, "val_ppl_after": after,
-                            "held_out": held_out.as_dict()},
-               "samples": dict(zip(prompts, samples)), "finetune": finetune["metrics"], "rag": rag["metrics"],
-               "serve": served["metrics"],
-               "next_steps": next_steps,
-               "timings_s": {k: round(v, 3) for k, v in timings.items()}}
-    write_json(out / "summary.json", summary)
-    log(f"[10/10] report: {out / 'report.md'}")
-    if not all(checks.values()):
-        raise RuntimeError(f"quickstart checks failed: {checks}")
-    if not after < before / 2:
-        raise RuntimeError(f"validation perplexity did not clearly drop: {before:.1f} -> {after:.1f}")
-    return summary
+def _next_steps(run: QuickstartRun) -> list[str]:
+    """Commands that run on what this quickstart wrote (the report's last section)."""
+    out, model_dir = run.out, run.model_dir
+    next_steps = [f'lmforge generate --model {model_dir} --prompt "The while statement" --max-new-tokens 40 --seed 1',
+                  f'lmforge tokenizer inspect --tokenizer {out / "tokenizer"} --text "Tokenizers 把文本切开"']
+    if run.made["rag"] is not None:
+        next_steps += [f'lmforge rag search --index {out / "rag-index"} "how do I catch an exception" --k 5',
+                       f'lmforge rag ask --index {out / "rag-index"} "What does the yield statement do?"',
+                       f"lmforge rag eval --index {out / 'rag-index'} --queries builtin:python-docs"]
+    next_steps.append(f"lmforge pretrain --config recipe:pretrain-tiny-cpu --data {out / 'tokens'} "
+                      f"--out {out.parent / 'pretrain-longer'} --max-steps 800")
+    next_steps += [f"lmforge finetune --config recipe:finetune-lora-cpu --model {model_dir} --data "
+                   f"{out / 'instructions.jsonl'} --out {out.parent / 'finetune-longer'} --max-steps 200",
+                   f"lmforge export merge --model {out / 'finetune' / 'best'} --out {out.parent / 'sft-merged'}",
+                   f"lmforge eval ppl --model {out / 'finetune-merged'} --data {out / 'instructions.jsonl'} "
+                   f"--text-field output"]
+    return next_steps
+
+
+# the steps in order, each timed under its name (the report's Timings)
+STEPS: list[tuple[str, Callable[[QuickstartRun], None]]] = [
+    ("clean + dedup", _clean), ("train tokenizer", _train_tokenizer), ("check + measure", _check_tokenizer),
+    ("tokenize", _tokenize), ("pretrain", _pretrain), ("sample", _sample), ("evaluate", _evaluate),
+    ("fine-tune", _finetune), ("RAG index + eval", _rag), ("merge + serve round trip", _serve),
+]
+# the report's sections in order
+SECTIONS = ["Corpus and cleaning", "Tokenizer", "Pretraining", "Samples (temperature 0.8, top-p 0.95)",
+            "Fine-tuning (LoRA)", "Retrieval (RAG)", "Serving", "Timings", "Next steps"]
 
 
 def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> dict:
@@ -317,7 +367,7 @@ def _finetune_step(corpus: list[str], out: Path, seed: int, steps: int, log) -> 
               + (f"Greedy replies to the held-out questions against their references: ROUGE-L "
                  f"{scores['val_rougeL'][0]:.3f} -> {scores['val_rougeL'][1]:.3f}, exact match "
                  f"{scores['val_exact_match'][0]:.2f} -> {scores['val_exact_match'][1]:.2f} (first -> last evaluation; "
-                 f"`lmforge.eval.metrics`). " if scores else "")
+                 f"`lmforge.metrics`). " if scores else "")
               + f"The adapter (`finetune/best/`) loads in peft; "
               f"`lmforge export merge` makes a full model of it.\n\n| held-out question | before | after | reference |\n"
               f"|---|---|---|---|\n{table}")
@@ -340,7 +390,7 @@ def _serve_step(out: Path, log) -> dict:
     import threading
     import urllib.request
 
-    from lmforge.finetune.cli import merge_adapter
+    from lmforge.export.merge import merge_adapter
     from lmforge.infer.load import load_for_inference
     from lmforge.serve.app import Server, create_app
 
@@ -477,8 +527,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="The whole chain, offline, on the built-in corpus (Python's reference): clean "
                                    "and deduplicate, train a tokenizer, pretrain a small model, LoRA-tune it on "
                                    "questions drawn from the corpus, index the corpus for RAG, serve the merged "
-                                   "model and export it to GGUF; writes a run directory with a report.md. About "
-                                   "2.5 minutes on 2 CPU cores.",
+                                   "model and export it to GGUF; writes a run directory with a report.md (how "
+                                   "long it takes: docs/benchmarks.md).",
                        epilog="example: lmforge quickstart --out runs/quickstart")
     add_config_args(p, QuickstartConfig)
     p.set_defaults(func=cmd_quickstart, _parser=p)

@@ -50,8 +50,8 @@ def test_every_entry_point_stops_at_the_same_ids(model_dir, seen, tmp_path, monk
 
     from lmforge.cli import main
     from lmforge.infer import ChatSession, SamplingConfig, generate
+    from lmforge.infer.client import EngineClient, Sampling
     from lmforge.infer.load import load_for_inference
-    from lmforge.prompting.client import EngineClient, Sampling
     from lmforge.serve.app import Server, create_app
 
     tok = load_tokenizer(model_dir)

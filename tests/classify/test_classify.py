@@ -16,10 +16,11 @@ import torch
 import transformers
 
 from lmforge.classify.data import read_labelled, read_tagged
-from lmforge.classify.run import ClassifyConfig, Predictor, evaluate_dir, run_classify
+from lmforge.classify.predict import Predictor, evaluate_dir
+from lmforge.classify.run import ClassifyConfig, run_classify
 from lmforge.cli import main
 from lmforge.data.sources import CorpusError
-from lmforge.eval.metrics import entities, entity_scores
+from lmforge.metrics import entities, entity_scores
 
 seqeval = pytest.importorskip("seqeval.metrics")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")

@@ -276,7 +276,7 @@ def test_yaml_task_generation_run_writes_results_predictions_and_report(models, 
     model_dir = models["qwen2.5-instruct"]
     res, preds = evaluate(load_hf_model(model_dir), load_tokenizer(model_dir), task, show_progress=False)
     assert res["n"] == 2 and 0 <= res["exact_match"] <= 1
-    from lmforge.eval import metrics
+    from lmforge import metrics
 
     outs = [p["generation"].strip() for p in preds]
     assert res["rougeL"] == pytest.approx(metrics.rouge(outs, ["4", "中国"], types=("rougeL",))["rougeL"])

@@ -181,8 +181,8 @@ def test_unsupported_tokenizers_and_models_are_clear_errors(tmp_path, models):
 
 def test_int8_export_loads_with_the_same_integers_and_logits(models, tmp_path, capsys):
     from lmforge.cli import main
-    from lmforge.export.int8 import WEIGHTS
     from lmforge.model import quantize_int8
+    from lmforge.model.quantize import QUANTIZED_WEIGHTS as WEIGHTS
 
     d = models["lmforge-bpe"]
     assert main(["export", "int8", "--model", str(d), "--out", str(tmp_path / "q")]) == 0

@@ -244,7 +244,7 @@ def test_ddp_and_fsdp_two_processes_equal_one(base_model, alpaca_file, tmp_path)
 def test_bottleneck_adapters_train_and_refuse_to_merge(base_model, alpaca_file, tmp_path):
     """`finetune --method adapter` (tests/peft/test_bottleneck.py checks the adapters themselves)."""
     from lmforge.config import ConfigError
-    from lmforge.finetune.cli import merge_adapter
+    from lmforge.export.merge import merge_adapter
 
     summary = run_finetune(_cfg(base_model, alpaca_file, tmp_path / "run", method="adapter", adapter_size=16,
                                 max_steps=20, lr=1e-2))
@@ -304,7 +304,7 @@ def test_gpt2_family_finetune_and_merge_through_the_cli(trained_dir, alpaca_file
 
 def test_best_checkpoint_by_rouge_of_held_out_replies(base_model, alpaca_file, tmp_path):
     from lmforge.config import ConfigError
-    from lmforge.eval.metrics import rouge
+    from lmforge.metrics import rouge
 
     out = tmp_path / "run"
     summary = run_finetune(_cfg(base_model, alpaca_file, out, max_steps=6, best_metric="val_rougeL"))
@@ -312,7 +312,7 @@ def test_best_checkpoint_by_rouge_of_held_out_replies(base_model, alpaca_file, t
     evals = [e for e in evals if "val_loss" in e]
     assert evals and all("val_rougeL" in e and "val_exact_match" in e for e in evals)
     assert summary["best_val_rougeL"] == max(e["val_rougeL"] for e in evals)
-    # the logged figure is lmforge.eval.metrics' ROUGE-L of that evaluation's replies
+    # the logged figure is lmforge.metrics' ROUGE-L of that evaluation's replies
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     last = [s for s in samples if s["step"] == evals[-1]["step"]]
     assert evals[-1]["val_rougeL"] == pytest.approx(rouge([s["reply"].strip() for s in last],

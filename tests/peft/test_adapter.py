@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from lmforge.config import ConfigError
-from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
 from lmforge.model import CheckpointError, Transformer, preset, save_hf_model
 from lmforge.peft import Adapter, adapter_of, apply_adapter, load_adapter, merge, register_adapter
+from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
 from lmforge.train.trainer import TrainConfig, Trainer
 
 

@@ -136,7 +136,7 @@ def test_qlora_finetune_run(llama, tmp_path, trained_dir):
     assert summary["final"]["val_loss"] < summary["initial"]["val_loss"]
     best = tmp_path / "run" / "best"
     assert json.loads((best / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    from lmforge.finetune.cli import merge_adapter
+    from lmforge.export.merge import merge_adapter
 
     merged = merge_adapter(best, tmp_path / "merged")
     assert transformers.AutoModelForCausalLM.from_pretrained(merged) is not None

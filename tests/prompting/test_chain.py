@@ -8,8 +8,8 @@ import pytest
 
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
+from lmforge.infer.client import Completion, ModelClient
 from lmforge.prompting.chain import Chain, run_chain
-from lmforge.prompting.client import Completion, ModelClient
 from lmforge.rag.index import IndexConfig, RagIndex
 
 
@@ -111,10 +111,10 @@ def test_input_errors_name_the_line(files, tmp_path):
 
 def test_cli(files, capsys, monkeypatch):
     from lmforge.cli import main
-    from lmforge.prompting import cli
+    from lmforge.infer import client
 
     chain, inputs, out = files
-    monkeypatch.setattr(cli, "make_client", lambda args: Echo())
+    monkeypatch.setattr(client, "client_from_args", lambda args: Echo())
     assert main(["prompt", "chain", str(chain), "--inputs", str(inputs), "--out", str(out), "--json",
                  "--endpoint", "http://unused/v1"]) == 0
     assert json.loads(capsys.readouterr().out)["done"] == 4

@@ -13,9 +13,9 @@ import torch
 
 from lmforge.chat.templates import BUILTIN_TEMPLATES
 from lmforge.config import ConfigError
+from lmforge.infer.client import EngineClient, HTTPClient, Sampling
 from lmforge.model import load_hf_model
 from lmforge.prompting.agent import ReActAgent, parse_react
-from lmforge.prompting.client import EngineClient, HTTPClient, Sampling
 from lmforge.prompting.fewshot import ExampleSelector, PromptTemplate, mmr
 from lmforge.prompting.reasoning import (
     ChainOfThought,
@@ -368,7 +368,7 @@ def test_http_client_retries_rate_limits_and_counts_tokens():
         assert got[0][0].text == "ok" and len(seen) == 2
         assert seen[1]["messages"] == [{"role": "user", "content": "hello"}] and seen[1]["seed"] == 3
         assert client.usage == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1}
-        from lmforge.prompting.client import ClientError
+        from lmforge.infer.client import ClientError
 
         with pytest.raises(ClientError, match="HTTP 400: this model's context is 128 tokens"):
             client.complete(["too long"])
@@ -379,7 +379,7 @@ def test_http_client_retries_rate_limits_and_counts_tokens():
 
 
 def test_http_client_errors_name_the_endpoint():
-    from lmforge.prompting.client import ClientError
+    from lmforge.infer.client import ClientError
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

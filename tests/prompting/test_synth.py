@@ -10,10 +10,9 @@ import json
 import numpy as np
 import pytest
 
+from lmforge.infer.client import EngineClient
 from lmforge.model import load_hf_model, save_hf_model
-from lmforge.prompting.client import EngineClient
-from lmforge.synth.cli import seed_path
-from lmforge.synth.common import NoveltyFilter, data_stage_checks
+from lmforge.synth.common import NoveltyFilter, data_stage_checks, seed_path
 from lmforge.synth.evol import EvolConfig, EvolInstruct, clean_evolved, elimination_reason, evolve_prompt, parse_equal
 from lmforge.synth.selfinstruct import (
     SelfInstruct,
@@ -229,7 +228,7 @@ def test_self_instruct_stops_when_rounds_keep_nothing_and_says_why(tmp_path, cap
     """A model whose every instruction fails the filters (here: a picture task, refused by the paper's keyword
     heuristic, or a copy of a seed) must not run until killed: after stall_rounds empty rounds it stops and names
     the most common reasons."""
-    from lmforge.prompting.client import Completion, ModelClient
+    from lmforge.infer.client import Completion, ModelClient
 
     class Parrot(ModelClient):  # the same useless list, whatever it is asked
         def complete(self, prompts, sampling, n=1):

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from lmforge.prompting.client import Completion, ModelClient
+from lmforge.infer.client import Completion, ModelClient
 from lmforge.prompting.tot import (
     VALUE_PROMPT,
     State,
@@ -174,9 +174,9 @@ def test_cot_baseline_is_checked_exactly():
 
 def test_cli_writes_the_trace(tmp_path, monkeypatch, capsys):
     from lmforge.cli import main
-    from lmforge.prompting import cli
+    from lmforge.infer import client
 
-    monkeypatch.setattr(cli, "make_client", lambda args: Oracle(PROPOSE, {"4 4 10": "likely", "4 6": "sure"}))
+    monkeypatch.setattr(client, "client_from_args", lambda args: Oracle(PROPOSE, {"4 4 10": "likely", "4 6": "sure"}))
     trace = tmp_path / "t.jsonl"
     assert main(["prompt", "tot", "--endpoint", "http://unused/v1", "--puzzle", "4 9 10 13", "--compare-cot",
                  "--trace", str(trace), "--json"]) == 0

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from lmforge.prompting.client import Completion, ModelClient
+from lmforge.infer.client import Completion, ModelClient
 from lmforge.rag.grounding import (
     NLI_PROMPT,
     JudgeSupport,

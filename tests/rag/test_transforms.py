@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
-from lmforge.prompting.client import Completion, ModelClient
+from lmforge.infer.client import Completion, ModelClient
 from lmforge.rag.index import IndexConfig, RagIndex
 from lmforge.rag.transforms import PROMPTS, QueryTransform, TransformCache, TransformedIndex
 

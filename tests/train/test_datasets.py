@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.tokenize import TokenizeConfig, _is_val, tokenize_corpus
+from lmforge.tokenizer.shards import TokenizeConfig, is_validation, tokenize_corpus
 from lmforge.train import BatchLoader, PackedDataset, RandomOffsetBatches, SlidingWindowDataset, TokenStream
 
 
@@ -82,7 +82,7 @@ def test_tokenize_corpus_writes_shards_that_read_back(trained_dir, tmp_path):
     n_val = manifest["splits"]["val"]["documents"]
     assert 10 <= n_val <= 60 and manifest["splits"]["train"]["documents"] + n_val == 300
     # reading the split back gives each document's ids followed by EOS, in corpus order
-    train_docs = [d for d in docs if not _is_val(d["id"], 0.1)]
+    train_docs = [d for d in docs if not is_validation(d["id"], 0.1)]
     expected = [t for d in train_docs for t in tok.encode(d["text"]) + [eos]]
     assert train.slice(0, len(train)).tolist() == expected
     assert len(val) == manifest["splits"]["val"]["tokens"]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
+from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
 
 
 def _losses(out):

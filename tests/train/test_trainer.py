@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
 from lmforge.model import Transformer, preset
+from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
 from lmforge.train.trainer import TrainConfig, Trainer, TrainingStopped, learning_rate
 
 

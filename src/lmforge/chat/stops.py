@@ -8,8 +8,6 @@ transformers does with an instruct model's generation_config (which lists both).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from lmforge.chat.render import TemplateError, render_chat
 
 _PROBE = "lmforge-probe-reply"
@@ -56,8 +54,3 @@ def turn_end_ids(tokenizer, template: str | None = None) -> list[int]:
 def stop_ids(tokenizer, eos=None, template: str | None = None) -> list[int]:
     """Every id a reply stops at, sorted: `eos_ids` and `turn_end_ids` together."""
     return sorted(set(eos_ids(tokenizer, eos)) | set(turn_end_ids(tokenizer, template)))
-
-
-def stop_names(tokenizer, ids: Sequence[int]) -> list[str]:
-    """The tokens' texts, for logs ("<|endoftext|>", "<|im_end|>")."""
-    return [tokenizer.decode([i]) for i in ids]

@@ -30,25 +30,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if "interrupted" in summary else 0
 
 
-def _config_for(model_dir: str, args: argparse.Namespace):
-    from lmforge.classify.run import ClassifyConfig
-
-    raw = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").exists() \
-        else {}
-    task = (raw.get("lmforge_task") or {}).get("task") or ("token" if "Token" in str(raw.get("architectures")) else
-                                                           "sequence")
-    return ClassifyConfig(task=task, multi_label=raw.get("problem_type") == "multi_label_classification",
-                          text_field=args.text_field, label_field=args.label_field, tokens_field=args.tokens_field,
-                          tags_field=args.tags_field, encoding=args.encoding)
+def _reading(args: argparse.Namespace) -> dict:
+    return {"text_field": args.text_field, "label_field": args.label_field, "tokens_field": args.tokens_field,
+            "tags_field": args.tags_field, "encoding": args.encoding}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lmforge.classify.run import Predictor, _read
+    from lmforge.classify.data import read_examples
+    from lmforge.classify.predict import Predictor, task_config
     from lmforge.files import atomic_write
 
-    cfg = _config_for(args.model, args)
+    cfg = task_config(args.model, **_reading(args))
     p = Predictor(args.model, max_length=args.max_length)
-    records = _read(cfg, args.data, None, need_labels=False)
+    records = read_examples(cfg, args.data, None, need_labels=False)
     rows = p.predict(records)
     if args.out:
         with atomic_write(Path(args.out)) as f:
@@ -62,9 +56,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmforge.classify.run import evaluate_dir
+    from lmforge.classify.predict import evaluate_dir, task_config
 
-    cfg = _config_for(args.model, args)
+    cfg = task_config(args.model, **_reading(args))
     report = evaluate_dir(args.model, args.data, cfg, confusion_png=args.plot)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))

@@ -11,6 +11,9 @@ Tagged sentences:
   JSONL   a list of tokens and a list of tags per record (`tokens` / `tags`, or `ner_tags`)
 Tags are BIO / IOB2 (B-TYPE, I-TYPE, O; IOBES's E- and S- are read too). Every bad record names file:line and the
 field, or goes to the reject log (`on_error: skip`).
+
+Encoded examples become the Trainer's batches here too: shuffled right-padded training batches, length-sorted
+evaluation batches, and the stratified validation split.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lmforge.config import ConfigError
 from lmforge.data.sources import CorpusError, OnBad, iter_records
 from lmforge.text import UNSPACED_CHAR
+
+if TYPE_CHECKING:
+    from lmforge.classify.run import ClassifyConfig
 
 TAG = re.compile(r"^(O|[BIES]-\S+)$")
 
@@ -238,3 +246,87 @@ def encode_tagged(tokenizer, sentences: list[Tagged], tag_ids: dict[str, int], m
         enc.ids.append(ids)
         enc.labels.append(labels)
     return enc
+
+
+def read_examples(cfg: ClassifyConfig, path: str, rejects: OnBad | None = None, need_labels: bool = True) -> list:
+    """The labelled texts (sequence task) or tagged sentences (token task) of a file, a directory of files, or
+    builtin:python-docs-topics, read with the config's fields, encoding and multi-label settings."""
+    from lmforge.classify.builtin import BUILTIN, python_docs_topics
+
+    if path == BUILTIN:
+        if cfg.task != "sequence":
+            raise ConfigError(f"data: {BUILTIN} is a sequence-classification set")
+        return [Labelled(r["text"], [r["label"]], f"{BUILTIN}:{i + 1}") for i, r in enumerate(python_docs_topics())]
+    files = _data_files(path)
+    if cfg.task == "token":
+        return read_tagged(files, cfg.tokens_field, cfg.tags_field, rejects, cfg.encoding, need_labels)
+    return read_labelled(files, cfg.text_field, cfg.label_field, cfg.multi_label, cfg.label_sep, rejects,
+                         cfg.encoding, cfg.errors, need_labels)
+
+
+def _data_files(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise CorpusError(f"{p}: no files in it")
+        return files
+    if not p.exists():
+        from lmforge.hub import missing_path_error
+
+        raise CorpusError(missing_path_error(p, "data file"))
+    return [str(p)]
+
+
+# --- splits and batches --------------------------------------------------------------------------------------------
+
+def label_batches(ids: list[list[int]], labels: list, micro_batch_size: int, pad_id: int, seed: int = 0,
+                  rank: int = 0, world: int = 1, multi_label_classes: int = 0):
+    """The Trainer's train_data: shuffled epochs of right-padded (input_ids, attention_mask, labels) batches."""
+    from lmforge.train.datasets import ShuffledBatches
+
+    return ShuffledBatches(len(ids), micro_batch_size,
+                           lambda members: collate(ids, labels, members, pad_id, multi_label_classes), seed, rank, world)
+
+
+def collate(ids: list[list[int]], labels: list, members: list[int], pad_id: int, multi: int = 0) -> dict:
+    import torch
+
+    T = max(len(ids[i]) for i in members)
+    x = torch.full((len(members), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(members), T), dtype=torch.long)
+    token_task = labels and isinstance(labels[members[0]], list) and not multi
+    y = torch.full((len(members), T), -100, dtype=torch.long) if token_task else None
+    for r, i in enumerate(members):
+        x[r, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+        mask[r, :len(ids[i])] = 1
+        if token_task:
+            y[r, :len(labels[i])] = torch.tensor(labels[i], dtype=torch.long)
+    if not token_task:
+        y = torch.tensor([labels[i] for i in members], dtype=torch.float if multi else torch.long)
+    return {"input_ids": x, "attention_mask": mask, "labels": y}
+
+
+def eval_batches(ids: list[list[int]], labels: list, batch_size: int, pad_id: int, multi: int = 0) -> list[dict]:
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    return [collate(ids, labels, order[s:s + batch_size], pad_id, multi) for s in range(0, len(order), batch_size)]
+
+
+def stratified_split(keys: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices with each label's share held out (at least one of every label seen twice)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_key: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    held = []
+    for k in sorted(by_key):
+        members = by_key[k]
+        rng.shuffle(members)
+        n = round(len(members) * fraction)
+        if n == 0 and len(members) >= 2 and fraction > 0:
+            n = 1
+        held += members[:n]
+    held_set = set(held)
+    return [i for i in range(len(keys)) if i not in held_set], sorted(held)

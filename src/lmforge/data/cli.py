@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge.config import add_config_args, config_from_args, save_config
-from lmforge.data.tokenize import TokenizeConfig, tokenize_corpus
+from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
 
 _FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on_error", "output_format", "text_field",
                     "encoding", "errors")
@@ -98,6 +98,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Data stage tools.")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
+
+    _add_tokenize(dsub)
+    _add_run(dsub)
+    _add_dedup(dsub)
+    _add_stats(dsub)
+    _add_train_classifier(dsub)
+
+
+def _add_tokenize(dsub) -> None:
+    """`lmforge data tokenize`: token shards (tokenizer/shards.py)."""
     t = dsub.add_parser("tokenize", help="corpus -> memory-mapped token shards + manifest",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Encode every document (followed by EOS) into uint16/uint32 shards with "
@@ -108,6 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(t, TokenizeConfig)
     t.set_defaults(func=cmd_tokenize, _parser=t)
 
+
+def _add_run(dsub) -> None:
+    """`lmforge data run`: a pipeline file."""
     r = dsub.add_parser("run", help="run a cleaning/filtering/dedup pipeline from a YAML file",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Run the steps of a pipeline file over its inputs; kept documents go to "
@@ -125,6 +138,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _executor_args(r)
     r.set_defaults(func=cmd_run, _parser=r)
 
+
+def _add_dedup(dsub) -> None:
+    """`lmforge data dedup`: exact and MinHash near-duplicates."""
     d = dsub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash + LSH)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Exact duplicates (normalised text) then near-duplicates by MinHash LSH. "
@@ -151,12 +167,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _executor_args(d)
     d.set_defaults(func=cmd_dedup, _parser=d)
 
+
+def _add_stats(dsub) -> None:
+    """`lmforge data stats`: a pipeline's statistics and report."""
     st = dsub.add_parser("stats", help="print a pipeline's statistics and write report.md + stats.png",
                          description="Per step: documents and characters in and out, removal reasons; "
                                      "writes OUTPUT/report.md and OUTPUT/stats.png (funnel, length histograms).")
     st.add_argument("output", help="output directory of `lmforge data run` or `lmforge data dedup`")
     st.set_defaults(func=cmd_stats, _parser=st)
 
+
+def _add_train_classifier(dsub) -> None:
+    """`lmforge data train-classifier`: the quality classifier."""
     c = dsub.add_parser("train-classifier", help="train a quality classifier (hashed n-grams, linear)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Logistic regression over hashed word n-grams (character n-grams for Chinese); "

@@ -89,7 +89,7 @@ _TABLES: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def code_point_tables() -> tuple[np.ndarray, np.ndarray]:
-    """(class, NFKC-lower-case code point) for every code point, built once per process (about 1 s; the pipeline
+    """(class, NFKC-lower-case code point) for every code point, built once per process (the pipeline
     builds them before it forks its workers, which then share them)."""
     global _TABLES
     if _TABLES is None:

@@ -15,11 +15,6 @@ from lmforge.data import dedup
 from lmforge.data.step import Decision, GlobalStep, Signatures, register
 
 
-def _scores(meta: Sequence[dict], field_name: str) -> np.ndarray:
-    return np.array([float(m.get(field_name, np.nan)) if isinstance(m.get(field_name), (int, float)) else np.nan
-                     for m in meta])
-
-
 @register("exact_dedup")
 @dataclass
 class ExactDedup(GlobalStep):

@@ -36,7 +36,7 @@ def stats_table(stats: dict, top_reasons: int = 3) -> str:
 
 def write_report(out_dir: str | os.PathLike) -> Path:
     """report.md + stats.png in the pipeline's output directory."""
-    from lmforge.eval.plots import plot_data_stats
+    from lmforge.plots import plot_data_stats
 
     out = Path(out_dir)
     stats = load_stats(out)

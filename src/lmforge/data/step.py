@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmforge.config import ConfigError, _nearest, from_dict
+from lmforge.config import ConfigError, did_you_mean, from_dict
 from lmforge.data.document import Document
 from lmforge.text import is_mostly_cjk
 
@@ -84,7 +84,7 @@ def register(name: str):
 def build_step(name: str, params: dict | None, where: str = "steps") -> Step:
     _load_all()
     if name not in STEPS:
-        raise ConfigError(f"{where}: unknown step '{name}'.{_nearest(name, sorted(STEPS))}")
+        raise ConfigError(f"{where}: unknown step '{name}'.{did_you_mean(name, sorted(STEPS))}")
     return from_dict(STEPS[name], params or {}, f"{where}.{name}")
 
 

@@ -150,8 +150,8 @@ def _read_lines(path: str, field: str | None) -> list:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    from lmforge import metrics as m
     from lmforge.cli import UserError
-    from lmforge.eval import metrics as m
 
     preds = _read_lines(args.pred, args.field)
     refs = [_read_lines(r, args.field) for r in args.ref]
@@ -217,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for t, k in keys:
             print(f"{t}/{k}".ljust(width) + "".join(f"{_fmt(table[n][f'{t}/{k}']):>16}" for n, _ in runs))
     if args.out:
-        from lmforge.eval.plots import plot_comparison
+        from lmforge.plots import plot_comparison
 
         plot_comparison(table, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -263,11 +263,11 @@ def cmd_contamination(args: argparse.Namespace) -> int:
 def _records(path: str) -> list[dict]:
     """Alpaca-style judge records (file:line errors from the task readers' jsonl reader)."""
     from lmforge.cli import UserError
-    from lmforge.eval.tasks import _read_jsonl
+    from lmforge.eval.tasks import read_jsonl
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    rows = _read_jsonl(Path(path))
+    rows = read_jsonl(Path(path))
     for row in rows:
         if not isinstance(row.get("instruction"), str) or "output" not in row:
             raise UserError(f"{path}:{row.get('_line', '?')}: a judge record is alpaca-style: instruction, input (optional), "
@@ -352,7 +352,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     for parent in (model, scoring):
         parent.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
-    r = esub.add_parser("run", parents=[model], help="score a model on benchmark tasks",
+    _add_run(esub, parents=[model])
+    _add_ppl(esub, parents=[scoring])
+    _add_metrics(esub)
+    _add_compare(esub)
+    _add_judge(esub)
+    _add_contamination(esub)
+
+
+def _add_run(esub, parents: list[argparse.ArgumentParser]) -> None:
+    """`lmforge eval run`: benchmark tasks."""
+    r = esub.add_parser("run", parents=parents, help="score a model on benchmark tasks",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     r.add_argument("--task", action="append", required=True,
                    help="arc_easy, arc_challenge, hellaswag, mmlu, ceval, cmmlu, gsm8k, or a TASK.yaml (repeatable)")
@@ -374,13 +384,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     r.set_defaults(func=cmd_run, _parser=r)
 
-    q = esub.add_parser("ppl", parents=[scoring], help="perplexity and bits per byte on text files")
+
+def _add_ppl(esub, parents: list[argparse.ArgumentParser]) -> None:
+    """`lmforge eval ppl`: perplexity of text files."""
+    q = esub.add_parser("ppl", parents=parents, help="perplexity and bits per byte on text files")
     q.add_argument("--data", nargs="+", required=True, help="text, markdown, jsonl or parquet files or folders")
     q.add_argument("--text-field", default="text", help="the text field of jsonl / parquet records")
     q.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
     q.add_argument("--stride", type=int, help="tokens between windows (default: window / 2)")
     q.set_defaults(func=cmd_ppl, _parser=q)
 
+
+def _add_metrics(esub) -> None:
+    """`lmforge eval metrics`: metrics of prediction and reference files."""
     m = esub.add_parser("metrics", help="BLEU, chrF, TER, ROUGE, exact match, SQuAD, accuracy / F1 of files")
     m.add_argument("--pred", required=True, help="predictions: one per line, or jsonl (--field)")
     m.add_argument("--ref", required=True, action="append", help="references, line-aligned (repeat for several)")
@@ -393,11 +409,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_metrics, _parser=m)
 
+
+def _add_compare(esub) -> None:
+    """`lmforge eval compare`: runs side by side."""
     c = esub.add_parser("compare", help="runs side by side (table, bar chart)")
     c.add_argument("runs", nargs="+", help="run directories (or their results.json)")
     c.add_argument("--out", metavar="PNG", help="write a bar chart")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare, _parser=c)
+
+
+def _add_judge(esub) -> None:
+    """`lmforge eval judge`: LLM-as-judge."""
+    from lmforge.infer.load import add_inference_args
 
     j = esub.add_parser("judge", help="LLM-as-judge through an OpenAI-compatible endpoint (pointwise or pairwise)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -419,6 +443,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_judge, _parser=j)
 
+
+def _add_contamination(esub) -> None:
+    """`lmforge eval contamination`: benchmark n-grams in a training corpus."""
     k = esub.add_parser("contamination", help="n-gram overlap between a training corpus and a benchmark")
     k.add_argument("--corpus", nargs="+", required=True, help="training files or folders (any format lmforge data reads)")
     k.add_argument("--task", required=True, help="a built-in task or TASK.yaml")

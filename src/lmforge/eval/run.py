@@ -21,9 +21,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmforge.eval.metrics import bleu, chrf, exact_match, rouge_pair
 from lmforge.eval.scoring import _encode, score_choices
 from lmforge.eval.tasks import Task, TaskError
+from lmforge.metrics import bleu, chrf, exact_match, rouge_pair
 
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 GENERATION_METRICS = ("exact_match", *ROUGE_METRICS, "bleu", "chrf")

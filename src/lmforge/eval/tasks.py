@@ -190,7 +190,7 @@ class Task:
 # ---------------------------------------------------------------------------------------------------------------------
 # readers
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     opener = open
     if path.suffix == ".gz":
@@ -228,7 +228,7 @@ def _need(row: dict, path: Path, *keys: str) -> None:
 def read_arc(path: Path) -> list[dict]:
     """ARC rows as the HF dataset's layout (question text, choices {text, label}, answerKey)."""
     docs = []
-    for row in _read_jsonl(path):
+    for row in read_jsonl(path):
         _need(row, path, "question", "answerKey")
         q = row["question"]
         if isinstance(q, dict):  # the original ARC-V1 files
@@ -254,7 +254,7 @@ def _hellaswag_preprocess(text: str) -> str:
 
 def read_hellaswag(path: Path) -> list[dict]:
     docs = []
-    for row in _read_jsonl(path):
+    for row in read_jsonl(path):
         _need(row, path, "ctx_a", "ctx_b", "activity_label", "endings", "label")
         ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
         docs.append({"query": _hellaswag_preprocess(row["activity_label"] + ": " + ctx),
@@ -315,7 +315,7 @@ def read_chinese_exam_csv(path: Path, kind: str) -> list[dict]:
 
 def read_gsm8k(path: Path) -> list[dict]:
     docs = []
-    for row in _read_jsonl(path):
+    for row in read_jsonl(path):
         _need(row, path, "question", "answer")
         docs.append(row)
     return docs
@@ -483,7 +483,7 @@ def load_yaml_task(path: Path, data: str | os.PathLike | None = None) -> Task:
             with open(p, encoding="utf-8", newline="") as f:
                 return [r | {"_line": n} for n, r in enumerate(csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv"
                                                                                else ","), 2)]
-        return _read_jsonl(p)
+        return read_jsonl(p)
 
     out_type = spec.get("output_type", "multiple_choice")
     if out_type not in ("multiple_choice", "generate_until"):

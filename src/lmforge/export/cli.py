@@ -6,6 +6,14 @@ import argparse
 import sys
 
 
+def cmd_export_merge(args: argparse.Namespace) -> int:
+    from lmforge.export.merge import merge_adapter
+
+    out = merge_adapter(args.model, args.out, args.base, args.dtype)
+    print(f"merged model -> {out} (loads with transformers' AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+    return 0
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from lmforge.export.gguf import export_gguf
 
@@ -17,10 +25,10 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_export_int8(args: argparse.Namespace) -> int:
-    from lmforge.export.int8 import WEIGHTS, export_int8
+    from lmforge.model.quantize import QUANTIZED_WEIGHTS, save_quantized
 
-    out = export_int8(args.model, args.out, bits=args.bits)
-    print(f"wrote {out} ({(out / WEIGHTS).stat().st_size / 2**20:.1f} MiB of weights); lmforge generate / chat / "
+    out = save_quantized(args.model, args.out, bits=args.bits)
+    print(f"wrote {out} ({(out / QUANTIZED_WEIGHTS).stat().st_size / 2**20:.1f} MiB of weights); lmforge generate / chat / "
           f"serve --model {out} load it", file=sys.stderr)
     return 0
 
@@ -38,7 +46,6 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmforge.finetune.cli import cmd_export_merge
     from lmforge.infer.load import add_dtype_arg
 
     e = sub.add_parser("export", help="export a model: merge (base + LoRA -> a full HF model), gguf (llama.cpp / ollama), "

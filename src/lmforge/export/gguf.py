@@ -285,7 +285,7 @@ def _rope_factor_tensors(cfg) -> list[tuple[str, np.ndarray]]:
 def _config_from_gguf(meta: dict, tensors: dict[str, list[int]], path: Path, ids: dict):
     """The ModelConfig a GGUF file describes (llama.cpp's reading of its metadata), for the archs GGUF_ARCH names."""
     from lmforge.model.config import ModelConfig
-    from lmforge.model.hf import _LLAMA_SWITCHES, FAMILIES
+    from lmforge.model.hf import FAMILIES, LLAMA_SWITCHES
 
     arch = meta.get("general.architecture")
 
@@ -304,7 +304,7 @@ def _config_from_gguf(meta: dict, tensors: dict[str, list[int]], path: Path, ids
     family = {"llama": "mixtral" if n_experts else "llama", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch,
                                                                                                                 arch)
     head_dim = int(key("attention.key_length", d_model // n_heads))
-    kw = dict(_LLAMA_SWITCHES, **FAMILIES[family], arch=family, n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+    kw = dict(LLAMA_SWITCHES, **FAMILIES[family], arch=family, n_kv_heads=int(key("attention.head_count_kv", n_heads)),
               head_dim=head_dim, norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
               rope_theta=_f32(key("rope.freq_base", 10000.0)), **common)
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -356,12 +356,12 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     """Write `out` (a .gguf file) from an HF model directory of any family in GGUF_ARCH, with its tokenizer."""
     import gguf
 
-    from lmforge.model.hf import _read_config, config_from_hf, read_state_dict, resolve_model_dir, transformer_from_tensors
+    from lmforge.model.hf import config_from_hf, read_config, read_state_dict, resolve_model_dir, transformer_from_tensors
 
     if dtype not in TYPES:
         raise ExportError(f"--type {dtype!r}: one of {', '.join(TYPES)}")
     d = resolve_model_dir(model_dir)
-    hf_cfg = _read_config(d)
+    hf_cfg = read_config(d)
     if "lmforge_quantization" in hf_cfg:
         raise ExportError(f"{d} is an lmforge int8/int4 directory; export the float model it was made from")
     cfg = config_from_hf(hf_cfg, str(d / "config.json"))
@@ -624,7 +624,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, int, list[int]]]]:
     """(metadata, {tensor name: (raw bytes or values as numpy, GGML type id, shape in GGUF's ne order)}) of a GGUF
     file (version 2 or 3), memory-mapped. The `gguf` package's GGUFReader builds a numpy view for every string of
-    the vocabulary, 6 s for Qwen2.5's 151k tokens; this walks the bytes once (tested equal to GGUFReader)."""
+    the vocabulary, slow for a large one (docs/benchmarks.md); this walks the bytes once (tested equal to GGUFReader)."""
     import struct
 
     import gguf

@@ -206,10 +206,10 @@ def build_classifier(directory: str | os.PathLike, labels: list[str], task: str 
 def load_classifier(directory: str | os.PathLike) -> Classifier:
     """A `*ForSequenceClassification` / `*ForTokenClassification` directory (lmforge's, or one transformers wrote for
     a supported family) as a Classifier in eval mode."""
-    from lmforge.model.hf import _read_config, config_from_hf, resolve_model_dir
+    from lmforge.model.hf import config_from_hf, read_config, resolve_model_dir
 
     d = resolve_model_dir(directory)
-    raw = _read_config(d)
+    raw = read_config(d)
     arch = (raw.get("architectures") or [""])[0]
     task = next((t for t, suffix in HEAD_SUFFIX.items() if arch.endswith(suffix)), None)
     if task is None:

@@ -38,9 +38,9 @@ FAMILIES: dict[str, dict] = {
     "gemma2": _GEMMA, "gemma3_text": dict(_GEMMA, qk_norm=True),
     "olmo2": dict(qk_norm=True, qk_norm_scope="projection", norm_placement="post", norm_scale_float32=True),
 }
-_LLAMA_SWITCHES = dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False, qk_norm=False,
-                       qk_norm_scope="head", norm_offset=0.0, norm_scale_float32=False, norm_placement="pre",
-                       scale_embeddings=False)
+LLAMA_SWITCHES = dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False, qk_norm=False,
+                      qk_norm_scope="head", norm_offset=0.0, norm_scale_float32=False, norm_placement="pre",
+                      scale_embeddings=False)
 # what else each family's config.json can say (the rest must keep ModelConfig's defaults to be written as it):
 #   window: one sliding window on every layer; layer_windows: sliding and full layers mixed (layer_types)
 FEATURES: dict[str, set[str]] = {
@@ -163,7 +163,7 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
                            mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True),
                            bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
-    switches = {**_LLAMA_SWITCHES, **FAMILIES[model_type]}
+    switches = {**LLAMA_SWITCHES, **FAMILIES[model_type]}
     features = FEATURES[model_type]
     # features of the family that lmforge does not implement: refused by name, never silently dropped
     act_field = "hidden_activation" if model_type in _ACTIVATION and hf.get("hidden_activation") else "hidden_act"
@@ -240,7 +240,7 @@ def _check_writable(cfg: ModelConfig) -> None:
     """A config transformers' class for cfg.arch describes exactly, or a CheckpointError naming the field."""
     if cfg.arch not in FAMILIES:
         raise CheckpointError(f"arch '{cfg.arch}' cannot be written as an HF model (supported: {', '.join(SUPPORTED)})")
-    need = {**_LLAMA_SWITCHES, **FAMILIES[cfg.arch]}
+    need = {**LLAMA_SWITCHES, **FAMILIES[cfg.arch]}
     for name, value in need.items():
         if getattr(cfg, name) != value:
             raise CheckpointError(f"this config cannot be written as '{cfg.arch}': {name} is {getattr(cfg, name)!r}, "
@@ -449,7 +449,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return d
 
 
-def _read_config(d: Path) -> dict:
+def read_config(d: Path) -> dict:
     from lmforge.hub import run_directory_hint
 
     path = d / "config.json"
@@ -467,14 +467,14 @@ def _read_config(d: Path) -> dict:
 def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Load an HF causal-LM directory (or, online, a hub id like 'HuggingFaceTB/SmolLM2-135M') into lmforge."""
     d = resolve_model_dir(directory)
-    raw = _read_config(d)
+    raw = read_config(d)
     cfg = config_from_hf(raw, str(d / "config.json"))
-    if "lmforge_quantization" in raw:  # `lmforge export int8`: int8 matrices for lmforge's engine
-        from lmforge.export.int8 import load_int8
+    if "lmforge_quantization" in raw:  # `lmforge export int8 | int4`: quantized matrices for lmforge's engine
+        from lmforge.model.quantize import load_quantized
 
         if dtype != torch.float32:
             raise CheckpointError(f"{d}: an int8 export runs with float32 activations (got dtype {dtype})")
-        return load_int8(d, cfg, device, raw["lmforge_quantization"].get("method", "int8_weight_only"))
+        return load_quantized(d, cfg, device, raw["lmforge_quantization"].get("method", "int8_weight_only"))
     return transformer_from_tensors(cfg, read_state_dict(d), d).to(device=device, dtype=dtype).eval()
 
 

@@ -2,24 +2,22 @@
 
 Decoding B sequences multiplies a (B, K) activation by every (N, K) weight matrix. At B = 1 torch's
 matmul (oneDNN) reads the weights at the machine's memory bandwidth, but at B = 4..16 it does not:
-on the 2-core AVX-512 VM, 8 rows through all matrices of a 135M-parameter model take 48 ms (45 GFLOPS)
-against the ~20 ms the bandwidth allows (benchmarks/packed_linear.py, docs/benchmarks.md). The kernel
-stores each matrix as panels of 32 output rows, (K, 32) contiguous floats, and multiplies every
+it takes about twice what the bandwidth allows (benchmarks/packed_linear.py; figures in docs/benchmarks.md).
+The kernel stores each matrix as panels of 32 output rows, (K, 32) contiguous floats, and multiplies every
 loaded weight vector with up to 8 rows of x before moving on: the weights stream once per 8 rows.
 
-The panels replace the (N, K) matrix (no second copy) and serve every row count: 1-2 rows run as fast
-as torch's matmul (both at bandwidth), 4 rows 1.65x, 8 rows ~2x (25 ms), 16 rows 1.5x, prefill (64+
-rows) at 0.9-1.1x torch's GEMM (measured, benchmarks/packed_linear.py). Results equal
-F.linear up to float32 summation order (relative difference ~1e-6). A tied output head is packed
+The panels replace the (N, K) matrix (no second copy) and serve every row count: decode shapes (1-16
+rows) run at the memory bandwidth, prefill shapes (64+ rows) at about the speed of torch's GEMM. Results
+equal F.linear up to float32 summation order (relative difference ~1e-6). A tied output head is packed
 once and the token embedding reads its rows from the same panels.
 
 pack_for_cpu also switches the model's one-token attention steps to `decode_attention`, which reads
 only a KV cache's filled slots with one pass per (sequence, kv head) group. SDPA has to read a static
 cache (torch.compile's) in full under a mask, 256 rounded-up slots at a time; with the kernel a compiled
-batch-8 step went from slower than eager to 1.24x faster (docs/benchmarks.md).
+batch-8 step is faster than eager instead of slower (docs/benchmarks.md).
 
 The kernels are C++ compiled on first use by torch.utils.cpp_extension (a C++ compiler with OpenMP and
-`ninja`; about 30 s once per machine, cached under ~/.cache/torch_extensions). Without them
+`ninja`; once per machine, cached under ~/.cache/torch_extensions). Without them
 `pack_for_cpu` leaves the model as it is and warns once. Packed models are for inference only:
 training and saving need the float model.
 """
@@ -85,7 +83,7 @@ def _build() -> None:
         fcntl.flock(held, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
         if not (build_dir / f"{name}.so").exists():
-            print("lmforge: compiling the float32 CPU kernels (once per machine, about 30 s)", file=sys.stderr)
+            print("lmforge: compiling the float32 CPU kernels (once per machine)", file=sys.stderr)
         cpp_extension.load(name=name, sources=[str(_SOURCE)], is_python_module=False, verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
 

@@ -1,16 +1,24 @@
-"""Weight-only int8 quantization for inference: the weights shrink 4x, activations stay in floating point.
+"""Weight-only int8 and int4 quantization for inference, and the quantized model directory.
 
-Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth, not by
-arithmetic: a 135M-parameter model in float32 reads 540 MB per token. Storing the matrices as int8
-with one scale per output channel (symmetric, scale = max|w| / 127.5, as torchao's
-Int8WeightOnlyConfig and gpt-fast do; the same idea as llama.cpp's Q8_0 with per-row blocks) reads a
-quarter of that. The error is about 0.4% of each row's largest weight; greedy continuations usually
-stay the same for many tokens and drift only where two candidates were nearly tied.
+int8: the weights take a quarter of float32's bytes, activations stay in floating point. Decoding one token reads
+every weight once, so on a CPU it is bound by memory bandwidth, not by arithmetic: a model in float32 reads 4 bytes
+per parameter per token. Storing the matrices as int8 with one scale per output channel (symmetric, scale =
+max|w| / 127.5, as torchao's Int8WeightOnlyConfig and gpt-fast do; the same idea as llama.cpp's Q8_0 with per-row
+blocks) reads a quarter of that. The rounding error is at most half a step (max|w| / 255) per weight; greedy
+continuations usually stay the same for many tokens and drift only where two candidates were nearly tied.
 
-On CPU, small batches (decode) use ATen's int8 GEMV kernel `_weight_int8pack_mm` with bfloat16
-activations; large ones (prefill) dequantize to the activation dtype and run a dense matmul, which
-is faster there. Elsewhere (CUDA) the matrix is dequantized per call: the memory saving stays, the
-speed-up does not. Quantized models are for generation; training and saving need the float model.
+On CPU, small batches (decode) use ATen's int8 GEMV kernel `_weight_int8pack_mm` with bfloat16 activations; large
+ones (prefill) dequantize to the activation dtype and run a dense matmul. Elsewhere (CUDA) the matrix is dequantized
+per call: the memory saving stays, the speed-up does not. int4 is llama.cpp's Q4_0 (below). Quantized models are for
+generation; training and saving need the float model.
+
+`lmforge export int8 | int4` writes a model directory that holds what `quantize_int8` / `quantize_int4` compute
+(`save_quantized`), so loading it (`load_quantized`, through `load_hf_model`) skips the quantization and reads the
+quantized bytes only. Layout: config.json (the HF config plus `"lmforge_quantization": {"method": ...}`),
+model.int8.safetensors (lmforge's parameter names: `*.qweight` and `*.scale(s)` for each quantized matrix, the
+embedding and norms in float32), the tokenizer and generation_config.json. Other libraries cannot read it: for
+llama.cpp use `export gguf --type q8_0 | q4_0` (an int4 directory holds the same rounded numbers as a q4_0 GGUF).
+Speeds: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# rows (tokens) per call up to which the int8 GEMV kernel beats dequantize + dense matmul (measured on an
-# AVX-512 CPU: 2x faster at 1 row, equal near 12, 2x slower at 128)
+# rows (tokens) per call up to which the int8 GEMV kernel beats dequantize + dense matmul (measured:
+# docs/benchmarks.md, "int8 GEMV against dequantize + matmul")
 _GEMV_MAX_ROWS = 8
 _HAS_INT8_GEMV = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -123,8 +131,8 @@ def dequantize_int4_blocks(packed: torch.Tensor, scales: torch.Tensor, dtype=tor
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T + bias with W stored as Q4_0 blocks (4.5 bits a weight): 7x less weight memory than float32. The
-    matrix is dequantized per call, so it saves memory, not time."""
+    """y = x @ W.T + bias with W stored as Q4_0 blocks (4.5 bits a weight, against float32's 32). The matrix is
+    dequantized per call, so it saves memory, not time."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -155,3 +163,58 @@ def quantize_int4(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     model.inference_only = "int4"
     return model.eval()
 
+
+
+# --- the quantized model directory (`lmforge export int8 | int4`) ----------------------------------------------------
+QUANT_KEY = "lmforge_quantization"  # config.json's key naming the method; load_hf_model looks for it
+QUANTIZED_WEIGHTS = "model.int8.safetensors"
+METHODS = {"int8": {"method": "int8_weight_only", "granularity": "per_output_channel"},
+           "int4": {"method": "int4_weight_only", "granularity": "q4_0_blocks_of_32"}}
+_FILES_KEPT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "generation_config.json", "vocab.json", "merges.txt")
+
+
+def save_quantized(model_dir, out, bits: str = "int8"):
+    """Write the `bits` ("int8" | "int4") directory of an HF model directory (or Hub id) to `out`; returns its path."""
+    import shutil
+    from pathlib import Path
+
+    from lmforge.files import StagedDirectory, save_tensors, write_json
+    from lmforge.model.hf import load_hf_model, read_config, resolve_model_dir
+
+    d = resolve_model_dir(model_dir)
+    model = (quantize_int8 if bits == "int8" else quantize_int4)(load_hf_model(d))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("scale_bf16")}
+    config = read_config(d) | {QUANT_KEY: METHODS[bits]}
+    with StagedDirectory(out) as stage:
+        save_tensors(state, stage.path(QUANTIZED_WEIGHTS), metadata={"format": f"lmforge-{bits}"})
+        write_json(stage.path("config.json"), config)
+        for name in _FILES_KEPT:
+            if (d / name).exists():
+                shutil.copy(d / name, stage.path(name))
+    return Path(out)
+
+
+def load_quantized(d, cfg, device: str = "cpu", method: str = "int8_weight_only"):
+    """The Transformer of a `save_quantized` directory `d` (config `cfg`), its quantized layers filled from the file."""
+    from safetensors.torch import load_file
+
+    from lmforge.model.hf import CheckpointError
+    from lmforge.model.transformer import Transformer
+
+    tensors = load_file(str(d / QUANTIZED_WEIGHTS))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    # the same modules, built on the meta device: the file gives them their values
+    (quantize_int4 if method == "int4_weight_only" else quantize_int8)(model)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):  # its bf16 scales (for the GEMV kernel) are derived
+            if f"{name}.scale" not in tensors:
+                raise CheckpointError(f"{d / QUANTIZED_WEIGHTS}: no int8 weights for {name}")
+            tensors[f"{name}.scale_bf16"] = tensors[f"{name}.scale"].to(torch.bfloat16)
+    missing = set(model.state_dict()) - set(tensors)
+    if missing:
+        raise CheckpointError(f"{d / QUANTIZED_WEIGHTS}: missing {sorted(missing)[:4]}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.reset_rotary()  # rebuilt off the meta device
+    return model.to(device).eval()

@@ -204,8 +204,8 @@ def select_sites(cfg, targets: list | str) -> list[Site]:
 
 def keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
     """A bool mask, True with probability 1 - p (to 1/65536). On CPU the random numbers are drawn 64 bits at a time
-    and cut into four 16-bit ones: torch's per-element Bernoulli costs 3x as much (13 ms against 4 ms for 3 M
-    elements here), which made dropout 8% of a LoRA step."""
+    and cut into four 16-bit ones: torch's per-element Bernoulli costs several times as
+    much there, which made dropout a visible share of a LoRA step (docs/benchmarks.md)."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
     n = math.prod(shape)

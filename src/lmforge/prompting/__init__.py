@@ -7,9 +7,9 @@ chain of thought, self-consistency, Auto-CoT, and ReAct agents with tools.
 from lmforge import lazy_exports
 
 _EXPORTS = {
-    "Sampling": "lmforge.prompting.client", "Completion": "lmforge.prompting.client",
-    "ModelClient": "lmforge.prompting.client", "EngineClient": "lmforge.prompting.client",
-    "HTTPClient": "lmforge.prompting.client", "ClientError": "lmforge.prompting.client",
+    "Sampling": "lmforge.infer.client", "Completion": "lmforge.infer.client",
+    "ModelClient": "lmforge.infer.client", "EngineClient": "lmforge.infer.client",
+    "HTTPClient": "lmforge.infer.client", "ClientError": "lmforge.infer.client",
     "PromptTemplate": "lmforge.prompting.fewshot", "ExampleSelector": "lmforge.prompting.fewshot",
     "ChainOfThought": "lmforge.prompting.reasoning", "extract_answer": "lmforge.prompting.reasoning",
     "majority_vote": "lmforge.prompting.reasoning", "self_consistency": "lmforge.prompting.reasoning",

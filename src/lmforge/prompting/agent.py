@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 from lmforge.prompting.tools import Tool, describe
 
 REACT_PROMPT = """Answer the question as well as you can. You have these tools:

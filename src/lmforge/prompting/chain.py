@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.config import ConfigError
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 from lmforge.prompting.fewshot import PromptTemplate
 
 _STEP_KEYS = {"name", "prompt", "retrieve", "tool", "query", "input", "k", "mode", "max_tokens", "temperature", "stop"}

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.config import ConfigError
-
 EXAMPLES = """examples:
   lmforge prompt cot --model runs/sft/merged --question "A pen costs 3 dollars. How much do 4 pens cost?"
   lmforge prompt cot --endpoint http://localhost:8000/v1 --question "..." --samples 10 --temperature 0.7
@@ -23,53 +21,20 @@ EXAMPLES = """examples:
 
 
 def model_options(max_tokens: int) -> argparse.ArgumentParser:
-    """The flags every command that talks to a model shares (prompt, synth): a parent parser."""
-    from lmforge.infer.load import add_inference_args
+    """A parent parser with the options of every command that talks to a model (infer/client.py)."""
+    from lmforge.infer.client import add_client_args
 
     model = argparse.ArgumentParser(add_help=False)
-    add_inference_args(model, model_required=False, model_help="a model directory (or Hub id), run in this process; "
-                                                               "--dtype, --quantize, --pack, --compile and --template "
-                                                               "apply to it")
-    model.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    model.add_argument("--served-model", default="default", help="the model name the endpoint expects")
-    model.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
-    model.add_argument("--concurrency", type=int, default=8,
-                       help="requests in flight to an endpoint (default 8: lmforge serve batches 8)")
-    model.add_argument("--max-tokens", type=int, default=max_tokens)
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--json", action="store_true", help="print one JSON object")
+    add_client_args(model, max_tokens)
     return model
 
 
-def make_client(args: argparse.Namespace):
-    from lmforge.prompting.client import EngineClient, HTTPClient
-
-    if bool(args.model) == bool(args.endpoint):
-        raise ConfigError("give the model: --model DIR (in this process) or --endpoint URL (an OpenAI-compatible API)")
-    if args.endpoint:
-        import os
-
-        return HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                          concurrency=args.concurrency, request_errors=getattr(args, "request_errors", "raise"))
-    return EngineClient(args.model, template=args.template, compile=args.compile, dtype=args.dtype,
-                        quantize=args.quantize, pack=args.pack)
-
-
-def _demos(path: str | None) -> list[dict]:
-    if not path:
-        return []
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, r in enumerate(rows, 1):
-        if "question" not in r or "rationale" not in r:
-            raise ConfigError(f"{path}:{i}: a demonstration needs 'question' and 'rationale'")
-    return rows
-
-
 def cmd_cot(args) -> int:
-    from lmforge.prompting.reasoning import ChainOfThought, Sampling, self_consistency
+    from lmforge.infer.client import client_from_args
+    from lmforge.prompting.reasoning import ChainOfThought, Sampling, read_demos, self_consistency
 
-    client = make_client(args)
-    demos = _demos(args.demos)
+    client = client_from_args(args)
+    demos = read_demos(args.demos)
     if args.samples > 1:
         vote = self_consistency(client, args.question, args.samples, args.temperature, args.rule, demos,
                                 args.max_tokens, args.seed)
@@ -83,34 +48,12 @@ def cmd_cot(args) -> int:
     return 0
 
 
-def build_tools(spec: str, user: list[str]) -> list:
-    from lmforge.prompting import tools as T
-
-    out = []
-    for name in filter(None, spec.split(",")):
-        kind, _, arg = name.partition(":")
-        if kind == "calculator":
-            out.append(T.calculator_tool())
-        elif kind == "python":
-            out.append(T.python_tool())
-        elif kind == "search":
-            if not arg:
-                raise ConfigError("tools: search needs an index, as search:DIR (lmforge rag index --out DIR)")
-            out.append(T.search_tool(arg))
-        else:
-            raise ConfigError(f"tools: {kind!r} is not calculator, python or search:INDEX (your own: --tool-module)")
-    for spec_ in user:
-        out += T.load_user_tools(spec_)
-    if not out:
-        raise ConfigError("tools: give at least one (--tools calculator,python,search:INDEX or --tool-module)")
-    return out
-
-
 def cmd_agent(args) -> int:
+    from lmforge.infer.client import Sampling, client_from_args
     from lmforge.prompting.agent import ReActAgent
-    from lmforge.prompting.client import Sampling
+    from lmforge.prompting.tools import build_tools
 
-    agent = ReActAgent(make_client(args), build_tools(args.tools, args.tool_module), args.mode, args.max_steps,
+    agent = ReActAgent(client_from_args(args), build_tools(args.tools, args.tool_module), args.mode, args.max_steps,
                        sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens))
     result = agent.run(args.question, args.trace)
     if args.json:
@@ -128,11 +71,12 @@ def cmd_agent(args) -> int:
 
 def cmd_auto_cot(args) -> int:
     from lmforge.files import atomic_write
+    from lmforge.infer.client import client_from_args
     from lmforge.prompting.reasoning import auto_cot
 
     rows = [json.loads(line) for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line.strip()]
     questions = [r["question"] if isinstance(r, dict) else str(r) for r in rows]
-    demos = auto_cot(make_client(args), questions, args.clusters, seed=args.seed)
+    demos = auto_cot(client_from_args(args), questions, args.clusters, seed=args.seed)
     with atomic_write(Path(args.out)) as f:
         for d in demos:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
@@ -142,10 +86,11 @@ def cmd_auto_cot(args) -> int:
 
 def cmd_eval(args) -> int:
     from lmforge.eval.tasks import read_gsm8k
-    from lmforge.prompting.reasoning import compare_methods
+    from lmforge.infer.client import client_from_args
+    from lmforge.prompting.reasoning import compare_methods, read_demos
 
     docs = read_gsm8k(Path(args.data))[:args.limit or None]
-    report = compare_methods(make_client(args), docs, args.methods.split(","), _demos(args.demos), args.samples,
+    report = compare_methods(client_from_args(args), docs, args.methods.split(","), read_demos(args.demos), args.samples,
                              args.temperature, args.max_tokens, args.seed)
     if args.out:
         from lmforge.files import write_json
@@ -160,12 +105,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tot(args) -> int:
+    from lmforge.config import ConfigError
+    from lmforge.infer.client import client_from_args
     from lmforge.prompting.tot import TreeOfThoughts, builtin_puzzles, cot_solve, write_trace
 
     puzzles = [" ".join(args.puzzle.split())] if args.puzzle else builtin_puzzles(args.ranks)
     if args.puzzle and (len(puzzles[0].split()) != 4 or not all(n.isdigit() for n in puzzles[0].split())):
         raise ConfigError(f"--puzzle {args.puzzle!r}: four whole numbers, e.g. '4 9 10 13'")
-    client = make_client(args)
+    client = client_from_args(args)
     solver = TreeOfThoughts(client, search=args.search, breadth=args.breadth, evaluate_samples=args.evaluate_samples,
                             temperature=args.temperature, max_states=args.max_states, max_tokens=args.max_tokens,
                             seed=args.seed)
@@ -190,11 +137,12 @@ def cmd_tot(args) -> int:
 
 
 def cmd_chain(args) -> int:
+    from lmforge.infer.client import client_from_args
     from lmforge.prompting.chain import Chain, run_chain
 
     chain = Chain.load(args.chain)
     needs_model = any(s.kind == "prompt" for s in chain.steps)
-    client = make_client(args) if needs_model or args.model or args.endpoint else None
+    client = client_from_args(args) if needs_model or args.model or args.endpoint else None
     result = run_chain(chain, client, args.inputs, args.out, args.batch_size)
     print(json.dumps(result) if args.json else
           f"{result['done']} records -> {result['out']} ({result['skipped']} already there, skipped)")

@@ -12,14 +12,16 @@ commas, $ and a final period dropped), "letter" (an option letter A-E), "regex:P
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 
 ZERO_SHOT_TRIGGER = "Let's think step by step."
 ZERO_SHOT_TRIGGER_ZH = "让我们一步一步地思考。"
@@ -89,6 +91,20 @@ def majority_vote(answers: Sequence[str | None]) -> Vote:
     top = max(counts.values())
     leaders = [a for a in dict.fromkeys(a for a in answers if a is not None) if counts[a] == top]
     return Vote(leaders[0], dict(counts), leaders if len(leaders) > 1 else [], failures)
+
+
+def read_demos(path: str | None) -> list[dict]:
+    """Few-shot chain-of-thought demonstrations from a JSONL file (each with 'question' and 'rationale'; what
+    `auto_cot` writes); none without a path."""
+    if not path:
+        return []
+    from lmforge.config import ConfigError
+
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, r in enumerate(rows, 1):
+        if "question" not in r or "rationale" not in r:
+            raise ConfigError(f"{path}:{i}: a demonstration needs 'question' and 'rationale'")
+    return rows
 
 
 def cot_prompt(question: str, demos: Sequence[dict] = (), trigger: str = ZERO_SHOT_TRIGGER) -> str:
@@ -213,7 +229,7 @@ def compare_methods(client: ModelClient, docs: Sequence[dict], methods: Sequence
     the reply), cot (chain of thought, few-shot with `demos` else zero-shot) and self-consistency (k sampled chains,
     majority vote). Answers are compared with lmforge.eval's exact match after the same number clean-up.
     Returns {"methods": {name: {"accuracy", "failures"}}, "predictions": [...]}."""
-    from lmforge.eval.metrics import exact_match
+    from lmforge.metrics import exact_match
 
     gold = [gsm8k_target(d) for d in docs]
     out, rows = {}, [{"question": d["question"], "target": g} for d, g in zip(docs, gold)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import math
 import operator
 import os
@@ -191,5 +190,26 @@ def describe(tools: list[Tool]) -> str:
     return "\n".join(f"{t.name}: {t.description}" for t in tools)
 
 
-def as_json(tools: list[Tool]) -> str:
-    return json.dumps([t.openai() for t in tools], ensure_ascii=False)
+def build_tools(spec: str, user: list[str] = ()) -> list[Tool]:
+    """The tools a command line names: `spec` is comma-separated calculator, python, search:INDEX_DIR; `user` are
+    `load_user_tools` specs (MODULE:FN[,FN])."""
+    from lmforge.config import ConfigError
+
+    out = []
+    for name in filter(None, spec.split(",")):
+        kind, _, arg = name.partition(":")
+        if kind == "calculator":
+            out.append(calculator_tool())
+        elif kind == "python":
+            out.append(python_tool())
+        elif kind == "search":
+            if not arg:
+                raise ConfigError("tools: search needs an index, as search:DIR (lmforge rag index --out DIR)")
+            out.append(search_tool(arg))
+        else:
+            raise ConfigError(f"tools: {kind!r} is not calculator, python or search:INDEX (your own: --tool-module)")
+    for spec_ in user:
+        out += load_user_tools(spec_)
+    if not out:
+        raise ConfigError("tools: give at least one (--tools calculator,python,search:INDEX or --tool-module)")
+    return out

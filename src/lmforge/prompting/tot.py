@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 
 PROPOSE_PROMPT = """Each step combines two of the numbers with +, -, * or / and writes what is left.
 Input: 3 5 7 12

@@ -100,7 +100,7 @@ def parse_citations(answer: str, n_sources: int) -> list[int]:
 @dataclass
 class AnswerPrompt:
     """What a question is answered from: the prompt's ids (None when nothing relevant was found; `no_answer` is then
-    the reply), the retrieved sources it holds (best first, as `_source` dicts), and the reply's token budget (at
+    the reply), the retrieved sources it holds (best first, as `numbered_source` dicts), and the reply's token budget (at
     most the asked max_new_tokens, less where the prompt leaves less of the context)."""
 
     prompt: list[int] | None
@@ -131,7 +131,7 @@ def answer_prompt(index: RagIndex, question: str, tokenizer, cfg: AskConfig, con
     if not used:  # not even a cut source fits next to the instructions and the question
         raise ContextTooSmall(f"the model's {context}-token context cannot hold the question and one source (the "
                               f"prompt alone takes {len(prompt)} tokens): use a model with a longer context")
-    return AnswerPrompt(prompt, [_source(i + 1, h) for i, h in enumerate(used)], min(want, context - len(prompt)))
+    return AnswerPrompt(prompt, [numbered_source(i + 1, h) for i, h in enumerate(used)], min(want, context - len(prompt)))
 
 
 def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConfig | None = None) -> dict:
@@ -144,7 +144,7 @@ def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConf
             return {"question": question, "answer": NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER,
                     "answered": False, "citations": [], "sources": []}
         return {"question": question, "answer": None, "answered": False, "citations": [],
-                "sources": [_source(i + 1, h) for i, h in enumerate(hits)]}
+                "sources": [numbered_source(i + 1, h) for i, h in enumerate(hits)]}
     from lmforge.infer import SamplingConfig, generate
 
     context = cfg.context_tokens or model.cfg.max_seq_len
@@ -161,7 +161,8 @@ def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConf
             "citations": [found.sources[n - 1] for n in cited], "sources": found.sources}
 
 
-def _source(n: int, h: Hit) -> dict:
+def numbered_source(n: int, h: Hit) -> dict:
+    """A hit as the n-th source of a prompt (what answers list and citations point to)."""
     c = h.chunk
     return {"n": n, "doc_id": c.doc_id, "start": c.start, "end": c.end, "heading": c.heading,
             "score": round(h.score, 6), "scores": {k: round(v, 6) for k, v in h.scores.items()}, "text": c.text}

@@ -17,7 +17,7 @@ and the heading path it sits under (markdown). Chunkers:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,9 +154,6 @@ class Chunker:
             if b > a:
                 out.append(Chunk(doc.id, doc.text[a:b], a, b, headings[n] if headings else [], dict(doc.meta)))
         return out
-
-    def chunk_all(self, docs: Sequence[Document]) -> list[Chunk]:
-        return [c for d in docs for c in self(d)]
 
     def _fixed(self, text: str) -> list[tuple[int, int]]:
         size, overlap = self.cfg.size, self.cfg.overlap

@@ -167,7 +167,7 @@ def _transformed(index, args: argparse.Namespace, loaded=None):
     if not getattr(args, "query_transform", None):
         return index
     from lmforge.config import ConfigError
-    from lmforge.prompting.client import EngineClient, HTTPClient
+    from lmforge.infer.client import EngineClient, HTTPClient
     from lmforge.rag.transforms import QueryTransform, TransformCache, TransformedIndex, default_cache_path
 
     transform = QueryTransform.parse(args.query_transform)
@@ -313,11 +313,11 @@ def _eval_answers(index, args, queries, qrels, loaded) -> int:
 
     judge = embed = None
     if args.judge_endpoint:
-        from lmforge.prompting.client import HTTPClient
+        from lmforge.infer.client import HTTPClient
 
         judge = HTTPClient(args.judge_endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
     elif args.judge_model:
-        from lmforge.prompting.client import EngineClient
+        from lmforge.infer.client import EngineClient
 
         judge = EngineClient(args.judge_model) if args.judge_model != args.model else EngineClient(
             loaded.model, loaded.tokenizer)

@@ -96,7 +96,7 @@ class JudgeSupport:
         self.verdicts: dict[tuple[str, str], bool] = {}
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-        from lmforge.prompting.client import Sampling
+        from lmforge.infer.client import Sampling
 
         todo = list(dict.fromkeys(p for p in pairs if p not in self.verdicts))
         if todo:
@@ -186,7 +186,7 @@ def context_recall(retrieved: Sequence[str], relevant: dict[str, int]) -> float:
 def answer_relevance(question: str, answer: str, client, embed, n: int = 3) -> float:
     """RAGAS's ResponseRelevancy: `client` writes n questions for the answer (sampled, seeds 0..n-1), `embed`
     (texts -> L2-normalised rows) embeds them and the question; mean cosine, 0 if any reply calls it noncommittal."""
-    from lmforge.prompting.client import Sampling
+    from lmforge.infer.client import Sampling
 
     lang = "zh" if HAN_RUN.search(question + answer) else "en"
     replies = client.complete([QUESTION_PROMPT[lang].format(answer=strip_citations(answer))],

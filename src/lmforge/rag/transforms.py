@@ -2,7 +2,7 @@
 the original are fused by reciprocal rank fusion.
 
     transform = QueryTransform.parse("multi-query:3")          # rewrite | hyde | multi-query[:n] | decompose
-    index = TransformedIndex(RagIndex.open("runs/index"), transform, client)   # client: prompting/client.py
+    index = TransformedIndex(RagIndex.open("runs/index"), transform, client)   # client: infer/client.py
     hits = index.search("how do I catch an exception", k=5)     # the same search() as the index it wraps
     index.generated("how do I catch an exception")              # the queries the model wrote (for --explain)
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import ConfigError
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 from lmforge.text import HAN_RUN
 
 KINDS = ("rewrite", "hyde", "multi-query", "decompose")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 EXAMPLES = """examples:
   lmforge serve --model ./Qwen2.5-0.5B-Instruct --port 8000 &
@@ -14,64 +13,34 @@ EXAMPLES = """examples:
   lmforge synth evol-instruct --seed-tasks runs/si/data/alpaca.jsonl --endpoint URL --rounds 3 --out runs/evol
   lmforge finetune --model DIR --data runs/si/data/alpaca.jsonl --out runs/sft_si
 """
-BUILTIN_SEEDS = {"builtin:seeds-en": "seeds_en.jsonl", "builtin:seeds-zh": "seeds_zh.jsonl"}
-
-
-def seed_path(spec: str) -> str:
-    if spec in BUILTIN_SEEDS:
-        return str(Path(__file__).parent / "data" / BUILTIN_SEEDS[spec])
-    if not Path(spec).exists():
-        from lmforge.data.sources import CorpusError
-        from lmforge.hub import missing_path_error
-
-        raise CorpusError(missing_path_error(Path(spec), "seed file"))
-    return spec
-
-
-def _instructions(path: str) -> list[str]:
-    """Evol-Instruct's starting pool: seed tasks, alpaca records (instruction + input) or sharegpt first turns."""
-    from lmforge.data.sources import CorpusError, iter_records
-
-    out = []
-    for where, rec in iter_records(path):
-        if isinstance(rec.get("instruction"), str):
-            inst = rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else "")
-        elif isinstance(rec.get("conversations"), list) and rec["conversations"]:
-            inst = rec["conversations"][0].get("value", "")
-        elif isinstance(rec.get("prompt"), str):
-            inst = rec["prompt"]
-        else:
-            raise CorpusError(f"{where}: no instruction (an 'instruction', 'prompt' or sharegpt 'conversations' field)")
-        if inst.strip():
-            out.append(inst.strip())
-    return out
 
 
 def cmd_self_instruct(args) -> int:
-    from lmforge.prompting.cli import make_client
-
-    args.request_errors = "keep"  # a refused prompt is a reject with the endpoint's reason, the run goes on
+    from lmforge.infer.client import client_from_args
+    from lmforge.synth.common import seed_path
     from lmforge.synth.selfinstruct import SelfInstruct, SelfInstructConfig, read_seeds
 
     cfg = SelfInstructConfig(num=args.num, prompts_per_round=args.prompts_per_round, max_rounds=args.max_rounds,
                              stall_rounds=args.stall_rounds,
                              max_tokens=args.max_tokens,
                              temperature=args.temperature, seed=args.seed, eval_data=args.eval_data)
-    stats = SelfInstruct(make_client(args), read_seeds(seed_path(args.seed_tasks)), cfg).run(
+    # a refused prompt is a reject with the endpoint's reason, the run goes on
+    client = client_from_args(args, request_errors="keep")
+    stats = SelfInstruct(client, read_seeds(seed_path(args.seed_tasks)), cfg).run(
         args.out, args.resume, args.overwrite)
     _report(stats, args)
     return 0
 
 
 def cmd_evol(args) -> int:
-    from lmforge.prompting.cli import make_client
-
-    args.request_errors = "keep"
-    from lmforge.synth.evol import EvolConfig, EvolInstruct
+    from lmforge.infer.client import client_from_args
+    from lmforge.synth.common import seed_path
+    from lmforge.synth.evol import EvolConfig, EvolInstruct, read_instructions
 
     cfg = EvolConfig(rounds=args.rounds, num=args.num, max_tokens=args.max_tokens, temperature=args.temperature,
                      seed=args.seed, eval_data=args.eval_data)
-    stats = EvolInstruct(make_client(args), _instructions(seed_path(args.seed_tasks)), cfg).run(
+    client = client_from_args(args, request_errors="keep")
+    stats = EvolInstruct(client, read_instructions(seed_path(args.seed_tasks)), cfg).run(
         args.out, args.resume, args.overwrite)
     _report(stats, args)
     return 0
@@ -93,9 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "rules, and the data stage's dedup and contamination checks. See docs/synthetic.md.")
     ssub = p.add_subparsers(dest="synth_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
-    from lmforge.prompting.cli import model_options
+    from lmforge.infer.client import add_client_args
 
-    common = argparse.ArgumentParser(add_help=False, parents=[model_options(max_tokens=512)])
+    common = argparse.ArgumentParser(add_help=False)
+    add_client_args(common, max_tokens=512)
     common.add_argument("--seed-tasks", required=True, metavar="FILE",
                         help="seed tasks (self-instruct's JSONL schema; builtin:seeds-en / builtin:seeds-zh), or for "
                              "evol-instruct any instruction data")

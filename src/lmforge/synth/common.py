@@ -19,13 +19,27 @@ import numpy as np
 
 from lmforge.files import atomic_write, write_json
 
+BUILTIN_SEEDS = {"builtin:seeds-en": "seeds_en.jsonl", "builtin:seeds-zh": "seeds_zh.jsonl"}
+
+
+def seed_path(spec: str) -> str:
+    """The seed file a run starts from: a path, or builtin:seeds-en / builtin:seeds-zh (shipped in synth/data)."""
+    if spec in BUILTIN_SEEDS:
+        return str(Path(__file__).parent / "data" / BUILTIN_SEEDS[spec])
+    if not Path(spec).exists():
+        from lmforge.data.sources import CorpusError
+        from lmforge.hub import missing_path_error
+
+        raise CorpusError(missing_path_error(Path(spec), "seed file"))
+    return spec
+
 
 class NoveltyFilter:
     """The pool of instructions so far; `check(text)` -> (highest ROUGE-L to the pool, the instruction it is
     closest to). Tokenised once per instruction (the pool grows to thousands)."""
 
     def __init__(self, pool: list[str] | None = None):
-        from lmforge.eval.metrics import rouge_tokens
+        from lmforge.metrics import rouge_tokens
 
         self._tokens = rouge_tokens
         self.pool: list[str] = []
@@ -38,7 +52,7 @@ class NoveltyFilter:
         self.toks.append(self._tokens(text))
 
     def check(self, text: str) -> tuple[float, str | None]:
-        from lmforge.eval.metrics import lcs_length
+        from lmforge.metrics import lcs_length
 
         cand = self._tokens(text)
         best, which = 0.0, None
@@ -117,14 +131,14 @@ def plot_histogram(values: list[float], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.eval.plots import _save
+    from lmforge.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     ax.hist(values, bins=np.linspace(0, 1, 21), color="#3b6ea8")
     ax.axvline(0.7, color="#c4572a", ls="--", lw=1)
     ax.set(xlabel="highest ROUGE-L to the pool (0.7: the novelty cut)", ylabel="new instructions",
            title="novelty of generated instructions")
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
 def data_stage_checks(kept: list[dict], eval_texts: list[str] | None = None, threshold: float = 0.8,

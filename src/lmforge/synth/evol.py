@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 from lmforge.synth.common import NoveltyFilter, SynthRun, data_stage_checks, read_eval_texts
 from lmforge.text import CJK_CHAR
 
@@ -155,6 +155,25 @@ def parse_equal(reply: str) -> bool | None:
     if r.startswith(("equal", "相同", "等同")):
         return True
     return None
+
+
+def read_instructions(path: str) -> list[str]:
+    """Evol-Instruct's starting pool: seed tasks, alpaca records (instruction + input) or sharegpt first turns."""
+    from lmforge.data.sources import CorpusError, iter_records
+
+    out = []
+    for where, rec in iter_records(path):
+        if isinstance(rec.get("instruction"), str):
+            inst = rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else "")
+        elif isinstance(rec.get("conversations"), list) and rec["conversations"]:
+            inst = rec["conversations"][0].get("value", "")
+        elif isinstance(rec.get("prompt"), str):
+            inst = rec["prompt"]
+        else:
+            raise CorpusError(f"{where}: no instruction (an 'instruction', 'prompt' or sharegpt 'conversations' field)")
+        if inst.strip():
+            out.append(inst.strip())
+    return out
 
 
 @dataclass

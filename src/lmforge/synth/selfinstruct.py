@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmforge.data.sources import CorpusError, iter_records
-from lmforge.prompting.client import ModelClient, Sampling
+from lmforge.infer.client import ModelClient, Sampling
 from lmforge.synth.common import NoveltyFilter, SynthRun, data_stage_checks
 from lmforge.text import CJK_CHAR
 

@@ -42,8 +42,3 @@ def resolve_pattern(name_or_regex: str) -> str:
         raise TokenizerError(f"pattern {name_or_regex!r} is neither a preset ({', '.join(PATTERNS)}) "
                          f"nor a valid regex: {e}") from None
     return name_or_regex
-
-
-def pattern_name(regex_str: str) -> str | None:
-    """The preset name of a pattern string, if it is one."""
-    return next((k for k, v in PATTERNS.items() if v == regex_str), None)

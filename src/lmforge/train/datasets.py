@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lmforge.data.sources import CorpusError
-from lmforge.data.tokenize import MANIFEST
+from lmforge.tokenizer.shards import MANIFEST
 
 
 class TokenStream:

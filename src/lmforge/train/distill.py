@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.train.objectives import Objective, _decoder, _model_inputs
+from lmforge.train.objectives import Objective, _decoder, model_inputs
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 #: log-probabilities below this are treated as this: an empty bucket (the tail when K covers the vocabulary) is
@@ -133,14 +133,14 @@ class Distill(Objective):
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad():
-            return self.teacher(batch["input_ids"], **_model_inputs(batch))[trained]
+            return self.teacher(batch["input_ids"], **model_inputs(batch))[trained]
 
     def terms(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(summed CE, summed KD, trained tokens) of a batch; KD already times T^2."""
         labels = batch["labels"]
         trained = labels != -100
         count = int(trained.sum())
-        hidden = forward(batch["input_ids"], **_model_inputs(batch))[trained]
+        hidden = forward(batch["input_ids"], **model_inputs(batch))[trained]
         decoder = _decoder(forward)
         head = decoder.logits if decoder is not None else (lambda h: h)  # another model returns logits
         targets = labels[trained]

@@ -58,7 +58,7 @@ def _decoder(forward: Callable):
     return None
 
 
-def _model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict) -> dict:
     return {"attention_mask": batch.get("attention_mask"), "segment_ids": batch.get("segment_ids"),
             "positions": batch.get("position_ids")}
 
@@ -71,7 +71,7 @@ class CausalLM(Objective):
         trained = labels != -100
         count = int(trained.sum())
         masked = count < labels.numel()  # masked prompts or padding: the head runs only where there is a target
-        out = forward(batch["input_ids"], **_model_inputs(batch))
+        out = forward(batch["input_ids"], **model_inputs(batch))
         decoder = _decoder(forward)
         if decoder is not None:  # hidden states: the head and the loss fused, no (tokens, vocab) logits kept
             return decoder.loss(out, labels, trained if masked else None), count
@@ -100,10 +100,10 @@ class CausalLM(Objective):
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool = False) -> dict:
     """val_* metrics of classifier logits (N, C) against labels (N,) class ids, or (N, C) 0/1 for multi-label:
-    accuracy, macro precision / recall / F1, micro F1 and ROC-AUC (scikit-learn's definitions, eval/metrics.py)."""
+    accuracy, macro precision / recall / F1, micro F1 and ROC-AUC (scikit-learn's definitions, metrics.py)."""
     import numpy as np
 
-    from lmforge.eval import metrics as M
+    from lmforge import metrics as M
 
     n_classes = logits.shape[-1]
     if multi_label:
@@ -217,7 +217,7 @@ class TokenClassification(Objective):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
-        from lmforge.eval.metrics import entity_scores
+        from lmforge.metrics import entity_scores
 
         gold, pred, total, n = self.sentences(model, batches)
         if not n:
@@ -238,7 +238,7 @@ def sequence_logps(forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.
     softmax run on the trained (completion) positions only."""
     labels = batch["labels"]
     trained = labels != -100
-    out = forward(batch["input_ids"], **_model_inputs(batch))[trained]
+    out = forward(batch["input_ids"], **model_inputs(batch))[trained]
     decoder = _decoder(forward)
     logits = decoder.logits(out) if decoder is not None else out
     token_logps = torch.log_softmax(logits.float(), -1).gather(-1, labels[trained][:, None]).squeeze(-1)

@@ -69,8 +69,8 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
 
     Best of three rounds of about seconds/3 each, so that a moment of contention on a shared machine does not
     lower the peak (and inflate MFU past 1). The size grows from 128 to n (default 4096 on CUDA, 1024 on CPU)
-    and stops early where one product already takes 20 ms: a dtype without a fast kernel on this device (fp16
-    on most CPUs runs at ~1 GFLOP/s) is measured in a second, not a minute. Measured once per process."""
+    and stops growing once one product passes 20 ms: a dtype without a fast kernel on this device (fp16 on
+    most CPUs) is measured in a second, not a minute. Measured once per process."""
     n = n or (4096 if device.type == "cuda" else 1024)
 
     def sync():
@@ -167,7 +167,7 @@ class Trainer:
         self.device = torch.device(device or "cpu")
         if self.device.type == "cpu":
             # denormal floats (below 1.2e-38, e.g. in decaying Adam moments) take a slow microcode path on x86:
-            # a plain nanoGPT loop slowed from 6 s to 21 s per step within 6 steps here. Flushing them to zero
+            # a plain nanoGPT loop slowed several-fold within a few steps (docs/benchmarks.md). Flushing them to zero
             # changes nothing measurable in training. Process-wide: the CPU's FTZ/DAZ flags.
             torch.set_flush_denormal(True)
         self.is_main = self.rank == 0
@@ -576,7 +576,7 @@ class Trainer:
                         "hf_config": self.model.hf_architecture() if hasattr(self.model, "hf_architecture")
                         else config_to_hf(self.model.cfg)["architectures"][0]})
         if self.is_main:
-            from lmforge.eval.plots import plot_training
+            from lmforge.plots import plot_training
 
             summary["plot"] = str(plot_training(self.out / "metrics.jsonl", self.out / "loss.png", self.out.name))
         return summary

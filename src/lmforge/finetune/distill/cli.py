@@ -16,7 +16,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from lmforge.distill.student import cut_student
+    from lmforge.finetune.distill.student import cut_student
 
     info = cut_student(args.teacher, args.out, args.layers, args.keep_every)
     print(json.dumps(info), file=sys.stdout)
@@ -29,7 +29,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lmforge.config import config_from_args
-    from lmforge.distill.cache import CacheConfig, build_cache
+    from lmforge.finetune.distill.cache import CacheConfig, build_cache
 
     manifest = build_cache(config_from_args(CacheConfig, args))
     print(json.dumps(manifest, indent=2))
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.set_defaults(func=cmd_init, _parser=init)
 
     from lmforge.config import add_config_args
-    from lmforge.distill.cache import CacheConfig
+    from lmforge.finetune.distill.cache import CacheConfig
 
     cache = commands.add_parser("cache", help="the teacher's top-k log-probabilities at every trained token of a "
                                               "data set (train with --teacher-cache, no teacher in memory)",

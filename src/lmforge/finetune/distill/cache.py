@@ -93,10 +93,10 @@ def build_cache(cfg: CacheConfig) -> dict:
     from lmforge.chat.stops import eos_ids as model_eos_ids
     from lmforge.chat.templates import resolve_template, template_hash
     from lmforge.data.sources import RejectLog
-    from lmforge.distill.teacher import describe_vocabulary, vocabulary
     from lmforge.files import save_tensors, write_json
     from lmforge.finetune import sft
     from lmforge.finetune.conversations import load_conversations
+    from lmforge.finetune.distill.teacher import describe_vocabulary, vocabulary
     from lmforge.infer.load import torch_dtype
     from lmforge.model import load_hf_model
     from lmforge.model.hf import resolve_model_dir
@@ -177,11 +177,11 @@ def teacher_top_k(model, batch: dict, k: int, temperature: float = 1.0, chunk_ro
     import torch
     import torch.nn.functional as F
 
-    from lmforge.train.objectives import _model_inputs
+    from lmforge.train.objectives import model_inputs
 
     trained = batch["labels"] != -100
     with torch.no_grad():
-        hidden = model(batch["input_ids"], **_model_inputs(batch))[trained]
+        hidden = model(batch["input_ids"], **model_inputs(batch))[trained]
         out_ids, out_logps, out_tail = [], [], []
         for s in range(0, len(hidden), chunk_rows):
             logps = F.log_softmax(model.logits(hidden[s:s + chunk_rows]).float() / temperature, -1)
@@ -224,7 +224,7 @@ class TeacherCache:
 
     def check(self, tokenizer, temperature: float, where: str) -> None:
         """A ConfigError unless the student's tokenizer and temperature are the cache's."""
-        from lmforge.distill.teacher import describe_vocabulary, vocabulary
+        from lmforge.finetune.distill.teacher import describe_vocabulary, vocabulary
 
         mine = describe_vocabulary(vocabulary(tokenizer))
         if mine != self.manifest["vocabulary"]:

@@ -50,7 +50,9 @@ class TokenizeConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
-def _is_val(doc_id: str, fraction: float) -> bool:
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """Whether a document goes to the validation split: a hash of its id under `fraction` (stable across runs,
+    workers and corpus order)."""
     h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
 
@@ -90,7 +92,7 @@ class _ShardWriter:
 
 def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     """Write the shards and manifest for `cfg`; returns the manifest."""
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.formats import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer)
     if not 0 <= cfg.val_fraction < 1:
@@ -127,7 +129,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
         encoded = tok.encode_batch([d.text for d in batch], disallowed_special=())
         for doc, ids in zip(batch, encoded):
             ids = ([bos] if bos is not None else []) + ids + [eos]
-            writers["val" if _is_val(doc.id, cfg.val_fraction) else "train"].add(ids)
+            writers["val" if is_validation(doc.id, cfg.val_fraction) else "train"].add(ids)
             n_chars += len(doc.text)
         bar.update(len(batch))
     bar.close()

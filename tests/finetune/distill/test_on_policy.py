@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lmforge.chat.templates import resolve_template
-from lmforge.distill.on_policy import OnPolicyBatches, collate_replies, prompt_of
 from lmforge.finetune import sft
 from lmforge.finetune.conversations import load_conversations
+from lmforge.finetune.distill.on_policy import OnPolicyBatches, collate_replies, prompt_of
 from lmforge.finetune.run import run_finetune
 from lmforge.model import load_hf_model
 from lmforge.tokenizer import load_tokenizer

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from lmforge.cli import main
-from lmforge.distill.student import cut_student
+from lmforge.finetune.distill.student import cut_student
 from lmforge.model import load_hf_model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.distill.cache import CacheConfig, build_cache
+from lmforge.finetune.distill.cache import CacheConfig, build_cache
 from lmforge.finetune.run import run_finetune
 from tests.finetune.test_distill import _cfg, data, student, teacher  # noqa: F401  (the same fixtures)
 

@@ -1,4 +1,4 @@
-"""lmforge.eval.metrics against the libraries people cite, on real English and Chinese sentences."""
+"""lmforge.metrics against the libraries people cite, on real English and Chinese sentences."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmforge.eval import metrics
+from lmforge import metrics
 from lmforge.text import split_sentences
 from tests import corpora
 
@@ -183,6 +183,44 @@ def test_classification_metrics_equal_scikit_learn():
     assert reg["mse"] == pytest.approx(sk.mean_squared_error(yt, yp))
     assert reg["mae"] == pytest.approx(sk.mean_absolute_error(yt, yp))
     assert reg["r2"] == pytest.approx(sk.r2_score(yt, yp))
+
+
+def test_negative_log_likelihood_equals_scikit_learns_log_loss():
+    from scipy.special import softmax
+    from sklearn.metrics import log_loss
+
+    rng = np.random.default_rng(0)
+    logits, y = rng.normal(size=(300, 5)) * 3, rng.integers(0, 5, 300)
+    for t in (1.0, 0.5, 2.5):
+        assert metrics.negative_log_likelihood(logits, y, t) == pytest.approx(
+            log_loss(y, softmax(logits / t, axis=1), labels=range(5)), rel=1e-9)
+
+
+def test_expected_calibration_error_by_hand():
+    # confidences 0.95 (right), 0.75 (wrong) and 0.72 (right) share the bin (0.7, 0.8], 0.65 (right), 0.85 (wrong):
+    # (|1 - 0.95| + |0 - 0.85| + |1 - 0.65|) / 5 + |0.5 - 0.735| * 2 / 5 = 0.25 + 0.094
+    probs = [[0.95, 0.05], [0.75, 0.25], [0.35, 0.65], [0.15, 0.85], [0.72, 0.28]]
+    assert metrics.expected_calibration_error(probs, [0, 1, 1, 0, 0]) == pytest.approx(0.344)
+    assert metrics.expected_calibration_error([[1.0, 0.0], [0.0, 1.0]], [0, 1]) == 0.0  # sure and right
+
+
+def test_fitted_temperature_is_the_nll_minimum():
+    from scipy.optimize import minimize_scalar
+
+    rng = np.random.default_rng(1)
+    # an over-confident classifier: labels drawn from softmax(z), logits reported as 3 z
+    z = rng.normal(size=(2000, 4))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    t = metrics.fit_temperature(3 * z, y)
+    best = minimize_scalar(lambda log_t: metrics.negative_log_likelihood(3 * z, y, np.exp(log_t)),
+                           bounds=(np.log(0.01), np.log(100)), method="bounded", options={"xatol": 1e-10})
+    assert t == pytest.approx(np.exp(best.x), rel=1e-4)
+    assert t == pytest.approx(3.0, rel=0.1)  # the over-confidence it was given
+    assert metrics.negative_log_likelihood(3 * z, y, t) < metrics.negative_log_likelihood(3 * z, y)
+    # nothing to fit: one row; every row right with growing margins (the minimum is at T -> 0): 1.0
+    assert metrics.fit_temperature(z[:1], y[:1]) == 1.0
+    assert metrics.fit_temperature(np.eye(4)[y] * 5, y) == 1.0
 
 
 def test_squad_normalisation_is_the_official_scripts():

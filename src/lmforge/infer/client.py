@@ -12,7 +12,9 @@ renders them through the template and parses calls back like `lmforge serve`).
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -236,3 +238,35 @@ class HTTPClient(ModelClient):
 
         with httpx.Client() as client, ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, conversations))
+
+
+def add_client_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The options of every command that talks to a model (prompt, synth): a model run in this process (with
+    infer/load.py's options) or an OpenAI-compatible endpoint; `client_from_args` reads them back."""
+    from lmforge.infer.load import add_inference_args
+
+    add_inference_args(parser, model_required=False, model_help="a model directory (or Hub id), run in this process; "
+                                                                "--dtype, --quantize, --pack, --compile and --template "
+                                                                "apply to it")
+    parser.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    parser.add_argument("--served-model", default="default", help="the model name the endpoint expects")
+    parser.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="requests in flight to an endpoint (default 8: lmforge serve batches 8)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def client_from_args(args: argparse.Namespace, request_errors: str = "raise") -> ModelClient:
+    """The client `add_client_args`' options name: exactly one of --model and --endpoint. `request_errors`:
+    HTTPClient's (\"keep\": a refused prompt comes back as a Completion with its error, the run goes on)."""
+    from lmforge.config import ConfigError
+
+    if bool(args.model) == bool(args.endpoint):
+        raise ConfigError("give the model: --model DIR (in this process) or --endpoint URL (an OpenAI-compatible API)")
+    if args.endpoint:
+        return HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                          concurrency=args.concurrency, request_errors=request_errors)
+    return EngineClient(args.model, template=args.template, compile=args.compile, dtype=args.dtype,
+                        quantize=args.quantize, pack=args.pack)

@@ -1,4 +1,5 @@
-"""PNG plots of training runs, drawn headless (matplotlib's Agg backend)."""
+"""PNG plots of runs (training curves, the data pipeline funnel, evaluation runs compared, confusion matrices), drawn
+headless (matplotlib's Agg backend) and written atomically."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def plot_training(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, titl
           title=f"{title}: {'perplexity' if key == 'val_ppl' else 'validation loss'}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
 def plot_data_stats(stats: dict, png: str | os.PathLike) -> Path:
@@ -63,7 +64,7 @@ def plot_data_stats(stats: dict, png: str | os.PathLike) -> Path:
     b.legend()
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="x" if ax is a else "y")
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
 def _short(n: int) -> str:
@@ -73,7 +74,7 @@ def _short(n: int) -> str:
     return str(n)
 
 
-def _save(fig, png: str | os.PathLike) -> Path:
+def save_figure(fig, png: str | os.PathLike) -> Path:
     """Write the figure atomically (temporary name, then rename) and close it."""
     import matplotlib.pyplot as plt
 
@@ -104,7 +105,7 @@ def plot_comparison(table: dict[str, dict[str, float | None]], png: str | os.Pat
     ax.set(ylabel="score", title="evaluation runs")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
 def plot_confusion(matrix, labels: list[str], png: str | os.PathLike) -> Path:
@@ -125,4 +126,4 @@ def plot_confusion(matrix, labels: list[str], png: str | os.PathLike) -> Path:
         for j in range(m.shape[1]):
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
-    return _save(fig, png)
+    return save_figure(fig, png)

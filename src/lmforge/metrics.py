@@ -7,6 +7,8 @@
   entities    entity-level precision / recall / F1 of BIO tags, per type and averaged (= seqeval, default and
               strict IOB2 modes)
   regression  MSE, MAE, R² (= scikit-learn)
+  calibration negative log-likelihood of logits (= scikit-learn's log_loss of their softmax), expected calibration
+              error, the softmax temperature that minimises the NLL (temperature scaling)
   QA          SQuAD exact match and token F1 (the official SQuAD v2 script's normalisation)
   code        pass@k (the unbiased estimator of Chen et al. 2021)
 
@@ -674,6 +676,66 @@ def regression(y_true, y_pred) -> dict:
     ss_res, ss_tot = float((err ** 2).sum()), float(((yt - yt.mean()) ** 2).sum())
     r2 = (1.0 if ss_res == 0 else 0.0) if ss_tot == 0 else 1 - ss_res / ss_tot
     return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean()), "r2": r2}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# calibration of a classifier's probabilities
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def negative_log_likelihood(logits, labels, temperature: float = 1.0) -> float:
+    """Mean -log softmax(logits / temperature)[label] over the rows of (n, classes) logits, in nats (scikit-learn's
+    log_loss of the softmax probabilities, computed from the logits so that no probability rounds to zero)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    y = np.asarray(labels, dtype=np.int64)
+    return float(-_log_softmax(z)[np.arange(len(y)), y].mean())
+
+
+def expected_calibration_error(probs, labels, bins: int = 10) -> float:
+    """ECE (Guo et al. 2017): over equal-width bins (lo, hi] of the top probability (the confidence), the mean
+    |accuracy - mean confidence| of each bin weighted by its share of the rows. `probs`: (n, classes)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    confidence, predicted = p.max(axis=-1), p.argmax(axis=-1)
+    correct = (predicted == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def fit_temperature(logits, labels, low: float = 0.01, high: float = 100.0) -> float:
+    """The softmax temperature T in (low, high) minimising `negative_log_likelihood(logits, labels, T)` (temperature
+    scaling, Guo et al. 2017): one scalar, so the predicted class never changes. 1.0 where there is nothing to fit
+    (fewer than two rows) or the minimum lies outside (low, high).
+
+    The NLL is convex in b = 1 / T, with derivative mean(E_softmax(b z)[z] - z[label]) increasing in b, so its root
+    is found by bisection (on log b, to float precision)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if len(z) < 2:
+        return 1.0
+    target = z[np.arange(len(y)), y].mean()
+
+    def slope(b: float) -> float:  # d NLL / d b
+        p = np.exp(_log_softmax(b * z))
+        return float((p * z).sum(axis=-1).mean() - target)
+
+    lo, hi = math.log(1 / high), math.log(1 / low)
+    if slope(math.exp(lo)) >= 0 or slope(math.exp(hi)) <= 0:
+        return 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if slope(math.exp(mid)) < 0 else (lo, mid)
+    return float(1 / math.exp((lo + hi) / 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
