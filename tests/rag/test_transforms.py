@@ -209,3 +209,30 @@ def test_cli_needs_a_model_for_a_transform(index, capsys):
 
     rc = main(["rag", "search", "--index", str(index.path), "cats", "--query-transform", "hyde"])
     assert rc != 0 and "--model DIR or --endpoint URL" in capsys.readouterr().err
+
+
+def test_cli_ask_with_a_transform_through_an_endpoint(index, tmp_path, capsys, monkeypatch):
+    """`rag ask --query-transform --endpoint` (the client replaced at the HTTP boundary): the sources come from the
+    fused search, the JSON names the generated queries, --explain prints them."""
+    import shutil
+
+    from lmforge.cli import main
+    from lmforge.prompting import client as client_module
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index.path, idx)
+    question = "which drink wakes you up"
+    made = []
+
+    def fake_http(base_url, model="default", api_key=None, **kw):
+        made.append((base_url, model))
+        return ScriptedClient({question: "caffeine stimulant coffee"}, name=model)
+
+    monkeypatch.setattr(client_module, "HTTPClient", fake_http)
+    assert main(["rag", "ask", "--index", str(idx), question, "--query-transform", "rewrite", "--endpoint",
+                 "http://x/v1", "--served-model", "m", "--json", "--explain", "--mode", "sparse", "--k", "2"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert made == [("http://x/v1", "m")]
+    assert result["query_transform"] == {"kind": "rewrite", "queries": ["caffeine stimulant coffee"]}
+    assert result["sources"][0]["doc_id"] == "coffee" and "  - caffeine stimulant coffee" in out.err
