@@ -514,6 +514,12 @@ class Trainer:
                               "tokens_per_s": round(self.last_tokens / seconds, 1),
                               "flops_per_s": round(flops_per_step / seconds),
                               "mfu": round(flops_per_step / seconds / peak, 4)}
+                    # figures of the step that only the data source or the objective knows (RL: rewards, sampling
+                    # speed, clip fraction, KL)
+                    if hasattr(self.loader, "step_metrics"):
+                        record.update(self.loader.step_metrics(record))
+                    if hasattr(self.objective, "step_metrics"):
+                        record.update(self.objective.step_metrics())
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
                     bar.update(1)
                     out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
@@ -539,7 +545,7 @@ class Trainer:
                     metrics.flush()
                     if tb is not None:
                         for key, value in record.items():
-                            if key != "step":
+                            if key != "step" and value is not None:
                                 tb.add_scalar(key, value, self.step)
                     if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                         self.save_checkpoint("last")
