@@ -156,3 +156,50 @@ def test_rollouts_batches(base_model, tmp_path):
     assert 0 < sum(t[1] for t in cuts) < 8, cuts  # both kinds
     m = roll.step_metrics({"step_s": 1.0})
     assert m["reward"] == pytest.approx(scores.mean().item(), abs=1e-4) and m["completion_len_max"] <= 4
+
+
+QA = [("北京是哪个国家的首都？", "北京是中国的首都。", "我不知道。"),
+      ("What is two plus two?", "Two plus two is four.", "I don't know."),
+      ("上海在哪里？", "上海在中国东部的长江口。", "我不知道。"),
+      ("Name a primary colour.", "Red is a primary colour.", "I don't know."),
+      ("水的化学式是什么？", "水的化学式是H2O。", "我不知道。"),
+      ("What does CPU stand for?", "Central processing unit.", "I don't know."),
+      ("一年有几个月？", "一年有十二个月。", "我不知道。"),
+      ("Which planet is largest?", "Jupiter is the largest planet.", "I don't know.")]
+
+
+@pytest.mark.slow
+def test_reward_model_trains_saves_for_transformers_and_scores_completions(base_model, tmp_path):
+    import transformers
+
+    from lmforge.cli import main
+    from lmforge.finetune.rewards import parse_reward
+    from lmforge.model.heads import load_classifier
+    from lmforge.tokenizer import load_tokenizer
+
+    data = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": b} for q, a, b in QA * 2])
+    out = tmp_path / "rm"
+    rc = main(["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out), "--objective", "reward",
+               "--method", "full", "--template", "chatml", "--lr", "3e-3", "--batch-size", "8", "--max-steps", "12",
+               "--warmup-steps", "0", "--val-fraction", "0.25", "--eval-every", "6", "--no-progress",
+               "--best-metric", "val_reward_accuracy"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_reward_accuracy" in r]
+    assert evals[-1]["val_reward_accuracy"] == 1.0 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # transformers loads the checkpoint as LlamaForSequenceClassification with one label and the same scores
+    ckpt = out / "last"
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    assert hf.config.num_labels == 1
+    ours = load_classifier(ckpt)
+    tok = load_tokenizer(ckpt)
+    for text in ("北京是中国的首都。", "I don't know."):
+        ids = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # --reward model:DIR scores the good replies above "I don't know" on the training prompts
+    reward = parse_reward(f"model:{ckpt}")
+    wins = [reward.fn(q, a, {}) > reward.fn(q, b, {}) for q, a, b in QA]
+    assert sum(wins) >= 7, wins

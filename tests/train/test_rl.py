@@ -206,3 +206,24 @@ def test_objective_through_a_model_equals_trl_on_transformers_logps(trained_dir,
         assert count == (int(cmask.sum()) if loss_type == "dapo" else B)
     metrics = objective.step_metrics()
     assert set(metrics) == {"entropy", "clip_fraction"} and metrics["entropy"] > 0
+
+
+def test_bradley_terry_equals_trl_reward_trainer():
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    from lmforge.train.rl import BradleyTerry
+
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(12, 1, generator=g, requires_grad=True)
+    margin = torch.rand(6, generator=g)
+    for with_margin in (False, True):
+        me = SimpleNamespace(model=SimpleNamespace(training=False), accelerator=_accelerator(), _total_train_tokens=0,
+                             _metrics=defaultdict(lambda: defaultdict(list)),
+                             args=SimpleNamespace(center_rewards_coefficient=None))
+        inputs = {"input_ids": torch.zeros(12, 3, dtype=torch.long), "attention_mask": torch.ones(12, 3)}
+        if with_margin:
+            inputs["margin"] = margin
+        theirs = RewardTrainer.compute_loss(me, lambda **kw: SimpleNamespace(logits=scores), dict(inputs))
+        ours, count = BradleyTerry().loss(lambda ids, attention_mask: scores, dict(inputs))
+        assert abs(ours.item() - theirs.item()) <= 1e-6 and count == 6
+        torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(theirs, scores)[0])

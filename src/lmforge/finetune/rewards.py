@@ -15,6 +15,9 @@
                        them, each one test) that pass when run after the completion's code (its last ```python block,
                        else all of it) in lmforge's sandbox (lmforge/sandbox.py: no files, no network, time and memory
                        limits). Model-written code never runs outside it.
+- `model:DIR`          a reward model's score (`lmforge finetune --objective reward` trains one; any one-label
+                       `*ForSequenceClassification` directory of a family lmforge loads, with its tokenizer and chat
+                       template): the prompt as the user's turn and the completion as the assistant's.
 - `FILE.py:FUNCTION`   your own: `FUNCTION(prompt, completion, **record) -> float | None`.
 
 A reward returns a float, or None: "no opinion on this completion" (counted; a completion that every reward skips
@@ -85,16 +88,18 @@ def parse_reward(spec: str) -> Reward:
         return Reward(body, length_reward(int(m.group(1)), int(m.group(2))), weight)
     if name == "python_tests":
         return Reward(body, python_tests_reward(arg or "tests"), weight)
+    if name == "model":
+        return Reward(body, model_reward(arg, spec), weight)
     if name.endswith(".py"):
         return Reward(body, function_reward(name, arg, spec), weight)
     raise ConfigError(f"reward {spec!r}: not one of math, format:REGEX, json_schema:FILE, length:MIN-MAX, "
-                      "python_tests, FILE.py:FUNCTION")
+                      "python_tests, model:DIR, FILE.py:FUNCTION")
 
 
 def parse_rewards(specs: Sequence[str]) -> list[Reward]:
     if not specs:
         raise ConfigError("reward: RL needs at least one --reward (math, format:REGEX, json_schema:FILE, "
-                          "length:MIN-MAX, python_tests, FILE.py:FUNCTION)")
+                          "length:MIN-MAX, python_tests, model:DIR, FILE.py:FUNCTION)")
     return [parse_reward(s) for s in specs]
 
 
@@ -293,6 +298,37 @@ def python_tests_reward(column: str = "tests", timeout: float = 10.0, memory_mb:
         # an exit) passes nothing
         found = re.findall(rf"^{_SENTINEL} (\d+)$", done.stdout, re.MULTILINE)
         return int(found[-1]) / len(tests) if found and not done.timed_out else 0.0
+    return reward
+
+
+# --- a reward model ---------------------------------------------------------------------------------------------------
+
+def model_reward(directory: str, spec: str) -> Callable:
+    import torch
+
+    from lmforge.chat.render import encode_chat
+    from lmforge.chat.templates import resolve_template
+    from lmforge.model.heads import load_classifier
+    from lmforge.tokenizer import load_tokenizer
+
+    if not directory or not Path(directory).is_dir():
+        raise ConfigError(f"reward {spec!r}: no model directory {directory!r} (model:DIR)")
+    if not (Path(directory) / "tokenizer.json").exists():
+        raise ConfigError(f"reward {spec!r}: {directory} has no tokenizer.json beside the reward model")
+    model = load_classifier(directory)
+    if model.task != "sequence" or len(model.labels) != 1:
+        raise ConfigError(f"reward {spec!r}: {directory} is not a one-label sequence classifier (a reward model)")
+    tokenizer = load_tokenizer(directory)
+    template, _ = resolve_template(tokenizer, "model")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    limit = model.cfg.max_seq_len
+
+    @torch.no_grad()
+    def reward(prompt: str, completion: str, record: dict) -> float:
+        ids = encode_chat(tokenizer, template, [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": completion}]).ids[-limit:]
+        return float(model(torch.tensor([ids], device=device)).float()[0, 0])
     return reward
 
 

@@ -78,8 +78,8 @@ class FinetuneConfig(TrainConfig):
     objective: str = field(default="sft", metadata={
         "help": "sft (instruction tuning), or preference tuning on chosen/rejected pairs: dpo, ipo (references "
                 "computed once before training), orpo, simpo (reference-free), or RL from rewards on prompts: grpo, "
-                "dr_grpo, dapo, rloo, reinforce (see --reward)",
-        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce"]})
+                "dr_grpo, dapo, rloo, reinforce (see --reward); or reward: a reward model (Bradley–Terry) on the pairs",
+        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce", "reward"]})
     beta: float = field(default=0.0, metadata={"help": "preference: the loss's beta (0: the method's usual value: dpo "
                                                        "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0); RL: the weight "
                                                        "of the KL to the reference (0: no KL, no reference)",
@@ -185,7 +185,7 @@ def check_config(cfg: FinetuneConfig) -> None:
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
     if cfg.reward and cfg.objective not in RL_OBJECTIVES:
         raise ConfigError(f"reward: rewards are for RL (--objective {' / '.join(RL_OBJECTIVES)}), not {cfg.objective}")
-    if cfg.best_metric == "val_reward_accuracy" and cfg.objective == "sft":
+    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", *RL_OBJECTIVES):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
@@ -294,6 +294,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         from lmforge.finetune.rl import run_rl
 
         return run_rl(cfg, model_dir, tokenizer, template, template_source, rejects)
+    if cfg.objective == "reward":
+        from lmforge.finetune.rl import run_reward_model
+
+        return run_reward_model(cfg, model_dir, tokenizer, template, template_source, rejects)
     if cfg.objective != "sft":
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
     conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)

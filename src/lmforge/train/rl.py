@@ -22,6 +22,8 @@ rloo_trainer.py), tested equal on the same inputs:
   reference as a penalty on the reward (beta x the summed first-order log ratio), and the clipped ratio of whole
   sequences' log-probabilities, averaged over completions;
 - reinforce: nanochat's chat_rl.py: A = r - mean(group r), loss = -sum(logp A) / trained tokens, no ratio, no KL.
+
+`BradleyTerry` trains the scalar reward model of RLHF on preference pairs (TRL's RewardTrainer loss).
 """
 
 from __future__ import annotations
@@ -194,3 +196,43 @@ class PolicyGradient(Objective):
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
         return {}  # RL's measure is the reward of fresh samples, logged at every step by the rollout
+
+
+# --- reward models (RLHF) -------------------------------------------------------------------------------------------
+
+class BradleyTerry(Objective):
+    """A scalar reward model on preference pairs: a batch holds B chosen rows then B rejected rows (`input_ids`,
+    `attention_mask`, right-padded; optionally `margin` (B,)); the model returns one score per row, and the loss is
+    -log sigmoid(r_chosen - r_rejected - margin), the mean over pairs (Bradley & Terry 1952; Ouyang et al. 2022;
+    TRL's RewardTrainer.compute_loss). Eval: loss, reward accuracy (r_chosen > r_rejected), margin, mean score."""
+
+    best_metric = "val_reward_accuracy"
+    higher_is_better = True
+
+    def count(self, batch: dict) -> int:
+        return len(batch["input_ids"]) // 2
+
+    def terms(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = forward(batch["input_ids"], attention_mask=batch["attention_mask"]).float().squeeze(-1)
+        chosen, rejected = scores.chunk(2)
+        margin = batch.get("margin")
+        d = chosen - rejected - (margin if margin is not None else 0.0)
+        return -torch.nn.functional.logsigmoid(d), chosen, rejected
+
+    def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, int]:
+        losses, _, _ = self.terms(forward, batch)
+        return losses.mean(), len(losses)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
+        losses, chosen, rejected = [], [], []
+        for batch in batches:
+            lo, c, r = self.terms(model, batch)
+            losses.append(lo.cpu())
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        if not losses:
+            return {}
+        lo, c, r = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
+        return {"val_loss": lo.mean().item(), "val_reward_accuracy": (c > r).float().mean().item(),
+                "val_margin": (c - r).mean().item(), "val_score": torch.cat([c, r]).mean().item()}
