@@ -203,3 +203,45 @@ def test_reward_model_trains_saves_for_transformers_and_scores_completions(base_
     reward = parse_reward(f"model:{ckpt}")
     wins = [reward.fn(q, a, {}) > reward.fn(q, b, {}) for q, a, b in QA]
     assert sum(wins) >= 7, wins
+
+
+def test_rollouts_reference_is_the_base_and_rloo_pays_the_kl_in_its_reward(base_model):
+    from lmforge.chat.templates import BUILTIN_TEMPLATES
+    from lmforge.finetune.rewards import parse_rewards
+    from lmforge.finetune.rollout import Prompt, Rollouts
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.model import load_hf_model
+    from lmforge.peft.lora import LoraConfig, apply_lora
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.rl import PolicyGradient, rloo_advantages, token_logps
+
+    tok = load_tokenizer(base_model)
+    base = load_hf_model(base_model).eval()
+    model = load_hf_model(base_model).eval()
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    prompts = [Prompt([{"role": "user", "content": q}], {}, f"p:{i}", ids=tok.encode(q))
+               for i, q in enumerate(QUESTIONS[:2])]
+    sampling = SamplingConfig(max_new_tokens=3, temperature=1.0)
+    for loss_type in ("grpo", "rloo"):
+        roll = Rollouts(model, tok, BUILTIN_TEMPLATES["chatml"], prompts, parse_rewards(["length:1-3"]),
+                        PolicyGradient(loss_type, beta=0.1), sampling, batch_size=4, micro=4, group_size=2, beta=0.1,
+                        seed=1)
+        batch = roll.next_batch()
+        with torch.no_grad():
+            ref, rows, _ = token_logps(base, batch)
+            pol, _, _ = token_logps(model, batch)
+        if loss_type == "grpo":  # the reference log-probabilities are the base model's: adapters off
+            torch.testing.assert_close(batch["ref_logps"], ref, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(pol, ref, atol=1e-3)
+        else:  # RLOO: reward - beta x sum(log pi_old - log ref) per completion, then leave-one-out
+            assert "ref_logps" not in batch
+            # no stop ids: every completion is cut at 3 tokens, and its text is all of them
+            reward = parse_rewards(["length:1-3"])[0].fn
+            rewards = torch.tensor([reward("", tok.decode(batch["labels"][r][batch["labels"][r] != -100].tolist()), {})
+                                    for r in range(4)])
+            kl = torch.zeros(4).index_add(0, rows, pol - ref)
+            torch.testing.assert_close(batch["advantages"], rloo_advantages(rewards - 0.1 * kl, 2), atol=1e-5,
+                                       rtol=1e-5)
