@@ -245,3 +245,24 @@ def test_rollouts_reference_is_the_base_and_rloo_pays_the_kl_in_its_reward(base_
             kl = torch.zeros(4).index_add(0, rows, pol - ref)
             torch.testing.assert_close(batch["advantages"], rloo_advantages(rewards - 0.1 * kl, 2), atol=1e-5,
                                        rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_rl_resume_equals_an_uninterrupted_run(base_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.cli import main
+
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    common = ["finetune", "--model", str(base_model), "--data", str(data), "--objective", "dapo", "--reward",
+              "format:^[a-z]", "--template", "chatml", "--method", "lora", "--lr", "1e-2", "--num-generations", "4",
+              "--batch-size", "8", "--max-completion-tokens", "3", "--warmup-steps", "0", "--min-lr-ratio", "1.0",
+              "--max-length", "64", "--no-progress", "--sample-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--max-steps", "4"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--max-steps", "2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--max-steps", "4", "--resume"]) == 0
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab")
+    assert [r["reward"] for r in a] == [r["reward"] for r in b] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = (load_file(tmp_path / d / "last" / "adapter_model.safetensors") for d in "ab")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name])
