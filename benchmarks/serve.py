@@ -170,12 +170,15 @@ def main() -> None:
         try:
             import urllib.request
 
-            for _ in range(600):
+            deadline = time.monotonic() + 600  # a loaded machine takes minutes to import torch and load the model
+            while True:
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
                     break
                 except OSError:
-                    time.sleep(0.1)
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"lmforge serve did not start: {proc.stderr.read()[-2000:]}") from None
+                    time.sleep(0.2)
             out = asyncio.run(run(f"http://127.0.0.1:{port}", args.clients, args.tokens, args.sequential))
             if not args.skip_peer:
                 out["at_peer_clients"] = asyncio.run(run(f"http://127.0.0.1:{port}", args.peer_clients, args.tokens,

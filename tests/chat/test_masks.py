@@ -197,3 +197,25 @@ def test_tool_data_through_a_template_that_drops_tools_is_refused(real_tokenizer
     assert tool_rendering_check(tok, BUILTIN_TEMPLATES["qwen"], glaive) is None
     text = render_masked(tok, BUILTIN_TEMPLATES["qwen"], glaive[0], limit=100_000)
     assert '[[<tool_call>\n{"name": "' in text  # the call is what the reply trains
+
+
+@pytest.mark.parametrize("system,variables", [("/think", {}), ("Be brief. /no_think", {}), (None, {"enable_thinking": False}),
+                                              (None, {})])
+def test_smollm3_reasoning_switches_mask_as_transformers(real_tokenizers, system, variables):
+    """SmolLM3's real template ({% generation %} blocks): /think and /no_think in the system message, or
+    enable_thinking, choose the mode; lmforge's ids and labels equal transformers' return_assistant_tokens_mask
+    (Qwen2.5's vocabulary: SmolLM3 has the same <|im_start|> / <|im_end|> control tokens)."""
+    template = (real_tokenizers["smollm3-3b-template-only"] / "chat_template.jinja").read_text()
+    folder = real_tokenizers["qwen2.5-instruct"]
+    hf, ours = transformers.AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    messages = ([{"role": "system", "content": system}] if system else []) + NO_SYSTEM
+    want = hf.apply_chat_template(copy.deepcopy(messages), chat_template=template, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True, **variables)
+    enc = encode_example(ours, template, Conversation(messages), variables=variables)
+    assert enc.input_ids + [want["input_ids"][-1]] == want["input_ids"]
+    assert enc.labels == [t if m else IGNORE for t, m in zip(want["input_ids"][1:], want["assistant_masks"][1:])]
+    thinking = system == "/think" or (system is None and not variables)
+    text = render_chat(template, messages, **variables)
+    assert ("Reasoning Mode: /think" in text) == thinking
+    # without thinking every reply opens with an empty reasoning block, which is trained (inside the generation block)
+    assert (text.count("<|im_start|>assistant\n<think>\n\n</think>\n") == 2) != thinking

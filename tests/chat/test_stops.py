@@ -21,23 +21,26 @@ def model_dir(trained_dir, tmp_path_factory):
 
 @pytest.fixture
 def seen(monkeypatch):
-    """The stop ids of every request the engine's two loops are given (Decoder for generate, chat, prompting and
-    evaluation; the continuous batcher for the server)."""
+    """The stop ids of every request the one scheduler is given (generate, chat, prompting, evaluation and, through
+    the continuous batcher, the server), and of the requests the server submits."""
     from lmforge.infer.batching import ContinuousBatcher
-    from lmforge.infer.engine import Decoder
+    from lmforge.infer.scheduler import Scheduler
 
     ids: list[tuple[str, list[int]]] = []
-    decoder_init, submit = Decoder.__init__, ContinuousBatcher.submit
+    add, submit = Scheduler.add, ContinuousBatcher.submit
 
-    def spy_decoder(self, model, prompts, configs, *a, **kw):
-        ids.extend(("decoder", sorted(c.stop_token_ids)) for c in configs)
-        decoder_init(self, model, prompts, configs, *a, **kw)
+    def spy_add(self, prompt, configs, *a, **kw):
+        from lmforge.infer.sampling import SamplingConfig
+
+        ids.extend(("scheduler", sorted(c.stop_token_ids))
+                   for c in ([configs] if isinstance(configs, SamplingConfig) else configs))
+        return add(self, prompt, configs, *a, **kw)
 
     def spy_submit(self, prompt, cfg, *a, **kw):
-        ids.append(("server", sorted(cfg.stop_token_ids)))
+        ids.extend(("server", sorted(c.stop_token_ids)) for c in cfg)
         return submit(self, prompt, cfg, *a, **kw)
 
-    monkeypatch.setattr(Decoder, "__init__", spy_decoder)
+    monkeypatch.setattr(Scheduler, "add", spy_add)
     monkeypatch.setattr(ContinuousBatcher, "submit", spy_submit)
     return ids
 
@@ -74,7 +77,9 @@ def test_every_entry_point_stops_at_the_same_ids(model_dir, seen, tmp_path, monk
         assert main(["eval", "run", "--model", str(model_dir), "--task", str(tmp_path / "t.yaml"), "--format", fmt,
                      "--out", str(tmp_path / fmt), "--json"]) == 0
     kinds = [k for k, _ in seen]
-    assert kinds.count("decoder") == 7 and kinds.count("server") == 1, kinds
+    # seven requests from the entry points that drive the scheduler themselves, and the server's, which reaches
+    # the same scheduler through the batcher
+    assert kinds.count("scheduler") == 8 and kinds.count("server") == 1, kinds
     assert all(ids == want for _, ids in seen), seen
 
 

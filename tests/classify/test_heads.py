@@ -87,3 +87,51 @@ def test_minilm_heads_load_in_transformers_with_equal_logits(tmp_path, task, poo
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(load_classifier(out)(ids, mask), model(ids, mask), atol=1e-6, rtol=1e-6)
+
+
+def _family_heads():
+    from lmforge.model.heads import NO_HF_CLASS
+    from tests.model.test_families import FAMILIES
+
+    return [(f, t) for f in FAMILIES for t in ("sequence", "token") if (f, t) not in NO_HF_CLASS]
+
+
+@pytest.mark.parametrize("family,task", _family_heads())
+def test_family_heads_load_in_transformers_with_equal_logits(tmp_path, family, task):
+    """Every family lmforge loads natively: its *ForSequenceClassification / *ForTokenClassification (Gemma 3:
+    Gemma3TextForSequenceClassification) loads lmforge's directory with the same logits."""
+    from tests.model.test_families import _hf_model
+
+    hf_lm = _hf_model(family, 300)
+    hf_lm.config.eos_token_id = 299  # the pad id of the heads (never drawn as a real token below)
+    hf_lm.save_pretrained(tmp_path / family)
+    model = build_classifier(tmp_path / family, ["neg", "neu", "pos"], task=task).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.5)
+        if model.head.bias is not None:
+            model.head.bias.normal_()
+    model.save_pretrained(tmp_path / "saved")
+    auto = transformers.AutoModelForSequenceClassification if task == "sequence" \
+        else transformers.AutoModelForTokenClassification
+    hf = auto.from_pretrained(tmp_path / "saved").eval()
+    assert type(hf).__name__ == model.hf_architecture()
+    ids, mask = _batch(300, model.pad_token_id)
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    if task == "token":
+        ours, theirs = ours[mask.bool()], theirs[mask.bool()]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(load_classifier(tmp_path / "saved")(ids, mask), ours if task == "sequence"
+                                   else model(ids, mask), atol=1e-6, rtol=1e-6)
+
+
+def test_a_head_transformers_has_no_class_for_is_refused(tmp_path):
+    from lmforge.model import CheckpointError
+    from tests.model.test_families import _hf_model
+
+    _hf_model("gemma3_text", 300).save_pretrained(tmp_path / "g")
+    assert not hasattr(transformers, "Gemma3TextForTokenClassification")  # (remove the refusal when it has one)
+    with pytest.raises(CheckpointError, match="transformers has no Gemma3TextForTokenClassification"):
+        build_classifier(tmp_path / "g", ["O", "B-PER"], task="token")

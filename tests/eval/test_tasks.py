@@ -291,6 +291,33 @@ def test_yaml_task_generation_run_writes_results_predictions_and_report(models, 
         load_task(str(tmp_path / "bad.yaml"))
 
 
+def test_a_task_whose_generations_are_mostly_empty_warns(models, tmp_path):
+    """A model whose every reply ends at once (its output head picks token 0, one of the task's `until` strings)
+    scores 0 on every metric: the run says why instead of reporting 0.0 silently; a model that answers does not."""
+    rows = [{"q": "2+2=?", "a": "4"}, {"q": "北京在哪个国家？", "a": "中国"}, {"q": "1+1=?", "a": "2"}]
+    _jsonl(tmp_path / "qa.jsonl", rows)
+    model_dir = models["qwen2.5-instruct"]
+    tok = load_tokenizer(model_dir)
+    stop = tok.decode([0])
+    (tmp_path / "qa.yaml").write_text(
+        "task: qa\ndata: qa.jsonl\noutput_type: generate_until\ndoc_to_text: 'Q: {{q}}\\nA:'\n"
+        f"doc_to_target: '{{{{a}}}}'\ngeneration_kwargs:\n  until: {json.dumps([stop])}\n  max_gen_toks: 4\n"
+        "metric_list:\n  - metric: exact_match\n", encoding="utf-8")
+    task = load_task(str(tmp_path / "qa.yaml"))
+    mute = load_hf_model(model_dir)
+    with torch.no_grad():
+        (mute.lm_head.weight if mute.lm_head is not None else mute.embed.weight).zero_()  # every logit 0: argmax 0
+    with pytest.warns(UserWarning, match="qa: 3 of 3 generations are empty"):
+        res, preds = evaluate(mute, tok, task, show_progress=False)
+    assert res["empty_generations"] == 3 and res["exact_match"] == 0 and all(p["generation"] == "" for p in preds)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res, _ = evaluate(load_hf_model(model_dir), tok, load_task(str(tmp_path / "qa.yaml")), show_progress=False)
+    assert res["empty_generations"] < 2
+
+
 def test_format_sweep_renders_the_models_chat_template(models, task_files):
     from lmforge.eval.run import format_sweep, prompts
 

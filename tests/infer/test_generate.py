@@ -325,3 +325,38 @@ def test_chat_session_reuses_its_cache_and_trims_old_turns(trained):
     assert len(apply_chat_template(trained, small.messages, tokenize=True)) <= 70
     with pytest.raises(ValueError, match="does not fit"):
         "".join(small.reply("long " * 200))
+
+
+def test_cli_replies_fit_a_128_token_context(trained, tmp_path, capsys, monkeypatch):
+    """The README's models have a 128-token context and max_new_tokens defaults to 128: `chat` and `generate` clip
+    the reply to what the context leaves (said once, on one warning line), and a message too long for the context
+    is reported in one line, not sent, and the conversation goes on."""
+    from lmforge.cli import main
+    from lmforge.model import save_hf_model
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, max_seq_len=128)).eval()
+    save_hf_model(model, tmp_path)
+    trained.save(tmp_path)
+    monkeypatch.setattr("builtins.input", _inputs("你好", "long " * 200, ""))
+    assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--no-pack"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if line.startswith("lmforge: warning:")]
+    assert len(warned) == 1 and "128-token context" in warned[0], captured.err
+    assert "Traceback" not in captured.err
+    assert "(not sent: this message is" in captured.err and "does not fit the 128-token context" in captured.err
+    prompt = apply_chat_template(trained, [{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                 tokenize=True)
+    stops = [trained.special_tokens["<|im_end|>"], trained.special_tokens["<|endoftext|>"]]
+    reply = generate(model, trained, prompt, SamplingConfig(max_new_tokens=128 - len(prompt), temperature=0,
+                                                            stop_token_ids=stops))
+    assert captured.out.startswith("model> " + reply + "\n")
+    # generate: the default 128 new tokens after a prompt, clipped to the context with one warning line
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "def main():", "--temperature", "0",
+                 "--no-pack"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if line.startswith("lmforge: warning:")]
+    assert len(warned) == 1 and "context of 128 tokens" in warned[0], captured.err
+    n = len(trained.encode("def main():", disallowed_special=()))
+    assert captured.out == generate(model, trained, "def main():", SamplingConfig(max_new_tokens=128 - n,
+                                                                                  temperature=0)) + "\n"

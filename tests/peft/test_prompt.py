@@ -101,8 +101,11 @@ def test_prefix_tuning_equals_peft_both_ways(tmp_path, kind):
 
 
 def test_a_kv_cache_without_the_virtual_tokens_is_refused(base_model):
-    """A cache the adapter did not start (the continuous batcher's, a scorer's own) would decode the base model
-    silently: the model refuses it, and the batcher refuses the model."""
+    """A cache the adapter did not start (a scorer's own) would decode the base model silently: the model refuses
+    it. The engine's caches all start with the virtual tokens, the continuous batcher's too: it serves the tuned
+    model's own tokens (those of a plain greedy loop over whole sequences)."""
+    import threading
+
     from lmforge.infer.batching import ContinuousBatcher
     from lmforge.model import KVCache
     from lmforge.peft import prefill
@@ -110,7 +113,10 @@ def test_a_kv_cache_without_the_virtual_tokens_is_refused(base_model):
     from lmforge.tokenizer import load_tokenizer
 
     model = load_hf_model(base_model).eval()
-    apply_prefix_tuning(model, 4)
+    prefix = apply_prefix_tuning(model, 4)
+    with torch.no_grad():
+        for p in [*prefix.keys, *prefix.values]:
+            p.normal_(0, 1)
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad(), pytest.raises(ValueError, match="starts with its 4 virtual tokens"):
         model(ids, cache=KVCache(model.cfg, 1, 16))
@@ -119,5 +125,24 @@ def test_a_kv_cache_without_the_virtual_tokens_is_refused(base_model):
     with torch.no_grad():
         cached = model.logits(model(ids, cache=cache))
         assert (cached - model.logits(model(ids))).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="without virtual tokens"):
-        ContinuousBatcher(model, load_tokenizer(base_model))
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    want = []
+    for prompt in prompts:
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(model.logits(model(torch.tensor([seq])))[0, -1].argmax()))
+        want.append(seq[len(prompt):])
+    batcher = ContinuousBatcher(model, load_tokenizer(base_model), max_batch=2).start()
+    got, done = [[], []], [threading.Event(), threading.Event()]
+    try:
+        for i, prompt in enumerate(prompts):
+            def emit(e, i=i):
+                got[i].append(e.token_id)
+                if e.finish_reason:
+                    done[i].set()
+            batcher.submit(prompt, SamplingConfig(max_new_tokens=6, temperature=0), emit)
+        assert all(d.wait(60) for d in done)
+    finally:
+        batcher.stop()
+    assert got == want

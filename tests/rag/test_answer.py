@@ -69,6 +69,29 @@ def test_ask_end_to_end_with_a_tiny_model(sparse_index, trained):
     assert nothing == {"question": "zxqv wplk", "answer": NO_ANSWER, "answered": False, "citations": [], "sources": []}
 
 
+def test_ask_fits_a_small_models_context(sparse_index, trained):
+    """A 128-token model (the README's) with the default 200 answer tokens: the question and a (cut) source still
+    fit, the answer gets what they leave of the context and a warning says so; a context too small even for that
+    is a ContextTooSmall (the CLI's one-line error), not a traceback from the engine."""
+    from lmforge.model import Transformer
+    from lmforge.model.config import preset
+    from lmforge.rag.answer import ContextTooSmall
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, max_seq_len=128)).eval()
+    cfg = AskConfig(k=3, mode="sparse")
+    assert cfg.max_new_tokens > 128
+    with pytest.warns(UserWarning, match="the answer gets") as warned:
+        result = ask(sparse_index, "What does the try statement do with exceptions?", model, trained, cfg)
+    assert len(warned) == 1
+    assert result["answered"] and result["sources"]
+    budget = int(str(warned[0].message).split()[3])
+    assert budget >= 16 and result["prompt_tokens"] + budget <= 128
+    small = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, max_seq_len=40)).eval()
+    with pytest.raises(ContextTooSmall, match="40-token context cannot hold the question and one source"):
+        ask(sparse_index, "What does the try statement do with exceptions?", small, trained, cfg)
+
+
 def test_cli_index_search_eval_ask(tmp_path):
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)

@@ -389,6 +389,40 @@ def test_index_answers_from_the_documents_with_sources(model_dir, tmp_path):
         r.close()
 
 
+def test_web_page_clips_max_tokens_to_the_context_and_drops_a_failed_turn(served):
+    """The page's own script, run by node against the server (tests/serve/page_harness.js: a minimal DOM, node's
+    fetch): a max tokens setting beyond the model's context is clipped to it (said once on the page, and the server
+    clips it further to what the prompt leaves); a message the server refuses (too long for the context) shows its
+    error and leaves the history, so the next message is sent without it."""
+    import subprocess
+    from pathlib import Path
+
+    from lmforge.serve.app import STATIC
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    harness = Path(__file__).with_name("page_harness.js")
+    question = "北京在哪里？"
+    run = subprocess.run([node, str(harness), str(STATIC / "index.html"), served.url,
+                          json.dumps({"temperature": "0", "max_tokens": "100000"}),
+                          json.dumps(["word " * 400, question])], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    context = served.server.context
+    assert "(256-token context)" in out["model"] and context == 256
+    assert [body["max_tokens"] for body in out["sent"]] == [context, context]
+    assert out["sent"][1]["messages"] == [{"role": "user", "content": question}]  # the failed turn is not resent
+    assert len(out["errors"]) == 1 and "does not fit" in out["errors"][0] and out["failed"] == 1
+    assert len(out["notes"]) == 1 and f"{context}-token context" in out["notes"][0]
+    from lmforge.chat.render import encode_chat
+
+    prompt = encode_chat(served.tok, served.tok.chat_template, [{"role": "user", "content": question}],
+                         add_generation_prompt=True).ids
+    reply = _alone(served, [{"role": "user", "content": question}], context - len(prompt))
+    assert out["history"] == [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
 @pytest.mark.slow
 def test_web_page_streams_a_reply_in_headless_chromium(served):
     """Debian's chromium, driven by Selenium: type a message, see the streamed reply (the same text as the engine's)."""
@@ -431,7 +465,8 @@ def test_tool_calls_in_the_templates_format_come_back_as_openai_tool_calls(serve
 
     from lmforge.chat.tools import parse_tool_calls
     from lmforge.infer.batching import Event
-    from lmforge.serve.app import Message, Server
+    from lmforge.serve.app import Server
+    from lmforge.serve.schemas import Message
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                                "parameters": {"type": "object", "properties": {
@@ -710,7 +745,7 @@ def test_a_reasoning_models_thinking_comes_back_as_reasoning_content(model_dir, 
     assert reply.startswith("<think>\n") and "</think>" in reply
     # the constraint checks text: every character must be reachable by whole-character tokens
     assert all("\ufffd" not in tok.decode([i]) for i in tok.encode(reply))
-    monkeypatch.setattr(app, "_response_constraint", lambda response_format: _Scripted(reply))
+    monkeypatch.setattr(app, "response_constraint", lambda response_format: _Scripted(reply))
     r = Running(qwen3, max_batch=2)
     try:
         client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
@@ -740,7 +775,7 @@ def test_a_prompt_that_opens_the_reasoning_block_makes_the_reply_reasoning(model
     user = [{"role": "user", "content": "北京是哪个国家的首都？"}]
     assert render_chat(r1, user, add_generation_prompt=True).endswith("<｜Assistant｜><think>\n")
     reply = "我们先想一想。\n</think>\n\n北京是中国的首都。"  # DeepSeek-R1's way: the reasoning, </think>, the answer
-    monkeypatch.setattr(app, "_response_constraint", lambda response_format: _Scripted(reply))
+    monkeypatch.setattr(app, "response_constraint", lambda response_format: _Scripted(reply))
     r = Running(_with_template(model_dir, tmp_path / "r1", r1), max_batch=2)
     try:
         client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")

@@ -43,10 +43,12 @@ class Example(Protocol):
 
 def assistant_spans(template: str, messages: list[dict], tools: list | None = None,
                     special_tokens_map: dict | None = None, only_last: bool = False,
-                    control_tokens: tuple[str, ...] = ()) -> tuple[str, list[tuple[int, int]]]:
+                    control_tokens: tuple[str, ...] = (), variables: dict | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, character spans of each assistant turn, in order; only the last with only_last).
-    `control_tokens`: the tokenizer's, so that a turn never ends inside one."""
-    kwargs = dict(tools=tools, special_tokens_map=special_tokens_map)
+    `control_tokens`: the tokenizer's, so that a turn never ends inside one. `variables`: the template's own
+    (Qwen3's enable_thinking), as apply_chat_template's extra keyword arguments."""
+    kwargs = dict(tools=tools, special_tokens_map=special_tokens_map, **(variables or {}))
     text, spans = render_with_spans(template, messages, **kwargs)
     if has_generation_blocks(template):
         return text, spans[-1:] if only_last else spans
@@ -62,8 +64,9 @@ def assistant_spans(template: str, messages: list[dict], tools: list | None = No
         if not (text.startswith(prompt) and upto.startswith(prompt)) or content.strip() not in text[len(prompt):end]:
             raise TemplateError(
                 f"this chat template renders assistant turn {i} differently once later turns follow (e.g. it drops "
-                "the reasoning of earlier turns), so the turn cannot be found by prefix: train with mask 'last', "
-                "give a template with {% generation %} blocks, or pick a built-in one (--template)")
+                "the reasoning of earlier turns), or differently from its generation prompt (e.g. reasoning in a "
+                "reply while enable_thinking is false), so the turn cannot be found by prefix: train with mask "
+                "'last', give a template with {% generation %} blocks, or pick a built-in one (--template)")
         # whitespace after the turn's end token separates turns; it is not part of the reply (as in the
         # {% generation %} blocks of real templates)
         end = len(prompt) + len(text[len(prompt):end].rstrip())
@@ -89,19 +92,21 @@ class Encoded:
 
 
 def encode_example(tokenizer, template: str, conv: Example, mask: str = "assistant",
-                   max_length: int | None = None, eos_id: int | None = None) -> Encoded:
+                   max_length: int | None = None, eos_id: int | None = None, variables: dict | None = None) -> Encoded:
     """Tokens and labels of one example (see the module docstring). Plain-text examples train on every token and
-    end with `eos_id`. Longer than max_length + 1 tokens: cut at the end (truncated=True)."""
+    end with `eos_id`. Longer than max_length + 1 tokens: cut at the end (truncated=True). `variables`: the
+    template's own (Qwen3's enable_thinking)."""
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
     if conv.text is not None:
         ids = tokenizer.encode(conv.text) + ([eos_id] if eos_id is not None else [])
         trained = [1] * len(ids)
     else:
-        enc = encode_chat(tokenizer, template, conv.messages, tools=conv.tools)
+        enc = encode_chat(tokenizer, template, conv.messages, tools=conv.tools, **(variables or {}))
         spans = [] if mask == "all" else assistant_spans(template, conv.messages, conv.tools,
                                                          tokenizer.special_tokens_map(), only_last=mask == "last",
-                                                         control_tokens=tuple(tokenizer.control_tokens()))[1]
+                                                         control_tokens=tuple(tokenizer.control_tokens()),
+                                                         variables=variables)[1]
         ids = enc.ids
         trained = [1] * len(ids) if mask == "all" else tokens_in_spans(enc.offsets, spans)
     truncated = max_length is not None and len(ids) > max_length + 1
@@ -111,9 +116,10 @@ def encode_example(tokenizer, template: str, conv: Example, mask: str = "assista
     return Encoded(ids[:-1], labels, truncated)
 
 
-def render_masked(tokenizer, template: str, conv: Example, mask: str = "assistant", limit: int = 1200) -> str:
+def render_masked(tokenizer, template: str, conv: Example, mask: str = "assistant", limit: int = 1200,
+                  variables: dict | None = None) -> str:
     """One example as text with its trained part in [[...]]: what `finetune` shows at start."""
-    enc = encode_example(tokenizer, template, conv, mask)
+    enc = encode_example(tokenizer, template, conv, mask, variables=variables)
     ids = enc.input_ids + ([enc.labels[-1]] if enc.labels and enc.labels[-1] != IGNORE else [])
     trained = [0] + [int(label != IGNORE) for label in enc.labels]
     out, run, state = [], [], 0

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,21 +103,27 @@ def evaluate_multiple_choice(model, tokenizer, task: Task, docs: list[dict], bat
 def evaluate_generation(model, tokenizer, task: Task, docs: list[dict], temperature: float = 0.0,
                         seed: int | None = 0, batch_size: int = 8, max_new_tokens: int | None = None,
                         show_progress: bool = True, fmt: str = "plain") -> tuple[dict, list[dict]]:
-    from lmforge.infer.engine import generate
+    from lmforge.infer.engine import Request, generate_stream
     from lmforge.infer.sampling import SamplingConfig
+    from lmforge.infer.scheduler import model_context
 
     # no stop ids given: the engine's (chat.stop_ids: EOS and the template's end of turn, in every format)
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
-                         stop_strings=list(task.until), seed=seed)
+    max_new = max_new_tokens or task.max_new_tokens
+    cfg = SamplingConfig(max_new_tokens=max_new, temperature=temperature, stop_strings=list(task.until), seed=seed)
     contexts = prompts(tokenizer, task, docs, fmt)
     refs = [task.target(d) for d in docs]
-    outputs: list[str] = []
+    # a prompt too long for the context loses its beginning, as lm-eval cuts it, keeping room for the reply (at
+    # least half the context; the engine clips a longer max_new_tokens and says so)
+    context = model_context(model)
+    keep = context - min(max_new, context // 2)
+    encoded = [(_encode(tokenizer, c) if isinstance(c, str) else list(c))[-keep:] for c in contexts]
+    outputs = [""] * len(docs)
     bar = _progress(len(docs), task.name) if show_progress else None
-    for i in range(0, len(docs), batch_size):
-        batch = [_encode(tokenizer, c) if isinstance(c, str) else c for c in contexts[i:i + batch_size]]
-        outputs += generate(model, tokenizer, batch, cfg)
-        if bar is not None:
-            bar.update(len(batch))
+    # batch_size rows decode together; a finished row takes the next document at once
+    for event in generate_stream(model, tokenizer, [Request(ids, cfg) for ids in encoded], batch_size=batch_size):
+        outputs[event.index] += event.text
+        if event.finish_reason is not None and bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     rows = []
@@ -156,6 +163,13 @@ def evaluate(model, tokenizer, task: Task, limit: int | None = None, batch_token
     if world > 1:  # put the shards back in document order, then score them all as one process would
         rows = _gather_rows(rows, world, len(docs))
     results = summarize(task, docs, rows)
+    if task.output_type != "multiple_choice":
+        empty = sum(1 for r in rows if not r["generation"].strip())
+        results["empty_generations"] = empty
+        if empty * 2 > len(rows) and rank == 0:  # the metrics then score (almost) nothing
+            warnings.warn(f"{task.name}: {empty} of {len(rows)} generations are empty, so its metrics score almost "
+                          "nothing: the model ends its reply at once (a stop id or one of the task's `until` strings "
+                          "first), or its context leaves no room to answer", stacklevel=2)
     seconds = time.perf_counter() - start
     results |= {"num_fewshot": task.num_fewshot, "format": fmt, "seconds": round(seconds, 3),
                 "items_per_s": round(len(docs) / seconds, 2) if seconds else None}

@@ -4,25 +4,22 @@ byte of documents (strided windows).
 Log-likelihoods follow lm-evaluation-harness's HF backend so that scores are comparable: trailing spaces of the
 context move to the continuation, the pair is encoded whole and the continuation is what follows the context's own
 encoding, the tokenizer adds its model's special tokens (a Llama BOS, nothing for GPT-2 or Qwen), and an input
-longer than the model's context is cut from the left. What differs is the work: the choices of one question share
-its context, so the context runs once (into a KV cache, batched with other questions') and only the choices' own
-tokens run after it, batched; a few-shot block that a batch's prompts share runs once for all of them. A question
-whose choices are single tokens (MMLU's " A".." D") needs no second pass at all.
+longer than the model's context is cut from the left. The log-probabilities come from infer/scoring.py's
+`score_tokens`, the one scoring function (the server's prompt scoring uses it too): the choices of one question
+share its context, so the context runs once (into a KV cache, batched with other questions') and only the choices'
+own tokens run after it, batched; a few-shot block that a batch's prompts share runs once for all of them.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lmforge.model.transformer import KVCache, Transformer
-
-PREFIX_PROBE = 32  # tokens compared to find prompts that share a few-shot block
+from lmforge.infer.scoring import score_tokens
+from lmforge.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def _device_of(model: Transformer) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str | Sequence[int], Sequence[str]]],
                   batch_tokens: int = 8192,
@@ -76,144 +69,39 @@ def score_choices(model: Transformer, tokenizer, items: Sequence[tuple[str | Seq
     """For each (context, continuations) item, the score of every continuation given the context (text, encoded
     by lm-eval's rules, or token ids, after which each continuation is encoded on its own).
 
-    Items are processed longest first in batches of at most `batch_size` contexts and about `batch_tokens` context
-    tokens (small batches of similar lengths waste little on padding). `progress(n)` is called after each batch
-    with the items it finished.
+    The pairs go through infer/scoring.py's `score_tokens` (each context run once, its choices after it), in
+    batches of at most `batch_size` contexts and about `batch_tokens` context tokens. `progress(n)` is called after
+    each batch with the items it finished.
     """
     max_len = model.cfg.max_seq_len
-    # (context ids, [continuation ids]) per item; an item whose longest choice does not fit after the whole
-    # context is split into one item per choice, each cut from the left as lm-eval cuts it
-    units: list[tuple[int, list[int] | None, list[list[int]], list[int]]] = []  # (item, ctx, conts, choice indices)
+    sequences, starts, owner = [], [], []  # owner: (item, choice) of each sequence
     for i, (context, conts) in enumerate(items):
         if isinstance(context, str):
             pairs = [encode_pair(tokenizer, context, c) for c in conts]
         else:  # a context already encoded (a rendered chat): the choices are plain text after it
             pairs = [(list(context), tokenizer.encode(c, disallowed_special=())) for c in conts]
-        for j, (_, cont) in enumerate(pairs):
+        for j, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError(f"item {i}: choice {j} ({conts[j]!r}) encodes to no tokens")
-        ctx = pairs[0][0] if pairs else []
-        if pairs and all(p[0] == ctx for p in pairs) and len(ctx) + max(len(p[1]) for p in pairs) <= max_len + 1:
-            units.append((i, ctx, [p[1] for p in pairs], list(range(len(pairs)))))
-        else:
-            for j, (c, cont) in enumerate(pairs):
-                whole = (c + cont)[-(max_len + 1):]
-                units.append((i, whole[:len(whole) - len(cont)], [cont], [j]))
+            whole = (ctx + cont)[-(max_len + 1):]  # an input longer than the context is cut from the left, as lm-eval does
+            sequences.append(whole)
+            starts.append(len(whole) - len(cont))
+            owner.append((i, j))
     out: list[list[Choice | None]] = [[None] * len(conts) for _, conts in items]
-    # few-shot prompts share their examples: units whose first PREFIX_PROBE tokens recur are kept together (the
-    # batch then runs that prefix once), the rest longest first (little padding)
-    probe = Counter(tuple(u[1][:PREFIX_PROBE]) for u in units if len(u[1]) > PREFIX_PROBE)
+    left = [len(conts) for _, conts in items]
 
-    def key(u: int):
-        ctx = units[u][1]
-        head = tuple(ctx[:PREFIX_PROBE])
-        return (head if len(ctx) > PREFIX_PROBE and probe[head] > 1 else (), -len(ctx))
+    def scored(indices: list[int]) -> None:
+        finished = 0
+        for k in indices:
+            left[owner[k][0]] -= 1
+            finished += left[owner[k][0]] == 0
+        if progress and finished:
+            progress(finished)
 
-    order = sorted(range(len(units)), key=key)
-    device = _device_of(model)
-    # ALiBi and sliding windows measure distance in cache slots: a padded row would see wrong distances, so only
-    # contexts of one length share a batch there
-    exact_slots = model.alibi is not None or model.cfg.sliding_window is not None
-    pos = 0
-    while pos < len(order):
-        batch = [order[pos]]
-        width = len(units[order[pos]][1])
-        while pos + len(batch) < len(order) and len(batch) < batch_size and (len(batch) + 1) * width <= batch_tokens and (
-                exact_slots is False or len(units[order[pos + len(batch)]][1]) == width):
-            batch.append(order[pos + len(batch)])
-        pos += len(batch)
-        results = _score_batch(model, [units[u] for u in batch], device)
-        done = set()
-        for u, scores in zip(batch, results):
-            item, _, _, idx = units[u]
-            for j, s in zip(idx, scores):
-                out[item][j] = s
-            done.add(item)
-        if progress:
-            progress(sum(1 for i in done if all(s is not None for s in out[i])))
+    for (i, j), s in zip(owner, score_tokens(model, sequences, starts, batch_tokens=batch_tokens,
+                                             batch_size=batch_size, progress=scored)):
+        out[i][j] = Choice(s.total, all(s.greedy), len(s.logprobs))
     return out  # type: ignore[return-value]
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs) - 1  # every row keeps at least one token of its own (its last logit)
-    first = seqs[0]
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
-
-
-def _score_batch(model: Transformer, units, device) -> list[list[Choice]]:
-    """Run the contexts once, keep the KV cache, then every choice's tokens after its own context.
-
-    The contexts' common prefix (a few-shot block) runs once for the whole batch; the rest runs right-padded
-    (causal attention never looks ahead, so that pass needs no mask and takes SDPA's fast path). The choices then
-    run with a mask that hides the other rows' padding and positions that continue from each context's end."""
-    B = len(units)
-    lens = [len(u[1]) for u in units]
-    L = max(lens)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, L, device=device, dtype=dtype)
-    shared = _common_prefix([u[1] for u in units]) if B > 1 else 0
-    if shared:
-        one = KVCache(model.cfg, 1, shared, device=device, dtype=dtype)
-        model(torch.tensor([units[0][1][:shared]], device=device), cache=one)  # its keys and values only
-        for layer in range(model.cfg.n_layers):
-            cache.k[layer][:, :, :shared] = one.k[layer]
-            cache.v[layer][:, :, :shared] = one.v[layer]
-        cache.advance(shared)
-    ids = torch.zeros(B, L - shared, dtype=torch.long)
-    last = torch.zeros(B, L - shared, dtype=torch.bool)
-    for b, (_, ctx, _, _) in enumerate(units):
-        ids[b, :len(ctx) - shared] = torch.tensor(ctx[shared:])
-        last[b, len(ctx) - shared - 1] = True
-    ids, last = ids.to(device), last.to(device)
-    first = model.logits(model(ids, cache=cache)[last])  # (B, vocab): each context's last position, in row order
-    first = F.log_softmax(first.float(), dim=-1)  # the distribution of every choice's first token
-    rows = [(b, c) for b, u in enumerate(units) for c in u[2]]
-    longer = [(r, b, c) for r, (b, c) in enumerate(rows) if len(c) > 1]
-    rest: dict[int, torch.Tensor] = {}
-    if longer:  # the choices' tokens after the first, all rows in one pass over the shared caches
-        T = max(len(c) - 1 for _, _, c in longer)
-        n = len(longer)
-        src = torch.tensor([b for _, b, _ in longer], device=device)
-        cont_cache = KVCache(model.cfg, n, L + T, device=device, dtype=dtype)
-        for layer in range(model.cfg.n_layers):
-            cont_cache.k[layer][:, :, :L] = cache.k[layer].index_select(0, src)
-            cont_cache.v[layer][:, :, :L] = cache.v[layer].index_select(0, src)
-        cont_cache.advance(L)
-        cont_ids = torch.zeros(n, T, dtype=torch.long)
-        mask = torch.zeros(n, L + T, dtype=torch.long)
-        positions = torch.zeros(n, T, dtype=torch.long)
-        for k, (_, b, c) in enumerate(longer):
-            cont_ids[k, :len(c) - 1] = torch.tensor(c[:-1])
-            mask[k, :lens[b]] = 1
-            mask[k, L:] = 1  # the choice's own tokens (pads after them are never seen: causal)
-            positions[k] = lens[b] + torch.arange(T)
-        real = torch.zeros(n, T, dtype=torch.bool)
-        for k, (_, _, c) in enumerate(longer):
-            real[k, :len(c) - 1] = True
-        # logits only at the choices' real tokens: the vocabulary matmul over padding would dominate the pass
-        hidden = model(cont_ids.to(device), positions=positions.to(device), attention_mask=mask.to(device),
-                       cache=cont_cache)
-        logits = model.logits(hidden[real.to(device)])
-        logp = F.log_softmax(logits.float(), dim=-1)
-        start = 0
-        for r, _, c in longer:  # the masked positions come in row-major order
-            rest[r] = logp[start:start + len(c) - 1]
-            start += len(c) - 1
-    out: list[list[Choice]] = [[] for _ in units]
-    for r, (b, c) in enumerate(rows):
-        target = torch.tensor(c, device=device)
-        lp = first[b][None]
-        if r in rest:
-            lp = torch.cat([lp, rest[r][:len(c) - 1]], 0)
-        token_lp = lp.gather(1, target[:, None]).squeeze(1)
-        greedy = bool((lp.argmax(-1) == target).all())
-        out[b].append(Choice(float(token_lp.sum()), greedy, len(c)))
-    return out
 
 
 @dataclass(frozen=True)
@@ -274,21 +162,6 @@ def perplexity(model: Transformer, tokenizer, texts: Sequence[str], window: int 
         n_bytes += len(text.encode("utf-8"))
         n_tokens += max(len(ids) - 1, 0)
         jobs += [(ids[s:e], f - s) for s, e, f in windows(len(ids), window, stride)]
-    device = _device_of(model)
-    nll = 0.0
-    jobs.sort(key=lambda j: -len(j[0]))
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        T = len(chunk[0][0])
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        for b, (w, _) in enumerate(chunk):
-            ids[b, :len(w)] = torch.tensor(w)
-        logits = model.logits(model(ids.to(device))).float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:].to(device)
-        token_lp = logp.gather(2, target[..., None]).squeeze(-1)
-        for b, (w, first) in enumerate(chunk):
-            nll -= float(token_lp[b, first - 1:len(w) - 1].sum())
-        if progress:
-            progress(len(chunk))
-    return Perplexity(nll, n_tokens, n_bytes)
+    scores = score_tokens(model, [w for w, _ in jobs], [f for _, f in jobs], batch_size=batch_size,
+                          progress=(lambda done: progress(len(done))) if progress else None)
+    return Perplexity(-sum(s.total for s in scores), n_tokens, n_bytes)

@@ -159,11 +159,11 @@ class PreferenceExamples:
 
 
 def build_pairs(tokenizer, template: str, pairs: list[PreferencePair], max_length: int, on_bad=None,
-                progress: bool = False) -> PreferenceExamples:
+                progress: bool = False, variables: dict | None = None) -> PreferenceExamples:
     """Both sides of every pair, masked to their last reply; a pair loses both sides when either has no trained
-    token after truncation (reported)."""
-    c_ok = _trained_flags(tokenizer, template, [p.chosen for p in pairs], max_length)
-    r_ok = _trained_flags(tokenizer, template, [p.rejected for p in pairs], max_length)
+    token after truncation (reported). `variables`: the template's own."""
+    c_ok = _trained_flags(tokenizer, template, [p.chosen for p in pairs], max_length, variables)
+    r_ok = _trained_flags(tokenizer, template, [p.rejected for p in pairs], max_length, variables)
     kept = [p for p, a, b in zip(pairs, c_ok, r_ok) if a and b]
     dropped = len(pairs) - len(kept)
     if on_bad is not None:
@@ -174,16 +174,19 @@ def build_pairs(tokenizer, template: str, pairs: list[PreferencePair], max_lengt
         raise CorpusError(f"none of the {len(pairs)} pairs has a reply token within max_length {max_length}: "
                           "raise max_length")
     chosen = build_examples(tokenizer, template, [p.chosen for p in kept], "last", max_length, None, None, progress,
-                            "tokenize chosen")
-    rejected = build_examples(tokenizer, template, [p.rejected for p in kept], "last", max_length)
+                            "tokenize chosen", variables)
+    rejected = build_examples(tokenizer, template, [p.rejected for p in kept], "last", max_length,
+                              variables=variables)
     stats = {"pairs": len(kept), "left_out": dropped, "chosen": chosen.stats, "rejected": rejected.stats}
     return PreferenceExamples(chosen, rejected, stats=stats)
 
 
-def _trained_flags(tokenizer, template: str, convs: list[Conversation], max_length: int) -> list[bool]:
+def _trained_flags(tokenizer, template: str, convs: list[Conversation], max_length: int,
+                   variables: dict | None = None) -> list[bool]:
     from lmforge.chat.masks import IGNORE, encode_example
 
-    return [any(label != IGNORE for label in encode_example(tokenizer, template, c, "last", max_length).labels)
+    return [any(label != IGNORE for label in encode_example(tokenizer, template, c, "last", max_length,
+                                                            variables=variables).labels)
             for c in convs]
 
 

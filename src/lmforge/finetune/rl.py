@@ -50,7 +50,8 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
     too_long = 0
     kept = []
     for p in prompts:
-        p.ids = encode_chat(tokenizer, template, p.messages, add_generation_prompt=True, tools=p.tools).ids
+        p.ids = encode_chat(tokenizer, template, p.messages, add_generation_prompt=True, tools=p.tools,
+                            **cfg.chat_template_kwargs).ids
         if len(p.ids) + cfg.max_completion_tokens > cfg.max_length:
             too_long += 1
         else:

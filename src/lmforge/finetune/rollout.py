@@ -2,8 +2,8 @@
 
 `Rollouts` is the Trainer's train_data for the policy-gradient objectives (train/rl.py): whenever its buffer is empty
 it takes the next prompts (batch_size / G of them, in a seeded order that repeats every epoch), renders them with the
-chat template, samples G completions of each through the generation engine (infer/engine.py) with the model as it is
-now, scores them (finetune/rewards.py), computes the advantages and the log-probabilities the loss needs (of the
+chat template, samples G completions of each through the generation engine (infer/engine.py; the G share the
+prompt's prefill and KV cache) with the model as it is now, scores them (finetune/rewards.py), computes the advantages and the log-probabilities the loss needs (of the
 sampling policy when num_iterations > 1; of the reference when beta > 0), and cuts the rows into micro-batches; those
 are served num_iterations times (one optimizer step each) before the next sampling.
 
@@ -97,27 +97,22 @@ def load_prompts(data: str, format: str = "auto", columns: dict | None = None, t
 
 # --- sampling ---------------------------------------------------------------------------------------------------------
 
-def sample_completions(model, prompts: Sequence[Sequence[int]], group_size: int, cfg, seeds: Sequence[int],
-                       pad_id: int) -> list[list[int]]:
+def sample_completions(model, prompts: Sequence[Sequence[int]], group_size: int, cfg, seeds: Sequence[int]
+                       ) -> list[list[int]]:
     """`group_size` completions of each prompt (prompt-major: the G of prompt 0, then prompt 1's ...), their stop
-    token included, one seed per completion.
-
-    The seam for the shared-prefix path: today every completion is its own row of one batched generation (the
-    prompt's prefill repeated G times); the engine's `n` per request (one prefill, the KV cache shared) replaces
-    this function's body and nothing else."""
+    token included. The G completions of a prompt share its prefill and KV cache (the engine's `n` per request);
+    completion k of prompt i samples with seed seeds[i] + k."""
     from dataclasses import replace
 
     from lmforge.infer.engine import generate_ids
 
-    rows = [list(p) for p in prompts for _ in range(group_size)]
-    configs = [replace(cfg, seed=int(s)) for s in seeds]
-    return generate_ids(model, rows, configs, pad_id=pad_id)
+    return generate_ids(model, [list(p) for p in prompts], [replace(cfg, seed=int(s)) for s in seeds], n=group_size)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """The base model inside the block: LoRA / DoRA / QLoRA layers skip their adapter (their `merged` flag set
-    without merging, so the layer returns the base projection alone). The reference policy of a LoRA run, with no
+    """The base model inside the block: LoRA / DoRA / QLoRA layers (and LoRA on MoE expert stacks) skip their adapter
+    (their `merged` flag set without merging, so the layer returns the base projection alone). The reference policy of a LoRA run, with no
     second copy of the weights."""
     from lmforge.peft import adapter_of
 
@@ -205,9 +200,10 @@ class Rollouts:
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        seeds = [(self.seed * 1_000_003 + self.rollouts * self.batch_size + i) % 2**63 for i in range(self.batch_size)]
+        # completion i of the rollout samples with seed (seed x 1000003 + rollout x batch_size + i): resumable
+        seeds = [(self.seed * 1_000_003 + self.rollouts * self.batch_size + k * G) % 2**62 for k in range(len(prompts))]
         with self.autocast():
-            completions = sample_completions(model, [p.ids for p in prompts], G, self.sampling, seeds, self.pad_id)
+            completions = sample_completions(model, [p.ids for p in prompts], G, self.sampling, seeds)
         sample_s = time.perf_counter() - t0
         expanded = [p for p in prompts for _ in range(G)]
         truncated = [not c or c[-1] not in self.stop_ids for c in completions]

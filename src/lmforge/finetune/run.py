@@ -53,6 +53,9 @@ class FinetuneConfig(TrainConfig):
     on_error: str = on_error_field()
     template: str = field(default="model", metadata={
         "help": "chat template: model (the tokenizer's own), or chatml, qwen, llama-3, mistral, phi-3, alpaca, plain"})
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "the chat template's own variables, as apply_chat_template's keyword arguments, e.g. "
+                "'{enable_thinking: false}' (Qwen3: train replies without a reasoning block)"})
     mask: str = field(default="assistant", metadata={
         "help": "tokens trained on: assistant (every reply), last (the last reply), all (prompts too)",
         "choices": ["assistant", "last", "all"]})
@@ -76,10 +79,12 @@ class FinetuneConfig(TrainConfig):
         "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy"),
                   "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
     objective: str = field(default="sft", metadata={
-        "help": "sft (instruction tuning), or preference tuning on chosen/rejected pairs: dpo, ipo (references "
-                "computed once before training), orpo, simpo (reference-free), or RL from rewards on prompts: grpo, "
-                "dr_grpo, dapo, rloo, reinforce (see --reward); or reward: a reward model (Bradley–Terry) on the pairs",
-        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce", "reward"]})
+        "help": "sft (instruction tuning), preference tuning on chosen/rejected pairs: dpo, ipo (references "
+                "computed once before training), orpo, simpo (reference-free), distill (learn a --teacher's "
+                "next-token distributions on the SFT data), RL from rewards on prompts: grpo, dr_grpo, dapo, rloo, "
+                "reinforce (see --reward), or reward: a reward model (Bradley–Terry) on the pairs",
+        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "distill", "grpo", "dr_grpo", "dapo", "rloo", "reinforce",
+                    "reward"]})
     beta: float = field(default=0.0, metadata={"help": "preference: the loss's beta (0: the method's usual value: dpo "
                                                        "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0); RL: the weight "
                                                        "of the KL to the reference (0: no KL, no reference)",
@@ -114,6 +119,34 @@ class FinetuneConfig(TrainConfig):
                                                                   "mislabelled (conservative DPO)",
                                                           "check": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")})
     simpo_gamma: float = field(default=1.0, metadata={"help": "simpo: the target reward margin gamma"})
+    # distillation (train/distill.py): --objective distill
+    teacher: str = field(default="", metadata={"help": "distill: the teacher model directory (the student's tokenizer)"})
+    teacher_cache: str = field(default="", metadata={"help": "distill: a teacher cache (lmforge distill cache) "
+                                                             "instead of --teacher: no teacher in memory"})
+    teacher_dtype: str = field(default="float32", metadata={"help": "distill: the teacher's weights (bfloat16 halves "
+                                                                    "its memory)",
+                                                            "choices": ["float32", "bfloat16", "float16"]})
+    kd_loss: str = field(default="forward_kl", metadata={
+        "help": "distill: forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized JSD "
+                "with --kd-beta)", "choices": ["forward_kl", "reverse_kl", "jsd"]})
+    kd_beta: float = field(default=0.5, metadata={"help": "distill, jsd: the teacher's weight in the mixture (0: "
+                                                          "forward KL, 1: reverse KL)",
+                                                  "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distill: softmax temperature of both models (the "
+                                                                 "loss is scaled by its square)",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    kd_ratio: float = field(default=0.5, metadata={"help": "distill: loss = (1 - r) * cross entropy + r * KD",
+                                                   "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    kd_lmbda: float = field(default=0.0, metadata={"help": "distill: share of batches whose replies the student "
+                                                           "samples itself (on-policy, GKD's lambda)",
+                                                   "check": (lambda v: 0 <= v <= 1, "in [0, 1]")})
+    seq_kd: bool = field(default=False, metadata={"help": "distill: the other batches' replies are the teacher's "
+                                                          "generations (sequence-level KD)"})
+    kd_max_new_tokens: int = field(default=128, metadata={"help": "distill, on-policy / seq_kd: tokens per generated "
+                                                                  "reply", "check": (lambda v: v > 0, "> 0")})
+    kd_sample_temperature: float = field(default=0.9, metadata={"help": "distill, on-policy / seq_kd: sampling "
+                                                                        "temperature of generated replies",
+                                                                "check": (lambda v: v >= 0, ">= 0")})
     method: str = field(default="lora", metadata={"help": "full, freeze (the last --train-layers blocks + norm and "
                                                           "head), lora, dora, qlora (LoRA on NF4 base weights), "
                                                           "adapter (bottleneck adapters), prompt (prompt tuning), "
@@ -138,7 +171,6 @@ class FinetuneConfig(TrainConfig):
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
     model_overrides: dict = field(default_factory=dict, metadata={"cli": False})
-    moe_aux_weight: float = field(default=0.01, metadata={"cli": False})
     # the loop's settings, with fine-tuning defaults
     max_length: int = field(default=512, metadata={"help": "tokens per row (an example longer than this is cut)",
                                                    "check": (lambda v: v > 0, "> 0")})
@@ -155,10 +187,22 @@ class FinetuneConfig(TrainConfig):
     resume_extra: ClassVar[tuple[str, ...]] = (
         "objective", "beta", "label_smoothing", "simpo_gamma", "reward", "num_generations", "max_completion_tokens",
         "temperature", "top_p", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "mask_truncated", "format",
-        "columns", "tags", "template", "mask",
+        "columns", "tags", "template", "chat_template_kwargs", "mask",
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
+        "teacher", "teacher_cache", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio",
+        "kd_lmbda", "seq_kd", "kd_max_new_tokens", "kd_sample_temperature")
+
+
+def _check_template_variables(variables: dict, template: str, source: str) -> None:
+    """chat_template_kwargs must be variables the template reads, not the ones lmforge passes itself."""
+    for name in variables:
+        if name in ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message"):
+            raise ConfigError(f"chat_template_kwargs: {name} is set by lmforge for each example; give the template's "
+                              "own variables only")
+        if not re.search(rf"\b{re.escape(str(name))}\b", template):
+            raise ConfigError(f"chat_template_kwargs: the chat template ({source}) never reads {name!r}")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -180,12 +224,27 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.method in ("prompt", "prefix") and cfg.packing:
         raise ConfigError(f"packing: {cfg.method} tuning puts its virtual tokens before each sequence, so examples "
                           "cannot share a row; use --no-packing")
-    if cfg.objective != "sft" and cfg.method in ("prompt", "prefix"):
+    if cfg.objective not in ("sft", "distill") and cfg.method in ("prompt", "prefix"):
         raise ConfigError(f"objective: {cfg.objective} with --method {cfg.method} is not supported: the reference "
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
     if cfg.reward and cfg.objective not in RL_OBJECTIVES:
         raise ConfigError(f"reward: rewards are for RL (--objective {' / '.join(RL_OBJECTIVES)}), not {cfg.objective}")
-    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", *RL_OBJECTIVES):
+    if cfg.objective == "distill" and bool(cfg.teacher) == bool(cfg.teacher_cache):
+        raise ConfigError("teacher: --objective distill needs the teacher model (--teacher DIR) or its cache "
+                          "(--teacher-cache DIR), one of them")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.teacher_cache:
+        raise ConfigError("teacher_cache: a cache holds the teacher's view of the data's replies only; on-policy "
+                          "(--kd-lmbda) and --seq-kd generate new replies, so they need --teacher DIR")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.packing:
+        raise ConfigError("packing: generated replies replace the data's per example; use --no-packing with "
+                          "--kd-lmbda / --seq-kd")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.distributed == "fsdp":
+        raise ConfigError("distributed: on-policy generation needs the whole student on each process; use ddp")
+    if (cfg.kd_lmbda or cfg.seq_kd) and cfg.objective != "distill":
+        raise ConfigError("kd_lmbda: on-policy and sequence-level KD belong to --objective distill")
+    if (cfg.teacher or cfg.teacher_cache) and cfg.objective != "distill":
+        raise ConfigError(f"teacher: a teacher is used by --objective distill, not {cfg.objective}")
+    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill", *RL_OBJECTIVES):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
@@ -228,10 +287,11 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
     else:
         from lmforge.peft import lora
 
-        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings and head stay float)
+        if cfg.method == "qlora":  # every linear layer of the blocks into NF4 (embeddings, head, experts and
+            # routers stay float)
             from lmforge.peft.nf4 import quantize_model
 
-            quantize_model(model, sorted({s.module for s in lora.adapter_sites(model.cfg)}))
+            quantize_model(model, lora.linear_modules(model.cfg))
         lora.apply_lora(model, lora_config(cfg))
 
 
@@ -289,6 +349,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           "its weights")
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
+    _check_template_variables(cfg.chat_template_kwargs, template, template_source)
     rejects = RejectLog() if cfg.on_error == "skip" else None
     if cfg.objective in RL_OBJECTIVES:
         from lmforge.finetune.rl import run_rl
@@ -298,7 +359,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         from lmforge.finetune.rl import run_reward_model
 
         return run_reward_model(cfg, model_dir, tokenizer, template, template_source, rejects)
-    if cfg.objective != "sft":
+    if cfg.objective not in ("sft", "distill"):
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
     conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
@@ -323,10 +384,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_id or 0)
     progress = cfg.progress
+    variables = cfg.chat_template_kwargs
     train = sft.build_examples(tokenizer, template, train_convs, mask, cfg.max_length, eos_id, rejects, progress,
-                               "tokenize train")
-    val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False) \
-        if val_convs else None
+                               "tokenize train", variables)
+    val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False,
+                             variables=variables) if val_convs else None
 
     torch.manual_seed(cfg.seed)  # the adapters' initial A matrices: the same for the same seed, in any process
     prepare_model(model, cfg)
@@ -344,7 +406,32 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         if not sample_convs:
             raise ConfigError(f"best_metric: {cfg.best_metric} scores replies to held-out prompts: give --samples N "
                               "(N > 0) and held-out conversations")
-    trainer = Trainer(cfg, model=model, train_data=batches, eval_data=eval_data, tokenizer_dir=model_dir,
+    objective = None
+    if cfg.objective == "distill":  # the same batches; the loss adds the teacher's distributions
+        from lmforge.train.distill import Distill
+
+        if cfg.teacher_cache:  # the teacher's top-k rows ride along with each batch's examples
+            from lmforge.distill.cache import CachedTeacherBatches, TeacherCache, cached_eval_batches
+
+            cache = TeacherCache(cfg.teacher_cache)
+            cache.check(tokenizer, cfg.kd_temperature, str(model_dir))
+            batches = CachedTeacherBatches(batches, cache)
+            eval_data = cached_eval_batches(val, max(1, micro), pad_id, cache) if val is not None else None
+            teacher = None
+        else:
+            from lmforge.distill.teacher import load_teacher
+
+            teacher = load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype)
+            if cfg.kd_lmbda or cfg.seq_kd:  # replies generated by the student (or the teacher) as training goes
+                from lmforge.chat.stops import stop_ids
+                from lmforge.distill.on_policy import OnPolicyBatches
+
+                batches = OnPolicyBatches(batches, model, teacher, cfg.kd_lmbda, cfg.seq_kd,
+                                          stop_ids(tokenizer, eos_ids, template), pad_id, cfg.seed,
+                                          cfg.kd_max_new_tokens, cfg.kd_sample_temperature)
+        objective = Distill(teacher, cfg.kd_loss, cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio)
+    trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=eval_data,
+                      tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
     if cfg.best_metric != "val_loss":
         trainer.objective.best_metric, trainer.objective.higher_is_better = cfg.best_metric, True
@@ -355,7 +442,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         from lmforge.files import write_json
 
         write_json(out / "template.json", {"source": template_source, "name": cfg.template,
-                                           "hash": template_hash(template), "template": template, "mask": mask})
+                                           "hash": template_hash(template), "template": template, "mask": mask,
+                                           "variables": variables})
         write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None,
                                        "packing_utilisation": round(batches.utilisation(), 4)})
         if rejects is not None:
@@ -370,12 +458,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         example = next((c for c in train_convs if c.text is None), None)
         if example is not None:
             print("one training example, the trained part in [[ ]]:\n" + render_masked(tokenizer, template, example,
-                                                                                      mask), file=sys.stderr)
+                                                                                      mask, variables=variables),
+                  file=sys.stderr)
     summary = trainer.fit()
     summary["parameters"] = parameter_counts(model)
     summary["data"] = {"train": train.stats, "val": val.stats if val else None}
     summary["peak_memory_mb"] = _peak_memory_mb(trainer.device)
     summary["turn_end_ids"] = turn_end_ids(tokenizer, template)
+    if model.cfg.n_experts:
+        summary["moe_aux_weight"] = trainer.moe_aux_weight
     if trainer.is_main:
         from lmforge.files import write_json
 
@@ -418,8 +509,9 @@ def run_preference(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: st
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
     progress = cfg.progress
-    train = build_pairs(tokenizer, template, train_pairs, cfg.max_length, rejects, progress)
-    val = build_pairs(tokenizer, template, val_pairs, cfg.max_length) if val_pairs else None
+    variables = cfg.chat_template_kwargs
+    train = build_pairs(tokenizer, template, train_pairs, cfg.max_length, rejects, progress, variables)
+    val = build_pairs(tokenizer, template, val_pairs, cfg.max_length, variables=variables) if val_pairs else None
     beta = cfg.beta or PREFERENCE_BETA[cfg.objective]
     objective = Preference(cfg.objective, beta, cfg.label_smoothing, cfg.simpo_gamma)
     if cfg.best_metric == "val_reward_accuracy":
@@ -481,8 +573,8 @@ def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, eos_ids
     from lmforge.infer.sampling import SamplingConfig
 
     stops = stop_ids(tokenizer, eos_ids, template)  # the template being trained ends the replies
-    prompts = [encode_chat(tokenizer, template, c.messages[:-1], add_generation_prompt=True, tools=c.tools).ids
-               for c in convs]
+    prompts = [encode_chat(tokenizer, template, c.messages[:-1], add_generation_prompt=True, tools=c.tools,
+                           **cfg.chat_template_kwargs).ids for c in convs]
 
     def after_eval(trainer, metrics: dict) -> None:
         import torch

@@ -38,9 +38,9 @@ class SFTExamples:
 
 def build_examples(tokenizer, template: str, conversations: list[Conversation], mask: str = "assistant",
                    max_length: int = 1024, eos_id: int | None = None, on_bad=None, progress: bool = False,
-                   desc: str = "tokenize") -> SFTExamples:
+                   desc: str = "tokenize", variables: dict | None = None) -> SFTExamples:
     """Tokenize and mask every conversation. `on_bad(where, reason, raw)` receives the examples left out (none
-    trained on after truncation); without it they are only counted."""
+    trained on after truncation); without it they are only counted. `variables`: the template's own."""
     from lmforge.progress import progress as progress_bar
 
     ids_out, labels_out = [], []
@@ -49,7 +49,7 @@ def build_examples(tokenizer, template: str, conversations: list[Conversation], 
         if conv.text is not None:
             # continued pretraining: a long document is cut into max_length windows, as pretraining chunks its
             # stream, instead of losing everything after its first window; each token is predicted once
-            enc = encode_example(tokenizer, template, conv, mask, None, eos_id)
+            enc = encode_example(tokenizer, template, conv, mask, None, eos_id, variables)
             for start in range(0, len(enc.input_ids), max_length):
                 ids_out.append(np.asarray(enc.input_ids[start:start + max_length], np.int64))
                 labels_out.append(np.asarray(enc.labels[start:start + max_length], np.int64))
@@ -57,7 +57,7 @@ def build_examples(tokenizer, template: str, conversations: list[Conversation], 
             tokens += len(enc.input_ids)
             trained += len(enc.input_ids)
             continue
-        enc = encode_example(tokenizer, template, conv, mask, max_length, eos_id)
+        enc = encode_example(tokenizer, template, conv, mask, max_length, eos_id, variables)
         n_trained = sum(label != IGNORE for label in enc.labels)
         truncated += enc.truncated
         if n_trained == 0:
@@ -186,6 +186,8 @@ class SFTBatches:
         start = self.cursor * per_batch + self.rank * self.micro
         mine = self.units[start:start + self.micro]
         self.cursor += 1
+        self.last_members = [i for unit in mine for i in unit]  # the examples in the batch's row order (a teacher
+        # cache attaches their rows: distill/cache.py)
         if self.packing:
             return collate_packed(self.examples, mine, self.max_length, self.pad_id)
         return collate_padded(self.examples, [u[0] for u in mine], self.pad_id)
@@ -205,7 +207,12 @@ class SFTBatches:
         return 1.0
 
 
+def eval_order(examples: SFTExamples, batch_size: int) -> list[list[int]]:
+    """The held-out examples of each evaluation batch: longest first, so batches hold similar lengths."""
+    idx = np.argsort(-np.array([len(x) for x in examples.input_ids]), kind="stable")
+    return [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+
+
 def eval_batches(examples: SFTExamples, batch_size: int, pad_id: int) -> list[dict]:
     """Fixed padded batches over every held-out example (the same each evaluation)."""
-    idx = np.argsort(-np.array([len(x) for x in examples.input_ids]), kind="stable")
-    return [collate_padded(examples, idx[i:i + batch_size].tolist(), pad_id) for i in range(0, len(idx), batch_size)]
+    return [collate_padded(examples, members, pad_id) for members in eval_order(examples, batch_size)]

@@ -1,5 +1,6 @@
-"""Inference: one generation engine (KV cache, per-request sampling, stop strings, streaming text), chat sessions,
-and one way to load a model for it (load_for_inference)."""
+"""Inference: one step loop (infer/scheduler.py: KV cache, per-request sampling, stop strings, streaming text,
+continuous batching) behind generate / stream / ChatSession and the server, one scoring function for
+log-probabilities, and one way to load a model for it (load_for_inference)."""
 
 from lmforge import lazy_exports
 
@@ -8,7 +9,6 @@ _EXPORTS = {
     "IncrementalDetokenizer": "lmforge.infer.detokenize",
     "decode_generated": "lmforge.infer.detokenize",
     "ChatSession": "lmforge.infer.engine",
-    "Decoder": "lmforge.infer.engine",
     "Request": "lmforge.infer.engine",
     "TextEvent": "lmforge.infer.engine",
     "generate": "lmforge.infer.engine",
@@ -20,6 +20,8 @@ _EXPORTS = {
     "SamplingConfig": "lmforge.infer.sampling",
     "process_logits": "lmforge.infer.sampling",
     "sample_tokens": "lmforge.infer.sampling",
+    "ContextLimit": "lmforge.infer.scheduler",
+    "Scheduler": "lmforge.infer.scheduler",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(globals(), _EXPORTS)

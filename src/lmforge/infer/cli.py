@@ -10,14 +10,19 @@ from lmforge.infer.sampling import SamplingConfig
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.cli import UserError
     from lmforge.infer.engine import stream
     from lmforge.infer.load import load_from_args
+    from lmforge.infer.scheduler import ContextLimit
 
     cfg = config_from_args(SamplingConfig, args)
     loaded = load_from_args(args)
-    for piece in stream(loaded.model, loaded.tokenizer, args.prompt, cfg, compile=loaded.compile):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in stream(loaded.model, loaded.tokenizer, args.prompt, cfg, compile=loaded.compile):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ContextLimit as e:
+        raise UserError(f"--prompt: {e}") from None
     sys.stdout.write("\n")
     return 0
 

@@ -1,10 +1,10 @@
 """Constrained decoding for JSON output: `response_format` json_object and json_schema.
 
 A `JSONConstraint` answers one question about text: is it the beginning of a JSON document that the schema allows
-(`prefix_ok`), and is it a whole one (`complete`)? The batcher asks it about each candidate token, best logit first,
-and samples only among tokens that keep the text a valid prefix; the end-of-sequence token is allowed only once the
-document is complete. Because the check is on text, it works for every tokenizer (a token may hold several JSON
-characters, or half of a Chinese character inside a string).
+(`prefix_ok`), and is it a whole one (`complete`)? The scheduler (`allowed_logits`) asks it about each candidate
+token, best logit first, and samples only among tokens that keep the text a valid prefix; the end-of-sequence token
+is allowed only once the document is complete. Because the check is on text, it works for every tokenizer (a token
+may hold several JSON characters, or half of a Chinese character inside a string).
 
 The schema subset: `type` object (properties, required, additionalProperties), array (items, minItems, maxItems),
 string (enum), number, integer, boolean, null, a list of types, `enum` and `const` of any JSON value, `anyOf` /
@@ -15,7 +15,9 @@ numeric bounds) are not enforced; json_schema with `strict` documents that subse
 from __future__ import annotations
 
 import json
+import logging
 
+log = logging.getLogger(__name__)
 _WS = " \t\n\r"
 
 
@@ -337,3 +339,26 @@ def tool_call_constraint(tools: list[dict], name: str | None, template: str | No
     hermes = template is not None and "<tool_call>" in template
     return WrappedJSON(JSONConstraint(schema), "<tool_call>\n" if hermes else "", "\n</tool_call>" if hermes else "")
 
+
+
+def allowed_logits(logits, constraint, raw: bytes, stops: set[int], token_bytes, keep: int):
+    """One row's (V,) logits with -inf for every token that would break `constraint` after the reply's bytes `raw`:
+    candidates are checked best logit first until `keep` allowed ones are found (1 for greedy decoding); a stop token
+    is allowed only once the text is complete. `token_bytes(id)` gives a token's bytes."""
+    import torch
+
+    allowed: list[int] = []
+    order = torch.argsort(logits, descending=True).tolist()
+    complete = constraint.complete(raw.decode("utf-8", "replace"))
+    for t in order:
+        ok = complete if t in stops else constraint.prefix_ok((raw + token_bytes(t)).decode("utf-8", "replace"))
+        if ok:
+            allowed.append(t)
+            if len(allowed) >= keep:
+                break
+    if not allowed:  # nothing can continue the text (a gap in the constraint): end it, and say so in the log
+        log.warning("constrained decoding reached a dead end after %r; ending the reply", raw[-40:])
+        allowed = sorted(stops)[:1] or order[:1]
+    out = torch.full_like(logits, float("-inf"))
+    out[allowed] = logits[allowed]
+    return out

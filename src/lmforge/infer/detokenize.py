@@ -8,6 +8,9 @@ the new ones, and emits the difference once it no longer ends in U+FFFD (the alg
 transformers' streamers, written for every lmforge tokenizer). A character still incomplete when generation
 stops (cut by max_new_tokens) is dropped rather than shown as U+FFFD, and the complete characters before it are
 kept (SentencePiece's byte fallback decodes a run of byte tokens that ends incomplete as U+FFFDs throughout).
+
+`TextStream` adds stop strings on top: the text of one reply as its tokens arrive, cut at the first stop string,
+and never emitting text that could still turn out to begin one.
 """
 
 from __future__ import annotations
@@ -59,6 +62,42 @@ class IncrementalDetokenizer:
                 rest = rest.rstrip(_REPLACEMENT)
         self.prefix = self.read = len(self.ids)
         return rest
+
+
+class TextStream:
+    """The detokenized text of one reply with its stop strings: push(token_id) / flush() -> (new text, stopped).
+    Text that could still begin a stop string is held back until it cannot; a stop string cuts the text where it
+    starts (the stop string itself is never emitted)."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = [s for s in stop_strings if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text, self.emitted = "", 0
+
+    def _cut(self) -> bool:
+        # emitted text held no stop string, and one that began in it would have ended in the hold-back window
+        start = max(0, self.emitted - self.hold)
+        cuts = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+        return bool(cuts)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        self.text += self.detok.push(token_id)
+        stopped = bool(self.stops) and self._cut()
+        safe = len(self.text) if stopped else max(self.emitted, len(self.text) - self.hold)
+        return self._emit(safe), stopped
+
+    def flush(self) -> tuple[str, bool]:
+        self.text += self.detok.flush()
+        stopped = bool(self.stops) and self._cut()
+        return self._emit(len(self.text)), stopped
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
 
 
 def decode_generated(tokenizer, ids: list[int]) -> str:

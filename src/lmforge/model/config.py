@@ -65,6 +65,9 @@ class ModelConfig:
     moe_d_ff: int | None = None  # width of each expert's MLP; None: d_ff (d_ff stays the width of dense layers)
     moe_norm_topk: bool = True  # renormalise the chosen experts' probabilities to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
     moe_layers: tuple[int, ...] | None = None  # layers whose MLP is the MoE; None: all (with n_experts > 0)
+    # the load-balancing loss weight the checkpoint was trained with (its config.json's router_aux_loss_coef),
+    # which training uses unless told otherwise; None: not given
+    router_aux_coef: float | None = None
     tie_embeddings: bool = True
     init_std: float = 0.02
     bos_token_id: int | None = None

@@ -8,9 +8,14 @@ transformers loads with the same logits.
     token     one label per token (BIO tagging): HF `*ForTokenClassification`.
 
 Saved layouts, with label2id / id2label / problem_type / pad_token_id in config.json:
-  Llama / Qwen2 / Mistral   model.* + score.weight (sequence, no bias) or score.weight + score.bias (token)
-  GPT-2                     transformer.* + score.weight (sequence) or classifier.weight + .bias (token)
-  BERT                      bert.* (+ bert.pooler for sequence) + classifier.weight + .bias
+  Llama-like (every family     model.* + score.weight (sequence, no bias) or score.weight + score.bias (token)
+  of model/hf.py but GPT-2)
+  GPT-2                        transformer.* + score.weight (sequence) or classifier.weight + .bias (token)
+  BERT                         bert.* (+ bert.pooler for sequence) + classifier.weight + .bias
+
+The class names follow each family's causal LM class (Qwen3ForCausalLM -> Qwen3ForSequenceClassification);
+Gemma 3's text-only classes are Gemma3Text*. transformers has no token classifier for Gemma 3 and OLMo 2, so
+lmforge refuses those heads rather than save a directory nothing loads.
 """
 
 from __future__ import annotations
@@ -24,11 +29,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.encoder import Encoder, EncoderConfig, encoder_hf_tensors, load_hf_encoder
-from lmforge.model.hf import CheckpointError, config_to_hf, hf_tensors, read_state_dict, transformer_from_tensors
+from lmforge.model.hf import (
+    HF_CLASS,
+    CheckpointError,
+    config_to_hf,
+    hf_tensors,
+    read_state_dict,
+    transformer_from_tensors,
+)
 
 TASKS = ("sequence", "token")
 HEAD_SUFFIX = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
-ARCH_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gpt2": "GPT2", "bert": "Bert"}
+# the stem of each family's HF class names: its causal LM class's (Gemma 3's text-only model is Gemma3Text*)
+ARCH_PREFIX = {**{arch: cls.removesuffix("ForCausalLM").removesuffix("LMHeadModel") for arch, cls in HF_CLASS.items()},
+               "gemma3_text": "Gemma3Text", "bert": "Bert"}
+# heads transformers (5.x) has no class for
+NO_HF_CLASS = {("gemma3_text", "token"), ("olmo2", "token")}
 
 
 class Classifier(nn.Module):
@@ -70,6 +86,9 @@ class Classifier(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         return self.backbone.aux_loss() if not self.encoder else torch.zeros(())
+
+    def router_balance(self) -> dict[str, float]:
+        return self.backbone.router_balance() if not self.encoder else {}
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone's last hidden states (B, T, d_model): an encoder's, or a decoder's after its final norm."""
@@ -179,6 +198,10 @@ def build_classifier(directory: str | os.PathLike, labels: list[str], task: str 
             model.pooler.load_state_dict({"weight": tensors[key], "bias": tensors[key.replace("weight", "bias")]})
         return model
     backbone = load_hf_model(d)
+    if (backbone.cfg.arch, task) in NO_HF_CLASS:
+        raise CheckpointError(f"{d}: transformers has no {ARCH_PREFIX[backbone.cfg.arch]}{HEAD_SUFFIX[task]}, so a "
+                              f"{task} classifier on this {backbone.cfg.arch} model could not be saved as a directory "
+                              "that loads; use task sequence, or another family")
     pad = pad_token_id if pad_token_id is not None else (backbone.cfg.eos_token_id or 0)
     return Classifier(backbone, labels, task, pooling, multi_label, pad, dropout)
 

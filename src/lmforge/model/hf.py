@@ -218,6 +218,8 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
         kw["no_rope_layers"] = tuple(i for i, uses in enumerate(hf["no_rope_layers"]) if not uses)
     elif "no_rope" in features:
         kw["no_rope_layers"] = tuple(i for i in range(n_layers) if (i + 1) % hf.get("no_rope_layer_interval", 4) == 0)
+    if model_type in ("mixtral", "qwen3_moe") and hf.get("router_aux_loss_coef") is not None:
+        kw["router_aux_coef"] = float(hf["router_aux_loss_coef"])
     if model_type == "mixtral":
         kw.update(n_experts=hf["num_local_experts"], experts_top_k=hf["num_experts_per_tok"])
     elif model_type == "qwen3_moe":
@@ -322,6 +324,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         rope["partial_rotary_factor"] = cfg.partial_rotary
         if (cfg.rope_scaling or {}).get("original_max_position_embeddings"):
             out["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
+    if a in ("mixtral", "qwen3_moe") and cfg.router_aux_coef is not None:
+        out["router_aux_loss_coef"] = cfg.router_aux_coef
     if a == "mixtral":
         out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_top_k, router_jitter_noise=0.0,
                    output_router_logits=False)

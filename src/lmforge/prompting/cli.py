@@ -1,4 +1,4 @@
-"""`lmforge prompt cot | agent | auto-cot | eval`."""
+"""`lmforge prompt cot | agent | auto-cot | eval | tot | chain`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ EXAMPLES = """examples:
   lmforge prompt agent --endpoint http://localhost:8000/v1 --mode openai --tools calculator,search:runs/index --question "..."
   lmforge prompt auto-cot --model DIR --questions gsm8k_train.jsonl --clusters 8 --out demos.jsonl
   lmforge prompt eval --model DIR --data gsm8k_test.jsonl --methods greedy,cot,self-consistency --limit 50
+  lmforge prompt tot --model DIR --ranks 901-910 --breadth 5 --compare-cot --trace tot.jsonl
+  lmforge prompt tot --endpoint http://localhost:8000/v1 --puzzle "4 9 10 13" --search dfs
+  lmforge prompt chain chain.yaml --model DIR --inputs questions.jsonl --out answers.jsonl
 """
 
 
@@ -156,8 +159,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tot(args) -> int:
+    from lmforge.prompting.tot import TreeOfThoughts, builtin_puzzles, cot_solve, write_trace
+
+    puzzles = [" ".join(args.puzzle.split())] if args.puzzle else builtin_puzzles(args.ranks)
+    if args.puzzle and (len(puzzles[0].split()) != 4 or not all(n.isdigit() for n in puzzles[0].split())):
+        raise ConfigError(f"--puzzle {args.puzzle!r}: four whole numbers, e.g. '4 9 10 13'")
+    client = make_client(args)
+    solver = TreeOfThoughts(client, search=args.search, breadth=args.breadth, evaluate_samples=args.evaluate_samples,
+                            temperature=args.temperature, max_states=args.max_states, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    rows = []
+    for p in puzzles:
+        rows.append(solver.solve(p))
+        if not args.json:
+            print(f"{p:<14} {'ok ' if rows[-1]['correct'] else 'no '} {rows[-1]['answer'] or '-'}", file=sys.stderr)
+    report = {"puzzles": len(puzzles), "model": client.name,
+              f"tot-{args.search}": sum(r["correct"] for r in rows) / len(rows)}
+    if args.search == "bfs":
+        report["tot-bfs-any"] = sum(r["any_correct"] for r in rows) / len(rows)
+    if args.compare_cot:
+        cot = cot_solve(client, puzzles, args.max_tokens)
+        rows += cot
+        report["cot"] = sum(r["correct"] for r in cot) / len(cot)
+    if args.trace:
+        write_trace(Path(args.trace), rows)
+    print(json.dumps(report) if args.json else "\n".join(f"{k:<12} {v:.3f}" if isinstance(v, float) else f"{k:<12} {v}"
+                                                          for k, v in report.items()))
+    return 0
+
+
+def cmd_chain(args) -> int:
+    from lmforge.prompting.chain import Chain, run_chain
+
+    chain = Chain.load(args.chain)
+    needs_model = any(s.kind == "prompt" for s in chain.steps)
+    client = make_client(args) if needs_model or args.model or args.endpoint else None
+    result = run_chain(chain, client, args.inputs, args.out, args.batch_size)
+    print(json.dumps(result) if args.json else
+          f"{result['done']} records -> {result['out']} ({result['skipped']} already there, skipped)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prompt", help="prompting: chain of thought, self-consistency, Auto-CoT, ReAct agents",
+    p = sub.add_parser("prompt", help="prompting: chain of thought, self-consistency, Auto-CoT, ReAct agents, Tree of Thoughts",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                        description="Prompting methods over a model directory (lmforge's engine) or any "
                                    "OpenAI-compatible endpoint (lmforge serve, llama.cpp, a hosted API). "
@@ -196,3 +241,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--out", metavar="FILE.json", help="write the per-question predictions too")
     e.set_defaults(func=cmd_eval)
+    t = psub.add_parser("tot", parents=[model], help="Tree of Thoughts on the Game of 24 (success rate, vs CoT)",
+                        description="Tree of Thoughts (Yao et al. 2023): propose next steps, value the states (sure / "
+                                    "likely / impossible), search by BFS or DFS. Puzzles: the paper's built-in list "
+                                    "(ranks 901-1000 by default) or --puzzle. See docs/prompting.md.")
+    t.add_argument("--puzzle", help="one puzzle, four numbers (default: the built-in list, --ranks)")
+    t.add_argument("--ranks", default="901-1000", help="built-in puzzles by rank: 901-1000, or 901,905")
+    t.add_argument("--search", choices=["bfs", "dfs"], default="bfs")
+    t.add_argument("--breadth", type=int, default=5, help="BFS: states kept after each step (the paper's b)")
+    t.add_argument("--evaluate-samples", type=int, default=1,
+                   help="value replies per state (the paper: 3, sampled); 1 is greedy")
+    t.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the value replies (n > 1)")
+    t.add_argument("--max-states", type=int, default=30, help="DFS: states expanded at most per puzzle")
+    t.add_argument("--compare-cot", action="store_true", help="also solve each puzzle by plain chain of thought")
+    t.add_argument("--trace", metavar="FILE.jsonl", help="write every puzzle's result and search trace here")
+    t.set_defaults(func=cmd_tot)
+    ch = psub.add_parser("chain", parents=[model], help="a prompt chain from a YAML file over a JSONL of inputs",
+                         description="Steps whose outputs feed later templates (model prompts, retrieval from an "
+                                     "lmforge index, calculator / python tools), run over every input record; "
+                                     "rerun with the same --out to go on where it stopped. See docs/prompting.md.")
+    ch.add_argument("chain", metavar="FILE.yaml", help="the chain: a list of steps under 'steps'")
+    ch.add_argument("--inputs", required=True, metavar="FILE.jsonl", help="one JSON object a line: the variables")
+    ch.add_argument("--out", required=True, metavar="FILE.jsonl", help="each input plus one field per step")
+    ch.add_argument("--batch-size", type=int, default=16, help="records per batch (model steps: one request each)")
+    ch.set_defaults(func=cmd_chain)

@@ -97,40 +97,38 @@ class EngineClient(ModelClient):
 
         s = sampling or Sampling()
         prompts = [self.render(c, tools) for c in conversations]
-        requests, owners = [], []
-        for i, ids in enumerate(prompts):
-            for k in range(n):
-                # each of the n samples its own stream: seed + k (greedy ones are the same anyway)
-                seed = None if s.seed is None else s.seed + k
-                requests.append(Request(ids, SamplingConfig(max_new_tokens=s.max_tokens, temperature=s.temperature,
-                                                            top_p=s.top_p, stop_strings=list(s.stop),
-                                                            stop_token_ids=self.stop_ids, seed=seed)))
-                owners.append(i)
-        texts, tokens = [""] * len(requests), [0] * len(requests)
-        reasons = ["length"] * len(requests)
+        # the n samples of a conversation share its prefill; sample k draws with seed + k (greedy ones are the same
+        # anyway); batch_size rows decode together, the next request taking a row as soon as one is free
+        cfg = SamplingConfig(max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                             stop_strings=list(s.stop), stop_token_ids=self.stop_ids, seed=s.seed)
+        texts = [[""] * n for _ in prompts]
+        tokens = [[0] * n for _ in prompts]
+        reasons = [["length"] * n for _ in prompts]
         with torch.no_grad():
-            for start in range(0, len(requests), self.batch_size):
-                chunk = requests[start:start + self.batch_size]
-                for event in generate_stream(self.model, self.tokenizer, chunk, compile=self.compile):
-                    j = start + event.index
-                    texts[j] += event.text
-                    if event.token_id is not None:
-                        tokens[j] += 1
-                    if event.finish_reason is not None:
-                        reasons[j] = event.finish_reason
+            for event in generate_stream(self.model, self.tokenizer, [Request(ids, cfg, n=n) for ids in prompts],
+                                         compile=self.compile, batch_size=self.batch_size):
+                i, k = event.index, event.choice
+                texts[i][k] += event.text
+                if event.token_id is not None:
+                    tokens[i][k] += 1
+                if event.finish_reason is not None:
+                    reasons[i][k] = event.finish_reason
         out: list[list[Completion]] = [[] for _ in conversations]
-        for j, i in enumerate(owners):
-            done = Completion(texts[j], reasons[j], prompt_tokens=len(prompts[i]), completion_tokens=tokens[j])
-            if tools:
-                from lmforge.chat.tools import parse_tool_calls
+        for i in range(len(prompts)):
+            for c in range(n):
+                j = i * n + c  # the flat number of this sample (its tool calls' ids)
+                done = Completion(texts[i][c], reasons[i][c], prompt_tokens=len(prompts[i]),
+                                  completion_tokens=tokens[i][c])
+                if tools:
+                    from lmforge.chat.tools import parse_tool_calls
 
-                content, calls = parse_tool_calls(texts[j], {t["function"]["name"] for t in tools})
-                if calls:
-                    done.text, done.finish_reason = content or "", "tool_calls"
-                    done.tool_calls = [{"id": f"call_{j}_{k}", "name": c["function"]["name"],
-                                        "arguments": _arguments(c["function"].get("arguments", {}))}
-                                       for k, c in enumerate(calls)]
-            out[i].append(done)
+                    content, calls = parse_tool_calls(texts[i][c], {t["function"]["name"] for t in tools})
+                    if calls:
+                        done.text, done.finish_reason = content or "", "tool_calls"
+                        done.tool_calls = [{"id": f"call_{j}_{k}", "name": call["function"]["name"],
+                                            "arguments": _arguments(call["function"].get("arguments", {}))}
+                                           for k, call in enumerate(calls)]
+                out[i].append(done)
         return out
 
 

@@ -8,6 +8,7 @@ without sources makes things up.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import regex
@@ -20,6 +21,8 @@ NO_ANSWER = "I don't know: the indexed documents contain nothing relevant to thi
 NO_ANSWER_ZH = "我不知道：索引中的文档没有与这个问题相关的内容。"
 INSTRUCTIONS = ("Answer the question using only the numbered sources below. Cite the sources you use as [1], [2]. "
                 "If the sources do not contain the answer, say you don't know.")
+# what a small context (a 128-token model's) gets in their place: the same request in a few tokens
+BRIEF_INSTRUCTIONS = "Answer from the sources; cite them as [1]."
 _CITATION = regex.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
@@ -49,12 +52,13 @@ def relevant_hits(hits: list[Hit], cfg: AskConfig, dense: bool) -> list[Hit]:
     return [h for h in hits if ok(h)]
 
 
-def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int) -> tuple[list[int], list[Hit]]:
+def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int,
+                 instructions: str = INSTRUCTIONS) -> tuple[list[int], list[Hit]]:
     """The prompt's token ids with as many sources (best first) as fit in `budget` tokens; the last one may be cut.
     Uses the tokenizer's chat template when it has one. Sources and the question are data: a special token's
     text inside them is encoded as text, never as a control token."""
     def render(sources: list[str]) -> list[int]:
-        body = INSTRUCTIONS + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
+        body = instructions + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
         if getattr(tokenizer, "chat_template", None):
             return apply_chat_template(tokenizer, [{"role": "user", "content": body}], add_generation_prompt=True,
                                        tokenize=True)
@@ -93,33 +97,68 @@ def parse_citations(answer: str, n_sources: int) -> list[int]:
     return out
 
 
+@dataclass
+class AnswerPrompt:
+    """What a question is answered from: the prompt's ids (None when nothing relevant was found; `no_answer` is then
+    the reply), the retrieved sources it holds (best first, as `_source` dicts), and the reply's token budget (at
+    most the asked max_new_tokens, less where the prompt leaves less of the context)."""
+
+    prompt: list[int] | None
+    sources: list[dict]
+    max_new_tokens: int
+    no_answer: str = ""
+
+
+def answer_prompt(index: RagIndex, question: str, tokenizer, cfg: AskConfig, context: int,
+                  max_new_tokens: int | None = None) -> AnswerPrompt:
+    """Retrieve the relevant sources of `question` and build its prompt within a `context`-token model, leaving
+    `max_new_tokens` (default cfg.max_new_tokens) for the answer; in a context too small for that and one source,
+    the answer's room shrinks to a quarter of the context (at least 16 tokens), then the instructions to their brief
+    form, and the budget says so. What
+    `lmforge rag ask` and `lmforge serve --index` both answer from."""
+    dense = index.cfg.dense
+    hits = relevant_hits(index.search(question, k=cfg.k, mode=cfg.mode if dense else "sparse"), cfg,
+                         dense and cfg.mode != "sparse")
+    if not hits:
+        return AnswerPrompt(None, [], 0, NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER)
+    want = max_new_tokens or cfg.max_new_tokens
+    prompt, used = build_prompt(question, hits, tokenizer, context - want)
+    if not used:  # a small context: less room for the answer rather than no answer
+        prompt, used = build_prompt(question, hits, tokenizer, context - min(want, max(16, context // 4)))
+    if not used:  # and brief instructions rather than none
+        prompt, used = build_prompt(question, hits, tokenizer, context - min(want, max(16, context // 4)),
+                                    BRIEF_INSTRUCTIONS)
+    if not used:  # not even a cut source fits next to the instructions and the question
+        raise ContextTooSmall(f"the model's {context}-token context cannot hold the question and one source (the "
+                              f"prompt alone takes {len(prompt)} tokens): use a model with a longer context")
+    return AnswerPrompt(prompt, [_source(i + 1, h) for i, h in enumerate(used)], min(want, context - len(prompt)))
+
+
 def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConfig | None = None) -> dict:
     """Retrieve, answer, cite. Without a model: the retrieved sources only (retrieval-only mode)."""
     cfg = cfg or AskConfig()
-    hits = index.search(question, k=cfg.k, mode=cfg.mode if index.cfg.dense else "sparse")
-    hits = relevant_hits(hits, cfg, index.cfg.dense and cfg.mode != "sparse")
-    zh = bool(HAN_RUN.search(question))
-    if not hits:
-        return {"question": question, "answer": NO_ANSWER_ZH if zh else NO_ANSWER, "answered": False,
-                "citations": [], "sources": []}
     if model is None or tokenizer is None:
+        hits = relevant_hits(index.search(question, k=cfg.k, mode=cfg.mode if index.cfg.dense else "sparse"), cfg,
+                             index.cfg.dense and cfg.mode != "sparse")
+        if not hits:
+            return {"question": question, "answer": NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER,
+                    "answered": False, "citations": [], "sources": []}
         return {"question": question, "answer": None, "answered": False, "citations": [],
                 "sources": [_source(i + 1, h) for i, h in enumerate(hits)]}
     from lmforge.infer import SamplingConfig, generate
 
     context = cfg.context_tokens or model.cfg.max_seq_len
-    budget = context - cfg.max_new_tokens
-    prompt, used = build_prompt(question, hits, tokenizer, budget)
-    if not used:  # not even a cut source fits next to the instructions and the question
-        raise ContextTooSmall(f"the model's context ({context} tokens, {cfg.max_new_tokens} of them kept for the answer) "
-                         f"cannot hold the question and one source; the prompt alone takes {len(prompt)} tokens: "
-                         "use a model with a longer context, or lower --max-new-tokens")
-    text = generate(model, tokenizer, prompt, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
-                                                            temperature=cfg.temperature, seed=0)).strip()
-    cited = parse_citations(text, len(used))
-    sources = [_source(i + 1, h) for i, h in enumerate(used)]
-    return {"question": question, "answer": text, "answered": True, "prompt_tokens": len(prompt),
-            "citations": [sources[n - 1] for n in cited], "sources": sources}
+    found = answer_prompt(index, question, tokenizer, cfg, context)
+    if found.prompt is None:
+        return {"question": question, "answer": found.no_answer, "answered": False, "citations": [], "sources": []}
+    if found.max_new_tokens < cfg.max_new_tokens:
+        warnings.warn(f"the answer gets {found.max_new_tokens} tokens, not {cfg.max_new_tokens}: the question and its "
+                      f"sources take {len(found.prompt)} of the model's {context}-token context", stacklevel=2)
+    text = generate(model, tokenizer, found.prompt, SamplingConfig(max_new_tokens=found.max_new_tokens,
+                                                                  temperature=cfg.temperature, seed=0)).strip()
+    cited = parse_citations(text, len(found.sources))
+    return {"question": question, "answer": text, "answered": True, "prompt_tokens": len(found.prompt),
+            "citations": [found.sources[n - 1] for n in cited], "sources": found.sources}
 
 
 def _source(n: int, h: Hit) -> dict:

@@ -48,7 +48,7 @@ def _documents(inputs: list[str], text_field: str, encoding: str = "utf-8", on_b
     from lmforge.rag.evaluate import load_beir_corpus
 
     for item in resolve_inputs(inputs):
-        if Path(item).name in ("corpus.jsonl",):  # BEIR: title + text, "_id"
+        if Path(item).name in ("corpus.jsonl", "corpus.jsonl.gz"):  # BEIR: title + text, "_id"
             yield from load_beir_corpus(item)
         else:
             yield from iter_documents([item], text_field=text_field, encoding=encoding, on_bad=on_bad)
@@ -143,6 +143,62 @@ def _mode(index, asked: str | None) -> str:
     return asked
 
 
+def add_transform_args(parser: argparse.ArgumentParser, model_flags: bool) -> None:
+    """--query-transform and the model that writes the queries: --model (this process) or --endpoint."""
+    parser.add_argument("--query-transform", dest="query_transform", metavar="KIND",
+                        help="let a model rewrite the query first, fusing the rankings of its queries and the "
+                             "original by RRF: rewrite | hyde | multi-query[:N] | decompose[:N] (needs --model or "
+                             "--endpoint; replies cached in INDEX/query_transforms.jsonl)")
+    if model_flags:
+        from lmforge.infer.load import add_inference_args
+
+        add_inference_args(parser, model_required=False, compile=False,
+                           model_help="model directory (in this process) that writes --query-transform's queries "
+                                      "(rag eval --generate: and the answers)")
+    parser.add_argument("--endpoint", metavar="URL",
+                        help="an OpenAI-compatible base URL that writes --query-transform's queries instead of --model")
+    parser.add_argument("--served-model", dest="served_model", default="default",
+                        help="the model name the endpoint expects")
+    parser.add_argument("--api-key", dest="api_key", help="the endpoint's key (default: $OPENAI_API_KEY)")
+
+
+def _transformed(index, args: argparse.Namespace, loaded=None):
+    """The index itself, or with --query-transform the index behind a TransformedIndex and its model client."""
+    if not getattr(args, "query_transform", None):
+        return index
+    from lmforge.config import ConfigError
+    from lmforge.prompting.client import EngineClient, HTTPClient
+    from lmforge.rag.transforms import QueryTransform, TransformCache, TransformedIndex, default_cache_path
+
+    transform = QueryTransform.parse(args.query_transform)
+    if args.endpoint:
+        import os
+
+        client = HTTPClient(args.endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    elif loaded is not None:
+        client = EngineClient(loaded.model, loaded.tokenizer)
+        client.name = args.model
+    elif args.model:
+        client = EngineClient(args.model, template=args.template, dtype=args.dtype, quantize=args.quantize,
+                              pack=args.pack)
+    else:
+        raise ConfigError(f"--query-transform {args.query_transform}: give the model that writes the queries "
+                          "(--model DIR or --endpoint URL)")
+    return TransformedIndex(index, transform, client, TransformCache(default_cache_path(args.index)))
+
+
+def _explain(index, query: str) -> None:
+    """--explain: the queries the transform wrote, on stderr (stdout stays the result)."""
+    from lmforge.rag.transforms import TransformedIndex
+
+    if isinstance(index, TransformedIndex):
+        print(f"{index.transform}: searched the query and {len(index.generated(query))} generated:", file=sys.stderr)
+        for q in index.generated(query):
+            print(f"  - {q}", file=sys.stderr)
+    else:
+        print("(--explain: no --query-transform; the query was searched as written)", file=sys.stderr)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     index = _open(args.index)
     reranker = None
@@ -150,7 +206,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         from lmforge.model.encoder import CrossEncoder
 
         reranker = CrossEncoder.load(args.reranker)
-    hits = index.search(args.query, k=args.k, mode=_mode(index, args.mode), filters=_filters(args.filter),
+    mode = _mode(index, args.mode)
+    index = _transformed(index, args)
+    if args.explain:
+        _explain(index, args.query)
+    hits = index.search(args.query, k=args.k, mode=mode, filters=_filters(args.filter),
                         fusion=args.fusion,
                         dense_weight=args.dense_weight, reranker=reranker)
     if args.json:
@@ -168,18 +228,24 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from lmforge.rag.answer import AskConfig, ContextTooSmall, ask
 
     index = _open(args.index)
-    model = tokenizer = None
+    model = tokenizer = loaded = None
     if args.model:
         from lmforge.infer.load import load_from_args
 
         loaded = load_from_args(args)
         model, tokenizer = loaded.model, loaded.tokenizer
+    mode = _mode(index, args.mode)
+    index = _transformed(index, args, loaded)
+    if args.explain:
+        _explain(index, args.question)
     try:
         result = ask(index, args.question, model, tokenizer,
-                     AskConfig(k=args.k, mode=_mode(index, args.mode), min_similarity=args.min_similarity,
+                     AskConfig(k=args.k, mode=mode, min_similarity=args.min_similarity,
                                max_new_tokens=args.max_new_tokens))
     except ContextTooSmall as e:
         raise UserError(str(e)) from None
+    if getattr(index, "transform", None) is not None:  # a TransformedIndex
+        result["query_transform"] = {"kind": str(index.transform), "queries": index.generated(args.question)}
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -211,13 +277,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modes = args.modes or (["sparse", "dense", "hybrid"] if index.cfg.dense else ["sparse"])
     for m in modes:
         _mode(index, m)
+    if args.limit:
+        qrels = {q: qrels[q] for q in sorted(q for q in qrels if q in queries)[:args.limit]}
+    loaded = None
+    if args.generate:
+        if not args.model:
+            raise ConfigError("rag eval --generate: give the model that answers (--model DIR)")
+        from lmforge.infer.load import load_from_args
+
+        loaded = load_from_args(args)
+    index = _transformed(index, args, loaded)
+    transform = getattr(index, "transform", None)
+    if transform is not None:
+        index.prepare([queries[q] for q in qrels if q in queries])  # one batch of generations, then cached
+    if args.generate:
+        return _eval_answers(index, args, queries, qrels, loaded)
     results = evaluate_index(index, queries, qrels, modes=modes, progress=True, fusion=args.fusion,
                              dense_weight=args.dense_weight)
+    if transform is not None:
+        results["query_transform"] = str(transform)
     if args.out:
         from lmforge.files import write_json
 
         write_json(args.out, results)
     print(json.dumps(results, indent=2) if args.json else metrics_table(results) + f"\n{results['queries']} queries")
+    return 0
+
+
+def _eval_answers(index, args, queries, qrels, loaded) -> int:
+    """rag eval --generate: answer each query with the model and score the answers (rag/grounding.py)."""
+    import os
+
+    from lmforge.rag.answer import AskConfig
+    from lmforge.rag.grounding import JudgeSupport, OverlapSupport, evaluate_answers
+
+    judge = embed = None
+    if args.judge_endpoint:
+        from lmforge.prompting.client import HTTPClient
+
+        judge = HTTPClient(args.judge_endpoint, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    elif args.judge_model:
+        from lmforge.prompting.client import EngineClient
+
+        judge = EngineClient(args.judge_model) if args.judge_model != args.model else EngineClient(
+            loaded.model, loaded.tokenizer)
+    if judge is not None:
+        from lmforge.model.encoder import SentenceEmbedder
+
+        embedder = SentenceEmbedder.load(None)
+        embed = lambda texts: embedder.embed(texts).numpy()  # noqa: E731
+    cfg = AskConfig(k=args.answer_k, mode=_mode(index, args.modes[0] if args.modes else None),
+                    max_new_tokens=args.max_new_tokens)
+    results = evaluate_answers(index, queries, qrels, loaded.model, loaded.tokenizer, cfg,
+                               support=JudgeSupport(judge) if judge is not None else OverlapSupport(),
+                               judge=judge, embed=embed, progress=True)
+    if args.out:
+        from lmforge.files import write_json
+
+        write_json(args.out, results)
+    if args.json:
+        print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2, ensure_ascii=False))
+    else:
+        for name, value in results["metrics"].items():
+            print(f"{name:<20} {value:.4f}" if isinstance(value, float) else f"{name:<20} {value}")
+        print(f"{results['queries']} queries, support judged by {results['support']}")
     return 0
 
 
@@ -272,6 +395,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--reranker", metavar="DIR", help="cross-encoder directory (BertForSequenceClassification) to "
                                                      "re-score the top 30")
     s.add_argument("--json", action="store_true", help="print the hits as JSON")
+    add_transform_args(s, model_flags=True)
+    s.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
     s.set_defaults(func=cmd_search, _parser=s)
 
     a = rsub.add_parser("ask", help="answer a question from the index, with [n] citations", formatter_class=_Help,
@@ -291,6 +416,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dense cosine a source needs; below it for all sources the answer is 'I don't know'")
     a.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200, help="answer length at most")
     a.add_argument("--json", action="store_true", help="print the answer, citations and sources as JSON")
+    add_transform_args(a, model_flags=False)
+    a.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
     a.set_defaults(func=cmd_ask, _parser=a)
 
     e = rsub.add_parser("eval", help="nDCG@10, recall, MRR, MAP and latency on BEIR-format queries + qrels",
@@ -310,4 +437,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     e.add_argument("--out", help="also write the results JSON here")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--limit", type=int, default=0, help="the first N judged queries only (by id; 0: all)")
+    e.add_argument("--generate", action="store_true",
+                   help="answer each query with --model (rag ask) and score the answers: citation recall/precision, "
+                        "faithfulness, context precision/recall, answer relevance (with a judge) — docs/rag.md")
+    e.add_argument("--judge-model", dest="judge_model", metavar="DIR",
+                   help="--generate: a model that judges support by an NLI-style prompt and writes questions for "
+                        "answer relevance (without a judge: word-overlap support, no answer relevance)")
+    e.add_argument("--judge-endpoint", dest="judge_endpoint", metavar="URL",
+                   help="--generate: the judge behind an OpenAI-compatible endpoint (--served-model, --api-key)")
+    e.add_argument("--answer-k", dest="answer_k", type=int, default=5, help="--generate: sources per answer")
+    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200,
+                   help="--generate: answer length at most")
+    add_transform_args(e, model_flags=True)
     e.set_defaults(func=cmd_eval, _parser=e)

@@ -24,9 +24,26 @@ from lmforge.data.document import Document
 from lmforge.data.sources import CorpusError
 
 
+def _open_text(path: str | os.PathLike):
+    """A text file, gzip-compressed when its name ends in .gz (BEIR sets are often kept compressed)."""
+    if str(path).endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def find_beir_file(beir_dir: str | os.PathLike, name: str) -> Path:
+    """BEIR_DIR/name, or BEIR_DIR/name.gz."""
+    for candidate in (Path(beir_dir) / name, Path(beir_dir) / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    raise CorpusError(f"{beir_dir}: no {name} (or {name}.gz): not a BEIR dataset folder")
+
+
 def _records(path: str | os.PathLike, needs: str):
-    """(line number, object) of a BEIR jsonl file whose objects have "_id" and a string "text"."""
-    with open(path, encoding="utf-8") as f:
+    """(line number, object) of a BEIR jsonl file (or .jsonl.gz) whose objects have "_id" and a string "text"."""
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -45,7 +45,10 @@ class TrainConfig:
                                                     "check": (lambda v: v > 0, "> 0")})
     patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement (0: off)"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
-    moe_aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
+    moe_aux_weight: float | None = field(default=None, metadata={
+        "help": "weight of the MoE load-balancing loss (default: the checkpoint's router_aux_loss_coef, e.g. "
+                "Qwen3-MoE 0.001, Mixtral 0.02; 0.01 for a model lmforge builds)",
+        "check": (lambda v: v is None or v >= 0, ">= 0")})
     ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights "
                                                             "with this decay, e.g. 0.999 (0: off); saved as ema/",
                                                     "check": (lambda v: 0 <= v < 1, "in [0, 1)")})

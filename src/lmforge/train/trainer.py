@@ -186,6 +186,13 @@ class Trainer:
             raise ValueError(f"the model's vocabulary ({self.model.cfg.vocab_size}) is smaller than the data's "
                              f"({self.manifest['vocab_size']})")
         self.model.to(self.device)
+        # the MoE load-balancing loss weight: the user's, else the one the checkpoint was trained with
+        # (router_aux_loss_coef: Qwen3-MoE 0.001, Mixtral 0.02), else 0.01 (Switch Transformer's)
+        model_cfg = self.model.cfg
+        checkpoint_coef = getattr(model_cfg, "router_aux_coef", None)
+        self.moe_aux_weight = (0.0 if not getattr(model_cfg, "n_experts", 0) else cfg.moe_aux_weight
+                               if cfg.moe_aux_weight is not None else checkpoint_coef if checkpoint_coef is not None
+                               else 0.01)
         self.ddp = None
         self.fsdp = self.world > 1 and cfg.distributed == "fsdp"
         if self.fsdp:
@@ -334,7 +341,6 @@ class Trainer:
     def accumulate_gradients(self) -> float:
         """Forward and backward over every micro-batch of one global batch: the loss of the whole batch, each
         micro-batch weighted by its share of the loss terms (equal shares: the plain mean)."""
-        cfg = self.cfg
         micro_batches = [self._to_device(self.loader.next_batch()) for _ in range(self.accum)]
         counts = [self.objective.count(b) for b in micro_batches]
         # the step's real tokens (padding left out), all processes: what tokens/s and MFU count
@@ -353,8 +359,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
                     loss, _ = self.objective.loss(self.forward, batch)
-                    if getattr(self.model.cfg, "n_experts", 0):
-                        loss = loss + cfg.moe_aux_weight * self.model.aux_loss()
+                    if self.moe_aux_weight:
+                        loss = loss + self.moe_aux_weight * self.model.aux_loss()
                 bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
                 if self.world > 1:  # every process stops together, none waits forever in a collective
                     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -520,6 +526,9 @@ class Trainer:
                         record.update(self.loader.step_metrics(record))
                     if hasattr(self.objective, "step_metrics"):
                         record.update(self.objective.step_metrics())
+                    if getattr(self.model.cfg, "n_experts", 0):
+                        # how evenly the step's last micro-batch was routed (router_max_load 1.0: even)
+                        record.update({k: round(v, 4) for k, v in self.model.router_balance().items()})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
                     bar.update(1)
                     out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s

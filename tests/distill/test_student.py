@@ -1,0 +1,89 @@
+"""`lmforge distill init`: a student cut from a teacher loads in transformers with the logits of a reference built
+by hand (a transformers model of fewer layers with the chosen layers' weights copied in), for Llama, GPT-2 and a
+Qwen3 with a per-layer attention pattern."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from lmforge.cli import main
+from lmforge.distill.student import cut_student
+from lmforge.model import load_hf_model
+
+
+def _teacher(kind: str, path):
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=4, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                                       sliding_window=4, max_window_layers=2,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                    "full_attention"])
+        model = transformers.Qwen3ForCausalLM(cfg)
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_text("{}")  # any file beside the weights is copied
+    return model.eval()
+
+
+def _reference(teacher, keep):
+    """The teacher's class with len(keep) layers, each layer's weights copied from the teacher's keep[j]."""
+    cfg = teacher.config.to_dict()
+    key = "n_layer" if "n_layer" in cfg else "num_hidden_layers"
+    cfg[key] = len(keep)
+    if "layer_types" in cfg and cfg["layer_types"]:
+        cfg["layer_types"] = [cfg["layer_types"][i] for i in keep]
+    ref = type(teacher)(type(teacher.config).from_dict(cfg)).eval()
+    blocks_t = teacher.transformer.h if key == "n_layer" else teacher.model.layers
+    blocks_r = ref.transformer.h if key == "n_layer" else ref.model.layers
+    for j, i in enumerate(keep):
+        blocks_r[j].load_state_dict(blocks_t[i].state_dict())
+    rest = {k: v for k, v in teacher.state_dict().items() if ".h." not in k and ".layers." not in k}
+    missing, unexpected = ref.load_state_dict(rest, strict=False)
+    assert not unexpected and all(".h." in k or ".layers." in k for k in missing)
+    return ref
+
+
+@pytest.mark.parametrize("kind,keep", [("llama", [0, 2, 4]), ("gpt2", [1, 3]), ("qwen3", [0, 1, 3])])
+def test_student_equals_a_hand_built_reference(kind, keep, tmp_path):
+    teacher = _teacher(kind, tmp_path / "teacher")
+    info = cut_student(tmp_path / "teacher", tmp_path / "student", layers=keep)
+    assert info["layers"] == len(keep) and info["kept"] == keep
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    ref = _reference(teacher, keep)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = student(ids).logits, ref(ids).logits
+    assert (got - want).abs().max() <= 1e-5
+    assert (tmp_path / "student" / "tokenizer.json").exists()
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    ours = load_hf_model(tmp_path / "student")  # lmforge loads it too, with the same logits
+    with torch.no_grad():
+        assert (ours.logits(ours(ids)) - want).abs().max() <= 1e-4
+
+
+def test_keep_every_and_bad_choices_through_the_cli(tmp_path, capsys):
+    _teacher("llama", tmp_path / "teacher")
+    assert main(["distill", "init", "--teacher", str(tmp_path / "teacher"), "--keep-every", "2", "--out",
+                 str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 3  # blocks 0, 2, 4
+    capsys.readouterr()
+    assert main(["distill", "init", "--teacher", str(tmp_path / "teacher"), "--layers", "0,7", "--out",
+                 str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "7 not in 0..4" in err
+    assert main(["distill", "init", "--teacher", str(tmp_path / "teacher"), "--layers", "2,1", "--out",
+                 str(tmp_path / "t")]) == 2
+    assert main(["distill", "init", "--teacher", str(tmp_path / "teacher"), "--keep-every", "2", "--out",
+                 str(tmp_path / "s")]) == 2  # not empty
+    assert not (tmp_path / "t").exists()

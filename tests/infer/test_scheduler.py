@@ -1,0 +1,173 @@
+"""The one step loop (infer/scheduler.py): requests arriving and leaving between steps, n completions sharing one
+prefill, cancellation, log-probabilities and OpenAI's penalties, each checked against an independent reference
+(transformers' generate, a plain loop over whole sequences, requests run alone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.infer import SamplingConfig, generate_ids
+from lmforge.infer.scheduler import ContextLimit, Scheduler
+from lmforge.model import Transformer, load_hf_model, preset
+from tests.model.test_hf_interop import _hf_tiny, _save
+
+PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 1], [250, 12, 33, 44, 55, 66, 77, 88, 9, 10, 11, 12, 13], [1, 2]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny-llama", vocab_size=300, max_seq_len=40)).eval()
+
+
+def _alone(model, prompt, cfg):
+    """The reference: the request alone, every step a forward over the whole sequence (no cache, no padding)."""
+    return generate_ids(model, [prompt], cfg, use_cache=False)[0]
+
+
+def _greedy_loop(model, prompt, steps, presence=0.0, frequency=0.0):
+    """A plain greedy loop over whole sequences with OpenAI's penalties written out: logit[t] -= presence *
+    [count[t] > 0] + frequency * count[t], counting the reply's tokens only."""
+    seq, counts = list(prompt), torch.zeros(model.cfg.vocab_size)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model.logits(model(torch.tensor([seq])))[0, -1].float()
+            logits = logits - presence * (counts > 0) - frequency * counts
+            token = int(logits.argmax())
+            counts[token] += 1
+            seq.append(token)
+    return seq[len(prompt):]
+
+
+def _run(scheduler, plan):
+    """Step `scheduler`, adding plan[step] (a list of (prompt, configs, kwargs)) before that step; the groups in order
+    of addition."""
+    groups, step = [], 0
+    while scheduler.busy or any(s >= step for s in plan):
+        for prompt, configs, kw in plan.get(step, []):
+            groups.append(scheduler.add(prompt, configs, **kw))
+        scheduler.step()
+        step += 1
+    return groups
+
+
+def test_n_completions_share_one_prefill_and_equal_separate_requests(model):
+    """A request with n = 4 seeded completions: the prompt is prefilled once (the model sees its tokens once) and
+    each completion gives the tokens of a request of its own with that seed, also when only 2 rows are free (the
+    other two wait with the prompt's keys and values) and when other requests run beside them."""
+    prompt = PROMPTS[2]
+    configs = [SamplingConfig(max_new_tokens=12, temperature=1.1, top_k=50, seed=s) for s in (3, 4, 5, 6)]
+    want = [_alone(model, prompt, c) for c in configs]
+    assert len({tuple(w) for w in want}) > 1  # the seeds matter: the test would see rows mixed up
+    fed = []
+    hook = model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape))
+    try:
+        for capacity in (4, 2):
+            fed.clear()
+            scheduler = Scheduler(model, capacity=capacity)
+            group = scheduler.add(prompt, configs)
+            scheduler.run()
+            assert [group.tokens(k) for k in range(4)] == want
+            prefills = [shape for shape in fed if shape[1] > 1]
+            assert prefills == [torch.Size([1, len(prompt)])]  # one prefill of one row, for the four completions
+            assert scheduler.stats["prefill_tokens"] == len(prompt)
+    finally:
+        hook.remove()
+    # beside other requests, arriving while they decode
+    scheduler = Scheduler(model, capacity=5)
+    other = SamplingConfig(max_new_tokens=9, temperature=0)
+    groups = _run(scheduler, {0: [(PROMPTS[0], other, {})], 3: [(prompt, configs, {}), (PROMPTS[1], other, {})]})
+    assert [groups[1].tokens(k) for k in range(4)] == want
+    assert groups[0].tokens() == _alone(model, PROMPTS[0], other)
+    assert groups[2].tokens() == _alone(model, PROMPTS[1], other)
+    # generate_ids' n: completion k samples with seed + k, prompt-major
+    assert generate_ids(model, [prompt, PROMPTS[0]], configs[0], n=4) == want + [
+        _alone(model, PROMPTS[0], SamplingConfig(max_new_tokens=12, temperature=1.1, top_k=50, seed=s))
+        for s in (3, 4, 5, 6)]
+
+
+def test_arrivals_and_departures_keep_every_request_its_own_tokens(model):
+    """Requests of different lengths join a running batch (a longer prompt shifts the rows right), leave it at
+    different steps (the last rows move into their slots), and the shared column reaches the end of a 40-slot cache
+    (every row moves left): each request gets the tokens it gets alone."""
+    compactions = []
+    scheduler = Scheduler(model, capacity=3)
+    compact = scheduler._compact
+    scheduler._compact = lambda: (compactions.append(scheduler.col), compact())[1]
+    cfgs = [SamplingConfig(max_new_tokens=n, temperature=0) for n in (20, 6, 25, 30)]
+    sampled = SamplingConfig(max_new_tokens=15, temperature=0.9, seed=1)
+    plan = {0: [(PROMPTS[1], cfgs[0], {})], 2: [(PROMPTS[3], cfgs[1], {})], 5: [(PROMPTS[2], cfgs[2], {})],
+            9: [(PROMPTS[0], cfgs[3], {}), (PROMPTS[1], sampled, {})]}
+    groups = _run(scheduler, plan)
+    assert compactions, "the test should make the rows reach the end of the cache"
+    want = [_alone(model, p, c) for p, c in [(PROMPTS[1], cfgs[0]), (PROMPTS[3], cfgs[1]), (PROMPTS[2], cfgs[2]),
+                                             (PROMPTS[0], cfgs[3]), (PROMPTS[1], sampled)]]
+    assert [g.tokens() for g in groups] == want
+    assert [len(w) for w in want] == [20, 6, 25, 30, 15]
+
+
+def test_a_sliding_window_model_equals_transformers_with_arrivals(tmp_path):
+    """Mistral with an 8-token window: rows that join later and are left-padded in the shared cache attend to the
+    same positions as transformers' generate of each prompt alone."""
+    hf = _save(_hf_tiny("mistral"), tmp_path)
+    ours = load_hf_model(tmp_path)
+    cfg = SamplingConfig(max_new_tokens=14, temperature=0)
+    groups = _run(Scheduler(ours, capacity=3), {0: [(PROMPTS[1], cfg, {})], 2: [(PROMPTS[2], cfg, {})],
+                                                 4: [(PROMPTS[0], cfg, {})]})
+    for group, prompt in zip(groups, [PROMPTS[1], PROMPTS[2], PROMPTS[0]]):
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+        assert group.tokens() == out[0, len(prompt):].tolist()
+
+
+def test_cancel_ends_a_request_and_the_others_go_on(model):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    scheduler = Scheduler(model, capacity=2)
+    a, b = scheduler.add(PROMPTS[0], cfg), scheduler.add(PROMPTS[1], [cfg, cfg])
+    waiting = scheduler.add(PROMPTS[3], cfg)
+    events = scheduler.step() + scheduler.step() + scheduler.step()
+    a.cancel()
+    waiting.cancel()
+    events += scheduler.run()
+    last = {(id(e.group), e.index): e.finish_reason for e in events if e.finish_reason}
+    assert last[(id(a), 0)] == "cancelled" and last[(id(waiting), 0)] == "cancelled"
+    assert len(a.tokens()) == 4 and waiting.tokens() == []  # the admission samples one token, each step one more
+    assert b.tokens(0) == b.tokens(1) == _alone(model, PROMPTS[1], cfg)
+
+
+def test_logprobs_and_penalties_equal_a_plain_loop(model):
+    """Chosen and top-k log-probabilities are the model's distribution (log_softmax of a whole-sequence forward,
+    before penalties); presence / frequency penalties follow OpenAI's formula written out in a plain loop."""
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0)
+    scheduler = Scheduler(model, capacity=3)
+    penalised = scheduler.add(PROMPTS[0], cfg, presence=0.7, frequency=0.9, logprobs=3)
+    plain = scheduler.add(PROMPTS[2], cfg, logprobs=0)
+    events = scheduler.run()
+    assert penalised.tokens() == _greedy_loop(model, PROMPTS[0], 10, presence=0.7, frequency=0.9)
+    assert penalised.tokens() != _greedy_loop(model, PROMPTS[0], 10)  # the penalties changed something
+    assert plain.tokens() == _greedy_loop(model, PROMPTS[2], 10)
+    for group, prompt in ((penalised, PROMPTS[0]), (plain, PROMPTS[2])):
+        mine = [e for e in events if e.group is group]
+        seq = prompt + group.tokens()
+        with torch.no_grad():
+            logp = F.log_softmax(model.logits(model(torch.tensor([seq[:-1]])))[0, len(prompt) - 1:].float(), -1)
+        chosen = logp.gather(1, torch.tensor(group.tokens())[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([e.logprob for e in mine]), chosen, atol=1e-4)
+        if group.logprobs:
+            values, ids = logp.topk(3)
+            assert [[i for i, _ in e.top_logprobs] for e in mine] == ids.tolist()
+            assert torch.allclose(torch.tensor([[v for _, v in e.top_logprobs] for e in mine]), values, atol=1e-4)
+        else:
+            assert all(e.top_logprobs is None for e in mine)
+
+
+def test_the_budget_is_clipped_to_the_context_and_a_prompt_too_long_is_refused(model):
+    scheduler = Scheduler(model, capacity=2)
+    group = scheduler.add(PROMPTS[2], SamplingConfig(max_new_tokens=100, temperature=0))
+    assert group.clipped and group.budgets == [40 - len(PROMPTS[2])]
+    events = scheduler.run()
+    assert len(group.tokens()) == 40 - len(PROMPTS[2]) and events[-1].finish_reason == "length"
+    with pytest.raises(ContextLimit, match="40-token context"):
+        scheduler.add(list(range(1, 41)), SamplingConfig(max_new_tokens=1))
