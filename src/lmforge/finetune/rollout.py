@@ -3,9 +3,10 @@
 `Rollouts` is the Trainer's train_data for the policy-gradient objectives (train/rl.py): whenever its buffer is empty
 it takes the next prompts (batch_size / G of them, in a seeded order that repeats every epoch), renders them with the
 chat template, samples G completions of each through the generation engine (infer/engine.py; the G share the
-prompt's prefill and KV cache) with the model as it is now, scores them (finetune/rewards.py), computes the advantages and the log-probabilities the loss needs (of the
-sampling policy when num_iterations > 1; of the reference when beta > 0), and cuts the rows into micro-batches; those
-are served num_iterations times (one optimizer step each) before the next sampling.
+prompt's prefill and KV cache) with the model as it is now, scores them (finetune/rewards.py), computes the
+advantages and the log-probabilities the loss needs (of the sampling policy when num_iterations > 1; of the
+reference when beta > 0), and cuts the rows into micro-batches; those are served num_iterations times (one
+optimizer step each) before the next sampling.
 
 Prompts: any record `finetune` reads, its last assistant turn dropped (alpaca, sharegpt, openai, pairs such as GSM8K's
 question/answer, LLaMA-Factory entries), or TRL's prompt-only records (`prompt`: a string or a list of messages). The
@@ -111,9 +112,9 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], group_size: int,
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """The base model inside the block: LoRA / DoRA / QLoRA layers (and LoRA on MoE expert stacks) skip their adapter
-    (their `merged` flag set without merging, so the layer returns the base projection alone). The reference policy of a LoRA run, with no
-    second copy of the weights."""
+    """The base model inside the block: LoRA / DoRA / QLoRA layers (and LoRA on MoE expert stacks) skip their
+    adapter (their `merged` flag set without merging, so the layer returns the base projection alone). The
+    reference policy of a LoRA run, with no second copy of the weights."""
     from lmforge.peft import adapter_of
 
     adapter = adapter_of(model)
