@@ -3,6 +3,9 @@ checkpoints' logits (full and step by step) match transformers, generation intac
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +164,30 @@ def test_packed_generation_equals_torch_matmul():
     want = generate_ids(model, prompts, cfg)
     assert generate_ids(packed, prompts, cfg) == want  # padded batch of 4: the 4-row kernel
     assert [generate_ids(packed, [p], cfg)[0] for p in prompts] == want
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
+    """torch's cpp_extension guards a build with a `lock` file; a build killed mid-way (Ctrl-C on the first run)
+    leaves it, and torch alone then waits on it forever in every later process. A copy of this machine's built
+    kernels with such a lock in place must still load, in seconds."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    from torch.utils import cpp_extension
+
+    from lmforge.model import packed
+
+    assert kernel_available(), kernel_error()
+    name = f"lmforge_cpu_kernels_{hashlib.sha256(packed._SOURCE.read_bytes()).hexdigest()[:12]}"
+    built = Path(cpp_extension._get_build_directory(name, verbose=False))
+    root = tmp_path / "torch_extensions"
+    copy = root / name  # with TORCH_EXTENSIONS_DIR set, torch builds in <it>/<name>
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "*.flock"))
+    (copy / "lock").write_text("")
+    code = "from lmforge.model.packed import kernel_available, kernel_error; assert kernel_available(), kernel_error()"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (copy / "lock").exists()

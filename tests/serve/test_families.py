@@ -30,7 +30,7 @@ def test_a_qwen3_family_model_returns_its_thinking_as_reasoning_content(family, 
     reply = _qwen3_reply(tok.chat_template, user, reasoning, answer)  # what Qwen3's template renders for the turn
     # the random model is made to write that reply token by token (a decoding constraint), through the engine, the
     # tokenizer and the streaming detokenizer
-    monkeypatch.setattr(app, "_response_constraint", lambda response_format: _Scripted(reply))
+    monkeypatch.setattr(app, "response_constraint", lambda response_format: _Scripted(reply))
     r = Running(d, max_batch=2)
     try:
         client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")

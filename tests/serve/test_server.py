@@ -290,12 +290,7 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port)],
                             stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        _wait_healthy(proc, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         out = client.chat.completions.create(model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
         assert out.model == model_dir.name and out.choices[0].message.content is not None
@@ -318,13 +313,21 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port),
                              "--quantize", "int8"], stderr=subprocess.PIPE, text=True)
     try:
-        _until(lambda: _healthy(port), 30)
+        _wait_healthy(proc, port)
         out = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x").chat.completions.create(
             model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
         assert out.choices[0].message.content == expected_int8
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+
+
+def _wait_healthy(proc, port: int, seconds: float = 300) -> None:
+    """Until the server answers /health: generous, as a loaded 2-core CI machine starts torch slowly; a server
+    that exits is a failure at once, with its stderr."""
+    _until(lambda: _healthy(port) or proc.poll() is not None, seconds)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert _healthy(port), f"lmforge serve did not answer /health within {seconds} s"
 
 
 def _healthy(port: int) -> bool:

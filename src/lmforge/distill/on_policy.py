@@ -84,7 +84,7 @@ class OnPolicyBatches:
         model.eval()
         try:
             with torch.no_grad():
-                replies = generate_ids(model, prompts, configs, pad_id=self.pad_id)
+                replies = generate_ids(model, prompts, configs)
         finally:
             model.train(was_training)
         replies = [r if r else [self.stop_ids[0]] for r in replies]  # nothing generated: train on stopping

@@ -75,11 +75,19 @@ def _build() -> None:
     # named after the source's hash: another version of lmforge on the machine keeps its own build instead of
     # rebuilding over this one (torch_extensions keys its cache directory by name)
     name = f"lmforge_cpu_kernels_{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]}"
-    built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-    if not built.exists():
-        print("lmforge: compiling the float32 CPU kernels (once per machine, about 30 s)", file=sys.stderr)
-    cpp_extension.load(name=name, sources=[str(_SOURCE)], is_python_module=False, verbose=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    import fcntl
+
+    # torch guards a build with a plain `lock` file that a killed build (Ctrl-C during the first compile) leaves
+    # behind, and every later process then waits on it forever. Our own flock is released by the kernel when its
+    # holder dies, so while we hold it no other lmforge build can be running: a `lock` file found then is stale.
+    with open(build_dir / "lmforge.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        if not (build_dir / f"{name}.so").exists():
+            print("lmforge: compiling the float32 CPU kernels (once per machine, about 30 s)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
     # shapes for torch.compile, which traces the op without running it
     @torch.library.register_fake("lmforge::pack")
