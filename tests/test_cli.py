@@ -185,9 +185,9 @@ def test_pgvector_urls_are_shown_without_their_password():
 
 def test_a_bad_option_value_names_the_allowed_ones_not_the_commands(capsys):
     with pytest.raises(SystemExit):
-        main(["finetune", "--objective", "grpo"])
+        main(["finetune", "--objective", "ppo"])
     err = capsys.readouterr().err
-    assert "argument --objective: invalid choice: 'grpo' (choose from 'sft'" in err and "commands:" not in err
+    assert "argument --objective: invalid choice: 'ppo' (choose from 'sft'" in err and "commands:" not in err
 
 
 def test_decoded_text_ends_with_a_newline_on_a_terminal_only(trained_dir, monkeypatch, capsys):

@@ -20,6 +20,8 @@ def plot_training(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, titl
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     key = "val_ppl" if any("val_ppl" in r for r in rows) else "val_loss"  # task heads and DPO have no perplexity
     val = [(r["step"], r[key]) for r in rows if key in r]
+    if not val and any(r.get("reward") is not None for r in rows):  # RL: the mean reward of each step's samples
+        key, val = "reward", [(r["step"], r["reward"]) for r in rows if r.get("reward") is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     if train:
         a.plot(*zip(*train), lw=1, color="#3b6ea8")
@@ -28,8 +30,9 @@ def plot_training(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, titl
         b.plot(*zip(*val), marker="o", color="#c4572a")
         if key == "val_ppl":
             b.set_yscale("log")
-    b.set(xlabel="step", ylabel="validation perplexity (log)" if key == "val_ppl" else "validation loss",
-          title=f"{title}: {'perplexity' if key == 'val_ppl' else 'validation loss'}")
+    names = {"val_ppl": ("validation perplexity (log)", "perplexity"), "val_loss": ("validation loss", "validation loss"),
+             "reward": ("mean reward of the sampled completions", "reward")}
+    b.set(xlabel="step", ylabel=names[key][0], title=f"{title}: {names[key][1]}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return save_figure(fig, png)

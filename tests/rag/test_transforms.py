@@ -217,7 +217,7 @@ def test_cli_ask_with_a_transform_through_an_endpoint(index, tmp_path, capsys, m
     import shutil
 
     from lmforge.cli import main
-    from lmforge.prompting import client as client_module
+    from lmforge.infer import client as client_module
 
     idx = tmp_path / "idx"
     shutil.copytree(index.path, idx)

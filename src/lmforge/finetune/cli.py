@@ -33,8 +33,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     adapters = cfg.method in ("lora", "dora", "qlora")
     kind = ("PEFT adapters" if adapters or cfg.method in ("prompt", "prefix")
             else "bottleneck adapters (lmforge's format)" if cfg.method == "adapter" else "HF models")
-    print(f"checkpoints ({kind}): {cfg.out}/best and {cfg.out}/last"
-          + (f"; a full model: lmforge export merge --model {cfg.out}/best --out {cfg.out}/merged"
+    from lmforge.finetune.run import RL_OBJECTIVES
+
+    where = f"{cfg.out}/last" if cfg.objective in RL_OBJECTIVES else f"{cfg.out}/best and {cfg.out}/last"
+    print(f"checkpoints ({kind}): {where}"
+          + (f"; a full model: lmforge export merge --model {where.split()[0]} --out {cfg.out}/merged"
              if adapters else ""), file=sys.stderr)
     return 0
 

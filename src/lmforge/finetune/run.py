@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
 
 METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prompt", "prefix")
+RL_OBJECTIVES = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce")
 ADAPTER_METHODS = ("lora", "dora", "qlora", "adapter", "prompt", "prefix")
 PLANNED_METHODS = {"ia3": "IA3 (learned rescaling vectors)"}
 
@@ -79,12 +80,41 @@ class FinetuneConfig(TrainConfig):
                   "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
     objective: str = field(default="sft", metadata={
         "help": "sft (instruction tuning), preference tuning on chosen/rejected pairs: dpo, ipo (references "
-                "computed once before training), orpo, simpo (reference-free), or distill (learn a --teacher's "
-                "next-token distributions on the SFT data)",
-        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "distill"]})
+                "computed once before training), orpo, simpo (reference-free), distill (learn a --teacher's "
+                "next-token distributions on the SFT data), RL from rewards on prompts: grpo, dr_grpo, dapo, rloo, "
+                "reinforce (see --reward), or reward: a reward model (Bradley–Terry) on the pairs",
+        "choices": ["sft", "dpo", "ipo", "orpo", "simpo", "distill", "grpo", "dr_grpo", "dapo", "rloo", "reinforce",
+                    "reward"]})
     beta: float = field(default=0.0, metadata={"help": "preference: the loss's beta (0: the method's usual value: dpo "
-                                                       "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0)",
+                                                       "0.1, ipo 0.1, orpo 0.1 (its lambda), simpo 2.0); RL: the weight "
+                                                       "of the KL to the reference (0: no KL, no reference)",
                                                "check": (lambda v: v >= 0, ">= 0")})
+    # --- RL from rewards (finetune/rl.py) ---
+    reward: list[str] = field(default_factory=list, metadata={
+        "help": "RL: rewards NAME[:ARG][:WEIGHT], summed: math[:COLUMN], format:REGEX, json_schema:FILE, "
+                "length:MIN-MAX, python_tests[:COLUMN], FILE.py:FUNCTION (finetune/rewards.py)"})
+    num_generations: int = field(default=4, metadata={"help": "RL: completions sampled per prompt (one group)",
+                                                      "check": (lambda v: v >= 2, ">= 2")})
+    max_completion_tokens: int = field(default=128, metadata={"help": "RL: tokens per completion at most",
+                                                              "check": (lambda v: v > 0, "> 0")})
+    temperature: float = field(default=1.0, metadata={"help": "RL: sampling temperature",
+                                                      "check": (lambda v: v > 0, "> 0")})
+    top_p: float = field(default=1.0, metadata={"help": "RL: nucleus sampling mass",
+                                                "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    epsilon: float = field(default=0.2, metadata={"help": "RL: the ratio's clip range below 1 (and above, unless "
+                                                          "--epsilon-high)", "check": (lambda v: v > 0, "> 0")})
+    epsilon_high: float = field(default=0.0, metadata={"help": "RL: the clip range above 1 (0: = epsilon; DAPO "
+                                                               "uses 0.28)", "check": (lambda v: v >= 0, ">= 0")})
+    num_iterations: int = field(default=1, metadata={"help": "RL: optimizer steps on each sampled batch (> 1: the "
+                                                             "ratio to the sampling policy's log-probabilities)",
+                                                     "check": (lambda v: v >= 1, ">= 1")})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "RL: advantages divided by the std of the group's rewards, the batch's, or none (Dr. GRPO)",
+        "choices": ["group", "batch", "none"]})
+    mask_truncated: bool = field(default=False, metadata={"help": "RL: completions cut at max_completion_tokens "
+                                                                  "take no part in the loss"})
+    sample_every: int = field(default=10, metadata={"help": "RL: rollouts between writing --samples completions "
+                                                            "with their rewards to completions.jsonl (0: never)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "dpo / simpo: the share of pairs assumed "
                                                                   "mislabelled (conservative DPO)",
                                                           "check": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")})
@@ -155,8 +185,9 @@ class FinetuneConfig(TrainConfig):
 
     #: what a resumed run must share with its checkpoint, beyond the loop's own (trainer.RESUME_MUST_MATCH)
     resume_extra: ClassVar[tuple[str, ...]] = (
-        "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template",
-        "chat_template_kwargs", "mask",
+        "objective", "beta", "label_smoothing", "simpo_gamma", "reward", "num_generations", "max_completion_tokens",
+        "temperature", "top_p", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "mask_truncated", "format",
+        "columns", "tags", "template", "chat_template_kwargs", "mask",
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
@@ -196,6 +227,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.objective not in ("sft", "distill") and cfg.method in ("prompt", "prefix"):
         raise ConfigError(f"objective: {cfg.objective} with --method {cfg.method} is not supported: the reference "
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
+    if cfg.reward and cfg.objective not in RL_OBJECTIVES:
+        raise ConfigError(f"reward: rewards are for RL (--objective {' / '.join(RL_OBJECTIVES)}), not {cfg.objective}")
     if cfg.objective == "distill" and bool(cfg.teacher) == bool(cfg.teacher_cache):
         raise ConfigError("teacher: --objective distill needs the teacher model (--teacher DIR) or its cache "
                           "(--teacher-cache DIR), one of them")
@@ -211,7 +244,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("kd_lmbda: on-policy and sequence-level KD belong to --objective distill")
     if (cfg.teacher or cfg.teacher_cache) and cfg.objective != "distill":
         raise ConfigError(f"teacher: a teacher is used by --objective distill, not {cfg.objective}")
-    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill"):
+    if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill", *RL_OBJECTIVES):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
@@ -318,6 +351,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     template, template_source = resolve_template(tokenizer, cfg.template)
     _check_template_variables(cfg.chat_template_kwargs, template, template_source)
     rejects = RejectLog() if cfg.on_error == "skip" else None
+    if cfg.objective in RL_OBJECTIVES:
+        from lmforge.finetune.rl import run_rl
+
+        return run_rl(cfg, model_dir, tokenizer, template, template_source, rejects)
+    if cfg.objective == "reward":
+        from lmforge.finetune.rl import run_reward_model
+
+        return run_reward_model(cfg, model_dir, tokenizer, template, template_source, rejects)
     if cfg.objective not in ("sft", "distill"):
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
     conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)

@@ -125,7 +125,10 @@ class Classifier(nn.Module):
                "label2id": {label: i for i, label in enumerate(self.labels)},
                "lmforge_task": {"task": self.task, "pooling": self.pooling}}
         if self.task == "sequence":
-            out["problem_type"] = "multi_label_classification" if self.multi_label else "single_label_classification"
+            # one output is a score (a reward model), which transformers calls regression: it refuses
+            # single_label_classification with one label
+            out["problem_type"] = ("multi_label_classification" if self.multi_label else
+                                   "regression" if len(self.labels) == 1 else "single_label_classification")
         return out
 
     def hf_state(self) -> dict[str, torch.Tensor]:

@@ -520,6 +520,12 @@ class Trainer:
                               "tokens_per_s": round(self.last_tokens / seconds, 1),
                               "flops_per_s": round(flops_per_step / seconds),
                               "mfu": round(flops_per_step / seconds / peak, 4)}
+                    # figures of the step that only the data source or the objective knows (RL: rewards, sampling
+                    # speed, clip fraction, KL)
+                    if hasattr(self.loader, "step_metrics"):
+                        record.update(self.loader.step_metrics(record))
+                    if hasattr(self.objective, "step_metrics"):
+                        record.update(self.objective.step_metrics())
                     if getattr(self.model.cfg, "n_experts", 0):
                         # how evenly the step's last micro-batch was routed (router_max_load 1.0: even)
                         record.update({k: round(v, 4) for k, v in self.model.router_balance().items()})
@@ -548,7 +554,7 @@ class Trainer:
                     metrics.flush()
                     if tb is not None:
                         for key, value in record.items():
-                            if key != "step":
+                            if key != "step" and value is not None:
                                 tb.add_scalar(key, value, self.step)
                     if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                         self.save_checkpoint("last")
