@@ -102,7 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, metavar="DIR", help="a classifier directory (runs/NAME/best)")
     common.add_argument("--data", required=True, metavar="FILE", help="csv/tsv/jsonl/json/parquet, or CoNLL / "
-                                                                        "token-tag JSONL for a token classifier")
+                                                                        "token-tag JSONL for a token classifier, or a "
+                                                                        "datasets folder (DIR, DIR#SPLIT)")
     common.add_argument("--text-field", default="text")
     common.add_argument("--label-field", default="label")
     common.add_argument("--tokens-field", default="tokens")

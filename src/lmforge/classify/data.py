@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.hf_datasets import is_dataset_source
 from lmforge.data.sources import CorpusError, OnBad, iter_records
 from lmforge.text import UNSPACED_CHAR
 
@@ -107,7 +108,7 @@ def read_tagged(files: list[str], tokens_field: str = "tokens", tags_field: str 
     """Every sentence of CoNLL-style files (any suffix but .jsonl/.json) and JSONL token/tag records."""
     out: list[Tagged] = []
     for path in files:
-        if path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")):
+        if path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".arrow")) or is_dataset_source(path):
             for where, rec in iter_records(path, on_bad, encoding):
                 raw = json.dumps(rec, ensure_ascii=False, default=str)[:2000]
                 tokens = rec.get(tokens_field)

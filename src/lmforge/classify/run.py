@@ -31,7 +31,8 @@ class ClassifyConfig(TrainConfig):
     """TrainConfig's fields (the loop's) with classification defaults, plus the data, labels and head."""
 
     data: str = field(default="", metadata={"help": "labelled data: csv/tsv/jsonl/json/parquet (sequence task), "
-                                                    "CoNLL BIO files or token/tag JSONL (token task)"})
+                                                    "CoNLL BIO files or token/tag JSONL (token task); a Hugging "
+                                                    "Face datasets folder (save_to_disk, Arrow/Parquet), DIR#SPLIT"})
     out: str = field(default="runs/classify", metadata={"help": "run directory"})
     model: str = field(default="", metadata={"help": "the backbone: an lmforge / HF causal LM directory, or a "
                                                      "BERT-family encoder (a sentence-transformers dir too)"})
@@ -223,8 +224,11 @@ def _read(cfg: ClassifyConfig, path: str, rejects, need_labels: bool = True):
 
 
 def _files(path: str) -> list[str]:
+    from lmforge.data.hf_datasets import is_dataset_source
     from lmforge.data.sources import CorpusError
 
+    if is_dataset_source(path):  # a datasets directory (or DIR#SPLIT, hf:REPO) is one input
+        return [path]
     p = Path(path)
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))

@@ -37,7 +37,8 @@ class FinetuneConfig(TrainConfig):
     """TrainConfig's fields (the loop's) with fine-tuning defaults, plus the data, template and method."""
 
     data: str = field(default="", metadata={"help": "a data file or folder, or DIR/dataset_info.json#NAME "
-                                                    "(LLaMA-Factory's registry)"})
+                                                    "(LLaMA-Factory's registry), or a Hugging Face datasets folder "
+                                                    "(save_to_disk, Arrow/Parquet), DIR#SPLIT"})
     out: str = field(default="runs/finetune", metadata={"help": "run directory"})
     model: str = field(default="", metadata={"help": "the base model: an HF model directory (one lmforge trained, or "
                                                      "GPT-2 / Llama / Qwen2 / Mistral / SmolLM), or hf:ORG/NAME"})
