@@ -42,10 +42,19 @@ def _config_for(model_dir: str, args: argparse.Namespace):
                           tags_field=args.tags_field, encoding=args.encoding)
 
 
+def _is_regression(model_dir: str) -> bool:
+    path = Path(model_dir) / "config.json"
+    return path.exists() and json.loads(path.read_text()).get("problem_type") == "regression"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lmforge.classify.run import Predictor, _read
     from lmforge.files import atomic_write
 
+    if _is_regression(args.model):
+        from lmforge.classify.regression import regression_cli
+
+        return regression_cli(args, "predict")
     cfg = _config_for(args.model, args)
     p = Predictor(args.model, max_length=args.max_length)
     records = _read(cfg, args.data, None, need_labels=False)
@@ -64,6 +73,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.classify.run import evaluate_dir
 
+    if _is_regression(args.model):
+        from lmforge.classify.regression import regression_cli
+
+        return regression_cli(args, "eval")
     cfg = _config_for(args.model, args)
     report = evaluate_dir(args.model, args.data, cfg, confusion_png=args.plot)
     if args.json:
@@ -105,6 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                         "token-tag JSONL for a token classifier, or a "
                                                                         "datasets folder (DIR, DIR#SPLIT)")
     common.add_argument("--text-field", default="text")
+    common.add_argument("--text-pair-field", default="", help="regression: the second text of a pair")
     common.add_argument("--label-field", default="label")
     common.add_argument("--tokens-field", default="tokens")
     common.add_argument("--tags-field", default="tags")

@@ -36,8 +36,9 @@ class ClassifyConfig(TrainConfig):
     out: str = field(default="runs/classify", metadata={"help": "run directory"})
     model: str = field(default="", metadata={"help": "the backbone: an lmforge / HF causal LM directory, or a "
                                                      "BERT-family encoder (a sentence-transformers dir too)"})
-    task: str = field(default="sequence", metadata={"help": "sequence (a label per text) or token (BIO tags)",
-                                                    "choices": ["sequence", "token"]})
+    task: str = field(default="sequence", metadata={"help": "sequence (a label per text), token (BIO tags) or "
+                                                            "regression (real-valued targets)",
+                                                    "choices": ["sequence", "token", "regression"]})
     text_field: str = field(default="text", metadata={"help": "sequence: the column holding the text"})
     label_field: str = field(default="label", metadata={"help": "sequence: the column holding the label(s)"})
     tokens_field: str = field(default="tokens", metadata={"help": "token, JSONL: the list of tokens"})
@@ -72,6 +73,15 @@ class ClassifyConfig(TrainConfig):
     best_metric: str = field(default="val_f1", metadata={
         "help": "what picks best/ (and early stopping): val_f1 (macro; token task: entity micro F1), val_accuracy, "
                 "val_f1_micro, val_roc_auc, or val_loss"})
+    # regression (lmforge.classify.regression)
+    target_fields: list[str] = field(default_factory=list, metadata={
+        "help": "regression: the columns holding the targets (default: --label-field)"})
+    text_pair_field: str = field(default="", metadata={"help": "regression: a second text column (STS pairs)"})
+    target_scaling: str = field(default="none", metadata={
+        "help": "regression: none, or standard (residuals divided by each target's std; an encoder's head starts "
+                "at the means)", "choices": ["none", "standard"]})
+    regression_loss: str = field(default="mse", metadata={"help": "regression: mse or huber",
+                                                          "choices": ["mse", "huber"]})
     encoding: str = encoding_field()
     errors: str = field(default="strict", metadata={"choices": ["strict", "replace"]})
     on_error: str = on_error_field()
@@ -100,7 +110,7 @@ class ClassifyConfig(TrainConfig):
         "task", "text_field", "label_field", "tokens_field", "tags_field", "multi_label", "label_sep", "labels",
         "class_weights", "val_data", "val_fraction", "train", "train_layers", "pooling", "dropout", "backbone_dropout",
         "lora_r",
-        "lora_alpha", "lora_dropout", "epochs")
+        "lora_alpha", "lora_dropout", "epochs", "target_fields", "text_pair_field", "target_scaling", "regression_loss")
 
 
 def label_batches(ids: list[list[int]], labels: list, micro_batch_size: int, pad_id: int, seed: int = 0,
@@ -297,6 +307,10 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         raise ConfigError("model: give the backbone (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the labelled data (--data FILE)")
+    if cfg.task == "regression":
+        from lmforge.classify.regression import run_regression
+
+        return run_regression(cfg)
     if cfg.task == "token" and cfg.multi_label:
         raise ConfigError("multi_label: the token task has one tag per token")
     model_dir = resolve_model_dir(cfg.model)

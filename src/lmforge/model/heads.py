@@ -107,6 +107,8 @@ class Classifier(nn.Module):
                "lmforge_task": {"task": self.task, "pooling": self.pooling}}
         if self.task == "sequence":
             out["problem_type"] = "multi_label_classification" if self.multi_label else "single_label_classification"
+            if getattr(self, "regression", False):  # outputs are the targets' values (lmforge.classify.regression)
+                out["problem_type"] = "regression"
         return out
 
     def hf_state(self) -> dict[str, torch.Tensor]:
@@ -222,4 +224,5 @@ def load_classifier(directory: str | os.PathLike) -> Classifier:
         if f"{head}.bias" not in tensors:
             raise CheckpointError(f"{d}: tensor '{head}.bias' is missing")
         model.head.bias.data.copy_(tensors[f"{head}.bias"])
+    model.regression = raw.get("problem_type") == "regression"
     return model.eval()
