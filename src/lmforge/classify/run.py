@@ -73,6 +73,13 @@ class ClassifyConfig(TrainConfig):
     best_metric: str = field(default="val_f1", metadata={
         "help": "what picks best/ (and early stopping): val_f1 (macro; token task: entity micro F1), val_accuracy, "
                 "val_f1_micro, val_roc_auc, or val_loss"})
+    # cloze classification (lmforge.classify.cloze): PET on a masked LM
+    method: str = field(default="head", metadata={
+        "help": "head (a classification head) or cloze (PET: a --pattern with [MASK] filled by the MLM head, "
+                "labels as --verbalizer words)", "choices": ["head", "cloze"]})
+    pattern: str = field(default="", metadata={"help": "cloze: the text with {text} and one [MASK], e.g. "
+                                                       "'{text} 总之很[MASK]。'"})
+    verbalizer: str = field(default="", metadata={"help": "cloze: a word per label, e.g. pos:好,neg:差"})
     # regression (lmforge.classify.regression)
     target_fields: list[str] = field(default_factory=list, metadata={
         "help": "regression: the columns holding the targets (default: --label-field)"})
@@ -110,7 +117,8 @@ class ClassifyConfig(TrainConfig):
         "task", "text_field", "label_field", "tokens_field", "tags_field", "multi_label", "label_sep", "labels",
         "class_weights", "val_data", "val_fraction", "train", "train_layers", "pooling", "dropout", "backbone_dropout",
         "lora_r",
-        "lora_alpha", "lora_dropout", "epochs", "target_fields", "text_pair_field", "target_scaling", "regression_loss")
+        "lora_alpha", "lora_dropout", "epochs", "target_fields", "text_pair_field", "target_scaling", "regression_loss",
+        "method", "pattern", "verbalizer")
 
 
 def label_batches(ids: list[list[int]], labels: list, micro_batch_size: int, pad_id: int, seed: int = 0,
@@ -307,6 +315,10 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         raise ConfigError("model: give the backbone (--model DIR)")
     if not cfg.data:
         raise ConfigError("data: give the labelled data (--data FILE)")
+    if cfg.method == "cloze":
+        from lmforge.classify.cloze import run_cloze
+
+        return run_cloze(cfg)
     if cfg.task == "regression":
         from lmforge.classify.regression import run_regression
 
