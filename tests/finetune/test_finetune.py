@@ -188,6 +188,7 @@ def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "one training example, the trained part in [[ ]]" in r.stderr
+    assert r.stderr.count("would not stop") == 1  # ChatML's <|im_end|> is not this model's EOS: said once
     assert (tmp_path / "r" / "best" / "model.safetensors").exists()  # freeze: full HF checkpoints
     r = subprocess.run(cli + ["--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert r.returncode == 2 and "already holds a training run" in r.stderr

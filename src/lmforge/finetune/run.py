@@ -377,9 +377,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     model = load_hf_model(model_dir)
     eos_ids = model_eos_ids(tokenizer, model.cfg)
     eos_id = eos_ids[0] if eos_ids else None
-    warning = stop_token_check(tokenizer, template, eos_ids)
-    if warning and any(c.text is None for c in conversations):
-        log.warning("%s", warning)
+    warning = stop_token_check(tokenizer, template, eos_ids)  # printed once, with the run's summary below
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_id or 0)
     progress = cfg.progress
