@@ -678,6 +678,32 @@ def regression(y_true, y_pred) -> dict:
     return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean()), "r2": r2}
 
 
+def pearson(x, y) -> float:
+    """Pearson's r (scipy.stats.pearsonr's statistic); nan when either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+    return float((dx * dy).sum()) / denom if denom else float("nan")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their mean rank (scipy.stats.rankdata's "average")."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sorted_x = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2  # mean of ranks start+1 .. end
+            start = end
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho (scipy.stats.spearmanr's statistic): Pearson's r of the average ranks."""
+    return pearson(_average_ranks(np.asarray(x, dtype=float)), _average_ranks(np.asarray(y, dtype=float)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # calibration of a classifier's probabilities
 

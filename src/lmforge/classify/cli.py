@@ -35,11 +35,20 @@ def _reading(args: argparse.Namespace) -> dict:
             "tags_field": args.tags_field, "encoding": args.encoding}
 
 
+def _is_regression(model_dir: str) -> bool:
+    path = Path(model_dir) / "config.json"
+    return path.exists() and json.loads(path.read_text()).get("problem_type") == "regression"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lmforge.classify.data import read_examples
     from lmforge.classify.predict import Predictor, task_config
     from lmforge.files import atomic_write
 
+    if _is_regression(args.model):
+        from lmforge.classify.regression import regression_cli
+
+        return regression_cli(args, "predict")
     cfg = task_config(args.model, **_reading(args))
     p = Predictor(args.model, max_length=args.max_length)
     records = read_examples(cfg, args.data, None, need_labels=False)
@@ -58,6 +67,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.classify.predict import evaluate_dir, task_config
 
+    if _is_regression(args.model):
+        from lmforge.classify.regression import regression_cli
+
+        return regression_cli(args, "eval")
     cfg = task_config(args.model, **_reading(args))
     report = evaluate_dir(args.model, args.data, cfg, confusion_png=args.plot)
     if args.json:
@@ -96,8 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, metavar="DIR", help="a classifier directory (runs/NAME/best)")
     common.add_argument("--data", required=True, metavar="FILE", help="csv/tsv/jsonl/json/parquet, or CoNLL / "
-                                                                        "token-tag JSONL for a token classifier")
+                                                                        "token-tag JSONL for a token classifier, or a "
+                                                                        "datasets folder (DIR, DIR#SPLIT)")
     common.add_argument("--text-field", default="text")
+    common.add_argument("--text-pair-field", default="", help="regression: the second text of a pair")
     common.add_argument("--label-field", default="label")
     common.add_argument("--tokens-field", default="tokens")
     common.add_argument("--tags-field", default="tags")

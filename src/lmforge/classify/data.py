@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.config import ConfigError
+from lmforge.data.hf_datasets import is_dataset_source
 from lmforge.data.sources import CorpusError, OnBad, iter_records
 from lmforge.text import UNSPACED_CHAR
 
@@ -115,7 +116,7 @@ def read_tagged(files: list[str], tokens_field: str = "tokens", tags_field: str 
     """Every sentence of CoNLL-style files (any suffix but .jsonl/.json) and JSONL token/tag records."""
     out: list[Tagged] = []
     for path in files:
-        if path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")):
+        if path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".arrow")) or is_dataset_source(path):
             for where, rec in iter_records(path, on_bad, encoding):
                 raw = json.dumps(rec, ensure_ascii=False, default=str)[:2000]
                 tokens = rec.get(tokens_field)
@@ -257,14 +258,17 @@ def read_examples(cfg: ClassifyConfig, path: str, rejects: OnBad | None = None, 
         if cfg.task != "sequence":
             raise ConfigError(f"data: {BUILTIN} is a sequence-classification set")
         return [Labelled(r["text"], [r["label"]], f"{BUILTIN}:{i + 1}") for i, r in enumerate(python_docs_topics())]
-    files = _data_files(path)
+    files = data_files(path)
     if cfg.task == "token":
         return read_tagged(files, cfg.tokens_field, cfg.tags_field, rejects, cfg.encoding, need_labels)
     return read_labelled(files, cfg.text_field, cfg.label_field, cfg.multi_label, cfg.label_sep, rejects,
                          cfg.encoding, cfg.errors, need_labels)
 
 
-def _data_files(path: str) -> list[str]:
+def data_files(path: str) -> list[str]:
+    """The files a --data names: a file, every file under a directory, or a datasets source as one input."""
+    if is_dataset_source(path):  # a datasets directory (or DIR#SPLIT, hf:REPO) is one input
+        return [path]
     p = Path(path)
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))

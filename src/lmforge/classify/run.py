@@ -35,12 +35,14 @@ class ClassifyConfig(TrainConfig):
     """TrainConfig's fields (the loop's) with classification defaults, plus the data, labels and head."""
 
     data: str = field(default="", metadata={"help": "labelled data: csv/tsv/jsonl/json/parquet (sequence task), "
-                                                    "CoNLL BIO files or token/tag JSONL (token task)"})
+                                                    "CoNLL BIO files or token/tag JSONL (token task); a Hugging "
+                                                    "Face datasets folder (save_to_disk, Arrow/Parquet), DIR#SPLIT"})
     out: str = field(default="runs/classify", metadata={"help": "run directory"})
     model: str = field(default="", metadata={"help": "the backbone: an lmforge / HF causal LM directory, or a "
                                                      "BERT-family encoder (a sentence-transformers dir too)"})
-    task: str = field(default="sequence", metadata={"help": "sequence (a label per text) or token (BIO tags)",
-                                                    "choices": ["sequence", "token"]})
+    task: str = field(default="sequence", metadata={"help": "sequence (a label per text), token (BIO tags) or "
+                                                            "regression (real-valued targets)",
+                                                    "choices": ["sequence", "token", "regression"]})
     text_field: str = field(default="text", metadata={"help": "sequence: the column holding the text"})
     label_field: str = field(default="label", metadata={"help": "sequence: the column holding the label(s)"})
     tokens_field: str = field(default="tokens", metadata={"help": "token, JSONL: the list of tokens"})
@@ -75,6 +77,22 @@ class ClassifyConfig(TrainConfig):
     best_metric: str = field(default="val_f1", metadata={
         "help": "what picks best/ (and early stopping): val_f1 (macro; token task: entity micro F1), val_accuracy, "
                 "val_f1_micro, val_roc_auc, or val_loss"})
+    # cloze classification (lmforge.classify.cloze): PET on a masked LM
+    method: str = field(default="head", metadata={
+        "help": "head (a classification head) or cloze (PET: a --pattern with [MASK] filled by the MLM head, "
+                "labels as --verbalizer words)", "choices": ["head", "cloze"]})
+    pattern: str = field(default="", metadata={"help": "cloze: the text with {text} and one [MASK], e.g. "
+                                                       "'{text} 总之很[MASK]。'"})
+    verbalizer: str = field(default="", metadata={"help": "cloze: a word per label, e.g. pos:好,neg:差"})
+    # regression (lmforge.classify.regression)
+    target_fields: list[str] = field(default_factory=list, metadata={
+        "help": "regression: the columns holding the targets (default: --label-field)"})
+    text_pair_field: str = field(default="", metadata={"help": "regression: a second text column (STS pairs)"})
+    target_scaling: str = field(default="none", metadata={
+        "help": "regression: none, or standard (residuals divided by each target's std; an encoder's head starts "
+                "at the means)", "choices": ["none", "standard"]})
+    regression_loss: str = field(default="mse", metadata={"help": "regression: mse or huber",
+                                                          "choices": ["mse", "huber"]})
     encoding: str = encoding_field()
     errors: str = field(default="strict", metadata={"choices": ["strict", "replace"]})
     on_error: str = on_error_field()
@@ -103,7 +121,8 @@ class ClassifyConfig(TrainConfig):
         "task", "text_field", "label_field", "tokens_field", "tags_field", "multi_label", "label_sep", "labels",
         "class_weights", "val_data", "val_fraction", "train", "train_layers", "pooling", "dropout", "backbone_dropout",
         "lora_r",
-        "lora_alpha", "lora_dropout", "epochs")
+        "lora_alpha", "lora_dropout", "epochs", "target_fields", "text_pair_field", "target_scaling", "regression_loss",
+        "method", "pattern", "verbalizer")
 
 
 def _pad_id(tokenizer, model_dir: Path) -> int:
@@ -169,6 +188,14 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     from lmforge.peft import parameter_counts
 
     _check(cfg)
+    if cfg.method == "cloze":  # a masked LM fills a pattern's [MASK] with a label word (PET)
+        from lmforge.classify.cloze import run_cloze
+
+        return run_cloze(cfg)
+    if cfg.task == "regression":
+        from lmforge.classify.regression import run_regression
+
+        return run_regression(cfg)
     model_dir = resolve_model_dir(cfg.model)
     if not (model_dir / "tokenizer.json").exists():
         raise ConfigError(f"model: {model_dir} has no tokenizer.json")

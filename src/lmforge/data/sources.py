@@ -62,7 +62,9 @@ def resolve_inputs(specs: list[str] | str) -> list[str]:
     out: list[str] = []
     for spec in specs:
         spec = str(spec)
-        if is_builtin(spec):
+        if _is_dataset_source(spec):  # a datasets directory, split or hub id: read as one input
+            out.append(spec)
+        elif is_builtin(spec):
             try:
                 builtin_documents(spec)
             except KeyError as e:
@@ -86,6 +88,12 @@ def resolve_inputs(specs: list[str] | str) -> list[str]:
             raise CorpusError(f"{spec}: no such file or directory")
     seen: set[str] = set()
     return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def _is_dataset_source(spec: str) -> bool:
+    from lmforge.data.hf_datasets import is_dataset_source
+
+    return is_dataset_source(spec)
 
 
 def _optional(module: str, path: str):
@@ -386,11 +394,14 @@ def _parquet_records(path: str, required: str | None = None) -> Iterator[tuple[s
     if required is not None and required not in pf.schema_arrow.names:
         raise CorpusError(f"{path}: no column '{required}' (columns: {', '.join(pf.schema_arrow.names)}); "
                           "pass --text-field to name the text column")
+    from lmforge.data.hf_datasets import label_names_decoder
+
+    decode = label_names_decoder(pf.schema_arrow)  # ClassLabel columns of a parquet file that datasets wrote, as names
     row = 0
     for batch in pf.iter_batches(batch_size=1024):
         for obj in batch.to_pylist():
             row += 1
-            yield f"{path}:row {row}", row, obj, ""
+            yield f"{path}:row {row}", row, decode(obj) if decode else obj, ""
 
 
 def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> Iterator[Document]:
@@ -408,15 +419,21 @@ def _iter_parquet(path: str, text_field: str, on_bad: OnBad | None = None) -> It
 
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json", ".json.gz", ".csv", ".tsv", ".csv.gz",
-                   ".tsv.gz", ".parquet")
+                   ".tsv.gz", ".parquet", ".arrow")
 
 
 def iter_records(path: str, on_bad: OnBad | None = None, encoding: str = "utf-8",
                  errors: str = "strict") -> Iterator[tuple[str, dict]]:
     """(where, record) of every record of a structured file: JSON Lines, a JSON array of objects (or an object
     holding one under "data"), CSV/TSV with a header, parquet. `where` is "file:line" ("file:record N" in a JSON
-    array, "file:row N" in parquet); bad records go to `on_bad` (or raise CorpusError naming them)."""
-    if path.endswith((".json", ".json.gz")):
+    array, "file:row N" in parquet); bad records go to `on_bad` (or raise CorpusError naming them). A Hugging Face
+    datasets source (a save_to_disk or Arrow/Parquet folder, DIR#SPLIT, a .arrow file, hf:REPO) gives its rows
+    (lmforge.data.hf_datasets)."""
+    if _is_dataset_source(path):
+        from lmforge.data.hf_datasets import iter_dataset_records
+
+        yield from iter_dataset_records(path)
+    elif path.endswith((".json", ".json.gz")):
         yield from _json_array_records(path, on_bad, encoding, errors)
     elif _is_jsonl(path) or path.endswith(".ndjson"):
         for where, _, obj, _ in _jsonl_records(path, errors, on_bad, encoding):
@@ -524,6 +541,14 @@ def _read_file_documents(path: str, errors: str, text_field: str, on_bad: OnBad 
         raise ValueError(f"{path}: only plain .jsonl files are read in byte ranges")
     if is_builtin(path):
         yield from builtin_documents(path)
+    elif _is_dataset_source(path):
+        for row, (where, obj) in enumerate(iter_records(path), 1):
+            if row == 1 and text_field not in obj:  # a column is missing from every row: say so once
+                raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(map(str, obj))}); "
+                                  "pass --text-field to name the text column")
+            doc = _record_document(obj, text_field, where, path, row, on_bad, "")
+            if doc is not None:
+                yield doc
     elif _is_jsonl(path):
         yield from _iter_jsonl(path, errors, text_field, on_bad, encoding, byte_range)
     elif path.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):

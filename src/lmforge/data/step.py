@@ -6,6 +6,7 @@ like any config: unknown keys name the nearest valid one) with one method:
 
     apply(doc) -> Document        the (possibly changed) document goes on
                -> str             the document is rejected; the string is the reason
+               -> list[Document]  the document and new ones made from it go on (augmentation)
 
 Steps are registered under a name with `@register("name")`; `build_step("name", {...})`
 makes one from a pipeline file. Global steps (deduplication) need every document before
@@ -32,7 +33,7 @@ class Step:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "filter"  # "cleaner" or "filter": shown in docs and stats
 
-    def apply(self, doc: Document) -> Document | str:
+    def apply(self, doc: Document) -> Document | str | list[Document]:
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -89,7 +90,7 @@ def build_step(name: str, params: dict | None, where: str = "steps") -> Step:
 
 
 def _load_all() -> None:
-    from lmforge.data import clean, dedup_step, filters  # noqa: F401  (registration side effects)
+    from lmforge.data import augment, clean, dedup_step, filters  # noqa: F401  (registration side effects)
 
 
 # ----- text statistics shared by cleaners and filters (the script rules themselves: lmforge/text.py) -----------

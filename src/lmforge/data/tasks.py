@@ -127,34 +127,45 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
                 read_stats.chars_in += len(doc.text)
                 read_stats.chars_out += len(doc.text)
             lengths_in.append(len(doc.text))
-            for step, st in zip(stage_steps, stats):
-                st.docs_in += 1
-                st.chars_in += len(doc.text)
-                try:
-                    result = step.apply(doc)
-                except _DOCUMENT_ERRORS as e:  # a document the step cannot take (bad encoding, pathological input)
-                    if cfg.on_error == "fail":
-                        raise RuntimeError(f"step {step.name} failed on document {doc.id} ({_where(doc)}): {e!r}") from e
-                    result = f"{step.name}: error {type(e).__name__}: {e}"
-                # anything else (AttributeError, TypeError, NameError, ...) is a bug in the step: the run stops
-                # with its traceback, whatever on_error says
-                if isinstance(result, str):
-                    st.reasons[reason_key(result)] += 1
-                    reject(doc, step.name, result)
-                    doc = None
-                    break
-                doc = result
-                st.docs_out += 1
-                st.chars_out += len(doc.text)
-            if doc is None:
-                continue
-            lengths_out.append(len(doc.text))
-            if signatures is not None:
-                signatures.add(doc)
-            if last:
-                writer_for(doc).write(flat_record(doc))
-            elif keep_work:
-                writer_for(doc).write({"id": doc.id, "text": doc.text, "meta": doc.meta})
+            pending = [(doc, 0)]  # an expanding step (augment) returns a list: the new documents go on after it
+            while pending:
+                doc, first = pending.pop(0)
+                for k in range(first, len(stage_steps)):
+                    step, st = stage_steps[k], stats[k]
+                    st.docs_in += 1
+                    st.chars_in += len(doc.text)
+                    try:
+                        result = step.apply(doc)
+                    except _DOCUMENT_ERRORS as e:  # a document the step cannot take (bad encoding, pathological input)
+                        if cfg.on_error == "fail":
+                            raise RuntimeError(f"step {step.name} failed on document {doc.id} ({_where(doc)}): "
+                                               f"{e!r}") from e
+                        result = f"{step.name}: error {type(e).__name__}: {e}"
+                    # anything else (AttributeError, TypeError, NameError, ...) is a bug in the step: the run stops
+                    # with its traceback, whatever on_error says
+                    if isinstance(result, str):
+                        st.reasons[reason_key(result)] += 1
+                        reject(doc, step.name, result)
+                        doc = None
+                        break
+                    if isinstance(result, list):  # the document first, then the ones it made
+                        doc, made = result[0], result[1:]
+                        pending[0:0] = [(d, k + 1) for d in made]
+                        st.docs_out += len(made)
+                        st.chars_out += sum(len(d.text) for d in made)
+                    else:
+                        doc = result
+                    st.docs_out += 1
+                    st.chars_out += len(doc.text)
+                if doc is None:
+                    continue
+                lengths_out.append(len(doc.text))
+                if signatures is not None:
+                    signatures.add(doc)
+                if last:
+                    writer_for(doc).write(flat_record(doc))
+                elif keep_work:
+                    writer_for(doc).write({"id": doc.id, "text": doc.text, "meta": doc.meta})
         if signatures is not None:
             signatures.save(paths, stage, shard)
     except BaseException as e:

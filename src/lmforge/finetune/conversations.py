@@ -82,6 +82,10 @@ def resolve_spec(data: str, format: str = "auto", columns: dict | None = None, t
     """A file, a folder of data files, or `DIR/dataset_info.json#NAME` (LLaMA-Factory's registry)."""
     if format not in FORMATS:
         raise ConfigError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
+    from lmforge.data.hf_datasets import is_dataset_source
+
+    if is_dataset_source(data):  # a datasets directory (or DIR#SPLIT, hf:REPO): its rows are the records
+        return DataSpec([data], format, dict(columns or {}), dict(tags or {}))
     path, _, name = data.partition("#")
     if Path(path).name == "dataset_info.json" or name:
         return _from_dataset_info(Path(path), name, columns, tags, ranking)
@@ -166,7 +170,7 @@ def read_conversations(spec: DataSpec, on_bad: OnBad | None = None, encoding: st
     kto = spec.columns.get("kto_tag")
     undesirable = 0
     for path in spec.files:
-        if path.endswith(".txt"):
+        if path.endswith(".txt") and Path(path).is_file():
             text = Path(path).read_text(encoding=encoding if encoding != "auto" else "utf-8")
             if spec.lines:
                 for i, line in enumerate(text.splitlines(), 1):

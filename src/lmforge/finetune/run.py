@@ -38,7 +38,8 @@ class FinetuneConfig(TrainConfig):
     """TrainConfig's fields (the loop's) with fine-tuning defaults, plus the data, template and method."""
 
     data: str = field(default="", metadata={"help": "a data file or folder, or DIR/dataset_info.json#NAME "
-                                                    "(LLaMA-Factory's registry)"})
+                                                    "(LLaMA-Factory's registry), or a Hugging Face datasets folder "
+                                                    "(save_to_disk, Arrow/Parquet), DIR#SPLIT"})
     out: str = field(default="runs/finetune", metadata={"help": "run directory"})
     model: str = field(default="", metadata={"help": "the base model: an HF model directory (one lmforge trained, or "
                                                      "GPT-2 / Llama / Qwen2 / Mistral / SmolLM), or hf:ORG/NAME"})
@@ -76,8 +77,10 @@ class FinetuneConfig(TrainConfig):
     best_metric: str = field(default="val_loss", metadata={
         "help": "what picks the best checkpoint (and early stopping): val_loss, or val_rougeL / val_exact_match of "
                 "the greedy replies to the --samples held-out prompts (lmforge.metrics; one process only)",
-        "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy"),
-                  "one of val_loss, val_rougeL, val_exact_match, val_reward_accuracy (preference)")})
+        "check": (lambda v: v in ("val_loss", "val_rougeL", "val_exact_match", "val_reward_accuracy", "val_bleu",
+                                  "val_chrf"),
+                  "one of val_loss, val_rougeL, val_exact_match, val_bleu, val_chrf (--task translate), "
+                  "val_reward_accuracy (preference)")})
     objective: str = field(default="sft", metadata={
         "help": "sft (instruction tuning), preference tuning on chosen/rejected pairs: dpo, ipo (references "
                 "computed once before training), orpo, simpo (reference-free), distill (learn a --teacher's "
@@ -167,6 +170,31 @@ class FinetuneConfig(TrainConfig):
                                                                  "instead of --lora-targets"})
     rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scale alpha / sqrt(r)"})
     lora_plus_ratio: float = field(default=0.0, metadata={"help": "LoRA+: B's learning rate ratio (0: off)"})
+    # sequence-to-sequence tasks (lmforge.finetune.seq2seq): source/target records, validation by generation
+    task: str = field(default="", metadata={
+        "help": "translate or summarize: the data holds source/target records; the instruction is built, replies "
+                "to held-out sources are scored (BLEU/chrF or ROUGE-L) and pick the best checkpoint",
+        "check": (lambda v: v in ("", "translate", "summarize"), "translate or summarize")})
+    src_lang: str = field(default="", metadata={"help": "translate: the source language code (en, zh, ja, ...)"})
+    tgt_lang: str = field(default="", metadata={"help": "translate: the target language code (zh targets: BLEU on "
+                                                        "sacrebleu's zh tokenization)"})
+    task_template: str = field(default="", metadata={
+        "help": "the user turn with a {source} slot instead of the task's instruction (implies --task summarize "
+                "metrics unless --task translate)"})
+    task_eval_examples: int = field(default=100, metadata={
+        "help": "task: held-out examples translated / summarised at each evaluation",
+        "check": (lambda v: v > 0, "> 0")})
+    # data augmentation of the training split (lmforge.data.augment): new examples whose user turns are EDA / noise
+    # variants, replies unchanged; the validation split is never augmented
+    augment: list[str] = field(default_factory=list, metadata={
+        "help": "augment the training examples' prompts with these operations: synonym insert swap delete (EDA), "
+                "char (typos), punct (AEDA); off when empty"})
+    augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
+                                                        "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    augment_synonyms: str = field(default="auto", metadata={
+        "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
     # pretraining's data settings: not used here (no flags)
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
@@ -192,7 +220,9 @@ class FinetuneConfig(TrainConfig):
         "val_fraction", "val_data", "method", "train_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
         "teacher", "teacher_cache", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio",
-        "kd_lmbda", "seq_kd", "kd_max_new_tokens", "kd_sample_temperature")
+        "kd_lmbda", "seq_kd", "kd_max_new_tokens", "kd_sample_temperature",
+        "augment", "augment_per_record", "augment_alpha", "augment_synonyms", "task", "src_lang", "tgt_lang",
+        "task_template")
 
 
 def _check_template_variables(variables: dict, template: str, source: str) -> None:
@@ -246,6 +276,17 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"teacher: a teacher is used by --objective distill, not {cfg.objective}")
     if cfg.best_metric == "val_reward_accuracy" and cfg.objective in ("sft", "distill", *RL_OBJECTIVES):
         raise ConfigError("best_metric: val_reward_accuracy is a preference-tuning metric (--objective dpo ...)")
+    if (cfg.task or cfg.task_template) and cfg.objective != "sft":
+        raise ConfigError("task: translation and summarisation train with --objective sft")
+    if cfg.augment:
+        from lmforge.data.augment import OPERATIONS
+
+        bad = [op for op in cfg.augment if op not in OPERATIONS]
+        if bad:
+            raise ConfigError(f"augment: unknown operation '{bad[0]}' (known: {', '.join(OPERATIONS)})")
+        if cfg.objective != "sft":
+            raise ConfigError("augment: preference pairs are not augmented (a changed prompt could change which "
+                              "reply is better); use it with --objective sft")
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
@@ -324,6 +365,49 @@ def _split(conversations: list, fraction: float, seed: int) -> tuple[list, list]
             [c for i, c in enumerate(conversations) if i in held])
 
 
+def _task(cfg: FinetuneConfig) -> str:
+    """The sequence-to-sequence task of a run ("" for none): a template alone scores like summarisation."""
+    return cfg.task or ("summarize" if cfg.task_template else "")
+
+
+def _task_best_metric(cfg: FinetuneConfig, task: str) -> str:
+    """A task run picks its checkpoint by the task's metric (BLEU, ROUGE-L), unless another generation metric is
+    named."""
+    from lmforge.finetune.seq2seq import TASK_METRICS
+
+    if task and cfg.best_metric == "val_loss":
+        return TASK_METRICS[task]
+    if cfg.best_metric in ("val_bleu", "val_chrf") and task != "translate":
+        raise ConfigError(f"best_metric: {cfg.best_metric} scores translations: use it with --task translate")
+    return cfg.best_metric
+
+
+def augment_conversations(conversations: list, ops: list[str], per_record: int = 1, alpha: float = 0.1,
+                          seed: int = 0, synonyms: str = "auto") -> list:
+    """The conversations, then new ones whose last user turn is an augmented variant (lmforge.data.augment) and
+    whose replies are the source's; each new one's `where` names its source and the operation."""
+    from lmforge.data.augment import AugmentConfig, augment_records
+    from lmforge.finetune.conversations import Conversation
+
+    def last_user(c) -> int | None:
+        if c.text is not None:
+            return None
+        turns = [i for i, m in enumerate(c.messages) if m["role"] == "user" and isinstance(m.get("content"), str)
+                 and m["content"].strip()]
+        return turns[-1] if turns else None
+
+    records = [(c.where or f"example {i + 1}", {"text": c.messages[t]["content"], "index": i})
+               for i, c in enumerate(conversations) if (t := last_user(c)) is not None]
+    out = list(conversations)
+    aug = AugmentConfig(ops=tuple(ops), per_record=per_record, alpha=alpha, seed=seed, synonyms=synonyms)
+    for rec in augment_records(records, aug, originals=False):
+        c = conversations[rec["index"]]
+        messages = [dict(m) for m in c.messages]
+        messages[last_user(c)]["content"] = rec["text"]
+        out.append(Conversation(messages, c.tools, None, f"{rec['augmented']['source']} ({rec['augmented']['op']})"))
+    return out
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune and return the Trainer's summary plus data and parameter figures."""
     import torch
@@ -361,13 +445,28 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         return run_reward_model(cfg, model_dir, tokenizer, template, template_source, rejects)
     if cfg.objective not in ("sft", "distill"):
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
-    conversations = load_conversations(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+    task = _task(cfg)
+
+    def read(data: str) -> list:
+        if task:  # source/target records, the task's instruction built around each source
+            from lmforge.finetune.seq2seq import load_task_conversations
+
+            return load_task_conversations(data, task, cfg.src_lang, cfg.tgt_lang, cfg.task_template, cfg.columns,
+                                           rejects, cfg.encoding, cfg.errors)
+        return load_conversations(data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+
+    conversations = read(cfg.data)
     if cfg.val_data:
         train_convs = conversations
-        val_convs = load_conversations(cfg.val_data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding,
-                                       cfg.errors)
+        val_convs = read(cfg.val_data)
     else:
         train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
+    if cfg.augment:
+        before = len(train_convs)
+        train_convs = augment_conversations(train_convs, cfg.augment, cfg.augment_per_record, cfg.augment_alpha,
+                                            cfg.seed, cfg.augment_synonyms)
+        log.info("augment: %d training examples + %d new (%s)", before, len(train_convs) - before,
+                 ", ".join(cfg.augment))
 
     problem = tool_rendering_check(tokenizer, template, conversations)
     if problem:
@@ -398,13 +497,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     batches = sft.SFTBatches(train, micro, cfg.max_length, cfg.packing, cfg.group_by_length, pad_id, cfg.seed,
                              rank, world)
     eval_data = sft.eval_batches(val, max(1, micro), pad_id) if val is not None else None
-    sample_convs = [c for c in val_convs if c.text is None][:cfg.samples]
+    sample_convs = [c for c in val_convs if c.text is None][:cfg.task_eval_examples if task else cfg.samples]
     out = Path(cfg.out)
-    if cfg.best_metric != "val_loss":  # the replies are generated on rank 0: other ranks could not agree on the best
+    best_metric = _task_best_metric(cfg, task)
+    if best_metric != "val_loss":  # the replies are generated on rank 0: other ranks could not agree on the best
         if world > 1:
-            raise ConfigError(f"best_metric: {cfg.best_metric} is measured on one process; use val_loss with torchrun")
+            raise ConfigError(f"best_metric: {best_metric} is measured on one process; use val_loss with torchrun")
         if not sample_convs:
-            raise ConfigError(f"best_metric: {cfg.best_metric} scores replies to held-out prompts: give --samples N "
+            raise ConfigError(f"best_metric: {best_metric} scores replies to held-out prompts: give --samples N "
                               "(N > 0) and held-out conversations")
     objective = None
     if cfg.objective == "distill":  # the same batches; the loss adds the teacher's distributions
@@ -433,8 +533,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=eval_data,
                       tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
-    if cfg.best_metric != "val_loss":
-        trainer.objective.best_metric, trainer.objective.higher_is_better = cfg.best_metric, True
+    if best_metric != "val_loss":
+        trainer.objective.best_metric, trainer.objective.higher_is_better = best_metric, True
         trainer.best_val = float("-inf")
     trainer.prepare_run_dir()  # refuses an occupied --out before anything is written there
     if trainer.is_main:
@@ -594,6 +694,10 @@ def _sampler(tokenizer, template: str, convs: list, cfg: FinetuneConfig, eos_ids
         # ROUGE-L (Chinese by characters) and exact match of the replies join the evaluation's metrics
         metrics["val_rougeL"] = rouge([r.strip() for r in replies], references, types=("rougeL",))["rougeL"]
         metrics["val_exact_match"] = exact_match([r.strip() for r in replies], [r.strip() for r in references])
+        if _task(cfg):
+            from lmforge.finetune.seq2seq import task_scores
+
+            metrics.update(task_scores(_task(cfg), replies, references, cfg.tgt_lang))
         with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
             for conv, reference, reply in zip(convs, references, replies):
                 f.write(json.dumps({"step": trainer.step, "prompt": conv.messages[-2]["content"],

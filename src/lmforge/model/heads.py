@@ -125,10 +125,11 @@ class Classifier(nn.Module):
                "label2id": {label: i for i, label in enumerate(self.labels)},
                "lmforge_task": {"task": self.task, "pooling": self.pooling}}
         if self.task == "sequence":
-            # one output is a score (a reward model), which transformers calls regression: it refuses
-            # single_label_classification with one label
+            # one output is a score (a reward model, a regression head), which transformers calls regression: it
+            # refuses single_label_classification with one label
             out["problem_type"] = ("multi_label_classification" if self.multi_label else
-                                   "regression" if len(self.labels) == 1 else "single_label_classification")
+                                   "regression" if getattr(self, "regression", False) or len(self.labels) == 1 else
+                                   "single_label_classification")
         return out
 
     def hf_state(self) -> dict[str, torch.Tensor]:
@@ -248,4 +249,5 @@ def load_classifier(directory: str | os.PathLike) -> Classifier:
         if f"{head}.bias" not in tensors:
             raise CheckpointError(f"{d}: tensor '{head}.bias' is missing")
         model.head.bias.data.copy_(tensors[f"{head}.bias"])
+    model.regression = raw.get("problem_type") == "regression"
     return model.eval()
