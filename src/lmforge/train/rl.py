@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lmforge.train.objectives import Objective, _decoder, _model_inputs
+from lmforge.train.objectives import Objective, _decoder, model_inputs
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -138,7 +138,7 @@ def token_logps(forward: Callable, batch: dict, with_entropy: bool = False
     None). The head's matmul and softmax run on the trained positions only."""
     labels = batch["labels"]
     trained = labels != -100
-    out = forward(batch["input_ids"], **_model_inputs(batch))[trained]
+    out = forward(batch["input_ids"], **model_inputs(batch))[trained]
     decoder = _decoder(forward)
     logits = (decoder.logits(out) if decoder is not None else out).float()
     logp_all = torch.log_softmax(logits, -1)
