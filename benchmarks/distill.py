@@ -59,7 +59,7 @@ def step_seconds(run: Path) -> float:
 def held_out_scores(models: dict[str, Path], teacher: Path, val_file: Path, max_length: int, tokens: int) -> dict:
     """Per model: KL(teacher || model) per reply token, answer loss, ROUGE-L of greedy replies to the teacher's."""
     import torch
-    from lmforge.eval.metrics import rouge
+    from lmforge.metrics import rouge
 
     from lmforge.chat.render import encode_chat
     from lmforge.chat.stops import eos_ids, stop_ids

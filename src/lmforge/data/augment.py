@@ -510,7 +510,10 @@ def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, ori
             yield rec
     stats = {"records": len(records), "new": 0, "duplicates": 0, "by_op": {op: 0 for op in cfg.ops}}
     for where, rec in records:
-        rng = random.Random(f"{cfg.seed}:{where}")
+        # seeded by the seed and the record's own text: the same data gives the same records wherever its files
+        # sit (a path in the seed made runs depend on the directory), and no record's draws depend on another's
+        content = "\x1f".join(map(str, rec[cfg.tokens_field])) if tagged else _key(rec[cfg.text_field])
+        rng = random.Random(f"{cfg.seed}:{content}")
         if tagged:
             made = [(op, (tuple(t), t, g)) for op, t, g in
                     augment_tagged(rec[cfg.tokens_field], rec[cfg.tags_field], cfg, rng, synonyms, where)]
@@ -558,7 +561,7 @@ class AugmentStep(Step):
     def apply(self, doc: Document) -> list[Document]:
         if not hasattr(self, "_cfg"):
             self.setup()
-        rng = random.Random(f"{self.seed}:{doc.id}")
+        rng = random.Random(f"{self.seed}:{_key(doc.text)}")  # as augment_records: the text, not where it sits
         out, seen = [doc], {_key(doc.text)}
         for k, (op, text) in enumerate(augment_texts(doc.text, self._cfg, rng, self._synonyms)):
             if _key(text) in seen or not text.strip():

@@ -103,7 +103,7 @@ def load_task_conversations(data: str, task: str, src_lang: str = "", tgt_lang: 
 def task_scores(task: str, replies: Sequence[str], references: Sequence[str], tgt_lang: str = "") -> dict:
     """The validation metrics of a task's generated replies: val_bleu and val_chrf (translation, sacrebleu's
     defaults, its zh tokenizer for Chinese targets), val_rougeL (summarisation)."""
-    from lmforge.eval.metrics import bleu, chrf, rouge
+    from lmforge.metrics import bleu, chrf, rouge
 
     replies = [r.strip() for r in replies]
     if task == "translate":
