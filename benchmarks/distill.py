@@ -59,7 +59,6 @@ def step_seconds(run: Path) -> float:
 def held_out_scores(models: dict[str, Path], teacher: Path, val_file: Path, max_length: int, tokens: int) -> dict:
     """Per model: KL(teacher || model) per reply token, answer loss, ROUGE-L of greedy replies to the teacher's."""
     import torch
-    from lmforge.metrics import rouge
 
     from lmforge.chat.render import encode_chat
     from lmforge.chat.stops import eos_ids, stop_ids
@@ -68,6 +67,7 @@ def held_out_scores(models: dict[str, Path], teacher: Path, val_file: Path, max_
     from lmforge.finetune.conversations import load_conversations
     from lmforge.infer.engine import generate
     from lmforge.infer.sampling import SamplingConfig
+    from lmforge.metrics import rouge
     from lmforge.model import load_hf_model
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.distill import Distill
