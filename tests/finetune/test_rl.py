@@ -266,3 +266,17 @@ def test_rl_resume_equals_an_uninterrupted_run(base_model, tmp_path):
     wa, wb = (load_file(tmp_path / d / "last" / "adapter_model.safetensors") for d in "ab")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name])
+
+
+def test_prompts_must_fit_the_models_own_context(trained_dir, tmp_path, capsys):
+    """--max-length above a small model's context: the context is the limit, and the error says so."""
+    from lmforge.cli import main
+    from tests.models import tiny_llama
+
+    small = tiny_llama(tmp_path / "small", trained_dir, max_positions=32)
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    rc = main(["finetune", "--model", str(small), "--data", str(data), "--out", str(tmp_path / "run"), "--objective",
+               "grpo", "--reward", "format:^[a-z]", "--template", "chatml", "--max-completion-tokens", "30",
+               "--max-length", "512", "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the model's context of 32 tokens" in err and "Traceback" not in err, err

@@ -47,22 +47,26 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
                           f"--method {cfg.method}")
     rewards = parse_rewards(cfg.reward)
     prompts = load_prompts(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+    model = load_hf_model(model_dir)
+    # a prompt and its completion must fit --max-length and the model's own context (a small model's is short)
+    limit = min(cfg.max_length, model.cfg.max_seq_len)
+    limit_name = "--max-length" if limit == cfg.max_length else "the model's context of"
     too_long = 0
     kept = []
     for p in prompts:
         p.ids = encode_chat(tokenizer, template, p.messages, add_generation_prompt=True, tools=p.tools,
                             **cfg.chat_template_kwargs).ids
-        if len(p.ids) + cfg.max_completion_tokens > cfg.max_length:
+        if len(p.ids) + cfg.max_completion_tokens > limit:
             too_long += 1
         else:
             kept.append(p)
     if too_long:
-        log.warning("%d of %d prompts leave no room for %d completion tokens within --max-length %d and are left out",
-                    too_long, len(prompts), cfg.max_completion_tokens, cfg.max_length)
+        log.warning("%d of %d prompts leave no room for %d completion tokens within %s %d tokens and are left out",
+                    too_long, len(prompts), cfg.max_completion_tokens, limit_name, limit)
     if not kept:
         raise ConfigError(f"max_length: no prompt fits with {cfg.max_completion_tokens} completion tokens in "
-                          f"{cfg.max_length}; raise --max-length or lower --max-completion-tokens")
-    model = load_hf_model(model_dir)
+                          f"{limit_name} {limit} tokens; lower --max-completion-tokens" +
+                          (" or raise --max-length" if limit == cfg.max_length else ""))
     eos = model_eos_ids(tokenizer, model.cfg)
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
