@@ -402,7 +402,9 @@ def _serve_step(out: Path, log) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    # log_config=None: uvicorn's default dictConfig would close every logging handler of this process
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning",
+                                       log_config=None))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     try:

@@ -46,8 +46,10 @@ class Running:
         self.model, self.tok = load_hf_model(model_dir), load_tokenizer(model_dir)
         self.server = Server(self.model, self.tok, "tiny", **kw)
         port = _free_port()
+        # log_config=None: uvicorn's own logging.config.dictConfig would close every handler in the process,
+        # pytest's log capture included (the next test then fails on a closed stream)
         self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=port,
-                                                log_level="warning"))
+                                                log_level="warning", log_config=None))
         self.thread = threading.Thread(target=self.uv.run, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{port}"
