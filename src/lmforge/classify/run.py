@@ -100,7 +100,8 @@ class ClassifyConfig(TrainConfig):
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
     model_overrides: dict = field(default_factory=dict, metadata={"cli": False})
-    moe_aux_weight: float = field(default=0.01, metadata={"cli": False})
+    # MoE backbones: the checkpoint's router_aux_loss_coef, as finetune does (TrainConfig's rule)
+    moe_aux_weight: float | None = field(default=None, metadata={"cli": False})
     # the loop's settings, with classification defaults (BERT fine-tuning's usual ones)
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer ones are cut, and counted)",
                                                    "check": (lambda v: v > 0, "> 0")})
@@ -226,6 +227,8 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     summary = trainer.fit()
     summary["data"] = data_stats
     summary["parameters"] = parameter_counts(model)
+    if getattr(model.cfg, "n_experts", 0):
+        summary["moe_aux_weight"] = trainer.moe_aux_weight
     if trainer.is_main and (out / "best" / "config.json").exists():
         report = evaluate_dir(out / "best", cfg.val_data or None, cfg, records=val_recs, calibrate=True,
                               confusion_png=out / "confusion.png" if cfg.task != "token" else None)
