@@ -225,16 +225,6 @@ class FinetuneConfig(TrainConfig):
         "task_template")
 
 
-def _check_template_variables(variables: dict, template: str, source: str) -> None:
-    """chat_template_kwargs must be variables the template reads, not the ones lmforge passes itself."""
-    for name in variables:
-        if name in ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message"):
-            raise ConfigError(f"chat_template_kwargs: {name} is set by lmforge for each example; give the template's "
-                              "own variables only")
-        if not re.search(rf"\b{re.escape(str(name))}\b", template):
-            raise ConfigError(f"chat_template_kwargs: the chat template ({source}) never reads {name!r}")
-
-
 def check_config(cfg: FinetuneConfig) -> None:
     if cfg.method in PLANNED_METHODS:
         raise ConfigError(f"method: {cfg.method} ({PLANNED_METHODS[cfg.method]}) is not in this version yet; "
@@ -433,7 +423,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           "its weights")
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
-    _check_template_variables(cfg.chat_template_kwargs, template, template_source)
+    from lmforge.chat.templates import check_template_variables
+
+    check_template_variables(cfg.chat_template_kwargs, template, template_source)
     rejects = RejectLog() if cfg.on_error == "skip" else None
     if cfg.objective in RL_OBJECTIVES:
         from lmforge.finetune.rl import run_rl

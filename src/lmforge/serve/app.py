@@ -202,7 +202,7 @@ def create_app(server: Server, cors: list[str] | None = None):
             base["sources"] = sources  # an extra field (the OpenAI client ignores it): what the answer stands on
             prompt, max_tokens = found.prompt, found.max_new_tokens
         else:
-            prompt = server.chat_prompt(req.messages, tools)
+            prompt = server.chat_prompt(req.messages, tools, req.chat_template_kwargs)
         names = {t["function"]["name"] for t in tools} if tools else None
         configs = server.sampling(req, len(prompt), max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else -1

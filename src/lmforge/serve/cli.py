@@ -28,7 +28,8 @@ def build_server(args: argparse.Namespace):
 
         index, ask_cfg = RagIndex.open(args.index), AskConfig(k=args.k)
     return Server(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                  context=args.context, embedder=embedder, embedder_name=embedder_name, index=index, ask_cfg=ask_cfg)
+                  context=args.context, embedder=embedder, embedder_name=embedder_name, index=index, ask_cfg=ask_cfg,
+                  template_kwargs=loaded.template_kwargs)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
