@@ -127,8 +127,8 @@ class FinetuneConfig(TrainConfig):
     teacher_cache: str = field(default="", metadata={"help": "distill: a teacher cache (lmforge distill cache) "
                                                              "instead of --teacher: no teacher in memory"})
     teacher_dtype: str = field(default="float32", metadata={"help": "distill: the teacher's weights (bfloat16 halves "
-                                                                    "its memory)",
-                                                            "choices": ["float32", "bfloat16", "float16"]})
+                                                                    "its memory, int8 quarters it)",
+                                                            "choices": ["float32", "bfloat16", "float16", "int8"]})
     kd_loss: str = field(default="forward_kl", metadata={
         "help": "distill: forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized JSD "
                 "with --kd-beta)", "choices": ["forward_kl", "reverse_kl", "jsd"]})
