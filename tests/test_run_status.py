@@ -37,6 +37,7 @@ def test_trainer_records_finished_stopped_and_failed(shards, tmp_path):
     done = read_status(tmp_path / "done")
     assert done["state"] == "finished" and done["step"] == 3 and done["pid"] == os.getpid()
     assert done["ended"] >= done["started"]
+    assert (done["max_steps"], done["best_metric"], done["higher_is_better"]) == (3, "val_loss", False)
 
     _trainer(shards, tmp_path / "part").fit(until_step=2)  # what a Ctrl-C or a time budget leaves: resumable
     part = read_status(tmp_path / "part")

@@ -1,7 +1,8 @@
 """A run directory's `status.json`: whether its run is running, finished, stopped or failed, written by the process
 that runs it, so that a reader (`lmforge studio`, a script) knows instead of guessing from file times.
 
-  {"state": "running", "pid": 4711, "host": "box", "started": 1733540000.0, "step": 0}
+  {"state": "running", "pid": 4711, "host": "box", "started": 1733540000.0, "step": 0, "max_steps": 60,
+   "best_metric": "val_loss", "higher_is_better": false}
   {"state": "finished" | "stopped" | "failed", ..., "ended": 1733540100.0, "step": 60, "reason": "..."}
 
 A process that dies without writing its end (SIGKILL, out of memory, power) leaves "running" behind with its pid;
@@ -22,10 +23,11 @@ STATUS_FILE = "status.json"
 STATES = ("running", "finished", "stopped", "failed")
 
 
-def mark_running(run_dir: str | os.PathLike, step: int = 0) -> None:
-    """Record that this process now runs the run in `run_dir` (from `step`, a resumed run's checkpoint)."""
+def mark_running(run_dir: str | os.PathLike, step: int = 0, **about) -> None:
+    """Record that this process now runs the run in `run_dir` (from `step`, a resumed run's checkpoint); `about`:
+    what a reader cannot know from the other files (the Trainer: max_steps, best_metric, higher_is_better)."""
     write_json(Path(run_dir) / STATUS_FILE, {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                                             "started": time.time(), "step": step})
+                                             "started": time.time(), "step": step, **about})
 
 
 def mark_ended(run_dir: str | os.PathLike, state: str, step: int | None = None, reason: str = "") -> None:

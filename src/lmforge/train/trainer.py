@@ -480,7 +480,8 @@ class Trainer:
         started = time.perf_counter()
         self.prepare_run_dir()
         if self.is_main:  # status.json: running / finished / stopped / failed, for readers of the run directory
-            run_status.mark_running(self.out, self.step)
+            run_status.mark_running(self.out, self.step, max_steps=cfg.max_steps, best_metric=self.objective.best_metric,
+                                    higher_is_better=self.objective.higher_is_better)
         # only rank 0 writes metrics; the others write to nowhere
         metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         tb = None

@@ -1,0 +1,163 @@
+"""The studio's HTTP app: JSON endpoints over a workspace's runs, the launcher and the CLI's option definitions,
+and the page (studio/static: vanilla JS and a canvas chart of our own, no CDN). Every request passes the
+RequestGuard of serve/security.py first (Host, Origin, and the session token for anything that changes state).
+
+  GET  /                                  the page (it reads the token from its URL's #token=... fragment)
+  GET  /api/runs                          every run: kind, model, data, status, steps, best metric, wall time,
+                                          config, the command that reproduces it
+  GET  /api/runs/{id}/metrics?offset=N    metrics.jsonl records from byte N: {records, offset, reset}
+  GET  /api/commands                      the launchable commands and their options (from the CLI's parsers)
+  POST /api/preview   {command, values}   the exact argv a launch would run
+  POST /api/launch    {command, values}   start it: the launch record
+  GET  /api/launches, /api/launches/{id}/log?offset=N
+  POST /api/launches/{id}/stop | resume
+
+Bad input (an unknown flag, a value argparse would refuse, --out outside the workspace) is a 400 whose "error"
+names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from fastapi import Request  # at module level: FastAPI resolves the routes' annotations in this module's namespace
+
+from lmforge.serve.security import RequestGuard, is_loopback
+from lmforge.studio.commands import LAUNCHABLE, FormError, build_argv, options
+from lmforge.studio.launcher import Launcher, NotFound
+from lmforge.studio.runs import read_metrics, read_run, scan_runs
+
+STATIC = Path(__file__).parent / "static"
+
+
+class Studio:
+    """What the app serves: the workspace (runs folder), the commands' parsers and the launcher."""
+
+    def __init__(self, workspace: str | os.PathLike, parsers: dict[str, argparse.ArgumentParser],
+                 cwd: str | os.PathLike | None = None):
+        self.workspace = Path(workspace).resolve()
+        self.parsers = {c: parsers[c] for c in LAUNCHABLE if c in parsers}
+        self.launcher = Launcher(self.workspace, self.parsers, cwd)
+
+    def run_dir(self, run_id: str) -> Path:
+        """The directory of run `run_id`, which must lie inside the workspace (NotFound otherwise)."""
+        path = (self.workspace / run_id).resolve()
+        if path == self.workspace or not path.is_relative_to(self.workspace) or not path.is_dir():
+            raise NotFound(run_id)
+        return path
+
+    def runs(self) -> list[dict]:
+        """The runs, each with the studio's launch that writes into it (its process state) where there is one."""
+        out = []
+        for run in scan_runs(self.workspace, self.parsers):
+            item = run.to_json()
+            launch = self.launcher.status_of(run.path)
+            if launch is not None:
+                item["launch"] = launch.to_json()
+                if run.status == "unknown":  # no status.json: the process the studio started is the answer
+                    item["status"] = ("running" if launch.state == "running" else
+                                      "finished" if launch.returncode == 0 else
+                                      "stopped" if launch.stop_requested else "failed")
+            out.append(item)
+        return out
+
+
+def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None = None, token: str | None = None):
+    """The FastAPI app over `studio`, behind the Host / Origin / token guard for `host`:`port`. A non-loopback
+    `host` needs the token for every request but the page itself."""
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse, JSONResponse
+
+    app = FastAPI(title="lmforge studio", version="1")
+    app.add_middleware(RequestGuard, host=host, port=port, token=token, token_for_reads=not is_loopback(host),
+                       open_paths=("/",))
+
+    def bad(message: str, status: int = 400):
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(FormError)
+    async def _form_error(request, exc: FormError):
+        return bad(str(exc))
+
+    @app.exception_handler(NotFound)
+    async def _missing(request, exc: NotFound):
+        return bad(f"not found: {exc.args[0] if exc.args else ''}", 404)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/{name}")
+    async def asset(name: str):
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise NotFound(name)
+        return FileResponse(path)
+
+    @app.get("/api/runs")
+    async def runs():
+        return {"workspace": str(studio.workspace), "runs": studio.runs()}
+
+    @app.get("/api/runs/{run_id:path}/metrics")
+    async def metrics(run_id: str, offset: int = 0):
+        records, offset, reset = read_metrics(studio.run_dir(run_id) / "metrics.jsonl", offset)
+        return {"records": records, "offset": offset, "reset": reset}
+
+    @app.get("/api/runs/{run_id:path}/detail")
+    async def run_detail(run_id: str):
+        run = read_run(studio.run_dir(run_id), studio.workspace, studio.parsers)
+        if run is None:
+            raise NotFound(run_id)
+        return run.to_json()
+
+    @app.get("/api/commands")
+    async def commands():
+        return {"commands": {c: [o.to_json() for o in options(p)] for c, p in studio.parsers.items()}}
+
+    async def _body(request: Request) -> tuple[str, dict]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise FormError("the request body is not JSON") from None
+        command, values = body.get("command"), body.get("values") or {}
+        if command not in studio.parsers:
+            raise FormError(f"command: {command!r} is not one of {', '.join(studio.parsers)}")
+        if not isinstance(values, dict):
+            raise FormError("values: an object {option: value}")
+        return command, values
+
+    @app.post("/api/preview")
+    async def preview(request: Request):
+        import shlex
+
+        command, values = await _body(request)
+        argv = build_argv(studio.parsers[command], values)
+        studio.launcher.output_dir(command, argv)
+        return {"argv": ["lmforge", *command.split(), *argv],
+                "command_line": shlex.join(["lmforge", *command.split(), *argv])}
+
+    @app.post("/api/launch")
+    async def launch(request: Request):
+        command, values = await _body(request)
+        return studio.launcher.start(command, values).to_json()
+
+    @app.get("/api/launches")
+    async def launches():
+        return {"launches": [launch.to_json() for launch in studio.launcher.all()]}
+
+    @app.get("/api/launches/{launch_id}/log")
+    async def log(launch_id: str, offset: int = 0):
+        text, offset = studio.launcher.log(launch_id, offset)
+        return {"text": text, "offset": offset, "launch": studio.launcher.get(launch_id).to_json()}
+
+    @app.post("/api/launches/{launch_id}/stop")
+    async def stop(launch_id: str):
+        return studio.launcher.stop(launch_id).to_json()
+
+    @app.post("/api/launches/{launch_id}/resume")
+    async def resume(launch_id: str):
+        return studio.launcher.resume(launch_id).to_json()
+
+    return app

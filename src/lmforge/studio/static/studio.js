@@ -1,0 +1,276 @@
+// lmforge studio: the Runs view (table, live curves, overlay, config and command) and the Launch view (forms from the
+// CLI's own flags, the exact command, start / stop / resume, the log). Plain JS over the JSON endpoints of app.py.
+"use strict";
+
+const TOKEN_KEY = "lmforge.studio.token";
+const POLL_MS = 1000;
+const $ = (id) => document.getElementById(id);
+
+// the session token comes in the URL's fragment (never sent to a server, never in a log), then lives in this
+// origin's storage; every request carries it in X-Lmforge-Token
+(function takeToken() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    localStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+})();
+
+async function api(path, body) {
+  const headers = { "X-Lmforge-Token": localStorage.getItem(TOKEN_KEY) || "" };
+  const init = body === undefined ? { headers } : {
+    method: "POST", headers: { ...headers, "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  const r = await fetch(path, init);
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    const e = data.error;
+    throw new Error(typeof e === "string" ? e : (e && e.message) || `${r.status} ${r.statusText}`);
+  }
+  return data;
+}
+
+function notice(text) { $("notice").textContent = text || ""; }
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+function fmtSeconds(s) {
+  if (s == null) return "";
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+function fmtNumber(v) {
+  return typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(4)) : "";
+}
+
+// --- state ------------------------------------------------------------------------------------------------------
+const state = {
+  runs: [], overlay: new Set(), metrics: {}, detail: null, metric: "loss", pendingOut: null,
+  commands: null, launchId: null, logOffset: 0,
+};
+
+// --- Runs -------------------------------------------------------------------------------------------------------
+function renderRuns() {
+  const body = $("runs-table").querySelector("tbody");
+  body.innerHTML = state.runs.map((r) => {
+    const steps = r.step != null ? (r.max_steps ? `${r.step} / ${r.max_steps}` : String(r.step)) : "";
+    const best = r.best ? `${r.best.metric} ${fmtNumber(r.best.value)} @${r.best.step}` : "";
+    return `<tr data-id="${esc(r.id)}" class="${r.id === state.detail ? "selected" : ""}">
+      <td><input type="checkbox" class="overlay" data-id="${esc(r.id)}" ${state.overlay.has(r.id) ? "checked" : ""}></td>
+      <td title="${esc(r.id)}">${esc(r.id)}</td><td>${esc(r.kind)}</td>
+      <td><span class="status ${esc(r.status)}" title="${esc(r.reason)}">${esc(r.status)}</span></td>
+      <td title="${esc(r.model)}">${esc(r.model)}</td><td title="${esc(r.data)}">${esc(r.data)}</td>
+      <td>${esc(steps)}</td><td>${esc(best)}</td><td>${fmtSeconds(r.wall_s)}</td></tr>`;
+  }).join("");
+  body.querySelectorAll("input.overlay").forEach((box) => box.addEventListener("click", (ev) => {
+    ev.stopPropagation();
+    if (box.checked) state.overlay.add(box.dataset.id); else state.overlay.delete(box.dataset.id);
+    refreshCurves();
+  }));
+  body.querySelectorAll("tr").forEach((tr) => tr.addEventListener("click", () => showDetail(tr.dataset.id)));
+}
+
+function showDetail(id) {
+  state.detail = id;
+  const r = state.runs.find((x) => x.id === id);
+  if (!r) return;
+  $("detail").hidden = false;
+  $("detail-title").textContent = r.id;
+  $("detail-status").textContent = `${r.kind} · ${r.status}${r.reason ? " (" + r.reason + ")" : ""}`;
+  $("detail-command").textContent = r.command_line || "(not a command the studio knows)";
+  $("detail-config").textContent = JSON.stringify(r.results ? { config: r.config, results: r.results } : r.config, null, 2);
+  renderRuns();
+}
+
+async function loadRuns() {
+  const data = await api("/api/runs");
+  $("workspace").textContent = data.workspace;
+  state.runs = data.runs;
+  if (state.pendingOut) {  // a run just launched: overlay it as soon as its directory appears
+    const r = state.runs.find((x) => x.id === state.pendingOut);
+    if (r) { state.overlay.add(r.id); state.pendingOut = null; }
+  }
+  if (!state.overlay.size && state.runs.length) {
+    const first = state.runs.find((x) => x.metrics && x.metrics.length);
+    if (first) state.overlay.add(first.id);
+  }
+  renderRuns();
+}
+
+async function refreshCurves() {
+  for (const id of state.overlay) {
+    const m = state.metrics[id] || (state.metrics[id] = { offset: 0, records: [] });
+    try {
+      const data = await api(`/api/runs/${encodeURI(id)}/metrics?offset=${m.offset}`);
+      if (data.reset) m.records = [];
+      m.records.push(...data.records);
+      m.offset = data.offset;
+    } catch (e) { /* the run may be gone; the table says so */ }
+  }
+  const names = new Set();
+  for (const id of state.overlay) {
+    for (const rec of (state.metrics[id] || { records: [] }).records) {
+      Object.keys(rec).forEach((k) => { if (k !== "step" && typeof rec[k] === "number") names.add(k); });
+    }
+  }
+  const select = $("metric");
+  const wanted = [...names].sort();
+  if (select.options.length !== wanted.length || [...select.options].some((o, i) => o.value !== wanted[i])) {
+    select.innerHTML = wanted.map((n) => `<option>${esc(n)}</option>`).join("");
+  }
+  if (wanted.includes(state.metric)) select.value = state.metric;
+  else if (wanted.length) state.metric = select.value = wanted.includes("loss") ? "loss" : wanted[0];
+  const series = [...state.overlay].map((id, i) => ({
+    name: id, color: window.PALETTE[i % window.PALETTE.length],
+    points: (state.metrics[id] || { records: [] }).records
+      .filter((r) => typeof r[state.metric] === "number").map((r) => [r.step, r[state.metric]]),
+  }));
+  window.drawChart($("chart"), series, { logY: $("logy").checked });
+  $("legend").innerHTML = series.map((s) => `<span><i style="background:${s.color}"></i>${esc(s.name)}` +
+    ` (${s.points.length})</span>`).join("");
+}
+
+// --- Launch -----------------------------------------------------------------------------------------------------
+async function loadCommands() {
+  state.commands = (await api("/api/commands")).commands;
+  $("command").innerHTML = Object.keys(state.commands).map((c) => `<option>${esc(c)}</option>`).join("");
+  buildForm();
+}
+
+function buildForm() {
+  const options = state.commands[$("command").value] || [];
+  $("form").innerHTML = options.map((o) => {
+    const id = `opt-${o.dest}`;
+    const label = o.flag || o.dest;
+    const dflt = o.default ? `default: ${o.default}` : "";
+    let input;
+    if (o.kind === "bool") {
+      input = `<select id="${id}" name="${esc(o.dest)}" data-kind="bool"><option value="">(${esc(dflt || "default")})</option>` +
+        `<option value="true">yes</option><option value="false">no</option></select>`;
+    } else if (o.kind === "choice") {
+      input = `<select id="${id}" name="${esc(o.dest)}" data-kind="choice"><option value="">(${esc(dflt || "default")})</option>` +
+        o.choices.map((c) => `<option>${esc(c)}</option>`).join("") + "</select>";
+    } else {
+      const hint = o.kind === "list" || o.kind === "repeat" ? " (several: separate by spaces)" : "";
+      input = `<input type="text" id="${id}" name="${esc(o.dest)}" data-kind="${esc(o.kind)}" placeholder="${esc(dflt + hint)}">`;
+    }
+    return `<div class="field"><label for="${id}" class="${o.required ? "required" : ""}">${esc(label)}</label>${input}` +
+      `<div class="help">${esc(o.help)}</div></div>`;
+  }).join("");
+  $("form").querySelectorAll("input, select").forEach((el) => el.addEventListener("input", schedulePreview));
+  schedulePreview();
+}
+
+function formValues() {
+  const values = {};
+  $("form").querySelectorAll("input, select").forEach((el) => {
+    if (el.value === "") return;
+    values[el.name] = el.dataset.kind === "bool" ? el.value === "true" : el.value;
+  });
+  return values;
+}
+
+let previewTimer = null;
+function schedulePreview() {
+  clearTimeout(previewTimer);
+  previewTimer = setTimeout(preview, 150);
+}
+
+async function preview() {
+  try {
+    const data = await api("/api/preview", { command: $("command").value, values: formValues() });
+    $("preview").textContent = data.command_line;
+    $("preview").className = "";
+    $("start").disabled = false;
+  } catch (e) {
+    $("preview").textContent = e.message;
+    $("preview").className = "error";
+    $("start").disabled = true;
+  }
+}
+
+async function start() {
+  try {
+    const launch = await api("/api/launch", { command: $("command").value, values: formValues() });
+    state.pendingOut = launch.out;
+    selectLaunch(launch.id);
+    notice("");
+    await loadLaunches();
+  } catch (e) { notice(e.message); }
+}
+
+function selectLaunch(id) {
+  state.launchId = id;
+  state.logOffset = 0;
+  $("log").textContent = "";
+  $("log-title").textContent = `Log of ${id}`;
+}
+
+async function loadLaunches() {
+  const launches = (await api("/api/launches")).launches;
+  if (!state.launchId && launches.length) selectLaunch(launches[0].id);
+  $("launches").innerHTML = launches.map((l) => {
+    const running = l.state === "running";
+    const label = running ? (l.stop_requested ? "stopping" : "running") : `exited ${l.returncode ?? "?"}`;
+    return `<div class="launch ${l.id === state.launchId ? "current" : ""}" data-id="${esc(l.id)}">
+      <span class="status ${running ? "running" : l.returncode === 0 ? "finished" : "failed"}">${esc(label)}</span>
+      <code>lmforge ${esc(l.command)} ${esc(l.argv.join(" "))}</code>
+      ${running ? `<button class="stop" data-id="${esc(l.id)}">Stop</button>` :
+        `<button class="resume secondary" data-id="${esc(l.id)}">Resume</button>`}</div>`;
+  }).join("");
+  $("launches").querySelectorAll(".launch").forEach((el) => el.addEventListener("click", () => selectLaunch(el.dataset.id)));
+  $("launches").querySelectorAll("button.stop").forEach((b) => b.addEventListener("click", async (ev) => {
+    ev.stopPropagation();
+    try { await api(`/api/launches/${b.dataset.id}/stop`, {}); await loadLaunches(); } catch (e) { notice(e.message); }
+  }));
+  $("launches").querySelectorAll("button.resume").forEach((b) => b.addEventListener("click", async (ev) => {
+    ev.stopPropagation();
+    try {
+      const launch = await api(`/api/launches/${b.dataset.id}/resume`, {});
+      selectLaunch(launch.id);
+      await loadLaunches();
+    } catch (e) { notice(e.message); }
+  }));
+}
+
+async function loadLog() {
+  if (!state.launchId) return;
+  const data = await api(`/api/launches/${state.launchId}/log?offset=${state.logOffset}`);
+  if (data.text) {
+    // a progress bar redraws its line with \r: keep the last state of each line
+    const log = $("log");
+    const text = (log.textContent + data.text).split("\n").map((line) => line.split("\r").filter(Boolean).pop() || "").join("\n");
+    log.textContent = text.slice(-200000);
+    log.scrollTop = log.scrollHeight;
+  }
+  state.logOffset = data.offset;
+}
+
+// --- wiring -----------------------------------------------------------------------------------------------------
+function show(view) {
+  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.view === view));
+  document.querySelectorAll(".view").forEach((v) => { v.hidden = v.id !== `view-${view}`; });
+}
+
+document.querySelectorAll(".tab").forEach((t) => t.addEventListener("click", () => show(t.dataset.view)));
+$("command").addEventListener("change", buildForm);
+$("start").addEventListener("click", start);
+$("metric").addEventListener("change", () => { state.metric = $("metric").value; refreshCurves(); });
+$("logy").addEventListener("change", refreshCurves);
+
+async function tick() {
+  try {
+    await loadRuns();
+    await refreshCurves();
+    await loadLaunches();
+    await loadLog();
+  } catch (e) { notice(e.message); }
+  setTimeout(tick, POLL_MS);
+}
+
+loadCommands().catch((e) => notice(e.message));
+tick();
+window.studio = { state, show };

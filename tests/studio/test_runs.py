@@ -1,0 +1,94 @@
+"""studio/runs.py over run directories the real CLI wrote: kind, status, steps, best metric (against the Trainer's own
+best/trainer_state.json), and a command line that the CLI parses back into the run's resolved config."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import yaml
+
+from lmforge.studio.runs import read_metrics, scan_runs
+
+
+def _config_of_command(command_line: str, cls, parsers, command: str):
+    """What the CLI resolves the command line to (argparse + config_from_args), as a dict."""
+    from dataclasses import asdict
+
+    from lmforge.config import config_from_args
+
+    argv = shlex.split(command_line)
+    assert argv[:1 + len(command.split())] == ["lmforge", *command.split()]
+    args = parsers[command].parse_args(argv[1 + len(command.split()):])
+    return asdict(config_from_args(cls, args))
+
+
+def test_finished_runs_read_as_the_cli_wrote_them(workspace, parsers):
+    runs = {r.id: r for r in scan_runs(workspace / "runs", parsers)}
+    assert set(runs) == {"pt-done", "sft/ft-done"}  # found at any depth; checkpoints inside runs are not runs
+    pt, ft = runs["pt-done"], runs["sft/ft-done"]
+    assert (pt.kind, pt.status, pt.step, pt.max_steps) == ("pretrain", "finished", 4, 4)
+    assert (ft.kind, ft.status, ft.step) == ("finetune", "finished", 2)
+    assert pt.model == "tiny-llama" and pt.data.endswith("tokens") and ft.data.endswith("qa.jsonl")
+    # the best evaluation is the one the Trainer kept as best/
+    state = json.loads((workspace / "runs" / "pt-done" / "best" / "trainer_state.json").read_text())
+    assert pt.best["metric"] == "val_loss" and pt.best["value"] == pytest.approx(state["best_val"])
+    assert pt.best["step"] == state["step"]
+    assert pt.wall_s is not None and pt.wall_s > 0 and pt.checkpoints == ["best", "last"]
+    assert {"loss", "lr", "val_loss"} <= set(pt.metrics)
+    assert pt.config == yaml.safe_load((workspace / "runs" / "pt-done" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("run_id, command", [("pt-done", "pretrain"), ("sft/ft-done", "finetune")])
+def test_the_command_line_reproduces_the_resolved_config(workspace, parsers, run_id, command):
+    from lmforge.finetune.run import FinetuneConfig
+    from lmforge.train.config import TrainConfig
+
+    run = {r.id: r for r in scan_runs(workspace / "runs", parsers)}[run_id]
+    saved = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
+    again = _config_of_command(run.to_json()["command_line"], {"pretrain": TrainConfig, "finetune": FinetuneConfig}[
+        command], parsers, command)
+    for key in ("resume", "overwrite"):
+        again.pop(key), saved.pop(key)
+    assert again == saved
+    assert len(run.command) < 2 * len(saved)  # only what differs from the defaults is spelled out
+
+
+def test_metrics_are_read_incrementally_from_an_offset(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == ([], 0, False)
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')  # the second line is still being written
+    records, offset, reset = read_metrics(path)
+    assert records == [{"step": 1, "loss": 2.5}] and offset == len('{"step": 1, "loss": 2.5}\n') and not reset
+    with open(path, "a") as f:
+        f.write('ss": 2.25}\n{broken\n{"step": 3, "loss": 2.0, "val_loss": 2.1}\n')
+    records, offset2, _ = read_metrics(path, offset)
+    assert records == [{"step": 2, "loss": 2.25}, {"step": 3, "loss": 2.0, "val_loss": 2.1}]  # a cut line skipped
+    assert offset2 == path.stat().st_size and read_metrics(path, offset2) == ([], offset2, False)
+    # a resumed run cuts the file back to its checkpoint's step: the reader starts over
+    path.write_text('{"step": 1, "loss": 2.5}\n')
+    records, offset3, reset = read_metrics(path, offset2)
+    assert reset and records == [{"step": 1, "loss": 2.5}] and offset3 == path.stat().st_size
+
+
+def test_status_comes_from_the_run_not_from_file_times(workspace, parsers, tmp_path):
+    import shutil
+
+    from lmforge.run_status import mark_ended
+
+    runs = tmp_path / "runs"
+    shutil.copytree(workspace / "runs" / "pt-done", runs / "a")
+    mark_ended(runs / "a", "stopped", step=3, reason="SIGINT")
+    shutil.copytree(workspace / "runs" / "pt-done", runs / "b")
+    status = json.loads((runs / "b" / "status.json").read_text())
+    (runs / "b" / "status.json").write_text(json.dumps({**status, "state": "running", "pid": 2 ** 22 + 7}))
+    shutil.copytree(workspace / "runs" / "pt-done", runs / "c")
+    (runs / "c" / "status.json").unlink()  # a run from before status.json: finished when its steps reached max_steps
+    got = {r.id: (r.status, r.reason) for r in scan_runs(runs, parsers)}
+    assert got["a"] == ("stopped", "SIGINT")
+    assert got["b"][0] == "failed" and "without recording an end" in got["b"][1]  # its process is gone
+    assert got["c"] == ("finished", "")
+    (runs / "d").mkdir()
+    (runs / "d" / "notes.txt").write_text("not a run")
+    assert "d" not in {r.id for r in scan_runs(runs, parsers)}
