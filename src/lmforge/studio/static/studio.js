@@ -55,7 +55,7 @@ const state = {
 // --- Runs -------------------------------------------------------------------------------------------------------
 function renderRuns() {
   const body = $("runs-table").querySelector("tbody");
-  body.innerHTML = state.runs.map((r) => {
+  const html = state.runs.map((r) => {
     const steps = r.step != null ? (r.max_steps ? `${r.step} / ${r.max_steps}` : String(r.step)) : "";
     const best = r.best ? `${r.best.metric} ${fmtNumber(r.best.value)} @${r.best.step}` : "";
     return `<tr data-id="${esc(r.id)}" class="${r.id === state.detail ? "selected" : ""}">
@@ -65,6 +65,8 @@ function renderRuns() {
       <td title="${esc(r.model)}">${esc(r.model)}</td><td title="${esc(r.data)}">${esc(r.data)}</td>
       <td>${esc(steps)}</td><td>${esc(best)}</td><td>${fmtSeconds(r.wall_s)}</td></tr>`;
   }).join("");
+  if (html === body.dataset.html) return;  // unchanged: keep the rows (and a click in progress) as they are
+  body.innerHTML = body.dataset.html = html;
   body.querySelectorAll("input.overlay").forEach((box) => box.addEventListener("click", (ev) => {
     ev.stopPropagation();
     if (box.checked) state.overlay.add(box.dataset.id); else state.overlay.delete(box.dataset.id);
@@ -212,7 +214,7 @@ function selectLaunch(id) {
 async function loadLaunches() {
   const launches = (await api("/api/launches")).launches;
   if (!state.launchId && launches.length) selectLaunch(launches[0].id);
-  $("launches").innerHTML = launches.map((l) => {
+  const html = launches.map((l) => {
     const running = l.state === "running";
     const label = running ? (l.stop_requested ? "stopping" : "running") : `exited ${l.returncode ?? "?"}`;
     return `<div class="launch ${l.id === state.launchId ? "current" : ""}" data-id="${esc(l.id)}">
@@ -221,6 +223,8 @@ async function loadLaunches() {
       ${running ? `<button class="stop" data-id="${esc(l.id)}">Stop</button>` :
         `<button class="resume secondary" data-id="${esc(l.id)}">Resume</button>`}</div>`;
   }).join("");
+  if (html === $("launches").dataset.html) return;
+  $("launches").innerHTML = $("launches").dataset.html = html;
   $("launches").querySelectorAll(".launch").forEach((el) => el.addEventListener("click", () => selectLaunch(el.dataset.id)));
   $("launches").querySelectorAll("button.stop").forEach((b) => b.addEventListener("click", async (ev) => {
     ev.stopPropagation();
@@ -247,6 +251,11 @@ async function loadLog() {
     log.scrollTop = log.scrollHeight;
   }
   state.logOffset = data.offset;
+  if (data.launch.state === "exited" && data.launch.returncode === 2) {
+    // the CLI refused the command (a used run directory, a bad value): its one-line error, where the user looks
+    const errors = $("log").textContent.split("\n").filter((l) => l.startsWith("lmforge: error:"));
+    if (errors.length) notice(errors[errors.length - 1]);
+  }
 }
 
 // --- wiring -----------------------------------------------------------------------------------------------------
