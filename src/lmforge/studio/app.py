@@ -9,6 +9,9 @@ RequestGuard of serve/security.py first (Host, Origin, and the session token for
   GET  /api/commands                      the launchable commands and their options (from the CLI's parsers)
   POST /api/preview   {command, values}   the exact argv a launch would run
   POST /api/launch    {command, values}   start it: the launch record
+  GET  /api/data/preview?path=&tokenizer=&template=&mask=&start=&limit=
+                                          a data file through finetune's reader and the chat template: the trained
+                                          spans and token counts of each example, the refused records with reasons
   GET  /api/launches, /api/launches/{id}/log?offset=N
   POST /api/launches/{id}/stop | resume
 
@@ -46,6 +49,16 @@ class Studio:
         path = (self.workspace / run_id).resolve()
         if path == self.workspace or not path.is_relative_to(self.workspace) or not path.is_dir():
             raise NotFound(run_id)
+        return path
+
+    def path_in_root(self, value: str, what: str) -> Path:
+        """A path the page names (relative to the folder the studio started in), which must lie inside it."""
+        root = self.launcher.cwd
+        path = (root / value).resolve()
+        if not path.is_relative_to(root):
+            raise FormError(f"{what}: {value} is outside {root}; the studio reads files inside it only")
+        if not path.exists():
+            raise FormError(f"{what}: {value} does not exist (relative to {root})")
         return path
 
     def runs(self) -> list[dict]:
@@ -142,6 +155,30 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
     async def launch(request: Request):
         command, values = await _body(request)
         return studio.launcher.start(command, values).to_json()
+
+    @app.get("/api/templates")
+    async def templates():
+        from lmforge.chat.templates import BUILTIN_TEMPLATES
+
+        return {"templates": ["model", *BUILTIN_TEMPLATES]}
+
+    @app.get("/api/data/preview")
+    def data_preview(path: str, tokenizer: str, template: str = "model", mask: str = "assistant", start: int = 0,
+                     limit: int = 10, format: str = "auto"):
+        from lmforge.chat.render import TemplateError
+        from lmforge.config import ConfigError
+        from lmforge.data.sources import CorpusError
+        from lmforge.finetune.conversations import DataFormatError
+        from lmforge.hub import SourceError
+        from lmforge.studio.data_preview import preview_data
+        from lmforge.tokenizer import TokenizerError, TokenizerFormatError
+
+        data_path, tok_path = studio.path_in_root(path, "data"), studio.path_in_root(tokenizer, "tokenizer")
+        try:
+            return preview_data(data_path, tok_path, template, format, mask, max(start, 0), min(max(limit, 1), 100))
+        except (ConfigError, CorpusError, DataFormatError, SourceError, TemplateError, TokenizerError,
+                TokenizerFormatError) as e:  # the user's file or choice: said in one line, as the CLI says it
+            raise FormError(str(e)) from None
 
     @app.get("/api/launches")
     async def launches():

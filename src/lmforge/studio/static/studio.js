@@ -258,6 +258,36 @@ async function loadLog() {
   }
 }
 
+// --- Data -------------------------------------------------------------------------------------------------------
+async function loadTemplates() {
+  const names = (await api("/api/templates")).templates;
+  $("data-template").innerHTML = names.map((n) => `<option>${esc(n)}</option>`).join("");
+}
+
+async function previewData(ev) {
+  ev.preventDefault();
+  const q = new URLSearchParams({ path: $("data-path").value, tokenizer: $("data-tokenizer").value,
+    template: $("data-template").value, mask: $("data-mask").value, start: $("data-start").value,
+    limit: $("data-limit").value });
+  $("data-examples").innerHTML = "";
+  $("data-rejects").innerHTML = "";
+  try {
+    const data = await api(`/api/data/preview?${q}`);
+    $("data-summary").className = "muted";
+    $("data-summary").textContent = `${data.examples.length} examples (format ${data.format}, template: ` +
+      `${data.template}); highlighted: trained on`;
+    $("data-examples").innerHTML = data.examples.map((e) => `<div class="example">
+      <div class="head">${esc(e.where)} · ${e.tokens} tokens, ${e.trained_tokens} trained${e.truncated ? " · truncated" : ""}</div>
+      <div class="text">${e.runs.map(([t, trained]) => (trained ? `<mark>${esc(t)}</mark>` : esc(t))).join("")}</div>
+    </div>`).join("");
+    $("data-rejects").innerHTML = data.rejects.length ? `<h3>Refused records</h3>` + data.rejects.map((r) =>
+      `<div class="reject"><code>${esc(r.where)}</code> ${esc(r.reason)}</div>`).join("") : "";
+  } catch (e) {
+    $("data-summary").className = "error";
+    $("data-summary").textContent = e.message;
+  }
+}
+
 // --- wiring -----------------------------------------------------------------------------------------------------
 function show(view) {
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.view === view));
@@ -269,6 +299,7 @@ $("command").addEventListener("change", buildForm);
 $("start").addEventListener("click", start);
 $("metric").addEventListener("change", () => { state.metric = $("metric").value; refreshCurves(); });
 $("logy").addEventListener("change", refreshCurves);
+$("data-form").addEventListener("submit", previewData);
 
 async function tick() {
   try {
@@ -281,5 +312,6 @@ async function tick() {
 }
 
 loadCommands().catch((e) => notice(e.message));
+loadTemplates().catch((e) => notice(e.message));
 tick();
 window.studio = { state, show };
