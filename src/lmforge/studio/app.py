@@ -12,6 +12,9 @@ RequestGuard of serve/security.py first (Host, Origin, and the session token for
   GET  /api/data/preview?path=&tokenizer=&template=&mask=&start=&limit=
                                           a data file through finetune's reader and the chat template: the trained
                                           spans and token counts of each example, the refused records with reasons
+  GET  /api/checkpoints                   the runs' best/ and last/ checkpoints
+  POST /api/chat      {checkpoints, messages | conversations, max_tokens, temperature, seed}
+                                          one reply per checkpoint (A/B) through the one engine
   GET  /api/launches, /api/launches/{id}/log?offset=N
   POST /api/launches/{id}/stop | resume
 
@@ -28,6 +31,7 @@ from pathlib import Path
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations in this module's namespace
 
 from lmforge.serve.security import RequestGuard, is_loopback
+from lmforge.studio.chat import Checkpoints
 from lmforge.studio.commands import LAUNCHABLE, FormError, build_argv, options
 from lmforge.studio.launcher import Launcher, NotFound
 from lmforge.studio.runs import read_metrics, read_run, scan_runs
@@ -43,6 +47,7 @@ class Studio:
         self.workspace = Path(workspace).resolve()
         self.parsers = {c: parsers[c] for c in LAUNCHABLE if c in parsers}
         self.launcher = Launcher(self.workspace, self.parsers, cwd)
+        self.checkpoints = Checkpoints()
 
     def run_dir(self, run_id: str) -> Path:
         """The directory of run `run_id`, which must lie inside the workspace (NotFound otherwise)."""
@@ -178,6 +183,47 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
             return preview_data(data_path, tok_path, template, format, mask, max(start, 0), min(max(limit, 1), 100))
         except (ConfigError, CorpusError, DataFormatError, SourceError, TemplateError, TokenizerError,
                 TokenizerFormatError) as e:  # the user's file or choice: said in one line, as the CLI says it
+            raise FormError(str(e)) from None
+
+    @app.get("/api/checkpoints")
+    async def checkpoints():
+        root = studio.launcher.cwd
+        found = []
+        for run in scan_runs(studio.workspace, studio.parsers):
+            for name in run.checkpoints:
+                path = run.path / name
+                found.append({"run": run.id, "name": name, "kind": run.kind,
+                              "path": path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)})
+        return {"checkpoints": found}
+
+    @app.post("/api/chat")
+    def chat(body: dict):
+        from lmforge.chat.render import TemplateError
+        from lmforge.config import ConfigError
+        from lmforge.hub import SourceError
+        from lmforge.model import CheckpointError
+
+        names = body.get("checkpoints")
+        if not isinstance(names, list) or not 1 <= len(names) <= 2 or not all(isinstance(n, str) for n in names):
+            raise FormError("checkpoints: one or two checkpoint directories")
+        paths = [studio.path_in_root(n, "checkpoints") for n in names]
+        conversations = body.get("conversations") or [body.get("messages")] * len(paths)
+        if len(conversations) != len(paths) or not all(
+                isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                  and m.get("role") in ("system", "user", "assistant") for m in c)
+                for c in conversations):
+            raise FormError("messages: a list of {role: system | user | assistant, content} per checkpoint")
+        try:
+            max_tokens = int(body.get("max_tokens", 128))
+            temperature = float(body.get("temperature", 0.0))
+            seed = int(body.get("seed", 0))
+        except (TypeError, ValueError):
+            raise FormError("max_tokens, temperature, seed: numbers") from None
+        if not 1 <= max_tokens <= 4096 or not 0 <= temperature <= 2:
+            raise FormError("max_tokens: 1 to 4096; temperature: 0 to 2")
+        try:
+            return {"replies": studio.checkpoints.reply(paths, conversations, max_tokens, temperature, seed)}
+        except (CheckpointError, ConfigError, SourceError, TemplateError) as e:
             raise FormError(str(e)) from None
 
     @app.get("/api/launches")

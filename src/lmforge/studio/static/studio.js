@@ -288,6 +288,53 @@ async function previewData(ev) {
   }
 }
 
+// --- Chat A/B ---------------------------------------------------------------------------------------------------
+const chat = { a: [], b: [] };  // each side's own history: its replies are its own
+
+async function loadCheckpoints() {
+  const list = (await api("/api/checkpoints")).checkpoints;
+  $("checkpoint-list").innerHTML = list.map((c) => `<option value="${esc(c.path)}">${esc(c.kind)}</option>`).join("");
+}
+
+function renderSide(side) {
+  $(`side-${side}`).innerHTML = chat[side].map((m) => `<div class="msg ${m.role}">${esc(m.content)}` +
+    (m.meta ? `<div class="meta">${esc(m.meta)}</div>` : "") + "</div>").join("");
+}
+
+async function sendChat(ev) {
+  ev.preventDefault();
+  const text = $("chat-input").value.trim();
+  const sides = ["a", "b"].filter((s) => $(`chat-${s}`).value.trim());
+  if (!text || !sides.length) return;
+  const system = $("chat-system").value.trim();
+  const conversations = sides.map((s) => {
+    chat[s].push({ role: "user", content: text });
+    renderSide(s);
+    return (system ? [{ role: "system", content: system }] : []).concat(
+      chat[s].map(({ role, content }) => ({ role, content })));
+  });
+  $("chat-input").value = "";
+  $("chat-send").disabled = true;
+  $("chat-status").className = "muted";
+  $("chat-status").textContent = "generating…";
+  try {
+    const data = await api("/api/chat", { checkpoints: sides.map((s) => $(`chat-${s}`).value.trim()), conversations,
+      max_tokens: Number($("chat-max").value), temperature: Number($("chat-temp").value), seed: 0 });
+    data.replies.forEach((r, i) => {
+      chat[sides[i]].push({ role: "assistant", content: r.text,
+        meta: `${r.completion_tokens} tokens in ${r.seconds} s (${r.finish_reason})` });
+      renderSide(sides[i]);
+    });
+    $("chat-status").textContent = "";
+  } catch (e) {
+    sides.forEach((s) => { chat[s].pop(); renderSide(s); });
+    $("chat-status").className = "error";
+    $("chat-status").textContent = e.message;
+  } finally {
+    $("chat-send").disabled = false;
+  }
+}
+
 // --- wiring -----------------------------------------------------------------------------------------------------
 function show(view) {
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.view === view));
@@ -300,6 +347,9 @@ $("start").addEventListener("click", start);
 $("metric").addEventListener("change", () => { state.metric = $("metric").value; refreshCurves(); });
 $("logy").addEventListener("change", refreshCurves);
 $("data-form").addEventListener("submit", previewData);
+$("chat-send-form").addEventListener("submit", sendChat);
+$("chat-clear").addEventListener("click", () => { chat.a = []; chat.b = []; renderSide("a"); renderSide("b"); });
+$("tab-chat").addEventListener("click", () => loadCheckpoints().catch((e) => notice(e.message)));
 
 async function tick() {
   try {
