@@ -296,8 +296,13 @@ async function loadCheckpoints() {
   $("checkpoint-list").innerHTML = list.map((c) => `<option value="${esc(c.path)}">${esc(c.kind)}</option>`).join("");
 }
 
+function shown(text) {
+  // a reply of only whitespace (a young model's) would be an empty box: say what it is
+  return text.trim() ? esc(text) : `<span class="muted">(only whitespace: ${JSON.stringify(text).slice(1, -1)})</span>`;
+}
+
 function renderSide(side) {
-  $(`side-${side}`).innerHTML = chat[side].map((m) => `<div class="msg ${m.role}">${esc(m.content)}` +
+  $(`side-${side}`).innerHTML = chat[side].map((m) => `<div class="msg ${m.role}">${shown(m.content)}` +
     (m.meta ? `<div class="meta">${esc(m.meta)}</div>` : "") + "</div>").join("");
 }
 
