@@ -110,3 +110,47 @@ def test_a_launch_into_a_used_run_directory_is_refused_by_the_cli(client, worksp
     assert "lmforge: error: runs/pt-done already holds a training run" in got["text"]
     assert client.get("/api/runs").json()["runs"][0]["status"] == "finished"  # the run itself is untouched
     assert (workspace / "runs" / ".studio" / "launches" / f"{launch['id']}.log").exists()  # survives a reload
+
+
+def test_lmforge_studio_command_prints_the_token_url_and_guards_it(workspace, tmp_path):
+    """The real command in a child process: loopback by default, the URL with its token printed, a non-loopback
+    --host refused without --token (one line, exit 2)."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from lmforge.cli import main
+
+    assert main(["studio", "--host", "0.0.0.0", "--runs", str(tmp_path)]) == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    child = subprocess.Popen([sys.executable, "-m", "lmforge", "studio", "--runs", "runs", "--port", str(port)],
+                             cwd=workspace, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        printed = ""
+        while "#token=" not in printed:
+            line = child.stderr.readline()
+            assert line, printed
+            printed += line
+        url, token = re.search(r"(http://127\.0\.0\.1:\d+)/#token=(\S+)", printed).groups()
+        for _ in range(100):
+            try:
+                runs = httpx.get(url + "/api/runs").json()["runs"]
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert {"pt-done", "sft/ft-done"} <= {r["id"] for r in runs}
+        assert httpx.get(url + "/api/runs", headers={"Host": "evil.example"}).status_code == 403
+        assert httpx.post(url + "/api/preview", json={"command": "pretrain", "values": {"out": "runs/z"}}
+                          ).status_code == 403
+        ok = httpx.post(url + "/api/preview", json={"command": "pretrain", "values": {"out": "runs/z"}},
+                        headers={"X-Lmforge-Token": token})
+        assert ok.status_code == 200 and ok.json()["command_line"] == "lmforge pretrain --out runs/z"
+    finally:
+        child.terminate()
+        child.wait(10)

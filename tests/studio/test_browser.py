@@ -145,3 +145,58 @@ def test_launch_watch_stop_resume_and_overlay_in_chromium(studio_url):
         assert not driver.find_element(By.ID, "notice").text
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_data_preview_with_masks_and_chat_ab_in_chromium(workspace, parsers):
+    """The Data view highlights what the loss trains on (Chinese included); Chat A/B puts one message to two
+    checkpoints and shows each reply, the one the engine gives for that conversation."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from lmforge.studio.app import Studio, create_studio_app
+    from lmforge.studio.chat import Checkpoints
+
+    port = _free_port()
+    studio = Studio(workspace / "runs", parsers, cwd=workspace)
+    uv = uvicorn.Server(uvicorn.Config(create_studio_app(studio, port=port, token=TOKEN), host="127.0.0.1", port=port,
+                                       log_level="warning", log_config=None))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    driver = _driver()
+    try:
+        driver.get(f"http://127.0.0.1:{port}/#token={TOKEN}")
+        driver.find_element(By.ID, "tab-data").click()
+        driver.find_element(By.ID, "data-path").send_keys("qa.jsonl")
+        driver.find_element(By.ID, "data-tokenizer").send_keys("model")
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#data-template option"))
+        Select(driver.find_element(By.ID, "data-template")).select_by_visible_text("chatml")
+        driver.find_element(By.ID, "data-show").click()
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#data-examples .example")) == 10)
+        first = driver.find_elements(By.CSS_SELECTOR, "#data-examples .example")[0]
+        marked = [m.text for m in first.find_elements(By.TAG_NAME, "mark")]
+        assert marked == ["北京是中国的首都。<|im_end|>"]  # the reply and its end of turn, nothing of the prompt
+        assert "北京是哪个国家的首都？" in first.text and "tokens" in first.text
+
+        driver.find_element(By.ID, "tab-chat").click()
+        driver.find_element(By.ID, "chat-a").send_keys("model")
+        driver.find_element(By.ID, "chat-b").send_keys("runs/pt-done/last")
+        driver.find_element(By.ID, "chat-max").clear()
+        driver.find_element(By.ID, "chat-max").send_keys("10")
+        driver.find_element(By.ID, "chat-input").send_keys("上海在哪里？")
+        driver.find_element(By.ID, "chat-send").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#side-b .msg.assistant"))
+        shown = driver.execute_script("return window.studio.chat;")
+        want = Checkpoints().reply([workspace / "model", workspace / "runs" / "pt-done" / "last"],
+                                   [[{"role": "user", "content": "上海在哪里？"}]] * 2, max_tokens=10)
+        assert [shown["a"][1]["content"], shown["b"][1]["content"]] == [w["text"] for w in want]
+        assert shown["a"][0] == {"role": "user", "content": "上海在哪里？"}
+        assert "tokens in" in driver.find_element(By.CSS_SELECTOR, "#side-a .msg.assistant .meta").text
+        assert not driver.find_element(By.ID, "chat-status").text
+    finally:
+        driver.quit()
+        uv.should_exit = True
+        thread.join(10)

@@ -369,4 +369,4 @@ async function tick() {
 loadCommands().catch((e) => notice(e.message));
 loadTemplates().catch((e) => notice(e.message));
 tick();
-window.studio = { state, show };
+window.studio = { state, show, chat };
