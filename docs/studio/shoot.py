@@ -1,10 +1,11 @@
 """Screenshots of every studio view for docs/studio.md and the README, taken from a live studio in headless chromium
 so they stay current:
 
-    python docs/studio/shoot.py                # writes docs/studio/{runs,launch,data,chat}.png
+    python docs/studio/shoot.py                # writes docs/studio/{runs,launch,data,evals,chat}.png
 
 It builds a small workspace in a temporary folder (a tokenizer and token shards of the built-in corpus, two short
-pretraining runs with different learning rates, an instruction file in English and Chinese), starts the studio on
+pretraining runs with different learning rates and an evaluation of each, an instruction file in English and
+Chinese), starts the studio on
 it, and drives the page as a user would. Needs Debian's chromium + chromedriver and selenium (the test extras).
 A few minutes on a laptop CPU.
 """
@@ -58,6 +59,16 @@ def build_workspace(root: Path) -> None:
         print("no font for Chinese here (Debian: apt-get install fonts-noto-cjk): the screenshots leave the Chinese "
               "examples out", file=sys.stderr)
         qa = [(q, a) for q, a in QA if q.isascii()]
+    items = [{"q": "The keyword that defines a function in Python is", "a": "def"},
+             {"q": "The statement that leaves a loop early is", "a": "break"},
+             {"q": "The built-in that gives the length of a list is", "a": "len"}]
+    Path("items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    Path("python.yaml").write_text("task: python\ndata: items.jsonl\noutput_type: generate_until\n"
+                                   "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\ngeneration_kwargs:\n"
+                                   "  max_gen_toks: 4\n", encoding="utf-8")
+    for name in ("lr-3e-3", "lr-1e-2"):
+        run("eval", "run", "--model", f"runs/{name}/best", "--task", "python.yaml", "--out", f"runs/eval-{name}",
+            "--json")
     rows = [{"instruction": q, "input": "", "output": a} for q, a in qa] + [{"instruction": "no answer here"}]
     (root / "qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -139,6 +150,15 @@ def shoot(url: str, token: str, studio, out: Path) -> list[Path]:
         driver.find_element(By.ID, "data-show").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#data-examples .example"))
         save("data")
+
+        driver.find_element(By.ID, "tab-evals").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input.eval-pick"))
+        for box in driver.find_elements(By.CSS_SELECTOR, "input.eval-pick"):
+            box.click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-table td.task"))
+        click("#eval-table td.task")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-items .item"))
+        save("evals")
 
         driver.find_element(By.ID, "tab-chat").click()
         driver.find_element(By.ID, "chat-a").send_keys("runs/lr-3e-3/best")

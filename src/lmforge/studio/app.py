@@ -12,6 +12,8 @@ RequestGuard of serve/security.py first (Host, Origin, and the session token for
   GET  /api/data/preview?path=&tokenizer=&template=&mask=&start=&limit=
                                           a data file through finetune's reader and the chat template: the trained
                                           spans and token counts of each example, the refused records with reasons
+  GET  /api/evals?ids=A&ids=B             evaluations side by side: per task and metric, each run's value
+  GET  /api/evals/items?ids=..&task=T     each item's outcome in each run (matched by the data line)
   GET  /api/checkpoints                   the runs' best/ and last/ checkpoints
   POST /api/chat      {checkpoints, messages | conversations, max_tokens, temperature, seed}
                                           one reply per checkpoint (A/B) through the one engine
@@ -27,8 +29,9 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Request  # at module level: FastAPI resolves the routes' annotations in this module's namespace
+from fastapi import Query, Request  # at module level: FastAPI resolves the routes' annotations in this module's namespace
 
 from lmforge.serve.security import RequestGuard, is_loopback
 from lmforge.studio.chat import Checkpoints
@@ -69,9 +72,12 @@ class Studio:
     def runs(self) -> list[dict]:
         """The runs, each with the studio's launch that writes into it (its process state) where there is one."""
         out = []
+        newest: dict[Path, object] = {}  # run directory -> the newest launch writing into it
+        for launch in reversed(self.launcher.all()):
+            newest[(self.workspace / launch.out).resolve()] = launch
         for run in scan_runs(self.workspace, self.parsers):
             item = run.to_json()
-            launch = self.launcher.status_of(run.path)
+            launch = newest.get(run.path.resolve())
             if launch is not None:
                 item["launch"] = launch.to_json()
                 if run.status == "unknown":  # no status.json: the process the studio started is the answer
@@ -225,6 +231,35 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
             return {"replies": studio.checkpoints.reply(paths, conversations, max_tokens, temperature, seed)}
         except (CheckpointError, ConfigError, SourceError, TemplateError) as e:
             raise FormError(str(e)) from None
+
+    def eval_runs(ids: list[str]) -> dict:
+        found = {}
+        for run_id in ids:
+            run = read_run(studio.run_dir(run_id), studio.workspace, studio.parsers)
+            if run is None or run.results is None:
+                raise FormError(f"{run_id}: not an evaluation (no results.json)")
+            found[run_id] = run
+        return found
+
+    @app.get("/api/evals")
+    async def evals(ids: Annotated[list[str], Query()] = ()):
+        from lmforge.studio.evals import compare_evals
+
+        runs = eval_runs(ids)
+        return {"rows": compare_evals({i: r.results for i, r in runs.items()}),
+                "models": {i: r.model for i, r in runs.items()}}
+
+    @app.get("/api/evals/items")
+    async def eval_item_rows(task: str, ids: Annotated[list[str], Query()] = (), start: int = 0,
+                             limit: int = 20):
+        from lmforge.studio.evals import eval_items
+
+        runs = eval_runs(ids)
+        try:
+            items = eval_items({i: r.path for i, r in runs.items()}, task, max(start, 0), min(max(limit, 1), 200))
+        except ValueError as e:
+            raise FormError(str(e)) from None
+        return {"items": items}
 
     @app.get("/api/launches")
     async def launches():

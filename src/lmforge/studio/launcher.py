@@ -180,8 +180,3 @@ class Launcher:
             raise FormError(f"lmforge {launch.command} has no --resume")
         argv = [a for a in launch.argv if a not in ("--resume", "--no-resume", "--overwrite")] + ["--resume"]
         return self.start(launch.command, launch.values, argv=argv)
-
-    def status_of(self, out: Path) -> Launch | None:
-        """The newest launch that writes into `out`, if any."""
-        out = out.resolve()
-        return next((launch for launch in self.all() if (self.workspace / launch.out).resolve() == out), None)

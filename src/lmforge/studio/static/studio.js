@@ -288,6 +288,73 @@ async function previewData(ev) {
   }
 }
 
+// --- Evals ------------------------------------------------------------------------------------------------------
+const evals = { ids: [], task: null };
+
+function renderEvalRuns() {
+  const runs = state.runs.filter((r) => r.kind === "eval run");
+  const html = runs.map((r) => `<label><input type="checkbox" class="eval-pick" data-id="${esc(r.id)}"` +
+    `${evals.ids.includes(r.id) ? " checked" : ""}> ${esc(r.id)} <span class="muted">(${esc(r.model)})</span></label>`).join("")
+    || '<span class="muted">no evaluation in this workspace yet</span>';
+  if (html === $("eval-runs").dataset.html) return;
+  $("eval-runs").innerHTML = $("eval-runs").dataset.html = html;
+  $("eval-runs").querySelectorAll("input.eval-pick").forEach((box) => box.addEventListener("change", () => {
+    evals.ids = [...$("eval-runs").querySelectorAll("input.eval-pick:checked")].map((b) => b.dataset.id);
+    loadEvals().catch((e) => notice(e.message));
+  }));
+}
+
+function evalQuery(extra = {}) {
+  const q = new URLSearchParams(extra);
+  evals.ids.forEach((id) => q.append("ids", id));
+  return q;
+}
+
+async function loadEvals() {
+  const head = $("eval-table").querySelector("thead"), body = $("eval-table").querySelector("tbody");
+  if (!evals.ids.length) { head.innerHTML = body.innerHTML = ""; $("eval-items").innerHTML = ""; return; }
+  const data = await api(`/api/evals?${evalQuery()}`);
+  head.innerHTML = "<tr><th>task</th><th>metric</th>" + evals.ids.map((id) =>
+    `<th title="${esc(data.models[id])}">${esc(id)}</th>`).join("") + "</tr>";
+  body.innerHTML = data.rows.map((row) => {
+    const values = evals.ids.map((id) => row.values[id] ? row.values[id].value : null);
+    const best = Math.max(...values.filter((v) => v !== null));
+    return `<tr><td class="task" data-task="${esc(row.task)}">${esc(row.task)}</td><td>${esc(row.metric)}</td>` +
+      evals.ids.map((id) => {
+        const v = row.values[id];
+        if (!v) return "<td></td>";
+        const err = v.stderr != null ? ` ± ${v.stderr.toFixed(4)}` : "";
+        return `<td class="${values.length > 1 && v.value === best ? "best" : ""}">${v.value.toFixed(4)}${err}` +
+          ` <span class="muted">n=${esc(v.n)}</span></td>`;
+      }).join("") + "</tr>";
+  }).join("");
+  body.querySelectorAll("td.task").forEach((td) => td.addEventListener("click", () => loadEvalItems(td.dataset.task)));
+}
+
+function outcome(row) {
+  // a generation task: the output (and the filtered answer); a multiple-choice one: the chosen and the gold choice
+  if (row.generation !== undefined) {
+    const score = Object.keys(row).find((k) => k.startsWith("exact_match") || k.startsWith("rouge"));
+    const ok = score ? row[score] > 0.5 : null;
+    return `<div class="${ok === null ? "" : ok ? "right" : "wrong"}">${esc(row.generation)}</div>` +
+      `<div class="muted">reference: ${esc(row.reference)}${score ? ` · ${esc(score)} ${row[score]}` : ""}</div>`;
+  }
+  const ok = row.pred === row.gold;
+  return `<div class="${ok ? "right" : "wrong"}">chose ${esc(row.choices[row.pred])}</div>` +
+    `<div class="muted">gold: ${esc(row.choices[row.gold])}</div>`;
+}
+
+async function loadEvalItems(task) {
+  evals.task = task;
+  const data = await api(`/api/evals/items?${evalQuery({ task, limit: 50 })}`);
+  $("eval-items-title").textContent = `${task}: items side by side`;
+  $("eval-items").innerHTML = data.items.map((item) => `<div class="item">
+    <div class="head">data line ${esc(item.doc)}</div>
+    <div class="cols">${evals.ids.map((id) => `<div class="col"><div class="muted">${esc(id)}</div>` +
+      (item.runs[id] ? outcome(item.runs[id]) : '<span class="muted">(not in this run)</span>') + "</div>").join("")}</div>
+  </div>`).join("");
+}
+
 // --- Chat A/B ---------------------------------------------------------------------------------------------------
 const chat = { a: [], b: [] };  // each side's own history: its replies are its own
 
@@ -359,6 +426,7 @@ $("tab-chat").addEventListener("click", () => loadCheckpoints().catch((e) => not
 async function tick() {
   try {
     await loadRuns();
+    renderEvalRuns();
     await refreshCurves();
     await loadLaunches();
     await loadLog();
