@@ -336,7 +336,7 @@ function outcome(row) {
   if (row.generation !== undefined) {
     const score = Object.keys(row).find((k) => k.startsWith("exact_match") || k.startsWith("rouge"));
     const ok = score ? row[score] > 0.5 : null;
-    return `<div class="${ok === null ? "" : ok ? "right" : "wrong"}">${esc(row.generation)}</div>` +
+    return `<div class="${ok === null ? "" : ok ? "right" : "wrong"}">${shown(row.generation)}</div>` +
       `<div class="muted">reference: ${esc(row.reference)}${score ? ` · ${esc(score)} ${row[score]}` : ""}</div>`;
   }
   const ok = row.pred === row.gold;
@@ -365,7 +365,8 @@ async function loadCheckpoints() {
 
 function shown(text) {
   // a reply of only whitespace (a young model's) would be an empty box: say what it is
-  return text.trim() ? esc(text) : `<span class="muted">(only whitespace: ${JSON.stringify(text).slice(1, -1)})</span>`;
+  if (!text) return '<span class="muted">(empty)</span>';
+  return text.trim() ? esc(text) : `<span class="muted">(only whitespace: ${esc(JSON.stringify(text).slice(1, -1))})</span>`;
 }
 
 function renderSide(side) {
