@@ -17,6 +17,8 @@ RequestGuard of serve/security.py first (Host, Origin, and the session token for
   GET  /api/checkpoints                   the runs' best/ and last/ checkpoints
   POST /api/chat      {checkpoints, messages | conversations, max_tokens, temperature, seed}
                                           one reply per checkpoint (A/B) through the one engine
+  POST /api/rag       {index, question, k, mode, checkpoint?}
+                                          `lmforge rag ask`: sources, and the checkpoint's answer with citations
   GET  /api/launches, /api/launches/{id}/log?offset=N
   POST /api/launches/{id}/stop | resume
 
@@ -260,6 +262,42 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
         except ValueError as e:
             raise FormError(str(e)) from None
         return {"items": items}
+
+    @app.post("/api/rag")
+    def rag(body: dict):
+        """`lmforge rag ask` on an index: the sources, and with a checkpoint its answer with [n] citations."""
+        from lmforge.chat.render import TemplateError
+        from lmforge.config import ConfigError
+        from lmforge.hub import SourceError
+        from lmforge.model import CheckpointError
+        from lmforge.rag.answer import AskConfig, ContextTooSmall, ask
+        from lmforge.rag.index import RagIndex
+
+        question, mode, checkpoint = body.get("question"), body.get("mode") or None, body.get("checkpoint") or None
+        if not isinstance(question, str) or not question.strip():
+            raise FormError("question: the text to answer")
+        if mode not in (None, "sparse", "dense", "hybrid"):
+            raise FormError(f"mode: {mode!r} is not sparse, dense or hybrid")
+        try:
+            k, max_new_tokens = int(body.get("k", 5)), int(body.get("max_new_tokens", 200))
+        except (TypeError, ValueError):
+            raise FormError("k, max_new_tokens: numbers") from None
+        index_dir = studio.path_in_root(str(body.get("index", "")), "index")
+        try:
+            index = RagIndex.open(index_dir)
+            if mode is None:  # as the CLI: hybrid where the index has vectors, else BM25
+                mode = "hybrid" if index.cfg.dense else "sparse"
+            elif mode != "sparse" and not index.cfg.dense:
+                raise ConfigError(f"mode {mode}: this index has no vectors (built with --no-dense); use sparse")
+            model = tokenizer = None
+            if checkpoint:
+                with studio.checkpoints.lock:
+                    client = studio.checkpoints.client(studio.path_in_root(checkpoint, "checkpoint"))
+                model, tokenizer = client.model, client.tokenizer
+            with studio.checkpoints.lock:  # one generation at a time, as chat's
+                return ask(index, question, model, tokenizer, AskConfig(k=k, mode=mode, max_new_tokens=max_new_tokens))
+        except (CheckpointError, ConfigError, ContextTooSmall, SourceError, TemplateError) as e:
+            raise FormError(str(e)) from None
 
     @app.get("/api/launches")
     async def launches():

@@ -408,6 +408,28 @@ async function sendChat(ev) {
   }
 }
 
+// --- RAG --------------------------------------------------------------------------------------------------------
+async function askRag(ev) {
+  ev.preventDefault();
+  $("rag-answer").textContent = "";
+  $("rag-sources").innerHTML = "";
+  $("rag-status").className = "muted";
+  $("rag-status").textContent = "retrieving…";
+  try {
+    const data = await api("/api/rag", { index: $("rag-index").value, question: $("rag-question").value,
+      checkpoint: $("rag-checkpoint").value, mode: $("rag-mode").value, k: Number($("rag-k").value) });
+    $("rag-status").textContent = `${data.sources.length} sources` + (data.answered ? `, ${data.citations.length} cited` : "");
+    $("rag-answer").textContent = data.answer || "";
+    const cited = new Set(data.citations.map((c) => c.n));
+    $("rag-sources").innerHTML = data.sources.map((s) => `<div class="source ${cited.has(s.n) ? "cited" : ""}">
+      <div class="head">[${s.n}] ${esc(s.doc_id)} [${s.start}:${s.end}]${s.heading ? " · " + esc(s.heading) : ""}</div>
+      ${esc(s.text)}</div>`).join("");
+  } catch (e) {
+    $("rag-status").className = "error";
+    $("rag-status").textContent = e.message;
+  }
+}
+
 // --- wiring -----------------------------------------------------------------------------------------------------
 function show(view) {
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.view === view));
@@ -421,6 +443,8 @@ $("metric").addEventListener("change", () => { state.metric = $("metric").value;
 $("logy").addEventListener("change", refreshCurves);
 $("data-form").addEventListener("submit", previewData);
 $("chat-send-form").addEventListener("submit", sendChat);
+$("rag-form").addEventListener("submit", askRag);
+$("tab-rag").addEventListener("click", () => loadCheckpoints().catch((e) => notice(e.message)));
 $("chat-clear").addEventListener("click", () => { chat.a = []; chat.b = []; renderSide("a"); renderSide("b"); });
 $("tab-chat").addEventListener("click", () => loadCheckpoints().catch((e) => notice(e.message)));
 
