@@ -92,3 +92,37 @@ def test_status_comes_from_the_run_not_from_file_times(workspace, parsers, tmp_p
     (runs / "d").mkdir()
     (runs / "d" / "notes.txt").write_text("not a run")
     assert "d" not in {r.id for r in scan_runs(runs, parsers)}
+
+
+def test_a_data_pipeline_run_with_its_steps_and_rejects(tmp_path, parsers):
+    """`lmforge data run` over five documents, two of them shorter than the length filter's minimum: the run reads
+    as a finished data run, its steps as stats.json has them, and the two rejects with their step and reason."""
+    from lmforge.cli import main
+    from lmforge.studio.runs import read_rejects
+
+    docs = [{"id": f"d{i}", "text": text} for i, text in enumerate([
+        "A long enough document about generators and the yield statement in Python.",
+        "too short", "另一篇足够长的文档：北京是中华人民共和国的首都，上海是中国最大的城市之一，位于长江入海口。",
+        "tiny", "One more document that is long enough to pass the length filter of this pipeline."])]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+                                         encoding="utf-8")
+    (tmp_path / "pipe.yaml").write_text(f"input: [{tmp_path / 'docs.jsonl'}]\noutput: {tmp_path / 'runs' / 'clean'}\n"
+                                        "steps:\n  - length: {min_chars: 20}\n", encoding="utf-8")
+    assert main(["data", "run", str(tmp_path / "pipe.yaml")]) == 0
+    (run,) = scan_runs(tmp_path / "runs", parsers)
+    assert (run.id, run.kind, run.status) == ("clean", "data run", "finished")
+    stats = json.loads((tmp_path / "runs" / "clean" / "stats.json").read_text())
+    assert run.results == stats and stats["documents_rejected"] == 2
+    assert run.command[:3] == ["lmforge", "data", "run"] and run.command[3].endswith("pipeline.yaml")
+    rejects = read_rejects(tmp_path / "runs" / "clean")
+    assert sorted(r["id"] for r in rejects) == ["d1", "d3"]  # the two short ones, by hand
+    assert {r["step"] for r in rejects} == {"length"} and all("min_chars" in r["reason"] for r in rejects)
+    assert read_rejects(tmp_path / "runs" / "clean", start=1) == rejects[1:]
+    assert read_rejects(tmp_path / "runs" / "clean", step="dedup") == []
+    from fastapi.testclient import TestClient
+
+    from lmforge.studio.app import Studio, create_studio_app
+
+    app = create_studio_app(Studio(tmp_path / "runs", parsers, cwd=tmp_path), port=7860, token="t")
+    with TestClient(app, base_url="http://127.0.0.1:7860") as c:
+        assert c.get("/api/runs/clean/rejects", params={"limit": 1}).json()["rejects"] == rejects[:1]

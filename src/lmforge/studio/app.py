@@ -6,6 +6,7 @@ RequestGuard of serve/security.py first (Host, Origin, and the session token for
   GET  /api/runs                          every run: kind, model, data, status, steps, best metric, wall time,
                                           config, the command that reproduces it
   GET  /api/runs/{id}/metrics?offset=N    metrics.jsonl records from byte N: {records, offset, reset}
+  GET  /api/runs/{id}/rejects?step=S      a data pipeline's rejected documents with their step and reason
   GET  /api/commands                      the launchable commands and their options (from the CLI's parsers)
   POST /api/preview   {command, values}   the exact argv a launch would run
   POST /api/launch    {command, values}   start it: the launch record
@@ -130,6 +131,12 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
     async def metrics(run_id: str, offset: int = 0):
         records, offset, reset = read_metrics(studio.run_dir(run_id) / "metrics.jsonl", offset)
         return {"records": records, "offset": offset, "reset": reset}
+
+    @app.get("/api/runs/{run_id:path}/rejects")
+    async def rejects(run_id: str, start: int = 0, limit: int = 20, step: str | None = None):
+        from lmforge.studio.runs import read_rejects
+
+        return {"rejects": read_rejects(studio.run_dir(run_id), max(start, 0), min(max(limit, 1), 200), step)}
 
     @app.get("/api/runs/{run_id:path}/detail")
     async def run_detail(run_id: str):

@@ -1,8 +1,8 @@
 """The runs of a workspace, read from their directories as the CLI writes them: training runs (pretrain, finetune
 incl. DPO / RL / distillation, classify: config.yaml, metrics.jsonl, status.json, best/, last/), evaluations
-(results.json) and data pipelines (work/run.json, stats.json). Nothing here is guessed from file times: the status
-is the run's status.json (run_status.py), or the exit of the process the studio launched, or a file that only a
-finished run writes.
+(results.json) and data pipelines (work/run.json, stats.json, rejects/ with each document's step and reason).
+Nothing here is guessed from file times: the status is the run's status.json (run_status.py), or the exit of the
+process the studio launched, or a file that only a finished run writes.
 
 metrics.jsonl is read from a byte offset, so a page polling a growing file reads only the new lines.
 """
@@ -149,14 +149,43 @@ def _evaluation(run: Run) -> None:
 
 
 def _pipeline(run: Run) -> None:
-    settings = {}
-    try:
-        settings = json.loads((run.path / "work" / "run.json").read_text(encoding="utf-8"))
+    run.kind = "data run"
+    run.config = _read_yaml(run.path / "pipeline.yaml")  # the resolved pipeline the run wrote beside its output
+    run.data = _text(run.config.get("input"))
+    try:  # per step: documents and characters in and out, rejection reasons (data/stats.py)
+        run.results = json.loads((run.path / "stats.json").read_text(encoding="utf-8"))
+        run.status = "finished"
     except (OSError, ValueError):
-        pass
-    run.kind, run.config = "data run", settings
-    run.data = _text(settings.get("input") or settings.get("settings", {}).get("input"))
-    run.status = "finished" if (run.path / "stats.json").exists() else "unknown"
+        run.status = "unknown"
+    if run.config:
+        run.command = ["lmforge", "data", "run", str(run.path / "pipeline.yaml")]
+
+
+def read_rejects(run_dir: str | os.PathLike, start: int = 0, limit: int = 20, step: str | None = None,
+                 text_chars: int = 400) -> list[dict]:
+    """A data pipeline's rejected documents (rejects/*.jsonl.gz, in shard order): {"id", "step", "reason",
+    "where", "text"} with the text cut to `text_chars`; only those of `step` when given."""
+    import gzip
+
+    out, seen = [], 0
+    for path in sorted((Path(run_dir) / "rejects").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if step is not None and record.get("step") != step:
+                    continue
+                seen += 1
+                if seen <= start:
+                    continue
+                text = str(record.get("text", ""))
+                out.append({k: record.get(k) for k in ("id", "step", "reason", "where")}
+                           | {"text": text[:text_chars] + ("…" if len(text) > text_chars else "")})
+                if len(out) >= limit:
+                    return out
+    return out
 
 
 def read_run(path: Path, workspace: Path, parsers: dict[str, argparse.ArgumentParser]) -> Run | None:

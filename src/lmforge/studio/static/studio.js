@@ -83,8 +83,25 @@ function showDetail(id) {
   $("detail-title").textContent = r.id;
   $("detail-status").textContent = `${r.kind} · ${r.status}${r.reason ? " (" + r.reason + ")" : ""}`;
   $("detail-command").textContent = r.command_line || "(not a command the studio knows)";
-  $("detail-config").textContent = JSON.stringify(r.results ? { config: r.config, results: r.results } : r.config, null, 2);
+  const pipeline = r.kind === "data run" && r.results && r.results.steps;
+  $("detail-pipeline").hidden = !pipeline;
+  $("detail-config").textContent = JSON.stringify(r.results && !pipeline ? { config: r.config, results: r.results }
+    : r.config, null, 2);
+  if (pipeline) showPipeline(r);
   renderRuns();
+}
+
+async function showPipeline(r) {
+  $("pipeline-steps").querySelector("tbody").innerHTML = r.results.steps.map((s) => {
+    const reasons = Object.entries(s.reasons || {}).sort((a, b) => b[1] - a[1]).slice(0, 3)
+      .map(([why, n]) => `${esc(why)} (${n})`).join("; ");
+    return `<tr><td>${esc(s.step)}</td><td>${s.docs_in} → ${s.docs_out}</td><td>${s.docs_in - s.docs_out}</td>` +
+      `<td>${s.chars_in} → ${s.chars_out}</td><td>${reasons}</td></tr>`;
+  }).join("");
+  const data = await api(`/api/runs/${encodeURI(r.id)}/rejects?limit=20`);
+  $("pipeline-rejects").innerHTML = data.rejects.map((d) => `<div class="reject-doc"><b>${esc(d.step)}</b> ` +
+    `${esc(d.reason)} · <code>${esc(d.id)}</code><div class="text">${esc(d.text)}</div></div>`).join("")
+    || '<span class="muted">none</span>';
 }
 
 async function loadRuns() {
