@@ -1,11 +1,11 @@
 """Screenshots of every studio view for docs/studio.md and the README, taken from a live studio in headless chromium
 so they stay current:
 
-    python docs/studio/shoot.py                # writes docs/studio/{runs,launch,data,evals,chat}.png
+    python docs/studio/shoot.py     # writes docs/studio/{runs,pipeline,launch,data,evals,chat,rag}.png
 
 It builds a small workspace in a temporary folder (a tokenizer and token shards of the built-in corpus, two short
-pretraining runs with different learning rates and an evaluation of each, an instruction file in English and
-Chinese), starts the studio on
+pretraining runs with different learning rates and an evaluation of each, a data pipeline, a RAG index, an
+instruction file in English and Chinese), starts the studio on
 it, and drives the page as a user would. Needs Debian's chromium + chromedriver and selenium (the test extras).
 A few minutes on a laptop CPU.
 """
@@ -69,6 +69,10 @@ def build_workspace(root: Path) -> None:
     for name in ("lr-3e-3", "lr-1e-2"):
         run("eval", "run", "--model", f"runs/{name}/best", "--task", "python.yaml", "--out", f"runs/eval-{name}",
             "--json")
+    Path("pipeline.yaml").write_text("input: [builtin:python-docs]\noutput: runs/clean\nsteps:\n  - whitespace\n"
+                                     "  - length: {min_chars: 2000}\n  - exact_dedup\n", encoding="utf-8")
+    run("data", "run", "pipeline.yaml")
+    run("rag", "index", "--input", "builtin:python-docs", "--out", "index", "--no-dense")
     rows = [{"instruction": q, "input": "", "output": a} for q, a in qa] + [{"instruction": "no answer here"}]
     (root / "qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -128,6 +132,14 @@ def shoot(url: str, token: str, studio, out: Path) -> list[Path]:
         time.sleep(1.5)
         save("runs")
 
+        click('#runs-table tr[data-id="clean"] td:nth-child(2)')
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#pipeline-rejects .reject-doc"))
+        driver.execute_script("document.getElementById('detail').scrollIntoView();")
+        time.sleep(0.5)
+        path = out / "pipeline.png"
+        driver.save_screenshot(str(path))
+        shots.append(path)
+
         driver.find_element(By.ID, "tab-launch").click()
         wait.until(lambda d: d.find_elements(By.ID, "opt-max_steps"))
         for dest, value in (("data", "tokens"), ("out", "runs/live"), ("max_steps", "100000"), ("max_length", "64"),
@@ -169,6 +181,15 @@ def shoot(url: str, token: str, studio, out: Path) -> list[Path]:
         driver.find_element(By.ID, "chat-send").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#side-b .msg.assistant"))
         save("chat")
+
+        driver.find_element(By.ID, "tab-rag").click()
+        driver.find_element(By.ID, "rag-index").send_keys("index")
+        driver.find_element(By.ID, "rag-k").clear()
+        driver.find_element(By.ID, "rag-k").send_keys("3")
+        driver.find_element(By.ID, "rag-question").send_keys("How do I leave a loop early?")
+        driver.find_element(By.ID, "rag-ask").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rag-sources .source"))
+        save("rag")
     finally:
         driver.quit()
     return shots

@@ -438,9 +438,12 @@ async function askRag(ev) {
     $("rag-status").textContent = `${data.sources.length} sources` + (data.answered ? `, ${data.citations.length} cited` : "");
     $("rag-answer").textContent = data.answer || "";
     const cited = new Set(data.citations.map((c) => c.n));
-    $("rag-sources").innerHTML = data.sources.map((s) => `<div class="source ${cited.has(s.n) ? "cited" : ""}">
-      <div class="head">[${s.n}] ${esc(s.doc_id)} [${s.start}:${s.end}]${s.heading ? " · " + esc(s.heading) : ""}</div>
-      ${esc(s.text)}</div>`).join("");
+    $("rag-sources").innerHTML = data.sources.map((s) => {
+      const heading = Array.isArray(s.heading) ? s.heading.join(" › ") : s.heading || "";
+      return `<div class="source ${cited.has(s.n) ? "cited" : ""}">
+      <div class="head">[${s.n}] ${esc(s.doc_id)} [${s.start}:${s.end}]${heading ? " · " + esc(heading) : ""}</div>
+      ${esc(s.text)}</div>`;
+    }).join("");
   } catch (e) {
     $("rag-status").className = "error";
     $("rag-status").textContent = e.message;
