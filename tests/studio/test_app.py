@@ -36,8 +36,10 @@ def test_runs_and_their_curves(client, workspace):
     lines = (workspace / "runs" / "pt-done" / "metrics.jsonl").read_text().splitlines()
     first = client.get("/api/runs/pt-done/metrics", params={"offset": 0}).json()
     assert len(first["records"]) == len(lines) and first["offset"] == sum(len(x) + 1 for x in lines)
-    again = client.get("/api/runs/pt-done/metrics", params={"offset": first["offset"]}).json()
+    again = client.get("/api/runs/pt-done/metrics", params={"offset": first["offset"], "file": first["file"]}).json()
     assert again["records"] == [] and again["offset"] == first["offset"]  # nothing new: nothing resent
+    other = client.get("/api/runs/pt-done/metrics", params={"offset": first["offset"], "file": "0:1"}).json()
+    assert other["reset"] and other["records"] == first["records"]  # another file under the name: from its start
     assert client.get("/api/runs/sft/ft-done/detail").json()["kind"] == "finetune"
     for bad in ("../..", "..", "pt-done/../../..", "nope"):  # outside the workspace, or no such run
         assert client.get(f"/api/runs/{bad}/metrics").status_code == 404, bad

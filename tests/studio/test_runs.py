@@ -72,6 +72,30 @@ def test_metrics_are_read_incrementally_from_an_offset(tmp_path):
     assert reset and records == [{"step": 1, "loss": 2.5}] and offset3 == path.stat().st_size
 
 
+def test_the_tables_summary_follows_a_growing_and_a_replaced_file(tmp_path):
+    """metrics_summary reads only what was appended, and equals a summary of the whole file computed by hand; a
+    file replaced under the same name (an overwritten run) is read from its start."""
+    from lmforge.studio.runs import metrics_summary
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "val_loss": 5.0}, {"step": 1, "loss": 4.0, "step_s": 0.5},
+             {"step": 2, "loss": 3.5, "step_s": 0.25, "val_loss": 3.9}, {"step": 3, "loss": 3.7, "step_s": 0.25},
+             {"step": 4, "loss": 3.1, "step_s": 0.5, "val_loss": 3.9}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
+    assert metrics_summary(path).last_step == 1
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in lines[2:]))
+    s = metrics_summary(path)
+    assert (s.last_step, s.step_seconds, list(s.keys)) == (4, 1.5, ["val_loss", "loss", "step_s"])
+    assert s.lowest["val_loss"] == (3.9, 2)  # the first step that reached the best, as the Trainer keeps it
+    assert s.highest["loss"] == (4.0, 1) and s.lowest["loss"] == (3.1, 4)
+    replaced = tmp_path / "new.jsonl"  # --overwrite: a new file, longer than what was read of the old one
+    replaced.write_text("".join(json.dumps({"step": i, "loss": 9.0 - i}) + "\n" for i in range(1, 9)))
+    replaced.replace(path)
+    s = metrics_summary(path)
+    assert s.last_step == 8 and s.lowest["loss"] == (1.0, 8) and "val_loss" not in s.keys
+
+
 def test_status_comes_from_the_run_not_from_file_times(workspace, parsers, tmp_path):
     import shutil
 

@@ -5,7 +5,9 @@ RequestGuard of serve/security.py first (Host, Origin, and the session token for
   GET  /                                  the page (it reads the token from its URL's #token=... fragment)
   GET  /api/runs                          every run: kind, model, data, status, steps, best metric, wall time,
                                           config, the command that reproduces it
-  GET  /api/runs/{id}/metrics?offset=N    metrics.jsonl records from byte N: {records, offset, reset}
+  GET  /api/runs/{id}/metrics?offset=N&file=F
+                                          metrics.jsonl records from byte N of file F (device:inode; another
+                                          file under the name restarts at 0): {records, offset, reset, file}
   GET  /api/runs/{id}/rejects?step=S      a data pipeline's rejected documents with their step and reason
   GET  /api/commands                      the launchable commands and their options (from the CLI's parsers)
   POST /api/preview   {command, values}   the exact argv a launch would run
@@ -40,7 +42,7 @@ from lmforge.serve.security import RequestGuard, is_loopback
 from lmforge.studio.chat import Checkpoints
 from lmforge.studio.commands import LAUNCHABLE, FormError, build_argv, options
 from lmforge.studio.launcher import Launcher, NotFound
-from lmforge.studio.runs import read_metrics, read_run, scan_runs
+from lmforge.studio.runs import file_identity, read_metrics, read_run, scan_runs
 
 STATIC = Path(__file__).parent / "static"
 
@@ -128,9 +130,16 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
         return {"workspace": str(studio.workspace), "runs": studio.runs()}
 
     @app.get("/api/runs/{run_id:path}/metrics")
-    async def metrics(run_id: str, offset: int = 0):
-        records, offset, reset = read_metrics(studio.run_dir(run_id) / "metrics.jsonl", offset)
-        return {"records": records, "offset": offset, "reset": reset}
+    async def metrics(run_id: str, offset: int = 0, request_file: Annotated[str, Query(alias="file")] = ""):
+        path = studio.run_dir(run_id) / "metrics.jsonl"
+        file = file_identity(path)
+        if file != request_file and offset:  # the page read another file under this name (--overwrite)
+            offset = 0
+            reset = True
+        else:
+            reset = False
+        records, offset, cut = read_metrics(path, offset)
+        return {"records": records, "offset": offset, "reset": reset or cut, "file": file}
 
     @app.get("/api/runs/{run_id:path}/rejects")
     async def rejects(run_id: str, start: int = 0, limit: int = 20, step: str | None = None):

@@ -53,6 +53,16 @@ class Run:
         return out
 
 
+def file_identity(path: str | os.PathLike) -> str:
+    """'device:inode' of a file ("" when it does not exist): a file replaced under the same name (written to a
+    temporary name and renamed, or deleted and created again) gets another one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 def read_metrics(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int, bool]:
     """The records of metrics.jsonl from byte `offset`: (records, the offset to ask from next, reset). Only whole
     lines are read (a line still being written waits for the next call); a line a crash cut is skipped. `reset` is
@@ -78,6 +88,56 @@ def read_metrics(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], 
         if isinstance(record, dict):
             records.append(record)
     return records, offset + end, reset
+
+
+@dataclass
+class MetricsSummary:
+    """What the runs table shows of a metrics.jsonl, kept up to date from a byte offset: the numeric keys in order
+    of appearance, the last training step, the sum of step_s, and per key its lowest and highest value with the
+    first step that reached it (the Trainer keeps the first best too)."""
+    offset: int = 0
+    file: str = ""  # which file (device:inode): an overwritten run's new metrics.jsonl is read from its start
+    keys: dict = field(default_factory=dict)
+    last_step: int | None = None
+    step_seconds: float = 0.0
+    lowest: dict = field(default_factory=dict)
+    highest: dict = field(default_factory=dict)
+
+    def add(self, record: dict) -> None:
+        step = record.get("step")
+        if "loss" in record and isinstance(step, int):
+            self.last_step = step
+        self.step_seconds += record.get("step_s", 0) if isinstance(record.get("step_s"), (int, float)) else 0
+        for key, value in record.items():
+            if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            self.keys.setdefault(key, None)
+            if key not in self.lowest or value < self.lowest[key][0]:
+                self.lowest[key] = (value, step)
+            if key not in self.highest or value > self.highest[key][0]:
+                self.highest[key] = (value, step)
+
+
+_SUMMARIES: dict[str, MetricsSummary] = {}
+
+
+def metrics_summary(path: str | os.PathLike) -> MetricsSummary:
+    """The summary of metrics.jsonl at `path`, reading only what was appended since the last call (the page asks
+    for the runs table every second; a long run's file is not reread each time)."""
+    key = os.fspath(path)
+    summary = _SUMMARIES.get(key) or MetricsSummary()
+    file = file_identity(path)
+    if file != summary.file:  # another file now (--overwrite, a resume's rewrite): start over
+        summary = MetricsSummary(file=file)
+    records, offset, reset = read_metrics(path, summary.offset)
+    if reset:  # cut back in place: start over
+        summary = MetricsSummary(file=file)
+        records, offset, _ = read_metrics(path, 0)
+    for record in records:
+        summary.add(record)
+    summary.offset = offset
+    _SUMMARIES[key] = summary
+    return summary
 
 
 def _read_yaml(path: Path) -> dict:
@@ -108,22 +168,16 @@ def _training(run: Run, parsers: dict[str, argparse.ArgumentParser]) -> None:
     run.model, run.data = _text(config.get("model")), _text(config.get("data"))
     run.max_steps = config.get("max_steps")
     status = read_status(run.path) or {}
-    records, _, _ = read_metrics(run.path / "metrics.jsonl")
-    keys: dict[str, None] = {}
-    for r in records:
-        keys.update(dict.fromkeys(k for k, v in r.items() if k != "step" and isinstance(v, (int, float))))
-    run.metrics = list(keys)
-    steps = [r["step"] for r in records if "loss" in r and isinstance(r.get("step"), int)]
+    summary = metrics_summary(run.path / "metrics.jsonl")
+    run.metrics = list(summary.keys)
     run.step = status.get("step") if status.get("state") != "running" else None
     if run.step is None:
-        run.step = steps[-1] if steps else 0
+        run.step = summary.last_step or 0
     run.max_steps = status.get("max_steps", run.max_steps)
     metric = status.get("best_metric", "val_loss")
-    higher = status.get("higher_is_better", False)
-    evals = [(r[metric], r["step"]) for r in records if isinstance(r.get(metric), (int, float))]
-    if evals:
-        value, step = (max if higher else min)(evals, key=lambda e: e[0])
-        run.best = {"metric": metric, "value": value, "step": step}
+    best = (summary.highest if status.get("higher_is_better", False) else summary.lowest).get(metric)
+    if best is not None:
+        run.best = {"metric": metric, "value": best[0], "step": best[1]}
     if status:
         run.status, run.reason = status.get("state", "unknown"), status.get("reason", "")
         run.started = status.get("started")
@@ -132,8 +186,8 @@ def _training(run: Run, parsers: dict[str, argparse.ArgumentParser]) -> None:
 
             run.wall_s = round(status.get("ended", time.time()) - run.started, 1)
     else:  # a run from before status.json: its steps' own durations
-        run.wall_s = round(sum(r.get("step_s", 0) for r in records), 1) or None
-        done = run.max_steps is not None and steps and steps[-1] >= run.max_steps
+        run.wall_s = round(summary.step_seconds, 1) or None
+        done = run.max_steps is not None and summary.last_step is not None and summary.last_step >= run.max_steps
         run.status = "finished" if done else "unknown"
     run.checkpoints = [n for n in ("best", "last") if (run.path / n / "config.json").exists()]
 

@@ -121,12 +121,14 @@ async function loadRuns() {
 
 async function refreshCurves() {
   for (const id of state.overlay) {
-    const m = state.metrics[id] || (state.metrics[id] = { offset: 0, records: [] });
+    const m = state.metrics[id] || (state.metrics[id] = { offset: 0, file: "", records: [] });
     try {
-      const data = await api(`/api/runs/${encodeURI(id)}/metrics?offset=${m.offset}`);
+      const q = new URLSearchParams({ offset: m.offset, file: m.file });
+      const data = await api(`/api/runs/${encodeURI(id)}/metrics?${q}`);
       if (data.reset) m.records = [];
       m.records.push(...data.records);
       m.offset = data.offset;
+      m.file = data.file;
     } catch (e) { /* the run may be gone; the table says so */ }
   }
   const names = new Set();
