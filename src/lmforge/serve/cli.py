@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"lmforge: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    app = create_app(server, cors=args.cors)
+    app = create_app(server, cors=args.cors, host=args.host, port=args.port)
     print(f"serving {server.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1; "
           f"{server.context}-token context, batches of up to {args.max_batch}); Ctrl-C stops", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
