@@ -274,7 +274,10 @@ def _check_writable(cfg: ModelConfig) -> None:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """HF config.json dict for a ModelConfig (the fields of transformers' config class for cfg.arch)."""
+    """HF config.json dict for a ModelConfig (the fields of transformers' config class for cfg.arch); a portable
+    model's (model/portable.py) is its own config.json."""
+    if hasattr(cfg, "hf_config"):
+        return dict(cfg.hf_config)
     common = {"architectures": [HF_CLASS.get(cfg.arch, cfg.arch)], "model_type": cfg.arch,
               "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
               "eos_token_id": cfg.eos_token_id, "torch_dtype": "float32", "dtype": "float32"}

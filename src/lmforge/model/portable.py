@@ -30,6 +30,7 @@ finds.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -105,20 +106,30 @@ class _GivenHidden(nn.Module):
         return BaseModelOutputWithPast(last_hidden_state=self.hidden)
 
 
-def portable_config(hf_config, heads: tuple[int, int], model_type: str) -> ModelConfig:
+@dataclass
+class PortableConfig(ModelConfig):
     """lmforge's description of a transformers model's shape (what the scheduler, the trainer's figures and the
-    stop ids read): sizes, the context, the special ids. `heads` = (kv heads, head dim) as its cache holds them."""
+    stop ids read: sizes, the context, the special ids) and, in `hf_config`, its own config.json (what
+    model/hf.py's `config_to_hf` gives back for it: an adapter checkpoint records its base's config)."""
+
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+
+def portable_config(hf_config, heads: tuple[int, int], architecture: str) -> PortableConfig:
+    """The PortableConfig of a transformers config; `heads` = (kv heads, head dim) as its cache holds them."""
     text = hf_config.get_text_config()
     d_model, n_heads = text.hidden_size, text.num_attention_heads
     kv_heads, head_dim = heads
     eos = getattr(text, "eos_token_id", None)
-    return ModelConfig(arch=model_type, vocab_size=text.vocab_size, n_layers=text.num_hidden_layers, d_model=d_model,
-                       n_heads=n_heads if n_heads % kv_heads == 0 else kv_heads, n_kv_heads=kv_heads,
-                       head_dim=head_dim, d_ff=getattr(text, "intermediate_size", None) or 4 * d_model,
-                       max_seq_len=getattr(text, "max_position_embeddings", None) or 2048, pos="learned",
-                       tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
-                       bos_token_id=getattr(text, "bos_token_id", None),
-                       eos_token_id=eos[0] if isinstance(eos, list) and eos else eos)
+    return PortableConfig(hf_config={**hf_config.to_dict(), "architectures": [architecture]},
+                          arch=hf_config.model_type, vocab_size=text.vocab_size, n_layers=text.num_hidden_layers,
+                          d_model=d_model, n_heads=n_heads if n_heads % kv_heads == 0 else kv_heads,
+                          n_kv_heads=kv_heads, head_dim=head_dim,
+                          d_ff=getattr(text, "intermediate_size", None) or 4 * d_model,
+                          max_seq_len=getattr(text, "max_position_embeddings", None) or 2048, pos="learned",
+                          tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+                          bos_token_id=getattr(text, "bos_token_id", None),
+                          eos_token_id=eos[0] if isinstance(eos, list) and eos else eos)
 
 
 class PortableModel(nn.Module):
@@ -132,7 +143,7 @@ class PortableModel(nn.Module):
         self.hf = hf
         self.why = why
         self.inference_only: str | None = None
-        self.cfg = portable_config(hf.config, _cache_heads(hf), hf.config.model_type)
+        self.cfg = portable_config(hf.config, _cache_heads(hf), type(hf).__name__)
 
     # --- what callers read ----------------------------------------------------------------------------------------
     @property
@@ -156,12 +167,13 @@ class PortableModel(nn.Module):
 
     def adapter_sites(self, routers: bool = False) -> list:
         """Where LoRA / DoRA may go: every nn.Linear of the transformers model but its output head (peft's
-        "all-linear" rule), under its transformers name."""
+        "all-linear" rule; QLoRA's NF4 layers in their place), under its transformers name."""
         from lmforge.peft.lora import Site
+        from lmforge.peft.nf4 import NF4Linear
 
         head = self.hf.get_output_embeddings()
         return [Site(f"hf.{name}", 0, m.out_features, name) for name, m in self.hf.named_modules()
-                if isinstance(m, nn.Linear) and m is not head]
+                if isinstance(m, (nn.Linear, NF4Linear)) and m is not head]
 
     # --- the forward pass -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -163,9 +163,11 @@ def model_sites(model: nn.Module, routers: bool = False) -> list[Site]:
     return own(routers) if own is not None else adapter_sites(model.cfg, routers)
 
 
-def linear_modules(cfg) -> list[str]:
-    """The linear layers adapters may sit on (what QLoRA stores in NF4): experts and routers stay in float."""
-    return sorted({s.module for s in adapter_sites(cfg) if s.parameter is None})
+def linear_modules(cfg, model: nn.Module | None = None) -> list[str]:
+    """The linear layers adapters may sit on (what QLoRA stores in NF4), of `model` where it names its own sites:
+    experts and routers stay in float."""
+    sites = model_sites(model) if model is not None else adapter_sites(cfg)
+    return sorted({s.module for s in sites if s.parameter is None})
 
 
 def _expert_aliases(cfg, names: list[str]) -> tuple[list[str], dict]:
