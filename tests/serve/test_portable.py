@@ -1,5 +1,6 @@
-"""`lmforge serve` on the portable path (model/portable.py): a tiny random Granite, outside lmforge's native
-families, with the real Qwen2.5 tokenizer answers an OpenAI completion with transformers' greedy tokens."""
+"""`lmforge serve` and `lmforge generate` on the portable path (model/portable.py): a tiny random Granite, outside
+lmforge's native families, with the real Qwen2.5 tokenizer, answers an OpenAI completion and prints a generation
+with transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ def test_serve_answers_with_transformers_greedy_tokens(granite):
     finally:
         r.close()
     assert out["choices"][0]["text"] == tok.decode(want.tolist())
+
+
+def test_generate_command_prints_transformers_greedy_text(granite, capsys):
+    from lmforge.cli import main
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(granite).eval()
+    tok = load_tokenizer(granite)
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, len(ids):]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(granite), "--prompt", prompt, "--temperature", "0",
+                 "--max-new-tokens", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert out == tok.decode(want.tolist()) + "\n"
+    assert "lmforge: portable path (transformers' GraniteForCausalLM)" in err
