@@ -40,6 +40,20 @@ UNSUPPORTED = {
 }
 
 
+# more families, each with what makes it differ, on a 300-token vocabulary (no tokenizer: random ids)
+MORE = {
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-alibi": ("FalconConfig", "FalconForCausalLM", dict(alibi=True, multi_query=True)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.5, num_key_value_heads=4)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=6)),  # shorter than the prompts
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, n_head=4)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_layer=2, n_head=4, n_embd=64,
+                                                                      multi_query=True)),
+}
+
+
 def tiny(config_cls: str, model_cls: str, vocab: int, **extra):
     cfg = getattr(transformers, config_cls)(**{
         "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -199,3 +213,30 @@ def test_a_model_type_transformers_cannot_build_either_is_one_line(tmp_path):
     transformers.T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
     with pytest.raises(CheckpointError, match="model_type 't5' is an encoder-decoder"):
         load_hf_model(tmp_path / "t5")
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_families_logits_and_greedy_tokens(name, tmp_path):
+    """Falcon (grouped and multi-query attention, ALiBi), GPT-NeoX (fused query_key_value, partial rotary), Phi,
+    Cohere (logit_scale), Starcoder2 (a sliding window shorter than the prompts), BLOOM (ALiBi), GPT-BigCode
+    (multi-query): logits and greedy tokens of a left-padded batch equal transformers'."""
+    config_cls, model_cls, extra = MORE[name]
+    hf = tiny(config_cls, model_cls, 300, **extra)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_model(tmp_path)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours.logits(ours(ids)) - hf(ids).logits).abs().max() <= TOL
+    prompts = [ids[0, :12].tolist(), ids[0, 3:8].tolist()]
+    assert generate_ids(ours, prompts, SamplingConfig(max_new_tokens=14, temperature=0)) == \
+        [_hf_greedy(hf, p, 14) for p in prompts]
+
+
+def test_a_model_without_a_key_value_cache_is_refused_by_name(tmp_path):
+    """State-space layers (Mamba) cache something else than keys and values: one line, not wrong output."""
+    torch.manual_seed(0)
+    transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2)) \
+        .save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="model_type 'mamba': its modeling code does not take a plain decoder "
+                                              "step with a key/value cache"):
+        load_hf_model(tmp_path)

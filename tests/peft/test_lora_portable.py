@@ -118,3 +118,23 @@ def test_an_unknown_target_names_the_models_linear_modules(base):
     with pytest.raises(ConfigError, match="qkv_proj is not a module of this model; its linear modules are down_proj, "
                                           "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
         L.apply_lora(load_hf_model(d), L.LoraConfig(targets=["qkv_proj"]))
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "falcon"])
+@pytest.mark.parametrize("targets", [["query_key_value"], L.ALL_LINEAR])
+def test_fused_query_key_value_adapters_load_in_peft(name, targets, tmp_path):
+    """GPT-NeoX and Falcon keep q, k and v in one `query_key_value` layer: one adapter there, under that name."""
+    from tests.model.test_portable import MORE, tiny
+
+    tiny(*MORE[name][:2], 300, **MORE[name][2]).save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = load_hf_model(tmp_path / "base")
+    L.apply_lora(model, L.LoraConfig(r=4, alpha=8, dropout=0.0, targets=targets, dora=targets != L.ALL_LINEAR))
+    _randomise(model)
+    model.eval()
+    save_adapter(model, tmp_path / "adapter")
+    modules = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert "query_key_value" in modules and (targets != L.ALL_LINEAR or len(modules) > 1)
+    theirs = peft.PeftModel.from_pretrained(_hf(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (_logits(model, ids) - theirs(ids).logits).abs().max() <= TOL

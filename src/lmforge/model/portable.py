@@ -101,9 +101,10 @@ class _GivenHidden(nn.Module):
         self.hidden = hidden
 
     def forward(self, *args, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+        # (the output class with every field a causal-LM class may read: GPT-BigCode reads cross_attentions)
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.hidden)
 
 
 @dataclass
@@ -321,7 +322,10 @@ def load_portable(d: Path, raw: dict, why: str, dtype: torch.dtype = torch.float
         if names:
             raise PortableError(f"model_type '{model_type}': the checkpoint {what} than transformers' "
                                 f"{type(hf).__name__} expects: {names[:5]}{' ...' if len(names) > 5 else ''}")
-    model = PortableModel(hf.to(device).eval(), why)
+    try:
+        model = PortableModel(hf.to(device).eval(), why)
+    except PortableError as e:
+        raise PortableError(f"model_type '{model_type}': {e}") from None
     if announce:
         print(f"lmforge: portable path (transformers' {model.hf_class}): {why}", file=sys.stderr)
     return model
