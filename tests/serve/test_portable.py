@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from lmforge.model import load_hf_model
 from lmforge.tokenizer import load_tokenizer
 from tests.model.test_portable import PORTABLE, model_dir
 
@@ -54,3 +55,24 @@ def test_generate_command_prints_transformers_greedy_text(granite, capsys):
     out, err = capsys.readouterr()
     assert out == tok.decode(want.tolist()) + "\n"
     assert "lmforge: portable path (transformers' GraniteForCausalLM)" in err
+
+
+def test_chat_session_keeps_its_cache_across_turns(granite):
+    """`lmforge chat`'s session: the second turn prefills only the new messages after the cached first turn, and
+    each reply is transformers' greedy continuation of the whole rendered conversation."""
+    from lmforge.chat.render import encode_chat
+    from lmforge.infer.engine import ChatSession
+    from lmforge.infer.sampling import SamplingConfig
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(granite).eval()
+    tok = load_tokenizer(granite)
+    session = ChatSession(load_hf_model(granite), tok, SamplingConfig(max_new_tokens=8, temperature=0))
+    for user in ("北京在哪里？", "What is two plus two?"):
+        ids = encode_chat(tok, tok.chat_template, session.messages + [{"role": "user", "content": user}],
+                          add_generation_prompt=True).ids
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        stops = set(session.cfg.stop_token_ids)
+        want = want[:next((i + 1 for i, t in enumerate(want) if t in stops), len(want))]
+        assert "".join(session.reply(user)) == tok.decode([t for t in want if t not in stops])
+    assert session.scheduler.stats["prefix_hits"] >= 1
