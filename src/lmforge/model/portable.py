@@ -30,6 +30,7 @@ finds.
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import KVCache
+
+_HEAD_LOCK = threading.Lock()  # (a module's: a model's own lock would not survive copy.deepcopy)
 
 
 class PortableError(ValueError):
@@ -143,6 +146,9 @@ class PortableModel(nn.Module):
         super().__init__()
         self.hf = hf
         self.why = why
+        # the base model, held outside the module tree (no second name in the state dict): `logits` swaps it out of
+        # `hf` for a moment, under _HEAD_LOCK (the server scores prompts on other threads while the engine steps)
+        self._base = (getattr(hf, hf.base_model_prefix),)
         self.inference_only: str | None = None
         self.cfg = portable_config(hf.config, _cache_heads(hf), type(hf).__name__)
 
@@ -203,9 +209,8 @@ class PortableModel(nn.Module):
             slots = (start + torch.arange(T, device=device)).expand(B, T)
             positions = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots)
                          if attention_mask is not None else slots)
-        base = getattr(self.hf, self.hf.base_model_prefix)
-        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   cache=_cache_classes()(cache) if cache is not None else None, use_cache=cache is not None)
+        out = self._base[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            cache=_cache_classes()(cache) if cache is not None else None, use_cache=cache is not None)
         if cache is not None:
             cache.advance(T)
         return out.last_hidden_state
@@ -217,13 +222,13 @@ class PortableModel(nn.Module):
         shape = hidden.shape[:-1]
         flat = hidden.reshape(1, -1, hidden.shape[-1])
         prefix = self.hf.base_model_prefix
-        base = self.hf._modules[prefix]
-        self.hf._modules[prefix] = _GivenHidden(flat)
-        try:
-            out = self.hf(input_ids=torch.zeros(flat.shape[:2], dtype=torch.long, device=flat.device),
-                          use_cache=False)
-        finally:
-            self.hf._modules[prefix] = base
+        with _HEAD_LOCK:
+            self.hf._modules[prefix] = _GivenHidden(flat)
+            try:
+                out = self.hf(input_ids=torch.zeros(flat.shape[:2], dtype=torch.long, device=flat.device),
+                              use_cache=False)
+            finally:
+                self.hf._modules[prefix] = self._base[0]
         return out.logits.reshape(*shape, -1)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
