@@ -106,6 +106,21 @@ def test_logits_equal_transformers(family):
             assert (got[row, width - len(r):] - want).abs().max() <= TOL
 
 
+def test_packed_rows_give_each_sequence_its_own_logits(family):
+    """segment_ids (finetune --packing): each sequence of a packed row sees only itself, as transformers alone."""
+    _, d, hf, ours = family
+    a, b, c = (ids[:n] for ids, n in zip(_ids(d), (9, 13, 6)))
+    row = torch.tensor([a + b + c])
+    segments = torch.tensor([[0] * len(a) + [1] * len(b) + [2] * len(c)])
+    with torch.no_grad():
+        got = ours.logits(ours(row, segment_ids=segments))[0]
+        start = 0
+        for seq in (a, b, c):
+            want = hf(torch.tensor([seq])).logits[0]
+            assert (got[start:start + len(seq)] - want).abs().max() <= TOL
+            start += len(seq)
+
+
 def test_loss_is_transformers_loss(family):
     _, d, hf, ours = family
     x = torch.tensor([_ids(d)[1]])

@@ -29,6 +29,7 @@ finds.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -48,8 +49,9 @@ class PortableError(ValueError):
     """A model the portable path cannot run either (raised as model/hf.py's CheckpointError by its callers)."""
 
 
+@functools.cache
 def _cache_classes():
-    """transformers' cache base classes (imported on first use: transformers is heavy)."""
+    """`SlotCache`, defined on first use (transformers is heavy to import) and once."""
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     class SlotLayer(CacheLayerMixin):
