@@ -22,9 +22,9 @@ the one step loop) and the server ask of a model:
 
 What it does not do (each refused with one line where a user asks for it): the static cache of `--compile`,
 lmforge's packed CPU kernels and int8 / int4 weights (transformers' modules call their own linear layers), GGUF
-export, prompt / prefix tuning (they write into lmforge's attention), and models whose cache is not keys and values
-of one shape per layer (state-space and hybrid layers, MLA's unequal key and value widths), which the load probe
-finds.
+export, prompt / prefix tuning, bottleneck adapters and `--method freeze` (they work on lmforge's own blocks),
+classification heads, and models whose cache is not keys and values of one shape per layer (state-space and hybrid
+layers, MLA's unequal key and value widths), which the load probe finds.
 """
 
 from __future__ import annotations
