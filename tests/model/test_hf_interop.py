@@ -104,6 +104,9 @@ def test_clear_errors(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon"}))
     with pytest.raises(CheckpointError, match="model_type 'falcon' is not supported"):
+        load_hf_model(tmp_path, portable=False)
+    # the portable path (transformers' Falcon) cannot read Llama's config and tensors as Falcon's either
+    with pytest.raises(CheckpointError, match="model_type 'falcon'"):
         load_hf_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     from safetensors.torch import load_file, save_file

@@ -364,7 +364,16 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     hf_cfg = read_config(d)
     if "lmforge_quantization" in hf_cfg:
         raise ExportError(f"{d} is an lmforge int8/int4 directory; export the float model it was made from")
-    cfg = config_from_hf(hf_cfg, str(d / "config.json"))
+    from lmforge.model.hf import SUPPORTED, UnsupportedFeature
+
+    # what lmforge loads on the portable path (model/portable.py, transformers' modules) has no GGUF writer
+    if hf_cfg.get("model_type") not in SUPPORTED:
+        raise ExportError(f"{d}: model_type {hf_cfg.get('model_type')!r} runs on lmforge's portable path, which does "
+                          f"not export GGUF (GGUF export supports {', '.join(GGUF_ARCH)} models)")
+    try:
+        cfg = config_from_hf(hf_cfg, str(d / "config.json"))
+    except UnsupportedFeature as e:
+        raise ExportError(f"{e}; this model runs on lmforge's portable path, which does not export GGUF") from None
     arch = GGUF_ARCH.get(cfg.arch)
     if arch is None:
         raise ExportError(f"{d}: GGUF export supports {', '.join(GGUF_ARCH)} models; this is {cfg.arch!r}")

@@ -292,7 +292,10 @@ def lora_config(cfg: FinetuneConfig):
 
 def prepare_model(model, cfg: FinetuneConfig) -> None:
     """Freeze / add adapters in place, as the method says."""
-
+    if getattr(model, "portable", False) and cfg.method not in ("full", "lora", "dora", "qlora"):
+        # the others name lmforge's own blocks or write into its attention (model/portable.py)
+        raise ConfigError(f"method {cfg.method}: not on the portable path ({model.hf_class} runs transformers' "
+                          "modules); use full, lora, dora or qlora")
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -322,7 +325,7 @@ def prepare_model(model, cfg: FinetuneConfig) -> None:
             # routers stay float)
             from lmforge.peft.nf4 import quantize_model
 
-            quantize_model(model, lora.linear_modules(model.cfg))
+            quantize_model(model, lora.linear_modules(model.cfg, model))
         lora.apply_lora(model, lora_config(cfg))
 
 

@@ -138,6 +138,13 @@ def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str |
     tokenizer = load_tokenizer(path)
     parameters = sum(p.numel() for p in model.parameters())
     done = [dtype]
+    if getattr(model, "portable", False):  # transformers' modules (model/portable.py): lmforge's kernels do not apply
+        for flag, asked in (("--quantize", quantize != "none"), ("--pack", pack), ("--compile", compile)):
+            if asked:
+                raise ConfigError(f"{flag}: not on the portable path ({model.hf_class} runs transformers' own "
+                                  "modules); leave it out")
+        pack = False
+        done.append(f"portable path ({model.hf_class})")
     if quantize == "int8":
         from lmforge.model import quantize_int8
 

@@ -74,9 +74,10 @@ def score_tokens(model: Transformer, sequences: Sequence[Sequence[int]], starts:
     order = sorted(range(len(units)), key=key)
     device = next(model.parameters()).device
     # ALiBi and sliding windows measure distance in cache slots: a padded row would see wrong distances, so only
-    # contexts of one length share a batch there
+    # contexts of one length share a batch there (on the portable path always: transformers' modules may do either)
     cfg = model.cfg
-    exact_slots = model.alibi is not None or any(cfg.window(i) is not None for i in range(cfg.n_layers))
+    exact_slots = getattr(model, "portable", False) or model.alibi is not None or \
+        any(cfg.window(i) is not None for i in range(cfg.n_layers))
     pos = 0
     while pos < len(order):
         batch = [order[pos]]

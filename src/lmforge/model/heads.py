@@ -198,7 +198,7 @@ def build_classifier(directory: str | os.PathLike, labels: list[str], task: str 
         if model.pooler is not None and key is not None:
             model.pooler.load_state_dict({"weight": tensors[key], "bias": tensors[key.replace("weight", "bias")]})
         return model
-    backbone = load_hf_model(d)
+    backbone = load_hf_model(d, portable=False)  # a head sits on lmforge's own decoder
     if (backbone.cfg.arch, task) in NO_HF_CLASS:
         raise CheckpointError(f"{d}: transformers has no {ARCH_PREFIX[backbone.cfg.arch]}{HEAD_SUFFIX[task]}, so a "
                               f"{task} classifier on this {backbone.cfg.arch} model could not be saved as a directory "

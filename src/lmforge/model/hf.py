@@ -61,6 +61,15 @@ class CheckpointError(ValueError):
     """A checkpoint lmforge cannot load; the message names the file, model_type or tensor."""
 
 
+class UnsupportedFeature(CheckpointError):
+    """A native family's config.json uses something lmforge's decoder does not implement: `load_hf_model` runs
+    such a model on the portable path (model/portable.py) instead; `reason` says what, without the file."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 # --- config ------------------------------------------------------------------------------
 
 def _rope_from_hf(hf: dict, where: str, model_type: str = "llama",
@@ -86,8 +95,8 @@ def _rope_from_hf(hf: dict, where: str, model_type: str = "llama",
     if model_type == "phi3" and kind in ("su", "yarn"):  # Phi-3's names for LongRoPE (as Phi3Config maps them)
         kind = scaling["rope_type"] = "longrope"
     if kind not in ROPE_TYPES:
-        raise CheckpointError(f"{where}: {field}: RoPE type {kind!r} is not implemented (lmforge implements "
-                              f"{', '.join(ROPE_TYPES)})")
+        raise UnsupportedFeature(where, f"{field}: RoPE type {kind!r} is not implemented (lmforge implements "
+                                 f"{', '.join(ROPE_TYPES)})")
     if kind in ("llama3", "yarn", "longrope"):
         # the pretraining context these scalings start from (Phi-3 keeps it beside rope_scaling)
         orig = hf.get("original_max_position_embeddings") if model_type == "phi3" else None
@@ -114,7 +123,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 
 def _refuse(where: str, field: str, value, why: str):
-    raise CheckpointError(f"{where}: {field} = {json.dumps(value)}: {why}")
+    raise UnsupportedFeature(where, f"{field} = {json.dumps(value)}: {why}")
 
 
 def _layer_types(hf: dict, model_type: str, n_layers: int, window: int | None, where: str) -> tuple | None:
@@ -156,7 +165,7 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise CheckpointError(f"{where}: GPT-2 activation '{act}' is not supported (tanh GELU only)")
+            raise UnsupportedFeature(where, f"activation_function = {json.dumps(act)}: lmforge's GPT-2 uses tanh GELU")
         return ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layers=hf["n_layer"], d_model=hf["n_embd"],
                            n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
                            max_seq_len=hf["n_positions"], norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -265,7 +274,10 @@ def _check_writable(cfg: ModelConfig) -> None:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """HF config.json dict for a ModelConfig (the fields of transformers' config class for cfg.arch)."""
+    """HF config.json dict for a ModelConfig (the fields of transformers' config class for cfg.arch); a portable
+    model's (model/portable.py) is its own config.json."""
+    if hasattr(cfg, "hf_config"):
+        return dict(cfg.hf_config)
     common = {"architectures": [HF_CLASS.get(cfg.arch, cfg.arch)], "model_type": cfg.arch,
               "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
               "eos_token_id": cfg.eos_token_id, "torch_dtype": "float32", "dtype": "float32"}
@@ -464,11 +476,28 @@ def read_config(d: Path) -> dict:
     return config
 
 
-def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
-    """Load an HF causal-LM directory (or, online, a hub id like 'HuggingFaceTB/SmolLM2-135M') into lmforge."""
+def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                  portable: bool = True) -> Transformer:
+    """Load an HF causal-LM directory (or, online, a hub id like 'HuggingFaceTB/SmolLM2-135M') into lmforge.
+
+    A decoder outside the native families, or a native family's config using a feature the native decoder does
+    not implement, runs on the portable path (model/portable.py: transformers' own modeling code behind the same
+    interface), announced in one line; `portable=False` (callers that need lmforge's own decoder) refuses it with
+    the native path's one-line error instead."""
     d = resolve_model_dir(directory)
     raw = read_config(d)
-    cfg = config_from_hf(raw, str(d / "config.json"))
+    where = str(d / "config.json")
+    if raw.get("model_type") not in SUPPORTED and "lmforge_quantization" not in raw:
+        if not portable:
+            config_from_hf(raw, where)  # the one-line error naming the model_type
+        return _load_portable(d, raw, f"model_type '{raw.get('model_type')}' is not one of lmforge's native "
+                                      "families", dtype, device)
+    try:
+        cfg = config_from_hf(raw, where)
+    except UnsupportedFeature as e:
+        if not portable or "lmforge_quantization" in raw:
+            raise
+        return _load_portable(d, raw, e.reason, dtype, device)
     if "lmforge_quantization" in raw:  # `lmforge export int8 | int4`: quantized matrices for lmforge's engine
         from lmforge.model.quantize import load_quantized
 
@@ -476,6 +505,16 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
             raise CheckpointError(f"{d}: an int8 export runs with float32 activations (got dtype {dtype})")
         return load_quantized(d, cfg, device, raw["lmforge_quantization"].get("method", "int8_weight_only"))
     return transformer_from_tensors(cfg, read_state_dict(d), d).to(device=device, dtype=dtype).eval()
+
+
+def _load_portable(d: Path, raw: dict, why: str, dtype: torch.dtype, device: str):
+    from lmforge.model.portable import PortableError, load_portable
+
+    try:
+        return load_portable(d, raw, why, dtype, device)
+    except PortableError as e:
+        raise CheckpointError(f"{d / 'config.json'}: {e} (lmforge's native families: {', '.join(SUPPORTED)})") \
+            from None
 
 
 def transformer_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], d: Path | str,
@@ -553,6 +592,15 @@ def save_hf_model(model: Transformer, directory: str | os.PathLike, dtype: torch
     if getattr(model, "inference_only", None):
         raise CheckpointError(f"this model's weights are in an inference-only format ({model.inference_only}); "
                               "save the float model instead")
+    if getattr(model, "portable", False):  # transformers' own layout, by transformers
+        if "peft" in model._modules:
+            raise CheckpointError(f"this model has an adapter ({model.peft.peft_type}): save it with "
+                                  "lmforge.peft.save_adapter, or merge it first (lmforge.peft.merge)")
+        with StagedDirectory(directory) as stage:
+            model.save(stage.tmp, dtype)
+            for name in sorted(os.listdir(stage.tmp), key=lambda n: n == "config.json"):  # config.json lands last
+                stage.path(name)
+        return
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
     out = {k: v.to(dtype or v.dtype).contiguous() for k, v in hf_tensors(model).items()}

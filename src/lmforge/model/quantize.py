@@ -183,7 +183,7 @@ def save_quantized(model_dir, out, bits: str = "int8"):
     from lmforge.model.hf import load_hf_model, read_config, resolve_model_dir
 
     d = resolve_model_dir(model_dir)
-    model = (quantize_int8 if bits == "int8" else quantize_int4)(load_hf_model(d))
+    model = (quantize_int8 if bits == "int8" else quantize_int4)(load_hf_model(d, portable=False))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("scale_bf16")}
     config = read_config(d) | {QUANT_KEY: METHODS[bits]}
     with StagedDirectory(out) as stage:

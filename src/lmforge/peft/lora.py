@@ -156,9 +156,18 @@ def adapter_sites(cfg, routers: bool = False) -> list[Site]:
     return sites
 
 
-def linear_modules(cfg) -> list[str]:
-    """The linear layers adapters may sit on (what QLoRA stores in NF4): experts and routers stay in float."""
-    return sorted({s.module for s in adapter_sites(cfg) if s.parameter is None})
+def model_sites(model: nn.Module, routers: bool = False) -> list[Site]:
+    """`adapter_sites` of the model's config, or the sites a model names itself (the portable path's transformers
+    model: its nn.Linear layers, model/portable.py)."""
+    own = getattr(model, "adapter_sites", None)
+    return own(routers) if own is not None else adapter_sites(model.cfg, routers)
+
+
+def linear_modules(cfg, model: nn.Module | None = None) -> list[str]:
+    """The linear layers adapters may sit on (what QLoRA stores in NF4), of `model` where it names its own sites:
+    experts and routers stay in float."""
+    sites = model_sites(model) if model is not None else adapter_sites(cfg)
+    return sorted({s.module for s in sites if s.parameter is None})
 
 
 def _expert_aliases(cfg, names: list[str]) -> tuple[list[str], dict]:
@@ -179,9 +188,11 @@ def _expert_aliases(cfg, names: list[str]) -> tuple[list[str], dict]:
     return [aliases.get(n, n) for n in names], factors
 
 
-def select_sites(cfg, targets: list | str) -> list[Site]:
-    """The sites `targets` names, peft's matching rules; an unknown name is an error naming the valid ones."""
-    sites = adapter_sites(cfg, routers=targets != ALL_LINEAR)
+def select_sites(cfg, targets: list | str, model: nn.Module | None = None) -> list[Site]:
+    """The sites `targets` names (among `model`'s own where it names them, else cfg's), peft's matching rules; an
+    unknown name is an error naming the valid ones."""
+    routers = targets != ALL_LINEAR
+    sites = model_sites(model, routers) if model is not None else adapter_sites(cfg, routers)
     if targets == ALL_LINEAR:
         return sites
     if isinstance(targets, str):
@@ -474,7 +485,7 @@ class Lora(Adapter):
         from torch.nn.utils import parametrize
 
         lora = self.config = resolve_config(model.cfg, self.config)
-        self.sites = select_sites(model.cfg, lora.targets)
+        self.sites = select_sites(model.cfg, lora.targets, model)
         for key in [*lora.rank_pattern, *lora.alpha_pattern]:
             if any(_pattern_matches(key, s.hf_name) for s in self.sites if not s.experts):
                 raise ConfigError(f"lora: a per-module rank or alpha ({key!r}) is supported on expert parameters "

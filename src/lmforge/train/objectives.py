@@ -47,10 +47,11 @@ class Objective(abc.ABC):
 def _decoder(forward: Callable):
     """lmforge's decoder behind `forward`, possibly wrapped (DDP's .module, torch.compile's ._orig_mod; FSDP2 keeps
     the class), or None: its forward returns hidden states, its `logits` / `loss` apply the head."""
+    from lmforge.model.portable import PortableModel
     from lmforge.model.transformer import Transformer
 
     for _ in range(4):
-        if isinstance(forward, Transformer):
+        if isinstance(forward, (Transformer, PortableModel)):  # (the portable path: transformers' modules inside)
             return forward
         forward = getattr(forward, "module", None) or getattr(forward, "_orig_mod", None)
         if forward is None:

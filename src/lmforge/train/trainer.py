@@ -267,6 +267,11 @@ class Trainer:
                 raise ConfigError(f"model_overrides: {', '.join(bad)} cannot change for the pretrained model in "
                                   f"{cfg.model} (its weights fix them); allowed: {', '.join(HF_MODEL_OVERRIDES)}")
             model = load_hf_model(cfg.model)
+            fsdp = cfg.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            if getattr(model, "portable", False) and (cfg.model_overrides or fsdp):
+                # (both reach into lmforge's own blocks; model/portable.py runs transformers')
+                raise ConfigError(f"{'model_overrides' if cfg.model_overrides else 'distributed fsdp'}: not on the "
+                                  f"portable path ({model.hf_class} runs transformers' modules)")
             if cfg.model_overrides:
                 model = _with_overrides(model, cfg.model_overrides)
             return model.train()
