@@ -107,13 +107,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-METRICS = ("bleu", "chrf", "chrf++", "ter", "rouge", "exact_match", "squad", "accuracy", "f1", "mcc")
-
-
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from lmforge import metrics as m
     from lmforge.cli import UserError
     from lmforge.eval.tasks import read_text_rows
+    from lmforge.metrics import TEXT_METRICS, score_texts
 
     preds = read_text_rows(args.pred, args.field)
     refs = [read_text_rows(r, args.field) for r in args.ref]
@@ -121,31 +118,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         if len(r) != len(preds):
             raise UserError(f"{path}: {len(r)} lines but {args.pred} has {len(preds)}")
     names = [x.strip() for x in args.metric.split(",") if x.strip()]
-    out = {}
     for name in names:
-        if name == "bleu":
-            res = m.bleu(preds, refs, tokenize=args.tokenize)
-            out["bleu"], out["bleu_tokenize"] = res["score"], res["tokenize"]
-        elif name in ("chrf", "chrf++"):
-            out[name] = m.chrf(preds, refs, word_order=2 if name == "chrf++" else 0)["score"]
-        elif name == "ter":
-            out["ter"] = m.ter(preds, refs)["score"]
-        elif name == "rouge":
-            per = list(zip(*refs)) if len(refs) > 1 else refs[0]
-            out |= m.rouge(preds, per, stem=args.stem, chinese=args.chinese)
-        elif name == "exact_match":
-            out["exact_match"] = m.exact_match(preds, refs[0])
-        elif name == "squad":
-            out |= {f"squad_{k}": v for k, v in m.squad(preds, [list(g) for g in zip(*refs)]).items()}
-        elif name in ("accuracy", "f1", "mcc"):
-            if name == "accuracy":
-                out["accuracy"] = m.accuracy(refs[0], preds)
-            elif name == "f1":
-                out |= {f"{k}_macro": v for k, v in m.precision_recall_f1(refs[0], preds, "macro").items()}
-            else:
-                out["mcc"] = m.matthews_corrcoef(refs[0], preds)
-        else:
-            raise UserError(f"--metric {name!r}: one of {', '.join(METRICS)}")
+        if name not in TEXT_METRICS:
+            raise UserError(f"--metric {name!r}: one of {', '.join(TEXT_METRICS)}")
+    out = score_texts(names, preds, refs, tokenize=args.tokenize, stem=args.stem, chinese=args.chinese)
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
     else:
@@ -313,10 +289,12 @@ def _add_ppl(esub, parents: list[argparse.ArgumentParser]) -> None:
 
 def _add_metrics(esub) -> None:
     """`lmforge eval metrics`: metrics of prediction and reference files."""
+    from lmforge.metrics import TEXT_METRICS
+
     m = esub.add_parser("metrics", help="BLEU, chrF, TER, ROUGE, exact match, SQuAD, accuracy / F1 of files")
     m.add_argument("--pred", required=True, help="predictions: one per line, or jsonl (--field)")
     m.add_argument("--ref", required=True, action="append", help="references, line-aligned (repeat for several)")
-    m.add_argument("--metric", default="bleu,chrf,rouge", help=f"comma-separated: {', '.join(METRICS)}")
+    m.add_argument("--metric", default="bleu,chrf,rouge", help=f"comma-separated: {', '.join(TEXT_METRICS)}")
     m.add_argument("--field", help="the field of jsonl records to read")
     m.add_argument("--tokenize", default="auto", help="BLEU tokenizer: auto (zh for Chinese, else 13a), 13a, zh, char")
     m.add_argument("--chinese", default="auto", choices=["auto", "char", "jieba", "ignore"],
