@@ -106,3 +106,12 @@ def test_judge_responses_through_the_engine_client_equal_transformers_greedy(tra
                               pad_token_id=eos)
         new = [t for t in out[0, len(ids):].tolist() if t not in client.stop_ids]
         assert response == tok.decode(new).strip()
+
+
+def test_the_metrics_help_names_every_metric_by_name():
+    from lmforge.metrics import TEXT_METRICS
+
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["eval"]
+    metrics = next(a for a in parser._actions if a.dest == "eval_command").choices["metrics"]
+    (metric,) = [a for a in metrics._actions if a.dest == "metric"]
+    assert metric.help == "comma-separated: " + ", ".join(TEXT_METRICS)
