@@ -85,3 +85,50 @@ def test_shipped_recipes_load_and_unknown_ones_are_named():
         assert load_config(TrainConfig, f"recipe:{name}").precision == "bf16"
     with pytest.raises(ConfigError, match="unknown recipe 'pretrain-tiny'. Did you mean 'pretrain-tiny-cpu'"):
         load_config(TrainConfig, "recipe:pretrain-tiny")
+
+
+@dataclass
+class Command:
+    task: list[str] = field(default_factory=list, metadata={"help": "a task (repeatable)", "append": True,
+                                                            "required": True, "metavar": "NAME"})
+    out: str | None = None
+
+
+def test_repeated_flags_required_fields_and_metavars(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Command)
+    args = parser.parse_args(["--task", "arc_easy", "--task", "mmlu"])
+    assert config_from_args(Command, args).task == ["arc_easy", "mmlu"]  # appended, not the last one only
+    assert "--task NAME" in parser.format_help()
+    with pytest.raises(ConfigError, match=r"^--task is required"):
+        config_from_args(Command, parser.parse_args(["--out", "x"]))
+    (tmp_path / "c.yaml").write_text("task: [gsm8k]\n")  # a required field may come from the file
+    assert config_from_args(Command, parser.parse_args(["--config", str(tmp_path / "c.yaml")])).task == ["gsm8k"]
+
+
+def test_a_commands_fields_taken_from_a_library_config():
+    from lmforge.config import add_field_arg, field_of
+
+    @dataclass
+    class Library:
+        size: int = field(default=800, metadata={"help": "chunk size", "check": (lambda v: v > 0, "> 0")})
+        kind: str = field(default="recursive", metadata={"choices": ["fixed", "recursive"]})
+
+    @dataclass
+    class Settings:
+        size: int = field_of(Library, "size")
+        chunker: str = field_of(Library, "kind", help="how documents are cut")
+
+    assert (Settings().size, Settings().chunker) == (800, "recursive")
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Settings)
+    assert "chunk size (default: 800)" in " ".join(parser.format_help().split())
+    with pytest.raises(ConfigError, match="size: 0 is out of range"):  # the library's check travels with it
+        config_from_args(Settings, parser.parse_args(["--size", "0"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--chunker", "semantic"])
+    plain = argparse.ArgumentParser()
+    add_field_arg(plain, Library, "size", "--chunk-size", dest="chunk_size")
+    assert plain.parse_args([]).chunk_size == 800 and plain.parse_args(["--chunk-size", "5"]).chunk_size == 5
+    with pytest.raises(AttributeError):
+        field_of(Library, "sise")

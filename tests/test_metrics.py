@@ -245,3 +245,26 @@ def test_exact_match_with_lm_evals_gsm8k_cleanup():
     regexes = [",", "\\$", "(?s).*#### ", "\\.$"]
     assert metrics.exact_match(["$1,200."], ["He paid...\n#### 1200"], ignore_case=True,
                                regexes_to_ignore=regexes) == 1.0
+
+
+def test_metrics_by_name_equal_the_reference_libraries(chinese_pairs):
+    """`score_texts` (what `lmforge eval metrics --metric` runs): each name gives its reference library's figure, with
+    two references per item where the metric takes several."""
+    import sacrebleu
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+    hyps, refs = chinese_pairs
+    hyps, refs = hyps[:40], refs[:40]
+    refs2 = list(reversed(refs))
+    got = metrics.score_texts(["bleu", "chrf", "ter", "exact_match"], hyps, [refs, refs2])
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs, refs2], tokenize="zh").score, abs=1e-9)
+    assert got["bleu_tokenize"] == "zh"
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs, refs2]).score, abs=1e-9)
+    assert got["ter"] == pytest.approx(sacrebleu.corpus_ter(hyps, [refs, refs2]).score)
+    assert got["exact_match"] == sum(h == r for h, r in zip(hyps, refs)) / len(refs)
+    labels_true, labels_pred = ["a", "b", "a", "c", "b", "a"], ["a", "b", "c", "c", "a", "a"]
+    got = metrics.score_texts(["accuracy", "mcc"], labels_pred, [labels_true])
+    assert got == pytest.approx({"accuracy": accuracy_score(labels_true, labels_pred),
+                                 "mcc": matthews_corrcoef(labels_true, labels_pred)})
+    with pytest.raises(ValueError, match="unknown metric 'blue'"):
+        metrics.score_texts(["blue"], hyps, [refs])

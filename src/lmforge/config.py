@@ -4,8 +4,11 @@ Precedence is defaults < config file < flags given on the command line. Unknown 
 an error that names the key and the nearest valid one, and the resolved config is
 written into the stage's output directory so every run can be reproduced.
 
-A field's `metadata` may carry `help` (shown by --help), `choices`, and `flag` (the CLI
-name when it should differ from `--field-name`).
+A field's `metadata` may carry `help` (shown by --help), `choices`, `flag` (the CLI
+name when it should differ from `--field-name`), `metavar` (the value's name in --help),
+`append` (a list given as a repeated flag, `--task a --task b`, rather than `--task a b`),
+`required` (the run needs a value, from a flag or the config file) and `cli: False` (no
+flag: the field keeps its default or the file's value).
 """
 
 from __future__ import annotations
@@ -213,18 +216,59 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         elif typing.get_origin(hint) is dict or hint is dict:
             kwargs["metavar"] = "'{KEY: VALUE, ...}'"
         elif typing.get_origin(hint) in (list, tuple):
-            kwargs["nargs"] = "+"
+            if f.metadata.get("append"):
+                kwargs["action"] = "append"
+            else:
+                kwargs["nargs"] = "+"
             kwargs["metavar"] = f.name.upper().rstrip("S") if f.name.endswith("s") else f.name.upper()
         else:
             kwargs["metavar"] = f.name.upper()
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs["metavar"] = "|".join(map(str, f.metadata["choices"]))
+        if "metavar" in f.metadata and hint is not bool:
+            kwargs["metavar"] = f.metadata["metavar"]
         parser.add_argument(_flag(f), **kwargs)
+
+
+def field_of(cls: type, name: str, **metadata: Any) -> Any:
+    """Field `name` of dataclass `cls` for another dataclass: the same default and metadata (help, choices, check),
+    plus `metadata`. A command's settings take a library config's defaults and help this way instead of repeating
+    them (rag/config.py's IndexCommand from IndexConfig)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise AttributeError(f"{cls.__name__} has no field {name!r}")
+    merged = {**f.metadata, **metadata}
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=merged)
+    return dataclasses.field(default=f.default, metadata=merged)
+
+
+def add_field_arg(parser: argparse.ArgumentParser, cls: type, name: str, flag: str | None = None,
+                  **overrides: Any) -> None:
+    """One plain flag (`--name`, or `flag`) from field `name` of dataclass `cls`: its default, type, choices and
+    help (`overrides`: argparse keywords that differ, e.g. another help text). For commands that take a few of a
+    library config's settings without a --config file (`rag ask`'s --k from AskConfig)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise AttributeError(f"{cls.__name__} has no field {name!r}")
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kwargs: dict[str, Any] = {"dest": name, "default": f.default, "help": f.metadata.get("help")}
+    if hint in (int, float, str):
+        kwargs["type"] = hint
+    if f.metadata.get("choices"):
+        kwargs["choices"] = f.metadata["choices"]
+    parser.add_argument(flag or "--" + name.replace("_", "-"), **{**kwargs, **overrides})
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     """Resolve the config for a parsed command line built with `add_config_args`."""
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return load_config(cls, getattr(args, "config", None), overrides)
+    cfg = load_config(cls, getattr(args, "config", None), overrides)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("required") and getattr(cfg, f.name) in (None, "", []):
+            raise ConfigError(f"{_flag(f)} is required (a flag, or the key {f.name} in --config)")
+    return cfg

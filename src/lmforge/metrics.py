@@ -832,3 +832,41 @@ def exact_match(predictions: Sequence[str], references: Sequence[str], ignore_ca
             p, r = p.translate(_PUNCT_TABLE), r.translate(_PUNCT_TABLE)
         hits += p == r
     return hits / max(len(predictions), 1)
+
+
+# the metrics `score_texts` computes by name (`lmforge eval metrics --metric`)
+TEXT_METRICS = ("bleu", "chrf", "chrf++", "ter", "rouge", "exact_match", "squad", "accuracy", "f1", "mcc")
+
+
+def score_texts(names: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence],
+                tokenize: str = "auto", stem: bool = False, chinese: str = "auto") -> dict:
+    """The metrics `names` (TEXT_METRICS) of `predictions` against line-aligned reference lists (`references[k][i]`:
+    the k-th reference of item i; the label metrics and exact match read the first list). BLEU's tokenizer, ROUGE's
+    stemming and Chinese handling as in `bleu` and `rouge_tokens`. Keys: bleu (+ bleu_tokenize), chrf, chrf++, ter,
+    ROUGE's rouge1 / rouge2 / rougeL / rougeLsum, exact_match, squad_exact_match / squad_f1, accuracy,
+    precision_macro / recall_macro / f1_macro, mcc."""
+    refs = list(references)
+    out: dict = {}
+    for name in names:
+        if name == "bleu":
+            res = bleu(predictions, refs, tokenize=tokenize)
+            out["bleu"], out["bleu_tokenize"] = res["score"], res["tokenize"]
+        elif name in ("chrf", "chrf++"):
+            out[name] = chrf(predictions, refs, word_order=2 if name == "chrf++" else 0)["score"]
+        elif name == "ter":
+            out["ter"] = ter(predictions, refs)["score"]
+        elif name == "rouge":
+            out |= rouge(predictions, list(zip(*refs)) if len(refs) > 1 else refs[0], stem=stem, chinese=chinese)
+        elif name == "exact_match":
+            out["exact_match"] = exact_match(predictions, refs[0])
+        elif name == "squad":
+            out |= {f"squad_{k}": v for k, v in squad(predictions, [list(g) for g in zip(*refs)]).items()}
+        elif name == "accuracy":
+            out["accuracy"] = accuracy(refs[0], predictions)
+        elif name == "f1":
+            out |= {f"{k}_macro": v for k, v in precision_recall_f1(refs[0], predictions, "macro").items()}
+        elif name == "mcc":
+            out["mcc"] = matthews_corrcoef(refs[0], predictions)
+        else:
+            raise ValueError(f"unknown metric {name!r}: one of {', '.join(TEXT_METRICS)}")
+    return out

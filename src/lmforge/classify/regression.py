@@ -155,36 +155,23 @@ def _objective(n_targets: int, loss: str, scale):
     return Regression()
 
 
-def run_regression(cfg) -> dict:
-    """`classify train --task regression`: train, then score the best checkpoint on the validation split."""
-    import os
-
-    import numpy as np
-    import torch
-
-    from lmforge.classify.data import data_files, eval_batches, label_batches
-    from lmforge.classify.run import _pad_id, _prepare
-    from lmforge.data.sources import RejectLog
-    from lmforge.files import write_json
-    from lmforge.model.heads import build_classifier, is_encoder_dir
-    from lmforge.model.hf import resolve_model_dir
-    from lmforge.peft import parameter_counts
-    from lmforge.tokenizer import load_tokenizer
-    from lmforge.train.trainer import Trainer
-
-    targets = list(cfg.target_fields) or [cfg.label_field]
+def _regression_targets(cfg) -> list[str]:
+    """The target fields, after checking the settings a regression head cannot take (best_metric val_f1, the
+    classification default, becomes val_mse)."""
     if cfg.multi_label:
         raise ConfigError("multi_label: a regression head has one output per target (--target-fields)")
     if cfg.best_metric == "val_f1":  # the classification default
         cfg.best_metric = "val_mse"
     if cfg.best_metric not in REGRESSION_METRICS:
         raise ConfigError(f"best_metric: {cfg.best_metric} is not a regression metric ({', '.join(REGRESSION_METRICS)})")
-    model_dir = resolve_model_dir(cfg.model)
-    if not (model_dir / "tokenizer.json").exists():
-        raise ConfigError(f"model: {model_dir} has no tokenizer.json")
-    encoder = is_encoder_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir, backend="hf") if encoder else load_tokenizer(model_dir)
-    rejects = RejectLog() if cfg.on_error == "skip" else None
+    return list(cfg.target_fields) or [cfg.label_field]
+
+
+def _scored_split(cfg, targets: list[str], rejects) -> tuple[list[Scored], list[Scored]]:
+    """(training, validation) records: --val-data, else a seeded val_fraction of --data."""
+    import numpy as np
+
+    from lmforge.classify.data import data_files
 
     def read(path):
         return read_scored(data_files(path), cfg.text_field, targets, cfg.text_pair_field, rejects, cfg.encoding,
@@ -201,6 +188,34 @@ def run_regression(cfg) -> dict:
         val_recs = [r for i, r in enumerate(records) if i in held]
     if not val_recs:
         raise ConfigError("val_fraction: 0 leaves nothing to validate on: give --val-data FILE or a val_fraction > 0")
+    return train_recs, val_recs
+
+
+def run_regression(cfg) -> dict:
+    """`classify train --task regression`: train, then score the best checkpoint on the validation split."""
+    import os
+
+    import numpy as np
+    import torch
+
+    from lmforge.classify.data import eval_batches, label_batches
+    from lmforge.classify.run import _fill_schedule, _pad_id, _prepare
+    from lmforge.data.sources import RejectLog
+    from lmforge.files import write_json
+    from lmforge.model.heads import build_classifier, is_encoder_dir
+    from lmforge.model.hf import resolve_model_dir
+    from lmforge.peft import parameter_counts
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.trainer import Trainer
+
+    targets = _regression_targets(cfg)
+    model_dir = resolve_model_dir(cfg.model)
+    if not (model_dir / "tokenizer.json").exists():
+        raise ConfigError(f"model: {model_dir} has no tokenizer.json")
+    encoder = is_encoder_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir, backend="hf") if encoder else load_tokenizer(model_dir)
+    rejects = RejectLog() if cfg.on_error == "skip" else None
+    train_recs, val_recs = _scored_split(cfg, targets, rejects)
     y_train = np.array([r.targets for r in train_recs], dtype=float)
     mean, std = y_train.mean(0), y_train.std(0)
     scale = None
@@ -208,13 +223,7 @@ def run_regression(cfg) -> dict:
         scale = torch.tensor(np.where(std > 0, std, 1.0), dtype=torch.float)
     ids_tr, cut_tr = encode_scored(tokenizer, train_recs, cfg.max_length)
     ids_va, cut_va = encode_scored(tokenizer, val_recs, cfg.max_length)
-    steps_per_epoch = max(1, len(ids_tr) // cfg.batch_size)
-    if not cfg.max_steps:
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    if not cfg.eval_every:
-        cfg.eval_every = min(steps_per_epoch, cfg.max_steps)
-    if not cfg.warmup_steps:
-        cfg.warmup_steps = round(0.06 * cfg.max_steps)
+    _fill_schedule(cfg, len(ids_tr))
 
     torch.manual_seed(cfg.seed)
     pad_id = _pad_id(tokenizer, model_dir)

@@ -63,6 +63,63 @@ def writes_work_shard(stages: list[tuple[list[Step], GlobalStep | None]], stage:
     return stage < len(stages) - 1 and bool(stages[stage][0])
 
 
+class _ShardWriters:
+    """A map task's output files, opened on first use: the work shard the next stage reads, or on the last stage the
+    shard's data file (one per `split_by` value)."""
+
+    def __init__(self, cfg, paths: RunPaths, stage: int, shard: int, last: bool):
+        self.cfg, self.paths, self.stage, self.shard, self.last = cfg, paths, stage, shard, last
+        self.open: dict[str, Any] = {}
+
+    def writer_for(self, doc: Document):
+        cfg, paths, shard = self.cfg, self.paths, self.shard
+        if not self.last:
+            key = ""
+            path = paths.stage_out(self.stage, shard)
+        else:
+            key = str(doc.meta.get(cfg.split_by, "unknown")) if cfg.split_by else ""
+            ext = "parquet" if cfg.output_format == "parquet" else "jsonl.gz"
+            path = paths.root / "data" / split_folder(key) / f"{shard:05d}.{ext}" if key \
+                else paths.root / "data" / f"{shard:05d}.{ext}"
+        if key not in self.open:
+            self.open[key] = ParquetWriter(path) if (self.last and cfg.output_format == "parquet") \
+                else JsonlGzWriter(path)
+        return self.open[key]
+
+
+def _apply_steps(doc: Document, first: int, steps: list, stats: list[StepStats], on_error: str, reject,
+                 pending: list) -> Document | None:
+    """`doc` through steps[first:], counted in `stats`: the document that comes out, or None when a step rejected
+    it (`reject` records why). Documents an expanding step makes go to the front of `pending`, each with the step to
+    continue from."""
+    for k in range(first, len(steps)):
+        step, st = steps[k], stats[k]
+        st.docs_in += 1
+        st.chars_in += len(doc.text)
+        try:
+            result = step.apply(doc)
+        except _DOCUMENT_ERRORS as e:  # a document the step cannot take (bad encoding, pathological input)
+            if on_error == "fail":
+                raise RuntimeError(f"step {step.name} failed on document {doc.id} ({_where(doc)}): {e!r}") from e
+            result = f"{step.name}: error {type(e).__name__}: {e}"
+        # anything else (AttributeError, TypeError, NameError, ...) is a bug in the step: the run stops with its
+        # traceback, whatever on_error says
+        if isinstance(result, str):
+            st.reasons[reason_key(result)] += 1
+            reject(doc, step.name, result)
+            return None
+        if isinstance(result, list):  # the document first, then the ones it made
+            doc, made = result[0], result[1:]
+            pending[0:0] = [(d, k + 1) for d in made]
+            st.docs_out += len(made)
+            st.chars_out += sum(len(d.text) for d in made)
+        else:
+            doc = result
+        st.docs_out += 1
+        st.chars_out += len(doc.text)
+    return doc
+
+
 def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: int,
                  byte_range: tuple[int, int] | None = None) -> dict:
     """Run stage `stage` of the pipeline on one shard; returns its stats (also saved in
@@ -98,22 +155,9 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
         read_stats.reasons[reason_key(reason)] += 1
         reject(where, "read", reason, raw)
 
-    writers: dict[str, Any] = {}
+    writers = _ShardWriters(cfg, paths, stage, shard, last)
+    writer_for = writers.writer_for
     keep_work = writes_work_shard(stages, stage)
-
-    def writer_for(doc: Document):
-        if not last:
-            key = ""
-            path = paths.stage_out(stage, shard)
-        else:
-            key = str(doc.meta.get(cfg.split_by, "unknown")) if cfg.split_by else ""
-            ext = "parquet" if cfg.output_format == "parquet" else "jsonl.gz"
-            path = paths.root / "data" / split_folder(key) / f"{shard:05d}.{ext}" if key \
-                else paths.root / "data" / f"{shard:05d}.{ext}"
-        if key not in writers:
-            writers[key] = ParquetWriter(path) if (last and cfg.output_format == "parquet") else JsonlGzWriter(path)
-        return writers[key]
-
     if keep_work:  # the next stage reads this shard even when every document was removed
         writer_for(Document("", "", {}))
     signatures = _SignatureCollector(global_step) if global_step is not None else None
@@ -130,33 +174,7 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
             pending = [(doc, 0)]  # an expanding step (augment) returns a list: the new documents go on after it
             while pending:
                 doc, first = pending.pop(0)
-                for k in range(first, len(stage_steps)):
-                    step, st = stage_steps[k], stats[k]
-                    st.docs_in += 1
-                    st.chars_in += len(doc.text)
-                    try:
-                        result = step.apply(doc)
-                    except _DOCUMENT_ERRORS as e:  # a document the step cannot take (bad encoding, pathological input)
-                        if cfg.on_error == "fail":
-                            raise RuntimeError(f"step {step.name} failed on document {doc.id} ({_where(doc)}): "
-                                               f"{e!r}") from e
-                        result = f"{step.name}: error {type(e).__name__}: {e}"
-                    # anything else (AttributeError, TypeError, NameError, ...) is a bug in the step: the run stops
-                    # with its traceback, whatever on_error says
-                    if isinstance(result, str):
-                        st.reasons[reason_key(result)] += 1
-                        reject(doc, step.name, result)
-                        doc = None
-                        break
-                    if isinstance(result, list):  # the document first, then the ones it made
-                        doc, made = result[0], result[1:]
-                        pending[0:0] = [(d, k + 1) for d in made]
-                        st.docs_out += len(made)
-                        st.chars_out += sum(len(d.text) for d in made)
-                    else:
-                        doc = result
-                    st.docs_out += 1
-                    st.chars_out += len(doc.text)
+                doc = _apply_steps(doc, first, stage_steps, stats, cfg.on_error, reject, pending)
                 if doc is None:
                     continue
                 lengths_out.append(len(doc.text))
@@ -169,11 +187,11 @@ def run_map_task(cfg_dict: dict, stage: int, shard: int, source: str, n_stages: 
         if signatures is not None:
             signatures.save(paths, stage, shard)
     except BaseException as e:
-        for w in writers.values():
+        for w in writers.open.values():
             w.abort(e)
         rejects.abort(e)
         raise
-    for w in writers.values():
+    for w in writers.open.values():
         w.close()
     rejects.close()
     result = {"stage": stage, "shard": shard, "source": source, "bytes": list(byte_range) if byte_range else None,

@@ -8,6 +8,9 @@ import math
 import sys
 from pathlib import Path
 
+from lmforge.config import add_config_args, config_from_args
+from lmforge.eval.config import ContaminationConfig, EvalRunConfig, JudgeConfig
+
 EXAMPLES = """examples:
   lmforge eval run --model runs/sft/best --task arc_easy --data ARC-Easy/ARC-Easy-Test.jsonl
   lmforge eval run --model runs/sft/best --task mmlu --data mmlu/data --shots 5 --limit 200 --json
@@ -30,50 +33,36 @@ def _load_model(args):
     return loaded.model, loaded.tokenizer
 
 
-def _out_dir(args, name: str) -> Path:
-    from lmforge.train.config import RunDirectoryError
-
-    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{Path(args.model).resolve().name}-{name}"
-    if (out / "results.json").exists() and not args.overwrite:
-        raise RunDirectoryError(f"{out} already holds an evaluation (results.json); pass --overwrite to replace it "
-                                "or --out DIR for another")
-    return out
-
-
 def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lmforge.cli import UserError
-    from lmforge.eval.run import evaluate, headline, write_run
-    from lmforge.eval.tasks import load_task
-
-    datas = args.data or []
-    if len(datas) > len(args.task):
-        raise UserError(f"{len(datas)} --data for {len(args.task)} --task: give one --data per task, in order")
-    tasks = [load_task(t, datas[i] if i < len(datas) else None, args.shots_data, args.shots)
-             for i, t in enumerate(args.task)]
     import os
 
-    from lmforge.eval.run import format_sweep
+    from lmforge.eval.config import eval_run_directory
+    from lmforge.eval.run import evaluate, format_sweep, headline, write_run
+    from lmforge.eval.tasks import load_task
 
+    c = config_from_args(EvalRunConfig, args)
+    tasks = [load_task(t, c.data[i] if i < len(c.data) else None, c.shots_data, c.shots)
+             for i, t in enumerate(c.task)]
     main_process = os.environ.get("RANK", "0") == "0"
-    out = _out_dir(args, "+".join(t.name for t in tasks))
+    out = eval_run_directory(c.out, args.model, "+".join(t.name for t in tasks), c.overwrite)
     model, tokenizer = _load_model(args)
     results, rows = {}, {}
-    kw = {"batch_tokens": args.batch_tokens, "temperature": args.temperature, "seed": args.seed}
+    kw = {"batch_tokens": c.batch_tokens, "temperature": c.temperature, "seed": c.seed}
     for task in tasks:
-        results[task.name], rows[task.name] = evaluate(model, tokenizer, task, limit=args.limit, fmt=args.format,
+        results[task.name], rows[task.name] = evaluate(model, tokenizer, task, limit=c.limit, fmt=c.format,
                                                        show_progress=not args.json, **kw)
         results[task.name]["data"] = task.source
-        if args.format_sweep:
-            results[task.name]["format_sweep"] = format_sweep(model, tokenizer, task, limit=args.limit,
+        if c.format_sweep:
+            results[task.name]["format_sweep"] = format_sweep(model, tokenizer, task, limit=c.limit,
                                                               show_progress=False, **kw)
     if not main_process:  # torchrun: every process holds all results; one writes them
         return 0
-    config = {"tasks": args.task, "data": datas, "shots": args.shots, "limit": args.limit, "dtype": args.dtype,
-              "temperature": args.temperature, "format": args.format,
+    config = {"tasks": c.task, "data": c.data, "shots": c.shots, "limit": c.limit, "dtype": args.dtype,
+              "temperature": c.temperature, "format": c.format,
               "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     write_run(out, args.model, results, rows, config)
     if args.json:
@@ -118,72 +107,21 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-METRICS = ("bleu", "chrf", "chrf++", "ter", "rouge", "exact_match", "squad", "accuracy", "f1", "mcc")
-
-
-def _read_lines(path: str, field: str | None) -> list:
-    from lmforge.cli import UserError
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: no such file")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".jsonl", ".json"):
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if isinstance(row, dict):
-                key = field or next((k for k in ("prediction", "text", "reference", "answer", "output") if k in row),
-                                    None)
-                if key is None or key not in row:
-                    raise UserError(f"{path}:{n}: no field {field or 'prediction/text/reference/answer/output'!r}; "
-                                    "name it with --field")
-                row = row[key]
-            out.append(row)
-        return out
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
-
-
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from lmforge import metrics as m
     from lmforge.cli import UserError
+    from lmforge.eval.tasks import read_text_rows
+    from lmforge.metrics import TEXT_METRICS, score_texts
 
-    preds = _read_lines(args.pred, args.field)
-    refs = [_read_lines(r, args.field) for r in args.ref]
+    preds = read_text_rows(args.pred, args.field)
+    refs = [read_text_rows(r, args.field) for r in args.ref]
     for r, path in zip(refs, args.ref):
         if len(r) != len(preds):
             raise UserError(f"{path}: {len(r)} lines but {args.pred} has {len(preds)}")
     names = [x.strip() for x in args.metric.split(",") if x.strip()]
-    out = {}
     for name in names:
-        if name == "bleu":
-            res = m.bleu(preds, refs, tokenize=args.tokenize)
-            out["bleu"], out["bleu_tokenize"] = res["score"], res["tokenize"]
-        elif name in ("chrf", "chrf++"):
-            out[name] = m.chrf(preds, refs, word_order=2 if name == "chrf++" else 0)["score"]
-        elif name == "ter":
-            out["ter"] = m.ter(preds, refs)["score"]
-        elif name == "rouge":
-            per = list(zip(*refs)) if len(refs) > 1 else refs[0]
-            out |= m.rouge(preds, per, stem=args.stem, chinese=args.chinese)
-        elif name == "exact_match":
-            out["exact_match"] = m.exact_match(preds, refs[0])
-        elif name == "squad":
-            out |= {f"squad_{k}": v for k, v in m.squad(preds, [list(g) for g in zip(*refs)]).items()}
-        elif name in ("accuracy", "f1", "mcc"):
-            if name == "accuracy":
-                out["accuracy"] = m.accuracy(refs[0], preds)
-            elif name == "f1":
-                out |= {f"{k}_macro": v for k, v in m.precision_recall_f1(refs[0], preds, "macro").items()}
-            else:
-                out["mcc"] = m.matthews_corrcoef(refs[0], preds)
-        else:
-            raise UserError(f"--metric {name!r}: one of {', '.join(METRICS)}")
+        if name not in TEXT_METRICS:
+            raise UserError(f"--metric {name!r}: one of {', '.join(TEXT_METRICS)}")
+    out = score_texts(names, preds, refs, tokenize=args.tokenize, stem=args.stem, chinese=args.chinese)
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
     else:
@@ -231,17 +169,18 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     from lmforge.files import write_json
     from lmforge.progress import progress
 
-    task = load_task(args.task, args.data)
+    c = config_from_args(ContaminationConfig, args)
+    task = load_task(c.task, c.data)
     items = task_item_texts(task)
-    corpus = ((d.id, d.text) for d in iter_documents(args.corpus, text_field=args.text_field))
+    corpus = ((d.id, d.text) for d in iter_documents(c.corpus, text_field=c.text_field))
     with progress(desc="corpus", unit="doc", enabled=not args.json) as bar:
-        report = check_contamination(items, corpus, ngram=args.ngram, threshold=args.threshold, progress=bar.update)
+        report = check_contamination(items, corpus, ngram=c.ngram, threshold=c.threshold, progress=bar.update)
     summary = {"task": task.name, "data": task.source} | report.summary()
     flagged = [{"doc": task.docs[i].get("_line"), "overlap": report.overlap[i], "documents": report.documents[i],
                 "text": items[i]} for i in report.contaminated]
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out) / "contamination.json", summary | {"flagged": flagged})
+    if c.out:
+        Path(c.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(c.out) / "contamination.json", summary | {"flagged": flagged})
     if args.json:
         print(json.dumps(summary | {"flagged": flagged}, ensure_ascii=False))
         return 0
@@ -250,79 +189,49 @@ def cmd_contamination(args: argparse.Namespace) -> int:
 
     short = summary["too_short"]
     print(f"{task.name}: {items(summary['items'])}"
-          + (f", of which {short} {'is' if short == 1 else 'are'} shorter than one {args.ngram}-gram (not checked)"
+          + (f", of which {short} {'is' if short == 1 else 'are'} shorter than one {c.ngram}-gram (not checked)"
              if short else "")
           + f"; {summary['contaminated']} of the {summary['checked']} checked ({100 * summary['contaminated_share']:.1f}%)"
-          f" have >= {100 * args.threshold:.0f}% of their {args.ngram}-grams in the corpus")
+          f" have >= {100 * c.threshold:.0f}% of their {c.ngram}-grams in the corpus")
     for f in flagged[:10]:
         print(f"  line {f['doc']}: {100 * f['overlap']:.0f}% in {', '.join(map(str, f['documents']))}: "
               f"{f['text'][:80]!r}")
     return 0
 
 
-def _records(path: str) -> list[dict]:
-    """Alpaca-style judge records (file:line errors from the task readers' jsonl reader)."""
-    from lmforge.cli import UserError
-    from lmforge.eval.tasks import read_jsonl
-
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    rows = read_jsonl(Path(path))
-    for row in rows:
-        if not isinstance(row.get("instruction"), str) or "output" not in row:
-            raise UserError(f"{path}:{row.get('_line', '?')}: a judge record is alpaca-style: instruction, input (optional), "
-                            "output")
-    return rows
-
-
-def _responses(args, entries: list[dict], field_name: str, model_dir: str | None, path: str) -> list[str]:
+def _responses(args: argparse.Namespace, entries: list[dict], field_name: str, model_dir: str | None,
+               path: str, max_tokens: int) -> list[str]:
     """The responses to judge: a field of the records, or generated by a local model (greedy, its chat template)."""
-    from lmforge.cli import UserError
+    from lmforge.eval.judge import generate_responses, recorded_responses
+    from lmforge.infer.client import EngineClient
 
     if model_dir is None:
-        missing = [e["_line"] for e in entries if not isinstance(e.get(field_name), str)]
-        if missing:
-            raise UserError(f"{path}:{missing[0]}: no {field_name!r} field to judge (name it with --response-field, "
-                            "or generate responses with --model DIR)")
-        return [e[field_name] for e in entries]
-    from lmforge.chat.render import encode_chat
-    from lmforge.eval.judge import format_input
-    from lmforge.infer.engine import generate
-    from lmforge.infer.load import load_from_args
-    from lmforge.infer.sampling import SamplingConfig
-
-    loaded = load_from_args(args, model_dir)
-    model, tok = loaded.model, loaded.tokenizer
-    if loaded.template:
-        prompts = [encode_chat(tok, loaded.template, [{"role": "user", "content": format_input(e)}],
-                               add_generation_prompt=True).ids for e in entries]
-    else:
-        prompts = [format_input(e) + "\n\n### Response:\n" for e in entries]
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_token_ids=loaded.stop_ids)
-    return [r.strip() for r in generate(model, tok, prompts, cfg, compile=loaded.compile)]
+        return recorded_responses(entries, field_name, path)
+    client = EngineClient(model_dir, template=args.template, compile=args.compile, dtype=args.dtype,
+                          quantize=args.quantize, pack=args.pack)
+    return generate_responses(client, entries, max_tokens)
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
     import os
 
-    from lmforge.eval.judge import OpenAIClient, judge_pairwise, judge_pointwise
+    from lmforge.eval.judge import OpenAIClient, judge_pairwise, judge_pointwise, read_judge_records
     from lmforge.files import atomic_write, write_json
     from lmforge.progress import progress
 
-    entries = _records(args.data)
-    responses = _responses(args, entries, args.response_field, args.model, args.data)
-    client = OpenAIClient(args.endpoint, model=args.judge_model,
-                          api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+    c = config_from_args(JudgeConfig, args)
+    entries = read_judge_records(c.data)
+    responses = _responses(args, entries, c.response_field, args.model, c.data, c.max_new_tokens)
+    client = OpenAIClient(c.endpoint, model=c.judge_model, api_key=c.api_key or os.environ.get("OPENAI_API_KEY"))
     with progress(total=len(entries), desc="judge", unit="item", enabled=not args.json) as bar:
-        if args.against or args.against_model:
-            other = _responses(args, _records(args.against) if args.against else entries, args.against_field,
-                               args.against_model, args.against or args.data)
+        if c.pairwise:
+            other = _responses(args, read_judge_records(c.against) if c.against else entries, c.against_field,
+                               c.against_model, c.against or c.data, c.max_new_tokens)
             summary, rows = judge_pairwise(client, entries, responses, other, progress=bar.update)
         else:
             summary, rows = judge_pointwise(client, entries, responses, progress=bar.update)
-    summary |= {"judge": args.judge_model, "endpoint": args.endpoint, "mode": "pairwise" if
-                (args.against or args.against_model) else "pointwise"}
-    out = Path(args.out)
+    summary |= {"judge": c.judge_model, "endpoint": c.endpoint, "mode": "pairwise" if c.pairwise else "pointwise"}
+    out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "judge_summary.json", summary)
     with atomic_write(out / "judge.jsonl") as f:
@@ -364,24 +273,7 @@ def _add_run(esub, parents: list[argparse.ArgumentParser]) -> None:
     """`lmforge eval run`: benchmark tasks."""
     r = esub.add_parser("run", parents=parents, help="score a model on benchmark tasks",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-    r.add_argument("--task", action="append", required=True,
-                   help="arc_easy, arc_challenge, hellaswag, mmlu, ceval, cmmlu, gsm8k, or a TASK.yaml (repeatable)")
-    r.add_argument("--data", action="append", metavar="FILE|DIR",
-                   help="the task's file or directory, in its original format (one per --task, in order)")
-    r.add_argument("--shots", type=int, default=None, help="few-shot examples (default: the task's, 0 for built-ins)")
-    r.add_argument("--shots-data", metavar="FILE|DIR", help="where few-shot examples come from (default: the task's "
-                                                             "dev split beside --data)")
-    r.add_argument("--limit", type=int, help="the first N items only")
-    r.add_argument("--batch-tokens", type=int, default=8192, help="context tokens per scoring batch")
-    r.add_argument("--temperature", type=float, default=0.0, help="generation tasks: 0 = greedy")
-    r.add_argument("--seed", type=int, default=0, help="generation tasks: sampling seed")
-    r.add_argument("--format", default="plain", choices=["plain", "chat", "chat-multiturn"],
-                   help="prompt format: lm-eval's plain text (comparable with published scores), or through the "
-                        "model's chat template with few-shot examples in one turn or as turns")
-    r.add_argument("--format-sweep", action="store_true",
-                   help="also score every format and report the spread between them (how much is format)")
-    r.add_argument("--out", metavar="DIR", help="run directory (default runs/eval/MODEL-TASK)")
-    r.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    add_config_args(r, EvalRunConfig)
     r.set_defaults(func=cmd_run, _parser=r)
 
 
@@ -400,7 +292,10 @@ def _add_metrics(esub) -> None:
     m = esub.add_parser("metrics", help="BLEU, chrF, TER, ROUGE, exact match, SQuAD, accuracy / F1 of files")
     m.add_argument("--pred", required=True, help="predictions: one per line, or jsonl (--field)")
     m.add_argument("--ref", required=True, action="append", help="references, line-aligned (repeat for several)")
-    m.add_argument("--metric", default="bleu,chrf,rouge", help=f"comma-separated: {', '.join(METRICS)}")
+    # metrics.TEXT_METRICS, written out: importing lmforge.metrics would slow every command's start-up (a test checks
+    # that the two agree)
+    m.add_argument("--metric", default="bleu,chrf,rouge", help="comma-separated: bleu, chrf, chrf++, ter, rouge, "
+                                                                "exact_match, squad, accuracy, f1, mcc")
     m.add_argument("--field", help="the field of jsonl records to read")
     m.add_argument("--tokenize", default="auto", help="BLEU tokenizer: auto (zh for Chinese, else 13a), 13a, zh, char")
     m.add_argument("--chinese", default="auto", choices=["auto", "char", "jieba", "ignore"],
@@ -428,18 +323,9 @@ def _add_judge(esub) -> None:
                         epilog="examples:\n  lmforge eval judge --data answers.jsonl --endpoint http://127.0.0.1:8000/v1 "
                                "--out runs/judge\n  lmforge eval judge --data held_out.jsonl --model runs/sft-merged "
                                "--against-model runs/base --endpoint http://127.0.0.1:8080/v1 --out runs/ab")
-    j.add_argument("--data", required=True, help="alpaca jsonl: instruction, input, output (the reference answer)")
-    j.add_argument("--response-field", default="model_response", help="the field holding the response to judge")
     add_inference_args(j, model_required=False, model_help="generate the responses with this model instead (greedy; "
                                                            "--dtype ... --template apply to --against-model too)")
-    j.add_argument("--against", metavar="FILE", help="pairwise: a second file of responses (same items, in order)")
-    j.add_argument("--against-field", default="model_response")
-    j.add_argument("--against-model", metavar="DIR", help="pairwise: generate the second responses with this model")
-    j.add_argument("--max-new-tokens", type=int, default=256, help="--model / --against-model: reply length")
-    j.add_argument("--endpoint", required=True, help="the judge's OpenAI-compatible base URL (.../v1)")
-    j.add_argument("--judge-model", default="default", help="the model name sent to the endpoint")
-    j.add_argument("--api-key", help="bearer key (default: $OPENAI_API_KEY)")
-    j.add_argument("--out", required=True, metavar="DIR", help="judge.jsonl (raw replies) and judge_summary.json")
+    add_config_args(j, JudgeConfig)
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_judge, _parser=j)
 
@@ -447,12 +333,6 @@ def _add_judge(esub) -> None:
 def _add_contamination(esub) -> None:
     """`lmforge eval contamination`: benchmark n-grams in a training corpus."""
     k = esub.add_parser("contamination", help="n-gram overlap between a training corpus and a benchmark")
-    k.add_argument("--corpus", nargs="+", required=True, help="training files or folders (any format lmforge data reads)")
-    k.add_argument("--task", required=True, help="a built-in task or TASK.yaml")
-    k.add_argument("--data", help="the task's file or directory")
-    k.add_argument("--text-field", default="text")
-    k.add_argument("--ngram", type=int, default=13, help="n-gram length in words (characters for Chinese items)")
-    k.add_argument("--threshold", type=float, default=0.5, help="share of an item's n-grams that flags it")
-    k.add_argument("--out", metavar="DIR", help="write contamination.json there")
+    add_config_args(k, ContaminationConfig)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_contamination, _parser=k)

@@ -12,13 +12,10 @@ Every raw reply is kept (judge.jsonl), and a reply with no usable verdict is cou
 
 from __future__ import annotations
 
-import json
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 
 class JudgeError(RuntimeError):
@@ -27,44 +24,66 @@ class JudgeError(RuntimeError):
 
 @dataclass
 class OpenAIClient:
-    """A minimal OpenAI-compatible chat client over urllib (no SDK needed): POST {base_url}/chat/completions.
-    Retries 429 and 5xx answers with exponential backoff (honouring Retry-After)."""
+    """The judge's endpoint: one chat turn in, the reply's text out, through infer/client.py's HTTPClient (the one
+    OpenAI-compatible client: retries 429 and 5xx answers with exponential backoff, honouring Retry-After). Nothing
+    listening at `base_url` fails at once, without retries; every failure is a JudgeError."""
 
     base_url: str
     model: str = "default"
     api_key: str | None = None
-    timeout: float = 120.0
+    timeout: float = 120.0  # seconds per request
     retries: int = 4
-    extra: dict = field(default_factory=dict)  # more request fields (seed, top_p, ...)
 
     def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 256) -> str:
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens, **self.extra}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        delay = 1.0
-        for attempt in range(self.retries + 1):
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read().decode("utf-8"))
-                return data["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:300]
-                if (e.code == 429 or e.code >= 500) and attempt < self.retries:
-                    wait = float(e.headers.get("Retry-After") or delay)
-                    time.sleep(min(wait, 30.0))
-                    delay *= 2
-                    continue
-                raise JudgeError(f"{url}: HTTP {e.code}: {detail}") from None
-            except urllib.error.URLError as e:
-                raise JudgeError(f"{url}: cannot connect ({e.reason})") from None
-            except (KeyError, IndexError, json.JSONDecodeError):
-                raise JudgeError(f"{url}: the answer is not an OpenAI chat completion") from None
-        raise JudgeError(f"{url}: still failing after {self.retries} retries")
+        from lmforge.infer.client import ClientError, HTTPClient, Sampling
 
+        client = HTTPClient(self.base_url, self.model, self.api_key, timeout=self.timeout, concurrency=1,
+                            retries=self.retries, retry_connect=False)
+        try:
+            (choices,) = client.chat([messages], Sampling(temperature=temperature, max_tokens=max_tokens))
+        except ClientError as e:
+            raise JudgeError(str(e)) from None
+        if not choices:
+            raise JudgeError(f"{client.base_url}: the answer is not an OpenAI chat completion (no choices)")
+        return choices[0].text
+
+
+def read_judge_records(path: str | Path) -> list[dict]:
+    """Alpaca-style records to judge (instruction, input (optional), output: the reference answer), each with its
+    line number as `_line`; errors name the file and line (TaskError)."""
+    from lmforge.eval.tasks import TaskError, read_jsonl
+
+    if not Path(path).is_file():
+        raise TaskError(f"{path}: no such file")
+    rows = read_jsonl(Path(path))
+    for row in rows:
+        if not isinstance(row.get("instruction"), str) or "output" not in row:
+            raise TaskError(f"{path}:{row.get('_line', '?')}: a judge record is alpaca-style: instruction, input "
+                            "(optional), output")
+    return rows
+
+
+def recorded_responses(entries: Sequence[dict], field_name: str, path: str | Path) -> list[str]:
+    """The responses to judge from a field of the records (a missing one names its line)."""
+    from lmforge.eval.tasks import TaskError
+
+    missing = [e["_line"] for e in entries if not isinstance(e.get(field_name), str)]
+    if missing:
+        raise TaskError(f"{path}:{missing[0]}: no {field_name!r} field to judge (name it with --response-field, or "
+                        "generate responses with --model DIR)")
+    return [e[field_name] for e in entries]
+
+
+def generate_responses(client, entries: Sequence[dict], max_tokens: int = 256) -> list[str]:
+    """Greedy responses of a model client (infer/client.py) to the records: the record as the book formats it, in
+    one user turn of the model's chat template, or, for a model without a template, followed by alpaca's
+    "### Response:" header as plain text; stripped of surrounding whitespace."""
+    from lmforge.infer.client import Sampling
+
+    plain = getattr(client, "template", "") is None
+    turns = [format_input(e) + ("\n\n### Response:\n" if plain else "") for e in entries]
+    replies = client.complete(turns, Sampling(temperature=0.0, max_tokens=max_tokens))
+    return [choices[0].text.strip() for choices in replies]
 
 def format_input(entry: dict) -> str:
     """An alpaca record as the book formats it for the judge (instruction, then the input if any)."""

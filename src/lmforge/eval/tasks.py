@@ -219,6 +219,33 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def read_text_rows(path: str | os.PathLike, field: str | None = None) -> list:
+    """One value per line: the lines of a text file, or of a .jsonl / .json file the values of each record (its
+    `field`, else the first of prediction, text, reference, answer, output; a record that is not an object is taken
+    whole, so a line may hold a list of references). Errors name the file and line (TaskError)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"{path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix not in (".jsonl", ".json"):
+        return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if isinstance(row, dict):
+            key = field or next((k for k in ("prediction", "text", "reference", "answer", "output") if k in row), None)
+            if key is None or key not in row:
+                raise TaskError(f"{path}:{n}: no field {field or 'prediction/text/reference/answer/output'!r}; "
+                                "name it with --field")
+            row = row[key]
+        out.append(row)
+    return out
+
 def _need(row: dict, path: Path, *keys: str) -> None:
     for k in keys:
         if k not in row:

@@ -20,23 +20,9 @@ from lmforge.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str, rejects) -> dict:
-    import torch
-
-    from lmforge.chat.render import encode_chat
-    from lmforge.chat.stops import eos_ids as model_eos_ids
-    from lmforge.chat.stops import stop_ids
-    from lmforge.chat.templates import template_hash
-    from lmforge.files import write_json
-    from lmforge.finetune.rewards import parse_rewards
-    from lmforge.finetune.rollout import Rollouts, load_prompts
-    from lmforge.finetune.run import _peak_memory_mb, _stage_tokenizer, prepare_model
-    from lmforge.infer.sampling import SamplingConfig
-    from lmforge.model import load_hf_model
-    from lmforge.peft import parameter_counts
-    from lmforge.train.rl import PolicyGradient
-    from lmforge.train.trainer import Trainer
-
+def _check_rl_config(cfg) -> None:
+    """The settings this version of RL cannot take: torchrun, held-out data, a KL with methods that have no
+    reference policy."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"objective: {cfg.objective} runs on one process in this version (the rollouts are not "
                           "split across processes yet); run it without torchrun")
@@ -45,11 +31,15 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
     if cfg.beta and cfg.method not in ("full", "freeze", "lora", "dora", "qlora"):
         raise ConfigError(f"beta: a KL to the reference is supported with full, freeze, lora, dora and qlora, not "
                           f"--method {cfg.method}")
-    rewards = parse_rewards(cfg.reward)
-    prompts = load_prompts(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
-    model = load_hf_model(model_dir)
+
+
+def _prompts_that_fit(cfg, prompts: list, tokenizer, template: str, context: int) -> tuple[list, int]:
+    """(the prompts, rendered into `ids`, that leave room for --max-completion-tokens within --max-length and the
+    model's `context`, how many did not): a warning names the left-out ones, none fitting is an error."""
+    from lmforge.chat.render import encode_chat
+
     # a prompt and its completion must fit --max-length and the model's own context (a small model's is short)
-    limit = min(cfg.max_length, model.cfg.max_seq_len)
+    limit = min(cfg.max_length, context)
     limit_name = "--max-length" if limit == cfg.max_length else "the model's context of"
     too_long = 0
     kept = []
@@ -67,6 +57,32 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
         raise ConfigError(f"max_length: no prompt fits with {cfg.max_completion_tokens} completion tokens in "
                           f"{limit_name} {limit} tokens; lower --max-completion-tokens" +
                           (" or raise --max-length" if limit == cfg.max_length else ""))
+    return kept, too_long
+
+
+def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str, rejects) -> dict:
+    """RL from rewards: the prompts that fit, the model and its reference policy, Rollouts and PolicyGradient on the
+    one Trainer; returns the Trainer's summary with parameter and data figures."""
+    import torch
+
+    from lmforge.chat.stops import eos_ids as model_eos_ids
+    from lmforge.chat.stops import stop_ids
+    from lmforge.chat.templates import template_hash
+    from lmforge.files import write_json
+    from lmforge.finetune.rewards import parse_rewards
+    from lmforge.finetune.rollout import Rollouts, load_prompts
+    from lmforge.finetune.run import _peak_memory_mb, _stage_tokenizer, prepare_model
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.model import load_hf_model
+    from lmforge.peft import parameter_counts
+    from lmforge.train.rl import PolicyGradient
+    from lmforge.train.trainer import Trainer
+
+    _check_rl_config(cfg)
+    rewards = parse_rewards(cfg.reward)
+    prompts = load_prompts(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+    model = load_hf_model(model_dir)
+    kept, too_long = _prompts_that_fit(cfg, prompts, tokenizer, template, model.cfg.max_seq_len)
     eos = model_eos_ids(tokenizer, model.cfg)
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)

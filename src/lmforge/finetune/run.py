@@ -402,24 +402,15 @@ def augment_conversations(conversations: list, ops: list[str], per_record: int =
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune and return the Trainer's summary plus data and parameter figures."""
-    import torch
-
-    from lmforge.chat.masks import render_masked, stop_token_check, tool_rendering_check
-    from lmforge.chat.stops import eos_ids as model_eos_ids
-    from lmforge.chat.stops import turn_end_ids
-    from lmforge.chat.templates import resolve_template, template_hash
+    """Fine-tune and return the Trainer's summary plus data and parameter figures. The model's tokenizer and
+    template are resolved here; RL, reward-model and preference objectives go their own way (rl.py,
+    `run_preference`), SFT and distillation through `_run_sft`."""
+    from lmforge.chat.templates import resolve_template
     from lmforge.data.sources import RejectLog
-    from lmforge.finetune import sft
-    from lmforge.finetune.conversations import load_conversations
-    from lmforge.model import load_hf_model
     from lmforge.model.hf import resolve_model_dir
-    from lmforge.peft import parameter_counts
     from lmforge.tokenizer import load_tokenizer
-    from lmforge.train.trainer import Trainer
 
     check_config(cfg)
-    mask = "all" if cfg.train_on_prompt else cfg.mask
     model_dir = resolve_model_dir(cfg.model)
     if not (model_dir / "tokenizer.json").exists():
         raise ConfigError(f"model: {model_dir} has no tokenizer.json; fine-tuning needs the model's tokenizer beside "
@@ -440,46 +431,32 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         return run_reward_model(cfg, model_dir, tokenizer, template, template_source, rejects)
     if cfg.objective not in ("sft", "distill"):
         return run_preference(cfg, model_dir, tokenizer, template, template_source, rejects)
+    return _run_sft(cfg, model_dir, tokenizer, template, template_source, rejects)
+
+
+def _run_sft(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: str, template_source: str, rejects) -> dict:
+    """SFT (or distillation, the same batches under another objective): conversations -> masked examples -> the
+    one Trainer, in steps."""
+    import torch
+
+    from lmforge.chat.stops import eos_ids as model_eos_ids
+    from lmforge.chat.stops import turn_end_ids
+    from lmforge.finetune import sft
+    from lmforge.model import load_hf_model
+    from lmforge.peft import parameter_counts
+    from lmforge.train.trainer import Trainer
+
+    mask = "all" if cfg.train_on_prompt else cfg.mask
     task = _task(cfg)
-
-    def read(data: str) -> list:
-        if task:  # source/target records, the task's instruction built around each source
-            from lmforge.finetune.seq2seq import load_task_conversations
-
-            return load_task_conversations(data, task, cfg.src_lang, cfg.tgt_lang, cfg.task_template, cfg.columns,
-                                           rejects, cfg.encoding, cfg.errors)
-        return load_conversations(data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
-
-    conversations = read(cfg.data)
-    if cfg.val_data:
-        train_convs = conversations
-        val_convs = read(cfg.val_data)
-    else:
-        train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
-    if cfg.augment:
-        before = len(train_convs)
-        train_convs = augment_conversations(train_convs, cfg.augment, cfg.augment_per_record, cfg.augment_alpha,
-                                            cfg.seed, cfg.augment_synonyms)
-        log.info("augment: %d training examples + %d new (%s)", before, len(train_convs) - before,
-                 ", ".join(cfg.augment))
-
-    problem = tool_rendering_check(tokenizer, template, conversations)
-    if problem:
-        raise ConfigError(f"template: {problem}")
-    placeholders = sum(bool(_PLACEHOLDER.search(m["content"])) for c in conversations if c.text is None
-                       for m in c.messages if m["role"] == "assistant" and isinstance(m.get("content"), str))
-    if placeholders:  # LLaMA-Factory's identity.json ships {{name}} and {{author}} for the user to fill in
-        log.warning("%d replies hold {{...}} placeholders (e.g. LLaMA-Factory's identity.json: replace {{name}} and "
-                    "{{author}} first); they are trained as written", placeholders)
+    conversations, train_convs, val_convs = _sft_conversations(cfg, task, rejects)
+    _check_sft_data(tokenizer, template, conversations)
     model = load_hf_model(model_dir)
     eos_ids = model_eos_ids(tokenizer, model.cfg)
     eos_id = eos_ids[0] if eos_ids else None
-    warning = stop_token_check(tokenizer, template, eos_ids)  # printed once, with the run's summary below
     pad_id = tokenizer.special_tokens.get(tokenizer.pad_token) if getattr(tokenizer, "pad_token", None) else None
     pad_id = pad_id if pad_id is not None else (eos_id or 0)
-    progress = cfg.progress
     variables = cfg.chat_template_kwargs
-    train = sft.build_examples(tokenizer, template, train_convs, mask, cfg.max_length, eos_id, rejects, progress,
+    train = sft.build_examples(tokenizer, template, train_convs, mask, cfg.max_length, eos_id, rejects, cfg.progress,
                                "tokenize train", variables)
     val = sft.build_examples(tokenizer, template, val_convs, mask, cfg.max_length, eos_id, None, False,
                              variables=variables) if val_convs else None
@@ -503,28 +480,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                               "(N > 0) and held-out conversations")
     objective = None
     if cfg.objective == "distill":  # the same batches; the loss adds the teacher's distributions
-        from lmforge.train.distill import Distill
-
-        if cfg.teacher_cache:  # the teacher's top-k rows ride along with each batch's examples
-            from lmforge.finetune.distill.cache import CachedTeacherBatches, TeacherCache, cached_eval_batches
-
-            cache = TeacherCache(cfg.teacher_cache)
-            cache.check(tokenizer, cfg.kd_temperature, str(model_dir))
-            batches = CachedTeacherBatches(batches, cache)
-            eval_data = cached_eval_batches(val, max(1, micro), pad_id, cache) if val is not None else None
-            teacher = None
-        else:
-            from lmforge.finetune.distill.teacher import load_teacher
-
-            teacher = load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype)
-            if cfg.kd_lmbda or cfg.seq_kd:  # replies generated by the student (or the teacher) as training goes
-                from lmforge.chat.stops import stop_ids
-                from lmforge.finetune.distill.on_policy import OnPolicyBatches
-
-                batches = OnPolicyBatches(batches, model, teacher, cfg.kd_lmbda, cfg.seq_kd,
-                                          stop_ids(tokenizer, eos_ids, template), pad_id, cfg.seed,
-                                          cfg.kd_max_new_tokens, cfg.kd_sample_temperature)
-        objective = Distill(teacher, cfg.kd_loss, cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio)
+        objective, batches, eval_data = _distillation(cfg, model, model_dir, tokenizer, template, eos_ids, pad_id,
+                                                      batches, eval_data, val, micro)
     trainer = Trainer(cfg, objective=objective, model=model, train_data=batches, eval_data=eval_data,
                       tokenizer_dir=model_dir,
                       after_eval=_sampler(tokenizer, template, sample_convs, cfg, eos_ids, out) if sample_convs else None)
@@ -534,27 +491,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     trainer.prepare_run_dir()  # refuses an occupied --out before anything is written there
     if trainer.is_main:
         trainer.tokenizer_dir = _stage_tokenizer(model_dir, out, template)
-        from lmforge.files import write_json
-
-        write_json(out / "template.json", {"source": template_source, "name": cfg.template,
-                                           "hash": template_hash(template), "template": template, "mask": mask,
-                                           "variables": variables})
-        write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None,
-                                       "packing_utilisation": round(batches.utilisation(), 4)})
-        if rejects is not None:
-            rejects.write(out)
-        counts = parameter_counts(model)
-        print(f"fine-tuning {model_dir} ({counts['total'] / 1e6:.2f} M parameters) with {cfg.method}: "
-              f"{counts['trainable']:,} trainable ({counts['trainable_percent']}%); {len(train)} train / "
-              f"{len(val) if val else 0} held-out examples, {train.stats['trained_tokens']:,} trained tokens; "
-              f"template: {template_source}", file=sys.stderr)
-        if warning and any(c.text is None for c in conversations):
-            print(f"lmforge: WARNING: {warning}", file=sys.stderr)
-        example = next((c for c in train_convs if c.text is None), None)
-        if example is not None:
-            print("one training example, the trained part in [[ ]]:\n" + render_masked(tokenizer, template, example,
-                                                                                      mask, variables=variables),
-                  file=sys.stderr)
+        _write_sft_start(cfg, out, model, model_dir, tokenizer, template, template_source, mask, rejects,
+                         conversations, train_convs, train, val, batches, eos_ids)
     summary = trainer.fit()
     summary["parameters"] = parameter_counts(model)
     summary["data"] = {"train": train.stats, "val": val.stats if val else None}
@@ -567,6 +505,109 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "hf_config"})
     return summary
+
+
+def _sft_conversations(cfg: FinetuneConfig, task, rejects) -> tuple[list, list, list]:
+    """(all conversations read from --data, the training ones (augmented if asked), the held-out ones)."""
+    from lmforge.finetune.conversations import load_conversations
+
+    def read(data: str) -> list:
+        if task:  # source/target records, the task's instruction built around each source
+            from lmforge.finetune.seq2seq import load_task_conversations
+
+            return load_task_conversations(data, task, cfg.src_lang, cfg.tgt_lang, cfg.task_template, cfg.columns,
+                                           rejects, cfg.encoding, cfg.errors)
+        return load_conversations(data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
+
+    conversations = read(cfg.data)
+    if cfg.val_data:
+        train_convs = conversations
+        val_convs = read(cfg.val_data)
+    else:
+        train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
+    if cfg.augment:
+        before = len(train_convs)
+        train_convs = augment_conversations(train_convs, cfg.augment, cfg.augment_per_record, cfg.augment_alpha,
+                                            cfg.seed, cfg.augment_synonyms)
+        log.info("augment: %d training examples + %d new (%s)", before, len(train_convs) - before,
+                 ", ".join(cfg.augment))
+    return conversations, train_convs, val_convs
+
+
+def _check_sft_data(tokenizer, template: str, conversations: list) -> None:
+    """The template must render the data's tools; replies with unfilled {{...}} placeholders are trained as written,
+    with a warning."""
+    from lmforge.chat.masks import tool_rendering_check
+
+    problem = tool_rendering_check(tokenizer, template, conversations)
+    if problem:
+        raise ConfigError(f"template: {problem}")
+    placeholders = sum(bool(_PLACEHOLDER.search(m["content"])) for c in conversations if c.text is None
+                       for m in c.messages if m["role"] == "assistant" and isinstance(m.get("content"), str))
+    if placeholders:  # LLaMA-Factory's identity.json ships {{name}} and {{author}} for the user to fill in
+        log.warning("%d replies hold {{...}} placeholders (e.g. LLaMA-Factory's identity.json: replace {{name}} and "
+                    "{{author}} first); they are trained as written", placeholders)
+
+
+def _distillation(cfg: FinetuneConfig, model, model_dir: Path, tokenizer, template: str, eos_ids: list[int],
+                  pad_id: int, batches, eval_data, val, micro: int):
+    """(the Distill objective, the training batches, the evaluation batches): the teacher's top-k rows from its
+    cache ride along with each batch, or a live teacher (and, on-policy, replies the student generates)."""
+    from lmforge.train.distill import Distill
+
+    if cfg.teacher_cache:
+        from lmforge.finetune.distill.cache import CachedTeacherBatches, TeacherCache, cached_eval_batches
+
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check(tokenizer, cfg.kd_temperature, str(model_dir))
+        batches = CachedTeacherBatches(batches, cache)
+        eval_data = cached_eval_batches(val, max(1, micro), pad_id, cache) if val is not None else None
+        teacher = None
+    else:
+        from lmforge.finetune.distill.teacher import load_teacher
+
+        teacher = load_teacher(cfg.teacher, model_dir, tokenizer, cfg.teacher_dtype)
+        if cfg.kd_lmbda or cfg.seq_kd:  # replies generated by the student (or the teacher) as training goes
+            from lmforge.chat.stops import stop_ids
+            from lmforge.finetune.distill.on_policy import OnPolicyBatches
+
+            batches = OnPolicyBatches(batches, model, teacher, cfg.kd_lmbda, cfg.seq_kd,
+                                      stop_ids(tokenizer, eos_ids, template), pad_id, cfg.seed,
+                                      cfg.kd_max_new_tokens, cfg.kd_sample_temperature)
+    return Distill(teacher, cfg.kd_loss, cfg.kd_beta, cfg.kd_temperature, cfg.kd_ratio), batches, eval_data
+
+
+def _write_sft_start(cfg: FinetuneConfig, out: Path, model, model_dir: Path, tokenizer, template: str,
+                     template_source: str, mask: str, rejects, conversations: list, train_convs: list, train, val,
+                     batches, eos_ids: list[int]) -> None:
+    """What the main process writes and says before training: template.json, data.json, the rejects, one line on
+    the run, the template's stop-token warning and one rendered training example."""
+    from lmforge.chat.masks import render_masked, stop_token_check
+    from lmforge.chat.templates import template_hash
+    from lmforge.files import write_json
+    from lmforge.peft import parameter_counts
+
+    variables = cfg.chat_template_kwargs
+    write_json(out / "template.json", {"source": template_source, "name": cfg.template,
+                                       "hash": template_hash(template), "template": template, "mask": mask,
+                                       "variables": variables})
+    write_json(out / "data.json", {"train": train.stats, "val": val.stats if val else None,
+                                   "packing_utilisation": round(batches.utilisation(), 4)})
+    if rejects is not None:
+        rejects.write(out)
+    counts = parameter_counts(model)
+    print(f"fine-tuning {model_dir} ({counts['total'] / 1e6:.2f} M parameters) with {cfg.method}: "
+          f"{counts['trainable']:,} trainable ({counts['trainable_percent']}%); {len(train)} train / "
+          f"{len(val) if val else 0} held-out examples, {train.stats['trained_tokens']:,} trained tokens; "
+          f"template: {template_source}", file=sys.stderr)
+    warning = stop_token_check(tokenizer, template, eos_ids)
+    if warning and any(c.text is None for c in conversations):
+        print(f"lmforge: WARNING: {warning}", file=sys.stderr)
+    example = next((c for c in train_convs if c.text is None), None)
+    if example is not None:
+        print("one training example, the trained part in [[ ]]:\n" + render_masked(tokenizer, template, example,
+                                                                                  mask, variables=variables),
+              file=sys.stderr)
 
 
 PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}

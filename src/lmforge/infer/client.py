@@ -87,8 +87,8 @@ class EngineClient(ModelClient):
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         from lmforge.chat.render import encode_chat
 
-        if self.template is None:  # a base model without a template: the last user turn is the prompt
-            return self.tokenizer.encode(messages[-1]["content"])
+        if self.template is None:  # a base model without a template: the last user turn is the prompt, as text
+            return self.tokenizer.encode(messages[-1]["content"], disallowed_special=())
         return encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True, tools=tools).ids
 
     def chat(self, conversations, sampling=None, n=1, tools=None):
@@ -146,16 +146,17 @@ def _arguments(args):
 
 class HTTPClient(ModelClient):
     """An OpenAI-compatible endpoint (`base_url` ending in /v1): `concurrency` requests in flight, retries with
-    backoff on connection errors, 429 and 5xx (Retry-After honoured), token usage counted. A request the endpoint
-    refuses (4xx: a prompt longer than its context, ...) raises ClientError, or with request_errors="keep" comes back
-    as one Completion with `error` set, so a batch job can set that one prompt aside and go on (401/403/404 always
-    raise: every request would fail the same way)."""
+    backoff on connection errors, 429 and 5xx (Retry-After honoured, in seconds, waiting 30 s at most), token usage
+    counted. A request the endpoint refuses (4xx: a prompt longer than its context, ...) raises ClientError, or with
+    request_errors="keep" comes back as one Completion with `error` set, so a batch job can set that one prompt aside
+    and go on (401/403/404 always raise: every request would fail the same way). `retry_connect=False` fails at once
+    where nothing listens at `base_url` (the judge's choice: a wrong URL is not a busy server)."""
 
     def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0,
-                 concurrency: int = 4, retries: int = 4, request_errors: str = "raise"):
+                 concurrency: int = 4, retries: int = 4, request_errors: str = "raise", retry_connect: bool = True):
         self.base_url, self.name, self.api_key = base_url.rstrip("/"), model, api_key
         self.timeout, self.concurrency, self.retries = timeout, concurrency, retries
-        self.request_errors = request_errors
+        self.request_errors, self.retry_connect = request_errors, retry_connect
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
 
     def _post(self, client, body: dict) -> dict:
@@ -167,8 +168,11 @@ class HTTPClient(ModelClient):
             try:
                 r = client.post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout)
             except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise ClientError(f"{self.base_url}: {type(e).__name__}: {e}") from None
+                refused = isinstance(e, httpx.ConnectError)
+                if attempt == self.retries or (refused and not self.retry_connect):
+                    reason = f"{type(e).__name__}: {e}"
+                    raise ClientError(f"{self.base_url}: " + (f"cannot connect ({reason})" if refused else reason)
+                                      ) from None
                 time.sleep(delay)
                 delay *= 2
                 continue
@@ -177,7 +181,7 @@ class HTTPClient(ModelClient):
                     raise ClientError(f"{self.base_url}: HTTP {r.status_code} after {self.retries} retries: "
                                       f"{r.text[:200]}")
                 wait = r.headers.get("retry-after")
-                time.sleep(float(wait) if wait and wait.replace(".", "", 1).isdigit() else delay)
+                time.sleep(min(float(wait), 30.0) if wait and wait.replace(".", "", 1).isdigit() else delay)
                 delay *= 2
                 continue
             if r.status_code != 200:
@@ -189,7 +193,13 @@ class HTTPClient(ModelClient):
                 if self.request_errors == "keep" and r.status_code not in (401, 403, 404):
                     return {"error": str(error)}
                 raise error
-            return r.json()
+            try:
+                data = r.json()
+            except ValueError:
+                data = None
+            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                raise ClientError(f"{self.base_url}: the answer is not an OpenAI chat completion: {r.text[:200]}")
+            return data
         raise AssertionError("unreachable")
 
     def chat(self, conversations, sampling=None, n=1, tools=None):
@@ -225,7 +235,7 @@ class HTTPClient(ModelClient):
             self.usage["completion_tokens"] += usage.get("completion_tokens", 0)
             self.usage["requests"] += 1
             out = []
-            for choice in sorted(data.get("choices", []), key=lambda c: c.get("index", 0)):
+            for choice in sorted(data["choices"], key=lambda c: c.get("index", 0)):
                 msg = choice.get("message") or {}
                 calls = []
                 for c in msg.get("tool_calls") or []:

@@ -9,11 +9,12 @@ without sources makes things up.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import regex
 
 from lmforge.chat.templates import apply_chat_template
+from lmforge.rag.config import AskConfig
 from lmforge.rag.index import Hit, RagIndex
 from lmforge.text import HAN_RUN
 
@@ -26,20 +27,8 @@ BRIEF_INSTRUCTIONS = "Answer from the sources; cite them as [1]."
 _CITATION = regex.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
-
 class ContextTooSmall(ValueError):
     """The model's context cannot hold the instructions, the question and one source."""
-
-
-@dataclass
-class AskConfig:
-    k: int = 5
-    mode: str = field(default="hybrid", metadata={"choices": ["sparse", "dense", "hybrid"]})
-    min_similarity: float = 0.3  # dense cosine a source needs to count as relevant
-    min_bm25: float = 0.0  # sparse-only indexes: BM25 score a source needs
-    max_new_tokens: int = 200
-    temperature: float = 0.0
-    context_tokens: int | None = None  # default: the model's max_seq_len
 
 
 def relevant_hits(hits: list[Hit], cfg: AskConfig, dense: bool) -> list[Hit]:

@@ -25,6 +25,7 @@ import numpy as np
 import regex
 
 from lmforge.data.document import Document
+from lmforge.rag.config import ChunkerConfig
 from lmforge.text import SENTENCE_BREAK, UNSPACED
 
 
@@ -108,18 +109,6 @@ def _merge(text: str, spans: list[tuple[int, int]], size: int, overlap: int,
 
 
 # ----- chunkers ---------------------------------------------------------------------------------
-
-@dataclass
-class ChunkerConfig:
-    kind: str = field(default="recursive", metadata={"choices": ["none", "fixed", "recursive", "markdown", "semantic"]})
-    size: int = 800  # characters, or tokens when a tokenizer is given
-    overlap: int = 100
-    # semantic
-    breakpoint: str = field(default="percentile", metadata={"choices": ["percentile", "stddev", "iqr"]})
-    breakpoint_amount: float | None = None  # percentile 95, stddev 3, iqr 1.5 when None
-    window: int = 1  # sentences on each side of a boundary that are embedded together
-    max_size: int = 1500
-
 
 class Chunker:
     def __init__(self, cfg: ChunkerConfig | None = None, tokenizer=None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
-from lmforge.config import add_config_args
-from lmforge.data.sources import encoding_field, on_error_field
+from lmforge.config import add_config_args, add_field_arg
+from lmforge.rag.config import AskConfig, IndexCommand
 
 
 def _filters(pairs: list[str] | None) -> dict | None:
@@ -54,62 +54,23 @@ def _documents(inputs: list[str], text_field: str, encoding: str = "utf-8", on_b
             yield from iter_documents([item], text_field=text_field, encoding=encoding, on_bad=on_bad)
 
 
-@dataclass
-class IndexCommand:
-    """`lmforge rag index` settings: flags, or keys of a --config file (the flag names with underscores)."""
-
-    out: str = field(default="", metadata={"help": "index directory, or postgresql://user:pw@host/db#table (pgvector)"})
-    input: list[str] = field(default_factory=list, metadata={
-        "help": "files, directories, globs, builtin:python-docs, BEIR corpus.jsonl"})
-    chunker: str = field(default="recursive", metadata={"help": "how documents are cut",
-                                                        "choices": ["none", "fixed", "recursive", "markdown", "semantic"]})
-    size: int = field(default=800, metadata={"help": "chunk size in characters", "check": (lambda v: v > 0, "> 0")})
-    overlap: int = field(default=100, metadata={"help": "chunk overlap in characters",
-                                                "check": (lambda v: v >= 0, ">= 0")})
-    embedder: str = field(default="default", metadata={
-        "help": "sentence-transformers / HF encoder directory, or 'default': all-MiniLM-L6-v2, shipped offline"})
-    embedder_languages: list[str] | None = field(default=None, metadata={
-        "help": "languages the embedder reads (default: en for the default embedder, all for another); hybrid "
-                "queries in other scripts (Chinese) use BM25 alone"})
-    dense: bool = field(default=True, metadata={"help": "embed chunks for vector search (--no-dense: BM25 only)"})
-    vector_index: str = field(default="flat", metadata={"help": "exact (flat) or HNSW vector search",
-                                                        "choices": ["flat", "hnsw"]})
-    stem: bool = field(default=True, metadata={"help": "English stemming (Snowball) for BM25; Chinese words are kept "
-                                                       "as jieba cuts them (--no-stem: plain words)"})
-    chinese: str = field(default="jieba", metadata={"help": "Chinese BM25 terms", "choices": ["jieba", "bigram"]})
-    k1: float = field(default=1.5, metadata={"help": "BM25 term-frequency saturation"})
-    b: float = field(default=0.75, metadata={"help": "BM25 length normalisation"})
-    delete: list[str] = field(default_factory=list, metadata={"help": "document ids to remove"})
-    text_field: str = field(default="text", metadata={"help": "text field of jsonl/csv/parquet input"})
-    encoding: str = encoding_field()
-    on_error: str = on_error_field()
-    json: bool = field(default=False, metadata={"help": "print the result as JSON"})
-
-
 def cmd_index(args: argparse.Namespace) -> int:
     from lmforge.config import ConfigError, config_from_args
-    from lmforge.rag.chunking import ChunkerConfig
-    from lmforge.rag.index import IndexConfig, RagIndex
+    from lmforge.rag.index import RagIndex
     from lmforge.rag.pgvector import redact_dsn
-    from lmforge.rag.sparse import AnalyzerConfig
 
     c = config_from_args(IndexCommand, args)
     if not c.out:
         raise ConfigError("rag index: --out (the index directory or PostgreSQL URL) is required")
-    cfg = IndexConfig(embedder=c.embedder, chunker=ChunkerConfig(kind=c.chunker, size=c.size, overlap=c.overlap),
-                      analyzer=AnalyzerConfig(stem=c.stem, chinese=c.chinese), k1=c.k1, b=c.b,
-                      vector_index=c.vector_index, dense=c.dense,
-                      embedder_languages=c.embedder_languages if c.embedder_languages is not None
-                      else (["en"] if c.embedder == "default" else []))
     given = {k for k in vars(args) if k in {f.name for f in fields(IndexCommand)}}
     if _is_pg(c.out):
-        index = _open(c.out, cfg)
+        index = _open(c.out, c.index_config())
     elif (Path(c.out) / "CURRENT").exists():
         index = RagIndex.open(c.out)
-        if given & {"chunker", "size", "overlap", "embedder", "dense", "stem", "chinese", "k1", "b", "vector_index"}:
+        if given & set(IndexCommand.BUILD_SETTINGS):
             print("note: adding to an existing index keeps its chunker, embedder and analyzer", file=sys.stderr)
     else:
-        index = RagIndex(c.out, cfg)
+        index = RagIndex(c.out, c.index_config())
     result = {}
     if c.delete:
         result["delete"] = index.delete(c.delete)
@@ -225,7 +186,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from lmforge.cli import UserError
-    from lmforge.rag.answer import AskConfig, ContextTooSmall, ask
+    from lmforge.rag.answer import ContextTooSmall, ask
 
     index = _open(args.index)
     model = tokenizer = loaded = None
@@ -308,7 +269,6 @@ def _eval_answers(index, args, queries, qrels, loaded) -> int:
     """rag eval --generate: answer each query with the model and score the answers (rag/grounding.py)."""
     import os
 
-    from lmforge.rag.answer import AskConfig
     from lmforge.rag.grounding import JudgeSupport, OverlapSupport, evaluate_answers
 
     judge = embed = None
@@ -357,14 +317,19 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmforge.infer.load import add_inference_args
-
     p = sub.add_parser("rag", help="retrieval-augmented generation: index, search, ask, evaluate",
                        description="RAG stage: chunk + index documents (BM25 and dense vectors), search them, "
                                    "answer questions with citations, evaluate retrieval on BEIR data.")
     rsub = p.add_subparsers(dest="rag_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
+    _add_index(rsub)
+    _add_search(rsub)
+    _add_ask(rsub)
+    _add_eval(rsub)
 
+
+def _add_index(rsub) -> None:
+    """`lmforge rag index`: its flags are IndexCommand's fields (rag/config.py)."""
     i = rsub.add_parser("index", help="add/update/delete documents in an index directory",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Chunk documents, embed them (all-MiniLM-L6-v2 by default, offline) and index "
@@ -379,16 +344,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(i, IndexCommand)
     i.set_defaults(func=cmd_index, _parser=i)
 
+
+def _add_retrieval_args(parser: argparse.ArgumentParser) -> None:
+    """--index, which search, ask and eval share."""
+    parser.add_argument("--index", required=True, help="index directory or postgresql:// URL")
+
+
+MODES = ["sparse", "dense", "hybrid"]
+MODE_HELP = "retriever (default: hybrid, or sparse for a BM25-only index)"
+
+
+def _add_search(rsub) -> None:
+    """`lmforge rag search`."""
     s = rsub.add_parser("search", help="search an index", formatter_class=_Help,
                         description="The k best chunks for a query: BM25, vectors, or both fused.",
                         epilog='examples:\n  lmforge rag search --index runs/index "how do I catch an exception" --k 5\n'
                                '  lmforge rag search --index runs/index "装饰器" --mode sparse --json\n'
                                '  lmforge rag search --index runs/index "yield" --filter lang=en --reranker runs/ce')
-    s.add_argument("--index", required=True, help="index directory or postgresql:// URL")
+    _add_retrieval_args(s)
     s.add_argument("query", help="the question or keywords")
     s.add_argument("--k", type=int, default=10, help="chunks to return")
-    s.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default=None,
-                   help="retriever (default: hybrid, or sparse for a BM25-only index)")
+    s.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
     s.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf", help="how hybrid fuses the two rankings")
     s.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     s.add_argument("--filter", nargs="+", metavar="FIELD=VALUE", help="metadata filters (same field: any value)")
@@ -399,27 +375,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
     s.set_defaults(func=cmd_search, _parser=s)
 
+
+def _add_ask(rsub) -> None:
+    """`lmforge rag ask`: --k, --min-similarity and --max-new-tokens are AskConfig's (rag/config.py)."""
+    from lmforge.infer.load import add_inference_args
+
     a = rsub.add_parser("ask", help="answer a question from the index, with [n] citations", formatter_class=_Help,
                         description="Retrieve, build a prompt of numbered sources within the model's context, "
                                     "generate, and map the [n] citations back to documents and offsets. Without "
                                     "--model: the sources only.",
                         epilog='examples:\n  lmforge rag ask --index runs/index "What does the yield statement do?"\n'
                                '  lmforge rag ask --index runs/index --model runs/sft "What does yield do?" --json')
-    a.add_argument("--index", required=True, help="index directory or postgresql:// URL")
+    _add_retrieval_args(a)
     add_inference_args(a, model_required=False, compile=False,
                        model_help="HF model directory or Hub id (without: show the sources only)")
     a.add_argument("question", help="the question")
-    a.add_argument("--k", type=int, default=5, help="sources retrieved")
-    a.add_argument("--mode", choices=["sparse", "dense", "hybrid"], default=None,
-                   help="retriever (default: hybrid, or sparse for a BM25-only index)")
-    a.add_argument("--min-similarity", dest="min_similarity", type=float, default=0.3,
-                   help="dense cosine a source needs; below it for all sources the answer is 'I don't know'")
-    a.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200, help="answer length at most")
+    add_field_arg(a, AskConfig, "k")
+    a.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
+    add_field_arg(a, AskConfig, "min_similarity")
+    add_field_arg(a, AskConfig, "max_new_tokens")
     a.add_argument("--json", action="store_true", help="print the answer, citations and sources as JSON")
     add_transform_args(a, model_flags=False)
     a.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
     a.set_defaults(func=cmd_ask, _parser=a)
 
+
+def _add_eval(rsub) -> None:
+    """`lmforge rag eval`: retrieval metrics, or with --generate the answers' (AskConfig's defaults)."""
     e = rsub.add_parser("eval", help="nDCG@10, recall, MRR, MAP and latency on BEIR-format queries + qrels",
                         formatter_class=_Help,
                         description="Retrieval quality of an index per mode, on BEIR-format queries and qrels, or on "
@@ -428,10 +410,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "--qrels scifact/qrels/test.tsv\n"
                                "  lmforge rag index --input builtin:python-docs --out runs/pydocs && "
                                f"lmforge rag eval --index runs/pydocs --queries {BUILTIN_QUESTIONS}")
-    e.add_argument("--index", required=True, help="index directory or postgresql:// URL")
+    _add_retrieval_args(e)
     e.add_argument("--queries", required=True, help=f"BEIR queries.jsonl, or {BUILTIN_QUESTIONS} (the built-in set)")
     e.add_argument("--qrels", help="BEIR qrels .tsv (not needed for the built-in set)")
-    e.add_argument("--modes", nargs="+", choices=["sparse", "dense", "hybrid"], default=None,
+    e.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="modes to evaluate (default: all the index supports)")
     e.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf", help="hybrid fusion (default: rrf, k=60)")
     e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
@@ -446,8 +428,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "answer relevance (without a judge: word-overlap support, no answer relevance)")
     e.add_argument("--judge-endpoint", dest="judge_endpoint", metavar="URL",
                    help="--generate: the judge behind an OpenAI-compatible endpoint (--served-model, --api-key)")
-    e.add_argument("--answer-k", dest="answer_k", type=int, default=5, help="--generate: sources per answer")
-    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200,
-                   help="--generate: answer length at most")
+    add_field_arg(e, AskConfig, "k", "--answer-k", dest="answer_k", help="--generate: sources per answer")
+    add_field_arg(e, AskConfig, "max_new_tokens", help="--generate: answer length at most")
     add_transform_args(e, model_flags=True)
     e.set_defaults(func=cmd_eval, _parser=e)

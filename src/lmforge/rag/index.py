@@ -39,28 +39,12 @@ import numpy as np
 from lmforge.config import ConfigError, from_dict
 from lmforge.data.document import Document
 from lmforge.files import write_json, write_text
-from lmforge.rag.chunking import Chunk, Chunker, ChunkerConfig
-from lmforge.rag.sparse import Analyzer, AnalyzerConfig, BM25Index
+from lmforge.rag.chunking import Chunk, Chunker
+from lmforge.rag.config import IndexConfig
+from lmforge.rag.sparse import Analyzer, BM25Index
 
 FORMAT = "lmforge-rag-index/1"
 RRF_K = 60
-
-
-@dataclass
-class IndexConfig:
-    embedder: str = "default"  # "default" (all-MiniLM-L6-v2, shipped offline), a local HF/sentence-transformers dir
-    chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
-    analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
-    k1: float = 1.5
-    b: float = 0.75
-    bm25_method: str = "lucene"
-    vector_index: str = field(default="flat", metadata={"choices": ["flat", "hnsw"]})
-    hnsw_m: int = 32
-    dense: bool = True  # False: BM25 only (no embedder needed)
-    batch_size: int = 64
-    # languages the embedder understands; a hybrid query in another script (Chinese) uses BM25 alone,
-    # because fusing an embedder that cannot read the query only adds noise. Empty: trust the embedder.
-    embedder_languages: list[str] = field(default_factory=lambda: ["en"])
 
 
 @dataclass

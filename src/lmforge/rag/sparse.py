@@ -10,12 +10,12 @@ variant by default, `k1`, `b` configurable) and saves its index as numpy arrays 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import regex
 
+from lmforge.rag.config import AnalyzerConfig
 from lmforge.text import UNSPACED, UNSPACED_RUN, jieba
 
 # Lucene's English stop words (the list bm25s and Elasticsearch use)
@@ -28,16 +28,6 @@ ENGLISH_STOP_WORDS = frozenset([
 # a run of unspaced script (segmented below), or a word of 2+ other word characters (bm25s's \w\w+)
 _TOKEN = regex.compile(rf"[{UNSPACED}]+|[^\W{UNSPACED}]{{2,}}")
 _CJK_RUN = UNSPACED_RUN
-
-
-@dataclass
-class AnalyzerConfig:
-    # Snowball English stemming (PyStemmer) of Latin-script words; Chinese words are left as jieba cut them. On by
-    # default: on the 54 built-in questions BM25 nDCG@10 goes 0.585 -> 0.640 and hybrid 0.732 -> 0.741
-    # (docs/benchmarks.md), as the peers' SciFact recipe (bm25s + Snowball) does better than plain words
-    stem: bool = True
-    stop_words: bool = True
-    chinese: str = field(default="jieba", metadata={"choices": ["jieba", "bigram"]})
 
 
 @lru_cache(maxsize=1)

@@ -58,14 +58,12 @@ __all__ = ["STATIC", "Server", "create_app"]
 
 
 def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0.0.1", port: int | None = None):
-    """The FastAPI application over `server` (its batcher starts with the app and stops with it). `host`, `port`:
-    where it listens, for the Host / Origin checks of serve/security.py (port None: any port)."""
+    """The FastAPI application over `server` (its batcher starts with the app and stops with it): OpenAI's error
+    bodies, the API key, the Host / Origin guard of serve/security.py (`host`, `port`: where it listens; port None:
+    any port), then the routes by area."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
     @asynccontextmanager
     async def lifespan(app):
@@ -79,9 +77,23 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["*"], allow_headers=["*"])
-    # added last, so it runs first: a request for another Host (DNS rebinding) or from another site's page is
-    # refused before CORS or a route sees it
+    _add_error_handlers(app, server)
+    _add_api_key_check(app, server)
+    # added after the other middleware, so it runs first: a request for another Host (DNS rebinding) or from another
+    # site's page is refused before CORS, the key check or a route sees it
     app.add_middleware(RequestGuard, host=host, port=port, origins=cors or ())
+    _add_status_routes(app, server)
+    _add_embeddings_route(app, server)
+    _add_chat_route(app, server)
+    _add_completions_route(app, server)
+    return app
+
+
+def _add_error_handlers(app, server: Server) -> None:
+    """Every error as OpenAI's error body with its status, counted in /metrics."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -107,6 +119,12 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
+
+def _add_api_key_check(app, server: Server) -> None:
+    """401 on /v1/ routes without `Bearer KEY` when the server has an API key."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if (server.api_key and request.url.path.startswith("/v1/")
@@ -115,6 +133,11 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
             return JSONResponse(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                          "authentication_error", code="invalid_api_key").body(), status_code=401)
         return await call_next(request)
+
+
+def _add_status_routes(app, server: Server) -> None:
+    """/health, /v1/models, /metrics (Prometheus text) and the web chat page at /."""
+    from fastapi.responses import HTMLResponse, PlainTextResponse
 
     @app.get("/health")
     async def health():
@@ -130,6 +153,41 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
             data.append({"id": server.embedder_name, "object": "model", "created": server.created,
                          "owned_by": "lmforge"})
         return {"object": "list", "data": data}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return prometheus_text(server)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+def prometheus_text(server: Server) -> str:
+    """The server's counters, gauges, request-time histogram and time-to-first-token quantiles in Prometheus' text
+    format."""
+    m = server.batcher.metrics()
+    lines = [f"lmforge_requests_total {m['requests']}", f"lmforge_generated_tokens_total {m['tokens']}",
+             f"lmforge_prefill_tokens_total {m['prefill_tokens']}", f"lmforge_decode_steps_total {m['steps']}",
+             f"lmforge_rejected_requests_total {m['rejected']}", f"lmforge_http_errors_total {server.http_errors}",
+             f"lmforge_prefix_cache_hits_total {m['prefix_hits']}",
+             f"lmforge_prefix_cache_reused_tokens_total {m['prefix_tokens_reused']}",
+             f"lmforge_queue_depth {m['queue_depth']}", f"lmforge_running_requests {m['running']}",
+             f"lmforge_generated_tokens_per_second {m['tokens_per_s_10s']}"]  # over the last 10 s
+    lines += [f'lmforge_finished_requests_total{{reason="{k}"}} {v}' for k, v in sorted(m["finished"].items())]
+    lat = list(server.latencies)
+    lines.append("# TYPE lmforge_request_seconds histogram")
+    for bound in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60):
+        lines.append(f'lmforge_request_seconds_bucket{{le="{bound}"}} {sum(1 for x in lat if x <= bound)}')
+    lines += [f'lmforge_request_seconds_bucket{{le="+Inf"}} {len(lat)}', f"lmforge_request_seconds_sum {sum(lat)}",
+              f"lmforge_request_seconds_count {len(lat)}", "# TYPE lmforge_time_to_first_token_seconds summary"]
+    for q, key in (("0.5", "ttft_p50_s"), ("0.99", "ttft_p99_s")):
+        lines.append(f'lmforge_time_to_first_token_seconds{{quantile="{q}"}} {m[key]}')
+    return "\n".join(lines) + "\n"
+
+
+def _add_embeddings_route(app, server: Server) -> None:
+    """POST /v1/embeddings: vectors from the server's embedder (--embedder)."""
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
@@ -158,30 +216,10 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
         return {"object": "list", "data": data, "model": server.embedder_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics():
-        m = server.batcher.metrics()
-        lines = [f"lmforge_requests_total {m['requests']}", f"lmforge_generated_tokens_total {m['tokens']}",
-                 f"lmforge_prefill_tokens_total {m['prefill_tokens']}", f"lmforge_decode_steps_total {m['steps']}",
-                 f"lmforge_rejected_requests_total {m['rejected']}", f"lmforge_http_errors_total {server.http_errors}",
-                 f"lmforge_prefix_cache_hits_total {m['prefix_hits']}",
-                 f"lmforge_prefix_cache_reused_tokens_total {m['prefix_tokens_reused']}",
-                 f"lmforge_queue_depth {m['queue_depth']}", f"lmforge_running_requests {m['running']}",
-                 f"lmforge_generated_tokens_per_second {m['tokens_per_s_10s']}"]  # over the last 10 s
-        lines += [f'lmforge_finished_requests_total{{reason="{k}"}} {v}' for k, v in sorted(m["finished"].items())]
-        lat = list(server.latencies)
-        lines.append("# TYPE lmforge_request_seconds histogram")
-        for bound in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60):
-            lines.append(f'lmforge_request_seconds_bucket{{le="{bound}"}} {sum(1 for x in lat if x <= bound)}')
-        lines += [f'lmforge_request_seconds_bucket{{le="+Inf"}} {len(lat)}', f"lmforge_request_seconds_sum {sum(lat)}",
-                  f"lmforge_request_seconds_count {len(lat)}", "# TYPE lmforge_time_to_first_token_seconds summary"]
-        for q, key in (("0.5", "ttft_p50_s"), ("0.99", "ttft_p99_s")):
-            lines.append(f'lmforge_time_to_first_token_seconds{{quantile="{q}"}} {m[key]}')
-        return "\n".join(lines) + "\n"
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return (STATIC / "index.html").read_text(encoding="utf-8")
+def _add_chat_route(app, server: Server) -> None:
+    """POST /v1/chat/completions: a chat through the template (or, with --index, a RAG prompt), streamed or whole."""
+    from fastapi.responses import StreamingResponse
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -235,6 +273,11 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
                        "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
                                  "total_tokens": len(prompt) + completion_tokens}}
 
+
+def _add_completions_route(app, server: Server) -> None:
+    """POST /v1/completions: text or token-id prompts, streamed or whole; echo + logprobs score the prompt."""
+    from fastapi.responses import StreamingResponse
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = completion_prompts(server, req.prompt)
@@ -275,5 +318,3 @@ def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0
         return base | {"object": "text_completion", "choices": choices,
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                  "total_tokens": prompt_tokens + completion_tokens}}
-
-    return app

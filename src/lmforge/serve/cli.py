@@ -49,7 +49,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.config import add_field_arg
     from lmforge.infer.load import add_inference_args
+    from lmforge.rag.config import AskConfig
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
     s.add_argument("--index", metavar="RAG_DIR", help="answer chat requests from this `lmforge rag index` (sources "
                                                        "in the response; \"I don't know\" when nothing is relevant)")
-    s.add_argument("--k", type=int, default=5, help="--index: chunks retrieved per question")
+    add_field_arg(s, AskConfig, "k", help="--index: chunks retrieved per question")
     s.add_argument("--embedder", metavar="default|DIR", help="serve /v1/embeddings too: 'default' (all-MiniLM-L6-v2, "
                                                                "offline) or a sentence-transformers directory")
     s.set_defaults(func=cmd_serve, _parser=s)

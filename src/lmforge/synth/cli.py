@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from lmforge.config import add_field_arg
+from lmforge.synth.config import EvolConfig, SelfInstructConfig
+
 EXAMPLES = """examples:
   lmforge serve --model ./Qwen2.5-0.5B-Instruct --port 8000 &
   lmforge synth self-instruct --seed-tasks builtin:seeds-en --endpoint http://localhost:8000/v1 --num 50 --out runs/si
@@ -18,7 +21,7 @@ EXAMPLES = """examples:
 def cmd_self_instruct(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.synth.common import seed_path
-    from lmforge.synth.selfinstruct import SelfInstruct, SelfInstructConfig, read_seeds
+    from lmforge.synth.selfinstruct import SelfInstruct, read_seeds
 
     cfg = SelfInstructConfig(num=args.num, prompts_per_round=args.prompts_per_round, max_rounds=args.max_rounds,
                              stall_rounds=args.stall_rounds,
@@ -35,7 +38,7 @@ def cmd_self_instruct(args) -> int:
 def cmd_evol(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.synth.common import seed_path
-    from lmforge.synth.evol import EvolConfig, EvolInstruct, read_instructions
+    from lmforge.synth.evol import EvolInstruct, read_instructions
 
     cfg = EvolConfig(rounds=args.rounds, num=args.num, max_tokens=args.max_tokens, temperature=args.temperature,
                      seed=args.seed, eval_data=args.eval_data)
@@ -65,26 +68,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.infer.client import add_client_args
 
     common = argparse.ArgumentParser(add_help=False)
-    add_client_args(common, max_tokens=512)
+    add_client_args(common, max_tokens=SelfInstructConfig.max_tokens)  # EvolConfig's is the same
     common.add_argument("--seed-tasks", required=True, metavar="FILE",
                         help="seed tasks (self-instruct's JSONL schema; builtin:seeds-en / builtin:seeds-zh), or for "
                              "evol-instruct any instruction data")
     common.add_argument("--out", required=True, metavar="DIR")
-    common.add_argument("--temperature", type=float, default=0.7)
+    add_field_arg(common, SelfInstructConfig, "temperature")  # EvolConfig's is the same
     common.add_argument("--eval-data", metavar="FILE", help="a held-out eval set: generated items overlapping it "
                                                             "are rejected (contamination)")
     common.add_argument("--resume", action="store_true", help="continue the run in --out")
     common.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
     si = ssub.add_parser("self-instruct", parents=[common], help="self-instruct (Wang et al. 2022)")
-    si.add_argument("--num", type=int, default=100, help="new instructions to keep")
-    si.add_argument("--prompts-per-round", type=int, default=4, help="generation prompts per round (sent together)")
-    si.add_argument("--max-rounds", type=int, default=1000, help="stop after this many rounds even short of --num")
-    si.add_argument("--stall-rounds", type=int, default=10,
-                    help="stop, naming the most common reject reasons, after this many rounds in a row that keep "
-                         "nothing (0: never)")
+    for name in ("num", "prompts_per_round", "max_rounds", "stall_rounds"):
+        add_field_arg(si, SelfInstructConfig, name)
     si.set_defaults(func=cmd_self_instruct)
     ev = ssub.add_parser("evol-instruct", parents=[common], help="Evol-Instruct (Xu et al. 2023, WizardLM)")
-    ev.add_argument("--rounds", type=int, default=4)
-    ev.add_argument("--num", type=int, default=0, help="stop once this many evolved instructions are kept (0: all "
-                                                       "rounds)")
+    add_field_arg(ev, EvolConfig, "rounds")
+    add_field_arg(ev, EvolConfig, "num")
     ev.set_defaults(func=cmd_evol)

@@ -24,6 +24,7 @@ import numpy as np
 
 from lmforge.infer.client import ModelClient, Sampling
 from lmforge.synth.common import NoveltyFilter, SynthRun, data_stage_checks, read_eval_texts
+from lmforge.synth.config import EvolConfig
 from lmforge.text import CJK_CHAR
 
 # the paper's prompts, verbatim (their long lines included)
@@ -174,19 +175,6 @@ def read_instructions(path: str) -> list[str]:
         if inst.strip():
             out.append(inst.strip())
     return out
-
-
-@dataclass
-class EvolConfig:
-    rounds: int = 4
-    num: int = 0  # stop once this many evolved instructions are kept (0: run every round)
-    breadth_share: float = 1 / 6  # the paper draws one of 5 depth methods or breadth uniformly
-    max_tokens: int = 512
-    temperature: float = 0.7
-    seed: int = 0
-    novelty_threshold: float = 0.7  # an evolution this close (ROUGE-L) to an instruction already kept is a duplicate
-    eval_data: str | None = None
-    progress: bool = True
 
 
 @dataclass

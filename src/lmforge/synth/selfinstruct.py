@@ -32,6 +32,7 @@ import numpy as np
 from lmforge.data.sources import CorpusError, iter_records
 from lmforge.infer.client import ModelClient, Sampling
 from lmforge.synth.common import NoveltyFilter, SynthRun, data_stage_checks
+from lmforge.synth.config import SelfInstructConfig
 from lmforge.text import CJK_CHAR
 
 BLACKLIST_EN = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
@@ -200,25 +201,6 @@ def top_reasons(rejects: list[dict], k: int = 3) -> str:
 
 
 @dataclass
-class SelfInstructConfig:
-    num: int = 100  # kept instructions to reach
-    prompts_per_round: int = 4
-    seeds_per_prompt: int = 6
-    machine_per_prompt: int = 2
-    novelty_threshold: float = 0.7
-    max_rounds: int = 1000
-    stall_rounds: int = 10  # stop after this many rounds in a row that keep nothing (a model that cannot do it)
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.5
-    seed: int = 0
-    classification_shots: int = 12
-    instance_shots: int = 3
-    eval_data: str | None = None  # a held-out set: generated items overlapping it are rejected (contamination)
-    progress: bool = True
-
-
-@dataclass
 class SelfInstruct:
     client: ModelClient
     seeds: list[Seed]
@@ -244,7 +226,88 @@ class SelfInstruct:
             out.append((generation_prompt(picked, classification, zh), len(picked) + 1, classification))
         return out
 
+    def _screen(self, prompts: list[tuple[str, int, bool]], replies, novelty: NoveltyFilter,
+                st: dict) -> tuple[list[tuple[str, bool]], Counter]:
+        """The new instructions of a round's replies that pass the heuristics and the ROUGE-L novelty filter, with
+        their classification hint; every other one goes to the rejects with its reason."""
+        new, counts = [], Counter()
+        for (prompt, first, clf_hint), reply in zip(prompts, replies):
+            if reply[0].error:  # the endpoint refused this prompt: set aside with its reason, the run goes on
+                st["rejects"].append({"instruction": "", "input": prompt[-300:], "output": "", "round": st["round"],
+                                      "reason": f"request: {reply[0].error}"})
+                continue
+            for inst in parse_instructions(reply[0].text, first):
+                counts["generated"] += 1
+                reason = heuristic_reason(inst)
+                if reason is None:
+                    score, closest = novelty.check(inst)
+                    st["similarities"].append(round(score, 4))
+                    if score >= self.cfg.novelty_threshold:
+                        reason = f"rouge-l: {score:.3f} to {closest!r}"
+                if reason is not None:
+                    st["rejects"].append({"instruction": inst, "input": "", "output": "", "reason": reason,
+                                          "round": st["round"]})
+                    continue
+                novelty.add(inst)  # later candidates of this round are compared with it too
+                new.append((inst, clf_hint))
+        return new, counts
+
+    def _add_instances(self, new: list[tuple[str, bool]], clf_shots: list[Seed], zh_seeds: bool, st: dict,
+                       counts: Counter) -> None:
+        """Classify the new instructions, ask for their instances, and keep those that hold together."""
+        clf_replies = self.client.complete([classification_prompt(clf_shots, i, zh_seeds) for i, _ in new],
+                                           Sampling(temperature=0.0, max_tokens=4))
+        kinds = [parse_yes(r[0].text) for r in clf_replies]
+        kinds = [hint if k is None else k for k, (_, hint) in zip(kinds, new)]
+        shots_c = [s for s in self.seeds if s.is_classification][:self.cfg.instance_shots]
+        shots_g = [s for s in self.seeds if not s.is_classification][:self.cfg.instance_shots]
+        inst_replies = self.client.complete(
+            [instance_prompt(shots_c if c else shots_g, i, c) for (i, _), c in zip(new, kinds)],
+            self._sampling(self.cfg.max_tokens))
+        for (inst, _), clf, reply in zip(new, kinds, inst_replies):
+            instances = self._instances(inst, clf, reply[0], shots_g, st)
+            if instances is None:
+                continue
+            seen = set()
+            for x in instances:
+                if (x["input"], x["output"]) in seen:
+                    continue
+                seen.add((x["input"], x["output"]))
+                st["kept"].append({"instruction": inst, "input": x["input"], "output": x["output"],
+                                   "is_classification": clf, "round": st["round"]})
+            counts["kept_instructions"] += 1
+
+    def _instances(self, inst: str, clf: bool, reply, shots_g: list[Seed], st: dict) -> list[dict] | None:
+        """The instances an instruction's reply holds, or None after recording why there are none to keep (a
+        refused request, none parsed, only copies of a demonstration, one input with different outputs)."""
+        def reject(reason: str, **more) -> None:
+            st["rejects"].append({"instruction": inst, "input": "", "output": "", "round": st["round"],
+                                  "reason": reason, **more})
+
+        if reply.error:
+            reject(f"request: {reply.error}")
+            return None
+        instances = parse_instances(reply.text, clf)
+        if not clf and instances:  # a small model parrots the prompt's examples: not a new instance
+            copied = [x for x in instances if copies_demonstration(x["output"], shots_g)]
+            if copied and len(copied) == len(instances):
+                reject("instances: repeats a demonstration's output", output=copied[0]["output"])
+                return None
+            instances = [x for x in instances if x not in copied]
+        outputs: dict[str, set] = {}
+        for x in instances:
+            outputs.setdefault(x["input"], set()).add(x["output"])
+        if not instances:
+            reject("instances: none parsed from the reply", reply=reply.text[:500])
+            return None
+        if any(len(v) > 1 for v in outputs.values()):
+            reject("instances: one input with different outputs")
+            return None
+        return instances
+
     def run(self, out: str, resume: bool = False, overwrite: bool = False) -> dict:
+        """Rounds of generation until --num instructions are kept (or the rounds run out, or stall), resumable from
+        the run directory's state; returns the run's stats."""
         from lmforge.progress import progress
 
         run = SynthRun(out, resume, overwrite)
@@ -279,70 +342,9 @@ class SelfInstruct:
                 st["round"] += 1
                 run.save_state(st)
                 break
-            new, counts = [], Counter()
-            for (prompt, first, clf_hint), reply in zip(prompts, replies):
-                if reply[0].error:  # the endpoint refused this prompt: set aside with its reason, the run goes on
-                    st["rejects"].append({"instruction": "", "input": prompt[-300:], "output": "", "round": st["round"],
-                                          "reason": f"request: {reply[0].error}"})
-                    continue
-                for inst in parse_instructions(reply[0].text, first):
-                    counts["generated"] += 1
-                    reason = heuristic_reason(inst)
-                    if reason is None:
-                        score, closest = novelty.check(inst)
-                        st["similarities"].append(round(score, 4))
-                        if score >= self.cfg.novelty_threshold:
-                            reason = f"rouge-l: {score:.3f} to {closest!r}"
-                    if reason is not None:
-                        st["rejects"].append({"instruction": inst, "input": "", "output": "", "reason": reason,
-                                              "round": st["round"]})
-                        continue
-                    novelty.add(inst)  # later candidates of this round are compared with it too
-                    new.append((inst, clf_hint))
+            new, counts = self._screen(prompts, replies, novelty, st)
             if new:
-                clf_replies = self.client.complete([classification_prompt(clf_shots, i, zh_seeds) for i, _ in new],
-                                                   Sampling(temperature=0.0, max_tokens=4))
-                kinds = [parse_yes(r[0].text) for r in clf_replies]
-                kinds = [hint if k is None else k for k, (_, hint) in zip(kinds, new)]
-                shots_c = [s for s in self.seeds if s.is_classification][:self.cfg.instance_shots]
-                shots_g = [s for s in self.seeds if not s.is_classification][:self.cfg.instance_shots]
-                inst_replies = self.client.complete(
-                    [instance_prompt(shots_c if c else shots_g, i, c) for (i, _), c in zip(new, kinds)],
-                    self._sampling(self.cfg.max_tokens))
-                for (inst, _), clf, reply in zip(new, kinds, inst_replies):
-                    if reply[0].error:
-                        st["rejects"].append({"instruction": inst, "input": "", "output": "", "round": st["round"],
-                                              "reason": f"request: {reply[0].error}"})
-                        continue
-                    instances = parse_instances(reply[0].text, clf)
-                    if not clf and instances:  # a small model parrots the prompt's examples: not a new instance
-                        copied = [x for x in instances if copies_demonstration(x["output"], shots_g)]
-                        if copied and len(copied) == len(instances):
-                            st["rejects"].append({"instruction": inst, "input": "", "output": copied[0]["output"],
-                                                  "round": st["round"],
-                                                  "reason": "instances: repeats a demonstration's output"})
-                            continue
-                        instances = [x for x in instances if x not in copied]
-                    outputs: dict[str, set] = {}
-                    for x in instances:
-                        outputs.setdefault(x["input"], set()).add(x["output"])
-                    if not instances:
-                        st["rejects"].append({"instruction": inst, "input": "", "output": "", "round": st["round"],
-                                              "reason": "instances: none parsed from the reply",
-                                              "reply": reply[0].text[:500]})
-                        continue
-                    if any(len(v) > 1 for v in outputs.values()):
-                        st["rejects"].append({"instruction": inst, "input": "", "output": "", "round": st["round"],
-                                              "reason": "instances: one input with different outputs"})
-                        continue
-                    seen = set()
-                    for x in instances:
-                        if (x["input"], x["output"]) in seen:
-                            continue
-                        seen.add((x["input"], x["output"]))
-                        st["kept"].append({"instruction": inst, "input": x["input"], "output": x["output"],
-                                           "is_classification": clf, "round": st["round"]})
-                    counts["kept_instructions"] += 1
+                self._add_instances(new, clf_shots, zh_seeds, st, counts)
             st["per_round"].append({"round": st["round"], **counts})
             st["round"] += 1
             run.save_state(st)

@@ -158,6 +158,15 @@ class Trainer:
         # and may be the objective's best_metric (fine-tuning adds val_rougeL / val_exact_match of held-out replies)
         self._run_dir_ready = False
         self.objective = objective or CausalLM()
+        self._join_processes(device)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self._set_up_model(model, train_data)
+        self._set_up_data(train_data, eval_data)
+        self._set_up_state(tokenizer_dir)
+
+    def _join_processes(self, device: str | None) -> None:
+        """This process's rank among the torchrun processes (one per device) and its device."""
         # under torchrun (WORLD_SIZE > 1): one process per device, DDP, each rank reads its own slice of every batch
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -172,8 +181,11 @@ class Trainer:
             # changes nothing measurable in training. Process-wide: the CPU's FTZ/DAZ flags.
             torch.set_flush_denormal(True)
         self.is_main = self.rank == 0
-        self.out = Path(cfg.out)
-        torch.manual_seed(cfg.seed)
+
+    def _set_up_model(self, model: Transformer | None, train_data) -> None:
+        """The model (given, or built for the token shards), on the device, wrapped for DDP / FSDP2 and compiled
+        as asked, and its optimizer."""
+        cfg = self.cfg
         self.manifest = None
         if train_data is None:
             manifest = Path(cfg.data) / "manifest.json"
@@ -209,6 +221,11 @@ class Trainer:
         wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg)
+
+    def _set_up_data(self, train_data, eval_data) -> None:
+        """Gradient accumulation steps, the training loader (given, or over the token shards) and the evaluation
+        data (given, or the shards' val split)."""
+        cfg = self.cfg
         micro = cfg.micro_batch_size or cfg.batch_size // self.world  # examples per forward, per process
         if micro <= 0 or cfg.batch_size % (micro * self.world):
             raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
@@ -223,6 +240,11 @@ class Trainer:
         else:
             self.loader = train_data
         self.eval_data = eval_data
+
+    def _set_up_state(self, tokenizer_dir: str | os.PathLike | None) -> None:
+        """Precision, counters, the best value so far, EMA weights, the checkpoint format and the tokenizer that goes
+        with every checkpoint."""
+        cfg = self.cfg
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step, self.bad_evals = 0, 0
@@ -487,18 +509,9 @@ class Trainer:
         if self.is_main:  # status.json: running / finished / stopped / failed, for readers of the run directory
             run_status.mark_running(self.out, self.step, max_steps=cfg.max_steps, best_metric=self.objective.best_metric,
                                     higher_is_better=self.objective.higher_is_better)
-        # only rank 0 writes metrics; the others write to nowhere
-        metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
-        tb = None
-        if cfg.tensorboard and self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            tb = SummaryWriter(str(self.out / "tensorboard"))
+        metrics, tb = self._open_logs()
         flops_per_token = training_flops_per_token(self.model, cfg.max_length)
         peak, peak_source = peak_flops(self.device, self.autocast_dtype or torch.float32, cfg.peak_tflops)
-        remeasured = False
         initial = self.evaluate() if self.step == 0 else {}
         if initial:
             if self.after_eval is not None and self.is_main:  # before writing: the hook may add metrics
@@ -516,55 +529,15 @@ class Trainer:
                     loss = self.train_step()
                     seconds = time.perf_counter() - t0
                     flops_per_step = flops_per_token * self.last_tokens / self.world
-                    if flops_per_step / seconds > peak and peak_source.startswith("measured") and not remeasured:
-                        # the first measurement ran while the machine was busy (MFU read 243% so): measure again
-                        # now, and never report more than the rate the training itself reached
-                        remeasured = True
-                        measure_matmul_peak.cache_clear()
-                        peak = max(peak_flops(self.device, self.autocast_dtype or torch.float32)[0],
-                                   flops_per_step / seconds)
-                        peak_source += " (measured again: the first measurement ran on a busy machine)"
-                    record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
-                              "grad_norm": round(self.last_grad_norm, 4), "step_s": round(seconds, 4),
-                              "tokens_per_s": round(self.last_tokens / seconds, 1),
-                              "flops_per_s": round(flops_per_step / seconds),
-                              "mfu": round(flops_per_step / seconds / peak, 4)}
-                    # figures of the step that only the data source or the objective knows (RL: rewards, sampling
-                    # speed, clip fraction, KL)
-                    if hasattr(self.loader, "step_metrics"):
-                        record.update(self.loader.step_metrics(record))
-                    if hasattr(self.objective, "step_metrics"):
-                        record.update(self.objective.step_metrics())
-                    if getattr(self.model.cfg, "n_experts", 0):
-                        # how evenly the step's last micro-batch was routed (router_max_load 1.0: even)
-                        record.update({k: round(v, 4) for k, v in self.model.router_balance().items()})
+                    peak, peak_source = self._recheck_peak(flops_per_step / seconds, peak, peak_source)
+                    record = self._step_record(loss, seconds, flops_per_step, peak)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
                     bar.update(1)
-                    out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
-                    interrupted = self.interrupted is not None
-                    if self.world > 1:  # clocks and signals differ: stop when any process is out of time or stopped
-                        flags = torch.tensor([float(out_of_time), float(interrupted)], device=self.device)
-                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                        out_of_time, interrupted = bool(flags[0].item()), bool(flags[1].item())
-                    stop_here = (until_step is not None and self.step >= until_step) or out_of_time or interrupted
+                    stop_here, interrupted = self._should_stop(until_step, started, time_budget_s)
                     last = self.step == cfg.max_steps or stop_here
                     if ((cfg.eval_every and self.step % cfg.eval_every == 0) or last) and not interrupted:
-                        ev = self.evaluate()
-                        if ev and self.after_eval is not None and self.is_main:
-                            self.after_eval(self, ev)  # may add metrics (val_rougeL ...) that pick the best
-                        last_eval = (self.step, ev)
-                        record.update(ev)
-                        if self._improved(ev):
-                            self.best_val, self.bad_evals = ev[self.objective.best_metric], 0
-                            self.save_checkpoint("best")
-                        elif ev:
-                            self.bad_evals += 1
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    if tb is not None:
-                        for key, value in record.items():
-                            if key != "step" and value is not None:
-                                tb.add_scalar(key, value, self.step)
+                        last_eval = (self.step, self._evaluate_and_keep_best(record))
+                    _log_record(record, metrics, tb, self.step)
                     if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                         self.save_checkpoint("last")
                     if cfg.patience and self.bad_evals >= cfg.patience:
@@ -585,11 +558,81 @@ class Trainer:
                 metrics.close()
                 if tb is not None:
                     tb.close()
+        return self._finish(summary, peak, peak_source, last_eval)
+
+    def _open_logs(self):
+        """(metrics.jsonl opened for appending, a TensorBoard writer or None); processes other than rank 0 write
+        to nowhere."""
+        metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
+        tb = None
+        if self.cfg.tensorboard and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            tb = SummaryWriter(str(self.out / "tensorboard"))
+        return metrics, tb
+
+    def _recheck_peak(self, rate: float, peak: float, peak_source: str) -> tuple[float, str]:
+        """The peak FLOP/s that MFU divides by (`rate`: the last step's FLOP/s). A measured peak below what training
+        itself reached was measured while the machine was busy (MFU read 243% so): it is measured again, once, and
+        never taken below the rate the training reached."""
+        if rate > peak and peak_source.startswith("measured") and "measured again" not in peak_source:
+            measure_matmul_peak.cache_clear()
+            peak = max(peak_flops(self.device, self.autocast_dtype or torch.float32)[0], rate)
+            peak_source += " (measured again: the first measurement ran on a busy machine)"
+        return peak, peak_source
+
+    def _step_record(self, loss: float, seconds: float, flops_per_step: float, peak: float) -> dict:
+        """The metrics.jsonl line of the step just taken (seconds: its wall time)."""
+        record = {"step": self.step, "loss": round(loss, 5), "lr": self.last_lr,
+                  "grad_norm": round(self.last_grad_norm, 4), "step_s": round(seconds, 4),
+                  "tokens_per_s": round(self.last_tokens / seconds, 1),
+                  "flops_per_s": round(flops_per_step / seconds),
+                  "mfu": round(flops_per_step / seconds / peak, 4)}
+        # figures of the step that only the data source or the objective knows (RL: rewards, sampling speed, clip
+        # fraction, KL)
+        if hasattr(self.loader, "step_metrics"):
+            record.update(self.loader.step_metrics(record))
+        if hasattr(self.objective, "step_metrics"):
+            record.update(self.objective.step_metrics())
+        if getattr(self.model.cfg, "n_experts", 0):
+            # how evenly the step's last micro-batch was routed (router_max_load 1.0: even)
+            record.update({k: round(v, 4) for k, v in self.model.router_balance().items()})
+        return record
+
+    def _should_stop(self, until_step: int | None, started: float, time_budget_s: float | None) -> tuple[bool, bool]:
+        """(stop after this step, a signal asked for it), agreed by every process."""
+        out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
+        interrupted = self.interrupted is not None
+        if self.world > 1:  # clocks and signals differ: stop when any process is out of time or stopped
+            flags = torch.tensor([float(out_of_time), float(interrupted)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            out_of_time, interrupted = bool(flags[0].item()), bool(flags[1].item())
+        stop_here = (until_step is not None and self.step >= until_step) or out_of_time or interrupted
+        return stop_here, interrupted
+
+    def _evaluate_and_keep_best(self, record: dict) -> dict:
+        """Evaluate (the hook's metrics added), add the result to the step's `record`, save best/ when the
+        objective's best metric improved, count evaluations without improvement; returns the evaluation."""
+        ev = self.evaluate()
+        if ev and self.after_eval is not None and self.is_main:
+            self.after_eval(self, ev)  # may add metrics (val_rougeL ...) that pick the best
+        record.update(ev)
+        if self._improved(ev):
+            self.best_val, self.bad_evals = ev[self.objective.best_metric], 0
+            self.save_checkpoint("best")
+        elif ev:
+            self.bad_evals += 1
+        return ev
+
+    def _finish(self, summary: dict, peak: float, peak_source: str, last_eval: tuple[int, dict]) -> dict:
+        """The run's summary: steps, the best value, the MFU peak, the final evaluation (the last step's when there
+        was one, with the hook's metrics, not a second pass), and the loss plot."""
         if self.sharded:
             checkpoint.export_sharded_checkpoints(self)
         summary.update({"steps": self.step, "best_" + self.objective.best_metric: self.best_val,
                         "peak_flops": peak, "peak_source": peak_source,
-                        # the last step's evaluation when there was one (with the hook's metrics), not a second pass
                         "final": {} if "interrupted" in summary else
                         last_eval[1] if last_eval[0] == self.step and last_eval[1] else self.evaluate(),
                         "hf_config": self.model.hf_architecture() if hasattr(self.model, "hf_architecture")
@@ -601,9 +644,19 @@ class Trainer:
             # stopped: resumable (a signal, until_step, the time budget); early stopping is the run's own end
             reason = summary.get("interrupted") or ("step or time limit" if "stopped_at" in summary else
                                                     "early stopping" if "early_stopped_at" in summary else "")
-            stopped = "stopped_at" in summary and self.step < cfg.max_steps
+            stopped = "stopped_at" in summary and self.step < self.cfg.max_steps
             run_status.mark_ended(self.out, "stopped" if stopped else "finished", self.step, reason)
         return summary
+
+
+def _log_record(record: dict, metrics, tb, step: int) -> None:
+    """One step's record into metrics.jsonl (flushed: a crash keeps it) and TensorBoard."""
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    if tb is not None:
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                tb.add_scalar(key, value, step)
 
 
 def _with_overrides(model: Transformer, overrides: dict) -> Transformer:
