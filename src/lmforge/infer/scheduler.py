@@ -151,6 +151,7 @@ class _Rows(KVCache):
 
     def __init__(self, parent: KVCache):  # no super().__init__(): it would allocate
         self.parent, self.static, self.max_len, self.pos = parent, False, parent.max_len, parent.pos
+        self.rings, self._ring_writes = parent.rings, None
         self.n, self._length = -1, 0
         self.use(parent.k[0].shape[0], 0)
 
@@ -187,11 +188,15 @@ class Scheduler:
         self.width = self.offset + min(width or self.context, self.context)
         if self.compile:
             self.width = -(-self.width // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
-        device, dtype = model.embed.weight.device, model.embed.weight.dtype
+        device = model.embed.weight.device
         self.device = device
+        # sliding-window layers keep a ring of their window's positions (KVCache) where the window is shorter than
+        # a row; not with an adapter's virtual tokens (they would have to stay in every ring) nor ALiBi's bias masks
+        self.ring = (use_cache and not self.offset and model.alibi is None
+                     and any(w is not None and w < self.width for w in map(cfg.window, range(cfg.n_layers))))
         self.cache = self.view = None
         if use_cache:
-            self.cache = KVCache(cfg, capacity, self.width, device=device, dtype=dtype, static=self.compile)
+            self.cache = self._new_cache(capacity, self.width, static=self.compile)
             if not self.compile:
                 self.view = _Rows(self.cache)
                 if self.offset:
@@ -218,6 +223,11 @@ class Scheduler:
         self.finished: dict[str, int] = {}  # rows finished, by reason
         self.ttft: collections.deque[float] = collections.deque(maxlen=1000)  # seconds to a request's first token
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=100_000)  # (time, tokens)
+
+    def _new_cache(self, rows: int, width: int, static: bool = False) -> KVCache:
+        """A KV cache laid out as the scheduler's (rings for the sliding layers or not), so rows copy between them."""
+        return KVCache(self.model.cfg, rows, width, device=self.device, dtype=self.model.embed.weight.dtype,
+                       static=static, sliding=self.ring)
 
     # --- the caller's side ----------------------------------------------------------------------------------------
     def add(self, prompt: Sequence[int], configs: SamplingConfig | Sequence[SamplingConfig], *, tag=None,
@@ -451,10 +461,13 @@ class Scheduler:
                 group.kv = group.logits = None
         for kv, srcs, slots in copies.values():
             index, dest = torch.tensor(srcs, device=self.device), torch.tensor(slots, device=self.device)
-            width = kv.k[0].shape[2] - self.offset  # its tokens end at its last slot
+            width = kv.max_len - self.offset  # its tokens end at its last slot
             for layer in range(len(self.cache.k)):
                 for mine, theirs in ((self.cache.k[layer], kv.k[layer]), (self.cache.v[layer], kv.v[layer])):
-                    mine[dest, :, self.col - width:self.col] = theirs.index_select(0, index)[:, :, self.offset:]
+                    if self.cache.rings[layer] is not None:  # a ring is indexed by position: the row as it is
+                        mine[dest] = theirs.index_select(0, index)
+                    else:
+                        mine[dest, :, self.col - width:self.col] = theirs.index_select(0, index)[:, :, self.offset:]
         self._update_flags()
         self._sample(torch.stack(first_logits), start, len(self.rows))
         self._admitting = []
@@ -476,8 +489,17 @@ class Scheduler:
             self.stats["prefill_tokens"] += sum(lens)
             return dict(zip(groups, model.logits(hidden))), {}
         reused = [self._lookup(g.prompt) for g in groups]
+        if self.ring and len(groups) > 1 and any(r for _, r in reused):
+            # a row that feeds more than its uncached tail would find later positions in its copied ring than the
+            # ring mask assumes: with rings, prompts that reuse a prefix are prefilled one at a time
+            logits, sources = {}, {}
+            for g in groups:
+                one_logits, one_sources = self._prefill([g])
+                logits |= one_logits
+                sources |= one_sources
+            return logits, sources
         T = max(n - r for n, (_, r) in zip(lens, reused))  # every row feeds its last min(len, T) tokens
-        cache = KVCache(model.cfg, len(groups), offset + L, device=self.device, dtype=self.cache.k[0].dtype)
+        cache = self._new_cache(len(groups), offset + L)
         if offset:
             prefill(model, cache)
         cache.advance(L - T)
@@ -491,9 +513,7 @@ class Scheduler:
             if n > fed:  # the first n - fed tokens come from the cached prefix
                 self.stats["prefix_hits"] += 1
                 self.stats["prefix_tokens_reused"] += n - fed
-                for layer in range(len(cache.k)):
-                    cache.k[layer][i, :, offset + L - n:offset + L - fed] = entry.k[layer][0, :, offset:offset + n - fed]
-                    cache.v[layer][i, :, offset + L - n:offset + L - fed] = entry.v[layer][0, :, offset:offset + n - fed]
+                self._copy_prefix(entry, cache, i, offset + L - n, n - fed)
             ids[i, T - fed:] = torch.tensor(g.prompt[n - fed:], device=self.device)
             positions[i, T - fed:] = torch.arange(offset + n - fed, offset + n, device=self.device)
             mask[i, offset + L - n:] = 1
@@ -504,12 +524,26 @@ class Scheduler:
                 self._remember(tuple(g.prompt), cache if len(groups) == 1 else self._copy_out(cache, i, n))
         return dict(zip(groups, logits)), {g: (cache, i) for i, g in enumerate(groups)}
 
+    def _copy_prefix(self, entry: KVCache, cache: KVCache, row: int, at: int, n: int) -> None:
+        """The first n tokens of a prefix-cache entry into row `row` of `cache`, from slot `at` on (a ring: the
+        entry's ring as it is, which holds the positions before n where `_lookup` allowed it)."""
+        offset = self.offset
+        for layer in range(len(cache.k)):
+            for mine, theirs in ((cache.k[layer], entry.k[layer]), (cache.v[layer], entry.v[layer])):
+                if cache.rings[layer] is not None:
+                    mine[row] = theirs[0]
+                else:
+                    mine[row, :, at:at + n] = theirs[0, :, offset:offset + n]
+
     def _copy_out(self, cache: KVCache, row: int, n: int) -> KVCache:
         """A one-row cache holding row `row`'s virtual tokens and its last n tokens."""
-        out = KVCache(self.model.cfg, 1, self.offset + n, device=self.device, dtype=cache.k[0].dtype)
-        end = cache.k[0].shape[2] if cache is not self.cache else self.col
+        out = self._new_cache(1, self.offset + n)
+        end = cache.max_len if cache is not self.cache else self.col
         for layer in range(len(cache.k)):
             for mine, theirs in ((out.k[layer], cache.k[layer]), (out.v[layer], cache.v[layer])):
+                if cache.rings[layer] is not None:  # indexed by position: the row's ring as it is
+                    mine[0] = theirs[row]
+                    continue
                 mine[0, :, :self.offset] = theirs[row, :, :self.offset]
                 mine[0, :, self.offset:] = theirs[row, :, end - n:end]
         out.advance(self.offset + n)
@@ -537,9 +571,12 @@ class Scheduler:
         d, s = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
         col = self.col
         if self.cache is not None:
-            for k, v in zip(self.cache.k, self.cache.v):
-                k[d, :, :col] = k[s, :, :col]
-                v[d, :, :col] = v[s, :, :col]
+            for k, v, ring in zip(self.cache.k, self.cache.v, self.cache.rings):
+                for t in (k, v):
+                    if ring is not None:  # the whole ring: its slots are positions, not columns
+                        t[d] = t[s]
+                    else:
+                        t[d, :, :col] = t[s, :, :col]
         for t in (self.mask, self.ids):
             if t is not None:
                 t[d, :col] = t[s, :col]
@@ -564,7 +601,9 @@ class Scheduler:
 
     def _slide(self, n: int, start: int, end: int, to: int) -> None:
         """Slots start..end-1 of the first n rows move to `to`; the slots they leave are no longer the rows'."""
-        tensors = [] if self.cache is None else [*self.cache.k, *self.cache.v]
+        # a ring is indexed by position, which a shift does not change
+        tensors = [] if self.cache is None else [t for ts, ring in zip(zip(self.cache.k, self.cache.v),
+                                                                       self.cache.rings) if ring is None for t in ts]
         for t in tensors:
             t[:n, :, to:to + end - start] = t[:n, :, start:end].clone()
         for t in (self.mask, self.ids):
@@ -598,15 +637,20 @@ class Scheduler:
     # --- the prefix cache -----------------------------------------------------------------------------------------
     def _lookup(self, prompt: list[int]) -> tuple[KVCache | None, int]:
         """The cached entry sharing the longest prefix with `prompt` (at least min_prefix tokens, and one short of
-        the whole prompt, whose last logits are needed) and that prefix's length."""
+        the whole prompt, whose last logits are needed) and that prefix's length. With rings (sliding layers), an
+        entry longer than the smallest window serves only a prompt that begins with all of it: its rings hold its
+        last positions and have overwritten the earlier ones a shorter prefix would need."""
         if self.prefix_cache_tokens <= 0 or not self.prefixes:
             return None, 0
+        smallest = min((w for w in self.cache.rings if w), default=None)
         best, best_key = 0, None
         for key in self.prefixes:
             n = min(len(key), len(prompt) - 1)
             i = 0
             while i < n and key[i] == prompt[i]:
                 i += 1
+            if smallest is not None and i < len(key) and len(key) > smallest:
+                continue
             if i > best:
                 best, best_key = i, key
         if best < self.min_prefix:
