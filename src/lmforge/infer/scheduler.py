@@ -12,7 +12,8 @@ frequency penalties. `step()`:
   2. admits waiting requests while rows are free: their prompts run in one batched prefill, each prompt once (a
      group's n rows then copy its keys and values: RL's G completions per prompt pay for one prefill), reusing the
      keys and values of a cached prefix (a recent prompt or reply the prompt begins with); each row samples its
-     first token;
+     first token. A prompt longer than `max_prefill_tokens` is prefilled before, one chunk of that many tokens per
+     step (chunked prefill: the running rows keep getting a token at every step while it arrives);
   3. runs one forward of one token for every running row (compiled over a static cache with compile=True) and
      samples every row's next token with a few tensor ops (infer/sampling.py `RowSampler`);
   4. checks each row's stop ids, stop strings (streaming text, infer/detokenize.py), constraint and budget, emits
@@ -25,6 +26,8 @@ than the running rows shifts them right; when `col` reaches the end, every row s
 share. A row that ends is replaced by the last running row, so the running rows are slots 0..n-1 and a step computes
 nothing for empty slots (with compile=True every slot runs: one graph for the whole run). A reply never goes beyond
 the context: a row's budget is min(max_new_tokens, context - prompt), which is also why a shift always finds room.
+A sliding-window layer's cache is a ring of its window's slots instead, indexed by position (model/transformer.py
+`KVCache`): shifts leave it alone, and a row's ring moves and copies whole.
 """
 
 from __future__ import annotations
@@ -171,12 +174,16 @@ class Scheduler:
     one-token step through torch.compile over a static cache; `use_cache=False` runs every step over whole sequences
     (the reference the cached path is tested against); `prefix_cache_tokens`: keys and values of recent prompts and
     replies kept for prompts that begin like them (0: none), reused from `min_prefix` tokens on;
-    `max_prefill_tokens`: padded prompt tokens one admission prefills together (at least one request)."""
+    `max_prefill_tokens`: padded prompt tokens one admission prefills together (at least one request); a longer
+    prompt is prefilled in chunks of that many tokens, one chunk per step between the running rows' decode steps
+    (chunked prefill: running streams keep their pace while a long prompt arrives)."""
 
     def __init__(self, model: Transformer, tokenizer=None, capacity: int = 8, context: int | None = None,
                  width: int | None = None, compile: bool = False, use_cache: bool = True,
                  prefix_cache_tokens: int = 0, min_prefix: int = 16, max_prefill_tokens: int | None = None):
         cfg = model.cfg
+        if max_prefill_tokens is not None and max_prefill_tokens <= 0:
+            raise ValueError(f"max_prefill_tokens must be positive (None: no bound), got {max_prefill_tokens}")
         self.model, self.tokenizer, self.capacity = model, tokenizer, capacity
         self.use_cache = use_cache
         # an adapter's virtual tokens take the first slots of every row (a forward without a cache gets them from
@@ -274,6 +281,7 @@ class Scheduler:
         if self._cancelled:
             self._end_cancelled()
         if self.waiting and len(self.rows) < self.capacity:
+            self._prefill_chunk()
             self._admit()
             self._release()
         if self.rows:
@@ -415,6 +423,8 @@ class Scheduler:
             if not group.pending:
                 self.waiting.popleft()
                 continue
+            if group.logits is None and self._chunked(group):
+                break  # its prompt is being prefilled a chunk per step (`_prefill_chunk`); the queue waits behind it
             if group.logits is None:
                 longest = max([len(g.prompt) for g in fresh] + [len(group.prompt)])
                 if fresh and self.max_prefill_tokens is not None and (len(fresh) + 1) * longest > self.max_prefill_tokens:
@@ -470,6 +480,43 @@ class Scheduler:
                         mine[dest, :, self.col - width:self.col] = theirs.index_select(0, index)[:, :, self.offset:]
         self._update_flags()
         self._sample(torch.stack(first_logits), start, len(self.rows))
+        self._admitting = []
+
+    def _chunked(self, group: Group) -> bool:
+        """Whether `group`'s prompt is prefilled in chunks of max_prefill_tokens, one per step."""
+        return self.use_cache and self.max_prefill_tokens is not None and len(group.prompt) > self.max_prefill_tokens
+
+    def _prefill_chunk(self) -> None:
+        """Chunked prefill: the next max_prefill_tokens tokens of the first waiting prompt, if it is longer than that,
+        into its own one-row cache (after the keys and values of its longest cached prefix). One chunk per step, so
+        the running rows still get a token at every step while a long prompt arrives; the last chunk gives the
+        prompt's logits, and `_admit` then takes the request as one prefilled before."""
+        group = self.waiting[0]
+        if group.logits is not None or not self._chunked(group):
+            return
+        self._admitting = [group]  # a chunk that raises ends the request (`fail`)
+        offset, n = self.offset, len(group.prompt)
+        if group.kv is None:  # the first chunk: a cache for the whole prompt, and the cached prefix
+            cache = group.kv = self._new_cache(1, offset + n)
+            if offset:
+                prefill(self.model, cache)
+            entry, reused = self._lookup(group.prompt)
+            if entry is not None:
+                self._copy_prefix(entry, cache, 0, offset, reused)
+                cache.advance(reused)
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_tokens_reused"] += reused
+        cache = group.kv
+        done = cache.length - offset
+        T = min(self.max_prefill_tokens, n - done)
+        ids = torch.tensor([group.prompt[done:done + T]], device=self.device)
+        positions = torch.arange(offset + done, offset + done + T, device=self.device)[None]
+        hidden = self.model(ids, positions=positions, cache=cache)
+        self.stats["prefill_tokens"] += T
+        if done + T == n:
+            group.logits = self.model.logits(hidden[:, -1])[0]
+            if self.prefix_cache_tokens > 0 and self.min_prefix <= n <= self.prefix_cache_tokens:
+                self._remember(tuple(group.prompt), cache)
         self._admitting = []
 
     def _prefill(self, groups: list[Group]) -> tuple[dict[Group, torch.Tensor], dict[Group, tuple[KVCache, int]]]:
