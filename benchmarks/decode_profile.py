@@ -1,7 +1,8 @@
 """Where a decode step's time goes: lmforge at `lmforge generate`'s default flags against llama-cpp-python, one
 stream, the same model and precision (float32 weights; llama.cpp's KV cache in f32 too).
 
-An lmforge preset with random weights is saved once, loaded by lmforge as `lmforge generate` loads it
+An lmforge preset with random weights (over Qwen2.5's 151k vocabulary, whose real tokenizer the GGUF file needs) is
+saved once, loaded by lmforge as `lmforge generate` loads it
 (infer/load.py `load_for_inference`, default flags: the packed CPU kernels on float32) and exported to GGUF (f32) by
 `lmforge export gguf` for llama-cpp-python. Both decode the same prompt ids greedily:
 
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.corpora: the real tokenizer files
 
 import torch  # noqa: E402
 
@@ -68,14 +70,17 @@ def llama_decode(llm, prompt: list[int], new: int) -> tuple[float, list[int]]:
     """Decode tokens/s of llama.cpp's own loop: eval one token, argmax of its logits, as a greedy sampler does."""
     import numpy as np
 
+    def last_logits():  # llama.cpp's logits of the last token fed (Llama.scores is only filled with logits_all)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     llm.reset()
     llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits()))
     tokens = []
     t = time.perf_counter()
     for _ in range(new):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         tokens.append(token)
     return new / (time.perf_counter() - t), tokens
 
@@ -128,8 +133,15 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        save_hf_model(Transformer(preset(args.preset)), model_dir)
-        ours = load_for_inference(model_dir)  # `lmforge generate`'s default flags
+        # Qwen2.5's real tokenizer (byte-level BPE, 151k ids): the model exports to GGUF with it
+        import transformers
+
+        from tests.corpora import real_tokenizer
+
+        real_tokenizer("qwen2.5-instruct", model_dir)
+        vocab = len(transformers.AutoTokenizer.from_pretrained(model_dir))
+        save_hf_model(Transformer(preset(args.preset, vocab_size=vocab)), model_dir)
+        ours = load_for_inference(model_dir).model  # `lmforge generate`'s default flags
         gguf = export_gguf(model_dir, Path(tmp) / "model.gguf", dtype="f32")
         llm = Llama(str(gguf), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
                     n_threads_batch=args.threads, n_batch=512, verbose=False, type_k=0, type_v=0)  # 0: GGML f32
