@@ -190,7 +190,8 @@ def mistral(tmp_path_factory):
 
 def test_sliding_layers_keep_a_ring_of_their_window(mistral):
     """Every Mistral layer slides over 8 positions: the scheduler's cache keeps 8 slots per layer and row instead of
-    the context's 256, and 40 tokens (5 windows) past 30-token prompts still equal transformers' generate."""
+    the context's 256, and 40 tokens (5 windows) past 30-token prompts still equal transformers' generate; n seeded
+    completions equal each one alone without a cache."""
     hf, ours = mistral
     scheduler = Scheduler(ours, capacity=2)
     assert [k.shape[2] for k in scheduler.cache.k] == [8, 8, 8]
@@ -202,6 +203,11 @@ def test_sliding_layers_keep_a_ring_of_their_window(mistral):
     groups = _run(scheduler, {0: [(prompts[0], cfg, {})], 3: [(prompts[1], cfg, {})]})
     for group, prompt in zip(groups, prompts):
         assert group.tokens() == _transformers_greedy(hf, prompt, 40)
+    # n = 3 seeded completions through 2 rows: the third waits with a copy of the prompt's rings, then joins
+    seeded = [SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=50, seed=s) for s in (1, 2, 3)]
+    group = scheduler.add(prompts[0], seeded)
+    scheduler.run()
+    assert [group.tokens(k) for k in range(3)] == [_alone(ours, prompts[0], c) for c in seeded]
 
 
 def test_the_prefix_cache_with_rings_reuses_only_what_a_ring_still_holds(mistral):
@@ -264,3 +270,17 @@ def test_chunked_prefill_gives_the_same_tokens_and_running_rows_keep_decoding(mo
     assert scheduler.stats["prefix_hits"] == 1
     for group, prompt in zip(groups, [PROMPTS[2], long_prompt, later]):
         assert group.tokens() == _transformers_greedy(hf, prompt, 12)
+
+
+@pytest.mark.slow
+def test_compiled_steps_with_rings_and_chunked_prefill_equal_transformers(mistral):
+    """compile=True: the one-token step over a static cache whose sliding layers are rings (written by scatter, the
+    mask from the positions), prompts prefilled in chunks of 5 then copied in; transformers' tokens."""
+    hf, ours = mistral
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0)
+    prompts = [list(range(3, 33)), PROMPTS[0]]
+    scheduler = Scheduler(ours, capacity=2, compile=True, max_prefill_tokens=5)
+    assert scheduler.cache.static and [k.shape[2] for k in scheduler.cache.k] == [8, 8, 8]
+    groups = _run(scheduler, {0: [(prompts[0], cfg, {})], 2: [(prompts[1], cfg, {})]})
+    for group, prompt in zip(groups, prompts):
+        assert group.tokens() == _transformers_greedy(hf, prompt, 20)
