@@ -157,9 +157,10 @@ def serve_lmforge(model: Path, max_batch: int, extra: list[str] = ()) -> tuple[s
     import urllib.request
 
     port = _port()
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server); a pipe nobody reads could fill
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queue", str(max_batch * 2), *extra],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log, text=True)
     deadline = time.monotonic() + 600  # a loaded machine takes minutes to import torch and load the model
     while True:
         try:
@@ -168,7 +169,8 @@ def serve_lmforge(model: Path, max_batch: int, extra: list[str] = ()) -> tuple[s
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise SystemExit(f"lmforge serve did not start: {proc.stderr.read()[-2000:]}") from None
+                log.seek(0)
+                raise SystemExit(f"lmforge serve did not start: {log.read()[-2000:]}") from None
             time.sleep(0.2)
 
 
@@ -255,29 +257,14 @@ def main() -> None:
                               "max_tokens": args.tokens, "long_tokens": args.long_tokens, "cpus": os.cpu_count(),
                               "load": os.getloadavg(), "date": time.strftime("%Y-%m-%d")}, indent=1))
             return
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
-                                 "--max-batch", str(args.clients), "--max-queue", str(args.clients * 2)],
-                                stderr=subprocess.PIPE, text=True)
+        proc, url = serve_lmforge(model, args.clients)
         try:
             import urllib.request
 
-            deadline = time.monotonic() + 600  # a loaded machine takes minutes to import torch and load the model
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"lmforge serve did not start: {proc.stderr.read()[-2000:]}") from None
-                    time.sleep(0.2)
-            out = asyncio.run(run(f"http://127.0.0.1:{port}", args.clients, args.tokens, args.sequential))
+            out = asyncio.run(run(url, args.clients, args.tokens, args.sequential))
             if not args.skip_peer:
-                out["at_peer_clients"] = asyncio.run(run(f"http://127.0.0.1:{port}", args.peer_clients, args.tokens,
-                                                         args.sequential))
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+                out["at_peer_clients"] = asyncio.run(run(url, args.peer_clients, args.tokens, args.sequential))
+            metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
         finally:
             proc.terminate()
             proc.wait(30)
