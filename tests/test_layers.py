@@ -27,12 +27,12 @@ SRC = Path(lmforge.__file__).parent
 
 # lowest first; a unit may import its own layer and the layers below it
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"lmforge", "text", "files", "hub", "config", "progress", "sandbox", "plots", "metrics"}),
+    ("base", {"lmforge", "text", "files", "hub", "config", "progress", "sandbox", "plots", "metrics", "run_status"}),
     ("corpora and tokens", {"data", "tokenizer"}),
     ("chat and model", {"chat", "model"}),
     ("adapters, generation, training", {"peft", "infer", "train"}),
     ("stages", {"finetune", "classify", "eval", "rag", "prompting", "synth", "export"}),
-    ("apps", {"serve"}),
+    ("apps", {"serve", "studio"}),
     ("command line", {"cli", "quickstart"}),
 ]
 LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}

@@ -16,7 +16,8 @@ from lmforge import __version__
 STAGES = ["lmforge.data.cli", "lmforge.tokenizer.cli", "lmforge.train.cli", "lmforge.finetune.cli",
           "lmforge.finetune.distill.cli", "lmforge.classify.cli",
           "lmforge.prompting.cli", "lmforge.synth.cli", "lmforge.eval.cli",
-          "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart"]
+          "lmforge.export.cli", "lmforge.infer.cli", "lmforge.serve.cli", "lmforge.rag.cli", "lmforge.quickstart",
+          "lmforge.studio.cli"]
 
 EPILOG = """examples:
   lmforge quickstart                                   run the whole chain offline on the built-in corpus

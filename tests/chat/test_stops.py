@@ -64,7 +64,7 @@ def test_every_entry_point_stops_at_the_same_ids(model_dir, seen, tmp_path, monk
     generate(loaded.model, tok, "hi", max_new_tokens=1)
     list(ChatSession(loaded.model, tok, SamplingConfig(max_new_tokens=1)).reply("hi"))
     EngineClient(str(model_dir)).complete(["hi"], Sampling(max_tokens=1))
-    with TestClient(create_app(Server(loaded.model, tok, "m"))) as client:
+    with TestClient(create_app(Server(loaded.model, tok, "m")), base_url="http://127.0.0.1") as client:
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
         assert r.status_code == 200, r.text
     assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "1"]) == 0

@@ -19,6 +19,7 @@ from lmforge.classify.data import read_labelled, read_tagged
 from lmforge.classify.predict import Predictor, evaluate_dir
 from lmforge.classify.run import ClassifyConfig, run_classify
 from lmforge.cli import main
+from lmforge.config import ConfigError
 from lmforge.data.sources import CorpusError
 from lmforge.metrics import entities, entity_scores
 
@@ -304,3 +305,34 @@ def test_multi_label_lora_classifier_merges_into_its_hf_dir_and_resumes(zh_decod
     a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in b if "loss" in r] == pytest.approx([r["loss"] for r in a if "loss" in r], rel=1e-4)
+
+
+def test_augment_adds_labelled_variants_of_the_training_split_only(zh_decoder, tmp_path):
+    """classify --augment: each training review gets EDA variants carrying its own label (written to augmented.jsonl
+    with their source), the validation split is untouched, and the same seed gives the same examples."""
+    rows = _zh_reviews(20)
+    data = _write_jsonl(tmp_path / "reviews.jsonl", rows)
+    by_line = {i + 1: r for i, r in enumerate(rows)}
+
+    def run(out: str, **kw):
+        cfg = ClassifyConfig(model=str(zh_decoder), data=str(data), text_field="review", label_field="sentiment",
+                             max_steps=1, batch_size=8, max_length=64, progress=False, out=str(tmp_path / out), **kw)
+        return run_classify(cfg)
+
+    plain = run("plain")
+    aug = run("aug", augment=["swap", "delete"], augment_per_record=2, augment_synonyms="none")
+    stats = aug["data"]["augmented"]
+    assert stats["new"] > 0 and set(stats["by_op"]) == {"swap", "delete"}
+    assert aug["data"]["train"] == plain["data"]["train"] + stats["new"]
+    assert aug["data"]["val"] == plain["data"]["val"]
+    made = [json.loads(line) for line in (tmp_path / "aug" / "augmented.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(made) == stats["new"]
+    for m in made:
+        source = by_line[int(m["from"].split(":")[-1].split(" ")[0])]
+        assert m["labels"] == [source["sentiment"]] and m["text"] != source["review"]
+    again = run("again", augment=["swap", "delete"], augment_per_record=2, augment_synonyms="none")
+    assert (tmp_path / "again" / "augmented.jsonl").read_text(encoding="utf-8") == \
+        (tmp_path / "aug" / "augmented.jsonl").read_text(encoding="utf-8")
+    assert again["data"]["augmented"] == stats
+    with pytest.raises(ConfigError, match="augment: unknown operation 'shuffle'"):
+        run("bad", augment=["shuffle"])

@@ -135,3 +135,27 @@ def test_a_head_transformers_has_no_class_for_is_refused(tmp_path):
     assert not hasattr(transformers, "Gemma3TextForTokenClassification")  # (remove the refusal when it has one)
     with pytest.raises(CheckpointError, match="transformers has no Gemma3TextForTokenClassification"):
         build_classifier(tmp_path / "g", ["O", "B-PER"], task="token")
+
+
+def test_classify_on_a_moe_backbone_balances_with_the_checkpoints_coefficient(tmp_path):
+    """`lmforge classify` on a Qwen3-MoE checkpoint weighs the router's balancing loss with the checkpoint's own
+    router_aux_loss_coef (as finetune does), not a fixed 0.01."""
+    import json
+
+    from lmforge.classify.run import ClassifyConfig, run_classify
+    from tests import corpora
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=151936, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.005,
+                                      max_position_embeddings=128, pad_token_id=151643)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    corpora.real_tokenizer("qwen3", tmp_path / "moe")
+    rows = [{"text": t, "label": y} for t, y in [("很好，推荐", "pos"), ("太差了", "neg"), ("非常满意", "pos"),
+                                                  ("不值得买", "neg")] * 3]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    summary = run_classify(ClassifyConfig(model=str(tmp_path / "moe"), data=str(data), out=str(tmp_path / "run"),
+                                          max_steps=2, batch_size=4, val_fraction=0.25))
+    assert summary["moe_aux_weight"] == pytest.approx(0.005)

@@ -245,10 +245,12 @@ def _qwen2_split_model(d: Path) -> Path:
     return _model(d, "qwen2", tok.special_tokens["<|im_end|>"])
 
 
-@pytest.mark.parametrize("name", ["lmforge-bpe", "qwen2-split", "gpt2"])
+@pytest.mark.parametrize("name", ["lmforge-bpe", "qwen2-split", "gpt2", "phi-3"])
 def test_import_inverts_export_tokens_logits_and_template(models, tmp_path, name):
     """export gguf then export hf gives back the model: the same ids on every text (lmforge's and transformers'
-    tokenizers), the same logits as the original in transformers, and the chat template and stop ids."""
+    tokenizers), the same logits as the original in transformers, and the chat template and stop ids. Phi-3's
+    SentencePiece vocabulary comes back as the tokenizer transformers builds for it, the whitespace its special
+    tokens eat included (llama.cpp's rule for a Phi-3, which GGUF does not store)."""
     from lmforge.export.gguf import import_gguf
 
     d = _qwen2_split_model(tmp_path / "q") if name == "qwen2-split" else models[name]
@@ -257,6 +259,11 @@ def test_import_inverts_export_tokens_logits_and_template(models, tmp_path, name
     original = load_tokenizer(d)
     for text in TEXTS:
         assert ours.encode(text) == original.encode(text) == theirs(text).input_ids, text
+    if name == "phi-3":
+        reference = transformers.AutoTokenizer.from_pretrained(d)
+        chat = "<|user|>\n北京在哪里？ 🙂<|end|>\n<|assistant|>\nIn China.<|end|>\n"
+        assert theirs(chat).input_ids == reference(chat).input_ids == ours.encode_template_text(chat)[0]
+        assert theirs.decode(theirs(TEXTS[1]).input_ids) == reference.decode(reference(TEXTS[1]).input_ids)
     ids = torch.tensor([original.encode(TEXTS[0] + TEXTS[1])[:40]])
     with torch.no_grad():
         want = transformers.AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
@@ -294,11 +301,20 @@ def test_gguf_reader_equals_the_gguf_packages(models, tmp_path):
 
 
 def test_import_refuses_what_it_cannot_read_faithfully(models, tmp_path, monkeypatch):
+    import lmforge.export.gguf as module
     from lmforge.export.gguf import import_gguf
 
     spm = export_gguf(models["phi-3"], tmp_path / "phi.gguf", dtype="f32")
-    with pytest.raises(ExportError, match="SentencePiece"):
+    read = module.read_gguf
+
+    def as_wordpiece(path):  # the same file, its vocabulary declared WordPiece: neither BPE nor SentencePiece
+        meta, tensors = read(path)
+        return {**meta, "tokenizer.ggml.model": "bert"}, tensors
+
+    monkeypatch.setattr(module, "read_gguf", as_wordpiece)
+    with pytest.raises(ExportError, match="tokenizer.ggml.model 'bert'"):
         import_gguf(spm, tmp_path / "x")
+    monkeypatch.setattr(module, "read_gguf", read)
     with pytest.raises(ExportError, match="no such GGUF file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "x")
     junk = tmp_path / "junk.gguf"

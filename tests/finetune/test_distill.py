@@ -128,3 +128,22 @@ def test_a_teacher_with_another_tokenizer_is_a_one_line_error(student, data, rea
     assert main(["finetune", "--objective", "distill", "--model", str(student), "--data", str(data), "--out",
                  str(tmp_path / "run")]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_int8_teacher_gives_the_float_teachers_targets_within_rounding(student, teacher, data, tmp_path):
+    """--teacher-dtype int8 (lmforge's weight-only int8, a quarter of float32's memory): the initial held-out KL is
+    the float teacher's up to int8 rounding, and the student learns from it."""
+    from lmforge.finetune.distill.teacher import frozen_teacher
+
+    ids = torch.randint(5, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact, rounded = frozen_teacher(teacher), frozen_teacher(teacher, "int8")
+        p, q = exact.logits(exact(ids)).log_softmax(-1), rounded.logits(rounded(ids)).log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert 0 < kl < 1e-3  # int8 weights change the teacher a little, not its distribution
+    runs = {dtype: run_finetune(_cfg(student, teacher, data, tmp_path / dtype, method="full", kd_ratio=1.0,
+                                     teacher_dtype=dtype, max_steps=6, eval_every=6, lr=3e-3))
+            for dtype in ("float32", "int8")}
+    assert runs["int8"]["initial"]["val_kd"] == pytest.approx(runs["float32"]["initial"]["val_kd"], rel=0.02)
+    assert runs["int8"]["final"]["val_kd"] < runs["int8"]["initial"]["val_kd"]

@@ -280,3 +280,63 @@ def test_prompts_must_fit_the_models_own_context(trained_dir, tmp_path, capsys):
                "--max-length", "512", "--max-steps", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "the model's context of 32 tokens" in err and "Traceback" not in err, err
+
+
+def test_reward_pairs_carry_a_margin_column_to_the_loss(trained, tmp_path):
+    """A `margin` column reaches the Bradley–Terry batch (Llama 2's margin loss: -log σ(r_c - r_r - m)); a pair
+    without one among pairs with one, or a margin that is not a number, is an error naming the record."""
+    from lmforge.chat.templates import resolve_template
+    from lmforge.finetune.conversations import DataFormatError
+    from lmforge.finetune.preference import build_pairs, collate_pairs, load_pairs
+    from lmforge.train.rl import BradleyTerry
+
+    chatml, _ = resolve_template(trained, "chatml")
+
+    rows = [{"prompt": q, "chosen": a, "rejected": b, "margin": m} for (q, a, b), m in zip(QA, [0.5, 1, 2, 3, 0, 1.5, 2.5, 4])]
+    pairs = load_pairs(str(_jsonl(tmp_path / "m.jsonl", rows)))
+    ex = build_pairs(trained, chatml, pairs, 128)
+    batch = collate_pairs(ex, [1, 3], 0)
+    assert batch["margin"].tolist() == [1.0, 3.0]
+    scores = torch.tensor([2.0, 1.0, 0.5, 0.25])  # chosen of both pairs, then rejected
+    losses, _, _ = BradleyTerry().terms(lambda ids, attention_mask: scores[:, None], batch)
+    want = -torch.nn.functional.logsigmoid(torch.tensor([2.0 - 0.5 - 1.0, 1.0 - 0.25 - 3.0]))
+    torch.testing.assert_close(losses, want)
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'margin' is 'big', not a number"):
+        load_pairs(str(_jsonl(tmp_path / "bad.jsonl", [rows[0], {**rows[1], "margin": "big"}])))
+    mixed = load_pairs(str(_jsonl(tmp_path / "mixed.jsonl", [rows[0], {k: v for k, v in rows[1].items()
+                                                                      if k != "margin"}])))
+    with pytest.raises(DataFormatError, match=r"mixed.jsonl:2: no margin"):
+        build_pairs(trained, chatml, mixed, 128)
+    assert "margin" not in collate_pairs(build_pairs(trained, chatml, load_pairs(str(_jsonl(
+        tmp_path / "plain.jsonl", [{k: v for k, v in r.items() if k != "margin"} for r in rows]))), 128), [0], 0)
+
+
+@pytest.mark.slow
+def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_model, tmp_path):
+    """--objective reward --method lora: adapters on the backbone, the head in full; the checkpoint is the merged
+    *ForSequenceClassification, scored equally by transformers; held-out accuracy rises with margins in the data."""
+    import transformers
+
+    from lmforge.cli import main
+    from lmforge.model.heads import load_classifier
+    from lmforge.tokenizer import load_tokenizer
+
+    data = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": b, "margin": 0.5}
+                                             for q, a, b in QA * 2])
+    out = tmp_path / "rm"
+    assert main(["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out), "--objective",
+                 "reward", "--method", "lora", "--lora-r", "8", "--template", "chatml", "--lr", "1e-2",
+                 "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "0", "--val-fraction", "0.25",
+                 "--eval-every", "6", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    ckpt = out / "last"
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    assert not (ckpt / "adapter_config.json").exists()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    ours, tok = load_classifier(ckpt), load_tokenizer(ckpt)
+    for text in ("北京是中国的首都。", "I don't know."):
+        ids = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -42,3 +42,50 @@ def test_a_qwen3_family_model_returns_its_thinking_as_reasoning_content(family, 
         assert _reasoning_and_content(chunks) == (reasoning, answer)
     finally:
         r.close()
+
+
+def test_chat_template_kwargs_switch_qwen3s_thinking_per_request_and_per_server(tmp_path):
+    """`chat_template_kwargs` (vLLM's request field; the openai SDK's extra_body) reaches the template: Qwen3 with
+    enable_thinking false gets the prompt transformers renders for it (an empty <think></think> block), the server's
+    own --chat-template-kwargs apply when the request names none, and a variable the template never reads is a 400
+    naming the field."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.serve.test_server import Running
+
+    d = corpora.real_tokenizer("qwen3", tmp_path / "qwen3")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    _hf_model("qwen3", len(hf_tok)).save_pretrained(d)
+    user = [{"role": "user", "content": "北京是哪个国家的首都？"}]
+
+    def prompt_tokens(url: str, body: dict) -> int:
+        req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"messages": user, "max_tokens": 1, **body}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())["usage"]["prompt_tokens"]
+
+    def expected(thinking: bool) -> int:
+        return len(hf_tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                              enable_thinking=thinking))
+
+    assert expected(False) > expected(True)  # the empty thinking block
+    r = Running(d, max_batch=2)
+    try:
+        assert prompt_tokens(r.url, {}) == expected(True)
+        assert prompt_tokens(r.url, {"chat_template_kwargs": {"enable_thinking": False}}) == expected(False)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            prompt_tokens(r.url, {"chat_template_kwargs": {"enable_thinkng": False}})
+        body = json.loads(e.value.read())
+        assert e.value.code == 400 and body["error"]["param"] == "chat_template_kwargs"
+        assert "never reads 'enable_thinkng'" in body["error"]["message"]
+    finally:
+        r.close()
+    r = Running(d, max_batch=2, template_kwargs={"enable_thinking": False})
+    try:
+        assert prompt_tokens(r.url, {}) == expected(False)
+        assert prompt_tokens(r.url, {"chat_template_kwargs": {"enable_thinking": True}}) == expected(True)
+    finally:
+        r.close()

@@ -116,21 +116,28 @@ def encode_example(tokenizer, template: str, conv: Example, mask: str = "assista
     return Encoded(ids[:-1], labels, truncated)
 
 
+def masked_runs(tokenizer, enc: Encoded) -> list[tuple[str, bool]]:
+    """An encoded example as (text, trained) runs, in order: each run's tokens decoded together (a character may
+    span several byte-level tokens). The example's last token is shown when it is trained on."""
+    ids = enc.input_ids + ([enc.labels[-1]] if enc.labels and enc.labels[-1] != IGNORE else [])
+    trained = [False] + [label != IGNORE for label in enc.labels]
+    runs, run, state = [], [], False
+    for tid, t in zip(ids, trained):
+        if t != state and run:
+            runs.append((tokenizer.decode(run), state))
+            run = []
+        state = t
+        run.append(tid)
+    if run:
+        runs.append((tokenizer.decode(run), state))
+    return runs
+
+
 def render_masked(tokenizer, template: str, conv: Example, mask: str = "assistant", limit: int = 1200,
                   variables: dict | None = None) -> str:
     """One example as text with its trained part in [[...]]: what `finetune` shows at start."""
     enc = encode_example(tokenizer, template, conv, mask, variables=variables)
-    ids = enc.input_ids + ([enc.labels[-1]] if enc.labels and enc.labels[-1] != IGNORE else [])
-    trained = [0] + [int(label != IGNORE) for label in enc.labels]
-    out, run, state = [], [], 0
-    for tid, t in zip(ids, trained):  # decode runs of tokens: a character may span several byte-level tokens
-        if t != state:
-            out.append(tokenizer.decode(run))
-            out.append("[[" if t else "]]")
-            run, state = [], t
-        run.append(tid)
-    out.append(tokenizer.decode(run) + ("]]" if state else ""))
-    text = "".join(out)
+    text = "".join(f"[[{t}]]" if trained else t for t, trained in masked_runs(tokenizer, enc))
     return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -226,6 +227,24 @@ def resolve_template(tokenizer, choice: str | None = None, *, required: bool = T
     close = difflib.get_close_matches(choice, list(BUILTIN_TEMPLATES) + list(tokenizer.chat_templates or ()), n=1)
     raise ConfigError(f"template: {choice!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}), one of "
                       "the model's, a file nor Jinja text" + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
+# what lmforge passes a template itself: never a user's chat_template_kwargs
+_SET_BY_LMFORGE = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
+
+
+def check_template_variables(variables: dict, template: str | None, source: str,
+                             where: str = "chat_template_kwargs") -> None:
+    """`variables` (apply_chat_template's extra keyword arguments, e.g. Qwen3's enable_thinking) must be variables
+    the template reads: a misspelt one would otherwise be ignored without a word."""
+    if variables and not template:
+        raise ConfigError(f"{where}: the model has no chat template to pass {', '.join(map(str, variables))} to")
+    for name in variables:
+        if name in _SET_BY_LMFORGE:
+            raise ConfigError(f"{where}: {name} is set by lmforge for each conversation; give the template's own "
+                              "variables only")
+        if not re.search(rf"\b{re.escape(str(name))}\b", template):
+            raise ConfigError(f"{where}: the chat template ({source}) never reads {name!r}")
 
 
 def use_template(tokenizer, template: str | None) -> None:

@@ -334,3 +334,31 @@ def stratified_split(keys: list[str], fraction: float, seed: int) -> tuple[list[
         held += members[:n]
     held_set = set(held)
     return [i for i in range(len(keys)) if i not in held_set], sorted(held)
+
+
+def augment_examples(cfg, records: list) -> list:
+    """New training examples from `records` (lmforge.data.augment, as `cfg.augment*` say): EDA / noise variants of
+    each text with its labels, or of each tagged sentence with its entities kept whole; each new one's `where` names
+    its source and operation. Their count by operation: `augment_records.stats`."""
+    from lmforge.data.augment import AugmentConfig, augment_records
+
+    tagged = bool(records) and isinstance(records[0], Tagged)
+    aug = AugmentConfig(ops=tuple(cfg.augment), per_record=cfg.augment_per_record, alpha=cfg.augment_alpha,
+                        seed=cfg.seed, synonyms=cfg.augment_synonyms, tokens_field="tokens" if tagged else None)
+    rows = [(r.where, {"tokens": r.tokens, "tags": r.tags} if tagged else {"text": r.text, "labels": r.labels})
+            for r in records]
+    out = []
+    for rec in augment_records(rows, aug, originals=False):
+        where = f"{rec['augmented']['source']} ({rec['augmented']['op']})"
+        out.append(Tagged(rec["tokens"], rec["tags"], where) if tagged else Labelled(rec["text"], rec["labels"], where))
+    return out
+
+
+def write_augmented(path, examples: list) -> None:
+    """The new training examples, one JSON object a line, each with the record and operation it came from."""
+    from lmforge.files import atomic_write
+
+    with atomic_write(path) as f:
+        for e in examples:
+            row = {"tokens": e.tokens, "tags": e.tags} if isinstance(e, Tagged) else {"text": e.text, "labels": e.labels}
+            f.write(json.dumps({**row, "from": e.where}, ensure_ascii=False) + "\n")

@@ -93,6 +93,16 @@ class ClassifyConfig(TrainConfig):
                 "at the means)", "choices": ["none", "standard"]})
     regression_loss: str = field(default="mse", metadata={"help": "regression: mse or huber",
                                                           "choices": ["mse", "huber"]})
+    # data augmentation of the training split (lmforge.data.augment); validation is never augmented
+    augment: list[str] = field(default_factory=list, metadata={
+        "help": "augment the training texts (token task: sentences, entities kept whole) with these operations: "
+                "synonym insert swap delete (EDA), char (typos), punct (AEDA); off when empty"})
+    augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
+                                                        "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    augment_synonyms: str = field(default="auto", metadata={
+        "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
     encoding: str = encoding_field()
     errors: str = field(default="strict", metadata={"choices": ["strict", "replace"]})
     on_error: str = on_error_field()
@@ -100,7 +110,8 @@ class ClassifyConfig(TrainConfig):
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
     model_overrides: dict = field(default_factory=dict, metadata={"cli": False})
-    moe_aux_weight: float = field(default=0.01, metadata={"cli": False})
+    # MoE backbones: the checkpoint's router_aux_loss_coef, as finetune does (TrainConfig's rule)
+    moe_aux_weight: float | None = field(default=None, metadata={"cli": False})
     # the loop's settings, with classification defaults (BERT fine-tuning's usual ones)
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer ones are cut, and counted)",
                                                    "check": (lambda v: v > 0, "> 0")})
@@ -122,7 +133,7 @@ class ClassifyConfig(TrainConfig):
         "class_weights", "val_data", "val_fraction", "train", "train_layers", "pooling", "dropout", "backbone_dropout",
         "lora_r",
         "lora_alpha", "lora_dropout", "epochs", "target_fields", "text_pair_field", "target_scaling", "regression_loss",
-        "method", "pattern", "verbalizer")
+        "method", "pattern", "verbalizer", "augment", "augment_per_record", "augment_alpha", "augment_synonyms")
 
 
 def _pad_id(tokenizer, model_dir: Path) -> int:
@@ -180,7 +191,7 @@ def _class_weights(cfg: ClassifyConfig, counts: list[int], n: int):
 
 def run_classify(cfg: ClassifyConfig) -> dict:
     """Train a classifier; returns the Trainer's summary plus data figures and the best checkpoint's metrics."""
-    from lmforge.classify.data import read_examples
+    from lmforge.classify.data import augment_examples, read_examples, write_augmented
     from lmforge.classify.predict import evaluate_dir
     from lmforge.data.sources import RejectLog
     from lmforge.files import write_json
@@ -206,6 +217,8 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     train_recs, val_recs = _split(cfg, records, rejects)
     if not val_recs:
         raise ConfigError("val_fraction: 0 leaves nothing to validate on: give --val-data FILE or a val_fraction > 0")
+    augmented = augment_examples(cfg, train_recs) if cfg.augment else []
+    train_recs = train_recs + augmented
     train, val = encode_examples(cfg, tokenizer, train_recs, labels), encode_examples(cfg, tokenizer, val_recs, labels)
     counts = class_counts(cfg, train.labels, len(labels))
     _fill_schedule(cfg, len(train.ids))
@@ -215,6 +228,10 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     data_stats = {"train": len(train.ids), "val": len(val.ids), "labels": labels, "train_counts": dict(zip(labels, counts)),
                   "truncated": {"train": train.truncated, "val": val.truncated},
                   "rejected": len(rejects.items) if rejects else 0}
+    if cfg.augment:
+        from lmforge.data.augment import augment_records
+
+        data_stats["augmented"] = augment_records.stats  # new examples by operation, duplicates dropped
     if cfg.task == "token":
         data_stats["words_past_max_length"] = {"train": train.lost_words, "val": val.lost_words}
     if trainer.is_main:
@@ -222,10 +239,14 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         write_json(out / "data.json", data_stats)
         if rejects is not None:
             rejects.write(out)
+        if augmented:
+            write_augmented(out / "augmented.jsonl", augmented)
         _announce(cfg, model_dir, model, labels, train, val)
     summary = trainer.fit()
     summary["data"] = data_stats
     summary["parameters"] = parameter_counts(model)
+    if getattr(model.cfg, "n_experts", 0):
+        summary["moe_aux_weight"] = trainer.moe_aux_weight
     if trainer.is_main and (out / "best" / "config.json").exists():
         report = evaluate_dir(out / "best", cfg.val_data or None, cfg, records=val_recs, calibrate=True,
                               confusion_png=out / "confusion.png" if cfg.task != "token" else None)
@@ -242,6 +263,15 @@ def _check(cfg: ClassifyConfig) -> None:
         raise ConfigError("data: give the labelled data (--data FILE)")
     if cfg.task == "token" and cfg.multi_label:
         raise ConfigError("multi_label: the token task has one tag per token")
+    if cfg.augment:
+        from lmforge.data.augment import OPERATIONS
+
+        bad = [op for op in cfg.augment if op not in OPERATIONS]
+        if bad:
+            raise ConfigError(f"augment: unknown operation '{bad[0]}' (known: {', '.join(OPERATIONS)})")
+        if cfg.method == "cloze" or cfg.task == "regression":
+            raise ConfigError(f"augment: not for {'cloze classification' if cfg.method == 'cloze' else 'regression'} "
+                              "in this version (text classification and tagging only)")
 
 
 def task_tokenizer(model_dir: Path):

@@ -574,22 +574,24 @@ def _f32(value) -> float:
 
 
 def _gguf_tokenizer(meta: dict, where: Path, context: int) -> tuple[dict, dict, dict]:
-    """(tokenizer.json, tokenizer_config.json, special ids) from a GGUF file's byte-level BPE vocabulary."""
+    """(tokenizer.json, tokenizer_config.json, special ids) from a GGUF file's vocabulary: byte-level BPE ("gpt2") or
+    SentencePiece ("llama")."""
     import gguf
 
     model = meta.get("tokenizer.ggml.model")
+    if model == "llama":
+        return _gguf_sentencepiece(meta, where, context)
     if model != "gpt2":
-        raise ExportError(f"{where}: tokenizer.ggml.model {model!r}: this import reads byte-level BPE vocabularies "
-                          "('gpt2': GPT-2, Llama 3, Qwen2, SmolLM); SentencePiece ('llama') is not supported yet")
+        raise ExportError(f"{where}: tokenizer.ggml.model {model!r}: this import reads byte-level BPE ('gpt2': GPT-2, "
+                          "Llama 3, Qwen2, SmolLM) and SentencePiece ('llama': Llama 2, Mistral, Phi-3) vocabularies")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens))
     merges = list(_field(meta, "tokenizer.ggml.merges", where))
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a repeated string (padding rows) keeps its first id; the others are never produced
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": types[i] == gguf.TokenType.CONTROL}
-             for i, t in enumerate(tokens) if types[i] in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
+    added = _added_tokens(tokens, types)
+    _strip_as_llama_cpp(meta, added)
     ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown", "eot", "eom")}
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and ids["bos"] is not None
     if add_bos:
@@ -610,9 +612,89 @@ def _gguf_tokenizer(meta: dict, where: Path, context: int) -> tuple[dict, dict, 
                           "ignore_merges": pre == "llama-bpe", "vocab": vocab, "merges": merges}}
     tok_cfg: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context,
                      "add_bos_token": add_bos, "clean_up_tokenization_spaces": False}
+    _special_token_config(tok_cfg, ids, tokens)
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return tok_json, tok_cfg, ids
+
+
+def _added_tokens(tokens: list[str], types: list[int], with_unknown: bool = False) -> list[dict]:
+    """tokenizer.json's added_tokens: GGUF's control tokens (special) and user-defined ones (and the unknown token,
+    special, for a SentencePiece vocabulary: <unk>)."""
+    import gguf
+
+    kinds = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED) + ((gguf.TokenType.UNKNOWN,) if with_unknown else ())
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": types[i] != gguf.TokenType.USER_DEFINED} for i, t in enumerate(tokens) if types[i] in kinds]
+
+
+def _strip_as_llama_cpp(meta: dict, added: list[dict]) -> None:
+    """GGUF keeps no lstrip / rstrip per token; llama.cpp sets them by the model's name (llama-vocab.cpp): a Phi-3's
+    special tokens eat the whitespace after them ("<|user|>\nhi" reads "hi"), as its tokenizer.json says, except
+    <unk>, <s> and <|endoftext|>. The import gives transformers the same rule, so both read the file alike."""
+    name = str(meta.get("general.name", "")).lower()
+    if "phi-3" in name or "phi3" in name:
+        for t in added:
+            if t["special"] or t["content"] == "</s>":
+                t["rstrip"] = t["content"] not in ("<unk>", "<s>", "<|endoftext|>")
+
+
+def _special_token_config(tok_cfg: dict, ids: dict, tokens: list[str]) -> None:
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token"), ("unknown", "unk_token")):
         if ids[key] is not None and 0 <= ids[key] < len(tokens):
             tok_cfg[name] = tokens[ids[key]]
+
+
+def _gguf_sentencepiece(meta: dict, where: Path, context: int) -> tuple[dict, dict, dict]:
+    """A SentencePiece vocabulary (llama.cpp's "llama" tokenizer) as the tokenizer.json transformers converts such a
+    model to: BPE with byte fallback whose merges are every split of a piece into two pieces, ranked by the merged
+    piece's score (SentencePiece's BPE, and llama.cpp's, merge the adjacent pair whose union scores highest), the
+    "▁" word marker, and tokenizer_class LlamaTokenizer so transformers (and lmforge) prepend it at the start only."""
+    import gguf
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    scores = list(_field(meta, "tokenizer.ggml.scores", where))
+    types = list(meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens))
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    normal = {t: i for t, i in vocab.items() if types[i] == gguf.TokenType.NORMAL}
+    merges = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            a, b = piece[:cut], piece[cut:]
+            if a in normal and b in normal:
+                merges.append((-scores[i], normal[a], normal[b], a, b))
+    merges.sort()
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown", "eot", "eom")}
+    unk = ids["unknown"] if ids["unknown"] is not None else next(
+        (i for i, k in enumerate(types) if k == gguf.TokenType.UNKNOWN), None)
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and ids["bos"] is not None
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    bos = tokens[ids["bos"]] if add_bos else None
+    single = ([{"SpecialToken": {"id": bos, "type_id": 0}}] if bos else []) + [{"Sequence": {"id": "A", "type_id": 0}}]
+    post = {"type": "TemplateProcessing", "single": single,
+            "pair": single + ([{"SpecialToken": {"id": bos, "type_id": 1}}] if bos else [])
+            + [{"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [ids["bos"]], "tokens": [bos]}} if bos else {}}
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    added = _added_tokens(tokens, types, with_unknown=True)
+    _strip_as_llama_cpp(meta, added)
+    tok_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": ([{"type": "Prepend", "prepend": "▁"}] if prefix
+                                                                   else []) + [replace]},
+                "pre_tokenizer": None, "post_processor": post,
+                "decoder": {"type": "Sequence", "decoders": decoders},
+                "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk] if unk is not None else None,
+                          "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                          "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                          "merges": [[a, b] for *_, a, b in merges]}}
+    tok_cfg: dict = {"tokenizer_class": "LlamaTokenizer", "model_max_length": context, "add_bos_token": add_bos,
+                     "add_eos_token": False, "add_prefix_space": prefix, "legacy": False,
+                     "clean_up_tokenization_spaces": False}
+    _special_token_config(tok_cfg, ids, tokens)
     if isinstance(meta.get("tokenizer.chat_template"), str):
         tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
     return tok_json, tok_cfg, ids

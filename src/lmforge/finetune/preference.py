@@ -48,6 +48,7 @@ class PreferencePair:
     chosen: Conversation  # the prompt turns + the chosen reply
     rejected: Conversation  # the same prompt turns + the rejected reply
     where: str = ""
+    margin: float | None = None  # how much better chosen is (a `margin` column; reward models: Llama 2's margin loss)
 
 
 def detect_preference_format(rec: dict, columns: dict, where: str) -> str:
@@ -121,7 +122,16 @@ def parse_pair(rec: dict, fmt: str, columns: dict, tags: dict, where: str) -> Pr
     chosen, rejected = sides
     if chosen.messages[-1]["content"] == rejected.messages[-1]["content"]:
         raise DataFormatError(f"{where}: fields '{ck}' and '{rk}' are the same reply (nothing to prefer)")
-    return PreferencePair(chosen, rejected, where)
+    return PreferencePair(chosen, rejected, where, _margin(rec, columns.get("margin", "margin"), where))
+
+
+def _margin(rec: dict, key: str, where: str) -> float | None:
+    value = rec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise DataFormatError(f"{where}: field '{key}' is {value!r}, not a number")
+    return float(value)
 
 
 def load_pairs(data: str, format: str = "auto", columns: dict | None = None, tags: dict | None = None,
@@ -152,6 +162,7 @@ class PreferenceExamples:
     chosen: SFTExamples
     rejected: SFTExamples
     ref_logps: np.ndarray | None = None  # (n, 2): the reference model's summed reply log-probabilities
+    margins: np.ndarray | None = None  # (n,): each pair's margin, when the data has them (reward models use them)
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -178,7 +189,13 @@ def build_pairs(tokenizer, template: str, pairs: list[PreferencePair], max_lengt
     rejected = build_examples(tokenizer, template, [p.rejected for p in kept], "last", max_length,
                               variables=variables)
     stats = {"pairs": len(kept), "left_out": dropped, "chosen": chosen.stats, "rejected": rejected.stats}
-    return PreferenceExamples(chosen, rejected, stats=stats)
+    with_margin = [p for p in kept if p.margin is not None]
+    if with_margin and len(with_margin) < len(kept):
+        missing = next(p for p in kept if p.margin is None)
+        raise DataFormatError(f"{missing.where}: no margin, where {len(with_margin)} other pairs have one: give every "
+                              "pair a margin or none")
+    margins = np.array([p.margin for p in kept], np.float32) if with_margin else None
+    return PreferenceExamples(chosen, rejected, stats=stats, margins=margins)
 
 
 def _trained_flags(tokenizer, template: str, convs: list[Conversation], max_length: int,
@@ -198,6 +215,8 @@ def collate_pairs(examples: PreferenceExamples, members: list[int], pad_id: int)
     if examples.ref_logps is not None:
         ref = examples.ref_logps[members]
         batch["ref_logps"] = torch.from_numpy(np.concatenate([ref[:, 0], ref[:, 1]]).astype(np.float32))
+    if examples.margins is not None:
+        batch["margin"] = torch.from_numpy(examples.margins[members])
     return batch
 
 

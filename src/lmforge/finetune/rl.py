@@ -116,22 +116,24 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
 
 def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_source: str, rejects) -> dict:
     """`--objective reward`: a scalar reward head on the decoder, Bradley–Terry on the pairs DPO reads (train/rl.py
-    BradleyTerry), saved as `*ForSequenceClassification` with one label; `--reward model:DIR` scores with it."""
+    BradleyTerry; a `margin` column, when the pairs have one, is subtracted as in Llama 2's reward models), the
+    backbone trained in full, its last blocks (freeze) or through LoRA / DoRA adapters; saved as
+    `*ForSequenceClassification` with one label (adapters merged); `--reward model:DIR` scores with it."""
     import torch
 
     from lmforge.chat.stops import eos_ids as model_eos_ids
     from lmforge.chat.templates import template_hash
     from lmforge.files import write_json
     from lmforge.finetune.preference import build_pairs, load_pairs, pair_eval_batches, preference_batches
-    from lmforge.finetune.run import _peak_memory_mb, _split, _stage_tokenizer
+    from lmforge.finetune.run import _peak_memory_mb, _split, _stage_tokenizer, lora_config
     from lmforge.model.heads import build_classifier
     from lmforge.peft import parameter_counts
     from lmforge.train.rl import BradleyTerry
     from lmforge.train.trainer import Trainer
 
-    if cfg.method not in ("full", "freeze"):
-        raise ConfigError(f"method: a reward model trains with --method full or freeze (the last --train-layers "
-                          f"blocks and the head), not {cfg.method} in this version")
+    if cfg.method not in ("full", "freeze", "lora", "dora"):
+        raise ConfigError(f"method: a reward model trains with --method full, freeze (the last --train-layers blocks "
+                          f"and the head), lora or dora, not {cfg.method} in this version")
     pairs = load_pairs(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
         train_pairs = pairs
@@ -158,6 +160,10 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
         for layer in backbone.layers[n - cfg.train_layers:]:
             layer.requires_grad_(True)
         backbone.norm.requires_grad_(True)
+    if cfg.method in ("lora", "dora"):  # adapters on the backbone's linear layers; the head trains in full
+        from lmforge.peft.lora import apply_lora
+
+        apply_lora(backbone, lora_config(cfg))
     model.head.requires_grad_(True)
     micro = cfg.micro_batch_size or cfg.batch_size
     objective = BradleyTerry()

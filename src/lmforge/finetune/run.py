@@ -127,8 +127,8 @@ class FinetuneConfig(TrainConfig):
     teacher_cache: str = field(default="", metadata={"help": "distill: a teacher cache (lmforge distill cache) "
                                                              "instead of --teacher: no teacher in memory"})
     teacher_dtype: str = field(default="float32", metadata={"help": "distill: the teacher's weights (bfloat16 halves "
-                                                                    "its memory)",
-                                                            "choices": ["float32", "bfloat16", "float16"]})
+                                                                    "its memory, int8 quarters it)",
+                                                            "choices": ["float32", "bfloat16", "float16", "int8"]})
     kd_loss: str = field(default="forward_kl", metadata={
         "help": "distill: forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized JSD "
                 "with --kd-beta)", "choices": ["forward_kl", "reverse_kl", "jsd"]})
@@ -223,16 +223,6 @@ class FinetuneConfig(TrainConfig):
         "kd_lmbda", "seq_kd", "kd_max_new_tokens", "kd_sample_temperature",
         "augment", "augment_per_record", "augment_alpha", "augment_synonyms", "task", "src_lang", "tgt_lang",
         "task_template")
-
-
-def _check_template_variables(variables: dict, template: str, source: str) -> None:
-    """chat_template_kwargs must be variables the template reads, not the ones lmforge passes itself."""
-    for name in variables:
-        if name in ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message"):
-            raise ConfigError(f"chat_template_kwargs: {name} is set by lmforge for each example; give the template's "
-                              "own variables only")
-        if not re.search(rf"\b{re.escape(str(name))}\b", template):
-            raise ConfigError(f"chat_template_kwargs: the chat template ({source}) never reads {name!r}")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -433,7 +423,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           "its weights")
     tokenizer = load_tokenizer(model_dir)
     template, template_source = resolve_template(tokenizer, cfg.template)
-    _check_template_variables(cfg.chat_template_kwargs, template, template_source)
+    from lmforge.chat.templates import check_template_variables
+
+    check_template_variables(cfg.chat_template_kwargs, template, template_source)
     rejects = RejectLog() if cfg.on_error == "skip" else None
     if cfg.objective in RL_OBJECTIVES:
         from lmforge.finetune.rl import run_rl

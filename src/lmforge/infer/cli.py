@@ -80,7 +80,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if loaded.template is None:
         print("(this tokenizer has no chat template: turns are joined as plain text)", file=sys.stderr)
     session = ChatSession(loaded.model, loaded.tokenizer, cfg, system=args.system, context=args.context,
-                          compile=loaded.compile)
+                          compile=loaded.compile, variables=loaded.template_kwargs)
     print(f"chat: {session.context}-token context; empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:

@@ -167,11 +167,12 @@ class ChatSession:
     chat template, reuses the cached keys and values of what it shares with the last turn (its prompt and the
     reply), and feeds only the rest. A reply gets what the conversation leaves of `context` tokens, up to
     max_new_tokens; when less than min(max_new_tokens, context / 2) would be left, the oldest turns are left out
-    (a system message stays)."""
+    (a system message stays). `variables`: the chat template's own, as apply_chat_template's keyword arguments."""
 
     def __init__(self, model: Transformer, tokenizer, cfg: SamplingConfig, system: str | None = None,
-                 context: int | None = None, compile: bool = False):
+                 context: int | None = None, compile: bool = False, variables: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.variables = dict(variables or {})  # the template's own (Qwen3's enable_thinking), every turn
         self.scheduler = Scheduler(model, tokenizer, capacity=1, context=context, compile=compile,
                                    prefix_cache_tokens=2 * model_context(model), min_prefix=1)
         self.context = self.scheduler.context
@@ -206,7 +207,7 @@ class ChatSession:
     def _render(self) -> list[int]:
         tok = self.tokenizer
         if tok.chat_template:
-            encoded = encode_chat(tok, tok.chat_template, self.messages, add_generation_prompt=True)
+            encoded = encode_chat(tok, tok.chat_template, self.messages, add_generation_prompt=True, **self.variables)
             self.prompt_text = encoded.text
             return encoded.ids
         self.prompt_text = "\n".join(m["content"] for m in self.messages) + "\n"

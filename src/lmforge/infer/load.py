@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,22 @@ def add_inference_args(parser: argparse.ArgumentParser, *, model_required: bool 
                             help="the chat template instead of the model's own: a built-in (chatml, qwen, llama-3, "
                                  "mistral, phi-3, alpaca, plain), one of the model's named templates, or a Jinja file "
                                  "(a warning says when it differs from the model's own)")
+        parser.add_argument("--chat-template-kwargs", type=_template_kwargs, default={}, metavar="MAPPING",
+                            help="the chat template's own variables, as apply_chat_template's keyword arguments, "
+                                 "e.g. '{enable_thinking: false}' (Qwen3 answers without thinking)")
+
+
+def _template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs: a YAML / JSON mapping, e.g. '{enable_thinking: false}'."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not a YAML mapping: {str(e).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{enable_thinking: false}}', got {text!r}")
+    return value
 
 
 @dataclass
@@ -96,18 +112,21 @@ class Loaded:
     reasoning: Any = None
     compile: bool = False
     description: str = ""
+    template_kwargs: dict = field(default_factory=dict)  # the template's own variables, for every conversation
 
 
 def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str | None = None, pack: bool | None = None,
-                       compile: bool = False, template: str | None = None) -> Loaded:
+                       compile: bool = False, template: str | None = None,
+                       template_kwargs: dict | None = None) -> Loaded:
     """Load a model directory or Hub id for generation (see the module docstring): weights in `dtype`, then
     int8 / int4 weights (`quantize`) or, in float32, lmforge's packed CPU kernels (`pack`; None: packed when the
     model runs in float32 on a CPU, the fastest safe path, falling back to torch's matmul with one warning where the
     kernels cannot be built); the tokenizer with
-    `template` (chat/templates.py `resolve_template`) as its chat template when one is given."""
+    `template` (chat/templates.py `resolve_template`) as its chat template when one is given, and
+    `template_kwargs` (checked: variables that template reads) to render every conversation with."""
     from lmforge.chat.reasoning import reasoning_markers
     from lmforge.chat.stops import stop_ids
-    from lmforge.chat.templates import resolve_template, template_hash, use_template
+    from lmforge.chat.templates import check_template_variables, resolve_template, template_hash, use_template
     from lmforge.model import load_hf_model
     from lmforge.tokenizer import load_tokenizer
 
@@ -145,15 +164,17 @@ def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str |
                           f"(sha {template_hash(own)}), the one a fine-tuned model learned: replies may not stop or "
                           "may drift", stacklevel=2)
         use_template(tokenizer, text)
+    check_template_variables(template_kwargs or {}, text, source, where="--chat-template-kwargs")
     stops = stop_ids(tokenizer, model.cfg)
     markers = reasoning_markers(text, tokenizer.special_tokens_map())
     stop_text = " ".join(tokenizer.decode([i]) for i in stops) or "none"
     description = (f"{path}: {parameters / 1e6:.1f}M parameters, {', '.join(done)}; template: {source}"
                    + (f" (reasoning in {markers.start}...{markers.end})" if markers else "") + f"; stops at {stop_text}")
-    return Loaded(model, tokenizer, text, source, stops, markers, compile, description)
+    return Loaded(model, tokenizer, text, source, stops, markers, compile, description, dict(template_kwargs or {}))
 
 
 def load_from_args(args: argparse.Namespace, path: str | Path | None = None) -> Loaded:
     """`load_for_inference` with the options `add_inference_args` added (`path` instead of --model)."""
     return load_for_inference(path if path is not None else args.model, args.dtype, args.quantize, args.pack,
-                              getattr(args, "compile", False), getattr(args, "template", None))
+                              getattr(args, "compile", False), getattr(args, "template", None),
+                              getattr(args, "chat_template_kwargs", None))

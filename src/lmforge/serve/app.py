@@ -22,7 +22,8 @@ sampling, constraint, submission) serve/server.py, the responses and their SSE s
 Errors are OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with the matching status: 400 for
 a bad request (unknown fields, out-of-range values, empty messages, a prompt that fills the context, a max_tokens
 beyond it; a max_tokens beyond what the prompt leaves is clipped to it), 401 without the
-API key when one is set, 404, 429 with Retry-After when the queue is full. The server listens on 127.0.0.1 unless
+API key when one is set, 404, 429 with Retry-After when the queue is full, 403 for a request addressed to another
+Host (DNS rebinding) or sent from another site's page (serve/security.py). The server listens on 127.0.0.1 unless
 told otherwise.
 """
 
@@ -34,6 +35,7 @@ import uuid
 from pathlib import Path
 
 from lmforge.serve.schemas import APIError, ChatRequest, CompletionRequest, EmbeddingRequest
+from lmforge.serve.security import RequestGuard
 from lmforge.serve.server import (
     Server,
     completion_prompts,
@@ -55,8 +57,9 @@ STATIC = Path(__file__).parent / "static"
 __all__ = ["STATIC", "Server", "create_app"]
 
 
-def create_app(server: Server, cors: list[str] | None = None):
-    """The FastAPI application over `server` (its batcher starts with the app and stops with it)."""
+def create_app(server: Server, cors: list[str] | None = None, host: str = "127.0.0.1", port: int | None = None):
+    """The FastAPI application over `server` (its batcher starts with the app and stops with it). `host`, `port`:
+    where it listens, for the Host / Origin checks of serve/security.py (port None: any port)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -76,6 +79,9 @@ def create_app(server: Server, cors: list[str] | None = None):
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["*"], allow_headers=["*"])
+    # added last, so it runs first: a request for another Host (DNS rebinding) or from another site's page is
+    # refused before CORS or a route sees it
+    app.add_middleware(RequestGuard, host=host, port=port, origins=cors or ())
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -202,7 +208,7 @@ def create_app(server: Server, cors: list[str] | None = None):
             base["sources"] = sources  # an extra field (the OpenAI client ignores it): what the answer stands on
             prompt, max_tokens = found.prompt, found.max_new_tokens
         else:
-            prompt = server.chat_prompt(req.messages, tools)
+            prompt = server.chat_prompt(req.messages, tools, req.chat_template_kwargs)
         names = {t["function"]["name"] for t in tools} if tools else None
         configs = server.sampling(req, len(prompt), max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else -1

@@ -36,7 +36,7 @@ def build_server(args: argparse.Namespace):
         index, ask_cfg = RagIndex.open(args.index), AskConfig(k=args.k)
     return Server(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                   context=args.context, embedder=embedder, embedder_name=embedder_name, index=index, ask_cfg=ask_cfg,
-                  max_prefill_tokens=args.max_prefill_tokens or None)
+                  template_kwargs=loaded.template_kwargs, max_prefill_tokens=args.max_prefill_tokens or None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"lmforge: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    app = create_app(server, cors=args.cors)
+    app = create_app(server, cors=args.cors, host=args.host, port=args.port)
     print(f"serving {server.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1; "
           f"{server.context}-token context, batches of up to {args.max_batch}); Ctrl-C stops", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)

@@ -125,6 +125,8 @@ class ChatRequest(SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # vLLM's extension (the openai SDK's extra_body): the template's own variables, e.g. {"enable_thinking": false}
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def active_tools(self) -> list[dict] | None:
         if not self.tools or self.tool_choice == "none":

@@ -11,8 +11,9 @@ import time
 from lmforge.chat.reasoning import opens_reasoning, reasoning_markers, split_reasoning
 from lmforge.chat.render import TemplateError, encode_chat
 from lmforge.chat.stops import stop_ids
-from lmforge.chat.templates import model_template
+from lmforge.chat.templates import check_template_variables, model_template
 from lmforge.chat.tools import parse_tool_calls
+from lmforge.config import ConfigError
 from lmforge.infer.batching import ContinuousBatcher, Event, QueueFull
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.serve.schemas import APIError, ChatRequest, Message, SamplingRequest
@@ -27,7 +28,8 @@ class Server:
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                  max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder",
-                 index=None, ask_cfg=None, max_prefill_tokens: int | None = 256):
+                 index=None, ask_cfg=None, template_kwargs: dict | None = None,
+                 max_prefill_tokens: int | None = 256):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
         self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
                                          max_prefill_tokens=max_prefill_tokens)
@@ -41,18 +43,28 @@ class Server:
         self.embedder, self.embedder_name = embedder, embedder_name
         self.index, self.ask_cfg = index, ask_cfg
         self.embed_lock = None  # created on the event loop: one embedding batch at a time
+        self.template_kwargs = dict(template_kwargs or {})  # --chat-template-kwargs: a request's own override them
 
     # --- prompts ---
-    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
+        """The prompt's ids: the messages (and tools) through the chat template, with the server's template variables
+        and the request's own (`chat_template_kwargs`) over them."""
         msgs = [m.for_template() for m in messages]
         tok = self.tokenizer
+        variables = {**self.template_kwargs, **(template_kwargs or {})}
+        if template_kwargs:
+            try:
+                check_template_variables(template_kwargs, tok.chat_template, "the model's chat template")
+            except ConfigError as e:
+                raise APIError(400, str(e), param="chat_template_kwargs") from None
         if not tok.chat_template:
             if tools:
                 raise APIError(400, "this model has no chat template, so it cannot be offered tools", param="tools")
             return tok.encode("\n".join(m["content"] for m in msgs) + "\n", disallowed_special=())
         try:
             return encode_chat(tok, model_template(tok, tools=tools), msgs, add_generation_prompt=True,
-                               tools=tools).ids
+                               tools=tools, **variables).ids
         except TemplateError as e:
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lmforge import run_status
 from lmforge.files import atomic_write
 from lmforge.model import Transformer, load_hf_model, preset
 from lmforge.model.hf import config_to_hf
@@ -478,6 +479,9 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         self.prepare_run_dir()
+        if self.is_main:  # status.json: running / finished / stopped / failed, for readers of the run directory
+            run_status.mark_running(self.out, self.step, max_steps=cfg.max_steps, best_metric=self.objective.best_metric,
+                                    higher_is_better=self.objective.higher_is_better)
         # only rank 0 writes metrics; the others write to nowhere
         metrics = open(self.out / "metrics.jsonl" if self.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         tb = None
@@ -567,6 +571,10 @@ class Trainer:
                         if interrupted:
                             summary["interrupted"] = self.interrupted or "another process"
                         break
+            except BaseException as e:
+                if self.is_main:
+                    run_status.mark_ended(self.out, "failed", self.step, f"{type(e).__name__}: {e}")
+                raise
             finally:
                 bar.close()
                 metrics.close()
@@ -585,6 +593,11 @@ class Trainer:
             from lmforge.plots import plot_training
 
             summary["plot"] = str(plot_training(self.out / "metrics.jsonl", self.out / "loss.png", self.out.name))
+            # stopped: resumable (a signal, until_step, the time budget); early stopping is the run's own end
+            reason = summary.get("interrupted") or ("step or time limit" if "stopped_at" in summary else
+                                                    "early stopping" if "early_stopped_at" in summary else "")
+            stopped = "stopped_at" in summary and self.step < cfg.max_steps
+            run_status.mark_ended(self.out, "stopped" if stopped else "finished", self.step, reason)
         return summary
 
 

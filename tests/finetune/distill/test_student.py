@@ -87,3 +87,61 @@ def test_keep_every_and_bad_choices_through_the_cli(tmp_path, capsys):
     assert main(["distill", "init", "--teacher", str(tmp_path / "teacher"), "--keep-every", "2", "--out",
                  str(tmp_path / "s")]) == 2  # not empty
     assert not (tmp_path / "t").exists()
+
+
+def _phi3_teacher(path):
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _kill_neurons(model, kind: str, dead: list[int]) -> None:
+    """Zero the output weights of `dead` intermediate neurons in every block: they then add nothing to any output."""
+    with torch.no_grad():
+        for block in (model.transformer.h if kind == "gpt2" else model.model.layers):
+            if kind == "gpt2":
+                block.mlp.c_proj.weight[dead] = 0  # Conv1D: (F, D)
+            else:
+                block.mlp.down_proj.weight[:, dead] = 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "phi3"])
+def test_width_pruning_drops_exactly_the_neurons_that_add_nothing(kind, tmp_path):
+    """--d-ff: with the output weights of some intermediate neurons zeroed in the teacher (they contribute nothing),
+    a student narrowed to the live ones has the teacher's logits in transformers, and config.json says its width:
+    the importance score keeps every live neuron and only those (Llama's gate/up/down, GPT-2's Conv1D, Phi-3's fused
+    gate_up)."""
+    teacher = _phi3_teacher(tmp_path / "t0") if kind == "phi3" else _teacher(kind, tmp_path / "t0")
+    width = 4 * 32 if kind == "gpt2" else 64
+    dead = list(range(1, width, 3))
+    _kill_neurons(teacher, kind, dead)
+    teacher.save_pretrained(tmp_path / "teacher")
+    info = cut_student(tmp_path / "teacher", tmp_path / "student", d_ff=width - len(dead))
+    assert info["layers"] == info["teacher_layers"] and info["d_ff"] == width - len(dead)
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["n_inner" if kind == "gpt2" else "intermediate_size"] == width - len(dead)
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+        mine = load_hf_model(tmp_path / "student")
+        torch.testing.assert_close(mine.logits(mine(ids)), teacher(ids).logits, atol=1e-4, rtol=1e-4)
+    assert info["parameters"] < info["teacher_parameters"]
+
+
+def test_width_pruning_refuses_what_it_cannot_narrow(tmp_path, capsys):
+    _teacher("llama", tmp_path / "teacher")
+    assert main(["distill", "init", "--teacher", str(tmp_path / "teacher"), "--d-ff", "65", "--out",
+                 str(tmp_path / "s")]) == 2
+    assert "d_ff: 65 is not in 1..64" in capsys.readouterr().err
+    torch.manual_seed(0)
+    moe = transformers.Qwen3MoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=16)
+    transformers.Qwen3MoeForCausalLM(moe).save_pretrained(tmp_path / "moe")
+    assert main(["distill", "init", "--teacher", str(tmp_path / "moe"), "--d-ff", "32", "--out",
+                 str(tmp_path / "s2")]) == 2
+    assert "experts: --d-ff narrows dense MLPs only" in capsys.readouterr().err

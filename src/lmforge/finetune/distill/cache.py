@@ -62,8 +62,9 @@ class CacheConfig:
                                                          "check": (lambda v: v > 0, "> 0")})
     precision: str = field(default="float16", metadata={"help": "log-probabilities stored as float16 (half the "
                                                                 "size) or float32", "choices": ["float16", "float32"]})
-    teacher_dtype: str = field(default="float32", metadata={"help": "the teacher's weights",
-                                                            "choices": ["float32", "bfloat16", "float16"]})
+    teacher_dtype: str = field(default="float32", metadata={"help": "the teacher's weights (int8: lmforge's "
+                                                                    "weight-only int8, a quarter of float32's memory)",
+                                                            "choices": ["float32", "bfloat16", "float16", "int8"]})
     batch_size: int = field(default=8, metadata={"help": "examples per teacher forward",
                                                  "check": (lambda v: v > 0, "> 0")})
     shard_examples: int = field(default=256, metadata={"help": "examples per shard (the unit a stopped run resumes "
@@ -96,9 +97,7 @@ def build_cache(cfg: CacheConfig) -> dict:
     from lmforge.files import save_tensors, write_json
     from lmforge.finetune import sft
     from lmforge.finetune.conversations import load_conversations
-    from lmforge.finetune.distill.teacher import describe_vocabulary, vocabulary
-    from lmforge.infer.load import torch_dtype
-    from lmforge.model import load_hf_model
+    from lmforge.finetune.distill.teacher import describe_vocabulary, frozen_teacher, vocabulary
     from lmforge.model.hf import resolve_model_dir
     from lmforge.progress import progress
     from lmforge.tokenizer import load_tokenizer
@@ -126,7 +125,7 @@ def build_cache(cfg: CacheConfig) -> dict:
     if cfg.val_data:
         convs += load_conversations(cfg.val_data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding,
                                     cfg.errors)
-    model = load_hf_model(teacher_dir, dtype=torch_dtype(cfg.teacher_dtype)).eval()
+    model = frozen_teacher(teacher_dir, cfg.teacher_dtype)
     eos = model_eos_ids(tokenizer, model.cfg)
     examples = sft.build_examples(tokenizer, template, convs, settings["mask"], cfg.max_length,
                                   eos[0] if eos else None, rejects, cfg.progress, "tokenize")

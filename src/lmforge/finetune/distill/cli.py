@@ -18,9 +18,11 @@ def _layer_list(text: str) -> list[int]:
 def cmd_init(args: argparse.Namespace) -> int:
     from lmforge.finetune.distill.student import cut_student
 
-    info = cut_student(args.teacher, args.out, args.layers, args.keep_every)
+    info = cut_student(args.teacher, args.out, args.layers, args.keep_every, args.d_ff)
     print(json.dumps(info), file=sys.stdout)
-    print(f"student -> {args.out}: blocks {','.join(map(str, info['kept']))} of the teacher's {info['teacher_layers']}, "
+    width = f", MLP width {info['d_ff']}" if info["d_ff"] else ""
+    print(f"student -> {args.out}: blocks {','.join(map(str, info['kept']))} of the teacher's {info['teacher_layers']}"
+          f"{width}, "
           f"{info['parameters'] / 1e6:.1f} M of {info['teacher_parameters'] / 1e6:.1f} M parameters; train it with "
           f"lmforge finetune --objective distill --teacher {args.teacher} --model {args.out} --data ...",
           file=sys.stderr)
@@ -47,10 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "head, tokenizer and the chosen blocks (renumbered), in HF layout.",
                                epilog="examples:\n  lmforge distill init --teacher ./SmolLM2-135M-Instruct "
                                       "--keep-every 2 --out student\n  lmforge distill init --teacher DIR --layers "
-                                      "0,2,4,6 --out student")
+                                      "0,2,4,6 --out student\n  lmforge distill init --teacher DIR --keep-every 2 "
+                                      "--d-ff 768 --out student")
     init.add_argument("--teacher", required=True, help="the teacher's HF model directory")
     init.add_argument("--layers", type=_layer_list, default=None, help="the teacher's blocks to keep, e.g. 0,2,4")
     init.add_argument("--keep-every", type=int, default=0, help="keep blocks 0, K, 2K, ... instead of --layers")
+    init.add_argument("--d-ff", type=int, default=None, metavar="N",
+                      help="also narrow every MLP to its N most important intermediate neurons (by the norms of "
+                           "their weights; Minitron's width pruning); alone, it keeps every block")
     init.add_argument("--out", required=True, help="the student's directory (new or empty)")
     init.set_defaults(func=cmd_init, _parser=init)
 

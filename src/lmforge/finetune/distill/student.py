@@ -1,5 +1,6 @@
 """Students cut from a teacher: the teacher's HF directory with only some of its blocks (DistilBERT's every other
-layer, Minitron's depth pruning), the embeddings, final norm and head kept. The cut works on the checkpoint's
+layer, Minitron's depth pruning), the embeddings, final norm and head kept, and optionally narrower MLPs (Minitron's
+width pruning of the intermediate neurons). The cut works on the checkpoint's
 names (`...layers.N.` / GPT-2's `...h.N.`), so it is the same for every family transformers loads; the config's
 per-layer lists (layer_types, ...) keep the chosen layers' entries. The result loads in transformers and lmforge
 and starts distillation close to the teacher."""
@@ -48,10 +49,75 @@ def choose_layers(n_layers: int, layers: list[int] | None = None, keep_every: in
     return list(layers)
 
 
-def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None = None, keep_every: int = 0) -> dict:
-    """Write a student model directory to `out`: the teacher's blocks `layers` (or every `keep_every`-th),
-    renumbered 0..k-1, with everything else of the teacher. Returns {"layers", "teacher_layers", "parameters",
-    "teacher_parameters"}."""
+# the MLP of a block, by the checkpoint's names: (input projections, output projection, layout)
+#   glu:   gate_proj / up_proj (F, D) and down_proj (D, F) — Llama, Qwen, Mistral, Gemma, SmolLM3, OLMo 2
+#   fused: gate_up_proj (2F, D), gate rows first, and down_proj (D, F) — Phi-3
+#   conv:  GPT-2's Conv1D c_fc (D, F) and c_proj (F, D)
+_MLPS = {"glu": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"), "fused": (("mlp.gate_up_proj",), "mlp.down_proj"),
+         "conv": (("mlp.c_fc",), "mlp.c_proj")}
+_WIDTH_KEYS = ("intermediate_size", "n_inner")
+
+
+def _neuron_importance(tensors: dict, block: str, layout: str, width: int):
+    """Each intermediate neuron's weight-based importance: the norm of its input row(s) times the norm of its output
+    column, so a neuron that reads or writes nothing scores 0 (Minitron ranks by activations over calibration data;
+    the weights stand in for them here, with no data needed)."""
+    ins, out = _MLPS[layout]
+    if layout == "conv":
+        read = tensors[f"{block}.{ins[0]}.weight"].float().norm(dim=0)
+        write = tensors[f"{block}.{out}.weight"].float().norm(dim=1)
+    elif layout == "fused":
+        w = tensors[f"{block}.{ins[0]}.weight"].float()
+        read = w[:width].norm(dim=1) * w[width:].norm(dim=1)
+        write = tensors[f"{block}.{out}.weight"].float().norm(dim=0)
+    else:
+        read = tensors[f"{block}.{ins[0]}.weight"].float().norm(dim=1) * tensors[f"{block}.{ins[1]}.weight"].float().norm(dim=1)
+        write = tensors[f"{block}.{out}.weight"].float().norm(dim=0)
+    return read * write
+
+
+def _prune_width(tensors: dict, config: dict, d_ff: int, where: str) -> dict:
+    """The checkpoint with every block's MLP cut to its `d_ff` most important intermediate neurons (kept in their
+    order), and the config's width set to `d_ff`."""
+    import torch
+
+    key = next((k for k in _WIDTH_KEYS if k in config), None)
+    width = config.get(key) if key else None
+    if key == "n_inner" and width is None:
+        width = 4 * config["n_embd"]  # GPT-2's default
+    if not isinstance(width, int):
+        raise ConfigError(f"{where}: no intermediate_size (or GPT-2's n_inner) to narrow")
+    if not 0 < d_ff <= width:
+        raise ConfigError(f"d_ff: {d_ff} is not in 1..{width} (the teacher's MLP width)")
+    blocks = sorted({m.group(1) + "." + m.group(2) for name in tensors if (m := _BLOCK.match(name))})
+    pruned = dict(tensors)
+    for block in blocks:
+        layout = next((k for k, (ins, _) in _MLPS.items() if f"{block}.{ins[0]}.weight" in tensors), None)
+        if layout is None:
+            experts = any(name.startswith(f"{block}.") and "expert" in name for name in tensors)
+            raise ConfigError(f"{where}: {block} has " + ("experts: --d-ff narrows dense MLPs only" if experts else
+                              "no MLP lmforge can narrow (gate_proj/up_proj/down_proj, gate_up_proj, c_fc/c_proj)"))
+        keep = _neuron_importance(tensors, block, layout, width).topk(d_ff).indices.sort().values
+        ins, out = _MLPS[layout]
+        for name in ins:
+            rows = keep if layout != "fused" else torch.cat([keep, keep + width])
+            for suffix in ("weight", "bias"):
+                full = f"{block}.{name}.{suffix}"
+                if full in tensors:
+                    t = tensors[full]
+                    pruned[full] = t[:, rows] if layout == "conv" and t.dim() == 2 else t[rows]
+        down = f"{block}.{out}.weight"
+        pruned[down] = tensors[down][keep] if layout == "conv" else tensors[down][:, keep]
+    config[key] = d_ff
+    return pruned
+
+
+def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None = None, keep_every: int = 0,
+                d_ff: int | None = None) -> dict:
+    """Write a student model directory to `out`: the teacher's blocks `layers` (or every `keep_every`-th; all of
+    them when neither is given and `d_ff` is), renumbered 0..k-1, with everything else of the teacher; with `d_ff`,
+    each block's MLP keeps its `d_ff` most important intermediate neurons (`_neuron_importance`). Returns
+    {"layers", "teacher_layers", "kept", "parameters", "teacher_parameters", "d_ff"}."""
     from lmforge.files import StagedDirectory, save_tensors, write_json
     from lmforge.model.hf import read_state_dict, resolve_model_dir
 
@@ -61,7 +127,7 @@ def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None =
         raise ConfigError(f"out: {out} is not empty; give a new directory for the student")
     config = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
     key, n = layer_count(config, str(teacher / "config.json"))
-    keep = choose_layers(n, layers, keep_every)
+    keep = choose_layers(n, layers, keep_every or (1 if d_ff and not layers else 0))
     new_index = {old: new for new, old in enumerate(keep)}
     tensors = read_state_dict(teacher)
     student = {}
@@ -73,6 +139,8 @@ def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None =
             student[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = tensor
     if not any(_BLOCK.match(name) for name in tensors):
         raise ConfigError(f"{teacher}: no tensors named like ...layers.N. or ...h.N.; cannot tell its blocks apart")
+    if d_ff:
+        student = _prune_width(student, config, d_ff, str(teacher / "config.json"))
     config[key] = len(keep)
     for field, value in list(config.items()):  # per-layer lists (layer_types, ...) keep the chosen layers' entries
         if isinstance(value, list) and len(value) == n and field not in ("architectures",):
@@ -84,6 +152,6 @@ def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None =
             if f.is_file() and not _WEIGHTS.match(f.name):
                 shutil.copy(f, stage.path(f.name))
         write_json(stage.path("config.json"), config)
-    return {"layers": len(keep), "teacher_layers": n, "kept": keep,
+    return {"layers": len(keep), "teacher_layers": n, "kept": keep, "d_ff": d_ff,
             "parameters": sum(t.numel() for t in student.values()),
             "teacher_parameters": sum(t.numel() for t in tensors.values())}
