@@ -9,7 +9,14 @@ server (the peer), both at --peer-clients concurrent streams.
 
     python benchmarks/serve.py                      # a ~103M-parameter Llama (8 x 512, Qwen2.5's 151k vocabulary)
     python benchmarks/serve.py --clients 8 --tokens 32
+
+`--latency` measures chunked prefill instead: for each of --max-prefill-tokens (default 256, then 0: no chunking) one
+server, and at 1, 8 and 32 concurrent clients (--client-counts) each client sends --rounds requests one after the
+other, every --long-every'th a long prompt (~--long-tokens tokens), the others short; p50 / p99 time to first token
+and inter-token latency over every request. Long prompts arriving while other streams decode are what chunking is
+for: unchunked, each stalls every running stream for one whole prefill.
 """
+
 
 from __future__ import annotations
 
@@ -101,6 +108,72 @@ async def run(url: str, clients: int, tokens: int, sequential: int) -> dict:
             "speedup_aggregate_tokens_per_s": round(conc_tps / seq_tps, 2)}
 
 
+LONG_TEXT = ("The Yangtze is the longest river in Asia and flows for more than six thousand kilometres from the "
+             "Tibetan Plateau to the East China Sea. 长江是亚洲第一长河，流经青藏高原、四川盆地和长江中下游平原。 ")
+
+
+def long_prompt(tokens: int, i: int) -> str:
+    """A prompt of about `tokens` tokens (a paragraph repeated), different per request so no prefix is reused."""
+    text = f"Request {i}. "
+    while COUNT(text) < tokens:
+        text += LONG_TEXT
+    return text + "Summarise the text above in one sentence."
+
+
+async def latency(url: str, clients: int, rounds: int, tokens: int, long_every: int, long_tokens: int) -> dict:
+    """`clients` concurrent clients, each sending `rounds` requests in turn (every long_every'th request overall a
+    long prompt), started 50 ms apart: p50 / p99 time to first token (short and long prompts apart) and
+    inter-token latency over all of them."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    await one(client, PROMPTS[0], 4)  # warm-up
+
+    async def loop(c: int) -> list[tuple[bool, dict]]:
+        await asyncio.sleep(0.05 * c)
+        out = []
+        for r in range(rounds):
+            i = c * rounds + r
+            long = i % long_every == long_every - 1
+            prompt = long_prompt(long_tokens, i) if long else PROMPTS[i % len(PROMPTS)]
+            out.append((long, await one(client, prompt, tokens)))
+        return out
+
+    t = time.perf_counter()
+    results = [x for per in await asyncio.gather(*[loop(c) for c in range(clients)]) for x in per]
+    wall = time.perf_counter() - t
+    gaps = [g for _, r in results for g in r["gaps"]]
+    return {"clients": clients, "requests": len(results), "long_requests": sum(long for long, _ in results),
+            "ttft_short_p50_s": pct([r["ttft"] for long, r in results if not long], 0.5),
+            "ttft_short_p99_s": pct([r["ttft"] for long, r in results if not long], 0.99),
+            "ttft_long_p50_s": pct([r["ttft"] for long, r in results if long], 0.5),
+            "ttft_long_p99_s": pct([r["ttft"] for long, r in results if long], 0.99),
+            "inter_token_p50_s": pct(gaps, 0.5), "inter_token_p99_s": pct(gaps, 0.99),
+            "tokens_per_s": round(sum(r["tokens"] for _, r in results) / wall, 1), "wall_s": round(wall, 1)}
+
+
+def serve_lmforge(model: Path, max_batch: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`lmforge serve` as a user starts it, on a free loopback port, once it answers /health."""
+    import urllib.request
+
+    port = _port()
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server); a pipe nobody reads could fill
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
+                             "--max-batch", str(max_batch), "--max-queue", str(max_batch * 2), *extra],
+                            stderr=log, text=True)
+    deadline = time.monotonic() + 600  # a loaded machine takes minutes to import torch and load the model
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.seek(0)
+                raise SystemExit(f"lmforge serve did not start: {log.read()[-2000:]}") from None
+            time.sleep(0.2)
+
+
 def _start(cmd: list[str], port: int) -> subprocess.Popen:
     import urllib.request
 
@@ -153,6 +226,12 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--peer-clients", type=int, default=8, help="concurrent clients against both servers")
     ap.add_argument("--skip-peer", action="store_true", help="without llama-cpp-python's server")
+    ap.add_argument("--latency", action="store_true", help="chunked prefill vs not under arrivals (see above)")
+    ap.add_argument("--client-counts", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-prefill-tokens", type=int, nargs="+", default=[256, 0])
+    ap.add_argument("--rounds", type=int, default=2, help="--latency: requests per client, one after the other")
+    ap.add_argument("--long-every", type=int, default=4, help="--latency: every n'th request has a long prompt")
+    ap.add_argument("--long-tokens", type=int, default=600, help="--latency: a long prompt's tokens (about)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "bench", args.layers, args.width)
@@ -161,29 +240,31 @@ def main() -> None:
 
         hf_tok = transformers.AutoTokenizer.from_pretrained(model)
         COUNT = lambda text: len(hf_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
-                                 "--max-batch", str(args.clients), "--max-queue", str(args.clients * 2)],
-                                stderr=subprocess.PIPE, text=True)
+        if args.latency:
+            rows = []
+            for chunk in args.max_prefill_tokens:
+                proc, url = serve_lmforge(model, max(args.client_counts), ["--max-prefill-tokens", str(chunk)])
+                try:
+                    for clients in args.client_counts:
+                        row = {"max_prefill_tokens": chunk} | asyncio.run(latency(
+                            url, clients, args.rounds, args.tokens, args.long_every, args.long_tokens))
+                        print(json.dumps(row), file=sys.stderr)
+                        rows.append(row)
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+            print(json.dumps({"latency": rows, "model": {"layers": args.layers, "width": args.width},
+                              "max_tokens": args.tokens, "long_tokens": args.long_tokens, "cpus": os.cpu_count(),
+                              "load": os.getloadavg(), "date": time.strftime("%Y-%m-%d")}, indent=1))
+            return
+        proc, url = serve_lmforge(model, args.clients)
         try:
             import urllib.request
 
-            deadline = time.monotonic() + 600  # a loaded machine takes minutes to import torch and load the model
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"lmforge serve did not start: {proc.stderr.read()[-2000:]}") from None
-                    time.sleep(0.2)
-            out = asyncio.run(run(f"http://127.0.0.1:{port}", args.clients, args.tokens, args.sequential))
+            out = asyncio.run(run(url, args.clients, args.tokens, args.sequential))
             if not args.skip_peer:
-                out["at_peer_clients"] = asyncio.run(run(f"http://127.0.0.1:{port}", args.peer_clients, args.tokens,
-                                                         args.sequential))
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+                out["at_peer_clients"] = asyncio.run(run(url, args.peer_clients, args.tokens, args.sequential))
+            metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
         finally:
             proc.terminate()
             proc.wait(30)

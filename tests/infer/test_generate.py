@@ -327,6 +327,49 @@ def test_chat_session_reuses_its_cache_and_trims_old_turns(trained):
         "".join(small.reply("long " * 200))
 
 
+def test_chat_session_with_sliding_layers_reuses_what_its_rings_hold(trained):
+    """Every layer slides over 40 positions (rings in the session's cache, which the third turn's 74-token prompt
+    wraps): each reply equals a forward over the whole conversation at every step (no cache). A turn reuses the
+    cached turns where the rings still hold that prefix: a whole entry, or a part of an entry no longer than the
+    window (this random model's replies do not encode back to the same ids, so turns share only a part of the last
+    one). The third turn shares most with the second's 60-token entry, longer than the window: it reuses the part
+    it shares with the first turn's 37-token entry instead."""
+    window = 40
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, sliding_window=window)).eval()
+    fed = []
+    model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[1]))
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    session = ChatSession(model, trained, cfg, system="你是一个助手。")
+    assert session.scheduler.ring and session.scheduler.cache.k[0].shape[2] == window
+    messages = [{"role": "system", "content": "你是一个助手。"}]
+    kinds = []
+    for user in ("你好", "and then?", "再说一遍"):
+        messages.append({"role": "user", "content": user})
+        prompt = apply_chat_template(trained, messages, add_generation_prompt=True, tokenize=True)
+
+        def shared(key, prompt=prompt):
+            i = 0
+            while i < min(len(key), len(prompt) - 1) and key[i] == prompt[i]:
+                i += 1
+            return i
+
+        entries = list(session.scheduler.prefixes)
+        usable = [shared(k) for k in entries if shared(k) == len(k) or len(k) <= window]
+        fed.clear()
+        reply = "".join(session.reply(user))
+        stops = session.cfg.stop_token_ids
+        want = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=12, temperature=0, stop_token_ids=stops),
+                            use_cache=False)[0]
+        assert reply == trained.decode([t for t in want if t not in stops])
+        assert fed[0] == len(prompt) - max(usable, default=0)
+        # "shorter": a longer shared prefix was there, in an entry whose rings no longer hold where it ends
+        longest = max([shared(k) for k in entries], default=0)
+        kinds.append("first" if not entries else "reused" if max(usable, default=0) == longest else "shorter")
+        messages.append({"role": "assistant", "content": reply})
+    assert kinds == ["first", "reused", "shorter"] and len(prompt) > window
+
+
 def test_cli_replies_fit_a_128_token_context(trained, tmp_path, capsys, monkeypatch):
     """The README's models have a 128-token context and max_new_tokens defaults to 128: `chat` and `generate` clip
     the reply to what the context leaves (said once, on one warning line), and a message too long for the context

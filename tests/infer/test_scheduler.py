@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lmforge.infer import SamplingConfig, generate_ids
 from lmforge.infer.scheduler import ContextLimit, Scheduler
 from lmforge.model import Transformer, load_hf_model, preset
+from lmforge.model.transformer import KVCache
 from tests.model.test_hf_interop import _hf_tiny, _save
 
 PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 1], [250, 12, 33, 44, 55, 66, 77, 88, 9, 10, 11, 12, 13], [1, 2]]
@@ -171,3 +172,115 @@ def test_the_budget_is_clipped_to_the_context_and_a_prompt_too_long_is_refused(m
     assert len(group.tokens()) == 40 - len(PROMPTS[2]) and events[-1].finish_reason == "length"
     with pytest.raises(ContextLimit, match="40-token context"):
         scheduler.add(list(range(1, 41)), SamplingConfig(max_new_tokens=1))
+
+
+def _transformers_greedy(hf, prompt, steps):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    """Mistral with an 8-token window (transformers' model, and lmforge's loaded from its directory)."""
+    path = tmp_path_factory.mktemp("mistral")
+    hf = _save(_hf_tiny("mistral"), path)
+    return hf, load_hf_model(path)
+
+
+def test_sliding_layers_keep_a_ring_of_their_window(mistral):
+    """Every Mistral layer slides over 8 positions: the scheduler's cache keeps 8 slots per layer and row instead of
+    the context's 256, and 40 tokens (5 windows) past 30-token prompts still equal transformers' generate; n seeded
+    completions equal each one alone without a cache."""
+    hf, ours = mistral
+    scheduler = Scheduler(ours, capacity=2)
+    assert [k.shape[2] for k in scheduler.cache.k] == [8, 8, 8]
+    # keys and values x 3 layers x 2 rows x 2 kv heads x head_dim 8 x 8 slots x 4 bytes; without rings 256 slots
+    assert scheduler.cache.nbytes == 2 * 3 * 2 * 2 * 8 * 8 * 4
+    assert KVCache(ours.cfg, 2, 256).nbytes == 32 * scheduler.cache.nbytes
+    prompts = [list(range(3, 33)), list(range(100, 120))]
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0)
+    groups = _run(scheduler, {0: [(prompts[0], cfg, {})], 3: [(prompts[1], cfg, {})]})
+    for group, prompt in zip(groups, prompts):
+        assert group.tokens() == _transformers_greedy(hf, prompt, 40)
+    # n = 3 seeded completions through 2 rows: the third waits with a copy of the prompt's rings, then joins
+    seeded = [SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=50, seed=s) for s in (1, 2, 3)]
+    group = scheduler.add(prompts[0], seeded)
+    scheduler.run()
+    assert [group.tokens(k) for k in range(3)] == [_alone(ours, prompts[0], c) for c in seeded]
+
+
+def test_the_prefix_cache_with_rings_reuses_only_what_a_ring_still_holds(mistral):
+    """A conversation's next turn begins with the whole last prompt + reply: its keys and values are reused (the
+    rings hold that prefix's last 8 positions). A prompt that shares only part of a cached entry longer than the
+    window cannot reuse it (the ring has overwritten the positions that prefix ends at) and is prefilled whole; an
+    entry no longer than the window can serve a part of itself. Every reply equals transformers' generate."""
+    hf, ours = mistral
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0)
+    scheduler = Scheduler(ours, capacity=2, prefix_cache_tokens=1000, min_prefix=3)
+
+    def reply(prompt, hits):
+        before = scheduler.stats["prefix_hits"]
+        group = scheduler.add(prompt, cfg)
+        scheduler.run()
+        assert scheduler.stats["prefix_hits"] - before == hits, prompt
+        assert group.tokens() == _transformers_greedy(hf, prompt, 6), prompt
+        return group.tokens()[:-1]  # the reply's last token is not in the cache yet
+
+    first = list(range(3, 23))
+    second = first + reply(first, 0) + [7, 8, 9]
+    reply(second, 1)
+    reply(first[:15] + [200, 201, 202], 0)  # a part of a 25-token entry: no reuse
+    short = [40, 41, 42]
+    reply(short + reply(short, 0)[:2] + [250, 251], 1)  # a part of an 8-token entry (3 + 5), within the window
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_running_rows_keep_decoding(model, mistral):
+    """A 25-token prompt arriving with max_prefill_tokens=4 is prefilled in 7 chunks, one per step, while a running
+    request gets one token at every step; every request's tokens equal its reference (alone without a cache;
+    transformers' generate for Mistral, whose 8-token window the chunks cross), with n = 2 seeded completions and
+    a prefix reused by a chunked prompt."""
+    long_prompt = [(7 * i + 3) % 300 for i in range(25)]
+    greedy, sampled = SamplingConfig(max_new_tokens=12, temperature=0), [
+        SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=40, seed=s) for s in (1, 2)]
+    fed = []
+    hook = model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[1]))
+    try:
+        scheduler = Scheduler(model, capacity=3, max_prefill_tokens=4)
+        running = scheduler.add(PROMPTS[0], greedy)
+        scheduler.step()
+        scheduler.step()
+        arriving = scheduler.add(long_prompt, sampled)
+        fed.clear()
+        for _ in range(7):  # seven chunks of at most 4 tokens, the running row decoding beside each
+            before = len(running.tokens())
+            scheduler.step()
+            assert len(running.tokens()) == before + 1
+        assert sorted(t for t in fed if t > 1) == [4] * 6 and fed.count(1) >= 7
+        scheduler.run()
+    finally:
+        hook.remove()
+    assert running.tokens() == _alone(model, PROMPTS[0], greedy)
+    assert [arriving.tokens(k) for k in range(2)] == [_alone(model, long_prompt, c) for c in sampled]
+    hf, ours = mistral
+    scheduler = Scheduler(ours, capacity=2, max_prefill_tokens=5, prefix_cache_tokens=1000, min_prefix=4)
+    groups = _run(scheduler, {0: [(PROMPTS[2], greedy, {})], 1: [(long_prompt, greedy, {})]})
+    later = long_prompt + groups[1].tokens()[:-1] + [1, 2, 3, 4, 5, 6, 7]  # reuses the long prompt + reply
+    groups += _run(scheduler, {0: [(later, greedy, {})]})
+    assert scheduler.stats["prefix_hits"] == 1
+    for group, prompt in zip(groups, [PROMPTS[2], long_prompt, later]):
+        assert group.tokens() == _transformers_greedy(hf, prompt, 12)
+
+
+@pytest.mark.slow
+def test_compiled_steps_with_rings_and_chunked_prefill_equal_transformers(mistral):
+    """compile=True: the one-token step over a static cache whose sliding layers are rings (written by scatter, the
+    mask from the positions), prompts prefilled in chunks of 5 then copied in; transformers' tokens."""
+    hf, ours = mistral
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0)
+    prompts = [list(range(3, 33)), PROMPTS[0]]
+    scheduler = Scheduler(ours, capacity=2, compile=True, max_prefill_tokens=5)
+    assert scheduler.cache.static and [k.shape[2] for k in scheduler.cache.k] == [8, 8, 8]
+    groups = _run(scheduler, {0: [(prompts[0], cfg, {})], 2: [(prompts[1], cfg, {})]})
+    for group, prompt in zip(groups, prompts):
+        assert group.tokens() == _transformers_greedy(hf, prompt, 20)

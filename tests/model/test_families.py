@@ -332,3 +332,16 @@ def test_param_count_matches_torch(name):
     with torch.device("meta"):
         model = Transformer(cfg)
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_gemma3_cache_at_4k_tokens_holds_the_sliding_layers_window_only():
+    """Gemma-3-270m's shape (18 layers, 5 of every 6 sliding over 512 positions, 1 kv head of 256 dims): at 4,096
+    tokens the cache with rings holds 3 x 4,096 + 15 x 512 positions per row instead of 18 x 4,096, 27% of the
+    bytes (float32 keys and values: 2 x 4 x 256 bytes per position and layer)."""
+    from lmforge.model import KVCache, preset
+
+    cfg = preset("gemma-3-270m")
+    full = KVCache(cfg, 1, 4096, device="meta").nbytes
+    ring = KVCache(cfg, 1, 4096, device="meta", sliding=True).nbytes
+    assert full == 2 * 4 * 256 * 18 * 4096 == 150_994_944
+    assert ring == 2 * 4 * 256 * (3 * 4096 + 15 * 512) == 40_894_464

@@ -133,7 +133,8 @@ def test_a_kv_cache_without_the_virtual_tokens_is_refused(base_model):
             for _ in range(6):
                 seq.append(int(model.logits(model(torch.tensor([seq])))[0, -1].argmax()))
         want.append(seq[len(prompt):])
-    batcher = ContinuousBatcher(model, load_tokenizer(base_model), max_batch=2).start()
+    # max_prefill_tokens=2: the 5-token prompt is prefilled in chunks after the virtual tokens, the other at once
+    batcher = ContinuousBatcher(model, load_tokenizer(base_model), max_batch=2, max_prefill_tokens=2).start()
     got, done = [[], []], [threading.Event(), threading.Event()]
     try:
         for i, prompt in enumerate(prompts):

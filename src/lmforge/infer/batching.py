@@ -44,12 +44,12 @@ class Handle:
 class ContinuousBatcher:
     """Run requests through one model with continuous batching, on a background thread (`start()`). `max_batch`
     rows decode together over a KV cache of `context` slots each; `max_queue` requests may wait; `max_prefill_tokens`
-    bounds the prompt tokens one admission prefills together (a burst of long prompts would otherwise stall every
-    running stream for one long forward)."""
+    bounds the prompt tokens one step prefills: prompts admitted together, or one chunk of a longer prompt (chunked
+    prefill: a long prompt or a burst of them would otherwise stall every running stream for one long forward)."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, prefix_cache_tokens: int = 16384, min_prefix: int = 16,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 256):
         self.scheduler = Scheduler(model, tokenizer, capacity=max_batch, context=context,
                                    prefix_cache_tokens=prefix_cache_tokens, min_prefix=min_prefix,
                                    max_prefill_tokens=max_prefill_tokens)

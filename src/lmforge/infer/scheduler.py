@@ -12,7 +12,8 @@ frequency penalties. `step()`:
   2. admits waiting requests while rows are free: their prompts run in one batched prefill, each prompt once (a
      group's n rows then copy its keys and values: RL's G completions per prompt pay for one prefill), reusing the
      keys and values of a cached prefix (a recent prompt or reply the prompt begins with); each row samples its
-     first token;
+     first token. A prompt longer than `max_prefill_tokens` is prefilled before, one chunk of that many tokens per
+     step (chunked prefill: the running rows keep getting a token at every step while it arrives);
   3. runs one forward of one token for every running row (compiled over a static cache with compile=True) and
      samples every row's next token with a few tensor ops (infer/sampling.py `RowSampler`);
   4. checks each row's stop ids, stop strings (streaming text, infer/detokenize.py), constraint and budget, emits
@@ -25,6 +26,8 @@ than the running rows shifts them right; when `col` reaches the end, every row s
 share. A row that ends is replaced by the last running row, so the running rows are slots 0..n-1 and a step computes
 nothing for empty slots (with compile=True every slot runs: one graph for the whole run). A reply never goes beyond
 the context: a row's budget is min(max_new_tokens, context - prompt), which is also why a shift always finds room.
+A sliding-window layer's cache is a ring of its window's slots instead, indexed by position (model/transformer.py
+`KVCache`): shifts leave it alone, and a row's ring moves and copies whole.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class _Rows(KVCache):
 
     def __init__(self, parent: KVCache):  # no super().__init__(): it would allocate
         self.parent, self.static, self.max_len, self.pos = parent, False, parent.max_len, parent.pos
+        self.rings, self._ring_writes = parent.rings, None
         self.n, self._length = -1, 0
         self.use(parent.k[0].shape[0], 0)
 
@@ -170,12 +174,16 @@ class Scheduler:
     one-token step through torch.compile over a static cache; `use_cache=False` runs every step over whole sequences
     (the reference the cached path is tested against); `prefix_cache_tokens`: keys and values of recent prompts and
     replies kept for prompts that begin like them (0: none), reused from `min_prefix` tokens on;
-    `max_prefill_tokens`: padded prompt tokens one admission prefills together (at least one request)."""
+    `max_prefill_tokens`: padded prompt tokens one admission prefills together (at least one request); a longer
+    prompt is prefilled in chunks of that many tokens, one chunk per step between the running rows' decode steps
+    (chunked prefill: running streams keep their pace while a long prompt arrives)."""
 
     def __init__(self, model: Transformer, tokenizer=None, capacity: int = 8, context: int | None = None,
                  width: int | None = None, compile: bool = False, use_cache: bool = True,
                  prefix_cache_tokens: int = 0, min_prefix: int = 16, max_prefill_tokens: int | None = None):
         cfg = model.cfg
+        if max_prefill_tokens is not None and max_prefill_tokens <= 0:
+            raise ValueError(f"max_prefill_tokens must be positive (None: no bound), got {max_prefill_tokens}")
         self.model, self.tokenizer, self.capacity = model, tokenizer, capacity
         self.use_cache = use_cache
         # an adapter's virtual tokens take the first slots of every row (a forward without a cache gets them from
@@ -187,11 +195,15 @@ class Scheduler:
         self.width = self.offset + min(width or self.context, self.context)
         if self.compile:
             self.width = -(-self.width // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
-        device, dtype = model.embed.weight.device, model.embed.weight.dtype
+        device = model.embed.weight.device
         self.device = device
+        # sliding-window layers keep a ring of their window's positions (KVCache) where the window is shorter than
+        # a row; not with an adapter's virtual tokens (they would have to stay in every ring) nor ALiBi's bias masks
+        self.ring = (use_cache and not self.offset and model.alibi is None
+                     and any(w is not None and w < self.width for w in map(cfg.window, range(cfg.n_layers))))
         self.cache = self.view = None
         if use_cache:
-            self.cache = KVCache(cfg, capacity, self.width, device=device, dtype=dtype, static=self.compile)
+            self.cache = self._new_cache(capacity, self.width, static=self.compile)
             if not self.compile:
                 self.view = _Rows(self.cache)
                 if self.offset:
@@ -218,6 +230,11 @@ class Scheduler:
         self.finished: dict[str, int] = {}  # rows finished, by reason
         self.ttft: collections.deque[float] = collections.deque(maxlen=1000)  # seconds to a request's first token
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=100_000)  # (time, tokens)
+
+    def _new_cache(self, rows: int, width: int, static: bool = False) -> KVCache:
+        """A KV cache laid out as the scheduler's (rings for the sliding layers or not), so rows copy between them."""
+        return KVCache(self.model.cfg, rows, width, device=self.device, dtype=self.model.embed.weight.dtype,
+                       static=static, sliding=self.ring)
 
     # --- the caller's side ----------------------------------------------------------------------------------------
     def add(self, prompt: Sequence[int], configs: SamplingConfig | Sequence[SamplingConfig], *, tag=None,
@@ -264,6 +281,7 @@ class Scheduler:
         if self._cancelled:
             self._end_cancelled()
         if self.waiting and len(self.rows) < self.capacity:
+            self._prefill_chunk()
             self._admit()
             self._release()
         if self.rows:
@@ -405,6 +423,8 @@ class Scheduler:
             if not group.pending:
                 self.waiting.popleft()
                 continue
+            if group.logits is None and self._chunked(group):
+                break  # its prompt is being prefilled a chunk per step (`_prefill_chunk`); the queue waits behind it
             if group.logits is None:
                 longest = max([len(g.prompt) for g in fresh] + [len(group.prompt)])
                 if fresh and self.max_prefill_tokens is not None and (len(fresh) + 1) * longest > self.max_prefill_tokens:
@@ -451,12 +471,52 @@ class Scheduler:
                 group.kv = group.logits = None
         for kv, srcs, slots in copies.values():
             index, dest = torch.tensor(srcs, device=self.device), torch.tensor(slots, device=self.device)
-            width = kv.k[0].shape[2] - self.offset  # its tokens end at its last slot
+            width = kv.max_len - self.offset  # its tokens end at its last slot
             for layer in range(len(self.cache.k)):
                 for mine, theirs in ((self.cache.k[layer], kv.k[layer]), (self.cache.v[layer], kv.v[layer])):
-                    mine[dest, :, self.col - width:self.col] = theirs.index_select(0, index)[:, :, self.offset:]
+                    if self.cache.rings[layer] is not None:  # a ring is indexed by position: the row as it is
+                        mine[dest] = theirs.index_select(0, index)
+                    else:
+                        mine[dest, :, self.col - width:self.col] = theirs.index_select(0, index)[:, :, self.offset:]
         self._update_flags()
         self._sample(torch.stack(first_logits), start, len(self.rows))
+        self._admitting = []
+
+    def _chunked(self, group: Group) -> bool:
+        """Whether `group`'s prompt is prefilled in chunks of max_prefill_tokens, one per step."""
+        return self.use_cache and self.max_prefill_tokens is not None and len(group.prompt) > self.max_prefill_tokens
+
+    def _prefill_chunk(self) -> None:
+        """Chunked prefill: the next max_prefill_tokens tokens of the first waiting prompt, if it is longer than that,
+        into its own one-row cache (after the keys and values of its longest cached prefix). One chunk per step, so
+        the running rows still get a token at every step while a long prompt arrives; the last chunk gives the
+        prompt's logits, and `_admit` then takes the request as one prefilled before."""
+        group = self.waiting[0]
+        if group.logits is not None or not self._chunked(group):
+            return
+        self._admitting = [group]  # a chunk that raises ends the request (`fail`)
+        offset, n = self.offset, len(group.prompt)
+        if group.kv is None:  # the first chunk: a cache for the whole prompt, and the cached prefix
+            cache = group.kv = self._new_cache(1, offset + n)
+            if offset:
+                prefill(self.model, cache)
+            entry, reused = self._lookup(group.prompt)
+            if entry is not None:
+                self._copy_prefix(entry, cache, 0, offset, reused)
+                cache.advance(reused)
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_tokens_reused"] += reused
+        cache = group.kv
+        done = cache.length - offset
+        T = min(self.max_prefill_tokens, n - done)
+        ids = torch.tensor([group.prompt[done:done + T]], device=self.device)
+        positions = torch.arange(offset + done, offset + done + T, device=self.device)[None]
+        hidden = self.model(ids, positions=positions, cache=cache)
+        self.stats["prefill_tokens"] += T
+        if done + T == n:
+            group.logits = self.model.logits(hidden[:, -1])[0]
+            if self.prefix_cache_tokens > 0 and self.min_prefix <= n <= self.prefix_cache_tokens:
+                self._remember(tuple(group.prompt), cache)
         self._admitting = []
 
     def _prefill(self, groups: list[Group]) -> tuple[dict[Group, torch.Tensor], dict[Group, tuple[KVCache, int]]]:
@@ -476,8 +536,17 @@ class Scheduler:
             self.stats["prefill_tokens"] += sum(lens)
             return dict(zip(groups, model.logits(hidden))), {}
         reused = [self._lookup(g.prompt) for g in groups]
+        if self.ring and len(groups) > 1 and any(r for _, r in reused):
+            # a row that feeds more than its uncached tail would find later positions in its copied ring than the
+            # ring mask assumes: with rings, prompts that reuse a prefix are prefilled one at a time
+            logits, sources = {}, {}
+            for g in groups:
+                one_logits, one_sources = self._prefill([g])
+                logits |= one_logits
+                sources |= one_sources
+            return logits, sources
         T = max(n - r for n, (_, r) in zip(lens, reused))  # every row feeds its last min(len, T) tokens
-        cache = KVCache(model.cfg, len(groups), offset + L, device=self.device, dtype=self.cache.k[0].dtype)
+        cache = self._new_cache(len(groups), offset + L)
         if offset:
             prefill(model, cache)
         cache.advance(L - T)
@@ -491,9 +560,7 @@ class Scheduler:
             if n > fed:  # the first n - fed tokens come from the cached prefix
                 self.stats["prefix_hits"] += 1
                 self.stats["prefix_tokens_reused"] += n - fed
-                for layer in range(len(cache.k)):
-                    cache.k[layer][i, :, offset + L - n:offset + L - fed] = entry.k[layer][0, :, offset:offset + n - fed]
-                    cache.v[layer][i, :, offset + L - n:offset + L - fed] = entry.v[layer][0, :, offset:offset + n - fed]
+                self._copy_prefix(entry, cache, i, offset + L - n, n - fed)
             ids[i, T - fed:] = torch.tensor(g.prompt[n - fed:], device=self.device)
             positions[i, T - fed:] = torch.arange(offset + n - fed, offset + n, device=self.device)
             mask[i, offset + L - n:] = 1
@@ -504,12 +571,26 @@ class Scheduler:
                 self._remember(tuple(g.prompt), cache if len(groups) == 1 else self._copy_out(cache, i, n))
         return dict(zip(groups, logits)), {g: (cache, i) for i, g in enumerate(groups)}
 
+    def _copy_prefix(self, entry: KVCache, cache: KVCache, row: int, at: int, n: int) -> None:
+        """The first n tokens of a prefix-cache entry into row `row` of `cache`, from slot `at` on (a ring: the
+        entry's ring as it is, which holds the positions before n where `_lookup` allowed it)."""
+        offset = self.offset
+        for layer in range(len(cache.k)):
+            for mine, theirs in ((cache.k[layer], entry.k[layer]), (cache.v[layer], entry.v[layer])):
+                if cache.rings[layer] is not None:
+                    mine[row] = theirs[0]
+                else:
+                    mine[row, :, at:at + n] = theirs[0, :, offset:offset + n]
+
     def _copy_out(self, cache: KVCache, row: int, n: int) -> KVCache:
         """A one-row cache holding row `row`'s virtual tokens and its last n tokens."""
-        out = KVCache(self.model.cfg, 1, self.offset + n, device=self.device, dtype=cache.k[0].dtype)
-        end = cache.k[0].shape[2] if cache is not self.cache else self.col
+        out = self._new_cache(1, self.offset + n)
+        end = cache.max_len if cache is not self.cache else self.col
         for layer in range(len(cache.k)):
             for mine, theirs in ((out.k[layer], cache.k[layer]), (out.v[layer], cache.v[layer])):
+                if cache.rings[layer] is not None:  # indexed by position: the row's ring as it is
+                    mine[0] = theirs[row]
+                    continue
                 mine[0, :, :self.offset] = theirs[row, :, :self.offset]
                 mine[0, :, self.offset:] = theirs[row, :, end - n:end]
         out.advance(self.offset + n)
@@ -537,9 +618,12 @@ class Scheduler:
         d, s = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
         col = self.col
         if self.cache is not None:
-            for k, v in zip(self.cache.k, self.cache.v):
-                k[d, :, :col] = k[s, :, :col]
-                v[d, :, :col] = v[s, :, :col]
+            for k, v, ring in zip(self.cache.k, self.cache.v, self.cache.rings):
+                for t in (k, v):
+                    if ring is not None:  # the whole ring: its slots are positions, not columns
+                        t[d] = t[s]
+                    else:
+                        t[d, :, :col] = t[s, :, :col]
         for t in (self.mask, self.ids):
             if t is not None:
                 t[d, :col] = t[s, :col]
@@ -564,7 +648,9 @@ class Scheduler:
 
     def _slide(self, n: int, start: int, end: int, to: int) -> None:
         """Slots start..end-1 of the first n rows move to `to`; the slots they leave are no longer the rows'."""
-        tensors = [] if self.cache is None else [*self.cache.k, *self.cache.v]
+        # a ring is indexed by position, which a shift does not change
+        tensors = [] if self.cache is None else [t for ts, ring in zip(zip(self.cache.k, self.cache.v),
+                                                                       self.cache.rings) if ring is None for t in ts]
         for t in tensors:
             t[:n, :, to:to + end - start] = t[:n, :, start:end].clone()
         for t in (self.mask, self.ids):
@@ -598,15 +684,20 @@ class Scheduler:
     # --- the prefix cache -----------------------------------------------------------------------------------------
     def _lookup(self, prompt: list[int]) -> tuple[KVCache | None, int]:
         """The cached entry sharing the longest prefix with `prompt` (at least min_prefix tokens, and one short of
-        the whole prompt, whose last logits are needed) and that prefix's length."""
+        the whole prompt, whose last logits are needed) and that prefix's length. With rings (sliding layers), an
+        entry longer than the smallest window serves only a prompt that begins with all of it: its rings hold its
+        last positions and have overwritten the earlier ones a shorter prefix would need."""
         if self.prefix_cache_tokens <= 0 or not self.prefixes:
             return None, 0
+        smallest = min((w for w in self.cache.rings if w), default=None)
         best, best_key = 0, None
         for key in self.prefixes:
             n = min(len(key), len(prompt) - 1)
             i = 0
             while i < n and key[i] == prompt[i]:
                 i += 1
+            if smallest is not None and i < len(key) and len(key) > smallest:
+                continue
             if i > best:
                 best, best_key = i, key
         if best < self.min_prefix:

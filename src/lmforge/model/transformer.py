@@ -242,26 +242,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values: per layer, (batch, kv_heads, max_len, head_dim).
+    """Preallocated keys and values: per layer, (batch, kv_heads, slots, head_dim).
+
+    A full layer has `max_len` slots, indexed by column: a row's tokens fill them left to right (left padding keeps
+    rows aligned). `sliding=True` gives each sliding-window layer a ring of `window` slots instead, indexed by
+    position: position p lives in slot p % window, so the layer keeps only its last `window` positions' keys and
+    values whatever the length (Gemma 3's 5 local layers in 6 then hold 512 positions, not the whole chat). Keys
+    are stored after RoPE with their absolute positions, so the order of the slots does not matter to attention;
+    `ring_mask` says which slots a query may see.
 
     `static=True` is the layout torch.compile needs: the fill position is a tensor (`pos`), writes go through
-    index_copy_, and attention reads the whole cache under a mask, so every decode step has the same shapes
-    and one compiled graph serves them all (a Python-int position would recompile at every step).
+    index_copy_ (a ring's through scatter_), and attention reads the whole cache under a mask, so every decode step
+    has the same shapes and one compiled graph serves them all (a Python-int position would recompile at every step).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
-                 static: bool = False):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+                 static: bool = False, sliding: bool = False):
+        # per layer: its ring's size (a sliding layer's window), or None for a full layer
+        self.rings: list[int | None] = [cfg.window(i) if sliding else None for i in range(cfg.n_layers)]
+        shapes = [(batch, cfg.n_kv_heads, ring or max_len, cfg.head_dim) for ring in self.rings]
         # one tensor per layer: a compiled step that writes a layer's slots then copies back that layer only
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self._length = 0  # slots filled so far (the same for every row; left padding keeps rows aligned)
         self.max_len, self.static = max_len, static
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # the static cache's fill position
+        self._ring_writes: tuple | None = None  # where this forward's new keys go in the rings (`place`)
 
     @property
     def length(self) -> int:
         return int(self.pos) if self.static else self._length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the keys and values take."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def has_rings(self) -> bool:
+        return any(ring is not None for ring in self.rings)
 
     def advance(self, n: int) -> None:
         if self.static:
@@ -273,12 +292,51 @@ class KVCache:
         """Forget the slots from `length` on: the next tokens are written there (a chat reusing a shared prefix)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
+        if self.has_rings and length < self.length:
+            # a ring has overwritten the positions before its window: they cannot come back
+            raise ValueError("a KV cache with sliding-window rings cannot be truncated")
         if self.static:
             self.pos.fill_(length)
         else:
             self._length = length
 
+    def place(self, positions: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Before a forward of T new tokens at `positions` (B, T): which of them the rings keep. `real` (B, T) bool
+        marks real tokens (left padding is not; None: all are). A row's real tokens are its last ones and their
+        positions are consecutive, so its last `ring` real tokens go to distinct slots."""
+        if not self.has_rings:
+            return
+        if positions.shape[1] == 1:  # one token per row: every row writes its slot (a graph-friendly scatter)
+            self._ring_writes = (positions,)
+            return
+        last = positions[:, -1:]
+        keep = torch.ones_like(positions, dtype=torch.bool) if real is None else real.bool()
+        self._ring_writes = (positions, keep, last)
+
+    def ring_mask(self, ring: int, positions: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """The boolean mask (B, 1, T, S) of a ring layer's attention for queries at `positions` (B, T): over the
+        ring's `ring` slots (after this token's write, T = 1) or over the ring's slots before the write followed by
+        the T new keys (T > 1, `update` returns them so). A slot holds the latest position p <= the row's last
+        cached one with p = slot (mod ring), valid if p >= 0; a query at q sees p when q - p < ring."""
+        B, T = positions.shape
+        slots = torch.arange(ring, device=positions.device)
+        if T == 1:  # after the write the slots hold q - ((q - j) mod ring): all within the window, valid if >= 0
+            return (slots <= positions[:, :, None])[:, None]
+        keep = torch.ones_like(positions, dtype=torch.bool) if real is None else real.bool()
+        cached = positions[:, -1:] - keep.sum(1, keepdim=True)  # (B, 1): the last position already in the ring
+        held = cached - torch.remainder(cached - slots, ring)  # (B, ring): the position each slot holds
+        q = positions[:, :, None]
+        old = (held[:, None, :] >= 0) & (q - held[:, None, :] < ring)
+        t = torch.arange(T, device=positions.device)
+        new = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < ring)  # chunk columns: causal, in the window
+        new = new[None] & keep[:, None, :]
+        new = new | torch.eye(T, dtype=torch.bool, device=positions.device)[None]  # padding sees itself (no NaN)
+        return torch.cat([old, new], dim=-1)[:, None]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ring = self.rings[layer]
+        if ring is not None:
+            return self._update_ring(layer, ring, k, v)
         if self.static:  # the caller keeps pos + T <= max_len (a data-dependent check would break the graph)
             slots = self.pos + torch.arange(k.shape[2], device=k.device)
             self.k[layer].index_copy_(2, slots, k)
@@ -290,6 +348,23 @@ class KVCache:
         self.k[layer][:, :, self._length:end] = k
         self.v[layer][:, :, self._length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _update_ring(self, layer: int, ring: int, k: torch.Tensor, v: torch.Tensor):
+        if self._ring_writes is None:
+            raise RuntimeError("a ring KV cache needs place(positions, real) before the forward")
+        ck, cv = self.k[layer], self.v[layer]
+        if len(self._ring_writes) == 1:  # one token: write, then attend over the ring
+            index = torch.remainder(self._ring_writes[0], ring)[:, None, :, None].expand_as(k)
+            ck.scatter_(2, index, k)
+            cv.scatter_(2, index, v)
+            return ck, cv
+        positions, keep, last = self._ring_writes
+        out_k, out_v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # read before the write overwrites
+        rows, cols = torch.nonzero(keep & (last - positions < ring), as_tuple=True)
+        slots = torch.remainder(positions[rows, cols], ring)
+        ck[rows, :, slots] = k[rows, :, cols]
+        cv[rows, :, slots] = v[rows, :, cols]
+        return out_k, out_v
 
 
 @dataclass(frozen=True)
@@ -381,13 +456,15 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
             # a sliding layer reads only the slots its window can reach (the mask rules out the earlier ones anyway);
             # rows are left-padded into the same slot columns, so the window is the same slots for every row
-            first = k.shape[2] - T - window + 1 if window is not None else 0
+            ring = cache.rings[layer] is not None  # a ring holds only the window already (KVCache)
+            first = k.shape[2] - T - window + 1 if window is not None and not ring else 0
             if first > 0 and not cache.static and isinstance(mask, torch.Tensor):
                 k, v, mask = k[:, :, first:], v[:, :, first:], mask[..., first:]
         if self.decode_kernel and cache is not None and T == 1 and (mask is None or mask.dtype == torch.bool):
             # one new token: read only the cache's filled slots (SDPA reads a static cache's every slot)
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
-                                                   cache.pos + 1 if cache.static else None, scale, softcap or 0.0)
+                                                   cache.pos + 1 if cache.static and not ring else None, scale,
+                                                   softcap or 0.0)
         elif isinstance(mask, Segments):  # packed rows: causal attention inside each segment
             y = torch.cat([torch.cat([attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None,
                                              e - s > 1, scale, softcap)
@@ -650,8 +727,18 @@ class Transformer(nn.Module):
             if rotary is not None and kind in self._rope_kinds:
                 ropes[kind] = rotary(positions, x.dtype)
         masks, segments = {}, None
+        rings = set(cache.rings) - {None} if cache is not None else set()
+        if rings:
+            # a row's new tokens: the columns this forward writes (left padding is not real)
+            real = attention_mask[:, start:start + T] if attention_mask is not None and not static else None
+            cache.place(positions, real)
         for window in self._windows:
-            if (segment_ids is not None and attention_mask is None and self.alibi is None
+            if window in rings:
+                mask = cache.ring_mask(window, positions, real)
+                # one token per row, every row past its first `window` positions: each slot is in the window
+                plain = T == 1 and not static and bool((positions >= window - 1).all())
+                masks[window] = None if plain else mask
+            elif (segment_ids is not None and attention_mask is None and self.alibi is None
                     and (window is None or window >= T)):
                 masks[window] = segments = segments or Segments.of(segment_ids)
             else:

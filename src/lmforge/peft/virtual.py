@@ -41,6 +41,7 @@ class VirtualKV(KVCache):
         self.k, self.v = keys, values
         self._length = self.max_len = keys[0].shape[2]
         self.static, self.pos = False, None
+        self.rings = [None] * len(keys)  # every layer keeps its virtual tokens whole (no sliding-window ring)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = k.shape[0]

@@ -7,6 +7,13 @@ import sys
 from pathlib import Path
 
 
+def _tokens(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def build_server(args: argparse.Namespace):
     from lmforge.infer.load import load_from_args
     from lmforge.serve.app import Server
@@ -29,7 +36,7 @@ def build_server(args: argparse.Namespace):
         index, ask_cfg = RagIndex.open(args.index), AskConfig(k=args.k)
     return Server(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                   context=args.context, embedder=embedder, embedder_name=embedder_name, index=index, ask_cfg=ask_cfg,
-                  template_kwargs=loaded.template_kwargs)
+                  template_kwargs=loaded.template_kwargs, max_prefill_tokens=args.max_prefill_tokens or None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     s.add_argument("--context", type=int, help="KV-cache tokens per request (default: the model's max_seq_len)")
+    s.add_argument("--max-prefill-tokens", type=_tokens, default=256, metavar="N",
+                   help="prompt tokens prefilled per step: a longer prompt is prefilled in chunks of N between the "
+                        "running streams' tokens (chunked prefill); 0: no bound, each prompt in one forward")
     s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
     s.add_argument("--index", metavar="RAG_DIR", help="answer chat requests from this `lmforge rag index` (sources "
                                                        "in the response; \"I don't know\" when nothing is relevant)")

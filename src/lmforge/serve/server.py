@@ -28,9 +28,11 @@ class Server:
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
                  max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder",
-                 index=None, ask_cfg=None, template_kwargs: dict | None = None):
+                 index=None, ask_cfg=None, template_kwargs: dict | None = None,
+                 max_prefill_tokens: int | None = 256):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
-        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context)
+        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
+                                         max_prefill_tokens=max_prefill_tokens)
         self.context = self.batcher.context
         self.stop_ids = stop_ids(tokenizer, model.cfg)
         self.reasoning = reasoning_markers(tokenizer.chat_template, tokenizer.special_tokens_map())
