@@ -198,8 +198,9 @@ class Scheduler:
         device = model.embed.weight.device
         self.device = device
         # sliding-window layers keep a ring of their window's positions (KVCache) where the window is shorter than
-        # a row; not with an adapter's virtual tokens (they would have to stay in every ring) nor ALiBi's bias masks
-        self.ring = (use_cache and not self.offset and model.alibi is None
+        # a row; not with an adapter's virtual tokens (they would have to stay in every ring), ALiBi's bias masks, or
+        # the portable path (transformers' attention reads the slots as positions)
+        self.ring = (use_cache and not self.offset and not getattr(model, "portable", False) and model.alibi is None
                      and any(w is not None and w < self.width for w in map(cfg.window, range(cfg.n_layers))))
         self.cache = self.view = None
         if use_cache:
