@@ -229,6 +229,33 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if "metavar" in f.metadata and hint is not bool:
             kwargs["metavar"] = f.metadata["metavar"]
         parser.add_argument(_flag(f), **kwargs)
+    parser.config_class = cls  # what readers of the parser (the studio's forms) check a flag's value against
+
+
+def field_value(cls: type, name: str, value: Any, where: str | None = None) -> Any:
+    """`value` as field `name` of dataclass `cls` takes it from a flag or a config file: converted losslessly and
+    checked (choices, range), or a ConfigError naming `where` (default: the field's flag)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    where = where or _flag(f)
+    value = _coerce(value, typing.get_type_hints(cls)[name], where)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    check = f.metadata.get("check")
+    if check is not None and value is not None and not check[0](value):
+        raise ConfigError(f"{where}: {value!r} is out of range: must be {check[1]}")
+    return value
+
+
+def field_kind(cls: type, name: str) -> tuple[type | None, bool]:
+    """(the field's scalar type — int, float, str, bool — or None for lists and mappings, whether it is required)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        return None, False
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return (hint if hint in (int, float, str, bool) else None), bool(f.metadata.get("required"))
 
 
 def field_of(cls: type, name: str, **metadata: Any) -> Any:

@@ -58,7 +58,10 @@ def test_form_values_become_an_argv_argparse_parses_back(parsers):
     assert args.model_overrides == "{n_layers: 4}"
     ev = build_argv(parsers["eval run"], {"model": "runs/ft/best", "task": "arc_easy hellaswag", "limit": "20"})
     args = parsers["eval run"].parse_args(ev)
-    assert args.task == ["arc_easy", "hellaswag"] and args.limit == 20  # a repeatable flag, once per value
+    assert args.task == ["arc_easy", "hellaswag"]  # a repeatable flag, once per value
+    from lmforge.config import config_from_args  # a config-backed flag: the stage's config converts its text
+
+    assert config_from_args(parsers["eval run"].config_class, args).limit == 20
     dr = build_argv(parsers["data run"], {"pipeline": "p.yaml", "output": "runs/clean", "input": "a.txt b.txt"})
     args = parsers["data run"].parse_args(dr)
     assert (args.pipeline, args.output, args.input) == ("p.yaml", "runs/clean", ["a.txt", "b.txt"])

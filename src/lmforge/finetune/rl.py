@@ -141,7 +141,7 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
     from lmforge.chat.templates import template_hash
     from lmforge.files import write_json
     from lmforge.finetune.preference import build_pairs, load_pairs, pair_eval_batches, preference_batches
-    from lmforge.finetune.run import _peak_memory_mb, _split, _stage_tokenizer, lora_config
+    from lmforge.finetune.run import _peak_memory_mb, _split, _stage_tokenizer
     from lmforge.model.heads import build_classifier
     from lmforge.peft import parameter_counts
     from lmforge.train.rl import BradleyTerry
@@ -164,23 +164,7 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
     if pad_id is None:
         eos = model_eos_ids(tokenizer, model.backbone.cfg)
         pad_id = eos[0] if eos else 0
-    backbone = model.backbone
-    for p in model.parameters():
-        p.requires_grad_(cfg.method == "full")
-    if backbone.lm_head is not None:  # the language-model head takes no part in a score
-        backbone.lm_head.requires_grad_(False)
-    if cfg.method == "freeze":
-        n = backbone.cfg.n_layers
-        if not 0 < cfg.train_layers <= n:
-            raise ConfigError(f"train_layers: {cfg.train_layers} is not in 1..{n} (the model's blocks)")
-        for layer in backbone.layers[n - cfg.train_layers:]:
-            layer.requires_grad_(True)
-        backbone.norm.requires_grad_(True)
-    if cfg.method in ("lora", "dora"):  # adapters on the backbone's linear layers; the head trains in full
-        from lmforge.peft.lora import apply_lora
-
-        apply_lora(backbone, lora_config(cfg))
-    model.head.requires_grad_(True)
+    _reward_model_trains(model, cfg)
     micro = cfg.micro_batch_size or cfg.batch_size
     objective = BradleyTerry()
     if cfg.best_metric == "val_loss":  # the default; val_reward_accuracy picks by held-out accuracy instead
@@ -211,3 +195,27 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
     if trainer.is_main:
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "hf_config"})
     return summary
+
+
+def _reward_model_trains(model, cfg) -> None:
+    """Which of a reward model's parameters train, as --method says: all (full), the last --train-layers blocks
+    (freeze), or LoRA / DoRA adapters on the backbone; the head always, the language-model head never."""
+    from lmforge.finetune.run import lora_config
+
+    backbone = model.backbone
+    for p in model.parameters():
+        p.requires_grad_(cfg.method == "full")
+    if backbone.lm_head is not None:  # the language-model head takes no part in a score
+        backbone.lm_head.requires_grad_(False)
+    if cfg.method == "freeze":
+        n = backbone.cfg.n_layers
+        if not 0 < cfg.train_layers <= n:
+            raise ConfigError(f"train_layers: {cfg.train_layers} is not in 1..{n} (the model's blocks)")
+        for layer in backbone.layers[n - cfg.train_layers:]:
+            layer.requires_grad_(True)
+        backbone.norm.requires_grad_(True)
+    if cfg.method in ("lora", "dora"):  # adapters on the backbone's linear layers; the head trains in full
+        from lmforge.peft.lora import apply_lora
+
+        apply_lora(backbone, lora_config(cfg))
+    model.head.requires_grad_(True)

@@ -174,16 +174,6 @@ class PortableModel(nn.Module):
     def router_balance(self) -> dict[str, float]:
         return {}
 
-    def adapter_sites(self, routers: bool = False) -> list:
-        """Where LoRA / DoRA may go: every nn.Linear of the transformers model but its output head (peft's
-        "all-linear" rule; QLoRA's NF4 layers in their place), under its transformers name."""
-        from lmforge.peft.lora import Site
-        from lmforge.peft.nf4 import NF4Linear
-
-        head = self.hf.get_output_embeddings()
-        return [Site(f"hf.{name}", 0, m.out_features, name) for name, m in self.hf.named_modules()
-                if isinstance(m, (nn.Linear, NF4Linear)) and m is not head]
-
     # --- the forward pass -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,

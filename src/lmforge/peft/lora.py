@@ -157,10 +157,18 @@ def adapter_sites(cfg, routers: bool = False) -> list[Site]:
 
 
 def model_sites(model: nn.Module, routers: bool = False) -> list[Site]:
-    """`adapter_sites` of the model's config, or the sites a model names itself (the portable path's transformers
-    model: its nn.Linear layers, model/portable.py)."""
-    own = getattr(model, "adapter_sites", None)
-    return own(routers) if own is not None else adapter_sites(model.cfg, routers)
+    """`adapter_sites` of the model's config, or on the portable path (model/portable.py) `portable_sites`."""
+    return portable_sites(model) if getattr(model, "portable", False) else adapter_sites(model.cfg, routers)
+
+
+def portable_sites(model: nn.Module) -> list[Site]:
+    """Where LoRA / DoRA may go on a portable model: every nn.Linear of its transformers model but the output head
+    (peft's "all-linear" rule; QLoRA's NF4 layers in their place), under its transformers name."""
+    from lmforge.peft.nf4 import NF4Linear
+
+    head = model.hf.get_output_embeddings()
+    return [Site(f"hf.{name}", 0, m.out_features, name) for name, m in model.hf.named_modules()
+            if isinstance(m, (nn.Linear, NF4Linear)) and m is not head]
 
 
 def linear_modules(cfg, model: nn.Module | None = None) -> list[str]:

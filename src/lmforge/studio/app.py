@@ -95,24 +95,43 @@ class Studio:
 
 def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None = None, token: str | None = None):
     """The FastAPI app over `studio`, behind the Host / Origin / token guard for `host`:`port`. A non-loopback
-    `host` needs the token for every request but the page itself."""
+    `host` needs the token for every request but the page itself. The routes by view, one small function each."""
     from fastapi import FastAPI
-    from fastapi.responses import FileResponse, JSONResponse
 
     app = FastAPI(title="lmforge studio", version="1")
     app.add_middleware(RequestGuard, host=host, port=port, token=token, token_for_reads=not is_loopback(host),
                        open_paths=("/",))
+    _add_error_handlers(app)
+    _add_page_routes(app)
+    _add_run_routes(app, studio)
+    _add_launch_routes(app, studio)
+    _add_data_routes(app, studio)
+    _add_chat_routes(app, studio)
+    _add_eval_routes(app, studio)
+    _add_rag_route(app, studio)
+    return app
 
-    def bad(message: str, status: int = 400):
-        return JSONResponse({"error": message}, status_code=status)
 
+def _bad(message: str, status: int = 400):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _add_error_handlers(app) -> None:
+    """A user's mistake (FormError) is a 400 with its one line; a missing run or file a 404."""
     @app.exception_handler(FormError)
     async def _form_error(request, exc: FormError):
-        return bad(str(exc))
+        return _bad(str(exc))
 
     @app.exception_handler(NotFound)
     async def _missing(request, exc: NotFound):
-        return bad(f"not found: {exc.args[0] if exc.args else ''}", 404)
+        return _bad(f"not found: {exc.args[0] if exc.args else ''}", 404)
+
+
+def _add_page_routes(app) -> None:
+    """The page and its assets (every one shipped in the package)."""
+    from fastapi.responses import FileResponse
 
     @app.get("/")
     async def page():
@@ -125,6 +144,9 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
             raise NotFound(name)
         return FileResponse(path)
 
+
+def _add_run_routes(app, studio: Studio) -> None:
+    """Runs: the table, a run's metrics from a byte offset, its rejects and its detail."""
     @app.get("/api/runs")
     async def runs():
         return {"workspace": str(studio.workspace), "runs": studio.runs()}
@@ -154,6 +176,9 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
             raise NotFound(run_id)
         return run.to_json()
 
+
+def _add_launch_routes(app, studio: Studio) -> None:
+    """Launch: the forms (the CLI's own options), the argv preview, start, the launches' logs, stop and resume."""
     @app.get("/api/commands")
     async def commands():
         return {"commands": {c: [o.to_json() for o in options(p)] for c, p in studio.parsers.items()}}
@@ -185,6 +210,26 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
         command, values = await _body(request)
         return studio.launcher.start(command, values).to_json()
 
+    @app.get("/api/launches")
+    async def launches():
+        return {"launches": [launch.to_json() for launch in studio.launcher.all()]}
+
+    @app.get("/api/launches/{launch_id}/log")
+    async def log(launch_id: str, offset: int = 0):
+        text, offset = studio.launcher.log(launch_id, offset)
+        return {"text": text, "offset": offset, "launch": studio.launcher.get(launch_id).to_json()}
+
+    @app.post("/api/launches/{launch_id}/stop")
+    async def stop(launch_id: str):
+        return studio.launcher.stop(launch_id).to_json()
+
+    @app.post("/api/launches/{launch_id}/resume")
+    async def resume(launch_id: str):
+        return studio.launcher.resume(launch_id).to_json()
+
+
+def _add_data_routes(app, studio: Studio) -> None:
+    """Data: the built-in templates and a data file through a template, trained spans marked."""
     @app.get("/api/templates")
     async def templates():
         from lmforge.chat.templates import BUILTIN_TEMPLATES
@@ -209,6 +254,9 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
                 TokenizerFormatError) as e:  # the user's file or choice: said in one line, as the CLI says it
             raise FormError(str(e)) from None
 
+
+def _add_chat_routes(app, studio: Studio) -> None:
+    """Chat A/B: the runs' checkpoints, and one or two of them answering through the one engine."""
     @app.get("/api/checkpoints")
     async def checkpoints():
         root = studio.launcher.cwd
@@ -250,6 +298,9 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
         except (CheckpointError, ConfigError, SourceError, TemplateError) as e:
             raise FormError(str(e)) from None
 
+
+def _add_eval_routes(app, studio: Studio) -> None:
+    """Evals: eval runs side by side, per task and metric, and their items."""
     def eval_runs(ids: list[str]) -> dict:
         found = {}
         for run_id in ids:
@@ -279,6 +330,8 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
             raise FormError(str(e)) from None
         return {"items": items}
 
+
+def _add_rag_route(app, studio: Studio) -> None:
     @app.post("/api/rag")
     def rag(body: dict):
         """`lmforge rag ask` on an index: the sources, and with a checkpoint its answer with [n] citations."""
@@ -314,22 +367,3 @@ def create_studio_app(studio: Studio, host: str = "127.0.0.1", port: int | None 
                 return ask(index, question, model, tokenizer, AskConfig(k=k, mode=mode, max_new_tokens=max_new_tokens))
         except (CheckpointError, ConfigError, ContextTooSmall, SourceError, TemplateError) as e:
             raise FormError(str(e)) from None
-
-    @app.get("/api/launches")
-    async def launches():
-        return {"launches": [launch.to_json() for launch in studio.launcher.all()]}
-
-    @app.get("/api/launches/{launch_id}/log")
-    async def log(launch_id: str, offset: int = 0):
-        text, offset = studio.launcher.log(launch_id, offset)
-        return {"text": text, "offset": offset, "launch": studio.launcher.get(launch_id).to_json()}
-
-    @app.post("/api/launches/{launch_id}/stop")
-    async def stop(launch_id: str):
-        return studio.launcher.stop(launch_id).to_json()
-
-    @app.post("/api/launches/{launch_id}/resume")
-    async def resume(launch_id: str):
-        return studio.launcher.resume(launch_id).to_json()
-
-    return app

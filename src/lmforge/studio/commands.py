@@ -64,7 +64,16 @@ def _default_text(action: argparse.Action) -> str:
     return found.group(1) if found else ""
 
 
-def _kind(action: argparse.Action) -> str:
+def _config_field(parser: argparse.ArgumentParser, action: argparse.Action) -> tuple[type | None, bool]:
+    """(scalar type, required) of the config field behind a flag that config.add_config_args made (its type and
+    required-ness live in the stage's dataclass, not in argparse); (None, False) for any other flag."""
+    from lmforge.config import field_kind
+
+    cls = getattr(parser, "config_class", None)
+    return field_kind(cls, action.dest) if cls is not None else (None, False)
+
+
+def _kind(action: argparse.Action, parser: argparse.ArgumentParser | None = None) -> str:
     if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return "bool"
     if isinstance(action, argparse._AppendAction):
@@ -73,9 +82,10 @@ def _kind(action: argparse.Action) -> str:
         return "list"
     if action.choices:
         return "choice"
-    if action.type is int:
+    kind = action.type if action.type is not None or parser is None else _config_field(parser, action)[0]
+    if kind is int:
         return "int"
-    if action.type is float:
+    if kind is float:
         return "float"
     return "text"
 
@@ -91,16 +101,27 @@ def options(parser: argparse.ArgumentParser) -> list[Option]:
             continue
         flags = [s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-")]
         help_text = DEFAULT_IN_HELP.sub("", action.help or "").strip()
-        out.append(Option(dest=action.dest, flag=flags[0] if flags else "", kind=_kind(action),
+        out.append(Option(dest=action.dest, flag=flags[0] if flags else "", kind=_kind(action, parser),
                           help=help_text % {"default": action.default} if "%(" in help_text else help_text,
                           default=_default_text(action), choices=[str(c) for c in action.choices or []],
-                          required=bool(action.required) or not action.option_strings,
+                          required=(bool(action.required) or not action.option_strings
+                                    or _config_field(parser, action)[1]),
                           metavar=action.metavar if isinstance(action.metavar, str) else ""))
     return out
 
 
-def _check(action: argparse.Action, value: str, flag: str) -> None:
-    """Refuse a value as argparse would (its type, its choices), naming the flag."""
+def _check(action: argparse.Action, value: str, flag: str, parser: argparse.ArgumentParser | None = None) -> None:
+    """Refuse a value as argparse would (its type, its choices) or, for a config-backed flag, as the stage's config
+    would (config.field_value), naming the flag."""
+    cls = getattr(parser, "config_class", None)
+    if cls is not None and action.type is None and _config_field(parser, action)[0] is not None:
+        from lmforge.config import ConfigError, field_value
+
+        try:
+            field_value(cls, action.dest, value, flag)
+        except ConfigError as e:
+            raise FormError(str(e)) from None
+        return
     try:
         converted = action.type(value) if callable(action.type) else value
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
@@ -126,7 +147,7 @@ def build_argv(parser: argparse.ArgumentParser, values: dict) -> list[str]:
             continue
         flag = next((s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-")), "")
         name = flag or action.dest
-        kind = _kind(action)
+        kind = _kind(action, parser)
         if kind == "bool":
             if not isinstance(value, bool):
                 raise FormError(f"{name}: true or false, not {value!r}")
@@ -138,7 +159,7 @@ def build_argv(parser: argparse.ArgumentParser, values: dict) -> list[str]:
         items = value if isinstance(value, list) else shlex.split(value) if kind in ("list", "repeat") else [value]
         items = [str(v) for v in items]
         for item in items:
-            _check(action, item, name)
+            _check(action, item, name, parser)
         if not flag:
             positionals += items
         elif kind == "repeat":
@@ -146,7 +167,8 @@ def build_argv(parser: argparse.ArgumentParser, values: dict) -> list[str]:
                 argv += [flag, item]
         else:
             argv += [flag, *items]
-    missing = [a.dest for a in parser._actions if (a.required or (not a.option_strings and a.nargs != "?"))
+    missing = [a.dest for a in parser._actions if (a.required or (not a.option_strings and a.nargs != "?")
+                                                   or _config_field(parser, a)[1])
                and a.dest not in HIDDEN_DESTS and values.get(a.dest) in (None, "", [])]
     if missing:
         raise FormError(f"required: {', '.join(missing)}")
@@ -168,7 +190,7 @@ def config_command(command: str, parser: argparse.ArgumentParser, config: dict) 
         if action is None or key in HIDDEN_DESTS or key == "overwrite" or value is None:
             continue
         flag = next(s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-"))
-        kind = _kind(action)
+        kind = _kind(action, parser)
         default = _default_text(action)
         if kind == "bool":
             if str(value) != default:
