@@ -101,6 +101,7 @@ def minilm():
     return str(gt.get_model_path())
 
 
+@pytest.mark.slow  # ~28 s each on 2 cores: the fast tier's budget (6 min) keeps the Chinese decoder test
 def test_english_encoder_classifier_learns_and_loads_in_transformers(minilm, tmp_path):
     out = tmp_path / "clf"
     cfg = ClassifyConfig(model=minilm, data="builtin:python-docs-topics", out=str(out), max_steps=40, batch_size=16,
@@ -244,6 +245,7 @@ def _peoples_daily_bio(n_sentences: int, offset: int = 0) -> list[dict]:
     return out[offset:offset + n_sentences]
 
 
+@pytest.mark.slow  # ~28 s each on 2 cores: the fast tier's budget (6 min) keeps the Chinese decoder test
 def test_chinese_character_ner_tagger_learns_with_seqeval_metrics(zh_decoder, minilm, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", _peoples_daily_bio(400))
     # validation in CoNLL form: one character and its tag per line
