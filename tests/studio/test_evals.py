@@ -55,6 +55,8 @@ def test_metrics_and_items_side_by_side(eval_root, parsers):
             assert item["runs"]["a"] == pa
         assert [set(i["runs"]) for i in items] == [{"a", "b"}] * 3 + [{"a"}]  # b stopped at --limit 3
         assert items[1]["runs"]["a"]["reference"] == "中国"
+        # the prompt the model read is kept with each prediction (the page shows it above the runs' outputs)
+        assert [i["runs"]["a"]["prompt"] for i in items] == [r["q"] for r in ITEMS]
 
         assert c.get("/api/evals", params=[("ids", "../x")]).status_code == 404
         bad = c.get("/api/evals/items", params=[("ids", "a"), ("task", "../results")])

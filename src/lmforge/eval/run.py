@@ -50,6 +50,12 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _text(tokenizer, ctx) -> str:
+    """The prompt as the model read it (a chat-formatted prompt arrives as ids): kept with each prediction, as
+    lm-eval's --log_samples keeps its arguments, so an item can be read back (the studio's Evals view)."""
+    return ctx if isinstance(ctx, str) else tokenizer.decode(list(ctx))
+
+
 def _progress(total: int, desc: str):
     from lmforge.progress import progress
 
@@ -94,7 +100,8 @@ def evaluate_multiple_choice(model, tokenizer, task: Task, docs: list[dict], bat
         norm = [ll / max(len(ch), 1) for ll, ch in zip(lls, chs)]
         pred_norm = max(range(len(norm)), key=lambda i: norm[i])
         values = {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
-        rows.append({"doc": doc.get("_line"), "prompt_sha": _hash(str(ctx)), "choices": chs, "loglikelihoods": lls,
+        rows.append({"doc": doc.get("_line"), "prompt_sha": _hash(str(ctx)), "prompt": _text(tokenizer, ctx),
+                     "choices": chs, "loglikelihoods": lls,
                      "greedy": [s.greedy for s in sc], "tokens": [s.n_tokens for s in sc], "gold": gold,
                      "pred": pred, "pred_norm": pred_norm} | {m: values[m] for m in task.metrics if m in values})
     return summarize(task, docs, rows), rows
@@ -128,7 +135,8 @@ def evaluate_generation(model, tokenizer, task: Task, docs: list[dict], temperat
         bar.close()
     rows = []
     for doc, ctx, out, ref in zip(docs, contexts, outputs, refs):
-        row = {"doc": doc.get("_line"), "prompt_sha": _hash(str(ctx)), "generation": out, "reference": ref}
+        row = {"doc": doc.get("_line"), "prompt_sha": _hash(str(ctx)), "prompt": _text(tokenizer, ctx),
+               "generation": out, "reference": ref}
         for f in task.filters:
             answer = f.apply(out)
             suffix = "" if f.name == "none" else f",{f.name}"

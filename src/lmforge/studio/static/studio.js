@@ -363,12 +363,18 @@ function outcome(row) {
     `<div class="muted">gold: ${esc(row.choices[row.gold])}</div>`;
 }
 
+function itemPrompt(item) {
+  // the prompt the model read (every run of a task gets the same one; older runs kept only its hash)
+  const row = Object.values(item.runs).find((r) => typeof r.prompt === "string");
+  return row ? `<pre class="prompt">${esc(row.prompt)}</pre>` : "";
+}
+
 async function loadEvalItems(task) {
   evals.task = task;
   const data = await api(`/api/evals/items?${evalQuery({ task, limit: 50 })}`);
   $("eval-items-title").textContent = `${task}: items side by side`;
   $("eval-items").innerHTML = data.items.map((item) => `<div class="item">
-    <div class="head">data line ${esc(item.doc)}</div>
+    <div class="head">data line ${esc(item.doc)}</div>${itemPrompt(item)}
     <div class="cols">${evals.ids.map((id) => `<div class="col"><div class="muted">${esc(id)}</div>` +
       (item.runs[id] ? outcome(item.runs[id]) : '<span class="muted">(not in this run)</span>') + "</div>").join("")}</div>
   </div>`).join("");
