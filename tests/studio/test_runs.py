@@ -150,3 +150,19 @@ def test_a_data_pipeline_run_with_its_steps_and_rejects(tmp_path, parsers):
     app = create_studio_app(Studio(tmp_path / "runs", parsers, cwd=tmp_path), port=7860, token="t")
     with TestClient(app, base_url="http://127.0.0.1:7860") as c:
         assert c.get("/api/runs/clean/rejects", params={"limit": 1}).json()["rejects"] == rejects[:1]
+
+
+def test_a_synthetic_data_run_is_its_own_kind_not_a_pipeline(tmp_path, parsers):
+    """A `lmforge synth` run directory (written by synth/common.py's SynthRun, as the CLI writes it) also holds
+    stats.json and rejects/: it reads as a synth run with its stats, not as a data pipeline."""
+    from lmforge.synth.common import SynthRun
+
+    run = SynthRun(tmp_path / "ws" / "synth-zh")
+    run.save_state({"round": 1})
+    kept = [{"instruction": "把这句话翻译成英文。", "input": "今天天气很好。", "output": "The weather is nice today."}]
+    rejects = [{"instruction": "写", "reason": "too_short: 1 character"}]
+    run.write(kept, rejects, {"method": "self-instruct"}, [0.2])
+    found = {r.id: r for r in scan_runs(tmp_path / "ws", parsers)}
+    synth = found["synth-zh"]
+    assert (synth.kind, synth.status, synth.data) == ("synth", "finished", "data/alpaca.jsonl")
+    assert synth.results["kept"] == 1 and synth.results["rejection_reasons"] == {"too_short": 1}

@@ -1,6 +1,7 @@
 """The runs of a workspace, read from their directories as the CLI writes them: training runs (pretrain, finetune
 incl. DPO / RL / distillation, classify: config.yaml, metrics.jsonl, status.json, best/, last/), evaluations
-(results.json) and data pipelines (work/run.json, stats.json, rejects/ with each document's step and reason).
+(results.json), data pipelines (work/run.json, stats.json, rejects/ with each document's step and reason) and
+synthetic-data runs (state.json, data/alpaca.jsonl, stats.json).
 Nothing here is guessed from file times: the status is the run's status.json (run_status.py), or the exit of the
 process the studio launched, or a file that only a finished run writes.
 
@@ -215,6 +216,18 @@ def _pipeline(run: Run) -> None:
         run.command = ["lmforge", "data", "run", str(run.path / "pipeline.yaml")]
 
 
+def _synth(run: Run) -> None:
+    """`lmforge synth self-instruct / evol-instruct` (synth/common.py SynthRun): its stats.json (kept, rejected, the
+    reasons) once a round is written; the kept items in data/, the rejects with reasons in rejects/rejects.jsonl."""
+    run.kind = "synth"
+    run.data = (run.path / "data" / "alpaca.jsonl").relative_to(run.path).as_posix()
+    try:
+        run.results = json.loads((run.path / "stats.json").read_text(encoding="utf-8"))
+        run.status = "finished"
+    except (OSError, ValueError):  # state.json without stats: a run that has not written a round yet, or stopped
+        run.status = "unknown"
+
+
 def read_rejects(run_dir: str | os.PathLike, start: int = 0, limit: int = 20, step: str | None = None,
                  text_chars: int = 400) -> list[dict]:
     """A data pipeline's rejected documents (rejects/*.jsonl.gz, in shard order): {"id", "step", "reason",
@@ -249,6 +262,8 @@ def read_run(path: Path, workspace: Path, parsers: dict[str, argparse.ArgumentPa
         _training(run, parsers)
     elif (path / "results.json").exists():
         _evaluation(run)
+    elif (path / "state.json").exists() and (path / "data" / "alpaca.jsonl").exists():
+        _synth(run)
     elif (path / "work" / "run.json").exists() or (path / "stats.json").exists() and (path / "rejects").is_dir():
         _pipeline(run)
     else:
