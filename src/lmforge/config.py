@@ -67,14 +67,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or hint is dict:
-        if isinstance(value, str):  # from a flag: a YAML/JSON mapping such as "{d_model: 256}"
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{where}: not a YAML mapping: {e}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        return parse_mapping(value, where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -104,6 +97,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def parse_mapping(value: Any, where: str) -> dict:
+    """A mapping from a config file, or from a flag's text: YAML / JSON such as "{d_model: 256}"."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not a YAML mapping: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping such as '{{key: value}}', got {value!r}")
+    return dict(value)
 
 
 def from_dict(cls: type[C], data: dict, where: str = "config") -> C:

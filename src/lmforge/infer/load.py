@@ -87,15 +87,12 @@ def add_inference_args(parser: argparse.ArgumentParser, *, model_required: bool 
 
 def _template_kwargs(text: str) -> dict:
     """--chat-template-kwargs: a YAML / JSON mapping, e.g. '{enable_thinking: false}'."""
-    import yaml
+    from lmforge.config import parse_mapping
 
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"not a YAML mapping: {str(e).splitlines()[0]}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{enable_thinking: false}}', got {text!r}")
-    return value
+        return parse_mapping(text, "--chat-template-kwargs")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--chat-template-kwargs: ")) from None
 
 
 @dataclass
