@@ -48,6 +48,21 @@ def test_lora_finetune_through_the_cli_gives_an_adapter_peft_loads(granite, tmp_
 
 
 @pytest.mark.slow
+def test_a_portable_mixture_of_experts_finetunes_with_its_balancing_loss(tmp_path, capsys):
+    """A tiny GraniteMoe (experts outside lmforge's native families) through `lmforge finetune --method lora`: the
+    balancing weight is the checkpoint's router_aux_loss_coef, routing is logged every step, it learns."""
+    d = model_dir(tmp_path / "moe", "GraniteMoeConfig", "GraniteMoeForCausalLM", num_local_experts=4,
+                  num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    summary, err = _train_cli(d, _openai_file(tmp_path / "qa.jsonl"), tmp_path / "out", capsys,
+                              "--method", "lora", "--lora-r", "4")
+    assert "portable path (transformers' GraniteMoeForCausalLM)" in err
+    assert summary["moe_aux_weight"] == 0.02
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    loads = [r["router_max_load"] for r in steps if "router_max_load" in r]
+    assert loads and all(1.0 <= x <= 4.0 for x in loads)
+
+
+@pytest.mark.slow
 def test_full_finetune_through_the_cli_saves_a_transformers_directory(granite, tmp_path, capsys):
     data = _openai_file(tmp_path / "qa.jsonl")
     _train_cli(granite, data, tmp_path / "full", capsys, "--method", "full", "--lr", "1e-3")

@@ -255,3 +255,38 @@ def test_a_model_without_a_key_value_cache_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="model_type 'mamba': its modeling code does not take a plain decoder "
                                               "step with a key/value cache"):
         load_hf_model(tmp_path)
+
+
+@pytest.mark.parametrize("config_cls,model_cls,extra", [
+    ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                       router_aux_loss_coef=0.02)),
+    ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.03)),
+])
+def test_a_portable_mixture_of_experts_trains_with_transformers_balancing_loss(config_cls, model_cls, extra, tmp_path):
+    """Two MoE families outside the native list: the config carries the expert count, top-k and the checkpoint's
+    router_aux_loss_coef (what the Trainer's weight defaults to); a training forward's `aux_loss` equals the
+    aux_loss transformers' own causal-LM class returns with output_router_logits, left padding included, and its
+    gradient reaches the routers; an eval forward records nothing (no cost when generating)."""
+    hf = tiny(config_cls, model_cls, 300, **extra)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_model(tmp_path)
+    assert (ours.cfg.n_experts, ours.cfg.experts_top_k, ours.cfg.router_aux_coef) == \
+        (4, 2, extra["router_aux_loss_coef"])
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, output_router_logits=True).aux_loss
+    ours.train()
+    ours(ids, attention_mask=mask)
+    got = ours.aux_loss()
+    assert torch.allclose(got, want, atol=1e-6) and got.item() > 0
+    got.backward()
+    routers = [p.grad for n, p in ours.named_parameters() if n.endswith(("mlp.gate.weight", "moe.router.weight"))]
+    assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+    balance = ours.router_balance()["router_max_load"]
+    assert 1.0 <= balance <= 4.0
+    ours.eval()
+    with torch.no_grad():
+        ours(ids)
+    assert ours.aux_loss().item() == 0.0 and ours.router_balance() == {}

@@ -18,13 +18,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, ClassVar
 
 from lmforge.config import ConfigError, did_you_mean, from_dict
 from lmforge.data.document import Document
 from lmforge.text import is_mostly_cjk
+
+if TYPE_CHECKING:  # (numpy only in annotations: `lmforge --help` imports this module and stays numpy-free)
+    import numpy as np
 
 STEPS: dict[str, type[Step]] = {}
 

@@ -106,10 +106,20 @@ class _GivenHidden(nn.Module):
         self.hidden = hidden
 
     def forward(self, *args, **kwargs):
-        # (the output class with every field a causal-LM class may read: GPT-BigCode reads cross_attentions)
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+        return _head_input_class()(last_hidden_state=self.hidden)
 
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.hidden)
+
+@functools.cache
+def _head_input_class():
+    """A base-model output with every field a causal-LM class may read after its base model: GPT-BigCode reads
+    cross_attentions, the mixture-of-experts classes router_logits."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    @dataclass
+    class HeadInput(BaseModelOutputWithPastAndCrossAttentions):
+        router_logits: tuple | None = None
+
+    return HeadInput
 
 
 @dataclass
@@ -135,7 +145,24 @@ def portable_config(hf_config, heads: tuple[int, int], architecture: str) -> Por
                           max_seq_len=getattr(text, "max_position_embeddings", None) or 2048, pos="learned",
                           tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
                           bos_token_id=getattr(text, "bos_token_id", None),
-                          eos_token_id=eos[0] if isinstance(eos, list) and eos else eos)
+                          eos_token_id=eos[0] if isinstance(eos, list) and eos else eos, **_moe_fields(text))
+
+
+def _moe_fields(text) -> dict:
+    """n_experts / experts_top_k / router_aux_coef of a mixture-of-experts config (transformers spells the expert
+    count num_local_experts or num_experts, the top-k num_experts_per_tok); {} for a dense model."""
+    n = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
+    top_k = getattr(text, "num_experts_per_tok", None)
+    if not n or not top_k:
+        return {}
+    return {"n_experts": int(n), "experts_top_k": int(top_k),
+            "router_aux_coef": getattr(text, "router_aux_loss_coef", None)}
+
+
+def _balancing_loss_func(hf: nn.Module):
+    """The `load_balancing_loss_func` of the model's own modeling module (transformers defines one per MoE family),
+    or None where the family has none (no balancing loss is added then)."""
+    return getattr(sys.modules.get(type(hf).__module__), "load_balancing_loss_func", None)
 
 
 class PortableModel(nn.Module):
@@ -152,6 +179,7 @@ class PortableModel(nn.Module):
         # `hf` for a moment, under _HEAD_LOCK (the server scores prompts on other threads while the engine steps)
         self._base = (getattr(hf, hf.base_model_prefix),)
         self.inference_only: str | None = None
+        self._routing: tuple | None = None  # (router logits per MoE layer, attention mask) of the last training forward
         self.cfg = portable_config(hf.config, _cache_heads(hf), type(hf).__name__)
 
     # --- what callers read ----------------------------------------------------------------------------------------
@@ -168,11 +196,25 @@ class PortableModel(nn.Module):
         return self.hf.get_output_embeddings().weight
 
     def aux_loss(self) -> torch.Tensor:
-        """0: a portable mixture-of-experts model trains without lmforge's balancing loss (docs/model.md)."""
-        return torch.zeros((), device=self.embed.weight.device)
+        """The load-balancing loss of the last training forward, computed by the model's own modeling module
+        (`load_balancing_loss_func` over the router logits transformers recorded, as its causal-LM class computes
+        `aux_loss`); 0 for a dense model or before a training forward."""
+        balancing = _balancing_loss_func(self.hf)
+        if balancing is None or self._routing is None:
+            return torch.zeros((), device=self.embed.weight.device)
+        router_logits, attention_mask = self._routing
+        top_k = self.cfg.experts_top_k
+        return balancing(router_logits, self.cfg.n_experts, top_k, attention_mask)
 
     def router_balance(self) -> dict[str, float]:
-        return {}
+        """How evenly the last training forward routed its tokens (the native decoder's `router_max_load`: the
+        busiest expert's share of the routed tokens times the expert count, 1.0 = even), over all MoE layers."""
+        if self._routing is None or not self.cfg.n_experts:
+            return {}
+        with torch.no_grad():
+            counts = sum(torch.bincount(layer.float().topk(self.cfg.experts_top_k, dim=-1).indices.flatten(),
+                                        minlength=self.cfg.n_experts) for layer in self._routing[0])
+        return {"router_max_load": (counts.max() * self.cfg.n_experts / counts.sum()).item()}
 
     # --- the forward pass -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -201,8 +243,14 @@ class PortableModel(nn.Module):
             slots = (start + torch.arange(T, device=device)).expand(B, T)
             positions = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots)
                          if attention_mask is not None else slots)
+        # a training forward of a mixture-of-experts model asks transformers for the router logits, which
+        # `aux_loss` turns into the balancing loss (the Trainer adds it when the model has experts)
+        routing = self.training and self.cfg.n_experts > 0 and _balancing_loss_func(self.hf) is not None
+        extra = {"output_router_logits": True} if routing else {}
         out = self._base[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                            cache=_cache_classes()(cache) if cache is not None else None, use_cache=cache is not None)
+                            cache=_cache_classes()(cache) if cache is not None else None, use_cache=cache is not None,
+                            **extra)
+        self._routing = (out.router_logits, attention_mask) if routing else None
         if cache is not None:
             cache.advance(T)
         return out.last_hidden_state

@@ -20,13 +20,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lmforge.config import ConfigError
 from lmforge.data.sources import RejectLog, check_encoding, encoding_field, iter_documents, on_error_field
 from lmforge.files import write_json
 from lmforge.progress import progress
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MANIFEST = "manifest.json"
 
@@ -66,6 +68,8 @@ class _ShardWriter:
         self.size = 0
 
     def add(self, ids: list[int]) -> None:
+        import numpy as np  # (here, not at the top: `lmforge --help` reads TokenizeConfig and stays numpy-free)
+
         if self.size and self.size + len(ids) > self.limit:
             self.flush()
         self.starts.append(self.size)
@@ -75,6 +79,8 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.parts:
             return
+        import numpy as np
+
         name = f"{self.split}_{len(self.shards):05d}"
         data = np.concatenate(self.parts)
         for suffix, array in ((".bin", data), (".docs.npy", np.asarray(self.starts, dtype=np.int64))):
@@ -103,6 +109,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     bos = tok.special_tokens.get(tok.bos_token) if (cfg.bos and tok.bos_token) else None
     if cfg.bos and bos is None:
         raise ConfigError(f"{cfg.tokenizer}: --bos asked for, but the tokenizer has no BOS token")
+    import numpy as np
+
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
