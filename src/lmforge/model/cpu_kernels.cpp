@@ -88,8 +88,8 @@ at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, cons
                          int64_t out_features) {
   TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
               "lmforge.packed_linear: x must be a float32 CPU tensor, got ", input.sizes(), " ", input.scalar_type());
-  const at::Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
-  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == kPanel && panels.is_contiguous(),
+  const at::Tensor x = input.contiguous();  // read as (M, K) rows: no reshape op (each is a dispatch)
+  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(-1) && panels.size(2) == kPanel && panels.is_contiguous(),
               "lmforge.packed_linear: panels ", panels.sizes(), " do not fit x ", x.sizes());
   TORCH_CHECK(out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel,
               "lmforge.packed_linear: out_features ", out_features, " does not match ", panels.size(0), " panels");
@@ -98,8 +98,10 @@ at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, cons
     TORCH_CHECK(bias->numel() == out_features && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
                 "lmforge.packed_linear: bias must be float32 with ", out_features, " values");
   }
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  auto y = at::empty({M, N}, x.options());
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = out_features;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = panels.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
@@ -114,9 +116,7 @@ at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, cons
       }
     }
   });
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = N;
-  return y.view(shape);
+  return y;
 }
 
 typedef int32_t ivec16 __attribute__((vector_size(64)));

@@ -486,6 +486,7 @@ class Attention(nn.Module):
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
                                                    cache.pos + 1 if cache.static and not ring else None, scale,
                                                    softcap or 0.0)
+            return self.o_proj(y.view(B, 1, cfg.n_heads * cfg.head_dim))  # (B, H, 1, D) contiguous: (B, 1, H x D)
         elif isinstance(mask, Segments):  # packed rows: causal attention inside each segment
             y = torch.cat([torch.cat([attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None,
                                              e - s > 1, scale, softcap)
