@@ -53,6 +53,73 @@ def test_kernel_names_bad_shapes():
         torch.ops.lmforge.packed_linear(torch.randn(3, 16), packed.panels, None, 90)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 37, 100), (2, 7)])
+def test_norm_kernels_equal_torch(shape):
+    """rms_norm and add_rms_norm (the residual add fused in) against torch's RMSNorm as the model computes it:
+    Llama's w x normed and Gemma's normed x (1 + w); vectorised widths and a scalar tail; float32 rounding only."""
+    from lmforge.model.transformer import RMSNorm
+
+    torch.manual_seed(0)
+    D = shape[-1]
+    x, branch = torch.randn(shape) * 3, torch.randn(shape)
+    for offset in (0.0, 1.0):
+        norm = RMSNorm(D, 1e-6, offset=offset)
+        nn.init.normal_(norm.weight)
+        with torch.no_grad():
+            want = norm(x)  # torch's ops (the kernel flag is off)
+            got = torch.ops.lmforge.rms_norm(x, norm.weight, norm.eps, offset)
+            total, normed = torch.ops.lmforge.add_rms_norm(x, branch, norm.weight, norm.eps, offset)
+            assert got.shape == x.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(total, x + branch)
+            assert torch.allclose(normed, norm(x + branch), rtol=1e-5, atol=1e-5)
+            strided = torch.randn(D, *shape[:-1]).movedim(0, -1)  # the module's kernel path on a strided input
+            want = norm(strided)
+            norm.kernel = True
+            assert torch.allclose(norm(strided), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [3072, 38, 6])
+def test_gated_activation_kernel_equals_torch(width):
+    """SwiGLU's silu(gate) x up and GeGLU's tanh-GELU(gate) x up over [gate | up] rows, against torch's ops; values
+    from -12 to 12 (both tails of the sigmoid)."""
+    from lmforge.model.transformer import _gated
+
+    torch.manual_seed(0)
+    x = torch.randn(5, width) * 4
+    for geglu in (False, True):
+        want = _gated(x, geglu)
+        got = torch.ops.lmforge.gated(x, geglu)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), geglu
+
+
+@pytest.mark.parametrize("rotary", [16, 8])
+def test_rope_kernel_equals_apply_rope(rotary):
+    """RoPE in place on the q and k heads of a fused projection's rows, v untouched; whole and partial rotary
+    (Phi-4-mini rotates the first dims only); cos / sin broadcast over the batch."""
+    from lmforge.model.transformer import apply_rope
+
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 5, 4, 2, 16
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D)
+    cos, sin = torch.randn(1, T, rotary), torch.randn(1, T, rotary)
+    want = apply_rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), cos.unsqueeze(2), sin.unsqueeze(2))
+    got = qkv.clone()
+    torch.ops.lmforge.rope_(got, cos, sin, H + Hkv, D)
+    assert torch.allclose(got[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), want, atol=1e-6)
+    assert torch.equal(got[..., (H + Hkv) * D:], qkv[..., (H + Hkv) * D:])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.lmforge.rope_(qkv.transpose(0, 1), cos, sin, H + Hkv, D)
+
+
+def test_pack_for_cpu_turns_on_the_small_op_kernels():
+    from lmforge.model.transformer import MLP, RMSNorm
+
+    model = pack_for_cpu(Transformer(preset("tiny-llama")).eval())
+    assert all(m.kernel for m in model.modules() if isinstance(m, (MLP, RMSNorm)))
+    assert not any(m.kernel for m in Transformer(preset("tiny-llama")).modules() if isinstance(m, (MLP, RMSNorm)))
+
+
 @pytest.mark.parametrize("B,H,Hkv,D", [(2, 4, 4, 64), (3, 9, 3, 64), (1, 8, 2, 128), (2, 6, 3, 32), (2, 4, 2, 24),
                                         (1, 2, 1, 16), (2, 4, 1, 256)])
 def test_decode_attention_equals_sdpa(B, H, Hkv, D):

@@ -220,6 +220,7 @@ class Scheduler:
         self.col = self.offset
         self.padded = False  # some running row has left padding (the step then needs the attention mask)
         self.constrained = False  # some running row has a decoding constraint
+        self.logprobs = False  # some running row reports log-probabilities
         self.max_prefill_tokens = max_prefill_tokens
         self.prefixes: collections.OrderedDict[tuple[int, ...], KVCache] = collections.OrderedDict()
         self.prefix_cache_tokens, self.min_prefix = (prefix_cache_tokens if use_cache else 0), min_prefix
@@ -335,6 +336,8 @@ class Scheduler:
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[_Row]):
         """Per row: the chosen token's log-probability and the top ones, for the rows that asked (else None)."""
+        if not self.logprobs:
+            return None, None
         want = [i for i, r in enumerate(rows) if r.group.logprobs >= 0]
         if not want:
             return None, None
@@ -665,6 +668,7 @@ class Scheduler:
     def _update_flags(self) -> None:
         self.padded = any(self.col - self.offset - r.fed > 0 for r in self.rows)
         self.constrained = any(r.group.constraint is not None for r in self.rows)
+        self.logprobs = any(r.group.logprobs >= 0 for r in self.rows)
 
     def fail(self) -> None:
         """After a step raised: end every running and admitted request with "error" and start empty."""

@@ -1,6 +1,9 @@
 // lmforge's float32 CPU inference kernels (lmforge/model/packed.py builds and loads them):
 //   packed_linear     y = x @ W.T + b with W stored as panels of 32 output rows
 //   decode_attention  one new query per sequence against a KV cache, reading only its filled slots
+//   rms_norm, add_rms_norm, gated, rope_   a decode step's small ops, each one pass instead of 4-12 torch ops
+//                     (eager torch runs RMSNorm as pow, mean, add, rsqrt, mul, mul and casts: ~12 dispatches of a
+//                     few microseconds each over 576 floats; a decode step has 60 of them)
 //
 // packed_linear layout: panels[p][k][j] = W[32 p + j][k] (rows past N are zero). One panel is (K, 32) floats, contiguous,
 // so the kernel streams it once from memory while it stays in L1/L2 for every 8-row block of x.
@@ -79,12 +82,14 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+// x (..., K) of any leading shape (flattened to rows here: Python-side reshapes are a dispatch each, and a decode
+// step makes ~120 of these calls), y (..., N).
+at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                          int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lmforge.packed_linear: x must be a contiguous 2-D float32 CPU tensor, got ", x.sizes(), " ",
-              x.scalar_type());
-  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == kPanel && panels.is_contiguous(),
+  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
+              "lmforge.packed_linear: x must be a float32 CPU tensor, got ", input.sizes(), " ", input.scalar_type());
+  const at::Tensor x = input.contiguous();  // read as (M, K) rows: no reshape op (each is a dispatch)
+  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(-1) && panels.size(2) == kPanel && panels.is_contiguous(),
               "lmforge.packed_linear: panels ", panels.sizes(), " do not fit x ", x.sizes());
   TORCH_CHECK(out_features <= panels.size(0) * kPanel && out_features > (panels.size(0) - 1) * kPanel,
               "lmforge.packed_linear: out_features ", out_features, " does not match ", panels.size(0), " panels");
@@ -93,8 +98,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& panels, const st
     TORCH_CHECK(bias->numel() == out_features && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
                 "lmforge.packed_linear: bias must be float32 with ", out_features, " values");
   }
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  auto y = at::empty({M, N}, x.options());
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = out_features;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = panels.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
@@ -355,16 +362,171 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// ---- the small ops of a decode step ----------------------------------------------------------------------------
+// Each works on float32 rows of the last dim and splits rows across threads only when there are many (prefill):
+// one decode row is a few hundred floats, which a thread handoff would cost more than.
+
+constexpr int64_t kRowsPerTask = 16;
+
+// y = x / sqrt(mean(x^2) + eps) * (w + offset), as torch computes RMSNorm in float32: the normed value is rounded
+// before the scale multiplies it (Llama's order; offset is Gemma's 1 + w).
+inline void rms_row(const float* x, const float* w, float offset, float eps, int64_t D, float* y) {
+  vec16 acc{};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const vec16 v = load16(x + d);
+    acc += v * v;
+  }
+  float total = sum16(acc);
+  for (; d < D; d++) total += x[d] * x[d];
+  const float r = 1.f / std::sqrt(total / static_cast<float>(D) + eps);
+  for (d = 0; d < D; d++) {
+    const float normed = x[d] * r;
+    y[d] = normed * (w[d] + offset);
+  }
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
+              "lmforge.", op, ": x must be a float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == at::kFloat &&
+                  weight.is_contiguous(),
+              "lmforge.", op, ": weight must be float32 (", x.size(-1), "), got ", weight.sizes());
+}
+
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double offset) {
+  check_rows(input, weight, "rms_norm");
+  const at::Tensor x = input.contiguous();
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  auto y = at::empty(x.sizes(), x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps), off = static_cast<float>(offset);
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) rms_row(xp + r * D, wp, off, e, D, yp + r * D);
+  });
+  return y;
+}
+
+// The residual add and the next RMSNorm in one pass: (x + branch, rms_norm(x + branch)).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& input, const at::Tensor& branch_in,
+                                                const at::Tensor& weight, double eps, double offset) {
+  check_rows(input, weight, "add_rms_norm");
+  TORCH_CHECK(branch_in.sizes() == input.sizes() && branch_in.scalar_type() == at::kFloat,
+              "lmforge.add_rms_norm: branch ", branch_in.sizes(), " does not match x ", input.sizes());
+  const at::Tensor x = input.contiguous(), branch = branch_in.contiguous();
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  auto sum = at::empty(x.sizes(), x.options());
+  auto y = at::empty(x.sizes(), x.options());
+  const float *xp = x.data_ptr<float>(), *bp = branch.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps), off = static_cast<float>(offset);
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      for (int64_t d = 0; d < D; d++) sp[r * D + d] = xp[r * D + d] + bp[r * D + d];
+      rms_row(sp + r * D, wp, off, e, D, yp + r * D);
+    }
+  });
+  return {sum, y};
+}
+
+// sigmoid(v) from e^-|v| (exp_nonpositive's range): 1 / (1 + e) for v >= 0, e / (1 + e) below.
+inline vec16 sigmoid16(vec16 v) {
+  const vec16 e = exp_nonpositive(v > 0.f ? -v : v);
+  return (v >= 0.f ? vec16{} + 1.f : e) / (1.f + e);
+}
+
+inline vec16 silu16(vec16 v) { return v * sigmoid16(v); }
+
+// The tanh GELU, 0.5 v (1 + tanh(y)) = v sigmoid(2y), y = sqrt(2 / pi) (v + 0.044715 v^3).
+inline vec16 gelu_tanh16(vec16 v) {
+  return v * sigmoid16(2.f * 0.7978845608028654f * (v + 0.044715f * v * v * v));
+}
+
+// A gated MLP's activation over (..., 2F) rows [gate | up]: act(gate) * up, with act SiLU (SwiGLU) or, geglu,
+// the tanh GELU (Gemma's gelu_pytorch_tanh).
+at::Tensor gated(const at::Tensor& input, bool geglu) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu() && input.size(-1) % 2 == 0,
+              "lmforge.gated: expected float32 CPU (..., 2F), got ", input.sizes(), " ", input.scalar_type());
+  const at::Tensor x = input.contiguous();
+  const int64_t F2 = x.size(-1), F = F2 / 2, rows = x.numel() / F2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = F;
+  auto y = at::empty(shape, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *g = xp + r * F2, *u = g + F;
+      float* o = yp + r * F;
+      int64_t j = 0;
+      for (; j + 16 <= F; j += 16) {
+        const vec16 v = load16(g + j), a = geglu ? gelu_tanh16(v) : silu16(v), out = a * load16(u + j);
+        std::memcpy(o + j, &out, sizeof(vec16));
+      }
+      for (; j < F; j++) {
+        const float v = g[j];
+        const float a = geglu ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))
+                              : v / (1.f + std::exp(-v));
+        o[j] = a * u[j];
+      }
+    }
+  });
+  return y;
+}
+
+// Rotate-half RoPE in place on the first `heads` heads of each row of qkv (B, T, N) (q's and k's heads, which the
+// fused projection puts first): in each head the first d dims rotate (d = cos's last dim: partial rotary leaves the
+// rest), x[i] * cos[i] - x[i + d/2] * sin[i] and x[i + d/2] * cos[i + d/2] + x[i] * sin[i + d/2]. cos, sin
+// (B or 1, T, d), any strides.
+void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.device().is_cpu() &&
+                  heads * head_dim <= qkv.size(2),
+              "lmforge.rope_: qkv must be a contiguous float32 (B, T, >= heads x head_dim) tensor, got ", qkv.sizes());
+  const int64_t B = qkv.size(0), T = qkv.size(1), N = qkv.size(2), d = cos.size(-1), half = d / 2;
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == at::kFloat && (t->size(0) == B || t->size(0) == 1) &&
+                    t->size(1) == T && t->size(2) == d && t->stride(2) == 1 && d % 2 == 0 && d <= head_dim,
+                "lmforge.rope_: cos and sin must be float32 (B, T, d) with d even and <= head_dim, got ",
+                t->sizes());
+  }
+  float* xp = qkv.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), sb = sin.size(0) == 1 ? 0 : sin.stride(0);
+  at::parallel_for(0, B * T, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const int64_t b = r / T, t = r % T;
+      const float *c = cp + b * cb + t * cos.stride(1), *s = sp + b * sb + t * sin.stride(1);
+      for (int64_t h = 0; h < heads; h++) {
+        float* x = xp + r * N + h * head_dim;
+        for (int64_t i = 0; i < half; i++) {
+          const float a = x[i], z = x[i + half];
+          x[i] = a * c[i] + (-z) * s[i];
+          x[i + half] = z * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? length, float scale, float softcap=0.0) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor branch, Tensor weight, float eps, float offset) -> (Tensor, Tensor)");
+  m.def("gated(Tensor x, bool geglu) -> Tensor");
+  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("pack", &pack);
   m.impl("packed_linear", &packed_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("gated", &gated);
+  m.impl("rope_", &rope_);
 }

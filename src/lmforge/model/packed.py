@@ -14,7 +14,9 @@ once and the token embedding reads its rows from the same panels.
 pack_for_cpu also switches the model's one-token attention steps to `decode_attention`, which reads
 only a KV cache's filled slots with one pass per (sequence, kv head) group. SDPA has to read a static
 cache (torch.compile's) in full under a mask, 256 rounded-up slots at a time; with the kernel a compiled
-batch-8 step is faster than eager instead of slower (docs/benchmarks.md).
+batch-8 step is faster than eager instead of slower (docs/benchmarks.md). And it runs the step's small
+float32 ops as one kernel each where eager torch dispatches several: RMSNorm (with the residual add before it),
+RoPE on q and k in place, and a gated MLP's activation (`rms_norm`, `add_rms_norm`, `rope_`, `gated`).
 
 The kernels are C++ compiled on first use by torch.utils.cpp_extension (a C++ compiler with OpenMP and
 `ninja`; once per machine, cached under ~/.cache/torch_extensions). Without them
@@ -95,11 +97,27 @@ def _build() -> None:
 
     @torch.library.register_fake("lmforge::packed_linear")
     def _(x, panels, bias, out_features):
-        return x.new_empty((x.shape[0], out_features))
+        return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("lmforge::decode_attention")
     def _(q, k, v, mask, length, scale, softcap=0.0):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("lmforge::rms_norm")
+    def _(x, weight, eps, offset):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("lmforge::add_rms_norm")
+    def _(x, branch, weight, eps, offset):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake("lmforge::gated")
+    def _(x, geglu):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.register_fake("lmforge::rope_")
+    def _(qkv, cos, sin, heads, head_dim):
+        return None
 
 
 class PackedLinear(nn.Module):
@@ -114,10 +132,9 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 in and out (the kernel says so otherwise); no conversions: a decode step makes ~200 of these calls
-        y = torch.ops.lmforge.packed_linear(x.reshape(-1, self.in_features).contiguous(), self.panels, self.bias,
-                                            self.out_features)
-        return y.view(*x.shape[:-1], self.out_features)
+        # float32 in and out (the kernel says so otherwise); no conversions or reshapes here (the kernel flattens
+        # the leading dims): a decode step makes ~120 of these calls
+        return torch.ops.lmforge.packed_linear(x, self.panels, self.bias, self.out_features)
 
     def unpacked_weight(self) -> torch.Tensor:
         """The (N, K) matrix back, e.g. to check the packing."""
@@ -149,7 +166,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     packed once and shared with the token embedding), and turn on decode_attention for its one-token steps.
     Returns the model in eval mode; unchanged, with a warning, where the kernels cannot be built."""
     from lmforge.model.quantize import replace_linears
-    from lmforge.model.transformer import Attention, Transformer
+    from lmforge.model.transformer import MLP, Attention, RMSNorm, Transformer
 
     if not kernel_available():
         warnings.warn(f"lmforge: packed CPU kernel unavailable, using torch's matmul ({kernel_error()})", stacklevel=2)
@@ -165,4 +182,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         for module in model.modules():
             if isinstance(module, Attention):
                 module.decode_kernel = True
+            elif isinstance(module, MLP) or (isinstance(module, RMSNorm) and module.weight.dtype == torch.float32
+                                             and module.weight.device.type == "cpu"):
+                module.kernel = True  # the one-pass kernels for the gated activation and RMSNorm
     return model.eval()

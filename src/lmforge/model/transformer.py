@@ -88,13 +88,26 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps, self.offset, self.scale_float32 = eps, offset, scale_float32
+        # pack_for_cpu: float32 inference through lmforge's one-pass kernel (model/cpu_kernels.cpp) instead of the
+        # ~12 torch ops eager RMSNorm dispatches; torch.compile traces the torch ops and fuses them itself
+        self.kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel instead of five (decode runs two norms per layer per token); float32 inside
+        if self.kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return torch.ops.lmforge.rms_norm(x, self.weight, self.eps, self.offset)
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         if self.offset or self.scale_float32:
             return (normed * (self.weight.float() + self.offset)).to(x.dtype)
         return self.weight * normed.to(x.dtype)
+
+
+def add_norm(x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual branch's output added to the stream, and the stream's next norm: (x + branch, norm(x + branch)),
+    in one kernel where the norm has it (RMSNorm after pack_for_cpu)."""
+    if getattr(norm, "kernel", False) and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return torch.ops.lmforge.add_rms_norm(x, branch, norm.weight, norm.eps, norm.offset)
+    x = x + branch
+    return x, norm(x)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -213,7 +226,10 @@ class Rotary(nn.Module):
             inv_freq = torch.where(positions.max() + 1 > self.long_after, self.long_inv_freq, inv_freq)
         freqs = positions[..., None].float() * inv_freq  # (B, T, rotary_dim/2), float32 as in the reference
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:  # x 1.0 changes nothing but costs two ops per forward
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -434,7 +450,12 @@ class Attention(nn.Module):
         window, softcap = cfg.window(layer), cfg.attn_softcap
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
         qkv = self.qkv_proj(x)
-        if rope is not None and not cfg.qk_norm:
+        if (rope is not None and not cfg.qk_norm and self.decode_kernel and qkv.dtype == torch.float32
+                and qkv.is_contiguous() and not torch.compiler.is_compiling()):
+            # q's and k's heads rotated in place in one kernel (the torch ops below are ~15 dispatches)
+            torch.ops.lmforge.rope_(qkv, rope[0], rope[1], cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+            q, k, v = (t.view(B, T, -1, cfg.head_dim).transpose(1, 2) for t in qkv.split(self.split, dim=-1))
+        elif rope is not None and not cfg.qk_norm:
             # rotate q and k in one pass over their heads, (B, T, heads, head_dim): half the RoPE kernels
             qk = apply_rope(qkv[..., :-self.split[2]].view(B, T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim),
                             rope[0].unsqueeze(2), rope[1].unsqueeze(2))
@@ -465,6 +486,7 @@ class Attention(nn.Module):
             y = torch.ops.lmforge.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0],
                                                    cache.pos + 1 if cache.static and not ring else None, scale,
                                                    softcap or 0.0)
+            return self.o_proj(y.view(B, 1, cfg.n_heads * cfg.head_dim))  # (B, H, 1, D) contiguous: (B, 1, H x D)
         elif isinstance(mask, Segments):  # packed rows: causal attention inside each segment
             y = torch.cat([torch.cat([attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None,
                                              e - s > 1, scale, softcap)
@@ -491,10 +513,14 @@ class MLP(nn.Module):
         else:
             self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.proj_bias)
         self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.proj_bias)
+        self.kernel = False  # pack_for_cpu: the gate's activation x up in one kernel (model/cpu_kernels.cpp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(_gated(self.gate_up_proj(x), self.geglu))
+            gate_up = self.gate_up_proj(x)
+            if self.kernel and gate_up.dtype == torch.float32 and not torch.compiler.is_compiling():
+                return self.down_proj(torch.ops.lmforge.gated(gate_up, self.geglu))
+            return self.down_proj(_gated(gate_up, self.geglu))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
@@ -599,8 +625,8 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache, layer):
         if self.placement == "pre":
-            x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
-            return x + self.mlp(self.mlp_norm(x))
+            x, h = add_norm(x, self.attn(self.attn_norm(x), rope, mask, cache, layer), self.mlp_norm)
+            return x + self.mlp(h)
         if self.placement == "post":  # OLMo 2: the branch's output is normed, its input is not
             x = x + self.post_attn_norm(self.attn(x, rope, mask, cache, layer))
             return x + self.post_mlp_norm(self.mlp(x))
@@ -722,9 +748,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {int(positions.max())} is beyond max_seq_len {self.cfg.max_seq_len}")
             x = x + self.pos_embed(positions)
         # each layer's RoPE (global, the sliding layers' local one, or none) and mask (full, or its window)
+        kinds, windows = self._layer_plan()
         ropes = {None: None}
         for kind, rotary in (("global", self.rotary), ("local", self.local_rotary)):
-            if rotary is not None and kind in self._rope_kinds:
+            if rotary is not None and kind in kinds:
                 ropes[kind] = rotary(positions, x.dtype)
         masks, segments = {}, None
         rings = set(cache.rings) - {None} if cache is not None else set()
@@ -732,7 +759,7 @@ class Transformer(nn.Module):
             # a row's new tokens: the columns this forward writes (left padding is not real)
             real = attention_mask[:, start:start + T] if attention_mask is not None and not static else None
             cache.place(positions, real)
-        for window in self._windows:
+        for window in sorted(set(windows), key=lambda w: (w is not None, w or 0)):
             if window in rings:
                 mask = cache.ring_mask(window, positions, real)
                 # one token per row, every row past its first `window` positions: each slot is in the window
@@ -747,7 +774,7 @@ class Transformer(nn.Module):
                 masks[window] = mask.to(x.dtype) if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool \
                     else mask
         for i, layer in enumerate(self.layers):
-            x = layer(x, ropes[self.cfg.rope_kind(i)], masks[self.cfg.window(i)], cache, i)
+            x = layer(x, ropes[kinds[i]], masks[windows[i]], cache, i)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
@@ -774,13 +801,16 @@ class Transformer(nn.Module):
         logits = self.logits(hidden)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    @property
-    def _rope_kinds(self) -> set[str | None]:
-        return {self.cfg.rope_kind(i) for i in range(self.cfg.n_layers)}
-
-    @property
-    def _windows(self) -> list[int | None]:
-        return sorted({self.cfg.window(i) for i in range(self.cfg.n_layers)}, key=lambda w: (w is not None, w or 0))
+    def _layer_plan(self) -> tuple[tuple[str | None, ...], tuple[int | None, ...]]:
+        """Each layer's RoPE kind and sliding window, worked out once per config (a decode step would otherwise ask
+        the config 90 times): kept with the config fields they come from, so a changed config is read again."""
+        cfg = self.cfg
+        key = (cfg.n_layers, cfg.pos, cfg.no_rope_layers, cfg.rope_local_theta, cfg.sliding_window, cfg.layer_types)
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0] != key:
+            plan = self.__dict__["_plan"] = (key, tuple(cfg.rope_kind(i) for i in range(cfg.n_layers)),
+                                             tuple(cfg.window(i) for i in range(cfg.n_layers)))
+        return plan[1], plan[2]
 
     def aux_loss(self) -> torch.Tensor:
         """The MoE load-balancing loss of the last forward (0 for a dense model), as transformers'
