@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.infer.client import ModelClient, Sampling
-from lmforge.prompting.config import AgentCommand
+from lmforge.prompting.config import MAX_TOKENS, AgentCommand
 from lmforge.prompting.tools import Tool, describe
 
 REACT_PROMPT = """Answer the question as well as you can. You have these tools:
@@ -87,7 +87,7 @@ class ReActAgent:
             raise ValueError(f"mode {mode!r}: text or openai")
         self.client, self.tools, self.mode = client, {t.name: t for t in tools}, mode
         self.max_steps, self.loop_limit, self.prompt = max_steps, loop_limit, prompt
-        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=256)
+        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=MAX_TOKENS)
 
     def _observe(self, name: str | None, value) -> str:
         if name not in self.tools:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.client import ModelClient, Sampling
-from lmforge.prompting.config import ChainCommand
+from lmforge.prompting.config import MAX_TOKENS, ChainCommand
 from lmforge.prompting.fewshot import PromptTemplate
 
 _STEP_KEYS = {"name", "prompt", "retrieve", "tool", "query", "input", "k", "mode", "max_tokens", "temperature", "stop"}
@@ -90,7 +90,7 @@ class Chain:
             try:
                 if kind == "prompt":
                     step = Step(name, kind, PromptTemplate(str(r["prompt"])), sampling=Sampling(
-                        temperature=float(r.get("temperature", 0.0)), max_tokens=int(r.get("max_tokens", 256)),
+                        temperature=float(r.get("temperature", 0.0)), max_tokens=int(r.get("max_tokens", MAX_TOKENS)),
                         stop=list(r.get("stop", []))))
                 elif kind == "retrieve":
                     if "query" not in r:

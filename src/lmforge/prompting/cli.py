@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmforge.config import add_config_args, config_from_args
-from lmforge.prompting.config import AgentCommand, AutoCotCommand, ChainCommand, CotCommand, EvalCommand, TotCommand
+from lmforge.prompting.config import MAX_TOKENS, AgentCommand, AutoCotCommand, ChainCommand, CotCommand, EvalCommand, TotCommand
 
 EXAMPLES = """examples:
   lmforge prompt cot --model runs/sft/merged --question "A pen costs 3 dollars. How much do 4 pens cost?"
@@ -166,7 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "See docs/prompting.md.")
     psub = p.add_subparsers(dest="prompt_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
-    model = model_options(max_tokens=256)
+    model = model_options(max_tokens=MAX_TOKENS)
     c = psub.add_parser("cot", parents=[model], help="chain-of-thought answer (self-consistency with --samples)")
     add_config_args(c, CotCommand)
     c.set_defaults(func=cmd_cot)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: tokens a reply may take at most: the commands' --max-tokens default and the library's (CoT, self-consistency,
+#: agents, chain steps)
+MAX_TOKENS = 256
 #: the methods `lmforge prompt eval` compares (prompting/reasoning.py `compare_methods`)
 METHODS = ("greedy", "cot", "self-consistency")
 

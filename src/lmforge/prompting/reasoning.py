@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.infer.client import ModelClient, Sampling
-from lmforge.prompting.config import METHODS, AutoCotCommand, CotCommand, EvalCommand
+from lmforge.prompting.config import MAX_TOKENS, METHODS, AutoCotCommand, CotCommand, EvalCommand
 
 ZERO_SHOT_TRIGGER = "Let's think step by step."
 ZERO_SHOT_TRIGGER_ZH = "让我们一步一步地思考。"
@@ -121,7 +121,7 @@ class ChainOfThought:
     def __init__(self, client: ModelClient, demos: Sequence[dict] = (), trigger: str = ZERO_SHOT_TRIGGER,
                  sampling: Sampling | None = None):
         self.client, self.demos, self.trigger = client, list(demos), trigger
-        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=256, stop=["\n\nQ:", "\nQ:"])
+        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=MAX_TOKENS, stop=["\n\nQ:", "\nQ:"])
 
     def answer(self, question: str, rule: str = "number", n: int = 1, sampling: Sampling | None = None) -> list[dict]:
         prompt = cot_prompt(question, self.demos, self.trigger)
@@ -138,7 +138,7 @@ class ChainOfThought:
 
 def self_consistency(client: ModelClient, question: str, k: int = 10, temperature: float = CotCommand.temperature,
                      rule: str = CotCommand.rule,
-                     demos: Sequence[dict] = (), max_tokens: int = 256, seed: int = 0) -> Vote:
+                     demos: Sequence[dict] = (), max_tokens: int = MAX_TOKENS, seed: int = 0) -> Vote:
     """k sampled chains of thought, their answers extracted, the majority answer (Wang et al. 2022)."""
     cot = ChainOfThought(client, demos)
     s = Sampling(temperature=temperature, max_tokens=max_tokens, stop=["\n\nQ:", "\nQ:"], seed=seed)
@@ -226,7 +226,7 @@ def gsm8k_target(doc: dict) -> str:
 
 def compare_methods(client: ModelClient, docs: Sequence[dict], methods: Sequence[str] = METHODS,
                     demos: Sequence[dict] = (), k: int = EvalCommand.samples,
-                    temperature: float = EvalCommand.temperature, max_tokens: int = 256,
+                    temperature: float = EvalCommand.temperature, max_tokens: int = MAX_TOKENS,
                     seed: int = 0) -> dict:
     """GSM8K-style accuracy of each method on the same questions: greedy (the question alone, the last number of
     the reply), cot (chain of thought, few-shot with `demos` else zero-shot) and self-consistency (k sampled chains,
