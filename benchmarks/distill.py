@@ -14,6 +14,22 @@ its greedy reply against the teacher's greedy reply. Then: `lmforge distill cach
 steps with the cache against steps with the live teacher; the loss gap of a top-k cache to the dense loss at
 --top-k on the untrained student; parameters, greedy decode tokens/s and q4_0 GGUF size of teacher and student.
 Prints JSON.
+
+    python benchmarks/distill.py --size-speed [--d-ff 768] [--new-tokens 64] [--repeats 3]
+
+only the size/speed table, no training: the teacher, the half-depth student (`--keep-every 2`) and, with --d-ff, the
+same student with its MLPs narrowed too; per model its parameters, greedy decode tokens/s through lmforge at `lmforge
+generate`'s default flags (float32, the packed CPU kernels), the size of `lmforge export gguf --type q4_0` and
+llama-cpp-python's greedy decode tokens/s on that file, and whether llama.cpp's greedy ids on the f32 GGUF equal
+lmforge's (the check that the exported student is the model that was timed). Each decode is the best of --repeats,
+the libraries taking turns (the machine's speed drifts with its load).
+
+    python benchmarks/distill.py --prune-compare [--d-ff 768] [--calib-tokens 4096]
+
+only the width-pruning comparison, no training: students with every block of the teacher and their MLPs narrowed to
+--d-ff, the neurons ranked by their weights (the default) or by their mean |activation| over --calib-tokens tokens of
+LLaMA-Factory's c4_demo.jsonl (`--prune-by activation`); per student, its KL(teacher || student) and answer loss on
+the --val held-out alpaca_en_demo records (the same ones the KD run holds out), before any training.
 """
 
 from __future__ import annotations
@@ -148,6 +164,133 @@ def decode_speed(path: Path, tokens: int = 64, pack: bool | None = None) -> floa
     return round(len(out) / (time.perf_counter() - t0), 1)
 
 
+def size_and_speed(models: dict[str, Path], tmp: Path, new_tokens: int, repeats: int) -> dict:
+    """Per model directory: parameters (M), lmforge's and llama.cpp's (q4_0) greedy decode tokens/s on one chat
+    prompt, the q4_0 GGUF size (MiB), and the share of llama.cpp's greedy ids on the f32 GGUF equal to lmforge's."""
+    import torch
+    from decode_profile import llama_decode, lmforge_decode  # benchmarks/ is this script's directory
+    from llama_cpp import Llama
+
+    from lmforge.chat.render import encode_chat
+    from lmforge.chat.templates import resolve_template
+    from lmforge.export.gguf import export_gguf
+    from lmforge.infer.load import load_for_inference
+
+    threads = torch.get_num_threads()
+    out = {}
+    for name, path in models.items():
+        loaded = load_for_inference(str(path))  # `lmforge generate`'s default flags
+        model, tok = loaded.model, loaded.tokenizer
+        template, _ = resolve_template(tok, "model")
+        prompt = encode_chat(tok, template, [{"role": "user", "content": "Give three tips for staying healthy."}],
+                             add_generation_prompt=True).ids
+        row = {"parameters_m": round(model.cfg.num_params() / 1e6, 1)}  # packed weights are buffers, not parameters
+        llms = {}
+        for kind in ("f32", "q4_0"):
+            gguf = export_gguf(path, tmp / f"{name}.{kind}.gguf", dtype=kind)
+            llms[kind] = Llama(str(gguf), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+                               n_threads_batch=threads, n_batch=512, verbose=False, type_k=0, type_v=0)  # f32 KV
+            if kind == "q4_0":
+                row["q4_0_gguf_mib"] = round(gguf.stat().st_size / 2**20, 1)
+        with torch.no_grad():
+            lmforge_decode(model, prompt, 4)  # warm-up (the kernels' first call)
+            _, ours = lmforge_decode(model, prompt, new_tokens)
+        _, theirs = llama_decode(llms["f32"], prompt, new_tokens)
+        row["greedy_ids_equal_f32"] = f"{sum(a == b for a, b in zip(ours, theirs))}/{new_tokens}"
+        del llms["f32"]
+        llama_decode(llms["q4_0"], prompt, 4)
+        best = {"lmforge_f32": 0.0, "llama_cpp_q4_0": 0.0}
+        for _ in range(repeats):
+            with torch.no_grad():
+                best["lmforge_f32"] = max(best["lmforge_f32"], lmforge_decode(model, prompt, new_tokens)[0])
+            best["llama_cpp_q4_0"] = max(best["llama_cpp_q4_0"], llama_decode(llms["q4_0"], prompt, new_tokens)[0])
+        row["decode_tokens_per_s"] = {k: round(v, 1) for k, v in best.items()}
+        row["load_after"] = round(os.getloadavg()[0], 1)
+        out[name] = row
+        del llms, model, loaded
+    return out
+
+
+def size_speed_table(args) -> None:
+    """`--size-speed`: the teacher and the students cut from it, no training (see the module docstring)."""
+    import torch
+
+    tmp = Path(args.out or tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    teacher = teacher_dir(tmp / "teacher")
+    models = {"teacher": teacher, "student (--keep-every 2)": tmp / "student"}
+    shutil.rmtree(tmp / "student", ignore_errors=True)
+    lmforge("distill", "init", "--teacher", str(teacher), "--keep-every", "2", "--out", str(tmp / "student"))
+    if args.d_ff:
+        shutil.rmtree(tmp / "student_narrow", ignore_errors=True)
+        lmforge("distill", "init", "--teacher", str(teacher), "--keep-every", "2", "--d-ff", str(args.d_ff),
+                "--out", str(tmp / "student_narrow"))
+        models[f"student (--keep-every 2 --d-ff {args.d_ff})"] = tmp / "student_narrow"
+    files = {name: path.name for name, path in models.items()}
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{torch.get_num_threads()} threads each library",
+              "load_at_start": [round(x, 1) for x in load], "date": time.strftime("%Y-%m-%d %H:%M"),
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "dirs": files,
+              "models": size_and_speed(models, tmp, args.new_tokens, args.repeats),
+              "load_at_end": [round(x, 1) for x in os.getloadavg()]}
+    (tmp / "size_speed.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def prune_compare(args) -> None:
+    """`--prune-compare`: weight- against activation-ranked width pruning (see the module docstring)."""
+    import torch
+    from sft_packing import llamafactory_data  # benchmarks/ is this script's directory
+
+    from lmforge.chat.stops import eos_ids
+    from lmforge.chat.templates import resolve_template
+    from lmforge.finetune import sft
+    from lmforge.finetune.conversations import load_conversations
+    from lmforge.model import load_hf_model
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.distill import Distill
+
+    tmp = Path(args.out or tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
+    data = llamafactory_data()
+    records = json.loads((data / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    val = tmp / "val.jsonl"
+    val.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                           for r in records[args.examples:args.examples + args.val]), encoding="utf-8")
+    load = os.getloadavg()
+    teacher = teacher_dir(tmp / "teacher")
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "load_at_start": [round(x, 1) for x in load], "date": time.strftime("%Y-%m-%d %H:%M"),
+              "d_ff": args.d_ff, "calib": f"c4_demo.jsonl, first {args.calib_tokens} tokens",
+              "held_out": f"alpaca_en_demo records {args.examples}..{args.examples + args.val - 1}"}
+    seconds = {}
+    for how in ("weight", "activation"):
+        out = tmp / f"narrow_{how}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        lmforge("distill", "init", "--teacher", str(teacher), "--d-ff", str(args.d_ff), "--prune-by", how,
+                *(["--calib-data", str(data / "c4_demo.jsonl"), "--calib-tokens", str(args.calib_tokens)]
+                  if how == "activation" else []), "--out", str(out))
+        seconds[how] = round(time.perf_counter() - t0, 1)
+    tok = load_tokenizer(teacher)
+    template, _ = resolve_template(tok, "model")
+    teacher_model = load_hf_model(teacher).eval()
+    eos = eos_ids(tok, teacher_model.cfg)
+    examples = sft.build_examples(tok, template, load_conversations(str(val)), "assistant", args.max_length,
+                                  eos[0] if eos else None)
+    batches = sft.eval_batches(examples, 4, eos[0] if eos else 0)
+    scores = {}
+    with torch.no_grad():
+        for name, path in (("teacher", teacher), ("--d-ff by weight", tmp / "narrow_weight"),
+                           ("--d-ff by activation", tmp / "narrow_activation")):
+            m = Distill(teacher_model, "forward_kl", ratio=1.0).evaluate(load_hf_model(path).eval(), batches)
+            scores[name] = {"kl_to_teacher": round(m["val_kd"], 4), "answer_loss": round(m["val_ce"], 4)}
+    result.update(init_seconds=seconds, scores=scores, load_at_end=[round(x, 1) for x in os.getloadavg()])
+    (tmp / "prune_compare.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=240)
@@ -165,7 +308,19 @@ def main() -> None:
     ap.add_argument("--reply-tokens", type=int, default=48)
     ap.add_argument("--no-pack", action="store_true", help="decode speed with torch's matmul, not lmforge's kernels")
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--size-speed", action="store_true", help="only the size/speed table of teacher and students")
+    ap.add_argument("--d-ff", type=int, default=0, help="--size-speed: also a student with MLPs narrowed to this "
+                                                        "width; --prune-compare: the width (default there: 768)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="--size-speed: greedy tokens per decode")
+    ap.add_argument("--repeats", type=int, default=3, help="--size-speed: decodes per model, the best kept")
+    ap.add_argument("--prune-compare", action="store_true", help="only weight- against activation-ranked --d-ff")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="--prune-compare: calibration tokens")
     args = ap.parse_args()
+    if args.size_speed:
+        return size_speed_table(args)
+    if args.prune_compare:
+        args.d_ff = args.d_ff or 768
+        return prune_compare(args)
     tmp = Path(args.out or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
     from sft_packing import llamafactory_data  # benchmarks/ is this script's directory

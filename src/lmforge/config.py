@@ -7,8 +7,9 @@ written into the stage's output directory so every run can be reproduced.
 A field's `metadata` may carry `help` (shown by --help), `choices`, `flag` (the CLI
 name when it should differ from `--field-name`), `metavar` (the value's name in --help),
 `append` (a list given as a repeated flag, `--task a --task b`, rather than `--task a b`),
-`required` (the run needs a value, from a flag or the config file) and `cli: False` (no
-flag: the field keeps its default or the file's value).
+`required` (the run needs a value, from a flag or the config file), `aliases` (more flag
+names, e.g. ["--output"] beside --out) and `cli: False` (no flag: the field keeps its default
+or the file's value).
 """
 
 from __future__ import annotations
@@ -213,8 +214,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
-        if default not in (None, [], ""):
-            help_text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        if default not in (None, [], (), ""):
+            shown = (("on" if default else "off") if isinstance(default, bool) else
+                     " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
+            help_text += f" (default: {shown})"
+        if f.metadata.get("required"):  # not argparse's required: the value may come from --config instead
+            help_text = (help_text + " (required: this flag or the key in --config)").lstrip()
         kwargs["help"] = help_text
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -233,7 +238,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["metavar"] = "|".join(map(str, f.metadata["choices"]))
         if "metavar" in f.metadata and hint is not bool:
             kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(_flag(f), **kwargs)
+        parser.add_argument(_flag(f), *f.metadata.get("aliases", ()), **kwargs)
     parser.config_class = cls  # what readers of the parser (the studio's forms) check a flag's value against
 
 
@@ -292,7 +297,13 @@ def add_field_arg(parser: argparse.ArgumentParser, cls: type, name: str, flag: s
         kwargs["type"] = hint
     if f.metadata.get("choices"):
         kwargs["choices"] = f.metadata["choices"]
-    parser.add_argument(flag or "--" + name.replace("_", "-"), **{**kwargs, **overrides})
+    kwargs = {**kwargs, **overrides}
+    shown = kwargs["default"] not in (None, "", False) and kwargs["help"] != argparse.SUPPRESS
+    if shown and "%(default)" not in (kwargs["help"] or ""):
+        # argparse fills it in; a parser whose formatter adds defaults itself (ArgumentDefaultsHelpFormatter) sees
+        # it there and does not add a second one
+        kwargs["help"] = ((kwargs["help"] or "") + " (default: %(default)s)").lstrip()
+    parser.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

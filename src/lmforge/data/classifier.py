@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from lmforge.data.config import ClassifierSettings
 from lmforge.data.dedup import shingle_hashes
 from lmforge.files import atomic_write, write_json
 
 
-def hashed_features(texts: Sequence[str], bits: int = 20, ngrams: Sequence[int] = (1, 2)) -> tuple[
+def hashed_features(texts: Sequence[str], bits: int = ClassifierSettings.bits,
+                    ngrams: Sequence[int] = ClassifierSettings.ngrams) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor]:
     """(indices, offsets, weights) for torch.nn.functional.embedding_bag: each text's
     distinct hashed n-grams with L2-normalised counts."""
@@ -49,7 +51,7 @@ def hashed_features(texts: Sequence[str], bits: int = 20, ngrams: Sequence[int] 
 
 
 class HashedLinearClassifier:
-    def __init__(self, bits: int = 20, ngrams: Sequence[int] = (1, 2)):
+    def __init__(self, bits: int = ClassifierSettings.bits, ngrams: Sequence[int] = ClassifierSettings.ngrams):
         self.bits, self.ngrams = bits, list(ngrams)
         self.weight = torch.zeros(1 << bits, 1)
         self.bias = torch.zeros(1)
@@ -66,7 +68,8 @@ class HashedLinearClassifier:
         return np.concatenate([torch.sigmoid(self.logits(texts[i:i + batch_size])).numpy()
                                for i in range(0, len(texts), batch_size)])
 
-    def fit(self, texts: Sequence[str], labels: Sequence[int], epochs: int = 10, lr: float = 0.05,
+    def fit(self, texts: Sequence[str], labels: Sequence[int], epochs: int = ClassifierSettings.epochs,
+            lr: float = ClassifierSettings.lr,
             weight_decay: float = 1e-6, batch_size: int = 32, seed: int = 0) -> HashedLinearClassifier:
         y = torch.tensor(labels, dtype=torch.float32)
         feats = [hashed_features(texts[i:i + batch_size], self.bits, self.ngrams) for i in range(0, len(texts), batch_size)]
@@ -118,8 +121,9 @@ class HashedLinearClassifier:
 
 
 def train_classifier(positive: Sequence[str], negative: Sequence[str], out_dir: str | os.PathLike | None = None,
-                     bits: int = 20, ngrams: Sequence[int] = (1, 2), epochs: int = 10, lr: float = 0.05,
-                     heldout_fraction: float = 0.1, seed: int = 0) -> HashedLinearClassifier:
+                     bits: int = ClassifierSettings.bits, ngrams: Sequence[int] = ClassifierSettings.ngrams,
+                     epochs: int = ClassifierSettings.epochs, lr: float = ClassifierSettings.lr,
+                     heldout_fraction: float = ClassifierSettings.heldout, seed: int = 0) -> HashedLinearClassifier:
     """Train on positive/negative texts with a random held-out split; metrics on held-out."""
     if not positive or not negative:
         raise ValueError(f"need positive and negative examples (got {len(positive)} and {len(negative)})")

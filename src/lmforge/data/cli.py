@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge.config import add_config_args, config_from_args, save_config
+from lmforge.data.config import DedupCommand, TrainClassifierCommand
 from lmforge.tokenizer.shards import TokenizeConfig, tokenize_corpus
 
 _FLAGS_OVER_FILE = ("input", "output", "executor", "workers", "ray_address", "on_error", "output_format", "text_field",
@@ -41,17 +42,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_dedup(args: argparse.Namespace) -> int:
     from lmforge.data.pipeline import load_pipeline, run_pipeline
 
-    minhash = {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": args.ngram, "unit": args.unit,
-               "verify": args.verify, "keep": args.keep}
-    if args.bands is not None or args.rows is not None:
-        minhash.update(bands=args.bands, rows=args.rows)
-    steps = ([{"exact_dedup": {"keep": args.keep}}] if args.exact else []) + [{"minhash_dedup": minhash}]
-    cfg = load_pipeline(None, input=args.input, output=args.output, steps=steps, text_field=args.text_field,
-                        on_error=args.on_error, workers=args.workers, executor=args.executor,
-                        ray_address=args.ray_address, output_format=args.output_format, encoding=args.encoding,
-                        errors=args.errors)
+    c = config_from_args(DedupCommand, args)
+    steps = ([{"exact_dedup": {"keep": c.keep}}] if c.exact else []) + [{"minhash_dedup": c.minhash()}]
+    cfg = load_pipeline(None, input=c.input, output=c.output, steps=steps, text_field=c.text_field,
+                        on_error=c.on_error, workers=c.workers, executor=c.executor, ray_address=c.ray_address,
+                        output_format=c.output_format, encoding=c.encoding, errors=c.errors)
     cfg.progress = True
-    return _finish(run_pipeline(cfg, overwrite=args.overwrite), cfg.output)
+    return _finish(run_pipeline(cfg, overwrite=c.overwrite), cfg.output)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -66,16 +63,17 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from lmforge.data.classifier import train_classifier
     from lmforge.data.sources import iter_documents
 
-    def texts(specs):
-        out = [d.text for d in iter_documents(specs, errors="replace", text_field=args.text_field)]
-        return out[: args.max_docs] if args.max_docs else out
+    c = config_from_args(TrainClassifierCommand, args)
 
-    pos, neg = texts(args.positive), texts(args.negative)
-    clf = train_classifier(pos, neg, args.out, bits=args.bits, ngrams=args.ngrams, epochs=args.epochs,
-                           heldout_fraction=args.heldout)
+    def texts(specs):
+        out = [d.text for d in iter_documents(specs, errors="replace", text_field=c.text_field)]
+        return out[: c.max_docs] if c.max_docs else out
+
+    pos, neg = texts(c.positive), texts(c.negative)
+    clf = train_classifier(pos, neg, c.out, bits=c.bits, ngrams=c.ngrams, epochs=c.epochs, heldout_fraction=c.heldout)
     m = clf.metrics
     print(f"trained on {m['train_examples']:,} documents ({len(pos):,} positive, {len(neg):,} negative); "
-          f"held-out accuracy {m.get('heldout_accuracy', float('nan')):.4f} on {m['heldout_examples']:,} -> {args.out}")
+          f"held-out accuracy {m.get('heldout_accuracy', float('nan')):.4f} on {m['heldout_examples']:,} -> {c.out}")
     return 0
 
 
@@ -168,24 +166,7 @@ def _add_dedup(dsub) -> None:
                                     "Bands x rows are derived from the threshold unless given.",
                         epilog="examples:\n  lmforge data dedup --input corpus/ --out runs/dedup --threshold 0.8\n"
                                "  lmforge data dedup --input zh.jsonl --out runs/zh --ngram 5 --unit char --verify")
-    d.add_argument("--input", nargs="+", required=True, help="files, directories, globs, builtin:python-docs")
-    d.add_argument("--out", "--output", dest="output", required=True, help="output directory")
-    d.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity (default: 0.8)")
-    d.add_argument("--ngram", type=int, default=5, help="shingle size in words or characters (default: 5)")
-    d.add_argument("--unit", choices=["auto", "word", "char"], default="auto",
-                   help="shingle unit; auto = characters for CJK text, words otherwise")
-    d.add_argument("--num-perm", dest="num_perm", type=int, default=128, help="MinHash permutations (default: 128)")
-    d.add_argument("--bands", type=int, help="LSH bands (with --rows; default: derived from the threshold)")
-    d.add_argument("--rows", type=int, help="rows per band")
-    d.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="confirm candidates by exact Jaccard: no false positives, recall >= 0.99 at the threshold "
-                        "(default: on; --no-verify for plain LSH)")
-    d.add_argument("--keep", choices=["first", "longest", "score"], default="first",
-                   help="which member of a cluster survives (score: meta quality_score)")
-    d.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove exact duplicates first (default: on)")
-    d.add_argument("--text-field", dest="text_field", default="text")
-    _executor_args(d)
+    add_config_args(d, DedupCommand)
     d.set_defaults(func=cmd_dedup, _parser=d)
 
 
@@ -207,15 +188,7 @@ def _add_train_classifier(dsub) -> None:
                                     "`quality_classifier: {model: DIR, threshold: 0.5}`.",
                         epilog="example:\n  lmforge data train-classifier --positive wiki/ --negative crawl/ "
                                "--out runs/quality")
-    c.add_argument("--positive", nargs="+", required=True, help="inputs of good documents")
-    c.add_argument("--negative", nargs="+", required=True, help="inputs of bad documents")
-    c.add_argument("--out", required=True, help="output directory for the model")
-    c.add_argument("--epochs", type=int, default=10)
-    c.add_argument("--bits", type=int, default=20, help="2^bits hashed feature buckets (default: 20)")
-    c.add_argument("--ngrams", type=int, nargs="+", default=[1, 2], help="n-gram sizes (default: 1 2)")
-    c.add_argument("--heldout", type=float, default=0.1, help="share held out for evaluation (default: 0.1)")
-    c.add_argument("--max-docs", dest="max_docs", type=int, default=0, help="use at most this many per class")
-    c.add_argument("--text-field", dest="text_field", default="text")
+    add_config_args(c, TrainClassifierCommand)
     c.set_defaults(func=cmd_train_classifier, _parser=c)
 
     from lmforge.data.augment import EDA, OPERATIONS

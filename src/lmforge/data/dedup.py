@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import regex
 
+from lmforge.data.config import MinHashSettings
 from lmforge.text import CJK_CHAR
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -274,7 +275,8 @@ def shingle_hashes(texts: Sequence[str], ngram: int = 5, unit: str = "auto") -> 
 class MinHasher:
     """MinHash signatures (uint32, `num_perm` per text) computed for batches of texts."""
 
-    def __init__(self, num_perm: int = 128, ngram: int = 5, unit: str = "auto", seed: int = 1):
+    def __init__(self, num_perm: int = MinHashSettings.num_perm, ngram: int = MinHashSettings.ngram,
+                 unit: str = MinHashSettings.unit, seed: int = 1):
         if num_perm < 1:
             raise ValueError(f"num_perm must be >= 1, got {num_perm}")
         self.num_perm, self.ngram, self.unit, self.seed = num_perm, ngram, unit, seed
@@ -557,9 +559,10 @@ def choose_kept(labels: np.ndarray, keep: str = "first", lengths: np.ndarray | N
     return kept, cluster
 
 
-def near_duplicates(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
-                    unit: str = "auto", bands: int | None = None, rows: int | None = None, verify: bool = False,
-                    keep: str = "first", scores: np.ndarray | None = None, seed: int = 1,
+def near_duplicates(texts: Sequence[str], threshold: float = MinHashSettings.threshold,
+                    num_perm: int = MinHashSettings.num_perm, ngram: int = MinHashSettings.ngram,
+                    unit: str = MinHashSettings.unit, bands: int | None = None, rows: int | None = None,
+                    verify: bool = False, keep: str = MinHashSettings.keep, scores: np.ndarray | None = None, seed: int = 1,
                     batch_size: int = 2048) -> DedupResult:
     """MinHash-LSH deduplication of an in-memory list of texts."""
     if (bands is None) != (rows is None):

@@ -7,11 +7,13 @@ texts) and `decide` returns which documents to keep and the cluster of each.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from lmforge.config import field_of
 from lmforge.data import dedup
+from lmforge.data.config import MinHashSettings
 from lmforge.data.step import Decision, GlobalStep, Signatures, register
 
 
@@ -20,7 +22,7 @@ from lmforge.data.step import Decision, GlobalStep, Signatures, register
 class ExactDedup(GlobalStep):
     """Documents whose normalised text (NFKC, lower case, punctuation and spacing ignored) is identical."""
 
-    keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
+    keep: str = field_of(MinHashSettings, "keep")
     score_field: str = "quality_score"
 
     def setup(self) -> None:
@@ -42,20 +44,10 @@ class ExactDedup(GlobalStep):
 
 @register("minhash_dedup")
 @dataclass
-class MinHashDedup(GlobalStep):
-    """Near-duplicates by MinHash + LSH (see lmforge.data.dedup)."""
+class MinHashDedup(MinHashSettings, GlobalStep):
+    """Near-duplicates by MinHash + LSH (see lmforge.data.dedup); the parameters and their defaults are
+    data/config.py's MinHashSettings (shared with `lmforge data dedup`)."""
 
-    threshold: float = 0.8
-    num_perm: int = 128
-    ngram: int = 5
-    unit: str = field(default="auto", metadata={"choices": ["auto", "word", "char"]})
-    bands: int | None = None  # with rows: override the bands x rows derived from the threshold (and verify)
-    rows: int | None = None
-    # check candidates' exact Jaccard: no LSH false positives, and bands tuned so a pair at the threshold is found
-    # with probability >= 0.99. The default, as the most accurate setting (on near-duplicates of SciFact abstracts:
-    # F1 1.000 against 0.898 without, and faster); verify: false for plain LSH
-    verify: bool = True
-    keep: str = field(default="first", metadata={"choices": ["first", "longest", "score"]})
     score_field: str = "quality_score"
     seed: int = 1
 

@@ -36,7 +36,7 @@ pipeline finishes only what is missing; work/run.json (the settings and the inpu
 times) decides whether an earlier run's files may be reused. Every file is written to a temporary
 name and renamed when complete: an interrupted run leaves complete shards only.
 
-This module holds the config and the run (`run_pipeline`); the work is in data/tasks.py (a map
+This module holds the run (`run_pipeline`; the config, `PipelineConfig`, is data/config.py's); the work is in data/tasks.py (a map
 task, a global step), the executors in data/executors.py, the files in data/writers.py and the
 statistics in data/stats.py.
 """
@@ -52,13 +52,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lmforge.config import ConfigError, from_dict, read_config_file
+from lmforge.data.config import PipelineConfig
 from lmforge.data.executors import run_local, run_ray
 from lmforge.data.sources import resolve_inputs, split_points, splittable
 from lmforge.data.stats import LENGTH_BINS, merge_stats
@@ -67,30 +67,6 @@ from lmforge.data.tasks import run_global_step, split_stages, steps_for
 from lmforge.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PipelineConfig:
-    input: list[str] = field(default_factory=list, metadata={"help": "files, directories, globs, builtin:python-docs"})
-    output: str = field(default="", metadata={"help": "output directory"})
-    steps: list = field(default_factory=list, metadata={"help": "step names, or {name: {param: value}} mappings"})
-    text_field: str = field(default="text", metadata={"help": "text field/column of jsonl, csv and parquet input"})
-    errors: str = field(default="strict", metadata={"choices": ["strict", "replace"],
-                                                    "help": "undecodable bytes: a bad record, or replaced by U+FFFD"})
-    encoding: str = field(default="utf-8", metadata={
-        "help": "text encoding of the inputs (utf-8, gb18030, gbk, big5, utf-16, latin-1, ...) or auto (a byte-order "
-                "mark, else UTF-8, else GB18030, else Latin-1; documents read otherwise than as UTF-8 carry meta "
-                "encoding)"})
-    on_error: str = field(default="fail", metadata={"choices": ["fail", "skip"],
-                                                    "help": "bad input record: stop, or write it to rejects and go on"})
-    executor: str = field(default="local", metadata={"choices": ["local", "ray"]})
-    workers: int = field(default=0, metadata={"help": "worker processes for the local executor (0: all cores)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local instance)"})
-    output_format: str = field(default="jsonl.gz", metadata={"choices": ["jsonl.gz", "parquet"]})
-    split_by: str | None = field(default=None, metadata={"help": "meta field whose value names an output subfolder "
-                                                                  "(e.g. language)"})
-    keep_rejected_text: bool = field(default=True, metadata={"help": "store the text of removed documents in rejects"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
 def load_pipeline(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lmforge.infer.config import BatchingConfig
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.scheduler import Event, Group, Scheduler
 from lmforge.model.transformer import Transformer
@@ -47,9 +48,10 @@ class ContinuousBatcher:
     bounds the prompt tokens one step prefills: prompts admitted together, or one chunk of a longer prompt (chunked
     prefill: a long prompt or a burst of them would otherwise stall every running stream for one long forward)."""
 
-    def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None, prefix_cache_tokens: int = 16384, min_prefix: int = 16,
-                 max_prefill_tokens: int = 256):
+    def __init__(self, model: Transformer, tokenizer, max_batch: int = BatchingConfig.max_batch,
+                 max_queue: int = BatchingConfig.max_queue, context: int | None = None,
+                 prefix_cache_tokens: int = 16384, min_prefix: int = 16,
+                 max_prefill_tokens: int = BatchingConfig.max_prefill_tokens):
         self.scheduler = Scheduler(model, tokenizer, capacity=max_batch, context=context,
                                    prefix_cache_tokens=prefix_cache_tokens, min_prefix=min_prefix,
                                    max_prefill_tokens=max_prefill_tokens)

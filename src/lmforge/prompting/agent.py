@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.infer.client import ModelClient, Sampling
+from lmforge.prompting.config import MAX_TOKENS, AgentCommand
 from lmforge.prompting.tools import Tool, describe
 
 REACT_PROMPT = """Answer the question as well as you can. You have these tools:
@@ -79,13 +80,14 @@ def parse_react(text: str) -> tuple[str, str | None, str | None, str | None]:
 
 
 class ReActAgent:
-    def __init__(self, client: ModelClient, tools: list[Tool], mode: str = "text", max_steps: int = 8,
+    def __init__(self, client: ModelClient, tools: list[Tool], mode: str = AgentCommand.mode,
+                 max_steps: int = AgentCommand.max_steps,
                  loop_limit: int = 2, sampling: Sampling | None = None, prompt: str = REACT_PROMPT):
         if mode not in ("text", "openai"):
             raise ValueError(f"mode {mode!r}: text or openai")
         self.client, self.tools, self.mode = client, {t.name: t for t in tools}, mode
         self.max_steps, self.loop_limit, self.prompt = max_steps, loop_limit, prompt
-        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=256)
+        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=MAX_TOKENS)
 
     def _observe(self, name: str | None, value) -> str:
         if name not in self.tools:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.client import ModelClient, Sampling
+from lmforge.prompting.config import MAX_TOKENS, ChainCommand
 from lmforge.prompting.fewshot import PromptTemplate
 
 _STEP_KEYS = {"name", "prompt", "retrieve", "tool", "query", "input", "k", "mode", "max_tokens", "temperature", "stop"}
@@ -89,7 +90,7 @@ class Chain:
             try:
                 if kind == "prompt":
                     step = Step(name, kind, PromptTemplate(str(r["prompt"])), sampling=Sampling(
-                        temperature=float(r.get("temperature", 0.0)), max_tokens=int(r.get("max_tokens", 256)),
+                        temperature=float(r.get("temperature", 0.0)), max_tokens=int(r.get("max_tokens", MAX_TOKENS)),
                         stop=list(r.get("stop", []))))
                 elif kind == "retrieve":
                     if "query" not in r:
@@ -169,7 +170,7 @@ def read_inputs(path: str | Path) -> Iterator[dict]:
 
 
 def run_chain(chain: Chain, client: ModelClient | None, inputs: str | Path, out: str | Path,
-              batch_size: int = 16) -> dict:
+              batch_size: int = ChainCommand.batch_size) -> dict:
     """Run the chain over every input record not yet in `out` (resuming after its last complete line)."""
     out = Path(out)
     done: set[int] = set()

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from lmforge.config import add_config_args, config_from_args
+from lmforge.prompting.config import MAX_TOKENS, AgentCommand, AutoCotCommand, ChainCommand, CotCommand, EvalCommand, TotCommand
+
 EXAMPLES = """examples:
   lmforge prompt cot --model runs/sft/merged --question "A pen costs 3 dollars. How much do 4 pens cost?"
   lmforge prompt cot --endpoint http://localhost:8000/v1 --question "..." --samples 10 --temperature 0.7
@@ -33,16 +36,17 @@ def cmd_cot(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.prompting.reasoning import ChainOfThought, Sampling, read_demos, self_consistency
 
+    c = config_from_args(CotCommand, args)
     client = client_from_args(args)
-    demos = read_demos(args.demos)
-    if args.samples > 1:
-        vote = self_consistency(client, args.question, args.samples, args.temperature, args.rule, demos,
-                                args.max_tokens, args.seed)
+    demos = read_demos(c.demos)
+    if c.samples > 1:
+        vote = self_consistency(client, c.question, c.samples, c.temperature, c.rule, demos, args.max_tokens,
+                                args.seed)
         out = {"answer": vote.answer, "votes": vote.votes, "tie": vote.tie, "failures": vote.failures,
                "chains": [c["reasoning"] for c in vote.samples]}
     else:
         r = ChainOfThought(client, demos, sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens,
-                                                            stop=["\n\nQ:", "\nQ:"])).answer(args.question, args.rule)[0]
+                                                            stop=["\n\nQ:", "\nQ:"])).answer(c.question, c.rule)[0]
         out = {"answer": r["answer"], "reasoning": r["reasoning"]}
     print(json.dumps(out, ensure_ascii=False, indent=None if args.json else 2))
     return 0
@@ -53,9 +57,10 @@ def cmd_agent(args) -> int:
     from lmforge.prompting.agent import ReActAgent
     from lmforge.prompting.tools import build_tools
 
-    agent = ReActAgent(client_from_args(args), build_tools(args.tools, args.tool_module), args.mode, args.max_steps,
+    c = config_from_args(AgentCommand, args)
+    agent = ReActAgent(client_from_args(args), build_tools(c.tools, c.tool_module), c.mode, c.max_steps,
                        sampling=Sampling(temperature=0.0, max_tokens=args.max_tokens))
-    result = agent.run(args.question, args.trace)
+    result = agent.run(c.question, c.trace)
     if args.json:
         print(json.dumps({"answer": result.answer, "stopped": result.stopped, "steps": result.trace()},
                          ensure_ascii=False))
@@ -74,13 +79,14 @@ def cmd_auto_cot(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.prompting.reasoning import auto_cot
 
-    rows = [json.loads(line) for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    c = config_from_args(AutoCotCommand, args)
+    rows = [json.loads(line) for line in Path(c.questions).read_text(encoding="utf-8").splitlines() if line.strip()]
     questions = [r["question"] if isinstance(r, dict) else str(r) for r in rows]
-    demos = auto_cot(client_from_args(args), questions, args.clusters, seed=args.seed)
-    with atomic_write(Path(args.out)) as f:
+    demos = auto_cot(client_from_args(args), questions, c.clusters, seed=args.seed)
+    with atomic_write(Path(c.out)) as f:
         for d in demos:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    print(f"{len(demos)} demonstrations from {args.clusters} clusters -> {args.out} (use with --demos)", file=sys.stderr)
+    print(f"{len(demos)} demonstrations from {c.clusters} clusters -> {c.out} (use with --demos)", file=sys.stderr)
     return 0
 
 
@@ -89,13 +95,14 @@ def cmd_eval(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.prompting.reasoning import compare_methods, read_demos
 
-    docs = read_gsm8k(Path(args.data))[:args.limit or None]
-    report = compare_methods(client_from_args(args), docs, args.methods.split(","), read_demos(args.demos), args.samples,
-                             args.temperature, args.max_tokens, args.seed)
-    if args.out:
+    c = config_from_args(EvalCommand, args)
+    docs = read_gsm8k(Path(c.data))[:c.limit or None]
+    report = compare_methods(client_from_args(args), docs, c.methods.split(","), read_demos(c.demos), c.samples,
+                             c.temperature, args.max_tokens, args.seed)
+    if c.out:
         from lmforge.files import write_json
 
-        write_json(Path(args.out), report)
+        write_json(Path(c.out), report)
     if args.json:
         print(json.dumps({"examples": report["examples"], "methods": report["methods"]}))
     else:
@@ -109,12 +116,13 @@ def cmd_tot(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.prompting.tot import TreeOfThoughts, builtin_puzzles, cot_solve, write_trace
 
-    puzzles = [" ".join(args.puzzle.split())] if args.puzzle else builtin_puzzles(args.ranks)
-    if args.puzzle and (len(puzzles[0].split()) != 4 or not all(n.isdigit() for n in puzzles[0].split())):
-        raise ConfigError(f"--puzzle {args.puzzle!r}: four whole numbers, e.g. '4 9 10 13'")
+    c = config_from_args(TotCommand, args)
+    puzzles = [" ".join(c.puzzle.split())] if c.puzzle else builtin_puzzles(c.ranks)
+    if c.puzzle and (len(puzzles[0].split()) != 4 or not all(n.isdigit() for n in puzzles[0].split())):
+        raise ConfigError(f"--puzzle {c.puzzle!r}: four whole numbers, e.g. '4 9 10 13'")
     client = client_from_args(args)
-    solver = TreeOfThoughts(client, search=args.search, breadth=args.breadth, evaluate_samples=args.evaluate_samples,
-                            temperature=args.temperature, max_states=args.max_states, max_tokens=args.max_tokens,
+    solver = TreeOfThoughts(client, search=c.search, breadth=c.breadth, evaluate_samples=c.evaluate_samples,
+                            temperature=c.temperature, max_states=c.max_states, max_tokens=args.max_tokens,
                             seed=args.seed)
     rows = []
     for p in puzzles:
@@ -122,15 +130,15 @@ def cmd_tot(args) -> int:
         if not args.json:
             print(f"{p:<14} {'ok ' if rows[-1]['correct'] else 'no '} {rows[-1]['answer'] or '-'}", file=sys.stderr)
     report = {"puzzles": len(puzzles), "model": client.name,
-              f"tot-{args.search}": sum(r["correct"] for r in rows) / len(rows)}
-    if args.search == "bfs":
+              f"tot-{c.search}": sum(r["correct"] for r in rows) / len(rows)}
+    if c.search == "bfs":
         report["tot-bfs-any"] = sum(r["any_correct"] for r in rows) / len(rows)
-    if args.compare_cot:
+    if c.compare_cot:
         cot = cot_solve(client, puzzles, args.max_tokens)
         rows += cot
         report["cot"] = sum(r["correct"] for r in cot) / len(cot)
-    if args.trace:
-        write_trace(Path(args.trace), rows)
+    if c.trace:
+        write_trace(Path(c.trace), rows)
     print(json.dumps(report) if args.json else "\n".join(f"{k:<12} {v:.3f}" if isinstance(v, float) else f"{k:<12} {v}"
                                                           for k, v in report.items()))
     return 0
@@ -140,10 +148,11 @@ def cmd_chain(args) -> int:
     from lmforge.infer.client import client_from_args
     from lmforge.prompting.chain import Chain, run_chain
 
+    c = config_from_args(ChainCommand, args)
     chain = Chain.load(args.chain)
     needs_model = any(s.kind == "prompt" for s in chain.steps)
     client = client_from_args(args) if needs_model or args.model or args.endpoint else None
-    result = run_chain(chain, client, args.inputs, args.out, args.batch_size)
+    result = run_chain(chain, client, c.inputs, c.out, c.batch_size)
     print(json.dumps(result) if args.json else
           f"{result['done']} records -> {result['out']} ({result['skipped']} already there, skipped)")
     return 0
@@ -157,59 +166,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "See docs/prompting.md.")
     psub = p.add_subparsers(dest="prompt_command", metavar="ACTION", parser_class=type(p))
     p.set_defaults(func=lambda a: p.print_help())
-    model = model_options(max_tokens=256)
+    model = model_options(max_tokens=MAX_TOKENS)
     c = psub.add_parser("cot", parents=[model], help="chain-of-thought answer (self-consistency with --samples)")
-    c.add_argument("--question", required=True)
-    c.add_argument("--demos", metavar="FILE.jsonl", help="few-shot CoT demonstrations (question, rationale)")
-    c.add_argument("--samples", type=int, default=1, help="sampled chains for self-consistency (1: greedy CoT)")
-    c.add_argument("--temperature", type=float, default=0.7, help="self-consistency's sampling temperature")
-    c.add_argument("--rule", default="number", help="answer extraction: number, letter, text, regex:PATTERN")
+    add_config_args(c, CotCommand)
     c.set_defaults(func=cmd_cot)
     a = psub.add_parser("agent", parents=[model], help="a ReAct agent with tools")
-    a.add_argument("--question", required=True)
-    a.add_argument("--tools", default="calculator", help="calculator, python, search:INDEX_DIR (comma-separated)")
-    a.add_argument("--tool-module", action="append", default=[], metavar="MODULE:FN[,FN]",
-                   help="your own tools: functions of one string argument (module or file.py)")
-    a.add_argument("--mode", default="text", choices=["text", "openai"],
-                   help="text: Thought/Action/Observation lines; openai: the API's tool calling")
-    a.add_argument("--max-steps", type=int, default=8)
-    a.add_argument("--trace", metavar="FILE.jsonl", help="write every step here")
+    add_config_args(a, AgentCommand)
     a.set_defaults(func=cmd_agent)
     ac = psub.add_parser("auto-cot", parents=[model], help="build Auto-CoT demonstrations from questions")
-    ac.add_argument("--questions", required=True, metavar="FILE.jsonl", help="records with a 'question' field")
-    ac.add_argument("--clusters", type=int, default=8)
-    ac.add_argument("--out", required=True, metavar="FILE.jsonl")
+    add_config_args(ac, AutoCotCommand)
     ac.set_defaults(func=cmd_auto_cot)
     e = psub.add_parser("eval", parents=[model], help="GSM8K-style accuracy: greedy vs CoT vs self-consistency")
-    e.add_argument("--data", required=True, metavar="FILE.jsonl", help="GSM8K jsonl (question, answer '... #### N')")
-    e.add_argument("--methods", default="greedy,cot,self-consistency")
-    e.add_argument("--demos", metavar="FILE.jsonl")
-    e.add_argument("--samples", type=int, default=5, help="self-consistency: chains per question")
-    e.add_argument("--temperature", type=float, default=0.7)
-    e.add_argument("--limit", type=int, default=0)
-    e.add_argument("--out", metavar="FILE.json", help="write the per-question predictions too")
+    add_config_args(e, EvalCommand)
     e.set_defaults(func=cmd_eval)
     t = psub.add_parser("tot", parents=[model], help="Tree of Thoughts on the Game of 24 (success rate, vs CoT)",
                         description="Tree of Thoughts (Yao et al. 2023): propose next steps, value the states (sure / "
                                     "likely / impossible), search by BFS or DFS. Puzzles: the paper's built-in list "
-                                    "(ranks 901-1000 by default) or --puzzle. See docs/prompting.md.")
-    t.add_argument("--puzzle", help="one puzzle, four numbers (default: the built-in list, --ranks)")
-    t.add_argument("--ranks", default="901-1000", help="built-in puzzles by rank: 901-1000, or 901,905")
-    t.add_argument("--search", choices=["bfs", "dfs"], default="bfs")
-    t.add_argument("--breadth", type=int, default=5, help="BFS: states kept after each step (the paper's b)")
-    t.add_argument("--evaluate-samples", type=int, default=1,
-                   help="value replies per state (the paper: 3, sampled); 1 is greedy")
-    t.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the value replies (n > 1)")
-    t.add_argument("--max-states", type=int, default=30, help="DFS: states expanded at most per puzzle")
-    t.add_argument("--compare-cot", action="store_true", help="also solve each puzzle by plain chain of thought")
-    t.add_argument("--trace", metavar="FILE.jsonl", help="write every puzzle's result and search trace here")
+                                    "(--ranks) or --puzzle. See docs/prompting.md.")
+    add_config_args(t, TotCommand)
     t.set_defaults(func=cmd_tot)
     ch = psub.add_parser("chain", parents=[model], help="a prompt chain from a YAML file over a JSONL of inputs",
                          description="Steps whose outputs feed later templates (model prompts, retrieval from an "
                                      "lmforge index, calculator / python tools), run over every input record; "
                                      "rerun with the same --out to go on where it stopped. See docs/prompting.md.")
     ch.add_argument("chain", metavar="FILE.yaml", help="the chain: a list of steps under 'steps'")
-    ch.add_argument("--inputs", required=True, metavar="FILE.jsonl", help="one JSON object a line: the variables")
-    ch.add_argument("--out", required=True, metavar="FILE.jsonl", help="each input plus one field per step")
-    ch.add_argument("--batch-size", type=int, default=16, help="records per batch (model steps: one request each)")
+    add_config_args(ch, ChainCommand)
     ch.set_defaults(func=cmd_chain)

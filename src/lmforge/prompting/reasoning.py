@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.infer.client import ModelClient, Sampling
+from lmforge.prompting.config import MAX_TOKENS, METHODS, AutoCotCommand, CotCommand, EvalCommand
 
 ZERO_SHOT_TRIGGER = "Let's think step by step."
 ZERO_SHOT_TRIGGER_ZH = "让我们一步一步地思考。"
@@ -120,7 +121,7 @@ class ChainOfThought:
     def __init__(self, client: ModelClient, demos: Sequence[dict] = (), trigger: str = ZERO_SHOT_TRIGGER,
                  sampling: Sampling | None = None):
         self.client, self.demos, self.trigger = client, list(demos), trigger
-        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=256, stop=["\n\nQ:", "\nQ:"])
+        self.sampling = sampling or Sampling(temperature=0.0, max_tokens=MAX_TOKENS, stop=["\n\nQ:", "\nQ:"])
 
     def answer(self, question: str, rule: str = "number", n: int = 1, sampling: Sampling | None = None) -> list[dict]:
         prompt = cot_prompt(question, self.demos, self.trigger)
@@ -135,8 +136,9 @@ class ChainOfThought:
                 for r, p in zip(replies, prompts)]
 
 
-def self_consistency(client: ModelClient, question: str, k: int = 10, temperature: float = 0.7, rule: str = "number",
-                     demos: Sequence[dict] = (), max_tokens: int = 256, seed: int = 0) -> Vote:
+def self_consistency(client: ModelClient, question: str, k: int = 10, temperature: float = CotCommand.temperature,
+                     rule: str = CotCommand.rule,
+                     demos: Sequence[dict] = (), max_tokens: int = MAX_TOKENS, seed: int = 0) -> Vote:
     """k sampled chains of thought, their answers extracted, the majority answer (Wang et al. 2022)."""
     cot = ChainOfThought(client, demos)
     s = Sampling(temperature=temperature, max_tokens=max_tokens, stop=["\n\nQ:", "\nQ:"], seed=seed)
@@ -180,8 +182,9 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 300, tol: float = 
     return labels, centres, float(d2[np.arange(len(x)), labels].sum())
 
 
-def auto_cot(client: ModelClient, questions: Sequence[str], n_clusters: int = 8, embedder=None, seed: int = 0,
-             max_question_tokens: int = 60, max_steps: int = 5, rule: str = "number", tokenizer=None) -> list[dict]:
+def auto_cot(client: ModelClient, questions: Sequence[str], n_clusters: int = AutoCotCommand.clusters, embedder=None,
+             seed: int = 0, max_question_tokens: int = 60, max_steps: int = 5, rule: str = "number",
+             tokenizer=None) -> list[dict]:
     """Auto-CoT demonstrations: embed the questions (MiniLM, as the authors), k-means into n_clusters, and in each
     cluster take the question nearest its centre whose zero-shot CoT passes the paper's rules (question at most
     max_question_tokens tokens, rationale at most max_steps steps, an extractable answer). Each demo: {"question",
@@ -214,7 +217,6 @@ def auto_cot(client: ModelClient, questions: Sequence[str], n_clusters: int = 8,
 
 # --- the evaluation hook ---------------------------------------------------------------------------------------------
 
-METHODS = ("greedy", "cot", "self-consistency")
 
 
 def gsm8k_target(doc: dict) -> str:
@@ -223,7 +225,8 @@ def gsm8k_target(doc: dict) -> str:
 
 
 def compare_methods(client: ModelClient, docs: Sequence[dict], methods: Sequence[str] = METHODS,
-                    demos: Sequence[dict] = (), k: int = 5, temperature: float = 0.7, max_tokens: int = 256,
+                    demos: Sequence[dict] = (), k: int = EvalCommand.samples,
+                    temperature: float = EvalCommand.temperature, max_tokens: int = MAX_TOKENS,
                     seed: int = 0) -> dict:
     """GSM8K-style accuracy of each method on the same questions: greedy (the question alone, the last number of
     the reply), cot (chain of thought, few-shot with `demos` else zero-shot) and self-consistency (k sampled chains,

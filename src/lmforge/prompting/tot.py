@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from lmforge.infer.client import ModelClient, Sampling
+from lmforge.prompting.config import TotCommand
 
 PROPOSE_PROMPT = """Each step combines two of the numbers with +, -, * or / and writes what is left.
 Input: 3 5 7 12
@@ -233,8 +234,9 @@ class TreeOfThoughts:
     expanded; at most `max_states` expansions) over Game-of-24 states. `evaluate_samples` value replies per state,
     sampled at `temperature` when more than one (greedy otherwise)."""
 
-    def __init__(self, client: ModelClient, search: str = "bfs", breadth: int = 5, evaluate_samples: int = 1,
-                 temperature: float = 0.7, prune_below: float = 1.0, max_states: int = 30, max_tokens: int = 160,
+    def __init__(self, client: ModelClient, search: str = TotCommand.search, breadth: int = TotCommand.breadth,
+                 evaluate_samples: int = TotCommand.evaluate_samples, temperature: float = TotCommand.temperature,
+                 prune_below: float = 1.0, max_states: int = TotCommand.max_states, max_tokens: int = 160,
                  seed: int = 0):
         if search not in ("bfs", "dfs"):
             raise ValueError(f"search must be bfs or dfs, got {search!r}")
@@ -331,7 +333,7 @@ def cot_solve(client: ModelClient, puzzles: Sequence[str], max_tokens: int = 160
     return out
 
 
-def builtin_puzzles(ranks: str = "901-1000") -> list[str]:
+def builtin_puzzles(ranks: str = TotCommand.ranks) -> list[str]:
     """Puzzles of the built-in list (prompting/data/game24.tsv, the paper's) by rank, "901-1000" or "1,5,7"."""
     from importlib import resources
 

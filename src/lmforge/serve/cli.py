@@ -14,6 +14,13 @@ def _tokens(text: str) -> int:
     return n
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
 def build_server(args: argparse.Namespace):
     from lmforge.infer.load import load_from_args
     from lmforge.serve.app import Server
@@ -57,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.config import add_field_arg
+    from lmforge.infer.config import BatchingConfig
     from lmforge.infer.load import add_inference_args
     from lmforge.rag.config import AskConfig
 
@@ -75,12 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--name", help="the model id clients see (default: the directory's name)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
+    add_field_arg(s, BatchingConfig, "max_batch", type=_positive)
+    add_field_arg(s, BatchingConfig, "max_queue", type=_tokens)
     s.add_argument("--context", type=int, help="KV-cache tokens per request (default: the model's max_seq_len)")
-    s.add_argument("--max-prefill-tokens", type=_tokens, default=256, metavar="N",
-                   help="prompt tokens prefilled per step: a longer prompt is prefilled in chunks of N between the "
-                        "running streams' tokens (chunked prefill); 0: no bound, each prompt in one forward")
+    add_field_arg(s, BatchingConfig, "max_prefill_tokens", type=_tokens, metavar="N")
     s.add_argument("--cors", nargs="*", metavar="ORIGIN", help="allow browsers from these origins (CORS)")
     s.add_argument("--index", metavar="RAG_DIR", help="answer chat requests from this `lmforge rag index` (sources "
                                                        "in the response; \"I don't know\" when nothing is relevant)")

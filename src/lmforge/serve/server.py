@@ -15,6 +15,7 @@ from lmforge.chat.templates import check_template_variables, model_template
 from lmforge.chat.tools import parse_tool_calls
 from lmforge.config import ConfigError
 from lmforge.infer.batching import ContinuousBatcher, Event, QueueFull
+from lmforge.infer.config import BatchingConfig
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.serve.schemas import APIError, ChatRequest, Message, SamplingRequest
 
@@ -26,10 +27,10 @@ class Server:
     None for a template without them), the batcher, counters, an optional sentence embedder for /v1/embeddings,
     and with --index a RAG index the chat answers come from."""
 
-    def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64, context: int | None = None, embedder=None, embedder_name: str = "embedder",
-                 index=None, ask_cfg=None, template_kwargs: dict | None = None,
-                 max_prefill_tokens: int | None = 256):
+    def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None,
+                 max_batch: int = BatchingConfig.max_batch, max_queue: int = BatchingConfig.max_queue,
+                 context: int | None = None, embedder=None, embedder_name: str = "embedder", index=None, ask_cfg=None,
+                 template_kwargs: dict | None = None, max_prefill_tokens: int | None = BatchingConfig.max_prefill_tokens):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
         self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
                                          max_prefill_tokens=max_prefill_tokens)

@@ -5,6 +5,7 @@ Qwen3 with a per-layer attention pattern."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -145,3 +146,91 @@ def test_width_pruning_refuses_what_it_cannot_narrow(tmp_path, capsys):
     assert main(["distill", "init", "--teacher", str(tmp_path / "moe"), "--d-ff", "32", "--out",
                  str(tmp_path / "s2")]) == 2
     assert "experts: --d-ff narrows dense MLPs only" in capsys.readouterr().err
+
+
+def _calibration_texts() -> list[str]:
+    from tests.corpora import chinese_news, english
+
+    words = english(6_000).split()
+    texts = [" ".join(words[i:i + 40 + 7 * (i % 5)]) for i in range(0, 600, 60)]
+    news = chinese_news(2_000)
+    return [t for pair in zip(texts, [news[i:i + 90] for i in range(0, 900, 90)]) for t in pair]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_activation_pruning_keeps_the_neurons_most_active_on_the_calibration_text(kind, trained_dir, tmp_path):
+    """--prune-by activation: measured independently (transformers' tokenizer and model, hooks at the MLP's output
+    projection, each document one row, the first T tokens), each intermediate neuron's mean |activation|; the
+    student keeps exactly the top N of those in every block, and in transformers its logits equal the teacher's with
+    every other neuron's output weights zeroed."""
+    import shutil
+
+    vocab = transformers.PreTrainedTokenizerFast(tokenizer_file=str(trained_dir / "tokenizer.json"))
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        teacher, width, window = transformers.LlamaForCausalLM(cfg).eval(), 64, 512
+    else:
+        cfg = transformers.GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=48)
+        teacher, width, window = transformers.GPT2LMHeadModel(cfg).eval(), 128, 48  # rows within its 48 positions
+    teacher.save_pretrained(tmp_path / "teacher")
+    for f in trained_dir.iterdir():
+        shutil.copy(f, tmp_path / "teacher" / f.name)
+    texts = _calibration_texts()
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                          encoding="utf-8")
+    budget = 300  # tokens: the documents hold more, so the last row is cut short
+    rows, seen = [], 0
+    for text in texts:
+        ids = vocab(text, add_special_tokens=False)["input_ids"][:min(window, budget - seen)]
+        rows.append(ids)
+        seen += len(ids)
+        if seen >= budget:
+            break
+    assert seen == budget and len(rows) > 2
+    blocks = teacher.transformer.h if kind == "gpt2" else teacher.model.layers
+    outputs = [b.mlp.c_proj if kind == "gpt2" else b.mlp.down_proj for b in blocks]
+    sums = [torch.zeros(width, dtype=torch.float64) for _ in blocks]
+
+    def record(i, module, inputs):  # returns None: the module's input is left as it is
+        sums[i] += inputs[0].abs().double().sum((0, 1))
+
+    hooks = [m.register_forward_pre_hook(partial(record, i)) for i, m in enumerate(outputs)]
+    with torch.no_grad():
+        for ids in rows:
+            teacher(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    d_ff = width // 2 + 3
+    keep = []
+    for s in sums:
+        ranked = (s / budget).sort(descending=True).values
+        assert ranked[d_ff - 1] - ranked[d_ff] > 1e-6 * ranked[0]  # a clear cut: the expected set is well defined
+        keep.append((s / budget).topk(d_ff).indices.sort().values)
+    info = cut_student(tmp_path / "teacher", tmp_path / "student", d_ff=d_ff, prune_by="activation",
+                       calib_data=[str(tmp_path / "calib.jsonl")], calib_tokens=budget)
+    assert info["prune_by"] == "activation" and info["d_ff"] == d_ff
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    s_blocks = student.transformer.h if kind == "gpt2" else student.model.layers
+    with torch.no_grad():
+        for b, (t_out, s_block) in enumerate(zip(outputs, s_blocks)):
+            if kind == "gpt2":
+                torch.testing.assert_close(s_block.mlp.c_proj.weight, t_out.weight[keep[b]], rtol=0, atol=0)
+                t_out.weight[[i for i in range(width) if i not in keep[b].tolist()]] = 0
+            else:
+                torch.testing.assert_close(s_block.mlp.down_proj.weight, t_out.weight[:, keep[b]], rtol=0, atol=0)
+                t_out.weight[:, [i for i in range(width) if i not in keep[b].tolist()]] = 0
+        ids = torch.tensor([rows[0][:16], rows[1][:16]])
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_pruning_needs_its_data(tmp_path, capsys):
+    _teacher("llama", tmp_path / "teacher")
+    teacher = str(tmp_path / "teacher")
+    assert main(["distill", "init", "--teacher", teacher, "--d-ff", "32", "--prune-by", "activation",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "calib_data: --prune-by activation measures activations on text" in capsys.readouterr().err
+    assert main(["distill", "init", "--teacher", teacher, "--keep-every", "2", "--prune-by", "activation",
+                 "--calib-data", "x.txt", "--out", str(tmp_path / "s")]) == 2
+    assert "give --d-ff N too" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Students cut from a teacher: the teacher's HF directory with only some of its blocks (DistilBERT's every other
 layer, Minitron's depth pruning), the embeddings, final norm and head kept, and optionally narrower MLPs (Minitron's
-width pruning of the intermediate neurons). The cut works on the checkpoint's
+width pruning of the intermediate neurons, ranked by their weights or by their activations over calibration text).
+The cut works on the checkpoint's
 names (`...layers.N.` / GPT-2's `...h.N.`), so it is the same for every family transformers loads; the config's
 per-layer lists (layer_types, ...) keep the chosen layers' entries. The result loads in transformers and lmforge
 and starts distillation close to the teacher."""
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
+from functools import partial
 from pathlib import Path
 
 from lmforge.config import ConfigError
@@ -76,9 +79,65 @@ def _neuron_importance(tensors: dict, block: str, layout: str, width: int):
     return read * write
 
 
-def _prune_width(tensors: dict, config: dict, d_ff: int, where: str) -> dict:
+#: how --d-ff ranks the intermediate neurons: by their weights (no data) or by their activations (--calib-data)
+PRUNE_BY = ["weight", "activation"]
+#: calibration tokens of --prune-by activation (Minitron measures on about this order of tokens; more costs a forward
+#: pass of the student per row and changes little in which neurons rank highest)
+CALIB_TOKENS = 8192
+#: the longest calibration row (one document's first tokens), within the model's own context
+CALIB_ROW = 512
+# the input of a block's MLP output projection is the intermediate activation: lmforge's down_proj (every dense
+# family), or transformers' own module names on the portable path (down_proj, GPT-2's c_proj)
+_DOWN = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.mlp\.(?:down_proj|c_proj)$")
+
+
+def activation_importance(model_dir: str | Path, calib_data: list[str], calib_tokens: int = CALIB_TOKENS,
+                          text_field: str = "text", tokenizer_dir: str | Path | None = None) -> dict:
+    """Minitron's activation-based importance of every block's intermediate MLP neurons: the mean |activation| at the
+    input of the MLP's output projection, over the first `calib_tokens` tokens of the documents in `calib_data`
+    (each document one row of at most CALIB_ROW tokens, or the model's context if shorter; the last row cut to what
+    is left). Returns {block index: (d_ff,) float64 tensor}."""
+    import torch
+
+    from lmforge.data.sources import iter_documents
+    from lmforge.model import load_hf_model
+    from lmforge.tokenizer import load_tokenizer
+
+    model = load_hf_model(model_dir).eval()
+    tok = load_tokenizer(tokenizer_dir or model_dir)
+    window = min(CALIB_ROW, getattr(model.cfg, "max_seq_len", CALIB_ROW) or CALIB_ROW)
+    sums: dict[int, torch.Tensor] = {}
+
+    def record(block: int, module, inputs) -> None:
+        a = inputs[0].detach().abs().double()
+        sums[block] = sums.get(block, 0) + a.reshape(-1, a.shape[-1]).sum(0)
+
+    hooks = [m.register_forward_pre_hook(partial(record, int(found.group(1))))
+             for name, m in model.named_modules() if (found := _DOWN.search(name))]
+    if not hooks:
+        raise ConfigError(f"{model_dir}: no MLP output projections (down_proj / c_proj) to measure activations at")
+    seen = 0
+    try:
+        with torch.no_grad():
+            for doc in iter_documents(calib_data, text_field=text_field):
+                ids = tok.encode_for_model([doc.text], max_length=min(window, calib_tokens - seen))[0]
+                if ids:
+                    model(torch.tensor([ids]))
+                    seen += len(ids)
+                if seen >= calib_tokens:
+                    break
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise ConfigError(f"calib_data: {', '.join(map(str, calib_data))} holds no text to measure activations on")
+    return {block: total / seen for block, total in sums.items()}
+
+
+def _prune_width(tensors: dict, config: dict, d_ff: int, where: str, importance: dict | None = None) -> dict:
     """The checkpoint with every block's MLP cut to its `d_ff` most important intermediate neurons (kept in their
-    order), and the config's width set to `d_ff`."""
+    order), and the config's width set to `d_ff`. `importance`: {block index: a score per neuron}
+    (`activation_importance`); without it, the weights' `_neuron_importance`."""
     import torch
 
     key = next((k for k in _WIDTH_KEYS if k in config), None)
@@ -97,7 +156,9 @@ def _prune_width(tensors: dict, config: dict, d_ff: int, where: str) -> dict:
             experts = any(name.startswith(f"{block}.") and "expert" in name for name in tensors)
             raise ConfigError(f"{where}: {block} has " + ("experts: --d-ff narrows dense MLPs only" if experts else
                               "no MLP lmforge can narrow (gate_proj/up_proj/down_proj, gate_up_proj, c_fc/c_proj)"))
-        keep = _neuron_importance(tensors, block, layout, width).topk(d_ff).indices.sort().values
+        score = (_neuron_importance(tensors, block, layout, width) if importance is None else
+                 importance[int(block.rsplit(".", 1)[1])])
+        keep = score.topk(d_ff).indices.sort().values
         ins, out = _MLPS[layout]
         for name in ins:
             rows = keep if layout != "fused" else torch.cat([keep, keep + width])
@@ -113,14 +174,25 @@ def _prune_width(tensors: dict, config: dict, d_ff: int, where: str) -> dict:
 
 
 def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None = None, keep_every: int = 0,
-                d_ff: int | None = None) -> dict:
+                d_ff: int | None = None, prune_by: str = PRUNE_BY[0], calib_data: list[str] | None = None,
+                calib_tokens: int = CALIB_TOKENS, text_field: str = "text") -> dict:
     """Write a student model directory to `out`: the teacher's blocks `layers` (or every `keep_every`-th; all of
     them when neither is given and `d_ff` is), renumbered 0..k-1, with everything else of the teacher; with `d_ff`,
-    each block's MLP keeps its `d_ff` most important intermediate neurons (`_neuron_importance`). Returns
-    {"layers", "teacher_layers", "kept", "parameters", "teacher_parameters", "d_ff"}."""
+    each block's MLP keeps its `d_ff` most important intermediate neurons: by their weights (`prune_by` "weight",
+    `_neuron_importance`) or by their mean |activation| over `calib_tokens` tokens of `calib_data` in the
+    depth-cut student (`prune_by` "activation", `activation_importance`). Returns {"layers", "teacher_layers",
+    "kept", "parameters", "teacher_parameters", "d_ff", "prune_by"}."""
     from lmforge.files import StagedDirectory, save_tensors, write_json
     from lmforge.model.hf import read_state_dict, resolve_model_dir
 
+    if prune_by not in PRUNE_BY:
+        raise ConfigError(f"prune_by: {prune_by!r} is not one of {', '.join(PRUNE_BY)}")
+    if prune_by == "activation" and not d_ff:
+        raise ConfigError("prune_by: activation ranks the MLP neurons --d-ff keeps; give --d-ff N too")
+    if prune_by == "activation" and not calib_data:
+        raise ConfigError("calib_data: --prune-by activation measures activations on text; give --calib-data FILE")
+    if calib_tokens < 1:
+        raise ConfigError(f"calib_tokens: {calib_tokens} is not >= 1")
     teacher = resolve_model_dir(teacher)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -139,12 +211,19 @@ def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None =
             student[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = tensor
     if not any(_BLOCK.match(name) for name in tensors):
         raise ConfigError(f"{teacher}: no tensors named like ...layers.N. or ...h.N.; cannot tell its blocks apart")
-    if d_ff:
-        student = _prune_width(student, config, d_ff, str(teacher / "config.json"))
     config[key] = len(keep)
     for field, value in list(config.items()):  # per-layer lists (layer_types, ...) keep the chosen layers' entries
         if isinstance(value, list) and len(value) == n and field not in ("architectures",):
             config[field] = [value[i] for i in keep]
+    importance = None
+    if d_ff and prune_by == "activation":  # measured in the student as cut so far: its blocks see what they will
+        with tempfile.TemporaryDirectory(prefix="lmforge-student-") as tmp:
+            save_tensors({k: v.contiguous() for k, v in student.items()}, Path(tmp) / "model.safetensors",
+                         metadata={"format": "pt"})
+            write_json(Path(tmp) / "config.json", config)
+            importance = activation_importance(tmp, calib_data, calib_tokens, text_field, tokenizer_dir=teacher)
+    if d_ff:
+        student = _prune_width(student, config, d_ff, str(teacher / "config.json"), importance)
     with StagedDirectory(out) as stage:
         save_tensors({k: v.contiguous() for k, v in student.items()}, stage.path("model.safetensors"),
                      metadata={"format": "pt"})
@@ -153,5 +232,6 @@ def cut_student(teacher: str | Path, out: str | Path, layers: list[int] | None =
                 shutil.copy(f, stage.path(f.name))
         write_json(stage.path("config.json"), config)
     return {"layers": len(keep), "teacher_layers": n, "kept": keep, "d_ff": d_ff,
+            "prune_by": prune_by if d_ff else None,
             "parameters": sum(t.numel() for t in student.values()),
             "teacher_parameters": sum(t.numel() for t in tensors.values())}
