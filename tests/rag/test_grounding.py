@@ -212,7 +212,8 @@ def test_eval_rag_is_rag_eval_generate(tmp_path, trained_dir, capsys):
     from tests.models import tiny_llama
 
     index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
-    index.upsert([Document("cats", "Domestic cats purr when content."), Document("tea", "Cats avoid green tea: it has caffeine.")])
+    index.upsert([Document("cats", "Domestic cats purr when content."),
+                  Document("tea", "Cats avoid green tea: it has caffeine.")])
     (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "why do cats purr"}) + "\n")
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tcats\t1\n")
     model = tiny_llama(tmp_path / "m", trained_dir, max_positions=512, tie=False)

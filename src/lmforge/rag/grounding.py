@@ -272,7 +272,8 @@ def evaluate_answers(index, queries: dict[str, str], qrels: dict[str, dict[str, 
     """`rag eval --generate`: answer every judged query with rag/answer.py's `ask` (model + tokenizer, AskConfig
     `cfg`) and score each answer: citation recall / precision and faithfulness by `support` (default
     OverlapSupport), context precision / recall of the sources' documents against the qrels, and answer relevance
-    when a `judge` client and an `embed` function are given. Returns the means and the per-query rows."""
+    when a `judge` client and an `embed` function are given; each row also keeps the answer's support (`ask`'s, what
+    --abstain compares), whether it abstained and its seconds. Returns the means and the per-query rows."""
     from lmforge.progress import progress as progress_bar
     from lmforge.rag.answer import ask
 

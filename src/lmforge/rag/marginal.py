@@ -20,7 +20,7 @@ Log-probabilities are natural logs (nats) of the model's distributions before an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -65,8 +65,6 @@ def _scheduler(model, tokenizer, prompts: Sequence[Sequence[int]], budget: int) 
 
 def _row_config(model, tokenizer, cfg: SamplingConfig) -> SamplingConfig:
     """cfg with the model's stop ids where it names none (as `generate` does)."""
-    from dataclasses import replace
-
     from lmforge.chat.stops import stop_ids
 
     return cfg if cfg.stop_token_ids else replace(cfg, stop_token_ids=stop_ids(tokenizer, model.cfg))
@@ -92,7 +90,7 @@ def rag_sequence(model, tokenizer, prompts: Sequence[Sequence[int]], log_prior: 
     budget = budget_for(model, prompts, cfg.max_new_tokens)
     if budget == 0:
         return []
-    row_cfg = _row_config(model, tokenizer, SamplingConfig(**{**vars(cfg), "max_new_tokens": budget}))
+    row_cfg = _row_config(model, tokenizer, replace(cfg, max_new_tokens=budget))
     scheduler = _scheduler(model, tokenizer, prompts, budget)
     groups = [scheduler.add(p, row_cfg, tag=d) for d, p in enumerate(prompts)]
     texts = [""] * len(prompts)
