@@ -77,9 +77,9 @@ def main() -> None:
             "answer_support": mean(lambda r: r["answer_support"]),
             "context_recall": mean(lambda r: r["context_recall"]),
             "seconds_per_answer": mean(lambda r: r["seconds"]), "rows": rows}
-    results["load_after"] = os.getloadavg()
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
+        results["load_after"] = os.getloadavg()
+        with open(args.out, "w", encoding="utf-8") as f:  # after each method: a run stopped early keeps what it did
+            json.dump(results, f, indent=2, ensure_ascii=False)
     for method, m in results["methods"].items():
         print(method, {k: round(v, 3) for k, v in m.items() if k != "rows"})
 
