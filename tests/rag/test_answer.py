@@ -190,3 +190,69 @@ def test_cli_runs_the_built_in_retrieval_eval(tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert results["queries"] == 54 and list(results["modes"]) == ["sparse"]
     assert results["modes"]["sparse"]["ndcg@10"] > 0.4
+
+
+def _answered(question: str, answer: str) -> dict:
+    sources = [{"n": 1, "doc_id": "paris", "text": "Paris is the capital of France."},
+               {"n": 2, "doc_id": "seine", "text": "The Seine river flows through Paris and Rouen."}]
+    return {"question": question, "answer": answer, "answered": True, "sources": sources}
+
+
+def test_ground_cites_and_abstains():
+    from lmforge.rag.answer import NOT_IN_DOCUMENTS, NOT_IN_DOCUMENTS_ZH, ground
+
+    result = ground(_answered("What is the capital?", "The capital of France is Paris. Bananas are yellow."),
+                    AskConfig())
+    assert result["answer"] == "The capital of France is Paris [1]. Bananas are yellow."
+    assert [c["doc_id"] for c in result["citations"]] == ["paris"] and result["support"] == 0.5
+    assert [s["supported"] for s in result["sentences"]] == [True, False]
+    plain = ground(_answered("What is the capital?", "The capital of France is Paris."), AskConfig(cite=False))
+    assert plain["answer"] == "The capital of France is Paris." and plain["citations"] == [] and "sentences" not in plain
+    # support 0.5: a threshold above it abstains (in the question's language), one at it does not
+    above = ground(_answered("What is the capital?", "The capital of France is Paris. Bananas are yellow."),
+                   AskConfig(abstain=0.51))
+    assert above["answer"] == NOT_IN_DOCUMENTS and above["abstained"] and above["citations"] == []
+    assert above["model_answer"] == "The capital of France is Paris [1]. Bananas are yellow."
+    at = ground(_answered("What is the capital?", "The capital of France is Paris. Bananas are yellow."),
+                AskConfig(abstain=0.5))
+    assert "abstained" not in at
+    zh = ground(_answered("法国的首都是哪里？", "香蕉是黄色的。"), AskConfig(abstain=0.5))
+    assert zh["answer"] == NOT_IN_DOCUMENTS_ZH and zh["support"] == 0.0
+
+
+@pytest.mark.parametrize("rag", ["sequence", "token"])
+def test_ask_marginalises_over_the_sources(sparse_index, trained, rag):
+    from lmforge.model import Transformer
+    from lmforge.model.config import preset
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-llama", vocab_size=trained.vocab_size, max_seq_len=512)).eval()
+    cfg = AskConfig(k=3, mode="sparse", max_new_tokens=8, rag=rag)
+    result = ask(sparse_index, "What does the try statement do with exceptions?", model, trained, cfg)
+    assert result["answered"] and result["rag"] == rag and len(result["sources"]) == 3
+    assert sum(s["prior"] for s in result["sources"]) == pytest.approx(1.0, abs=1e-5)
+    assert [s["prior"] for s in result["sources"]] == sorted((s["prior"] for s in result["sources"]), reverse=True)
+    assert result["logprob"] < 0 and result["prompt_tokens"] <= 512 - 8
+    assert {c["n"] for c in result["citations"]} <= {1, 2, 3}
+    if rag == "sequence":
+        scores = [c["logprob"] for c in result["candidates"]]
+        assert scores == sorted(scores, reverse=True) and result["logprob"] == scores[0]
+        assert all(len(c["per_source"]) == 3 for c in result["candidates"])
+
+
+def test_cli_ask_rag_token_abstains_in_chinese(tmp_path, trained_dir, capsys):
+    from lmforge.cli import main
+    from lmforge.rag.answer import NOT_IN_DOCUMENTS_ZH
+    from tests.models import tiny_llama
+
+    index = RagIndex(tmp_path / "zh", IndexConfig(dense=False))
+    index.upsert([Document("changjiang", "长江是中国最长的河流，流经上海入海。"), Document("paris", "巴黎是法国的首都。")])
+    model = tiny_llama(tmp_path / "m", trained_dir, max_positions=512, tie=False)
+    assert main(["rag", "ask", "--index", str(index.path), "--model", str(model), "--rag", "token", "--k", "2",
+                 "--max-new-tokens", "6", "--abstain", "1.0", "--json", "--no-pack", "中国最长的河流是哪条？"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rag"] == "token" and [s["doc_id"] for s in result["sources"]][0] == "changjiang"
+    if result["support"] < 1.0:  # a random model's words are not all in the sources
+        assert result["answer"] == NOT_IN_DOCUMENTS_ZH and result["abstained"]
+    assert main(["rag", "ask", "--index", str(index.path), "--rag", "token", "--abstain", "2", "x"]) == 2
+    assert "--abstain: 2.0 is out of range" in capsys.readouterr().err

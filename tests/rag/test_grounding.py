@@ -171,3 +171,62 @@ def test_rag_eval_generate_on_a_tiny_model(tmp_path, trained_dir, capsys):
     q1 = rows[0]
     assert q1["sources"][0] == "cats" and q1["context_precision"] == 1.0  # the random model's text aside
     assert printed["metrics"]["context_recall"] == pytest.approx(np.mean([r["context_recall"] for r in rows]))
+
+
+def test_cite_sentences_worked_by_hand():
+    """Sentence 1 cites nothing: source 1 holds all its content words (capit, franc, pari), source 2 one of three, so
+    [1] is added; sentence 2 keeps its [2] (3 of 3 words); sentence 3 has no word in any source: unsupported, no
+    marker. The answer's support is the mean of 1, 1 and 0."""
+    from lmforge.rag.grounding import cite_sentences
+
+    sources = {1: "Paris is the capital of France.", 2: "The Seine river flows through Paris and Rouen."}
+    answer = "The capital of France is Paris. The Seine flows through Rouen [2]. Bananas are yellow!"
+    text, sentences, support = cite_sentences(answer, sources)
+    assert text == "The capital of France is Paris [1]. The Seine flows through Rouen [2]. Bananas are yellow!"
+    assert [(s["cites"], s["added"], s["supported"], s["support"]) for s in sentences] == [
+        ([1], True, True, 1.0), ([2], False, True, 1.0), ([], False, False, 0.0)]
+    assert support == pytest.approx(2 / 3)
+    # a sentence whose best source holds half its words (below the 0.6 threshold) stays unmarked
+    text, sentences, _ = cite_sentences("Paris exports bananas.", sources)
+    assert text == "Paris exports bananas." and sentences[0]["support"] == pytest.approx(1 / 3)
+    assert cite_sentences("", sources) == ("", [], 0.0)
+
+
+def test_cite_sentences_in_chinese():
+    from lmforge.rag.grounding import cite_sentences
+
+    sources = {1: "长江是中国最长的河流。", 2: "巴黎是法国的首都。"}
+    text, sentences, support = cite_sentences("法国的首都是巴黎。长江是中国最长的河流[1]。", sources)
+    assert text == "法国的首都是巴黎[2]。长江是中国最长的河流[1]。"
+    assert [s["cites"] for s in sentences] == [[2], [1]] and support == 1.0
+
+
+def test_eval_rag_is_rag_eval_generate(tmp_path, trained_dir, capsys):
+    """`lmforge eval rag` runs the one implementation of `rag eval --generate`: the same rows from the same flags
+    (timings aside), and the answers flags (--rag, --no-cite) reach it."""
+    import json
+
+    from lmforge.cli import main
+    from lmforge.data.document import Document
+    from lmforge.rag.index import IndexConfig, RagIndex
+    from tests.models import tiny_llama
+
+    index = RagIndex(tmp_path / "idx", IndexConfig(dense=False))
+    index.upsert([Document("cats", "Domestic cats purr when content."),
+                  Document("tea", "Cats avoid green tea: it has caffeine.")])
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "why do cats purr"}) + "\n")
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tcats\t1\n")
+    model = tiny_llama(tmp_path / "m", trained_dir, max_positions=512, tie=False)
+    flags = ["--index", str(index.path), "--queries", str(tmp_path / "queries.jsonl"), "--qrels",
+             str(tmp_path / "qrels.tsv"), "--model", str(model), "--max-new-tokens", "6", "--answer-k", "2",
+             "--rag", "sequence", "--no-cite", "--json", "--no-pack"]
+    runs = []
+    for command in (["rag", "eval", "--generate"], ["eval", "rag"]):
+        assert main(command + flags + ["--out", str(tmp_path / f"{command[0]}.json")]) == 0
+        capsys.readouterr()
+        rows = json.loads((tmp_path / f"{command[0]}.json").read_text())["rows"]
+        runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+    assert runs[0] == runs[1] and runs[0][0]["sources"] == ["cats", "tea"]
+    assert main(["eval", "rag", "--index", str(index.path), "--queries", str(tmp_path / "queries.jsonl"),
+                 "--qrels", str(tmp_path / "qrels.tsv")]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`lmforge eval run | ppl | metrics | compare | judge | contamination`."""
+"""`lmforge eval run | ppl | metrics | compare | judge | contamination | rag`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   lmforge eval compare runs/eval/a runs/eval/b --out compare.png
   lmforge eval contamination --corpus runs/clean/out --task gsm8k --data gsm8k/test.jsonl
   lmforge eval judge --data answers.jsonl --endpoint http://127.0.0.1:8000/v1 --out runs/judge
+  lmforge eval rag --index runs/pydocs --queries builtin:python-docs --model runs/smollm2 --rag token
 """
 
 
@@ -267,6 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_compare(esub)
     _add_judge(esub)
     _add_contamination(esub)
+    _add_rag(esub)
 
 
 def _add_run(esub, parents: list[argparse.ArgumentParser]) -> None:
@@ -336,3 +338,20 @@ def _add_contamination(esub) -> None:
     add_config_args(k, ContaminationConfig)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_contamination, _parser=k)
+
+
+def _add_rag(esub) -> None:
+    """`lmforge eval rag`: `rag eval --generate` under eval's command (rag/cli.py owns its flags and its run)."""
+    from lmforge.rag.cli import BUILTIN_QUESTIONS, add_eval_args, cmd_eval
+
+    g = esub.add_parser("rag", help="RAG answers: citation recall / precision, faithfulness, context precision / "
+                                    "recall, answer relevance (= lmforge rag eval --generate)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Answer each judged query from an index with --model (as lmforge rag ask does) "
+                                    "and score the answers: ALCE citation recall / precision, RAGAS faithfulness, "
+                                    "context precision / recall against the qrels, answer relevance with a judge. "
+                                    "See docs/rag.md.",
+                        epilog=f"example:\n  lmforge eval rag --index runs/pydocs --queries {BUILTIN_QUESTIONS} "
+                               "--model runs/smollm2 --rag token")
+    add_eval_args(g, answers_only=True)
+    g.set_defaults(func=cmd_eval, _parser=g)

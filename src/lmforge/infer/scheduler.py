@@ -215,6 +215,9 @@ class Scheduler:
         self.last = torch.zeros(capacity, 1, dtype=torch.long, device=device)  # the token each row feeds next
         self.positions = torch.zeros(capacity, 1, dtype=torch.long, device=device)  # and its position
         self.sampler = RowSampler(capacity, cfg.vocab_size, device)
+        # a joint choice over rows in place of each row's own sample (RAG-Token, rag/marginal.py): given the rows
+        # and their (n, V) logits after penalties, the n tokens they take
+        self.choose: Callable[[list[_Row], torch.Tensor], torch.Tensor] | None = None
         self.rows: list[_Row] = []  # running rows; rows[i] is in slot i
         self.waiting: collections.deque[Group] = collections.deque()
         self.col = self.offset
@@ -320,7 +323,7 @@ class Scheduler:
                 if row.group.constraint is not None:
                     keep = 1 if row.cfg.temperature == 0 else max(row.cfg.top_k or 0, 40)
                     x[i] = allowed_logits(x[i], row.group.constraint, row.raw, row.stops, self._token_bytes, keep)
-        tokens = self.sampler.sample(x, start, end)
+        tokens = self.sampler.sample(x, start, end) if self.choose is None else self.choose(rows, x)
         self.last[start:end, 0] = tokens
         self.sampler.observe(tokens, start, end)
         chosen, top = self._logprobs(logits, tokens, rows)

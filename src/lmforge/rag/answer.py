@@ -8,6 +8,7 @@ without sources makes things up.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from lmforge.text import HAN_RUN
 
 NO_ANSWER = "I don't know: the indexed documents contain nothing relevant to this question."
 NO_ANSWER_ZH = "我不知道：索引中的文档没有与这个问题相关的内容。"
+# --abstain's reply: sources were found, but the answer they gave is not supported by them
+NOT_IN_DOCUMENTS = "The answer is not in the documents."
+NOT_IN_DOCUMENTS_ZH = "文档中没有这个问题的答案。"
 INSTRUCTIONS = ("Answer the question using only the numbered sources below. Cite the sources you use as [1], [2]. "
                 "If the sources do not contain the answer, say you don't know.")
 # what a small context (a 128-token model's) gets in their place: the same request in a few tokens
@@ -42,10 +46,10 @@ def relevant_hits(hits: list[Hit], cfg: AskConfig, dense: bool) -> list[Hit]:
 
 
 def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int,
-                 instructions: str = INSTRUCTIONS) -> tuple[list[int], list[Hit]]:
-    """The prompt's token ids with as many sources (best first) as fit in `budget` tokens; the last one may be cut.
-    Uses the tokenizer's chat template when it has one. Sources and the question are data: a special token's
-    text inside them is encoded as text, never as a control token."""
+                 instructions: str = INSTRUCTIONS, number_from: int = 1) -> tuple[list[int], list[Hit]]:
+    """The prompt's token ids with as many sources (best first, numbered from `number_from`) as fit in `budget`
+    tokens; the last one may be cut. Uses the tokenizer's chat template when it has one. Sources and the question
+    are data: a special token's text inside them is encoded as text, never as a control token."""
     def render(sources: list[str]) -> list[int]:
         body = instructions + "\n\n" + "\n\n".join(sources) + f"\n\nQuestion: {question}\n"
         if getattr(tokenizer, "chat_template", None):
@@ -56,7 +60,7 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, budget: int,
     sources: list[str] = []
     used: list[Hit] = []
     for h in hits:
-        label = f"[{len(used) + 1}] ({h.chunk.doc_id}{' > ' + ' > '.join(h.chunk.heading) if h.chunk.heading else ''})"
+        label = f"[{len(used) + number_from}] ({h.chunk.doc_id}{' > ' + ' > '.join(h.chunk.heading) if h.chunk.heading else ''})"
         candidate = f"{label}\n{h.chunk.text}"
         if len(render(sources + [candidate])) <= budget:
             sources.append(candidate)
@@ -98,56 +102,132 @@ class AnswerPrompt:
     no_answer: str = ""
 
 
-def answer_prompt(index: RagIndex, question: str, tokenizer, cfg: AskConfig, context: int,
-                  max_new_tokens: int | None = None) -> AnswerPrompt:
-    """Retrieve the relevant sources of `question` and build its prompt within a `context`-token model, leaving
-    `max_new_tokens` (default cfg.max_new_tokens) for the answer; in a context too small for that and one source,
-    the answer's room shrinks to a quarter of the context (at least 16 tokens), then the instructions to their brief
-    form, and the budget says so. What
-    `lmforge rag ask` and `lmforge serve --index` both answer from."""
+def retrieve(index: RagIndex, question: str, cfg: AskConfig) -> list[Hit]:
+    """The relevant hits for `question` (`relevant_hits` of cfg.k hits, BM25 alone for an index without vectors)."""
     dense = index.cfg.dense
-    hits = relevant_hits(index.search(question, k=cfg.k, mode=cfg.mode if dense else "sparse"), cfg,
+    return relevant_hits(index.search(question, k=cfg.k, mode=cfg.mode if dense else "sparse"), cfg,
                          dense and cfg.mode != "sparse")
-    if not hits:
-        return AnswerPrompt(None, [], 0, NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER)
-    want = max_new_tokens or cfg.max_new_tokens
-    prompt, used = build_prompt(question, hits, tokenizer, context - want)
+
+
+def no_answer(question: str) -> str:
+    """The reply when nothing relevant was retrieved, in the question's language."""
+    return NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER
+
+
+def fit_prompt(question: str, hits: list[Hit], tokenizer, context: int, want: int,
+               number_from: int = 1) -> tuple[list[int], list[Hit]]:
+    """`build_prompt` within a `context`-token model leaving `want` tokens for the answer; in a context too small for
+    that and one source, the answer's room shrinks to a quarter of the context (at least 16 tokens), then the
+    instructions to their brief form; ContextTooSmall when not even a cut source fits."""
+    prompt, used = build_prompt(question, hits, tokenizer, context - want, number_from=number_from)
+    small = min(want, max(16, context // 4))
     if not used:  # a small context: less room for the answer rather than no answer
-        prompt, used = build_prompt(question, hits, tokenizer, context - min(want, max(16, context // 4)))
+        prompt, used = build_prompt(question, hits, tokenizer, context - small, number_from=number_from)
     if not used:  # and brief instructions rather than none
-        prompt, used = build_prompt(question, hits, tokenizer, context - min(want, max(16, context // 4)),
-                                    BRIEF_INSTRUCTIONS)
+        prompt, used = build_prompt(question, hits, tokenizer, context - small, BRIEF_INSTRUCTIONS, number_from)
     if not used:  # not even a cut source fits next to the instructions and the question
         raise ContextTooSmall(f"the model's {context}-token context cannot hold the question and one source (the "
                               f"prompt alone takes {len(prompt)} tokens): use a model with a longer context")
+    return prompt, used
+
+
+def answer_prompt(index: RagIndex, question: str, tokenizer, cfg: AskConfig, context: int,
+                  max_new_tokens: int | None = None) -> AnswerPrompt:
+    """Retrieve the relevant sources of `question` and build its prompt within a `context`-token model, leaving
+    `max_new_tokens` (default cfg.max_new_tokens) for the answer (`fit_prompt`: in a small context the answer's room
+    and then the instructions shrink, and the budget says so). What `lmforge rag ask` and `lmforge serve --index`
+    both answer from."""
+    hits = retrieve(index, question, cfg)
+    if not hits:
+        return AnswerPrompt(None, [], 0, no_answer(question))
+    want = max_new_tokens or cfg.max_new_tokens
+    prompt, used = fit_prompt(question, hits, tokenizer, context, want)
     return AnswerPrompt(prompt, [numbered_source(i + 1, h) for i, h in enumerate(used)], min(want, context - len(prompt)))
 
 
 def ask(index: RagIndex, question: str, model=None, tokenizer=None, cfg: AskConfig | None = None) -> dict:
-    """Retrieve, answer, cite. Without a model: the retrieved sources only (retrieval-only mode)."""
+    """Retrieve, answer, cite. Without a model: the retrieved sources only (retrieval-only mode). cfg.rag picks how
+    the sources reach the model: one prompt holding them all ("stuff"), or one prompt per source with the answer
+    marginalised over them ("sequence", "token": rag/marginal.py). Then cfg.cite and cfg.abstain (`ground`)."""
     cfg = cfg or AskConfig()
     if model is None or tokenizer is None:
-        hits = relevant_hits(index.search(question, k=cfg.k, mode=cfg.mode if index.cfg.dense else "sparse"), cfg,
-                             index.cfg.dense and cfg.mode != "sparse")
+        hits = retrieve(index, question, cfg)
         if not hits:
-            return {"question": question, "answer": NO_ANSWER_ZH if HAN_RUN.search(question) else NO_ANSWER,
-                    "answered": False, "citations": [], "sources": []}
+            return {"question": question, "answer": no_answer(question), "answered": False, "citations": [],
+                    "sources": []}
         return {"question": question, "answer": None, "answered": False, "citations": [],
                 "sources": [numbered_source(i + 1, h) for i, h in enumerate(hits)]}
+    context = cfg.context_tokens or model.cfg.max_seq_len
+    if cfg.rag == "stuff":
+        result = _ask_stuffed(index, question, model, tokenizer, cfg, context)
+    else:
+        result = _ask_marginal(index, question, model, tokenizer, cfg, context)
+    return ground(result, cfg) if result["answered"] else result
+
+
+def _ask_stuffed(index: RagIndex, question: str, model, tokenizer, cfg: AskConfig, context: int) -> dict:
+    """One prompt with as many sources as fit, one generation."""
     from lmforge.infer import SamplingConfig, generate
 
-    context = cfg.context_tokens or model.cfg.max_seq_len
     found = answer_prompt(index, question, tokenizer, cfg, context)
     if found.prompt is None:
         return {"question": question, "answer": found.no_answer, "answered": False, "citations": [], "sources": []}
     if found.max_new_tokens < cfg.max_new_tokens:
         warnings.warn(f"the answer gets {found.max_new_tokens} tokens, not {cfg.max_new_tokens}: the question and its "
-                      f"sources take {len(found.prompt)} of the model's {context}-token context", stacklevel=2)
+                      f"sources take {len(found.prompt)} of the model's {context}-token context", stacklevel=3)
     text = generate(model, tokenizer, found.prompt, SamplingConfig(max_new_tokens=found.max_new_tokens,
                                                                   temperature=cfg.temperature, seed=0)).strip()
-    cited = parse_citations(text, len(found.sources))
-    return {"question": question, "answer": text, "answered": True, "prompt_tokens": len(found.prompt),
-            "citations": [found.sources[n - 1] for n in cited], "sources": found.sources}
+    return {"question": question, "answer": text, "answered": True, "rag": "stuff",
+            "prompt_tokens": len(found.prompt), "sources": found.sources}
+
+
+def _ask_marginal(index: RagIndex, question: str, model, tokenizer, cfg: AskConfig, context: int) -> dict:
+    """RAG-Sequence / RAG-Token: source n alone in its own prompt (numbered [n], as in the stuffed prompt), the
+    answer marginalised over the sources by their retrieval prior (rag/marginal.py)."""
+    from lmforge.infer import SamplingConfig
+    from lmforge.rag.marginal import document_log_prior, rag_sequence, rag_token
+
+    hits = retrieve(index, question, cfg)
+    if not hits:
+        return {"question": question, "answer": no_answer(question), "answered": False, "citations": [], "sources": []}
+    prompts = [fit_prompt(question, [h], tokenizer, context, cfg.max_new_tokens, number_from=n)[0]
+               for n, h in enumerate(hits, start=1)]
+    log_prior = document_log_prior(hits, cfg.prior_temperature)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    sources = [numbered_source(n, h) | {"prior": round(math.exp(lp), 6)}
+               for n, (h, lp) in enumerate(zip(hits, log_prior), start=1)]
+    result = {"question": question, "answered": True, "rag": cfg.rag, "prompt_tokens": max(map(len, prompts)),
+              "sources": sources}
+    if cfg.rag == "sequence":
+        ranked = rag_sequence(model, tokenizer, prompts, log_prior, sampling)
+        best = ranked[0]
+        result["candidates"] = [{"answer": m.text, "logprob": round(m.logprob, 6),
+                                 "per_source": [round(x, 6) for x in m.per_document]} for m in ranked]
+    else:
+        best = rag_token(model, tokenizer, prompts, log_prior, sampling)
+    return {**result, "answer": best.text, "logprob": round(best.logprob, 6)}
+
+
+def ground(result: dict, cfg: AskConfig) -> dict:
+    """An answered result made grounded: with cfg.cite every sentence carries its sources (`grounding.cite_sentences`:
+    a sentence without [n] gets its best-supporting source, or is marked unsupported), with cfg.abstain the answer
+    becomes the fixed "not in the documents" reply (in the question's language) when its support is below the
+    threshold; `citations` lists the sources the final answer cites."""
+    from lmforge.rag.grounding import cite_sentences
+
+    sources = result["sources"]
+    texts = {s["n"]: s["text"] for s in sources}
+    answer, sentences, support = cite_sentences(result["answer"], texts)
+    result = {**result, "support": round(support, 6)}
+    if cfg.cite:
+        result |= {"answer": answer, "sentences": sentences}
+    if cfg.abstain is not None and support < cfg.abstain:
+        result |= {"answer": NOT_IN_DOCUMENTS_ZH if HAN_RUN.search(result["question"]) else NOT_IN_DOCUMENTS,
+                   "abstained": True, "model_answer": result["answer"]}
+        result.pop("sentences", None)
+    cited = parse_citations(result["answer"], max(texts, default=0))
+    by_n = {s["n"]: s for s in sources}
+    return {**result, "citations": [by_n[n] for n in cited if n in by_n]}
 
 
 def numbered_source(n: int, h: Hit) -> dict:

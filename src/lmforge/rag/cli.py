@@ -200,9 +200,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.explain:
         _explain(index, args.question)
     try:
-        result = ask(index, args.question, model, tokenizer,
-                     AskConfig(k=args.k, mode=mode, min_similarity=args.min_similarity,
-                               max_new_tokens=args.max_new_tokens))
+        result = ask(index, args.question, model, tokenizer, answer_config(args, k=args.k, mode=mode,
+                                                                         min_similarity=args.min_similarity))
     except ContextTooSmall as e:
         raise UserError(str(e)) from None
     if getattr(index, "transform", None) is not None:  # a TransformedIndex
@@ -212,6 +211,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return 0
     if result["answer"] is not None:
         print(result["answer"])
+    for sentence in result.get("sentences", []):  # --cite: what no source backs
+        if not sentence["supported"]:
+            print(f"  (not supported by the sources: {sentence['text']})")
     cited = {c["n"] for c in result["citations"]}
     if result["sources"]:
         print("\nsources:")
@@ -286,8 +288,7 @@ def _eval_answers(index, args, queries, qrels, loaded) -> int:
 
         embedder = SentenceEmbedder.load(None)
         embed = lambda texts: embedder.embed(texts).numpy()  # noqa: E731
-    cfg = AskConfig(k=args.answer_k, mode=_mode(index, args.modes[0] if args.modes else None),
-                    max_new_tokens=args.max_new_tokens)
+    cfg = answer_config(args, k=args.answer_k, mode=_mode(index, args.modes[0] if args.modes else None))
     results = evaluate_answers(index, queries, qrels, loaded.model, loaded.tokenizer, cfg,
                                support=JudgeSupport(judge) if judge is not None else OverlapSupport(),
                                judge=judge, embed=embed, progress=True)
@@ -305,6 +306,25 @@ def _eval_answers(index, args, queries, qrels, loaded) -> int:
 
 
 BUILTIN_QUESTIONS = "builtin:python-docs"
+ANSWER_FIELDS = ("max_new_tokens", "rag", "prior_temperature", "cite", "abstain")  # how an answer is made
+
+
+def add_answer_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of how an answer is made and grounded (AskConfig's ANSWER_FIELDS): rag ask, rag eval --generate,
+    eval rag."""
+    add_field_arg(parser, AskConfig, "max_new_tokens")
+    add_field_arg(parser, AskConfig, "rag")
+    add_field_arg(parser, AskConfig, "prior_temperature")
+    add_field_arg(parser, AskConfig, "cite", action=argparse.BooleanOptionalAction, type=None)
+    add_field_arg(parser, AskConfig, "abstain", metavar="THRESHOLD")
+
+
+def answer_config(args: argparse.Namespace, **retrieval) -> AskConfig:
+    """The AskConfig of `add_answer_args`' flags (each checked: a one-line error naming its flag) and `retrieval`'s
+    settings (k, mode, ...)."""
+    from lmforge.config import field_value
+
+    return AskConfig(**retrieval, **{name: field_value(AskConfig, name, getattr(args, name)) for name in ANSWER_FIELDS})
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -393,7 +413,7 @@ def _add_ask(rsub) -> None:
     add_field_arg(a, AskConfig, "k")
     a.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
     add_field_arg(a, AskConfig, "min_similarity")
-    add_field_arg(a, AskConfig, "max_new_tokens")
+    add_answer_args(a)
     a.add_argument("--json", action="store_true", help="print the answer, citations and sources as JSON")
     add_transform_args(a, model_flags=False)
     a.add_argument("--explain", action="store_true", help="show the queries --query-transform wrote (on stderr)")
@@ -410,25 +430,36 @@ def _add_eval(rsub) -> None:
                                "--qrels scifact/qrels/test.tsv\n"
                                "  lmforge rag index --input builtin:python-docs --out runs/pydocs && "
                                f"lmforge rag eval --index runs/pydocs --queries {BUILTIN_QUESTIONS}")
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval, _parser=e)
+
+
+def add_eval_args(e: argparse.ArgumentParser, answers_only: bool = False) -> None:
+    """`rag eval`'s flags; `answers_only`: the answers' metrics always (no --generate flag, --model required), for
+    `lmforge eval rag` (eval/cli.py), which runs the same `cmd_eval`."""
     _add_retrieval_args(e)
     e.add_argument("--queries", required=True, help=f"BEIR queries.jsonl, or {BUILTIN_QUESTIONS} (the built-in set)")
     e.add_argument("--qrels", help="BEIR qrels .tsv (not needed for the built-in set)")
     e.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                   help="modes to evaluate (default: all the index supports)")
+                   help="the retriever the answers use: the first one given (default: hybrid, or sparse for a "
+                        "BM25-only index)" if answers_only else "modes to evaluate (default: all the index supports)")
     e.add_argument("--fusion", choices=["rrf", "weighted"], default="rrf", help="hybrid fusion (default: rrf, k=60)")
     e.add_argument("--dense-weight", dest="dense_weight", type=float, default=0.5, help="weighted fusion: dense share")
     e.add_argument("--out", help="also write the results JSON here")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--limit", type=int, default=0, help="the first N judged queries only (by id; 0: all)")
-    e.add_argument("--generate", action="store_true",
-                   help="answer each query with --model (rag ask) and score the answers: citation recall/precision, "
-                        "faithfulness, context precision/recall, answer relevance (with a judge) — docs/rag.md")
+    if answers_only:
+        e.set_defaults(generate=True)
+    else:
+        e.add_argument("--generate", action="store_true",
+                       help="answer each query with --model (rag ask) and score the answers: citation recall/"
+                            "precision, faithfulness, context precision/recall, answer relevance (with a judge) — "
+                            "docs/rag.md (also: lmforge eval rag)")
     e.add_argument("--judge-model", dest="judge_model", metavar="DIR",
                    help="--generate: a model that judges support by an NLI-style prompt and writes questions for "
                         "answer relevance (without a judge: word-overlap support, no answer relevance)")
     e.add_argument("--judge-endpoint", dest="judge_endpoint", metavar="URL",
                    help="--generate: the judge behind an OpenAI-compatible endpoint (--served-model, --api-key)")
     add_field_arg(e, AskConfig, "k", "--answer-k", dest="answer_k", help="--generate: sources per answer")
-    add_field_arg(e, AskConfig, "max_new_tokens", help="--generate: answer length at most")
+    add_answer_args(e)
     add_transform_args(e, model_flags=True)
-    e.set_defaults(func=cmd_eval, _parser=e)

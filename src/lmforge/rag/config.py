@@ -73,6 +73,22 @@ class AskConfig:
     max_new_tokens: int = field(default=200, metadata={"help": "answer length at most"})
     temperature: float = 0.0
     context_tokens: int | None = None  # default: the model's max_seq_len
+    # how the sources reach the model (rag/marginal.py): not --mode, which already names the retriever
+    rag: str = field(default="stuff", metadata={
+        "help": "stuff: one prompt holding every source; sequence: RAG-Sequence (an answer per source, ranked by "
+                "its probability marginalised over the sources); token: RAG-Token (one answer, each token from "
+                "the sources' next-token distributions mixed by their prior)", "choices": ["stuff", "sequence", "token"]})
+    prior_temperature: float = field(default=0.1, metadata={
+        "help": "--rag sequence/token: the sources' prior is softmax(score / this), the score being the dense cosine "
+                "(or BM25 relative to the best hit for a BM25-only search), so in cosine units",
+        "check": (lambda v: v > 0, "> 0")})
+    cite: bool = field(default=True, metadata={
+        "help": "every answer sentence carries its sources: one without [n] gets its best-supporting source by word "
+                "overlap, or is marked unsupported (--no-cite: the model's answer as written)"})
+    abstain: float | None = field(default=None, metadata={
+        "help": "answer 'not in the documents' when the answer's support (the mean over its sentences of the "
+                "share of their content words found in their sources, 0..1) is below this (default: never)",
+        "check": (lambda v: 0 <= v <= 1, "between 0 and 1")})
 
 
 @dataclass

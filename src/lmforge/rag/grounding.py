@@ -32,6 +32,7 @@ Support ("does this passage back this sentence?") comes from one of two judges:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,13 +80,14 @@ class OverlapSupport:
 
         self.threshold, self.analyzer = threshold, Analyzer()
 
+    def share(self, premise: str, hypothesis: str) -> float:
+        """The share (0..1) of the hypothesis's distinct content words found in the premise (0 without any)."""
+        words = set(self.analyzer(hypothesis))
+        return len(words & set(self.analyzer(premise))) / len(words) if words else 0.0
+
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """(premise, hypothesis) pairs -> supported or not."""
-        out = []
-        for premise, hypothesis in pairs:
-            words = set(self.analyzer(hypothesis))
-            out.append(bool(words) and len(words & set(self.analyzer(premise))) / len(words) >= self.threshold)
-        return out
+        return [bool(self.analyzer(h)) and self.share(p, h) >= self.threshold for p, h in pairs]
 
 
 class JudgeSupport:
@@ -124,17 +126,22 @@ class Judged:
     precise: int  # its citations that count towards precision
 
 
-def judge_citations(answer: str, sources: Sequence[str], support) -> list[Judged]:
-    """ALCE's per-sentence judgement (module docstring); `sources[n - 1]` is the passage cited as [n]."""
+def answer_sentences(answer: str) -> list[str]:
+    """The answer's sentences, each with its citations ("... purr. [1]": a citation after the full stop belongs to
+    the sentence before); pieces that are only citations are left out."""
     sentences: list[str] = []
     for piece in split_sentences(answer):
         if strip_citations(piece) or not sentences:
             sentences.append(piece)
-        else:  # "... purr. [1]": citations after the full stop belong to the sentence before
+        else:
             sentences[-1] += " " + piece
-    sentences = [s for s in sentences if strip_citations(s)]
+    return [s for s in sentences if strip_citations(s)]
+
+
+def judge_citations(answer: str, sources: Sequence[str], support) -> list[Judged]:
+    """ALCE's per-sentence judgement (module docstring); `sources[n - 1]` is the passage cited as [n]."""
     out: list[Judged] = []
-    for sentence in sentences:
+    for sentence in answer_sentences(answer):
         text, refs = strip_citations(sentence), citations(sentence)
         if not refs or any(not 1 <= r <= len(sources) for r in refs):  # ALCE: unsupported, its citations uncounted
             out.append(Judged(text, [], False, 0))
@@ -152,6 +159,47 @@ def judge_citations(answer: str, sources: Sequence[str], support) -> list[Judged
                 precise += not superfluous
         out.append(Judged(text, refs, joint, precise))
     return out
+
+
+_CJK_END = regex.compile(r"[\p{Han}。！？；：”’）」』]$")
+_SENTENCE_TAIL = regex.compile(r"[.!?。！？…]+[\"'”’）)]*$")
+
+
+def cite_sentences(answer: str, sources: dict[int, str], support: OverlapSupport | None = None
+                   ) -> tuple[str, list[dict], float]:
+    """`rag ask --cite`: every sentence of `answer` made to carry its sources. `sources` maps a source's number n
+    (cited as [n]) to its text. A sentence that cites sources in range keeps them, its support being the overlap
+    share (`OverlapSupport.share`) against their joint text; a sentence without one gets the source with the
+    highest share, written as [n] before its final punctuation, when that share reaches `support.threshold`, and
+    is marked unsupported otherwise (its support is then that best share). Returns the answer with the added
+    markers, one {"text", "cites", "support", "added", "supported"} per sentence, and the answer's support: the
+    mean of its sentences' (0 for an answer without sentences)."""
+    support = support or OverlapSupport()
+    out, texts = [], []
+    for sentence in answer_sentences(answer):
+        plain = strip_citations(sentence)
+        cites = [n for n in dict.fromkeys(citations(sentence)) if n in sources]
+        if cites:
+            share = support.share("\n".join(sources[n] for n in cites), plain)
+            added = False
+        else:
+            shares = {n: support.share(text, plain) for n, text in sources.items()}
+            best = max(shares, key=lambda n: (shares[n], -n), default=None)
+            share = shares[best] if best is not None else 0.0
+            added = best is not None and share >= support.threshold
+            if added:
+                cites = [best]
+                tail = _SENTENCE_TAIL.search(sentence)
+                cut = tail.start() if tail else len(sentence)
+                head = sentence[:cut].rstrip()
+                sentence = f"{head}{'' if HAN_RUN.search(head[-1:]) else ' '}[{best}]{sentence[cut:]}"
+        texts.append(sentence)
+        out.append({"text": plain, "cites": cites, "support": round(share, 6), "added": added,
+                    "supported": share >= support.threshold})
+    joined = ""
+    for sentence in texts:  # Chinese sentences follow each other without a space
+        joined += sentence if not joined or HAN_RUN.match(sentence) or _CJK_END.search(joined) else " " + sentence
+    return joined, out, (sum(s["support"] for s in out) / len(out) if out else 0.0)
 
 
 def answer_metrics(answer: str, sources: Sequence[str], support) -> dict:
@@ -224,26 +272,34 @@ def evaluate_answers(index, queries: dict[str, str], qrels: dict[str, dict[str, 
     """`rag eval --generate`: answer every judged query with rag/answer.py's `ask` (model + tokenizer, AskConfig
     `cfg`) and score each answer: citation recall / precision and faithfulness by `support` (default
     OverlapSupport), context precision / recall of the sources' documents against the qrels, and answer relevance
-    when a `judge` client and an `embed` function are given. Returns the means and the per-query rows."""
+    when a `judge` client and an `embed` function are given; each row also keeps the answer's support (`ask`'s, what
+    --abstain compares), whether it abstained and its seconds. Returns the means and the per-query rows."""
     from lmforge.progress import progress as progress_bar
     from lmforge.rag.answer import ask
 
     support = support or OverlapSupport()
     rows = []
     for q in progress_bar([q for q in qrels if q in queries], desc="answers", unit="query", enabled=progress):
+        started = time.perf_counter()
         result = ask(index, queries[q], model, tokenizer, cfg)
+        seconds = time.perf_counter() - started
         sources = result["sources"]
         docs = list(dict.fromkeys(s["doc_id"] for s in sources))
         answer = result["answer"] or ""
         row = {"query": q, "answer": answer, "answered": result["answered"], "sources": docs,
                **answer_metrics(answer, [s["text"] for s in sources], support),
-               "context_precision": context_precision(docs, qrels[q]), "context_recall": context_recall(docs, qrels[q])}
+               "context_precision": context_precision(docs, qrels[q]), "context_recall": context_recall(docs, qrels[q]),
+               "answer_support": result.get("support", 0.0), "abstained": bool(result.get("abstained")),
+               "seconds": round(seconds, 3)}
         if judge is not None and embed is not None:
             row["answer_relevance"] = answer_relevance(queries[q], answer, judge, embed) if answer else 0.0
         rows.append(row)
-    names = ["citation_recall", "citation_precision", "faithfulness", "context_precision", "context_recall"] + (
+    names = ["citation_recall", "citation_precision", "faithfulness", "answer_support", "context_precision",
+             "context_recall"] + (
         ["answer_relevance"] if judge is not None and embed is not None else [])
     means = {n: float(np.mean([r[n] for r in rows])) if rows else 0.0 for n in names}
     means["answered"] = sum(r["answered"] for r in rows)
+    means["abstained"] = sum(r["abstained"] for r in rows)
+    means["seconds_per_answer"] = float(np.mean([r["seconds"] for r in rows])) if rows else 0.0
     return {"queries": len(rows), "support": "judge" if isinstance(support, JudgeSupport) else "overlap",
             "metrics": means, "rows": rows}
