@@ -5,6 +5,7 @@ on a tiny model raises a format reward."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,37 @@ def test_prompts_from_every_format_keep_their_records(tmp_path):
     alpaca = _jsonl(tmp_path / "a.jsonl", [{"instruction": "翻译", "input": "cat", "output": "猫", "level": 2}])
     (d,) = load_prompts(str(alpaca))
     assert d.messages == [{"role": "user", "content": "翻译\ncat"}] and d.record["level"] == 2
+
+
+GSM8K = Path(__file__).resolve().parents[1] / "fixtures" / "gsm8k"  # openai/grade-school-math, as it ships
+
+
+def test_gsm8k_files_as_they_ship_feed_rl_and_eval():
+    """train.jsonl gives RL one prompt per record with its answer, and each reference solution (its calculator
+    annotations removed, as the GSM8K README says) earns the math reward; eval's gsm8k task reads test.jsonl, and its
+    targets are the numbers GSM8K's own dataset.py extracts (after "#### ", commas removed)."""
+    import re
+
+    from lmforge.eval.tasks import load_task
+    from lmforge.finetune.rewards import parse_rewards, score
+
+    lines = (GSM8K / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    prompts = load_prompts(str(GSM8K / "train.jsonl"))
+    assert len(prompts) == len(lines) == 55
+    assert prompts[0].messages == [{"role": "user", "content": json.loads(lines[0])["question"]}]
+    solutions = [re.sub(r"<<.*?>>", "", p.record["answer"]) for p in prompts]
+    rewards = score(parse_rewards(["math"]), [p.messages[-1]["content"] for p in prompts], solutions,
+                    [p.record for p in prompts], [p.where for p in prompts])
+    assert [r[0] for r in rewards] == [1.0] * 55
+    wrong = score(parse_rewards(["math"]), ["q"], ["#### 73"], [prompts[0].record], ["x"])  # Natalia's is 72
+    assert wrong == [[0.0]]
+    task = load_task("gsm8k", GSM8K / "test.jsonl")
+    test_lines = (GSM8K / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(task.docs) == len(test_lines) == 58
+    official = [re.search(r"#### (\-?[0-9\.\,]+)", json.loads(line)["answer"]).group(1).strip().replace(",", "")
+                for line in test_lines]
+    assert official[:3] == ["18", "3", "70000"]
+    assert [d["answer"].split("#### ")[-1] for d in task.docs] == official
 
 
 @pytest.fixture(scope="module")
