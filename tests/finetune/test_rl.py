@@ -300,6 +300,53 @@ def test_rl_resume_equals_an_uninterrupted_run(base_model, tmp_path):
         torch.testing.assert_close(wa[name], wb[name])
 
 
+@pytest.mark.slow
+def test_rl_under_torchrun_equals_one_process(base_model, tmp_path):
+    """GRPO with LoRA under torchrun (2 gloo processes, DDP): each samples half of every step's prompts (whole
+    groups), the advantages and logged figures are the whole batch's, and the run equals one process on the same
+    prompts: the losses and rewards of every step, and the adapter after them (so each step's gradient)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    common = ["finetune", "--model", str(base_model), "--data", str(data), "--objective", "grpo", "--reward",
+              "format:^[a-z]", "--template", "chatml", "--method", "lora", "--lr", "1e-2", "--num-generations", "2",
+              "--batch-size", "8", "--max-completion-tokens", "3", "--warmup-steps", "0", "--min-lr-ratio", "1.0",
+              "--max-length", "64", "--no-progress", "--sample-every", "1", "--max-steps", "2",
+              "--scale-rewards", "batch"]  # a batch-wide std: the advantages need every process's rewards
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "2", "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "lmforge", *common, "--micro-batch-size", "2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two"))
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+        for key in ("reward", "reward_std", "zero_std_groups", "completion_len", "truncated"):
+            assert ra[key] == rb[key], key
+        assert ra["entropy"] == pytest.approx(rb["entropy"], abs=1e-4)
+        assert ra["clip_fraction"] == pytest.approx(rb["clip_fraction"])
+    assert any(r["reward_std"] > 0 for r in a)  # the steps had something to learn from: the gradients are not zero
+    wa, wb = (load_file(tmp_path / d / "last" / "adapter_model.safetensors") for d in ("one", "two"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+    # rank 0 alone writes the samples: the first prompt of each step's, as one process does
+    samples = [(tmp_path / d / "completions.jsonl").read_text(encoding="utf-8") for d in ("one", "two")]
+    assert samples[0] == samples[1]
+    uneven = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lmforge", *[a if a != "8" else "6" for a in common], "--out",
+                             str(tmp_path / "three")], env=env, capture_output=True, text=True)
+    assert uneven.returncode != 0 and "do not split evenly over 2 processes" in uneven.stderr
+
+
 def test_prompts_must_fit_the_models_own_context(trained_dir, tmp_path, capsys):
     """--max-length above a small model's context: the context is the limit, and the error says so."""
     from lmforge.cli import main

@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def _check_rl_config(cfg) -> None:
-    """The settings this version of RL cannot take: torchrun, held-out data, a KL with methods that have no
+    """The settings this version of RL cannot take: FSDP, held-out data, a KL with methods that have no
     reference policy."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"objective: {cfg.objective} runs on one process in this version (the rollouts are not "
-                          "split across processes yet); run it without torchrun")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.distributed == "fsdp":
+        raise ConfigError(f"distributed: {cfg.objective} runs under torchrun with DDP (--distributed ddp), not fsdp "
+                          "(sampling needs the whole model on every process)")
     if cfg.val_data:
         raise ConfigError("val_data: RL has no held-out evaluation (the reward of each step's samples is logged)")
     if cfg.beta and cfg.method not in ("full", "freeze", "lora", "dora", "qlora"):
@@ -95,12 +95,15 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
     prepare_model(model, cfg)
     objective = PolicyGradient(cfg.objective, cfg.epsilon, cfg.epsilon_high or None, cfg.beta,
                                cfg.max_completion_tokens)
-    micro = cfg.micro_batch_size or cfg.batch_size
+    # under torchrun each process samples, scores and trains on its share of every step's prompts (whole groups)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    micro = cfg.micro_batch_size or cfg.batch_size // world
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_token_ids=stops)
     rollouts = Rollouts(model, tokenizer, template, kept, rewards, objective, sampling, cfg.batch_size, micro,
                         cfg.num_generations, cfg.num_iterations, cfg.scale_rewards, cfg.mask_truncated, cfg.beta,
-                        reference, pad_id, stops, cfg.seed, None, cfg.sample_every, cfg.samples)
+                        reference, pad_id, stops, cfg.seed, None, cfg.sample_every, cfg.samples, rank=rank,
+                        world=world)
     trainer = Trainer(cfg, objective=objective, model=model, train_data=rollouts, tokenizer_dir=model_dir)
     rollouts.autocast = trainer._autocast
     if reference is not None:
