@@ -391,9 +391,11 @@ def test_reward_pairs_carry_a_margin_column_to_the_loss(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_model, tmp_path):
-    """--objective reward --method lora: adapters on the backbone, the head in full; the checkpoint is the merged
-    *ForSequenceClassification, scored equally by transformers; held-out accuracy rises with margins in the data."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_model, tmp_path, method):
+    """--objective reward --method lora / qlora: adapters on the backbone (qlora: on its linear layers in NF4), the
+    head in full; the checkpoint is the merged *ForSequenceClassification, scored equally by transformers; held-out
+    loss falls with margins in the data."""
     import transformers
 
     from lmforge.cli import main
@@ -404,7 +406,7 @@ def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_mode
                                              for q, a, b in QA * 2])
     out = tmp_path / "rm"
     assert main(["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out), "--objective",
-                 "reward", "--method", "lora", "--lora-r", "8", "--template", "chatml", "--lr", "1e-2",
+                 "reward", "--method", method, "--lora-r", "8", "--template", "chatml", "--lr", "1e-2",
                  "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "0", "--val-fraction", "0.25",
                  "--eval-every", "6", "--no-progress"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -419,3 +421,12 @@ def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_mode
         ids = torch.tensor([tok.encode(text)])
         with torch.no_grad():
             torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    if method == "qlora":  # the merged weight is the NF4-rounded base plus a rank-8 update; the float base is not
+        from lmforge.peft.nf4 import NF4Weight
+
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_model)
+        name = "model.layers.0.mlp.down_proj.weight"
+        before, after = base.state_dict()[name], hf.state_dict()[name]
+        rounded = NF4Weight.quantize(before).dequantize()
+        assert torch.linalg.matrix_rank(after - rounded, atol=1e-5) <= 8
+        assert torch.linalg.matrix_rank(after - before, atol=1e-5) > 8
