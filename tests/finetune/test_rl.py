@@ -105,6 +105,41 @@ def test_reference_with_adapters_off_is_the_base_model(base_model):
     torch.testing.assert_close(again, adapted)  # the adapters are back after the block
 
 
+def test_qlora_policy_reference_is_the_nf4_base_and_a_kl_run_trains(base_model, tmp_path):
+    """RL with --method qlora: the reference (adapters off) is the NF4 base the adapters sit on, and a GRPO run with
+    a KL to it trains and saves a PEFT adapter."""
+    from lmforge.cli import main
+    from lmforge.model import load_hf_model
+    from lmforge.peft.lora import LoraConfig, apply_lora, linear_modules
+    from lmforge.peft.nf4 import quantize_model
+
+    ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = load_hf_model(base_model).eval()
+    quantize_model(model, linear_modules(model.cfg, model))
+    with torch.no_grad():
+        nf4_base = model.logits(model(ids))
+        float_base = (lambda m: m.logits(m(ids)))(load_hf_model(base_model).eval())
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad(), adapters_disabled(model):
+        off = model.logits(model(ids))
+    assert not torch.allclose(nf4_base, float_base, atol=1e-4)  # NF4 rounding shows in the logits
+    torch.testing.assert_close(off, nf4_base, atol=1e-5, rtol=1e-5)
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out), "--objective", "grpo",
+                 "--reward", "format:^[a-z]", "--template", "chatml", "--method", "qlora", "--lr", "1e-2",
+                 "--num-generations", "4", "--batch-size", "8", "--max-completion-tokens", "3", "--max-steps", "2",
+                 "--beta", "0.04", "--max-length", "64", "--no-progress", "--sample-every", "0"]) == 0
+    rows = _reward_rows(out)
+    assert len(rows) == 2 and all(r["kl"] >= 0 and r["loss"] == r["loss"] for r in rows)
+    assert rows[0]["kl"] == 0.0  # the first step's policy is the reference (LoRA's B starts at zero)
+    config = json.loads((out / "last" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (out / "last" / "adapter_model.safetensors").exists()
+
+
 def _reward_rows(out):
     return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
             if r.get("reward") is not None]
