@@ -263,9 +263,18 @@ class Rollouts:
         self.buffer = [b for _ in range(self.num_iterations) for b in micro_batches]
         local_tokens = float(sum(int(b["attention_mask"].sum()) for b in micro_batches))
         timing = self._gather(torch.tensor([[sample_s, local_tokens]]))
-        sample_s, train_tokens = float(timing[:, 0].max()), int(timing[:, 1].sum())  # the slowest process's sampling
+        self.metrics = self._figures(per_reward, rewards, zero_std, lengths, truncated_all,
+                                     float(timing[:, 0].max()), int(timing[:, 1].sum()))
+        if self.out is not None and self.sample_every and self.rollouts % self.sample_every == 0:
+            self._write_samples(expanded, prompt_texts, texts, truncated, per_reward[mine], advantages[mine])
+        self.rollouts += 1
+
+    def _figures(self, per_reward: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor, lengths: torch.Tensor,
+                 truncated: torch.Tensor, sample_s: float, train_tokens: int) -> dict:
+        """The step's logged figures from the whole batch's rewards (NaN: skipped), completion lengths and truncation;
+        sample_s: the slowest process's sampling seconds."""
         scorable = ~torch.isnan(rewards)
-        self.metrics = {
+        return {
             "reward": round(float(rewards[scorable].mean()), 4) if scorable.any() else None,
             "reward_std": round(float(rewards[scorable].std()), 4) if scorable.sum() > 1 else 0.0,
             **{f"reward/{r.name}": (round(float(torch.nanmean(per_reward[:, k])), 4)
@@ -274,19 +283,22 @@ class Rollouts:
             "reward_skipped": int(torch.isnan(per_reward).sum()),
             "zero_std_groups": round(float(zero_std.float().mean()), 4),
             "completion_len": round(float(lengths.mean()), 2), "completion_len_max": int(lengths.max()),
-            "truncated": round(float(truncated_all.mean()), 4),
+            "truncated": round(float(truncated.mean()), 4),
             "sample_s": round(sample_s, 3), "sample_tokens_per_s": round(float(lengths.sum()) / max(sample_s, 1e-9), 1),
             "train_tokens": train_tokens}
-        if self.out is not None and self.sample_every and self.rollouts % self.sample_every == 0:
-            with open(self.out / "completions.jsonl", "a", encoding="utf-8") as f:
-                for i in range(min(self.samples, len(texts))):
-                    f.write(json.dumps({"rollout": self.rollouts, "where": expanded[i].where, "prompt": prompt_texts[i],
-                                        "completion": texts[i], "truncated": truncated[i],
-                                        "rewards": {r.name: (None if math.isnan(per_reward[i, k]) else
-                                                             float(per_reward[i, k]))
-                                                    for k, r in enumerate(self.rewards)},
-                                        "advantage": round(float(advantages[mine][i]), 4)}, ensure_ascii=False) + "\n")
-        self.rollouts += 1
+
+    def _write_samples(self, prompts: list[Prompt], prompt_texts: list[str], texts: list[str], truncated: list[bool],
+                       per_reward: torch.Tensor, advantages: torch.Tensor) -> None:
+        """completions.jsonl: the first --samples completions of this process's rollout (rank 0's: the step's
+        first), with their rewards and advantage."""
+        with open(self.out / "completions.jsonl", "a", encoding="utf-8") as f:
+            for i in range(min(self.samples, len(texts))):
+                f.write(json.dumps({"rollout": self.rollouts, "where": prompts[i].where, "prompt": prompt_texts[i],
+                                    "completion": texts[i], "truncated": truncated[i],
+                                    "rewards": {r.name: (None if math.isnan(per_reward[i, k]) else
+                                                         float(per_reward[i, k]))
+                                                for k, r in enumerate(self.rewards)},
+                                    "advantage": round(float(advantages[i]), 4)}, ensure_ascii=False) + "\n")
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Every process's `rows` (the same shape on each), concatenated in rank order (one process: `rows`)."""
