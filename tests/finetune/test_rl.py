@@ -5,6 +5,7 @@ on a tiny model raises a format reward."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,37 @@ def test_prompts_from_every_format_keep_their_records(tmp_path):
     assert d.messages == [{"role": "user", "content": "翻译\ncat"}] and d.record["level"] == 2
 
 
+GSM8K = Path(__file__).resolve().parents[1] / "fixtures" / "gsm8k"  # openai/grade-school-math, as it ships
+
+
+def test_gsm8k_files_as_they_ship_feed_rl_and_eval():
+    """train.jsonl gives RL one prompt per record with its answer, and each reference solution (its calculator
+    annotations removed, as the GSM8K README says) earns the math reward; eval's gsm8k task reads test.jsonl, and its
+    targets are the numbers GSM8K's own dataset.py extracts (after "#### ", commas removed)."""
+    import re
+
+    from lmforge.eval.tasks import load_task
+    from lmforge.finetune.rewards import parse_rewards, score
+
+    lines = (GSM8K / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    prompts = load_prompts(str(GSM8K / "train.jsonl"))
+    assert len(prompts) == len(lines) == 55
+    assert prompts[0].messages == [{"role": "user", "content": json.loads(lines[0])["question"]}]
+    solutions = [re.sub(r"<<.*?>>", "", p.record["answer"]) for p in prompts]
+    rewards = score(parse_rewards(["math"]), [p.messages[-1]["content"] for p in prompts], solutions,
+                    [p.record for p in prompts], [p.where for p in prompts])
+    assert [r[0] for r in rewards] == [1.0] * 55
+    wrong = score(parse_rewards(["math"]), ["q"], ["#### 73"], [prompts[0].record], ["x"])  # Natalia's is 72
+    assert wrong == [[0.0]]
+    task = load_task("gsm8k", GSM8K / "test.jsonl")
+    test_lines = (GSM8K / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(task.docs) == len(test_lines) == 58
+    official = [re.search(r"#### (\-?[0-9\.\,]+)", json.loads(line)["answer"]).group(1).strip().replace(",", "")
+                for line in test_lines]
+    assert official[:3] == ["18", "3", "70000"]
+    assert [d["answer"].split("#### ")[-1] for d in task.docs] == official
+
+
 @pytest.fixture(scope="module")
 def base_model(trained_dir, tmp_path_factory):
     from tests.models import tiny_llama
@@ -71,6 +103,41 @@ def test_reference_with_adapters_off_is_the_base_model(base_model):
     assert not torch.allclose(adapted, expected, atol=1e-3)
     torch.testing.assert_close(off, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, adapted)  # the adapters are back after the block
+
+
+def test_qlora_policy_reference_is_the_nf4_base_and_a_kl_run_trains(base_model, tmp_path):
+    """RL with --method qlora: the reference (adapters off) is the NF4 base the adapters sit on, and a GRPO run with
+    a KL to it trains and saves a PEFT adapter."""
+    from lmforge.cli import main
+    from lmforge.model import load_hf_model
+    from lmforge.peft.lora import LoraConfig, apply_lora, linear_modules
+    from lmforge.peft.nf4 import quantize_model
+
+    ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = load_hf_model(base_model).eval()
+    quantize_model(model, linear_modules(model.cfg, model))
+    with torch.no_grad():
+        nf4_base = model.logits(model(ids))
+        float_base = (lambda m: m.logits(m(ids)))(load_hf_model(base_model).eval())
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad(), adapters_disabled(model):
+        off = model.logits(model(ids))
+    assert not torch.allclose(nf4_base, float_base, atol=1e-4)  # NF4 rounding shows in the logits
+    torch.testing.assert_close(off, nf4_base, atol=1e-5, rtol=1e-5)
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out), "--objective", "grpo",
+                 "--reward", "format:^[a-z]", "--template", "chatml", "--method", "qlora", "--lr", "1e-2",
+                 "--num-generations", "4", "--batch-size", "8", "--max-completion-tokens", "3", "--max-steps", "2",
+                 "--beta", "0.04", "--max-length", "64", "--no-progress", "--sample-every", "0"]) == 0
+    rows = _reward_rows(out)
+    assert len(rows) == 2 and all(r["kl"] >= 0 and r["loss"] == r["loss"] for r in rows)
+    assert rows[0]["kl"] == 0.0  # the first step's policy is the reference (LoRA's B starts at zero)
+    config = json.loads((out / "last" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (out / "last" / "adapter_model.safetensors").exists()
 
 
 def _reward_rows(out):
@@ -268,6 +335,53 @@ def test_rl_resume_equals_an_uninterrupted_run(base_model, tmp_path):
         torch.testing.assert_close(wa[name], wb[name])
 
 
+@pytest.mark.slow
+def test_rl_under_torchrun_equals_one_process(base_model, tmp_path):
+    """GRPO with LoRA under torchrun (2 gloo processes, DDP): each samples half of every step's prompts (whole
+    groups), the advantages and logged figures are the whole batch's, and the run equals one process on the same
+    prompts: the losses and rewards of every step, and the adapter after them (so each step's gradient)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    common = ["finetune", "--model", str(base_model), "--data", str(data), "--objective", "grpo", "--reward",
+              "format:^[a-z]", "--template", "chatml", "--method", "lora", "--lr", "1e-2", "--num-generations", "2",
+              "--batch-size", "8", "--max-completion-tokens", "3", "--warmup-steps", "0", "--min-lr-ratio", "1.0",
+              "--max-length", "64", "--no-progress", "--sample-every", "1", "--max-steps", "2",
+              "--scale-rewards", "batch"]  # a batch-wide std: the advantages need every process's rewards
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "lmforge", *common, "--micro-batch-size", "2", "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "lmforge", *common, "--micro-batch-size", "2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two"))
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+        for key in ("reward", "reward_std", "zero_std_groups", "completion_len", "truncated"):
+            assert ra[key] == rb[key], key
+        assert ra["entropy"] == pytest.approx(rb["entropy"], abs=1e-4)
+        assert ra["clip_fraction"] == pytest.approx(rb["clip_fraction"])
+    assert any(r["reward_std"] > 0 for r in a)  # the steps had something to learn from: the gradients are not zero
+    wa, wb = (load_file(tmp_path / d / "last" / "adapter_model.safetensors") for d in ("one", "two"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+    # rank 0 alone writes the samples: the first prompt of each step's, as one process does
+    samples = [(tmp_path / d / "completions.jsonl").read_text(encoding="utf-8") for d in ("one", "two")]
+    assert samples[0] == samples[1]
+    uneven = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lmforge", *[a if a != "8" else "6" for a in common], "--out",
+                             str(tmp_path / "three")], env=env, capture_output=True, text=True)
+    assert uneven.returncode != 0 and "do not split evenly over 2 processes" in uneven.stderr
+
+
 def test_prompts_must_fit_the_models_own_context(trained_dir, tmp_path, capsys):
     """--max-length above a small model's context: the context is the limit, and the error says so."""
     from lmforge.cli import main
@@ -312,9 +426,11 @@ def test_reward_pairs_carry_a_margin_column_to_the_loss(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_model, tmp_path):
-    """--objective reward --method lora: adapters on the backbone, the head in full; the checkpoint is the merged
-    *ForSequenceClassification, scored equally by transformers; held-out accuracy rises with margins in the data."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_model, tmp_path, method):
+    """--objective reward --method lora / qlora: adapters on the backbone (qlora: on its linear layers in NF4), the
+    head in full; the checkpoint is the merged *ForSequenceClassification, scored equally by transformers; held-out
+    loss falls with margins in the data."""
     import transformers
 
     from lmforge.cli import main
@@ -325,7 +441,7 @@ def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_mode
                                              for q, a, b in QA * 2])
     out = tmp_path / "rm"
     assert main(["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out), "--objective",
-                 "reward", "--method", "lora", "--lora-r", "8", "--template", "chatml", "--lr", "1e-2",
+                 "reward", "--method", method, "--lora-r", "8", "--template", "chatml", "--lr", "1e-2",
                  "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "0", "--val-fraction", "0.25",
                  "--eval-every", "6", "--no-progress"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -340,3 +456,12 @@ def test_lora_reward_model_merges_into_a_classifier_transformers_loads(base_mode
         ids = torch.tensor([tok.encode(text)])
         with torch.no_grad():
             torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    if method == "qlora":  # the merged weight is the NF4-rounded base plus a rank-8 update; the float base is not
+        from lmforge.peft.nf4 import NF4Weight
+
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_model)
+        name = "model.layers.0.mlp.down_proj.weight"
+        before, after = base.state_dict()[name], hf.state_dict()[name]
+        rounded = NF4Weight.quantize(before).dequantize()
+        assert torch.linalg.matrix_rank(after - rounded, atol=1e-5) <= 8
+        assert torch.linalg.matrix_rank(after - before, atol=1e-5) > 8

@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def _check_rl_config(cfg) -> None:
-    """The settings this version of RL cannot take: torchrun, held-out data, a KL with methods that have no
+    """The settings this version of RL cannot take: FSDP, held-out data, a KL with methods that have no
     reference policy."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"objective: {cfg.objective} runs on one process in this version (the rollouts are not "
-                          "split across processes yet); run it without torchrun")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.distributed == "fsdp":
+        raise ConfigError(f"distributed: {cfg.objective} runs under torchrun with DDP (--distributed ddp), not fsdp "
+                          "(sampling needs the whole model on every process)")
     if cfg.val_data:
         raise ConfigError("val_data: RL has no held-out evaluation (the reward of each step's samples is logged)")
     if cfg.beta and cfg.method not in ("full", "freeze", "lora", "dora", "qlora"):
@@ -95,12 +95,15 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
     prepare_model(model, cfg)
     objective = PolicyGradient(cfg.objective, cfg.epsilon, cfg.epsilon_high or None, cfg.beta,
                                cfg.max_completion_tokens)
-    micro = cfg.micro_batch_size or cfg.batch_size
+    # under torchrun each process samples, scores and trains on its share of every step's prompts (whole groups)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    micro = cfg.micro_batch_size or cfg.batch_size // world
     sampling = SamplingConfig(max_new_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_token_ids=stops)
     rollouts = Rollouts(model, tokenizer, template, kept, rewards, objective, sampling, cfg.batch_size, micro,
                         cfg.num_generations, cfg.num_iterations, cfg.scale_rewards, cfg.mask_truncated, cfg.beta,
-                        reference, pad_id, stops, cfg.seed, None, cfg.sample_every, cfg.samples)
+                        reference, pad_id, stops, cfg.seed, None, cfg.sample_every, cfg.samples, rank=rank,
+                        world=world)
     trainer = Trainer(cfg, objective=objective, model=model, train_data=rollouts, tokenizer_dir=model_dir)
     rollouts.autocast = trainer._autocast
     if reference is not None:
@@ -134,7 +137,8 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
     """`--objective reward`: a scalar reward head on the decoder, Bradley–Terry on the pairs DPO reads (train/rl.py
     BradleyTerry; a `margin` column, when the pairs have one, is subtracted as in Llama 2's reward models), the
     backbone trained in full, its last blocks (freeze) or through LoRA / DoRA adapters; saved as
-    `*ForSequenceClassification` with one label (adapters merged); `--reward model:DIR` scores with it."""
+    `*ForSequenceClassification` with one label (adapters merged; QLoRA's into the dequantized base);
+    `--reward model:DIR` scores with it."""
     import torch
 
     from lmforge.chat.stops import eos_ids as model_eos_ids
@@ -147,9 +151,9 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
     from lmforge.train.rl import BradleyTerry
     from lmforge.train.trainer import Trainer
 
-    if cfg.method not in ("full", "freeze", "lora", "dora"):
+    if cfg.method not in ("full", "freeze", "lora", "dora", "qlora"):
         raise ConfigError(f"method: a reward model trains with --method full, freeze (the last --train-layers blocks "
-                          f"and the head), lora or dora, not {cfg.method} in this version")
+                          f"and the head), lora, dora or qlora, not {cfg.method} in this version")
     pairs = load_pairs(cfg.data, cfg.format, cfg.columns, cfg.tags, rejects, cfg.encoding, cfg.errors)
     if cfg.val_data:
         train_pairs = pairs
@@ -199,7 +203,8 @@ def run_reward_model(cfg, model_dir: Path, tokenizer, template: str, template_so
 
 def _reward_model_trains(model, cfg) -> None:
     """Which of a reward model's parameters train, as --method says: all (full), the last --train-layers blocks
-    (freeze), or LoRA / DoRA adapters on the backbone; the head always, the language-model head never."""
+    (freeze), or LoRA / DoRA adapters on the backbone (qlora: on its linear layers in NF4); the head always, the
+    language-model head never."""
     from lmforge.finetune.run import lora_config
 
     backbone = model.backbone
@@ -214,8 +219,12 @@ def _reward_model_trains(model, cfg) -> None:
         for layer in backbone.layers[n - cfg.train_layers:]:
             layer.requires_grad_(True)
         backbone.norm.requires_grad_(True)
-    if cfg.method in ("lora", "dora"):  # adapters on the backbone's linear layers; the head trains in full
-        from lmforge.peft.lora import apply_lora
+    if cfg.method in ("lora", "dora", "qlora"):  # adapters on the backbone's linear layers; the head trains in full
+        from lmforge.peft.lora import apply_lora, linear_modules
 
+        if cfg.method == "qlora":  # the blocks' linear layers in NF4, as finetune's qlora (the head stays float)
+            from lmforge.peft.nf4 import quantize_model
+
+            quantize_model(backbone, linear_modules(backbone.cfg, backbone))
         apply_lora(backbone, lora_config(cfg))
     model.head.requires_grad_(True)

@@ -141,10 +141,15 @@ class Rollouts:
                  sampling, batch_size: int, micro: int, group_size: int = 4, num_iterations: int = 1,
                  scale_rewards: str = "group", mask_truncated: bool = False, beta: float = 0.0,
                  reference=None, pad_id: int = 0, stop_ids: Sequence[int] = (), seed: int = 0,
-                 out: Path | None = None, sample_every: int = 10, samples: int = 4, autocast=None):
+                 out: Path | None = None, sample_every: int = 10, samples: int = 4, autocast=None,
+                 rank: int = 0, world: int = 1):
         if batch_size % group_size:
             raise ConfigError(f"batch_size {batch_size} is not a multiple of num_generations {group_size} (every "
                               "prompt's completions are one group)")
+        if (batch_size // group_size) % world:
+            raise ConfigError(f"batch_size {batch_size}: its {batch_size // group_size} prompts per step (of "
+                              f"{group_size} completions each) do not split evenly over {world} processes; every "
+                              f"process samples whole groups")
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.prompts, self.rewards, self.objective = prompts, rewards, objective
         self.sampling, self.batch_size, self.micro, self.group_size = sampling, batch_size, micro, group_size
@@ -152,6 +157,7 @@ class Rollouts:
         self.beta, self.reference, self.pad_id, self.stop_ids = beta, reference, pad_id, set(stop_ids)
         self.seed, self.out, self.sample_every, self.samples = seed, out, sample_every, samples
         self.autocast = autocast or contextlib.nullcontext
+        self.rank, self.world = rank, world  # under torchrun: this process samples its share of each step's prompts
         self.epoch, self.position, self.rollouts = 0, 0, 0
         self.order = self._order()
         self.buffer: list[dict] = []
@@ -197,12 +203,17 @@ class Rollouts:
     @torch.no_grad()
     def _roll_out(self) -> None:
         model, G = self.model, self.group_size
-        prompts = self._next_prompts(self.batch_size // G)
+        # every process walks the same prompt order and samples its own slice of the step's prompts (whole groups)
+        every = self._next_prompts(self.batch_size // G)
+        first = self.rank * len(every) // self.world
+        prompts = every[first:first + len(every) // self.world]
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        # completion i of the rollout samples with seed (seed x 1000003 + rollout x batch_size + i): resumable
-        seeds = [(self.seed * 1_000_003 + self.rollouts * self.batch_size + k * G) % 2**62 for k in range(len(prompts))]
+        # completion i of the rollout samples with seed (seed x 1000003 + rollout x batch_size + i), i counted over
+        # the whole step: resumable, and the same completions on any number of processes
+        seeds = [(self.seed * 1_000_003 + self.rollouts * self.batch_size + (first + k) * G) % 2**62
+                 for k in range(len(prompts))]
         with self.autocast():
             completions = sample_completions(model, [p.ids for p in prompts], G, self.sampling, seeds)
         sample_s = time.perf_counter() - t0
@@ -213,7 +224,6 @@ class Rollouts:
         per_reward = score(self.rewards, prompt_texts, texts, [p.record for p in expanded], [p.where for p in expanded])
         per_reward = torch.tensor([[math.nan if v is None else v for v in row] for row in per_reward],
                                   dtype=torch.float32)
-        rewards = combine_rewards(per_reward, self.weights)
         rows = self._rows(expanded, completions, truncated)
         loss_type = self.objective.loss_type
         need_old = self.num_iterations > 1 or (loss_type == "rloo" and self.beta)
@@ -223,28 +233,48 @@ class Rollouts:
             with adapters_disabled(model) if self.reference is None else contextlib.nullcontext():
                 ref = self._logps(rows, self.reference if self.reference is not None else model)
         model.train(was_training)
+        # the step's figures from every process, in prompt order: advantages (a batch-wide std included) and metrics
+        # are those of the whole batch, as on one process
+        kl = torch.stack([(o - r).sum() for o, r in zip(old, ref)]) if loss_type == "rloo" and self.beta else None
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        gathered = self._gather(torch.cat([per_reward, lengths[:, None], torch.tensor(truncated, dtype=torch.float32)
+                                           [:, None]] + ([kl[:, None]] if kl is not None else []), 1))
+        per_reward = gathered[:, :len(self.rewards)]
+        lengths, truncated_all = gathered[:, len(self.rewards)], gathered[:, len(self.rewards) + 1]
+        rewards = combine_rewards(per_reward, self.weights)
         scored = rewards.clone()
         if loss_type == "rloo":
             if self.beta:  # TRL's RLOO: the summed first-order KL of each completion is a penalty on its reward
-                kl = torch.stack([(o - r).sum() for o, r in zip(old, ref)])
-                scored = scored - self.beta * kl
+                scored = scored - self.beta * gathered[:, -1]
             advantages = rloo_advantages(scored, G)
         elif loss_type == "reinforce":  # nanochat: the group mean as the baseline, no scaling
             advantages, _ = group_advantages(scored, G, "none")
         else:
             advantages, _ = group_advantages(scored, G, self.scale_rewards)
         zero_std = group_advantages(scored, G, "group")[1].view(-1, G)[:, 0]  # groups that teach nothing
+        mine = slice(first * G, first * G + len(rows))  # this process's rows of the step
         for i, row in enumerate(rows):
-            row["advantages"] = advantages[i:i + 1]
+            row["advantages"] = advantages[mine][i:i + 1]
             if old is not None:
                 row["old_logps"] = old[i]
             if ref is not None and loss_type != "rloo":
                 row["ref_logps"] = ref[i]
         micro_batches = [_collate(rows[i:i + self.micro], self.pad_id) for i in range(0, len(rows), self.micro)]
         self.buffer = [b for _ in range(self.num_iterations) for b in micro_batches]
-        lengths = [len(c) for c in completions]
+        local_tokens = float(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        timing = self._gather(torch.tensor([[sample_s, local_tokens]]))
+        self.metrics = self._figures(per_reward, rewards, zero_std, lengths, truncated_all,
+                                     float(timing[:, 0].max()), int(timing[:, 1].sum()))
+        if self.out is not None and self.sample_every and self.rollouts % self.sample_every == 0:
+            self._write_samples(expanded, prompt_texts, texts, truncated, per_reward[mine], advantages[mine])
+        self.rollouts += 1
+
+    def _figures(self, per_reward: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor, lengths: torch.Tensor,
+                 truncated: torch.Tensor, sample_s: float, train_tokens: int) -> dict:
+        """The step's logged figures from the whole batch's rewards (NaN: skipped), completion lengths and truncation;
+        sample_s: the slowest process's sampling seconds."""
         scorable = ~torch.isnan(rewards)
-        self.metrics = {
+        return {
             "reward": round(float(rewards[scorable].mean()), 4) if scorable.any() else None,
             "reward_std": round(float(rewards[scorable].std()), 4) if scorable.sum() > 1 else 0.0,
             **{f"reward/{r.name}": (round(float(torch.nanmean(per_reward[:, k])), 4)
@@ -252,20 +282,33 @@ class Rollouts:
                for k, r in enumerate(self.rewards)},
             "reward_skipped": int(torch.isnan(per_reward).sum()),
             "zero_std_groups": round(float(zero_std.float().mean()), 4),
-            "completion_len": round(float(np.mean(lengths)), 2), "completion_len_max": max(lengths),
-            "truncated": round(float(np.mean(truncated)), 4),
-            "sample_s": round(sample_s, 3), "sample_tokens_per_s": round(sum(lengths) / max(sample_s, 1e-9), 1),
-            "train_tokens": sum(int(b["attention_mask"].sum()) for b in micro_batches)}
-        if self.out is not None and self.sample_every and self.rollouts % self.sample_every == 0:
-            with open(self.out / "completions.jsonl", "a", encoding="utf-8") as f:
-                for i in range(min(self.samples, len(texts))):
-                    f.write(json.dumps({"rollout": self.rollouts, "where": expanded[i].where, "prompt": prompt_texts[i],
-                                        "completion": texts[i], "truncated": truncated[i],
-                                        "rewards": {r.name: (None if math.isnan(per_reward[i, k]) else
-                                                             float(per_reward[i, k]))
-                                                    for k, r in enumerate(self.rewards)},
-                                        "advantage": round(float(advantages[i]), 4)}, ensure_ascii=False) + "\n")
-        self.rollouts += 1
+            "completion_len": round(float(lengths.mean()), 2), "completion_len_max": int(lengths.max()),
+            "truncated": round(float(truncated.mean()), 4),
+            "sample_s": round(sample_s, 3), "sample_tokens_per_s": round(float(lengths.sum()) / max(sample_s, 1e-9), 1),
+            "train_tokens": train_tokens}
+
+    def _write_samples(self, prompts: list[Prompt], prompt_texts: list[str], texts: list[str], truncated: list[bool],
+                       per_reward: torch.Tensor, advantages: torch.Tensor) -> None:
+        """completions.jsonl: the first --samples completions of this process's rollout (rank 0's: the step's
+        first), with their rewards and advantage."""
+        with open(self.out / "completions.jsonl", "a", encoding="utf-8") as f:
+            for i in range(min(self.samples, len(texts))):
+                f.write(json.dumps({"rollout": self.rollouts, "where": prompts[i].where, "prompt": prompt_texts[i],
+                                    "completion": texts[i], "truncated": truncated[i],
+                                    "rewards": {r.name: (None if math.isnan(per_reward[i, k]) else
+                                                         float(per_reward[i, k]))
+                                                for k, r in enumerate(self.rewards)},
+                                    "advantage": round(float(advantages[i]), 4)}, ensure_ascii=False) + "\n")
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's `rows` (the same shape on each), concatenated in rank order (one process: `rows`)."""
+        if self.world == 1:
+            return rows
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts)
 
     def _rows(self, prompts: list[Prompt], completions: list[list[int]], truncated: list[bool]) -> list[dict]:
         """Prompt + completion rows with the completion's tokens as targets (-100 for masked truncated ones)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from lmforge.train.objectives import Objective, _decoder, model_inputs
 
@@ -185,6 +186,11 @@ class PolicyGradient(Objective):
 
     def step_metrics(self) -> dict:
         s, self._sums = self._sums, {}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # every process's share
+            keys = sorted(s)
+            totals = torch.tensor([s[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(totals)
+            s = dict(zip(keys, totals.tolist()))
         tokens = max(s.get("tokens", 0.0), 1.0)
         out = {"entropy": round(s.get("entropy", 0.0) / tokens, 4)}
         if "clipped" in s:
