@@ -15,8 +15,8 @@ import pytest
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.data.augment import AugmentConfig, AugmentError, augment_records
-from lmforge.data.model_augment import clean_reply
 from lmforge.infer.client import HTTPClient
+from lmforge.synth.augment import ModelAugmenter, clean_reply
 
 # a translation from or into Chinese is asked in Chinese (as finetune --task translate's instruction)
 EN_TO_ZH = "将下面的英文翻译成中文。只回复译文。\n\n"
@@ -100,8 +100,8 @@ def test_clean_reply_takes_off_what_chat_models_wrap_around_an_answer():
 def test_backtranslation_and_paraphrase_through_an_openai_endpoint(endpoint, tmp_path):
     client = HTTPClient(endpoint, model="m", api_key="k")
     cache = tmp_path / "replies.jsonl"
-    cfg = AugmentConfig(ops=("backtranslate", "paraphrase"), per_record=4, seed=3, reply_cache=str(cache))
-    out = list(augment_records(RECORDS, cfg, originals=False, client=client))
+    cfg = AugmentConfig(ops=("backtranslate", "paraphrase"), per_record=4, seed=3)
+    out = list(augment_records(RECORDS, cfg, originals=False, model=ModelAugmenter(client, seed=3, cache=cache)))
 
     # what is sent: per operation, every record in one batch; backtranslate's two legs, each in the text's language
     prompts = _prompts()
@@ -135,18 +135,18 @@ def test_backtranslation_and_paraphrase_through_an_openai_endpoint(endpoint, tmp
 
     # the reply cache: the same run again asks nothing; another seed asks again
     asked = len(FakeOpenAI.seen)
-    again = list(augment_records(RECORDS, cfg, originals=False, client=client))
+    again = list(augment_records(RECORDS, cfg, originals=False, model=ModelAugmenter(client, seed=3, cache=cache)))
     assert again == out and len(FakeOpenAI.seen) == asked and augment_records.stats["model_requests"] == 0
     assert len(cache.read_text().splitlines()) == asked
-    list(augment_records(RECORDS, AugmentConfig(ops=("paraphrase",), per_record=1, seed=4, reply_cache=str(cache)),
-                         originals=False, client=client))
+    list(augment_records(RECORDS, AugmentConfig(ops=("paraphrase",), per_record=1, seed=4), originals=False,
+                         model=ModelAugmenter(client, seed=4, cache=cache)))
     assert len(FakeOpenAI.seen) == asked + 3
 
 
 def test_pivot_language_and_refusals(endpoint, tmp_path):
     client = HTTPClient(endpoint, model="m")
-    cfg = AugmentConfig(ops=("backtranslate",), per_record=1, pivot="fr")
-    out = list(augment_records(RECORDS[:1], cfg, originals=False, client=client))
+    cfg = AugmentConfig(ops=("backtranslate",), per_record=1)
+    out = list(augment_records(RECORDS[:1], cfg, originals=False, model=ModelAugmenter(client, pivot="fr")))
     assert _prompts() == [
         "Translate the following English text into French. Reply with the translation only.\n\n"
         "The battery lasts two days.",
@@ -159,7 +159,7 @@ def test_pivot_language_and_refusals(endpoint, tmp_path):
     with pytest.raises(AugmentError, match="need a model"):
         list(augment_records(RECORDS, AugmentConfig(ops=("paraphrase",))))
     with pytest.raises(AugmentError, match="pivot: unknown language code 'xx'"):
-        list(augment_records(RECORDS[:1], AugmentConfig(ops=("backtranslate",), pivot="xx"), client=client))
+        list(augment_records(RECORDS[:1], AugmentConfig(ops=("backtranslate",)), model=ModelAugmenter(client, pivot="xx")))
 
 
 def test_cli_classify_and_finetune_augment_through_the_endpoint(endpoint, tmp_path, capsys):
@@ -204,7 +204,7 @@ def test_cli_classify_and_finetune_augment_through_the_endpoint(endpoint, tmp_pa
     # finetune --augment: the last user turn rewritten, the reply the source's
     conv = Conversation([{"role": "user", "content": "屏幕太暗了。"}, {"role": "assistant", "content": "差评"}], None,
                         None, "chat.jsonl:1")
-    got = augment_conversations([conv], ["paraphrase"], client=HTTPClient(endpoint, model="m"))
+    got = augment_conversations([conv], ["paraphrase"], model=ModelAugmenter(HTTPClient(endpoint, model="m")))
     assert [m["content"] for m in got[1].messages] == ["换句话说0：屏幕太暗了。", "差评"]
     assert got[1].where == "chat.jsonl:1 (paraphrase)"
 
@@ -229,8 +229,8 @@ def test_engine_writes_the_variants_from_the_documented_prompts(trained_dir, tmp
     client = Recording(EngineClient(str(tiny_llama(tmp_path / "tiny", trained_dir)), pack=False))
     texts = ["The screen is too dark.", "电池很耐用。"]
     records = [(f"in.jsonl:{i + 1}", {"text": t, "label": "x"}) for i, t in enumerate(texts)]
-    cfg = AugmentConfig(ops=("paraphrase", "backtranslate"), per_record=2, seed=5, max_tokens=12)
-    out = list(augment_records(records, cfg, originals=False, client=client))
+    cfg = AugmentConfig(ops=("paraphrase", "backtranslate"), per_record=2, seed=5)
+    out = list(augment_records(records, cfg, originals=False, model=ModelAugmenter(client, seed=5, max_tokens=12)))
 
     sent = {prompt: replies for prompt, _, _, replies in client.calls}
     assert {(s.temperature, s.top_p, s.max_tokens, s.seed, n) for _, s, n, _ in client.calls} == {
@@ -253,17 +253,9 @@ def test_engine_writes_the_variants_from_the_documented_prompts(trained_dir, tmp
     assert len(out) == len(expected) and all(r["label"] == "x" for r in out)
 
 
-def test_pipeline_step_asks_the_endpoint_per_document(endpoint, tmp_path):
+def test_pipeline_step_refuses_the_model_operations():
+    """A pipeline step runs no model (the data layer sits below the model clients): the step says where to go."""
     from lmforge.data.augment import AugmentStep
-    from lmforge.data.document import Document
 
-    step = AugmentStep(ops=["paraphrase"], per_record=2, endpoint=endpoint, reply_cache=str(tmp_path / "r.jsonl"))
-    doc = Document(id="d1", text="屏幕太暗了。", meta={"label": "neg"})
-    out = step.apply(doc)
-    assert [(d.id, d.text, d.meta) for d in out] == [
-        ("d1", "屏幕太暗了。", {"label": "neg"}),
-        ("d1#aug0", "换句话说0：屏幕太暗了。", {"label": "neg", "augmented": {"source": "d1", "op": "paraphrase"}}),
-        ("d1#aug1", "换句话说1：屏幕太暗了。", {"label": "neg", "augmented": {"source": "d1", "op": "paraphrase"}})]
-    assert _prompts() == [ZH_PARA + "屏幕太暗了。"]
-    with pytest.raises(AugmentError, match="need one of model: DIR .* and endpoint: URL"):
-        AugmentStep(ops=["backtranslate"]).setup()
+    with pytest.raises(AugmentError, match="paraphrase is written by a model.*lmforge data augment --ops paraphrase"):
+        AugmentStep(ops=["swap", "paraphrase"]).setup()

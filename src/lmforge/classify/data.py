@@ -341,16 +341,15 @@ def augment_examples(cfg, records: list) -> list:
     variants of each text with its labels, or of each tagged sentence with its entities kept whole; each new one's
     `where` names its source and operation. Their count by operation: `augment_records.stats`."""
     from lmforge.data.augment import AugmentConfig, augment_records
-    from lmforge.data.model_augment import augment_cache_path, augment_client
+    from lmforge.synth.augment import rewriter_for
 
     tagged = bool(records) and isinstance(records[0], Tagged)
     aug = AugmentConfig(ops=tuple(cfg.augment), per_record=cfg.augment_per_record, alpha=cfg.augment_alpha,
-                        seed=cfg.seed, synonyms=cfg.augment_synonyms, tokens_field="tokens" if tagged else None,
-                        pivot=cfg.augment_pivot, reply_cache=augment_cache_path(cfg))
+                        seed=cfg.seed, synonyms=cfg.augment_synonyms, tokens_field="tokens" if tagged else None)
     rows = [(r.where, {"tokens": r.tokens, "tags": r.tags} if tagged else {"text": r.text, "labels": r.labels})
             for r in records]
     out = []
-    for rec in augment_records(rows, aug, originals=False, client=augment_client(cfg)):
+    for rec in augment_records(rows, aug, originals=False, model=rewriter_for(cfg)):
         where = f"{rec['augmented']['source']} ({rec['augmented']['op']})"
         out.append(Tagged(rec["tokens"], rec["tags"], where) if tagged else Labelled(rec["text"], rec["labels"], where))
     return out

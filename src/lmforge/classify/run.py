@@ -285,7 +285,8 @@ def _check(cfg: ClassifyConfig) -> None:
         if cfg.method == "cloze" or cfg.task == "regression":
             raise ConfigError(f"augment: not for {'cloze classification' if cfg.method == 'cloze' else 'regression'} "
                               "in this version (text classification and tagging only)")
-        from lmforge.data.model_augment import MODEL_OPS, check_augment_options
+        from lmforge.data.augment import MODEL_OPS
+        from lmforge.synth.augment import check_augment_options
 
         model_ops = [op for op in cfg.augment if op in MODEL_OPS]
         if model_ops and cfg.task == "token":

@@ -10,7 +10,8 @@ with n = max(1, int(alpha * words)). Two noise operations beside them:
             neighbouring key on a QWERTY keyboard typed instead or in addition
   punct     AEDA (Karimi et al. 2021): 1 to words/3 punctuation marks inserted at random positions (， 。 ； ？ ： ！
             in Chinese text)
-and two written by a model (lmforge.data.model_augment: the engine or an OpenAI-compatible endpoint, replies cached):
+and two written by a model (lmforge.synth.augment: the engine or an OpenAI-compatible endpoint, replies cached), whose
+texts this module leaves to the `ModelAugmenter` it is handed (the model clients sit in a layer above the data's):
   backtranslate  into a pivot language and back
   paraphrase     the same meaning in other words
 
@@ -44,12 +45,12 @@ from typing import ClassVar
 import regex
 
 from lmforge.data.document import Document
-from lmforge.data.model_augment import MODEL_OPS, ModelAugmenter
 from lmforge.data.sources import CorpusError
 from lmforge.data.step import Step, register
 from lmforge.text import CJK_CHAR, WORD, is_mostly_cjk, jieba
 
 LOCAL_OPS = ("synonym", "insert", "swap", "delete", "char", "punct")
+MODEL_OPS = ("backtranslate", "paraphrase")  # written by a model: lmforge.synth.augment
 OPERATIONS = LOCAL_OPS + MODEL_OPS
 EDA = ("synonym", "insert", "swap", "delete")
 
@@ -393,9 +394,6 @@ class AugmentConfig:
     text_field: str = "text"
     tokens_field: str | None = None  # tagged sentences (NER): the tokens and tags fields
     tags_field: str = "tags"
-    pivot: str = "auto"  # backtranslate: the language in between (auto: Chinese for English text, English else)
-    reply_cache: str | None = None  # backtranslate / paraphrase: the model's replies, kept for reruns (JSONL)
-    max_tokens: int = 512  # backtranslate / paraphrase: the longest reply, in tokens
 
     def __post_init__(self):
         unknown = [op for op in self.ops if op not in OPERATIONS]
@@ -449,10 +447,11 @@ def augment_texts(text: str, cfg: AugmentConfig, rng: random.Random, synonyms: C
     return out
 
 
-def fill_model_texts(texts: list[str], made: list[list[tuple[str, str | None]]], model: ModelAugmenter
+def fill_model_texts(texts: list[str], made: list[list[tuple[str, str | None]]], model
                      ) -> list[list[tuple[str, str]]]:
     """`made[i]` (augment_texts' output for `texts[i]`) with each model operation's None replaced by the model's
-    variant, asked for all texts at once per operation; a variant the model did not give is left out."""
+    variant, asked for all texts at once per operation (`model.variants(op, texts, counts)`: a
+    lmforge.synth.augment.ModelAugmenter); a variant the model did not give is left out."""
     filled: list[list[tuple[str, str | None]]] = [list(m) for m in made]
     for op in MODEL_OPS:
         counts = [sum(1 for o, t in m if o == op and t is None) for m in made]
@@ -522,12 +521,12 @@ def _key(text: str) -> str:
 
 
 def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, originals: bool = True,
-                    client=None) -> Iterator[dict]:
+                    model=None) -> Iterator[dict]:
     """The records (when `originals`), then every new one: a copy of its source with the text (or tokens and tags)
     replaced and `augmented: {"source", "op"}` added. New texts equal to an original or an earlier new one are
-    dropped; `augment_records.stats` of the last call holds the counts. `client` (lmforge.infer.client) writes
-    the backtranslate / paraphrase variants."""
-    if cfg.model_ops and client is None:
+    dropped; `augment_records.stats` of the last call holds the counts. `model` (a
+    lmforge.synth.augment.ModelAugmenter) writes the backtranslate / paraphrase variants."""
+    if cfg.model_ops and model is None:
         raise AugmentError(f"ops: {', '.join(op for op in cfg.ops if op in MODEL_OPS)} need a model to write them "
                            "(--model DIR or --endpoint URL)")
     records = list(records)
@@ -562,7 +561,6 @@ def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, ori
         else:
             made_all.append(augment_texts(rec[cfg.text_field], cfg, rng, synonyms))
     if cfg.model_ops:
-        model = ModelAugmenter(client, cfg.pivot, cfg.seed, cfg.reply_cache, cfg.max_tokens, cfg.lang)
         made_all = fill_model_texts([rec[cfg.text_field] for _, rec in records], made_all, model)
         stats["model_requests"] = model.asked
     for (where, rec), made in zip(records, made_all):
@@ -594,9 +592,7 @@ class AugmentStep(Step):
     """New documents from each document (its meta, labels included, copied), after it in the output:
     `- augment: {ops: [synonym, swap], per_record: 2}`. A new text equal to its source or to another new text
     of the same source is not made; follow with `exact_dedup` to drop new texts equal to other documents.
-    backtranslate / paraphrase ask `model` (a directory, loaded in each worker) or `endpoint` (an OpenAI-compatible
-    URL, its key from $OPENAI_API_KEY) one document at a time: `{ops: [paraphrase], endpoint: http://...:8000/v1,
-    reply_cache: runs/replies.jsonl}`."""
+    backtranslate and paraphrase are not pipeline steps' (a step runs no model): `lmforge data augment` makes them."""
 
     kind: ClassVar[str] = "cleaner"
     ops: list[str] = field(default_factory=lambda: list(EDA))
@@ -605,25 +601,15 @@ class AugmentStep(Step):
     seed: int = 0
     synonyms: str = "auto"
     lang: str = "auto"
-    model: str = ""
-    endpoint: str = ""
-    served_model: str = "default"
-    pivot: str = "auto"
-    reply_cache: str = ""
 
     def setup(self) -> None:
+        model_ops = [op for op in self.ops if op in MODEL_OPS]
+        if model_ops:
+            raise AugmentError(f"augment: {model_ops[0]} is written by a model, which pipeline steps do not run: "
+                               f"use `lmforge data augment --ops {' '.join(model_ops)} --model DIR | --endpoint URL`")
         self._cfg = AugmentConfig(tuple(self.ops), self.per_record, self.alpha, self.seed, self.synonyms,
-                                  self.lang, pivot=self.pivot, reply_cache=self.reply_cache or None)
+                                  self.lang)
         self._synonyms = _SynonymsByLanguage(self.synonyms)
-        self._model = None
-        if self._cfg.model_ops:
-            from lmforge.data.model_augment import client_from_options
-
-            if bool(self.model) == bool(self.endpoint):
-                raise AugmentError("augment: backtranslate and paraphrase need one of model: DIR (run in each "
-                                   "worker) and endpoint: URL (an OpenAI-compatible API)")
-            client = client_from_options(self.model, self.endpoint, self.served_model)
-            self._model = ModelAugmenter(client, self.pivot, self.seed, self._cfg.reply_cache, lang=self.lang)
 
     def apply(self, doc: Document) -> list[Document]:
         if not hasattr(self, "_cfg"):
@@ -631,8 +617,6 @@ class AugmentStep(Step):
         rng = random.Random(f"{self.seed}:{_key(doc.text)}")  # as augment_records: the text, not where it sits
         out, seen = [doc], {_key(doc.text)}
         made = augment_texts(doc.text, self._cfg, rng, self._synonyms)
-        if self._model is not None:
-            made = fill_model_texts([doc.text], [made], self._model)[0]
         for k, (op, text) in enumerate(made):
             if _key(text) in seen or not text.strip():
                 continue

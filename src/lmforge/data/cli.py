@@ -88,24 +88,23 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
     cfg = AugmentConfig(ops=tuple(args.ops), per_record=args.per_record, alpha=args.alpha, seed=args.seed,
                         synonyms=args.synonyms, lang=args.lang, text_field=args.text_field,
-                        tokens_field=args.tokens_field if args.task == "token" else None, tags_field=args.tags_field,
-                        pivot=args.pivot, reply_cache=args.reply_cache or f"{args.output}.replies.jsonl",
-                        max_tokens=args.max_tokens)
-    client = None
-    if cfg.model_ops:  # backtranslate / paraphrase: the model that writes them (lmforge.data.model_augment)
+                        tokens_field=args.tokens_field if args.task == "token" else None, tags_field=args.tags_field)
+    model, cache = None, args.reply_cache or f"{args.output}.replies.jsonl"
+    if cfg.model_ops:  # backtranslate / paraphrase: the model that writes them (lmforge.synth.augment)
         from lmforge.infer.client import client_from_args
+        from lmforge.synth.augment import ModelAugmenter
 
-        client = client_from_args(args)
+        model = ModelAugmenter(client_from_args(args), args.pivot, args.seed, cache, args.max_tokens, args.lang)
     records = ((where, rec) for path in resolve_inputs(args.input) for where, rec in iter_records(path))
     with atomic_write(args.output) as f:
-        for rec in augment_records(records, cfg, originals=not args.only_new, client=client):
+        for rec in augment_records(records, cfg, originals=not args.only_new, model=model):
             f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
     st = augment_records.stats
     if args.json:
         print(json.dumps({**st, "output": args.output}, ensure_ascii=False))
         return 0
     ops = ", ".join(f"{op} {n}" for op, n in st["by_op"].items())
-    asked = f"; {st['model_requests']:,} model requests (the rest from {cfg.reply_cache})" \
+    asked = f"; {st['model_requests']:,} model requests (the rest from {cache})" \
         if "model_requests" in st else ""
     print(f"{st['records']:,} records -> {st['new']:,} new ({ops}); {st['duplicates']:,} duplicates of an original "
           f"or of another new record dropped{asked} -> {args.output}")

@@ -289,7 +289,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         if cfg.objective != "sft":
             raise ConfigError("augment: preference pairs are not augmented (a changed prompt could change which "
                               "reply is better); use it with --objective sft")
-    from lmforge.data.model_augment import check_augment_options
+    from lmforge.synth.augment import check_augment_options
 
     check_augment_options(cfg)
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
@@ -391,11 +391,10 @@ def _task_best_metric(cfg: FinetuneConfig, task: str) -> str:
 
 
 def augment_conversations(conversations: list, ops: list[str], per_record: int = 1, alpha: float = 0.1,
-                          seed: int = 0, synonyms: str = "auto", client=None, pivot: str = "auto",
-                          reply_cache: str | None = None) -> list:
+                          seed: int = 0, synonyms: str = "auto", model=None) -> list:
     """The conversations, then new ones whose last user turn is an augmented variant (lmforge.data.augment) and
-    whose replies are the source's; each new one's `where` names its source and the operation. `client` writes
-    backtranslate / paraphrase variants (lmforge.data.model_augment), its replies kept in `reply_cache`."""
+    whose replies are the source's; each new one's `where` names its source and the operation. `model` (a
+    lmforge.synth.augment.ModelAugmenter) writes backtranslate / paraphrase variants."""
     from lmforge.data.augment import AugmentConfig, augment_records
     from lmforge.finetune.conversations import Conversation
 
@@ -409,9 +408,8 @@ def augment_conversations(conversations: list, ops: list[str], per_record: int =
     records = [(c.where or f"example {i + 1}", {"text": c.messages[t]["content"], "index": i})
                for i, c in enumerate(conversations) if (t := last_user(c)) is not None]
     out = list(conversations)
-    aug = AugmentConfig(ops=tuple(ops), per_record=per_record, alpha=alpha, seed=seed, synonyms=synonyms,
-                        pivot=pivot, reply_cache=reply_cache)
-    for rec in augment_records(records, aug, originals=False, client=client):
+    aug = AugmentConfig(ops=tuple(ops), per_record=per_record, alpha=alpha, seed=seed, synonyms=synonyms)
+    for rec in augment_records(records, aug, originals=False, model=model):
         c = conversations[rec["index"]]
         messages = [dict(m) for m in c.messages]
         messages[last_user(c)]["content"] = rec["text"]
@@ -545,11 +543,10 @@ def _sft_conversations(cfg: FinetuneConfig, task, rejects) -> tuple[list, list, 
         train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
     if cfg.augment:
         before = len(train_convs)
-        from lmforge.data.model_augment import augment_cache_path, augment_client
+        from lmforge.synth.augment import rewriter_for
 
         train_convs = augment_conversations(train_convs, cfg.augment, cfg.augment_per_record, cfg.augment_alpha,
-                                            cfg.seed, cfg.augment_synonyms, augment_client(cfg), cfg.augment_pivot,
-                                            augment_cache_path(cfg))
+                                            cfg.seed, cfg.augment_synonyms, rewriter_for(cfg))
         log.info("augment: %d training examples + %d new (%s)", before, len(train_convs) - before,
                  ", ".join(cfg.augment))
     return conversations, train_convs, val_convs

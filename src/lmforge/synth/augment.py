@@ -1,4 +1,6 @@
-"""Model-written augmentation: back-translation and paraphrase through a model client (lmforge.infer.client).
+"""Model-written augmentation: back-translation and paraphrase through a model client (lmforge.infer.client), for
+lmforge.data.augment's `backtranslate` and `paraphrase` operations (that module, in the data layer below the model
+clients, leaves their texts to a `ModelAugmenter` handed to it).
 
   backtranslate  the text translated into a pivot language, then back into its own (Sennrich et al. 2016; Xie et
                  al. 2020, UDA): the meaning stays, the wording changes
@@ -13,7 +15,8 @@ new seed of the classifier, another learning rate) asks the model nothing it ask
 
 A reply is cleaned of what chat models wrap around an answer (surrounding quotes, a "Here is the translation:"
 line); an empty reply makes no record. Entity spans of tagged sentences (NER) cannot be carried through a rewrite,
-so these operations refuse tagged records (lmforge.data.augment checks that).
+so these operations refuse tagged records (lmforge.data.augment checks that). Pipeline steps do not run models, so
+the `augment` step takes the other operations only.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from pathlib import Path
 
 import regex
 
-from lmforge.text import is_mostly_cjk
+from lmforge.data.augment import MODEL_OPS, AugmentError
+from lmforge.text import LANGUAGES, is_mostly_cjk
 
-MODEL_OPS = ("backtranslate", "paraphrase")
 # the prompts, by the language the instruction is written in; {src} / {tgt} are language names in that language
 PROMPTS = {
     "translate": {
@@ -55,24 +58,16 @@ def text_language(text: str, lang: str = "auto") -> str:
 
 def pivot_language(source: str, pivot: str = "auto") -> str:
     """The language a back-translation goes through: `pivot`, or (auto) Chinese for English text, English else."""
-    from lmforge.finetune.seq2seq import LANGUAGES
-
     if pivot == "auto":
         return "zh" if source == "en" else "en"
     if pivot not in LANGUAGES:
-        from lmforge.data.augment import AugmentError
-
         raise AugmentError(f"pivot: unknown language code {pivot!r} (known: {', '.join(LANGUAGES)})")
     return pivot
 
 
 def translate_prompt(text: str, src: str, tgt: str) -> str:
     """The translation prompt: in Chinese when either side is Chinese (as finetune --task translate's)."""
-    from lmforge.finetune.seq2seq import LANGUAGES
-
     if src not in LANGUAGES:
-        from lmforge.data.augment import AugmentError
-
         raise AugmentError(f"lang: back-translation needs a known language code, not {src!r} "
                            f"(known: {', '.join(LANGUAGES)})")
     lang = "zh" if "zh" in (src, tgt) else "en"
@@ -215,13 +210,11 @@ def check_augment_options(cfg) -> None:
                           "paraphrase)")
 
 
-def augment_client(cfg):
-    """The client a classify / finetune config's backtranslate / paraphrase augmentation asks, or None."""
+def rewriter_for(cfg):
+    """The ModelAugmenter a classify / finetune config's backtranslate / paraphrase augmentation asks (its replies
+    cached in `augment_cache`, else OUT/augment_replies.jsonl), or None when it asks for neither."""
     if not any(op in MODEL_OPS for op in cfg.augment):
         return None
-    return client_from_options(cfg.augment_model, cfg.augment_endpoint, cfg.augment_served_model)
-
-
-def augment_cache_path(cfg) -> str:
-    """Where a run's model replies are kept: `augment_cache`, else OUT/augment_replies.jsonl."""
-    return cfg.augment_cache or str(Path(cfg.out) / "augment_replies.jsonl")
+    client = client_from_options(cfg.augment_model, cfg.augment_endpoint, cfg.augment_served_model)
+    cache = cfg.augment_cache or str(Path(cfg.out) / "augment_replies.jsonl")
+    return ModelAugmenter(client, cfg.augment_pivot, cfg.seed, cache)
