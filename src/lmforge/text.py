@@ -78,3 +78,11 @@ def split_sentences(text: str) -> list[str]:
     if tail:
         out.append(tail)
     return out
+
+
+# --- language names (finetune --task translate's instructions, augmentation's back-translation prompts) -------------
+# language codes -> (English name, Chinese name)
+LANGUAGES = {"en": ("English", "英文"), "zh": ("Chinese", "中文"), "ja": ("Japanese", "日文"), "ko": ("Korean", "韩文"),
+             "fr": ("French", "法文"), "de": ("German", "德文"), "es": ("Spanish", "西班牙文"),
+             "ru": ("Russian", "俄文"), "pt": ("Portuguese", "葡萄牙文"), "it": ("Italian", "意大利文"),
+             "ar": ("Arabic", "阿拉伯文"), "vi": ("Vietnamese", "越南文")}

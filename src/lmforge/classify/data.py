@@ -337,10 +337,11 @@ def stratified_split(keys: list[str], fraction: float, seed: int) -> tuple[list[
 
 
 def augment_examples(cfg, records: list) -> list:
-    """New training examples from `records` (lmforge.data.augment, as `cfg.augment*` say): EDA / noise variants of
-    each text with its labels, or of each tagged sentence with its entities kept whole; each new one's `where` names
-    its source and operation. Their count by operation: `augment_records.stats`."""
+    """New training examples from `records` (lmforge.data.augment, as `cfg.augment*` say): EDA / noise / model-written
+    variants of each text with its labels, or of each tagged sentence with its entities kept whole; each new one's
+    `where` names its source and operation. Their count by operation: `augment_records.stats`."""
     from lmforge.data.augment import AugmentConfig, augment_records
+    from lmforge.synth.augment import rewriter_for
 
     tagged = bool(records) and isinstance(records[0], Tagged)
     aug = AugmentConfig(ops=tuple(cfg.augment), per_record=cfg.augment_per_record, alpha=cfg.augment_alpha,
@@ -348,7 +349,7 @@ def augment_examples(cfg, records: list) -> list:
     rows = [(r.where, {"tokens": r.tokens, "tags": r.tags} if tagged else {"text": r.text, "labels": r.labels})
             for r in records]
     out = []
-    for rec in augment_records(rows, aug, originals=False):
+    for rec in augment_records(rows, aug, originals=False, model=rewriter_for(cfg)):
         where = f"{rec['augmented']['source']} ({rec['augmented']['op']})"
         out.append(Tagged(rec["tokens"], rec["tags"], where) if tagged else Labelled(rec["text"], rec["labels"], where))
     return out

@@ -96,13 +96,25 @@ class ClassifyConfig(TrainConfig):
     # data augmentation of the training split (lmforge.data.augment); validation is never augmented
     augment: list[str] = field(default_factory=list, metadata={
         "help": "augment the training texts (token task: sentences, entities kept whole) with these operations: "
-                "synonym insert swap delete (EDA), char (typos), punct (AEDA); off when empty"})
+                "synonym insert swap delete (EDA), char (typos), punct (AEDA), backtranslate paraphrase (written by "
+                "--augment-model or --augment-endpoint; not for the token task); off when empty"})
     augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
                                                          "check": (lambda v: v > 0, "> 0")})
     augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
                                                         "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
     augment_synonyms: str = field(default="auto", metadata={
         "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
+    augment_model: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: the model that writes them, a directory run in this process"})
+    augment_endpoint: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: or an OpenAI-compatible URL (key: $OPENAI_API_KEY)"})
+    augment_served_model: str = field(default="default", metadata={"help": "augment: the model name the endpoint "
+                                                                           "expects"})
+    augment_pivot: str = field(default="auto", metadata={
+        "help": "augment backtranslate: the language in between (auto: zh for English text, en otherwise)"})
+    augment_cache: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: the model's replies, reused by a rerun (default: "
+                "OUT/augment_replies.jsonl)"})
     encoding: str = encoding_field()
     errors: str = field(default="strict", metadata={"choices": ["strict", "replace"]})
     on_error: str = on_error_field()
@@ -121,7 +133,7 @@ class ClassifyConfig(TrainConfig):
                                                 "check": (lambda v: v >= 0, ">= 0")})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (head or LoRA only: try 1e-3)",
                                               "check": (lambda v: v > 0, "> 0")})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps (0: 6% of the steps)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps (0: 6 per cent of the steps)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
     beta2: float = 0.999
     min_lr_ratio: float = field(default=0.0, metadata={"help": "final learning rate as a fraction of lr"})
@@ -133,7 +145,8 @@ class ClassifyConfig(TrainConfig):
         "class_weights", "val_data", "val_fraction", "train", "train_layers", "pooling", "dropout", "backbone_dropout",
         "lora_r",
         "lora_alpha", "lora_dropout", "epochs", "target_fields", "text_pair_field", "target_scaling", "regression_loss",
-        "method", "pattern", "verbalizer", "augment", "augment_per_record", "augment_alpha", "augment_synonyms")
+        "method", "pattern", "verbalizer", "augment", "augment_per_record", "augment_alpha", "augment_synonyms", "augment_model",
+        "augment_endpoint", "augment_pivot")
 
 
 def _pad_id(tokenizer, model_dir: Path) -> int:
@@ -272,6 +285,14 @@ def _check(cfg: ClassifyConfig) -> None:
         if cfg.method == "cloze" or cfg.task == "regression":
             raise ConfigError(f"augment: not for {'cloze classification' if cfg.method == 'cloze' else 'regression'} "
                               "in this version (text classification and tagging only)")
+        from lmforge.data.augment import MODEL_OPS
+        from lmforge.synth.augment import check_augment_options
+
+        model_ops = [op for op in cfg.augment if op in MODEL_OPS]
+        if model_ops and cfg.task == "token":
+            raise ConfigError(f"augment: {model_ops[0]} rewrites whole sentences, so entity spans cannot be kept: "
+                              "the token task takes synonym insert swap delete char punct")
+        check_augment_options(cfg)
 
 
 def task_tokenizer(model_dir: Path):

@@ -10,6 +10,10 @@ with n = max(1, int(alpha * words)). Two noise operations beside them:
             neighbouring key on a QWERTY keyboard typed instead or in addition
   punct     AEDA (Karimi et al. 2021): 1 to words/3 punctuation marks inserted at random positions (， 。 ； ？ ： ！
             in Chinese text)
+and two written by a model (lmforge.synth.augment: the engine or an OpenAI-compatible endpoint, replies cached), whose
+texts this module leaves to the `ModelAugmenter` it is handed (the model clients sit in a layer above the data's):
+  backtranslate  into a pivot language and back
+  paraphrase     the same meaning in other words
 
 Words are what `lmforge.text` says they are: jieba's words in Chinese, letters and digits elsewhere; spaces and
 punctuation are kept in place, so an augmented text reads like its source. Synonyms come from a `Synonyms` table:
@@ -45,7 +49,9 @@ from lmforge.data.sources import CorpusError
 from lmforge.data.step import Step, register
 from lmforge.text import CJK_CHAR, WORD, is_mostly_cjk, jieba
 
-OPERATIONS = ("synonym", "insert", "swap", "delete", "char", "punct")
+LOCAL_OPS = ("synonym", "insert", "swap", "delete", "char", "punct")
+MODEL_OPS = ("backtranslate", "paraphrase")  # written by a model: lmforge.synth.augment
+OPERATIONS = LOCAL_OPS + MODEL_OPS
 EDA = ("synonym", "insert", "swap", "delete")
 
 # EDA's own stop-word list (nltk's English list, as eda.py has it): never replaced or used for insertion
@@ -395,6 +401,14 @@ class AugmentConfig:
             raise AugmentError(f"ops: unknown operation '{unknown[0]}' (known: {', '.join(OPERATIONS)})")
         if self.per_record < 1:
             raise AugmentError(f"per_record: {self.per_record} is not a positive number")
+        model_ops = [op for op in self.ops if op in MODEL_OPS]
+        if model_ops and self.tokens_field is not None:
+            raise AugmentError(f"ops: {model_ops[0]} rewrites the whole sentence, so entity spans cannot be kept: "
+                               f"tagged (NER) records take {', '.join(LOCAL_OPS)}")
+
+    @property
+    def model_ops(self) -> bool:
+        return any(op in MODEL_OPS for op in self.ops)
 
 
 def _plan(cfg: AugmentConfig, rng: random.Random) -> list[str]:
@@ -415,18 +429,41 @@ class _SynonymsByLanguage:
 
 
 def augment_texts(text: str, cfg: AugmentConfig, rng: random.Random, synonyms: Callable[[str], Synonyms]
-                  ) -> list[tuple[str, str]]:
-    """(op, new text) for one text: up to cfg.per_record, the ones an operation could not change left out."""
+                  ) -> list[tuple[str, str | None]]:
+    """(op, new text) for one text: up to cfg.per_record, the ones an operation could not change left out; a
+    model operation's text is None (the model writes it, in a batch: `fill_model_texts`)."""
     lang = cfg.lang if cfg.lang != "auto" else ("zh" if is_mostly_cjk(text) else "en")
     needs = {"synonym", "insert"} & set(cfg.ops)
     aug = Augmenter(synonyms(lang) if needs else (lambda w: []), cfg.alpha, lang)
     pieces = _text_pieces(text, lang)
     out = []
     for op in _plan(cfg, rng):
+        if op in MODEL_OPS:
+            out.append((op, None))
+            continue
         new = aug.apply(op, pieces, rng)
         if new is not None:
             out.append((op, _join(new)))
     return out
+
+
+def fill_model_texts(texts: list[str], made: list[list[tuple[str, str | None]]], model
+                     ) -> list[list[tuple[str, str]]]:
+    """`made[i]` (augment_texts' output for `texts[i]`) with each model operation's None replaced by the model's
+    variant, asked for all texts at once per operation (`model.variants(op, texts, counts)`: a
+    lmforge.synth.augment.ModelAugmenter); a variant the model did not give is left out."""
+    filled: list[list[tuple[str, str | None]]] = [list(m) for m in made]
+    for op in MODEL_OPS:
+        counts = [sum(1 for o, t in m if o == op and t is None) for m in made]
+        if not any(counts):
+            continue
+        variants = model.variants(op, texts, counts)
+        for row, got in zip(filled, variants):
+            got = iter(got)
+            for k, (o, t) in enumerate(row):
+                if o == op and t is None:
+                    row[k] = (o, next(got))
+    return [[(o, t) for o, t in row if t] for row in filled]
 
 
 def _tag_units(tokens: list[str], tags: list[str], where: str) -> list[Piece]:
@@ -483,11 +520,15 @@ def _key(text: str) -> str:
     return " ".join(text.split())
 
 
-def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, originals: bool = True
-                    ) -> Iterator[dict]:
+def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, originals: bool = True,
+                    model=None) -> Iterator[dict]:
     """The records (when `originals`), then every new one: a copy of its source with the text (or tokens and tags)
     replaced and `augmented: {"source", "op"}` added. New texts equal to an original or an earlier new one are
-    dropped; `augment_records.stats` of the last call holds the counts."""
+    dropped; `augment_records.stats` of the last call holds the counts. `model` (a
+    lmforge.synth.augment.ModelAugmenter) writes the backtranslate / paraphrase variants."""
+    if cfg.model_ops and model is None:
+        raise AugmentError(f"ops: {', '.join(op for op in cfg.ops if op in MODEL_OPS)} need a model to write them "
+                           "(--model DIR or --endpoint URL)")
     records = list(records)
     synonyms = _SynonymsByLanguage(cfg.synonyms)
     tagged = cfg.tokens_field is not None
@@ -509,17 +550,24 @@ def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, ori
         if originals:
             yield rec
     stats = {"records": len(records), "new": 0, "duplicates": 0, "by_op": {op: 0 for op in cfg.ops}}
+    made_all = []
     for where, rec in records:
         # seeded by the seed and the record's own text: the same data gives the same records wherever its files
         # sit (a path in the seed made runs depend on the directory), and no record's draws depend on another's
         content = "\x1f".join(map(str, rec[cfg.tokens_field])) if tagged else _key(rec[cfg.text_field])
         rng = random.Random(f"{cfg.seed}:{content}")
         if tagged:
-            made = [(op, (tuple(t), t, g)) for op, t, g in
-                    augment_tagged(rec[cfg.tokens_field], rec[cfg.tags_field], cfg, rng, synonyms, where)]
+            made_all.append(augment_tagged(rec[cfg.tokens_field], rec[cfg.tags_field], cfg, rng, synonyms, where))
         else:
-            made = [(op, (_key(t), t, None)) for op, t in augment_texts(rec[cfg.text_field], cfg, rng, synonyms)]
-        for op, (key, value, tags) in made:
+            made_all.append(augment_texts(rec[cfg.text_field], cfg, rng, synonyms))
+    if cfg.model_ops:
+        made_all = fill_model_texts([rec[cfg.text_field] for _, rec in records], made_all, model)
+        stats["model_requests"] = model.asked
+    for (where, rec), made in zip(records, made_all):
+        # (op, (dedup key, new text or tokens, new tags)) of each variant
+        keyed = [(op, (tuple(t), t, g)) for op, t, g in made] if tagged else [
+            (op, (_key(t), t, None)) for op, t in made]
+        for op, (key, value, tags) in keyed:
             if key in seen or not key:
                 stats["duplicates"] += 1
                 continue
@@ -543,7 +591,8 @@ def augment_records(records: Iterable[tuple[str, dict]], cfg: AugmentConfig, ori
 class AugmentStep(Step):
     """New documents from each document (its meta, labels included, copied), after it in the output:
     `- augment: {ops: [synonym, swap], per_record: 2}`. A new text equal to its source or to another new text
-    of the same source is not made; follow with `exact_dedup` to drop new texts equal to other documents."""
+    of the same source is not made; follow with `exact_dedup` to drop new texts equal to other documents.
+    backtranslate and paraphrase are not pipeline steps' (a step runs no model): `lmforge data augment` makes them."""
 
     kind: ClassVar[str] = "cleaner"
     ops: list[str] = field(default_factory=lambda: list(EDA))
@@ -554,6 +603,10 @@ class AugmentStep(Step):
     lang: str = "auto"
 
     def setup(self) -> None:
+        model_ops = [op for op in self.ops if op in MODEL_OPS]
+        if model_ops:
+            raise AugmentError(f"augment: {model_ops[0]} is written by a model, which pipeline steps do not run: "
+                               f"use `lmforge data augment --ops {' '.join(model_ops)} --model DIR | --endpoint URL`")
         self._cfg = AugmentConfig(tuple(self.ops), self.per_record, self.alpha, self.seed, self.synonyms,
                                   self.lang)
         self._synonyms = _SynonymsByLanguage(self.synonyms)
@@ -563,7 +616,8 @@ class AugmentStep(Step):
             self.setup()
         rng = random.Random(f"{self.seed}:{_key(doc.text)}")  # as augment_records: the text, not where it sits
         out, seen = [doc], {_key(doc.text)}
-        for k, (op, text) in enumerate(augment_texts(doc.text, self._cfg, rng, self._synonyms)):
+        made = augment_texts(doc.text, self._cfg, rng, self._synonyms)
+        for k, (op, text) in enumerate(made):
             if _key(text) in seen or not text.strip():
                 continue
             seen.add(_key(text))

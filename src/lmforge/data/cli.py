@@ -87,14 +87,25 @@ def cmd_augment(args: argparse.Namespace) -> int:
     cfg = AugmentConfig(ops=tuple(args.ops), per_record=args.per_record, alpha=args.alpha, seed=args.seed,
                         synonyms=args.synonyms, lang=args.lang, text_field=args.text_field,
                         tokens_field=args.tokens_field if args.task == "token" else None, tags_field=args.tags_field)
+    model, cache = None, args.reply_cache or f"{args.output}.replies.jsonl"
+    if cfg.model_ops:  # backtranslate / paraphrase: the model that writes them (lmforge.synth.augment)
+        from lmforge.infer.client import client_from_args
+        from lmforge.synth.augment import ModelAugmenter
+
+        model = ModelAugmenter(client_from_args(args), args.pivot, args.seed, cache, args.max_tokens, args.lang)
     records = ((where, rec) for path in resolve_inputs(args.input) for where, rec in iter_records(path))
     with atomic_write(args.output) as f:
-        for rec in augment_records(records, cfg, originals=not args.only_new):
+        for rec in augment_records(records, cfg, originals=not args.only_new, model=model):
             f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
     st = augment_records.stats
+    if args.json:
+        print(json.dumps({**st, "output": args.output}, ensure_ascii=False))
+        return 0
     ops = ", ".join(f"{op} {n}" for op, n in st["by_op"].items())
+    asked = f"; {st['model_requests']:,} model requests (the rest from {cache})" \
+        if "model_requests" in st else ""
     print(f"{st['records']:,} records -> {st['new']:,} new ({ops}); {st['duplicates']:,} duplicates of an original "
-          f"or of another new record dropped -> {args.output}")
+          f"or of another new record dropped{asked} -> {args.output}")
     return 0
 
 
@@ -192,9 +203,10 @@ def _add_train_classifier(dsub) -> None:
     c.set_defaults(func=cmd_train_classifier, _parser=c)
 
     from lmforge.data.augment import EDA, OPERATIONS
+    from lmforge.infer.client import add_client_args
 
     a = dsub.add_parser("augment", help="augment labelled data: EDA (synonyms, insert, swap, delete), typos, "
-                                        "punctuation",
+                                        "punctuation, back-translation and paraphrase by a model",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="New records from each record (labels and other fields copied), each tagged "
                                     "with its source and operation; new texts equal to an original dropped. "
@@ -202,7 +214,9 @@ def _add_train_classifier(dsub) -> None:
                                     "'lmforge[augment]'), or a file of synonym groups. See docs/data.md.",
                         epilog="examples:\n  lmforge data augment --input reviews.jsonl --output aug.jsonl "
                                "--per-record 4 --alpha 0.1\n  lmforge data augment --input ner.jsonl --task token "
-                               "--ops swap delete punct --output ner_aug.jsonl")
+                               "--ops swap delete punct --output ner_aug.jsonl\n  lmforge data augment --input "
+                               "reviews.jsonl --output aug.jsonl --ops backtranslate paraphrase --per-record 2 "
+                               "--endpoint http://localhost:8000/v1")
     a.add_argument("--input", nargs="+", required=True,
                    help="structured files (jsonl, json, csv, tsv, parquet) or a datasets folder")
     a.add_argument("--out", "--output", dest="output", required=True, help="the output JSONL file")
@@ -210,7 +224,6 @@ def _add_train_classifier(dsub) -> None:
                    help="operations, in turn (default: EDA's four: synonym insert swap delete)")
     a.add_argument("--per-record", dest="per_record", type=int, default=4, help="new records per record (default: 4)")
     a.add_argument("--alpha", type=float, default=0.1, help="share of words changed (default: 0.1, EDA's)")
-    a.add_argument("--seed", type=int, default=0)
     a.add_argument("--synonyms", default="auto",
                    help="auto (WordNet / Cilin by language), wordnet, cilin, none, or a file of synonym groups")
     a.add_argument("--lang", choices=["auto", "en", "zh"], default="auto", help="auto: per record")
@@ -220,4 +233,12 @@ def _add_train_classifier(dsub) -> None:
     a.add_argument("--tokens-field", dest="tokens_field", default="tokens")
     a.add_argument("--tags-field", dest="tags_field", default="tags")
     a.add_argument("--only-new", dest="only_new", action="store_true", help="write the new records only")
+    a.add_argument("--pivot", default="auto",
+                   help="backtranslate: the language in between (auto: zh for English text, en for Chinese; any "
+                        "code finetune --task translate knows)")
+    a.add_argument("--reply-cache", dest="reply_cache", metavar="FILE",
+                   help="backtranslate / paraphrase: the model's replies, reused by a rerun (default: OUTPUT"
+                        ".replies.jsonl)")
+    # backtranslate / paraphrase: the model that writes them (--model DIR or --endpoint URL), and --seed, --json
+    add_client_args(a, max_tokens=512)
     a.set_defaults(func=cmd_augment, _parser=a)

@@ -195,6 +195,17 @@ class FinetuneConfig(TrainConfig):
                                                         "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
     augment_synonyms: str = field(default="auto", metadata={
         "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
+    augment_model: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: the model that writes them, a directory run in this process"})
+    augment_endpoint: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: or an OpenAI-compatible URL (key: $OPENAI_API_KEY)"})
+    augment_served_model: str = field(default="default", metadata={"help": "augment: the model name the endpoint "
+                                                                           "expects"})
+    augment_pivot: str = field(default="auto", metadata={
+        "help": "augment backtranslate: the language in between (auto: zh for English text, en otherwise)"})
+    augment_cache: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: the model's replies, reused by a rerun (default: "
+                "OUT/augment_replies.jsonl)"})
     # pretraining's data settings: not used here (no flags)
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
@@ -221,7 +232,8 @@ class FinetuneConfig(TrainConfig):
         "lora_target_regex", "rslora", "lora_plus_ratio", "qlora_dora", "adapter_size", "num_virtual_tokens",
         "teacher", "teacher_cache", "teacher_dtype", "kd_loss", "kd_beta", "kd_temperature", "kd_ratio",
         "kd_lmbda", "seq_kd", "kd_max_new_tokens", "kd_sample_temperature",
-        "augment", "augment_per_record", "augment_alpha", "augment_synonyms", "task", "src_lang", "tgt_lang",
+        "augment", "augment_per_record", "augment_alpha", "augment_synonyms", "augment_model",
+        "augment_endpoint", "augment_pivot", "task", "src_lang", "tgt_lang",
         "task_template")
 
 
@@ -277,6 +289,9 @@ def check_config(cfg: FinetuneConfig) -> None:
         if cfg.objective != "sft":
             raise ConfigError("augment: preference pairs are not augmented (a changed prompt could change which "
                               "reply is better); use it with --objective sft")
+    from lmforge.synth.augment import check_augment_options
+
+    check_augment_options(cfg)
     if cfg.ema_decay and cfg.method in ADAPTER_METHODS:
         raise ConfigError("ema_decay: an EMA of LoRA adapters is not supported; use it with full fine-tuning")
 
@@ -376,9 +391,10 @@ def _task_best_metric(cfg: FinetuneConfig, task: str) -> str:
 
 
 def augment_conversations(conversations: list, ops: list[str], per_record: int = 1, alpha: float = 0.1,
-                          seed: int = 0, synonyms: str = "auto") -> list:
+                          seed: int = 0, synonyms: str = "auto", model=None) -> list:
     """The conversations, then new ones whose last user turn is an augmented variant (lmforge.data.augment) and
-    whose replies are the source's; each new one's `where` names its source and the operation."""
+    whose replies are the source's; each new one's `where` names its source and the operation. `model` (a
+    lmforge.synth.augment.ModelAugmenter) writes backtranslate / paraphrase variants."""
     from lmforge.data.augment import AugmentConfig, augment_records
     from lmforge.finetune.conversations import Conversation
 
@@ -393,7 +409,7 @@ def augment_conversations(conversations: list, ops: list[str], per_record: int =
                for i, c in enumerate(conversations) if (t := last_user(c)) is not None]
     out = list(conversations)
     aug = AugmentConfig(ops=tuple(ops), per_record=per_record, alpha=alpha, seed=seed, synonyms=synonyms)
-    for rec in augment_records(records, aug, originals=False):
+    for rec in augment_records(records, aug, originals=False, model=model):
         c = conversations[rec["index"]]
         messages = [dict(m) for m in c.messages]
         messages[last_user(c)]["content"] = rec["text"]
@@ -527,8 +543,10 @@ def _sft_conversations(cfg: FinetuneConfig, task, rejects) -> tuple[list, list, 
         train_convs, val_convs = _split(conversations, cfg.val_fraction, cfg.seed)
     if cfg.augment:
         before = len(train_convs)
+        from lmforge.synth.augment import rewriter_for
+
         train_convs = augment_conversations(train_convs, cfg.augment, cfg.augment_per_record, cfg.augment_alpha,
-                                            cfg.seed, cfg.augment_synonyms)
+                                            cfg.seed, cfg.augment_synonyms, rewriter_for(cfg))
         log.info("augment: %d training examples + %d new (%s)", before, len(train_convs) - before,
                  ", ".join(cfg.augment))
     return conversations, train_convs, val_convs

@@ -20,15 +20,10 @@ from collections.abc import Sequence
 from lmforge.config import ConfigError
 from lmforge.data.sources import OnBad, iter_records
 from lmforge.finetune.conversations import Conversation, DataFormatError, resolve_spec
-from lmforge.text import is_mostly_cjk
+from lmforge.text import LANGUAGES, is_mostly_cjk
 
 TASKS = ("translate", "summarize")
 TASK_METRICS = {"translate": "val_bleu", "summarize": "val_rougeL"}
-# language codes -> (English name, Chinese name) for the instructions
-LANGUAGES = {"en": ("English", "英文"), "zh": ("Chinese", "中文"), "ja": ("Japanese", "日文"), "ko": ("Korean", "韩文"),
-             "fr": ("French", "法文"), "de": ("German", "德文"), "es": ("Spanish", "西班牙文"),
-             "ru": ("Russian", "俄文"), "pt": ("Portuguese", "葡萄牙文"), "it": ("Italian", "意大利文"),
-             "ar": ("Arabic", "阿拉伯文"), "vi": ("Vietnamese", "越南文")}
 
 
 def _language(code: str, what: str) -> tuple[str, str]:
