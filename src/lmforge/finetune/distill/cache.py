@@ -23,11 +23,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lmforge.config import ConfigError
 from lmforge.data.sources import encoding_field, on_error_field
+
+if TYPE_CHECKING:  # numpy loads with the work, not with `lmforge --help` (the CLI imports CacheConfig)
+    import numpy as np
 
 CACHE_VERSION = 1
 
@@ -74,6 +76,7 @@ class CacheConfig:
 
 def example_hash(input_ids: np.ndarray, labels: np.ndarray) -> bytes:
     """sha256 of an example's ids and labels (int64): the key it is cached under."""
+    import numpy as np
     h = hashlib.sha256(np.asarray(input_ids, np.int64).tobytes())
     h.update(b"|")
     h.update(np.asarray(labels, np.int64).tobytes())
@@ -89,6 +92,7 @@ def _settings(cfg: CacheConfig, teacher_dir: Path, vocab: str, template_hash: st
 
 def build_cache(cfg: CacheConfig) -> dict:
     """Write (or continue) the cache; returns the manifest."""
+    import numpy as np
     import torch
 
     from lmforge.chat.stops import eos_ids as model_eos_ids
