@@ -64,9 +64,6 @@ def test_rag_token_equals_the_hand_marginal(model, trained, question):
     tokens, total = _hand_rag_token(model, prompts, log_prior, 12, stops)
     assert out.tokens == tokens
     assert out.logprob == pytest.approx(total, abs=1e-4)
-    # the documents disagree, so the mixture is a choice: some document's own greedy decode differs from it
-    solos = [_hand_rag_token(model, [p], [0.0], 12, stops)[0] for p in prompts]
-    assert any(solo != tokens for solo in solos)
     # the mixture is not any one document's greedy answer scored alone: with a prior putting all the mass on one
     # document, RAG-Token is that document's own greedy decode
     only = rag_token(model, trained, prompts, [0.0, -math.inf, -math.inf], SamplingConfig(max_new_tokens=12,
