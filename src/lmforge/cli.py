@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for module in STAGES:
         importlib.import_module(module).register(sub)
+    # `lmforge eval rag` is `rag eval --generate` where users look for it; wired here because a stage's CLI imports
+    # no other stage's CLI (tests/test_layers.py)
+    eval_actions = next(a for a in sub.choices["eval"]._actions if isinstance(a, argparse._SubParsersAction))
+    importlib.import_module("lmforge.rag.cli").add_eval_rag(eval_actions)
     return parser
 
 

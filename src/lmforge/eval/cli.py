@@ -268,7 +268,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_compare(esub)
     _add_judge(esub)
     _add_contamination(esub)
-    _add_rag(esub)
 
 
 def _add_run(esub, parents: list[argparse.ArgumentParser]) -> None:
@@ -338,20 +337,3 @@ def _add_contamination(esub) -> None:
     add_config_args(k, ContaminationConfig)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_contamination, _parser=k)
-
-
-def _add_rag(esub) -> None:
-    """`lmforge eval rag`: `rag eval --generate` under eval's command (rag/cli.py owns its flags and its run)."""
-    from lmforge.rag.cli import BUILTIN_QUESTIONS, add_eval_args, cmd_eval
-
-    g = esub.add_parser("rag", help="RAG answers: citation recall / precision, faithfulness, context precision / "
-                                    "recall, answer relevance (= lmforge rag eval --generate)",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Answer each judged query from an index with --model (as lmforge rag ask does) "
-                                    "and score the answers: ALCE citation recall / precision, RAGAS faithfulness, "
-                                    "context precision / recall against the qrels, answer relevance with a judge. "
-                                    "See docs/rag.md.",
-                        epilog=f"example:\n  lmforge eval rag --index runs/pydocs --queries {BUILTIN_QUESTIONS} "
-                               "--model runs/smollm2 --rag token")
-    add_eval_args(g, answers_only=True)
-    g.set_defaults(func=cmd_eval, _parser=g)

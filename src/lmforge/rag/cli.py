@@ -463,3 +463,19 @@ def add_eval_args(e: argparse.ArgumentParser, answers_only: bool = False) -> Non
     add_field_arg(e, AskConfig, "k", "--answer-k", dest="answer_k", help="--generate: sources per answer")
     add_answer_args(e)
     add_transform_args(e, model_flags=True)
+
+
+def add_eval_rag(esub) -> None:
+    """`lmforge eval rag`: `rag eval --generate` under eval's command. This module owns its flags and its run;
+    lmforge/cli.py adds it to eval's subcommands (a stage's CLI imports no other stage's CLI)."""
+    g = esub.add_parser("rag", help="RAG answers: citation recall / precision, faithfulness, context precision / "
+                                    "recall, answer relevance (= lmforge rag eval --generate)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Answer each judged query from an index with --model (as lmforge rag ask does) "
+                                    "and score the answers: ALCE citation recall / precision, RAGAS faithfulness, "
+                                    "context precision / recall against the qrels, answer relevance with a judge. "
+                                    "See docs/rag.md.",
+                        epilog=f"example:\n  lmforge eval rag --index runs/pydocs --queries {BUILTIN_QUESTIONS} "
+                               "--model runs/smollm2 --rag token")
+    add_eval_args(g, answers_only=True)
+    g.set_defaults(func=cmd_eval, _parser=g)
