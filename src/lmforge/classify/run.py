@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, field_of
+from lmforge.data.config import AugmentSettings
 from lmforge.data.sources import encoding_field, on_error_field
 from lmforge.train.config import TrainConfig
 
@@ -98,23 +99,14 @@ class ClassifyConfig(TrainConfig):
         "help": "augment the training texts (token task: sentences, entities kept whole) with these operations: "
                 "synonym insert swap delete (EDA), char (typos), punct (AEDA), backtranslate paraphrase (written by "
                 "--augment-model or --augment-endpoint; not for the token task); off when empty"})
-    augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
-                                                         "check": (lambda v: v > 0, "> 0")})
-    augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
-                                                        "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
-    augment_synonyms: str = field(default="auto", metadata={
-        "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
-    augment_model: str = field(default="", metadata={
-        "help": "augment backtranslate / paraphrase: the model that writes them, a directory run in this process"})
-    augment_endpoint: str = field(default="", metadata={
-        "help": "augment backtranslate / paraphrase: or an OpenAI-compatible URL (key: $OPENAI_API_KEY)"})
-    augment_served_model: str = field(default="default", metadata={"help": "augment: the model name the endpoint "
-                                                                           "expects"})
-    augment_pivot: str = field(default="auto", metadata={
-        "help": "augment backtranslate: the language in between (auto: zh for English text, en otherwise)"})
-    augment_cache: str = field(default="", metadata={
-        "help": "augment backtranslate / paraphrase: the model's replies, reused by a rerun (default: "
-                "OUT/augment_replies.jsonl)"})
+    augment_per_record: int = field_of(AugmentSettings, "augment_per_record")
+    augment_alpha: float = field_of(AugmentSettings, "augment_alpha")
+    augment_synonyms: str = field_of(AugmentSettings, "augment_synonyms")
+    augment_model: str = field_of(AugmentSettings, "augment_model")
+    augment_endpoint: str = field_of(AugmentSettings, "augment_endpoint")
+    augment_served_model: str = field_of(AugmentSettings, "augment_served_model")
+    augment_pivot: str = field_of(AugmentSettings, "augment_pivot")
+    augment_cache: str = field_of(AugmentSettings, "augment_cache")
     encoding: str = encoding_field()
     errors: str = field(default="strict", metadata={"choices": ["strict", "replace"]})
     on_error: str = on_error_field()

@@ -1,7 +1,8 @@
 """The settings of the data stage apart from the code that runs them (numpy, the readers, the executors), so that the
 CLI builds its flags at start-up without loading it: a pipeline (`PipelineConfig`, data/pipeline.py), near-duplicate
 removal (`MinHashSettings`, the `minhash_dedup` step of data/dedup_step.py), the quality classifier's training
-(`ClassifierSettings`, data/classifier.py), and the commands `lmforge data dedup` and `lmforge data train-classifier`
+(`ClassifierSettings`, data/classifier.py), the training split's augmentation that finetune and classify share
+(`AugmentSettings`), and the commands `lmforge data dedup` and `lmforge data train-classifier`
 drawn from them (their flags and --config keys)."""
 
 from __future__ import annotations
@@ -9,6 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmforge.config import field_of
+
+
+@dataclass
+class AugmentSettings:
+    """How `finetune --augment` and `classify train --augment` augment the training split (data/augment.py; the
+    model-written operations through synth/augment.py). Both commands' configs take these fields (`field_of`); each
+    declares its own `augment` list, whose help says what it augments."""
+
+    augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
+                                                         "check": (lambda v: v > 0, "> 0")})
+    augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
+                                                        "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    augment_synonyms: str = field(default="auto", metadata={
+        "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
+    augment_model: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: the model that writes them, a directory run in this process"})
+    augment_endpoint: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: or an OpenAI-compatible URL (key: $OPENAI_API_KEY)"})
+    augment_served_model: str = field(default="default", metadata={"help": "augment: the model name the endpoint "
+                                                                           "expects"})
+    augment_pivot: str = field(default="auto", metadata={
+        "help": "augment backtranslate: the language in between (auto: zh for English text, en otherwise)"})
+    augment_cache: str = field(default="", metadata={
+        "help": "augment backtranslate / paraphrase: the model's replies, reused by a rerun (default: "
+                "OUT/augment_replies.jsonl)"})
+
 
 #: which member of a cluster of duplicates survives (score: the documents' meta quality_score)
 KEEP = ["first", "longest", "score"]

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, field_of
+from lmforge.data.config import AugmentSettings
 from lmforge.data.sources import encoding_field, on_error_field
 from lmforge.train.config import TrainConfig
 
@@ -188,24 +189,16 @@ class FinetuneConfig(TrainConfig):
     # variants, replies unchanged; the validation split is never augmented
     augment: list[str] = field(default_factory=list, metadata={
         "help": "augment the training examples' prompts with these operations: synonym insert swap delete (EDA), "
-                "char (typos), punct (AEDA); off when empty"})
-    augment_per_record: int = field(default=1, metadata={"help": "augment: new examples per example",
-                                                         "check": (lambda v: v > 0, "> 0")})
-    augment_alpha: float = field(default=0.1, metadata={"help": "augment: share of words changed",
-                                                        "check": (lambda v: 0 < v <= 1, "in (0, 1]")})
-    augment_synonyms: str = field(default="auto", metadata={
-        "help": "augment: auto (WordNet for English, Cilin for Chinese), wordnet, cilin, none, or a synonym file"})
-    augment_model: str = field(default="", metadata={
-        "help": "augment backtranslate / paraphrase: the model that writes them, a directory run in this process"})
-    augment_endpoint: str = field(default="", metadata={
-        "help": "augment backtranslate / paraphrase: or an OpenAI-compatible URL (key: $OPENAI_API_KEY)"})
-    augment_served_model: str = field(default="default", metadata={"help": "augment: the model name the endpoint "
-                                                                           "expects"})
-    augment_pivot: str = field(default="auto", metadata={
-        "help": "augment backtranslate: the language in between (auto: zh for English text, en otherwise)"})
-    augment_cache: str = field(default="", metadata={
-        "help": "augment backtranslate / paraphrase: the model's replies, reused by a rerun (default: "
-                "OUT/augment_replies.jsonl)"})
+                "char (typos), punct (AEDA), backtranslate paraphrase (written by --augment-model or "
+                "--augment-endpoint); off when empty"})
+    augment_per_record: int = field_of(AugmentSettings, "augment_per_record")
+    augment_alpha: float = field_of(AugmentSettings, "augment_alpha")
+    augment_synonyms: str = field_of(AugmentSettings, "augment_synonyms")
+    augment_model: str = field_of(AugmentSettings, "augment_model")
+    augment_endpoint: str = field_of(AugmentSettings, "augment_endpoint")
+    augment_served_model: str = field_of(AugmentSettings, "augment_served_model")
+    augment_pivot: str = field_of(AugmentSettings, "augment_pivot")
+    augment_cache: str = field_of(AugmentSettings, "augment_cache")
     # pretraining's data settings: not used here (no flags)
     dataset: str = field(default="sliding", metadata={"cli": False})
     allow_mid_doc: bool = field(default=False, metadata={"cli": False})
