@@ -4,6 +4,7 @@ DFS driven by a scripted client at the ModelClient boundary, the CLI and its tra
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import json
 import operator
@@ -192,3 +193,28 @@ def test_cli_writes_the_trace(tmp_path, monkeypatch, capsys):
 def test_an_unsolvable_puzzle_has_no_answer(puzzle):
     assert solutions(puzzle) == []
     assert TreeOfThoughts(Oracle({}, {})).solve(puzzle)["answer"] is None
+
+
+def test_a_stopped_cli_run_keeps_the_puzzles_it_solved(tmp_path, monkeypatch, capsys):
+    """`prompt tot` over many puzzles takes hours on a small machine: stopped midway (Ctrl-C, a crash), its --trace
+    holds every puzzle finished so far, and each one was reported as it finished."""
+    from lmforge.cli import main
+    from lmforge.infer import client
+    from lmforge.prompting import tot
+
+    monkeypatch.setattr(client, "client_from_args", lambda args: Oracle(PROPOSE, {"4 4 10": "likely", "4 6": "sure"}))
+    monkeypatch.setattr(tot, "builtin_puzzles", lambda ranks: ["4 9 10 13", "1 1 1 1"])
+    solve = tot.TreeOfThoughts.solve
+
+    def stop_at_the_second(self, puzzle):
+        if puzzle != "4 9 10 13":
+            raise KeyboardInterrupt
+        return solve(self, puzzle)
+
+    monkeypatch.setattr(tot.TreeOfThoughts, "solve", stop_at_the_second)
+    trace = tmp_path / "t.jsonl"
+    with contextlib.suppress(KeyboardInterrupt):
+        main(["prompt", "tot", "--endpoint", "http://unused/v1", "--ranks", "901-902", "--trace", str(trace), "--json"])
+    rows = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
+    assert [(r["puzzle"], r["correct"]) for r in rows] == [("4 9 10 13", True)]
+    assert "[1/2] 4 9 10 13" in capsys.readouterr().err

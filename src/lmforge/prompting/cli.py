@@ -125,10 +125,12 @@ def cmd_tot(args) -> int:
                             temperature=c.temperature, max_states=c.max_states, max_tokens=args.max_tokens,
                             seed=args.seed)
     rows = []
-    for p in puzzles:
+    for i, p in enumerate(puzzles, 1):
         rows.append(solver.solve(p))
-        if not args.json:
-            print(f"{p:<14} {'ok ' if rows[-1]['correct'] else 'no '} {rows[-1]['answer'] or '-'}", file=sys.stderr)
+        print(f"[{i}/{len(puzzles)}] {p:<14} {'ok ' if rows[-1]['correct'] else 'no '} {rows[-1]['answer'] or '-'}",
+              file=sys.stderr, flush=True)  # stderr: --json's report stays alone on stdout
+        if c.trace:  # rewritten whole (atomically) after each puzzle: a stopped run keeps the puzzles it solved
+            write_trace(Path(c.trace), rows)
     report = {"puzzles": len(puzzles), "model": client.name,
               f"tot-{c.search}": sum(r["correct"] for r in rows) / len(rows)}
     if c.search == "bfs":
