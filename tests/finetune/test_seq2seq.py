@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from lmforge.config import ConfigError
 from lmforge.finetune.conversations import DataFormatError
@@ -113,3 +114,5 @@ def test_translation_finetune_scores_replies_and_keeps_the_best_bleu(trained_dir
     best = max(evals, key=lambda r: r["val_bleu"])  # first of the best: later ties do not replace it
     state = json.loads((tmp_path / "run" / "best" / "trainer_state.json").read_text())
     assert state["step"] == best["step"]
+    # the saved config names the metric that chose best/ (not the val_loss default a task run replaces)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["best_metric"] == "val_bleu"

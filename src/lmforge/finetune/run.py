@@ -480,7 +480,7 @@ def _run_sft(cfg: FinetuneConfig, model_dir: Path, tokenizer, template: str, tem
     eval_data = sft.eval_batches(val, max(1, micro), pad_id) if val is not None else None
     sample_convs = [c for c in val_convs if c.text is None][:cfg.task_eval_examples if task else cfg.samples]
     out = Path(cfg.out)
-    best_metric = _task_best_metric(cfg, task)
+    best_metric = cfg.best_metric = _task_best_metric(cfg, task)  # config.yaml names the metric that picks best/
     if best_metric != "val_loss":  # the replies are generated on rank 0: other ranks could not agree on the best
         if world > 1:
             raise ConfigError(f"best_metric: {best_metric} is measured on one process; use val_loss with torchrun")
