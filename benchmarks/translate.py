@@ -47,40 +47,50 @@ def pairs() -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["source"] not in held], [r for r in rows if r["source"] in held]
 
 
-def main() -> None:
+def run_task(task_flags: list[str], train: list[dict], held: list[dict], metrics: tuple[str, ...], steps: int,
+             eval_every: int, out: str | None, extra: list[str] = ()) -> dict:
+    """Write train / held-out JSONL, convert SmolLM2-135M-Instruct, run `lmforge finetune TASK_FLAGS` as a user types
+    it and read back the validation scores (the first of `metrics` picks the best evaluation). Also used by
+    benchmarks/summarize.py."""
     from benchmarks.sft_packing import smollm2
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--out", help="keep the run here (default: a temporary directory)")
-    a = ap.parse_args()
-    train, held = pairs()
-    base = Path(a.out) if a.out else Path(tempfile.mkdtemp())
+    base = Path(out) if out else Path(tempfile.mkdtemp())
     base.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("heldout", held)):
         (base / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                            encoding="utf-8")
     model_label = smollm2(base / "model", None)
-    cmd = [sys.executable, "-m", "lmforge", "finetune", "--model", str(base / "model"), "--task", "translate",
-           "--src-lang", "en", "--tgt-lang", "zh", "--data", str(base / "train.jsonl"), "--val-data",
-           str(base / "heldout.jsonl"), "--max-steps", str(a.steps), "--eval-every", str(a.eval_every),
-           "--task-eval-examples", str(len(held)), "--out", str(base / "run"), "--no-progress"]
+    cmd = [sys.executable, "-m", "lmforge", "finetune", "--model", str(base / "model"), *task_flags,
+           "--data", str(base / "train.jsonl"), "--val-data", str(base / "heldout.jsonl"), "--max-steps", str(steps),
+           "--eval-every", str(eval_every), "--task-eval-examples", str(len(held)), *extra, "--out", str(base / "run"),
+           "--no-progress"]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     seconds = time.perf_counter() - t0
     evals = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [{k: round(r[k], 2) for k in ("step", "val_bleu", "val_chrf") if k in r} for r in evals if "val_bleu" in r]
-    best = max(evals[1:] or evals, key=lambda r: r["val_bleu"])
-    print(json.dumps({
+    evals = [{k: round(r[k], 4) for k in ("step", *metrics) if k in r} for r in evals if metrics[0] in r]
+    best = max(evals[1:] or evals, key=lambda r: r[metrics[0]])
+    return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average": {"before": [round(x, 1) for x in load_before], "after": [round(x, 1) for x in os.getloadavg()]},
         "model": model_label, "data": {"train": len(train), "heldout": len(held),
                                        "heldout_sources": len({r['source'] for r in held})},
         "before": evals[0], "evaluations": evals, "best": best, "command_s": round(seconds, 1),
         "command": " ".join(["lmforge"] + cmd[3:]).replace(str(base), "DIR"),
-    }, indent=2, ensure_ascii=False))
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--out", help="keep the run here (default: a temporary directory)")
+    a = ap.parse_args()
+    train, held = pairs()
+    result = run_task(["--task", "translate", "--src-lang", "en", "--tgt-lang", "zh"], train, held,
+                      ("val_bleu", "val_chrf"), a.steps, a.eval_every, a.out)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":
