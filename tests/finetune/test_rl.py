@@ -171,21 +171,24 @@ def test_cli_grpo_raises_a_format_reward(base_model, tmp_path):
     assert (out / "last" / "config.json").exists() and (out / "loss.png").exists()
 
 
-def test_rollouts_batches(base_model, tmp_path):
-    """One rollout: G completions per prompt from the engine (the same ids as generate_ids with each row's seed),
+def test_rollouts_batches(base_model, tmp_path, monkeypatch):
+    """One rollout: G completions per prompt from the engine (the same ids as generate_ids with each row's seed, on
+    the packed copy the rollout samples from),
     rewards -> advantages as train/rl.py's group_advantages, old log-probabilities equal the model's at sampling
     time, truncated completions masked, the micro-batches served num_iterations times."""
     from dataclasses import replace
 
     from lmforge.chat.templates import BUILTIN_TEMPLATES
+    from lmforge.finetune import rollout
     from lmforge.finetune.rewards import parse_rewards
-    from lmforge.finetune.rollout import Prompt, Rollouts
+    from lmforge.finetune.rollout import Prompt, Rollouts, sampling_copy
     from lmforge.infer.engine import generate_ids
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.model import load_hf_model
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.rl import PolicyGradient, group_advantages, token_logps
 
+    monkeypatch.setattr(rollout, "PACKED_SAMPLING_MIN_PARAMS", 0)  # the packed copy, as a large model samples
     tok = load_tokenizer(base_model)
     model = load_hf_model(base_model).eval()
     stops = list(range(0, tok.vocab_size, 3))  # a third of the vocabulary stops: some completions end, some are cut
@@ -201,7 +204,7 @@ def test_rollouts_batches(base_model, tmp_path):
     assert batches[2] is batches[0] and batches[3] is batches[1] and not roll.buffer  # 2 micro-batches, twice
     order = roll.order[:2]
     seeds = [(3 * 1_000_003 + i) % 2**63 for i in range(8)]
-    expected = generate_ids(model, [prompts[order[k]].ids for k in range(2) for _ in range(4)],
+    expected = generate_ids(sampling_copy(model), [prompts[order[k]].ids for k in range(2) for _ in range(4)],
                             [replace(sampling, seed=s) for s in seeds])
     rows = [(b, r) for b in batches[:2] for r in range(4)]
     texts, cuts = [], []
@@ -223,6 +226,41 @@ def test_rollouts_batches(base_model, tmp_path):
     assert 0 < sum(t[1] for t in cuts) < 8, cuts  # both kinds
     m = roll.step_metrics({"step_s": 1.0})
     assert m["reward"] == pytest.approx(scores.mean().item(), abs=1e-4) and m["completion_len_max"] <= 4
+
+
+def test_rollouts_sample_through_a_packed_copy_with_the_training_models_logits(base_model, monkeypatch):
+    """On a CPU in float32 a rollout samples from a copy with the adapter merged and the weights packed for lmforge's
+    kernels: its logits are the training model's (a trained LoRA adapter included), and the training model is left
+    as it was. A model the kernels do not take (bfloat16 here), or one too small to gain, samples itself."""
+    from lmforge.finetune import rollout
+    from lmforge.finetune.rollout import sampling_copy
+    from lmforge.model import load_hf_model
+    from lmforge.model.packed import PackedLinear
+    from lmforge.peft import apply_adapter
+    from lmforge.peft.lora import Lora, LoraConfig
+
+    small = load_hf_model(base_model)
+    assert sum(p.numel() for p in small.parameters()) < rollout.PACKED_SAMPLING_MIN_PARAMS
+    assert sampling_copy(small) is small
+    monkeypatch.setattr(rollout, "PACKED_SAMPLING_MIN_PARAMS", 0)  # the tiny model stands in for a large one
+    for adapted in (False, True):
+        model = load_hf_model(base_model).eval()
+        ids = torch.arange(3, 40, 3)[None] % model.cfg.vocab_size
+        if adapted:
+            apply_adapter(model, Lora(LoraConfig(r=4, dropout=0.0)))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.05)  # as after training (B starts at zero)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        twin = sampling_copy(model)
+        assert twin is not model and any(isinstance(m, PackedLinear) for m in twin.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(twin(ids), model(ids), atol=1e-4, rtol=1e-4)
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    half = load_hf_model(base_model).to(torch.bfloat16)
+    assert sampling_copy(half) is half
 
 
 QA = [("北京是哪个国家的首都？", "北京是中国的首都。", "我不知道。"),

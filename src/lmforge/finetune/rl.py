@@ -106,6 +106,7 @@ def run_rl(cfg, model_dir: Path, tokenizer, template: str, template_source: str,
                         world=world)
     trainer = Trainer(cfg, objective=objective, model=model, train_data=rollouts, tokenizer_dir=model_dir)
     rollouts.autocast = trainer._autocast
+    rollouts.packed_sampling = cfg.precision == "fp32"  # the packed kernels compute in float32 only
     if reference is not None:
         reference.to(trainer.device)
     out = Path(cfg.out)

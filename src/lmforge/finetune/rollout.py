@@ -16,6 +16,7 @@ whole record goes to the rewards (GSM8K's `answer`, a `tests` column).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -110,6 +111,35 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], group_size: int,
     return generate_ids(model, [list(p) for p in prompts], [replace(cfg, seed=int(s)) for s in seeds], n=group_size)
 
 
+#: parameters below which a rollout samples the training model itself: a small model's decode step is Python, not
+#: weight reads, and copying and packing the weights every rollout costs more than the kernels save
+#: (docs/benchmarks.md, RL from rewards)
+PACKED_SAMPLING_MIN_PARAMS = 20_000_000
+
+
+def sampling_copy(model):
+    """The model a rollout samples from. A native lmforge model on the CPU in float32 samples through a copy of itself
+    with its adapter merged in (LoRA / DoRA) and its weights packed for lmforge's CPU kernels (model/packed.py: what
+    `lmforge generate` runs by default, 2-3x torch's matmul at decode), rebuilt from the current weights at every
+    rollout: the same policy, only computed faster. The old log-probabilities and the loss stay on the training model.
+    Elsewhere (CUDA, other dtypes, an adapter that does not merge such as prompt tuning, the portable path, no C++
+    compiler for the kernels, fewer than PACKED_SAMPLING_MIN_PARAMS parameters) the training model itself. The copy
+    holds a second set of weights while it samples."""
+    from lmforge.model.packed import kernel_available, pack_for_cpu
+    from lmforge.model.transformer import Transformer
+    from lmforge.peft import adapter_of, merge
+
+    adapter = adapter_of(model)
+    if not (isinstance(model, Transformer) and (adapter is None or adapter.mergeable)
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+            and sum(p.numel() for p in model.parameters()) >= PACKED_SAMPLING_MIN_PARAMS and kernel_available()):
+        return model
+    twin = copy.deepcopy(model)
+    if adapter is not None:
+        merge(twin)
+    return pack_for_cpu(twin)
+
+
 @contextlib.contextmanager
 def adapters_disabled(model):
     """The base model inside the block: LoRA / DoRA / QLoRA layers (and LoRA on MoE expert stacks) skip their
@@ -163,6 +193,7 @@ class Rollouts:
         self.buffer: list[dict] = []
         self.metrics: dict = {}
         self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)
+        self.packed_sampling = True  # sample through sampling_copy (finetune/rl.py: off under bf16 / fp16 autocast)
 
     # --- the data protocol the Trainer reads ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -215,7 +246,9 @@ class Rollouts:
         seeds = [(self.seed * 1_000_003 + self.rollouts * self.batch_size + (first + k) * G) % 2**62
                  for k in range(len(prompts))]
         with self.autocast():
-            completions = sample_completions(model, [p.ids for p in prompts], G, self.sampling, seeds)
+            sampler = sampling_copy(model) if self.packed_sampling else model
+            completions = sample_completions(sampler, [p.ids for p in prompts], G, self.sampling, seeds)
+            del sampler
         sample_s = time.perf_counter() - t0
         expanded = [p for p in prompts for _ in range(G)]
         truncated = [not c or c[-1] not in self.stop_ids for c in completions]
