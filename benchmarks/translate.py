@@ -66,7 +66,8 @@ def run_task(task_flags: list[str], train: list[dict], held: list[dict], metrics
            "--no-progress"]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    # the command's own summary stays in DIR/run (stdout is kept for this script's one JSON document)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
     evals = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [{k: round(r[k], 4) for k in ("step", *metrics) if k in r} for r in evals if metrics[0] in r]
