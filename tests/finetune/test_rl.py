@@ -261,6 +261,20 @@ def test_rollouts_sample_through_a_packed_copy_with_the_training_models_logits(b
         assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
     half = load_hf_model(base_model).to(torch.bfloat16)
     assert sampling_copy(half) is half
+    # a rollout's cache keeps the frozen tied head packed (LoRA never changes it) until the table changes or trains
+    model, cache = load_hf_model(base_model).eval(), {}
+    apply_adapter(model, Lora(LoraConfig(r=4, dropout=0.0)))
+    first, again = sampling_copy(model, cache), sampling_copy(model, cache)
+    assert again.lm_head is first.lm_head and len(cache) == 1
+    with torch.no_grad():
+        model.embed.weight.mul_(1.5)  # an in-place write: the cached head is stale
+        changed = sampling_copy(model, cache)
+        assert changed.lm_head is not first.lm_head
+        torch.testing.assert_close(changed(ids), model(ids), atol=1e-4, rtol=1e-4)
+    model.embed.weight.requires_grad_(True)  # a trained table is never cached
+    trained_cache = {}
+    sampling_copy(model, trained_cache)
+    assert not trained_cache
 
 
 QA = [("北京是哪个国家的首都？", "北京是中国的首都。", "我不知道。"),

@@ -117,15 +117,19 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], group_size: int,
 PACKED_SAMPLING_MIN_PARAMS = 20_000_000
 
 
-def sampling_copy(model):
+def sampling_copy(model, cache: dict | None = None):
     """The model a rollout samples from. A native lmforge model on the CPU in float32 samples through a copy of itself
     with its adapter merged in (LoRA / DoRA) and its weights packed for lmforge's CPU kernels (model/packed.py: what
     `lmforge generate` runs by default, 2-3x torch's matmul at decode), rebuilt from the current weights at every
     rollout: the same policy, only computed faster. The old log-probabilities and the loss stay on the training model.
     Elsewhere (CUDA, other dtypes, an adapter that does not merge such as prompt tuning, the portable path, no C++
     compiler for the kernels, fewer than PACKED_SAMPLING_MIN_PARAMS parameters) the training model itself. The copy
-    holds a second set of weights while it samples."""
-    from lmforge.model.packed import kernel_available, pack_for_cpu
+    holds a second set of weights while it samples.
+
+    `cache` (a dict the caller keeps between rollouts) keeps a frozen tied embedding's packed head, the largest and
+    slowest matrix to pack, which adapters never change: it is packed again only when the table changes (another
+    tensor, or an in-place write: its version counter) or trains."""
+    from lmforge.model.packed import PackedEmbedding, PackedLinear, kernel_available, pack_for_cpu
     from lmforge.model.transformer import Transformer
     from lmforge.peft import adapter_of, merge
 
@@ -134,9 +138,18 @@ def sampling_copy(model):
             and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
             and sum(p.numel() for p in model.parameters()) >= PACKED_SAMPLING_MIN_PARAMS and kernel_available()):
         return model
-    twin = copy.deepcopy(model)
+    table = model.embed.weight if isinstance(model.embed, torch.nn.Embedding) else None
+    reuse = cache is not None and model.lm_head is None and table is not None and not table.requires_grad
+    key = (id(table), table.data_ptr(), table._version) if reuse else None
+    head = cache.get(key) if reuse else None
+    twin = copy.deepcopy(model, {id(table): table} if reuse else None)  # a frozen table is shared, not copied
     if adapter is not None:
         merge(twin)
+    if reuse:
+        if head is None:
+            cache.clear()
+            head = cache[key] = PackedLinear(table)
+        twin.lm_head, twin.embed = head, PackedEmbedding(head)
     return pack_for_cpu(twin)
 
 
@@ -194,6 +207,7 @@ class Rollouts:
         self.metrics: dict = {}
         self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)
         self.packed_sampling = True  # sample through sampling_copy (finetune/rl.py: off under bf16 / fp16 autocast)
+        self.packed_head = {}  # sampling_copy's cache: a frozen tied head packed once
 
     # --- the data protocol the Trainer reads ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -246,7 +260,7 @@ class Rollouts:
         seeds = [(self.seed * 1_000_003 + self.rollouts * self.batch_size + (first + k) * G) % 2**62
                  for k in range(len(prompts))]
         with self.autocast():
-            sampler = sampling_copy(model) if self.packed_sampling else model
+            sampler = sampling_copy(model, self.packed_head) if self.packed_sampling else model
             completions = sample_completions(sampler, [p.ids for p in prompts], G, self.sampling, seeds)
             del sampler
         sample_s = time.perf_counter() - t0
