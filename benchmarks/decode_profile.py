@@ -38,6 +38,8 @@ from lmforge.infer.scheduler import Scheduler  # noqa: E402
 from lmforge.model import Transformer, preset, save_hf_model  # noqa: E402
 
 GROUPS = (  # (group, substrings of the op names it takes), first match wins
+    # a plain pre-norm layer's whole one-token step (its 4 matmuls, attention, norms) as one op
+    ("lmforge decode_layer (a whole layer)", ("decode_layer",)),
     ("matmul: lmforge packed kernel", ("packed_linear",)),
     ("matmul: torch", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")),
     ("attention", ("decode_attention", "scaled_dot_product", "attention")),

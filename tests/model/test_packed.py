@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.infer import SamplingConfig, generate_ids
-from lmforge.model import CheckpointError, PackedLinear, Transformer, load_hf_model, pack_for_cpu, preset, save_hf_model
+from lmforge.model import (CheckpointError, ModelConfig, PackedLinear, Transformer, load_hf_model, pack_for_cpu, preset,
+                           save_hf_model)
 from lmforge.model.packed import PackedEmbedding, kernel_available, kernel_error
 from lmforge.model.transformer import Attention, KVCache
 from tests.model.test_hf_interop import TOL, _hf_tiny, _ids, _save
@@ -189,10 +190,11 @@ def test_decode_attention_edges_and_errors():
 
 
 @pytest.mark.parametrize("kind,extra", [("llama", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),
-                                        ("mistral", {}), ("gpt2", {})])
+                                        ("mistral", {}), ("gpt2", {}), ("qwen2", {})])
 def test_packed_decode_steps_match_transformers(tmp_path, kind, extra):
     """Token by token through the KV cache (decode attention): head size 64, a sliding window shorter than the
-    context (Mistral's 8), learned positions; each step's logits against transformers' full forward."""
+    context (Mistral's 8), learned positions, q/k/v biases (Qwen2, through the fused layer step as Llama); each
+    step's logits against transformers' full forward."""
     hf = _save(_hf_tiny(kind, **extra), tmp_path)
     ours = pack_for_cpu(load_hf_model(tmp_path))
     assert all(m.decode_kernel for m in ours.modules() if isinstance(m, Attention))
@@ -219,6 +221,60 @@ def test_packed_checkpoints_match_transformers(tmp_path, kind):
         assert (ours.logits(ours(ids[:, :1])) - hf(ids[:, :1]).logits).abs().max().item() <= TOL  # 2 rows: the decode shape
     with pytest.raises(CheckpointError, match="inference-only"):
         save_hf_model(ours, tmp_path / "out")
+
+
+@pytest.mark.parametrize("fields", [dict(qkv_bias=True), dict(no_rope_layers=(1,), mlp="geglu", norm_offset=1.0),
+                                    dict(attn_softcap=20.0, n_kv_heads=4), dict(qk_norm=True)])
+def test_fused_decode_layers_equal_the_module_path(fields):
+    """A one-token step runs each pre-norm layer as one `decode_layer` call: the same kernels in the same order as
+    the modules, so its logits and KV cache equal the module path's bit for bit; here with q/k/v biases (Qwen2), a
+    NoPE layer, GeGLU and Gemma's 1 + w norm scale, soft-capped scores, GQA, and a left-padded batch. With Qwen3's
+    per-head q/k norms the module path rotates q and k with torch's ops instead of the RoPE kernel: equal to 1e-6."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 300, "d_ff": 96,
+                         **fields})
+    model = pack_for_cpu(Transformer(cfg))
+    ids = torch.randint(0, 300, (2, 7))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :3] = 0  # row 0 is left-padded
+
+    def steps(fused: bool):
+        model.fused_decode = fused
+        cache, out = KVCache(model.cfg, 2, 16), []
+        with torch.no_grad():
+            model(ids, attention_mask=mask[:, :7], cache=cache)
+            token = ids[:, -1:]
+            for t in range(6):
+                out.append(model.logits(model(token, attention_mask=mask[:, :8 + t], cache=cache)[:, -1]))
+                token = out[-1].argmax(-1, keepdim=True)
+        return torch.stack(out), cache
+
+    (fused, fused_cache), (modules, module_cache) = steps(True), steps(False)
+    assert model.__dict__["_fused_plan"][1] is not None  # the fused path ran
+    pairs = [(fused, modules), *zip(fused_cache.k + fused_cache.v, module_cache.k + module_cache.v)]
+    if fields.get("qk_norm"):
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in pairs)
+    else:
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_fused_decode_only_where_every_layer_is_the_plain_kind():
+    """Sandwich norms (Gemma), norms after the branches with q/k norms over the whole projection (OLMo 2), sliding
+    windows or an unpacked model take the module path; Qwen3's per-head q/k norms are fused."""
+    small = dict(d_model=64, n_layers=2, n_heads=4, vocab_size=50)
+    for cfg, fused in ((preset("tiny-llama"), True), (ModelConfig(**small, qk_norm=True), True),
+                       (ModelConfig(**small, qk_norm=True, qk_norm_scope="projection", norm_placement="post"), False),
+                       (ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=50, norm_placement="sandwich"), False)):
+        model = pack_for_cpu(Transformer(cfg))
+        assert (model._fused_decode_plan() is not None) is fused, cfg
+    assert Transformer(preset("tiny-llama"))._fused_decode_plan() is None  # not packed
+    # a sliding window shorter than the cache: the module path slices the cache for it, the plan is not asked for
+    model = pack_for_cpu(Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=50, sliding_window=4)))
+    cache = KVCache(model.cfg, 1, 12)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5, 6]]), cache=cache)
+        model(torch.tensor([[7]]), cache=cache)
+    assert "_fused_plan" not in model.__dict__  # the plan was not even asked for
 
 
 def test_packed_generation_equals_torch_matmul():

@@ -179,6 +179,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         model.embed = PackedEmbedding(model.lm_head)
     if isinstance(model, Transformer) and (replaced or isinstance(model.embed, PackedEmbedding)):
         model.inference_only = model.inference_only or "packed float32"
+        model.fused_decode = True
         for module in model.modules():
             if isinstance(module, Attention):
                 module.decode_kernel = True

@@ -651,6 +651,8 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.inference_only: str | None = None  # "int8" (quantize_int8) or "packed float32" (pack_for_cpu)
+        # pack_for_cpu: one-token steps run each plain pre-norm layer as one kernel call (`_decode_fused`)
+        self.fused_decode = False
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
         for name, p in self.named_parameters():
@@ -773,11 +775,74 @@ class Transformer(nn.Module):
                                   keys=cache.max_len if static else None, segment_ids=segment_ids, window=window)
                 masks[window] = mask.to(x.dtype) if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool \
                     else mask
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ropes[kinds[i]], masks[windows[i]], cache, i)
+        plan = self._fused_decode_plan() if (T == 1 and cache is not None and not static and not rings
+                                             and self.alibi is None and x.dtype == torch.float32
+                                             and all(w is None for w in windows)
+                                             and not torch.compiler.is_compiling()) else None
+        if plan is not None:
+            x = self._decode_fused(x, plan, [ropes[kind] for kind in kinds], masks[None], cache)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, ropes[kinds[i]], masks[windows[i]], cache, i)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def _fused_decode_plan(self) -> list[tuple] | None:
+        """Each layer's arguments to `lmforge::decode_layer` (model/cpu_kernels.cpp: a whole one-token layer step in
+        one call), or None unless every layer is the pre-norm kind it runs: packed linears (pack_for_cpu), the
+        RMSNorm kernels, a gated MLP, q/k norms per head or none (Qwen3). Kept while the layers' modules stay the
+        same objects."""
+        if not self.fused_decode:
+            return None
+        # the modules' own dicts: nn.Module.__getattr__ on 150 names costs ~0.3 ms a step
+        modules = []
+        for b in self.layers._modules.values():
+            attn, mlp = b._modules["attn"]._modules, b._modules["mlp"]._modules
+            modules.append((b, attn["qkv_proj"], attn["o_proj"], mlp.get("gate_up_proj"), mlp.get("down_proj")))
+        key = tuple(id(m) for group in modules for m in group)
+        cached = self.__dict__.get("_fused_plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = []
+        for block, qkv, o, gate_up, down in modules:
+            attn, mlp, norms = block.attn, block.mlp, (getattr(block, "attn_norm", None), getattr(block, "mlp_norm", None))
+            qk = (attn.q_norm, attn.k_norm) if attn.cfg.qk_norm else (None, None)
+            if (block.placement != "pre" or not attn.decode_kernel or not isinstance(mlp, MLP)
+                    or (attn.cfg.qk_norm and (attn.cfg.qk_norm_scope != "head"
+                                              or not all(isinstance(n, RMSNorm) and n.kernel for n in qk)
+                                              or any((n.eps, n.offset) != (norms[0].eps, norms[0].offset)
+                                                     for n in qk)))
+                    or not (mlp.gated and mlp.kernel) or not all(hasattr(m, "panels") for m in (qkv, o, gate_up, down))
+                    or not all(isinstance(n, RMSNorm) and n.kernel for n in norms)
+                    or (norms[0].eps, norms[0].offset) != (norms[1].eps, norms[1].offset)):
+                plan = None
+                break
+            cfg = attn.cfg
+            plan.append((norms[0].weight, norms[1].weight, norms[0].eps, norms[0].offset, qkv.panels, qkv.bias,
+                         o.panels, o.bias, gate_up.panels, gate_up.bias, down.panels, down.bias, cfg.n_heads,
+                         cfg.head_dim, cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5,
+                         cfg.attn_softcap or 0.0, mlp.geglu, gate_up.out_features // 2,
+                         None if qk[0] is None else qk[0].weight, None if qk[1] is None else qk[1].weight))
+        self.__dict__["_fused_plan"] = (key, plan)
+        return plan
+
+    def _decode_fused(self, x: torch.Tensor, plan: list[tuple], ropes: list, mask, cache: KVCache) -> torch.Tensor:
+        """The layers of a one-token step, one `lmforge::decode_layer` call each (the same kernels as the modules,
+        bit-identical results; ~3 ms less Python a token on a 30-layer model)."""
+        slot = cache.length
+        if slot + 1 > cache.max_len:
+            raise ValueError(f"KV cache is full: {slot + 1} > {cache.max_len} positions")
+        mask = None if mask is None else mask[:, 0, 0]
+        x = x.contiguous()
+        for i, (an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b, heads, head_dim, scale, softcap,
+                geglu, d_ff, q_norm, k_norm) in enumerate(plan):
+            rope = ropes[i]
+            x = torch.ops.lmforge.decode_layer(x, an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b,
+                                               None if rope is None else rope[0], None if rope is None else rope[1],
+                                               cache.k[i], cache.v[i], slot, mask, heads, head_dim, scale, softcap,
+                                               geglu, d_ff, q_norm, k_norm)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head over hidden states (..., d_model) -> (..., vocab), soft-capped where the family does."""
