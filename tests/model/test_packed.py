@@ -12,8 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.infer import SamplingConfig, generate_ids
-from lmforge.model import (CheckpointError, ModelConfig, PackedLinear, Transformer, load_hf_model, pack_for_cpu, preset,
-                           save_hf_model)
+from lmforge.model import (
+    CheckpointError,
+    ModelConfig,
+    PackedLinear,
+    Transformer,
+    load_hf_model,
+    pack_for_cpu,
+    preset,
+    save_hf_model,
+)
 from lmforge.model.packed import PackedEmbedding, kernel_available, kernel_error
 from lmforge.model.transformer import Attention, KVCache
 from tests.model.test_hf_interop import TOL, _hf_tiny, _ids, _save
