@@ -6,7 +6,10 @@ saved once, loaded by lmforge as `lmforge generate` loads it
 (infer/load.py `load_for_inference`, default flags: the packed CPU kernels on float32) and exported to GGUF (f32) by
 `lmforge export gguf` for llama-cpp-python. Both decode the same prompt ids greedily:
 
-    python benchmarks/decode_profile.py [--preset smollm2-135m] [--prompt-len 64] [--new-tokens 64]
+    python benchmarks/decode_profile.py [--preset smollm2-135m] [--prompt-len 64] [--new-tokens 64] [--int8]
+
+--int8: lmforge's weight-only int8 (`--quantize int8`) against llama.cpp's q8_0 file (`export gguf --type q8_0`):
+both 8-bit weights with a scale (lmforge per output row, q8_0 per 32 weights), so greedy tokens may differ.
 
 Prints JSON: each side's decode tokens/s by the wall clock and by the process's CPU time (best of --repeats; on a
 machine shared with other jobs the CPU time at --threads 1 is the steadier comparison; llama.cpp's as `Llama.eval`
@@ -137,6 +140,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="both libraries' threads")
+    ap.add_argument("--int8", action="store_true",
+                    help="lmforge `--quantize int8` (weight-only int8) against llama.cpp on `export gguf --type q8_0`")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from llama_cpp import Llama
@@ -154,8 +159,9 @@ def main() -> None:
         real_tokenizer("qwen2.5-instruct", model_dir)
         vocab = len(transformers.AutoTokenizer.from_pretrained(model_dir))
         save_hf_model(Transformer(preset(args.preset, vocab_size=vocab)), model_dir)
-        ours = load_for_inference(model_dir).model  # `lmforge generate`'s default flags
-        gguf = export_gguf(model_dir, Path(tmp) / "model.gguf", dtype="f32")
+        # `lmforge generate`'s default flags, or with --quantize int8
+        ours = load_for_inference(model_dir, quantize="int8" if args.int8 else None).model
+        gguf = export_gguf(model_dir, Path(tmp) / "model.gguf", dtype="q8_0" if args.int8 else "f32")
         llm = Llama(str(gguf), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
                     n_threads_batch=args.threads, n_batch=512, verbose=False, type_k=0, type_v=0)  # 0: GGML f32
         prompt = torch.randint(0, ours.cfg.vocab_size, (args.prompt_len,),
@@ -170,6 +176,7 @@ def main() -> None:
                 best[side] = [max(a, b) for a, b in zip(best[side], rate)]
         agree = sum(a == b for a, b in zip(tokens["lmforge"], tokens["llama_cpp_python"])) / args.new_tokens
         result = {"model": args.preset, "params_M": round(ours.cfg.num_params() / 1e6, 1),
+                  "weights": "lmforge int8 vs llama.cpp q8_0" if args.int8 else "float32 both",
                   "inference_only": ours.inference_only, "threads": args.threads, "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "decode_tok_s": {k: round(v[0], 1) for k, v in best.items()},
                   "ratio_lmforge_over_llama_cpp": round(best["lmforge"][0] / best["llama_cpp_python"][0], 2),

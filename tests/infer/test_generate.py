@@ -122,11 +122,11 @@ def test_generate_cli(trained, tmp_path, capsys):
     # int8 weights, and the streamed decode compiled over a static cache: the text of the eager int8 model
     import copy
 
-    from lmforge.model import quantize_int8
+    from lmforge.model import pack_for_cpu, quantize_int8
 
     assert main(["generate", "--model", str(tmp_path), "--prompt", "def main():", "--temperature", "0",
                  "--max-new-tokens", "10", "--quantize", "int8", "--compile"]) == 0
-    int8 = quantize_int8(copy.deepcopy(model))
+    int8 = pack_for_cpu(quantize_int8(copy.deepcopy(model)))  # float32: the int8 panels, as `generate` loads it
     want = generate(int8, trained, "def main():", SamplingConfig(max_new_tokens=10, temperature=0))
     assert capsys.readouterr().out == want + "\n"
     # lmforge's float32 CPU kernels, compiled: the float model's text

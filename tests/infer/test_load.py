@@ -67,7 +67,7 @@ def test_load_for_inference_gives_the_model_its_options_ask_for(trained_dir, tmp
     import transformers
 
     from lmforge.chat.templates import BUILTIN_TEMPLATES
-    from lmforge.model import Int8Linear, PackedLinear
+    from lmforge.model import Int8Linear, PackedInt8Linear, PackedLinear
     from tests.models import tiny_llama
 
     d = tiny_llama(tmp_path / "m", trained_dir)
@@ -85,8 +85,15 @@ def test_load_for_inference_gives_the_model_its_options_ask_for(trained_dir, tmp
         assert loaded.reasoning is None and "float32" in loaded.description
         half = load_for_inference(d, dtype="bf16")
         assert half.model.embed.weight.dtype == torch.bfloat16 and "bfloat16" in half.description
+        # int8 weights of a float32 model: packed as int8 panels for lmforge's kernel, the same integers
         int8 = load_for_inference(d, quantize="int8")
-        assert any(isinstance(m, Int8Linear) for m in int8.model.modules()) and "int8 weights" in int8.description
+        assert any(isinstance(m, PackedInt8Linear) for m in int8.model.modules()) and "int8 weights, packed" in \
+            int8.description
+        int8_plain = load_for_inference(d, quantize="int8", pack=False)
+        assert any(isinstance(m, Int8Linear) for m in int8_plain.model.modules())
+        # 10 tokens: past 8 rows Int8Linear multiplies the dequantized integers in float32, as the panels do
+        rows = ids.repeat(1, 2)
+        assert (int8.model.logits(int8.model(rows)) - int8_plain.model.logits(int8_plain.model(rows))).abs().max() < 1e-5
         packed = load_for_inference(d, pack=True)
         assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
         assert (packed.model.logits(packed.model(ids)) - want).abs().max() < 1e-4

@@ -54,6 +54,25 @@ def test_packed_linear_equals_f_linear(out_f, in_f):
     assert torch.allclose(packed(x), F.linear(x, linear.weight), atol=1e-5)
 
 
+@pytest.mark.parametrize("out_f,in_f", [(70, 33), (960, 576), (1, 5)])
+def test_packed_int8_linear_equals_the_dequantized_matmul(out_f, in_f):
+    """int8 panels: y = (x @ q.T) * scale + b with lmforge's int8 integers and row scales, float32 throughout, for
+    the one-row loop, the 2-8 row blocks and longer inputs (prefill)."""
+    from lmforge.model import Int8Linear, PackedInt8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f)
+    for bias in (linear.bias, None):
+        int8 = Int8Linear(linear.weight, bias)
+        packed = PackedInt8Linear(int8)
+        for rows in (*range(1, 11), 17, 64):
+            x = torch.randn(rows, in_f)
+            want = F.linear(x, int8.qweight.float()) * int8.scale + (0 if bias is None else bias)
+            assert torch.allclose(packed(x), want, rtol=1e-5, atol=1e-5), rows
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.lmforge.packed_linear(torch.randn(1, in_f), packed.panels, None, out_f)
+
+
 def test_kernel_names_bad_shapes():
     packed = PackedLinear(torch.randn(40, 16))
     with pytest.raises(RuntimeError, match="do not fit"):
@@ -232,16 +251,22 @@ def test_packed_checkpoints_match_transformers(tmp_path, kind):
 
 
 @pytest.mark.parametrize("fields", [dict(qkv_bias=True), dict(no_rope_layers=(1,), mlp="geglu", norm_offset=1.0),
-                                    dict(attn_softcap=20.0, n_kv_heads=4), dict(qk_norm=True)])
+                                    dict(attn_softcap=20.0, n_kv_heads=4), dict(qk_norm=True),
+                                    dict(qkv_bias=True, int8=True)])
 def test_fused_decode_layers_equal_the_module_path(fields):
     """A one-token step runs each pre-norm layer as one `decode_layer` call: the same kernels in the same order as
     the modules, so its logits and KV cache equal the module path's bit for bit; here with q/k/v biases (Qwen2), a
     NoPE layer, GeGLU and Gemma's 1 + w norm scale, soft-capped scores, GQA, and a left-padded batch. With Qwen3's
     per-head q/k norms the module path rotates q and k with torch's ops instead of the RoPE kernel: equal to 1e-6."""
+    from lmforge.model import PackedInt8Linear, quantize_int8
+
     torch.manual_seed(0)
+    fields = dict(fields)
+    int8 = fields.pop("int8", False)  # int8 weights as int8 panels (`--quantize int8` at float32)
     cfg = ModelConfig(**{"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 300, "d_ff": 96,
                          **fields})
-    model = pack_for_cpu(Transformer(cfg))
+    model = pack_for_cpu(quantize_int8(Transformer(cfg)) if int8 else Transformer(cfg))
+    assert any(isinstance(m, PackedInt8Linear) for m in model.modules()) == int8
     ids = torch.randint(0, 300, (2, 7))
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[0, :3] = 0  # row 0 is left-padded

@@ -296,11 +296,12 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(model_dir):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         out = client.chat.completions.create(model=model_dir.name, messages=MESSAGES[1], max_tokens=8, temperature=0)
         assert out.model == model_dir.name and out.choices[0].message.content is not None
-        # --quantize int8: the int8 model's own greedy tokens
+        # --quantize int8: the int8 model's own greedy tokens (float32 activations through the int8 panels, as
+        # `serve` loads it)
         from lmforge.chat.render import encode_chat
-        from lmforge.model import quantize_int8
+        from lmforge.model import pack_for_cpu, quantize_int8
 
-        tok, model = load_tokenizer(model_dir), quantize_int8(load_hf_model(model_dir))
+        tok, model = load_tokenizer(model_dir), pack_for_cpu(quantize_int8(load_hf_model(model_dir)))
         ids = encode_chat(tok, tok.chat_template, MESSAGES[1], add_generation_prompt=True).ids
         from lmforge.chat.stops import stop_ids
 

@@ -147,6 +147,12 @@ def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str |
 
         quantize_int8(model)
         done.append("int8 weights")
+        if pack is not False and dtype == "float32" and next(model.parameters()).device.type == "cpu":
+            from lmforge.model import pack_for_cpu
+
+            pack_for_cpu(model)  # the integers as int8 panels for lmforge's CPU kernel, float32 activations
+            if model.inference_only == "int8, packed":
+                done.append("packed")
     elif quantize == "int4":
         from lmforge.model import quantize_int4
 

@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_hf_model": "lmforge.model.hf",
     "save_hf_model": "lmforge.model.hf",
     "PackedLinear": "lmforge.model.packed",
+    "PackedInt8Linear": "lmforge.model.packed",
     "pack_for_cpu": "lmforge.model.packed",
     "Int8Linear": "lmforge.model.quantize",
     "quantize_int8": "lmforge.model.quantize",

@@ -1,5 +1,5 @@
 // lmforge's float32 CPU inference kernels (lmforge/model/packed.py builds and loads them):
-//   packed_linear     y = x @ W.T + b with W stored as panels of 32 output rows
+//   packed_linear     y = x @ W.T + b with W stored as panels of 32 output rows (float32, or int8 with row scales)
 //   decode_attention  one new query per sequence against a KV cache, reading only its filled slots
 //   rms_norm, add_rms_norm, gated, rope_   a decode step's small ops, each one pass instead of 4-12 torch ops
 //   decode_layer      a pre-norm layer's whole one-token step: the kernels above in one call
@@ -14,6 +14,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -111,18 +115,113 @@ void rows_block(int64_t rows, const float* x, int64_t K, const float* panel, con
 }
 
 at::Tensor pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
-              "lmforge.pack: expected a 2-D float32 CPU weight, got ", weight.sizes(), " ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kChar) &&
+                  weight.device().is_cpu(),
+              "lmforge.pack: expected a 2-D float32 or int8 CPU weight, got ", weight.sizes(), " ",
+              weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1), panels = (N + kPanel - 1) / kPanel;
   auto padded = at::zeros({panels * kPanel, K}, weight.options());
   padded.narrow(0, 0, N).copy_(weight);
   return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
 }
 
+// ---- int8 panels: the same layout with int8 weights and one float scale per output row ------------------------------
+// y = scale[j] * sum_k q[j][k] x[k] + bias[j] (lmforge's weight-only int8, model/quantize.py): each loaded group of
+// 32 int8 weights (32 bytes, a quarter of float32's) widens to two float vectors in registers, so the float32
+// kernel's loop runs on a quarter of the memory traffic; activations and sums stay float32.
+// 32 int8 weights -> two float vectors. GCC scalarises __builtin_convertvector from int8 (16 byte-to-int moves and
+// converts), so the sign-extending loads are written with the instructions themselves where the target has them.
+inline void widen32(const int8_t* w, vec16& lo, vec16& hi) {
+#if defined(__AVX512F__)
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  const __m512 b =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+  std::memcpy(&lo, &a, sizeof(vec16));
+  std::memcpy(&hi, &b, sizeof(vec16));
+#elif defined(__AVX2__)
+  __m256 q[4];
+  for (int i = 0; i < 4; i++) {
+    q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8 * i))));
+  }
+  std::memcpy(&lo, q, sizeof(vec16));
+  std::memcpy(&hi, q + 2, sizeof(vec16));
+#else
+  float f[32];
+  for (int i = 0; i < 32; i++) f[i] = static_cast<float>(w[i]);
+  std::memcpy(&lo, f, sizeof(vec16));
+  std::memcpy(&hi, f + 16, sizeof(vec16));
+#endif
+}
+
+inline void store_scaled(const vec16& lo, const vec16& hi, const float* scale, const float* bias, float* y,
+                         int64_t width) {
+  float out[kPanel];
+  std::memcpy(out, &lo, sizeof(vec16));
+  std::memcpy(out + 16, &hi, sizeof(vec16));
+  for (int64_t j = 0; j < width; j++) y[j] = bias ? out[j] * scale[j] + bias[j] : out[j] * scale[j];
+}
+
+template <int M>
+void block_i8(const float* __restrict x, int64_t K, const int8_t* __restrict panel, const float* __restrict scale,
+              const float* __restrict bias, float* __restrict y, int64_t N, int64_t width) {
+  vec16 acc[M][2];
+  for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = vec16{};
+  for (int64_t k = 0; k < K; k++) {
+    __builtin_prefetch(panel + (k + 4 * kPrefetch) * kPanel, 0, 3);  // the float32 kernel's 4 KB ahead
+    vec16 w0, w1;
+    widen32(panel + k * kPanel, w0, w1);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+      const float xv = x[m * K + k];
+      acc[m][0] += xv * w0;
+      acc[m][1] += xv * w1;
+    }
+  }
+  for (int m = 0; m < M; m++) store_scaled(acc[m][0], acc[m][1], scale, bias, y + m * N, width);
+}
+
+// one row: two k steps per iteration, four accumulators, no software prefetch (as row_gemv)
+void row_gemv_i8(const float* __restrict x, int64_t K, const int8_t* __restrict panel, const float* __restrict scale,
+                 const float* __restrict bias, float* __restrict y, int64_t width) {
+  vec16 a0{}, a1{}, b0{}, b1{};
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    vec16 w0, w1, w2, w3;
+    widen32(panel + k * kPanel, w0, w1);
+    widen32(panel + (k + 1) * kPanel, w2, w3);
+    a0 += x[k] * w0;
+    a1 += x[k] * w1;
+    b0 += x[k + 1] * w2;
+    b1 += x[k + 1] * w3;
+  }
+  for (; k < K; k++) {
+    vec16 w0, w1;
+    widen32(panel + k * kPanel, w0, w1);
+    a0 += x[k] * w0;
+    a1 += x[k] * w1;
+  }
+  store_scaled(a0 + b0, a1 + b1, scale, bias, y, width);
+}
+
+void rows_block_i8(int64_t rows, const float* x, int64_t K, const int8_t* panel, const float* scale,
+                   const float* bias, float* y, int64_t N, int64_t width) {
+  switch (rows) {
+    case 1: row_gemv_i8(x, K, panel, scale, bias, y, width); break;
+    case 2: block_i8<2>(x, K, panel, scale, bias, y, N, width); break;
+    case 3: block_i8<3>(x, K, panel, scale, bias, y, N, width); break;
+    case 4: block_i8<4>(x, K, panel, scale, bias, y, N, width); break;
+    case 5: block_i8<5>(x, K, panel, scale, bias, y, N, width); break;
+    case 6: block_i8<6>(x, K, panel, scale, bias, y, N, width); break;
+    case 7: block_i8<7>(x, K, panel, scale, bias, y, N, width); break;
+    default: block_i8<kRows>(x, K, panel, scale, bias, y, N, width); break;
+  }
+}
+
 // x (..., K) of any leading shape (flattened to rows here: Python-side reshapes are a dispatch each, and a decode
 // step makes ~120 of these calls), y (..., N).
+// int8 panels (pack of an int8 matrix) take `scales` (N,) float32, one per output row.
 at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
-                         int64_t out_features) {
+                         int64_t out_features, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
               "lmforge.packed_linear: x must be a float32 CPU tensor, got ", input.sizes(), " ", input.scalar_type());
   const at::Tensor x = input.contiguous();  // read as (M, K) rows: no reshape op (each is a dispatch)
@@ -140,9 +239,28 @@ at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, cons
   shape.back() = N;
   auto y = at::empty(shape, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = panels.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  if (panels.scalar_type() == at::kChar) {
+    TORCH_CHECK(scales.has_value() && scales->defined() && scales->numel() == N &&
+                    scales->scalar_type() == at::kFloat && scales->is_contiguous(),
+                "lmforge.packed_linear: int8 panels need float32 scales, one for each of the ", N, " outputs");
+    const int8_t* wq = panels.data_ptr<int8_t>();
+    const float* sp = scales->data_ptr<float>();
+    at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; p++) {
+        const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+          rows_block_i8(std::min<int64_t>(kRows, M - m0), xp + m0 * K, K, wq + p * K * kPanel, sp + n0,
+                        bp ? bp + n0 : nullptr, yp + m0 * N + n0, N, width);
+        }
+      }
+    });
+    return y;
+  }
+  TORCH_CHECK(panels.scalar_type() == at::kFloat, "lmforge.packed_linear: panels must be float32 or int8, got ",
+              panels.scalar_type());
+  const float* wp = panels.data_ptr<float>();
   // threads split the panels (output columns): each thread streams its own part of the weight once
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; p++) {
@@ -564,7 +682,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot,
                         const std::optional<at::Tensor>& mask, int64_t n_heads, int64_t head_dim, double scale,
                         double softcap, bool geglu, int64_t d_ff, const std::optional<at::Tensor>& q_norm,
-                        const std::optional<at::Tensor>& k_norm) {
+                        const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& qkv_scale,
+                        const std::optional<at::Tensor>& o_scale, const std::optional<at::Tensor>& gate_up_scale,
+                        const std::optional<at::Tensor>& down_scale) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.is_contiguous(),
               "lmforge.decode_layer: x must be a contiguous (B, 1, d) tensor, got ", x.sizes());
   const int64_t B = x.size(0), d = x.size(2), Hkv = k_cache.size(1), D = head_dim;
@@ -576,7 +696,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                 "), got ", k_cache.sizes(), " and ", v_cache.sizes());
   }
   const at::Tensor h = rms_norm(x, attn_norm, eps, offset);
-  at::Tensor qkv = packed_linear(h, qkv_panels, qkv_bias, q_width + 2 * kv_width);
+  at::Tensor qkv = packed_linear(h, qkv_panels, qkv_bias, q_width + 2 * kv_width, qkv_scale);
   const int64_t row = q_width + 2 * kv_width, slots = k_cache.size(2);
   if (q_norm.has_value() && q_norm->defined()) {  // Qwen3: each q and k head RMS-normed before RoPE, in place
     TORCH_CHECK(q_norm->numel() == D && k_norm.has_value() && k_norm->numel() == D && q_norm->is_contiguous() &&
@@ -606,10 +726,11 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   const at::Tensor q = qkv.narrow(2, 0, q_width).view({B, 1, n_heads, D}).transpose(1, 2);
   const at::Tensor y = decode_attention(q, k_cache.narrow(2, 0, slot + 1), v_cache.narrow(2, 0, slot + 1), mask,
                                         std::nullopt, scale, softcap);
-  const at::Tensor o = packed_linear(y.view({B, 1, q_width}), o_panels, o_bias, d);
+  const at::Tensor o = packed_linear(y.view({B, 1, q_width}), o_panels, o_bias, d, o_scale);
   auto [x1, h2] = add_rms_norm(x, o, mlp_norm, eps, offset);
-  const at::Tensor down = packed_linear(gated(packed_linear(h2, gate_up_panels, gate_up_bias, 2 * d_ff), geglu),
-                                        down_panels, down_bias, d);
+  const at::Tensor down =
+      packed_linear(gated(packed_linear(h2, gate_up_panels, gate_up_bias, 2 * d_ff, gate_up_scale), geglu),
+                    down_panels, down_bias, d, down_scale);
   return x1.add_(down);
 }
 
@@ -617,7 +738,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("pack(Tensor weight) -> Tensor");
-  m.def("packed_linear(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor panels, Tensor? bias, int out_features, Tensor? scales=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? length, float scale, float softcap=0.0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor branch, Tensor weight, float eps, float offset) -> (Tensor, Tensor)");
@@ -627,7 +748,8 @@ TORCH_LIBRARY(lmforge, m) {
         "Tensor? qkv_bias, Tensor o_panels, Tensor? o_bias, Tensor gate_up_panels, Tensor? gate_up_bias, "
         "Tensor down_panels, Tensor? down_bias, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int slot, Tensor? mask, int n_heads, int head_dim, float scale, float softcap, bool geglu, int d_ff, "
-        "Tensor? q_norm=None, Tensor? k_norm=None) -> Tensor");
+        "Tensor? q_norm=None, Tensor? k_norm=None, Tensor? qkv_scale=None, Tensor? o_scale=None, "
+        "Tensor? gate_up_scale=None, Tensor? down_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {

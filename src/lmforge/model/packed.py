@@ -96,7 +96,7 @@ def _build() -> None:
         return weight.new_empty((-(-n // PANEL), k, PANEL))
 
     @torch.library.register_fake("lmforge::packed_linear")
-    def _(x, panels, bias, out_features):
+    def _(x, panels, bias, out_features, scales=None):
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("lmforge::decode_attention")
@@ -144,6 +144,27 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed float32"
 
 
+class PackedInt8Linear(nn.Module):
+    """lmforge's weight-only int8 (Int8Linear: int8 q (N, K), one float32 scale per output row) as (N/32, K, 32)
+    int8 panels for the CPU kernel: y = (x @ q.T) * scale + b in float32, reading a quarter of float32's bytes."""
+
+    def __init__(self, linear):
+        super().__init__()
+        if not kernel_available():
+            raise RuntimeError(f"the packed CPU kernel is unavailable: {kernel_error()}")
+        self.out_features, self.in_features = linear.out_features, linear.in_features
+        self.register_buffer("panels", torch.ops.lmforge.pack(linear.qweight.contiguous()))
+        self.register_buffer("scale", linear.scale.float().contiguous())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
+                                                                  requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lmforge.packed_linear(x, self.panels, self.bias, self.out_features, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, packed"
+
+
 class PackedEmbedding(nn.Module):
     """Token lookup reading rows of a tied output head's panels: row t is panels[t // 32, :, t % 32]."""
 
@@ -162,10 +183,11 @@ class PackedEmbedding(nn.Module):
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Replace every float32 CPU nn.Linear of `model` with PackedLinear, in place (a tied output head is
+    """Replace every float32 CPU nn.Linear of `model` with PackedLinear and every Int8Linear with PackedInt8Linear
+    (a float32 model's int8 weights), in place (a tied output head is
     packed once and shared with the token embedding), and turn on decode_attention for its one-token steps.
     Returns the model in eval mode; unchanged, with a warning, where the kernels cannot be built."""
-    from lmforge.model.quantize import replace_linears
+    from lmforge.model.quantize import Int8Linear, replace_linears
     from lmforge.model.transformer import MLP, Attention, RMSNorm, Transformer
 
     if not kernel_available():
@@ -173,12 +195,21 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         return model.eval()
     replaced = replace_linears(model, lambda _, m: m.weight.dtype == torch.float32 and m.weight.device.type == "cpu",
                                lambda linear: PackedLinear(linear.weight, linear.bias))
+    # int8 weights (quantize_int8, an `export int8` directory) of a float32 model: the same integers as int8 panels
+    if not model.inference_only or model.inference_only == "int8":
+        targets = [(name, m) for name, m in model.named_modules() if type(m) is Int8Linear
+                   and m.qweight.device.type == "cpu" and (m.bias is None or m.bias.dtype == torch.float32)]
+        for name, linear in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, PackedInt8Linear(linear))
+        replaced += len(targets)
     if isinstance(model, Transformer) and model.lm_head is None and isinstance(model.embed, nn.Embedding) \
             and model.embed.weight.dtype == torch.float32 and model.embed.weight.device.type == "cpu":
         model.lm_head = PackedLinear(model.embed.weight)
         model.embed = PackedEmbedding(model.lm_head)
     if isinstance(model, Transformer) and (replaced or isinstance(model.embed, PackedEmbedding)):
-        model.inference_only = model.inference_only or "packed float32"
+        model.inference_only = "int8, packed" if model.inference_only == "int8" else (model.inference_only
+                                                                                    or "packed float32")
         model.fused_decode = True
         for module in model.modules():
             if isinstance(module, Attention):

@@ -823,7 +823,9 @@ class Transformer(nn.Module):
                          o.panels, o.bias, gate_up.panels, gate_up.bias, down.panels, down.bias, cfg.n_heads,
                          cfg.head_dim, cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5,
                          cfg.attn_softcap or 0.0, mlp.geglu, gate_up.out_features // 2,
-                         None if qk[0] is None else qk[0].weight, None if qk[1] is None else qk[1].weight))
+                         None if qk[0] is None else qk[0].weight, None if qk[1] is None else qk[1].weight,
+                         # int8 panels' row scales (PackedInt8Linear); None for float32 panels
+                         *(getattr(m, "scale", None) for m in (qkv, o, gate_up, down))))
         self.__dict__["_fused_plan"] = (key, plan)
         return plan
 
@@ -836,12 +838,12 @@ class Transformer(nn.Module):
         mask = None if mask is None else mask[:, 0, 0]
         x = x.contiguous()
         for i, (an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b, heads, head_dim, scale, softcap,
-                geglu, d_ff, q_norm, k_norm) in enumerate(plan):
+                geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s) in enumerate(plan):
             rope = ropes[i]
             x = torch.ops.lmforge.decode_layer(x, an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b,
                                                None if rope is None else rope[0], None if rope is None else rope[1],
                                                cache.k[i], cache.v[i], slot, mask, heads, head_dim, scale, softcap,
-                                               geglu, d_ff, q_norm, k_norm)
+                                               geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
