@@ -116,7 +116,8 @@ def load_for_inference(path: str | Path, dtype: str = "float32", quantize: str |
                        compile: bool = False, template: str | None = None,
                        template_kwargs: dict | None = None) -> Loaded:
     """Load a model directory or Hub id for generation (see the module docstring): weights in `dtype`, then
-    int8 / int4 weights (`quantize`) or, in float32, lmforge's packed CPU kernels (`pack`; None: packed when the
+    int8 / int4 weights (`quantize`; int8 in float32 on a CPU is packed as int8 panels unless pack=False) or, in
+    float32, lmforge's packed CPU kernels (`pack`; None: packed when the
     model runs in float32 on a CPU, the fastest safe path, falling back to torch's matmul with one warning where the
     kernels cannot be built); the tokenizer with
     `template` (chat/templates.py `resolve_template`) as its chat template when one is given, and

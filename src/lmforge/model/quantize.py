@@ -7,8 +7,10 @@ max|w| / 127.5, as torchao's Int8WeightOnlyConfig and gpt-fast do; the same idea
 blocks) reads a quarter of that. The rounding error is at most half a step (max|w| / 255) per weight; greedy
 continuations usually stay the same for many tokens and drift only where two candidates were nearly tied.
 
-On CPU, small batches (decode) use ATen's int8 GEMV kernel `_weight_int8pack_mm` with bfloat16 activations; large
-ones (prefill) dequantize to the activation dtype and run a dense matmul. Elsewhere (CUDA) the matrix is dequantized
+A float32 model on a CPU packs these integers for lmforge's own kernel (model/packed.py PackedInt8Linear, through
+pack_for_cpu: float32 activations, what `--quantize int8` loads by default). Unpacked, small batches (decode) use
+ATen's int8 GEMV kernel `_weight_int8pack_mm` with bfloat16 activations; large ones (prefill) dequantize to the
+activation dtype and run a dense matmul. Elsewhere (CUDA) the matrix is dequantized
 per call: the memory saving stays, the speed-up does not. int4 is llama.cpp's Q4_0 (below). Quantized models are for
 generation; training and saving need the float model.
 
