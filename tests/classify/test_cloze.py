@@ -85,3 +85,20 @@ def test_cloze_training_learns_and_saves_a_masked_lm(tiny_mlm, tmp_path, capsys)
         theirs = hf(**enc).logits[0, at, tok.convert_tokens_to_ids(["great", "terrible"])]
         mine = ours(enc["input_ids"])[0]
     assert torch.allclose(mine, theirs, atol=1e-4) and mine.argmax().item() == 0  # pos: "great"
+    # the run scores its best checkpoint as a head's run does, and `classify eval / predict` read it
+    report = json.loads((tmp_path / "pet" / "metrics.json").read_text())
+    assert report["overall"]["accuracy"] == 1.0 and set(report["per_class"]) == {"pos", "neg"}
+    assert main(["classify", "eval", "--model", str(best), "--data", str(val), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"]["accuracy"] == 1.0
+    assert main(["classify", "predict", "--model", str(best), "--data", str(val)]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["label"] for p in predicted] == [r["label"] for r in rows]
+
+
+def test_verbalizer_words_the_vocabulary_lacks_are_refused(tiny_mlm):
+    """Words that read as [UNK] (Chinese characters in an English WordPiece vocabulary) would give their labels one
+    and the same score: refused, naming the word, as is one word for two labels."""
+    with pytest.raises(ConfigError, match="好 is not in this vocabulary"):
+        build_cloze(tiny_mlm, "{text} 总之很[MASK]。", parse_verbalizer("pos:好,neg:差"))
+    with pytest.raises(ConfigError, match="same word"):
+        build_cloze(tiny_mlm, "{text} It was [MASK].", parse_verbalizer("pos:great,neg:great "))

@@ -61,6 +61,16 @@ class ClozeModel(nn.Module):
             self.norm.bias.copy_(head["cls.predictions.transform.LayerNorm.bias"])
             self.bias.copy_(head.get("cls.predictions.bias", head.get("cls.predictions.decoder.bias")))
 
+    # what classify predict / eval read of a classifier (classify/predict.py Predictor): one label per text
+    task, multi_label = "sequence", False
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.backbone.cfg.pad_token_id
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, -1)
+
     @property
     def cfg(self):
         return self.backbone.cfg
@@ -142,6 +152,12 @@ def build_cloze(directory: str | os.PathLike, pattern: str, verbalizer: dict[str
         if len(ids) != 1:
             raise ConfigError(f"verbalizer: {label}:{word} is {len(ids)} tokens of this vocabulary; each label's word "
                               "must be one token")
+        if ids[0] == tokenizer.tok.token_to_id("[UNK]"):  # scoring [UNK] would give every such label one logit
+            raise ConfigError(f"verbalizer: {label}:{word} is not in this vocabulary (it reads as [UNK]); choose a "
+                              "word the model knows")
+        if ids[0] in word_ids:
+            other = list(verbalizer)[word_ids.index(ids[0])]
+            raise ConfigError(f"verbalizer: {label} and {other} have the same word; give each label its own")
         word_ids.append(ids[0])
     encoder = load_hf_encoder(d).train()
     model = ClozeModel(encoder, tensors, list(verbalizer), word_ids, _special_id(tokenizer, MASK, d), pattern,
@@ -260,5 +276,12 @@ def run_cloze(cfg) -> dict:
     summary = trainer.fit()
     summary["data"] = data_stats
     if trainer.is_main:
+        if (out / "best" / "config.json").exists():  # the best checkpoint on the validation split, as a head's run
+            from lmforge.classify.predict import evaluate_dir
+
+            report = evaluate_dir(out / "best", None, records=val_recs, calibrate=True,
+                                  confusion_png=out / "confusion.png")
+            write_json(out / "metrics.json", report)
+            summary["best"] = report["overall"]
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "hf_config"})
     return summary

@@ -23,7 +23,12 @@ def task_config(model_dir: str | Path, **fields) -> ClassifyConfig:
     raw = json.loads(config.read_text()) if config.exists() else {}
     task = (raw.get("lmforge_task") or {}).get("task") or ("token" if "Token" in str(raw.get("architectures")) else
                                                            "sequence")
+    task = "sequence" if task == "cloze" else task  # a cloze classifier reads text and one label as a head's does
     return ClassifyConfig(task=task, multi_label=raw.get("problem_type") == "multi_label_classification", **fields)
+
+
+def _is_cloze(raw: dict) -> bool:
+    return (raw.get("lmforge_task") or {}).get("task") == "cloze"
 
 
 class Predictor:
@@ -34,9 +39,16 @@ class Predictor:
         from lmforge.model.heads import load_classifier
 
         self.dir = Path(directory)
-        self.model = load_classifier(self.dir)
+        raw = json.loads((self.dir / "config.json").read_text()) if (self.dir / "config.json").exists() else {}
+        # a cloze (PET) checkpoint: a BertForMaskedLM whose config.json holds the pattern and the label words
+        self.pattern = (raw.get("lmforge_task") or {}).get("pattern") if _is_cloze(raw) else None
+        if self.pattern is not None:
+            from lmforge.classify.cloze import load_cloze
+
+            self.model = load_cloze(self.dir)
+        else:
+            self.model = load_classifier(self.dir)
         self.tokenizer = task_tokenizer(self.dir)
-        raw = json.loads((self.dir / "config.json").read_text())
         self.temperature = float((raw.get("lmforge_task") or {}).get("temperature", 1.0))
         limit = self.model.backbone.cfg.max_seq_len
         self.max_length = min(max_length or limit, limit)
@@ -54,6 +66,11 @@ class Predictor:
         if token:
             enc = encode_tagged(self.tokenizer, records, {t: i for i, t in enumerate(self.labels)}, self.max_length)
             ids, first = enc.ids, enc.labels
+        elif self.pattern is not None:
+            from lmforge.classify.cloze import encode_cloze
+
+            ids, _ = encode_cloze(self.tokenizer, [r.text for r in records], self.pattern, self.max_length)
+            first = [0] * len(ids)
         else:
             ids, _ = encode_texts(self.tokenizer, [r.text for r in records], self.max_length)
             first = [0] * len(ids)
