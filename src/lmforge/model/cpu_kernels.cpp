@@ -29,90 +29,8 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // output rows per panel
 constexpr int kRows = 8;            // rows of x per block: 8 x 2 accumulators fit the 32 AVX-512 (or 16 AVX2 x 2) registers
-constexpr int64_t kPrefetch = 32;  // panel rows (of 32 floats) to prefetch ahead
 
 typedef float vec16 __attribute__((vector_size(64)));
-
-template <int M>
-void block(const float* __restrict x, int64_t K, const float* __restrict panel, const float* __restrict bias,
-           float* __restrict y, int64_t N, int64_t width) {
-  vec16 acc[M][2];
-  for (int m = 0; m < M; m++) {
-    acc[m][0] = vec16{};
-    acc[m][1] = vec16{};
-  }
-  for (int64_t k = 0; k < K; k++) {
-    // 4 KB ahead: the hardware prefetcher alone leaves the loads waiting when 8 rows of FMAs sit between them
-    // (measured on the AVX-512 Xeon VM: 8 rows 43 -> 30 ms for 700 MB of weights). One row goes through row_gemv,
-    // without: on the AMD EPYC VM it streams faster so (layers 13.4 -> 11.6 ms for 425 MB, head 8.9 -> 8.5 ms for
-    // 350 MB: the prefetches take load slots the hardware prefetcher does not need); it was 31 -> 29 ms with them
-    // on the Xeon.
-    __builtin_prefetch(panel + (k + kPrefetch) * kPanel, 0, 3);
-    __builtin_prefetch(panel + (k + kPrefetch) * kPanel + 16, 0, 3);
-    vec16 w0, w1;
-    std::memcpy(&w0, panel + k * kPanel, sizeof(vec16));
-    std::memcpy(&w1, panel + k * kPanel + 16, sizeof(vec16));
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) {
-      const float xv = x[m * K + k];
-      acc[m][0] += xv * w0;
-      acc[m][1] += xv * w1;
-    }
-  }
-  for (int m = 0; m < M; m++) {
-    float out[kPanel];
-    std::memcpy(out, &acc[m][0], sizeof(vec16));
-    std::memcpy(out + 16, &acc[m][1], sizeof(vec16));
-    for (int64_t j = 0; j < width; j++) y[m * N + j] = bias ? out[j] + bias[j] : out[j];
-  }
-}
-
-// One row of x (a single stream's decode step): two k steps per iteration into four accumulators, no software
-// prefetch. Reads the weights at the rate a plain sum over them does (AMD EPYC VM, one thread: 37.5 GB/s against
-// block<1>'s 34.9 in the same process).
-void row_gemv(const float* __restrict x, int64_t K, const float* __restrict panel, const float* __restrict bias,
-              float* __restrict y, int64_t width) {
-  vec16 a0{}, a1{}, b0{}, b1{};
-  int64_t k = 0;
-  for (; k + 2 <= K; k += 2) {
-    vec16 w0, w1, w2, w3;
-    std::memcpy(&w0, panel + k * kPanel, sizeof(vec16));
-    std::memcpy(&w1, panel + k * kPanel + 16, sizeof(vec16));
-    std::memcpy(&w2, panel + (k + 1) * kPanel, sizeof(vec16));
-    std::memcpy(&w3, panel + (k + 1) * kPanel + 16, sizeof(vec16));
-    a0 += x[k] * w0;
-    a1 += x[k] * w1;
-    b0 += x[k + 1] * w2;
-    b1 += x[k + 1] * w3;
-  }
-  for (; k < K; k++) {
-    vec16 w0, w1;
-    std::memcpy(&w0, panel + k * kPanel, sizeof(vec16));
-    std::memcpy(&w1, panel + k * kPanel + 16, sizeof(vec16));
-    a0 += x[k] * w0;
-    a1 += x[k] * w1;
-  }
-  a0 += b0;
-  a1 += b1;
-  float out[kPanel];
-  std::memcpy(out, &a0, sizeof(vec16));
-  std::memcpy(out + 16, &a1, sizeof(vec16));
-  for (int64_t j = 0; j < width; j++) y[j] = bias ? out[j] + bias[j] : out[j];
-}
-
-void rows_block(int64_t rows, const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t N,
-                int64_t width) {
-  switch (rows) {
-    case 1: row_gemv(x, K, panel, bias, y, width); break;
-    case 2: block<2>(x, K, panel, bias, y, N, width); break;
-    case 3: block<3>(x, K, panel, bias, y, N, width); break;
-    case 4: block<4>(x, K, panel, bias, y, N, width); break;
-    case 5: block<5>(x, K, panel, bias, y, N, width); break;
-    case 6: block<6>(x, K, panel, bias, y, N, width); break;
-    case 7: block<7>(x, K, panel, bias, y, N, width); break;
-    default: block<kRows>(x, K, panel, bias, y, N, width); break;
-  }
-}
 
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kChar) &&
@@ -127,11 +45,18 @@ at::Tensor pack(const at::Tensor& weight) {
 
 // ---- int8 panels: the same layout with int8 weights and one float scale per output row ------------------------------
 // y = scale[j] * sum_k q[j][k] x[k] + bias[j] (lmforge's weight-only int8, model/quantize.py): each loaded group of
-// 32 int8 weights (32 bytes, a quarter of float32's) widens to two float vectors in registers, so the float32
-// kernel's loop runs on a quarter of the memory traffic; activations and sums stay float32.
-// 32 int8 weights -> two float vectors. GCC scalarises __builtin_convertvector from int8 (16 byte-to-int moves and
-// converts), so the sign-extending loads are written with the instructions themselves where the target has them.
-inline void widen32(const int8_t* w, vec16& lo, vec16& hi) {
+// 32 int8 weights (32 bytes, a quarter of float32's) widens to two float vectors in registers, so the same loops run
+// on a quarter of the memory traffic; activations and sums stay float32.
+
+// 32 weights of a panel row as two float vectors. GCC scalarises __builtin_convertvector from int8 (16 byte-to-int
+// moves and converts), so the sign-extending loads are written with the instructions themselves where the target
+// has them.
+inline void load32(const float* w, vec16& lo, vec16& hi) {
+  std::memcpy(&lo, w, sizeof(vec16));
+  std::memcpy(&hi, w + 16, sizeof(vec16));
+}
+
+inline void load32(const int8_t* w, vec16& lo, vec16& hi) {
 #if defined(__AVX512F__)
   const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
   const __m512 b =
@@ -153,23 +78,34 @@ inline void widen32(const int8_t* w, vec16& lo, vec16& hi) {
 #endif
 }
 
-inline void store_scaled(const vec16& lo, const vec16& hi, const float* scale, const float* bias, float* y,
-                         int64_t width) {
+// One output row block's 32 sums into y: times the row scales (int8 panels) and plus the bias, where given.
+inline void store32(const vec16& lo, const vec16& hi, const float* scale, const float* bias, float* y, int64_t width) {
   float out[kPanel];
   std::memcpy(out, &lo, sizeof(vec16));
   std::memcpy(out + 16, &hi, sizeof(vec16));
-  for (int64_t j = 0; j < width; j++) y[j] = bias ? out[j] * scale[j] + bias[j] : out[j] * scale[j];
+  for (int64_t j = 0; j < width; j++) {
+    const float v = scale ? out[j] * scale[j] : out[j];
+    y[j] = bias ? v + bias[j] : v;
+  }
 }
 
-template <int M>
-void block_i8(const float* __restrict x, int64_t K, const int8_t* __restrict panel, const float* __restrict scale,
-              const float* __restrict bias, float* __restrict y, int64_t N, int64_t width) {
+// M rows of x (2..8) against one panel of W (float or int8).
+template <int M, typename W>
+void block(const float* __restrict x, int64_t K, const W* __restrict panel, const float* __restrict scale,
+           const float* __restrict bias, float* __restrict y, int64_t N, int64_t width) {
+  // 4 KB ahead: the hardware prefetcher alone leaves the loads waiting when 8 rows of FMAs sit between them
+  // (measured on the AVX-512 Xeon VM: 8 rows 43 -> 30 ms for 700 MB of weights). One row goes through row_gemv,
+  // without: on the AMD EPYC VM it streams faster so (layers 13.4 -> 11.6 ms for 425 MB, head 8.9 -> 8.5 ms for
+  // 350 MB: the prefetches take load slots the hardware prefetcher does not need); it was 31 -> 29 ms with them
+  // on the Xeon.
+  constexpr int64_t ahead = 4096 / (kPanel * sizeof(W));
   vec16 acc[M][2];
   for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = vec16{};
   for (int64_t k = 0; k < K; k++) {
-    __builtin_prefetch(panel + (k + 4 * kPrefetch) * kPanel, 0, 3);  // the float32 kernel's 4 KB ahead
+    __builtin_prefetch(panel + (k + ahead) * kPanel, 0, 3);
+    if (sizeof(W) == 4) __builtin_prefetch(panel + (k + ahead) * kPanel + 16, 0, 3);  // a float row: 2 lines
     vec16 w0, w1;
-    widen32(panel + k * kPanel, w0, w1);
+    load32(panel + k * kPanel, w0, w1);
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
       const float xv = x[m * K + k];
@@ -177,18 +113,21 @@ void block_i8(const float* __restrict x, int64_t K, const int8_t* __restrict pan
       acc[m][1] += xv * w1;
     }
   }
-  for (int m = 0; m < M; m++) store_scaled(acc[m][0], acc[m][1], scale, bias, y + m * N, width);
+  for (int m = 0; m < M; m++) store32(acc[m][0], acc[m][1], scale, bias, y + m * N, width);
 }
 
-// one row: two k steps per iteration, four accumulators, no software prefetch (as row_gemv)
-void row_gemv_i8(const float* __restrict x, int64_t K, const int8_t* __restrict panel, const float* __restrict scale,
-                 const float* __restrict bias, float* __restrict y, int64_t width) {
+// One row of x (a single stream's decode step): two k steps per iteration into four accumulators, no software
+// prefetch. Reads float32 weights at the rate a plain sum over them does (AMD EPYC VM, one thread: 37.5 GB/s
+// against the 8-row loop's 34.9 in the same process).
+template <typename W>
+void row_gemv(const float* __restrict x, int64_t K, const W* __restrict panel, const float* __restrict scale,
+              const float* __restrict bias, float* __restrict y, int64_t width) {
   vec16 a0{}, a1{}, b0{}, b1{};
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
     vec16 w0, w1, w2, w3;
-    widen32(panel + k * kPanel, w0, w1);
-    widen32(panel + (k + 1) * kPanel, w2, w3);
+    load32(panel + k * kPanel, w0, w1);
+    load32(panel + (k + 1) * kPanel, w2, w3);
     a0 += x[k] * w0;
     a1 += x[k] * w1;
     b0 += x[k + 1] * w2;
@@ -196,25 +135,42 @@ void row_gemv_i8(const float* __restrict x, int64_t K, const int8_t* __restrict 
   }
   for (; k < K; k++) {
     vec16 w0, w1;
-    widen32(panel + k * kPanel, w0, w1);
+    load32(panel + k * kPanel, w0, w1);
     a0 += x[k] * w0;
     a1 += x[k] * w1;
   }
-  store_scaled(a0 + b0, a1 + b1, scale, bias, y, width);
+  store32(a0 + b0, a1 + b1, scale, bias, y, width);
 }
 
-void rows_block_i8(int64_t rows, const float* x, int64_t K, const int8_t* panel, const float* scale,
-                   const float* bias, float* y, int64_t N, int64_t width) {
+template <typename W>
+void rows_block(int64_t rows, const float* x, int64_t K, const W* panel, const float* scale, const float* bias,
+                float* y, int64_t N, int64_t width) {
   switch (rows) {
-    case 1: row_gemv_i8(x, K, panel, scale, bias, y, width); break;
-    case 2: block_i8<2>(x, K, panel, scale, bias, y, N, width); break;
-    case 3: block_i8<3>(x, K, panel, scale, bias, y, N, width); break;
-    case 4: block_i8<4>(x, K, panel, scale, bias, y, N, width); break;
-    case 5: block_i8<5>(x, K, panel, scale, bias, y, N, width); break;
-    case 6: block_i8<6>(x, K, panel, scale, bias, y, N, width); break;
-    case 7: block_i8<7>(x, K, panel, scale, bias, y, N, width); break;
-    default: block_i8<kRows>(x, K, panel, scale, bias, y, N, width); break;
+    case 1: row_gemv(x, K, panel, scale, bias, y, width); break;
+    case 2: block<2>(x, K, panel, scale, bias, y, N, width); break;
+    case 3: block<3>(x, K, panel, scale, bias, y, N, width); break;
+    case 4: block<4>(x, K, panel, scale, bias, y, N, width); break;
+    case 5: block<5>(x, K, panel, scale, bias, y, N, width); break;
+    case 6: block<6>(x, K, panel, scale, bias, y, N, width); break;
+    case 7: block<7>(x, K, panel, scale, bias, y, N, width); break;
+    default: block<kRows>(x, K, panel, scale, bias, y, N, width); break;
   }
+}
+
+// Every panel of W through its rows of x, threads splitting the panels (output columns): each thread streams its
+// own part of the weight once.
+template <typename W>
+void linear_panels(const float* x, int64_t M, int64_t K, const W* panels, int64_t n_panels, const float* scale,
+                   const float* bias, float* y, int64_t N) {
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; p++) {
+      const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        rows_block(std::min<int64_t>(kRows, M - m0), x + m0 * K, K, panels + p * K * kPanel,
+                   scale ? scale + n0 : nullptr, bias ? bias + n0 : nullptr, y + m0 * N + n0, N, width);
+      }
+    }
+  });
 }
 
 // x (..., K) of any leading shape (flattened to rows here: Python-side reshapes are a dispatch each, and a decode
@@ -245,32 +201,12 @@ at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& panels, cons
     TORCH_CHECK(scales.has_value() && scales->defined() && scales->numel() == N &&
                     scales->scalar_type() == at::kFloat && scales->is_contiguous(),
                 "lmforge.packed_linear: int8 panels need float32 scales, one for each of the ", N, " outputs");
-    const int8_t* wq = panels.data_ptr<int8_t>();
-    const float* sp = scales->data_ptr<float>();
-    at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; p++) {
-        const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
-        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-          rows_block_i8(std::min<int64_t>(kRows, M - m0), xp + m0 * K, K, wq + p * K * kPanel, sp + n0,
-                        bp ? bp + n0 : nullptr, yp + m0 * N + n0, N, width);
-        }
-      }
-    });
-    return y;
+    linear_panels(xp, M, K, panels.data_ptr<int8_t>(), panels.size(0), scales->data_ptr<float>(), bp, yp, N);
+  } else {
+    TORCH_CHECK(panels.scalar_type() == at::kFloat, "lmforge.packed_linear: panels must be float32 or int8, got ",
+                panels.scalar_type());
+    linear_panels(xp, M, K, panels.data_ptr<float>(), panels.size(0), nullptr, bp, yp, N);
   }
-  TORCH_CHECK(panels.scalar_type() == at::kFloat, "lmforge.packed_linear: panels must be float32 or int8, got ",
-              panels.scalar_type());
-  const float* wp = panels.data_ptr<float>();
-  // threads split the panels (output columns): each thread streams its own part of the weight once
-  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; p++) {
-      const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        rows_block(std::min<int64_t>(kRows, M - m0), xp + m0 * K, K, wp + p * K * kPanel, bp ? bp + n0 : nullptr,
-                   yp + m0 * N + n0, N, width);
-      }
-    }
-  });
   return y;
 }
 
