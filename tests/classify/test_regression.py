@@ -134,3 +134,31 @@ def test_encoder_sentence_pairs_with_standard_scaling(tmp_path, capsys):
     assert abs(float(theirs.mean()) - mean) < 1.0
     _, ours = predict_values(tmp_path / "sts" / "best", [Scored(a, [], pair=b) for a, b, _ in pairs])
     assert np.allclose(np.array(ours)[:, 0], theirs, atol=1e-4)
+
+
+def test_cut_to_max_length_in_training_and_to_the_models_limit_in_prediction(trained_dir, tmp_path, capsys):
+    from tests.models import tiny_llama
+
+    model = tiny_llama(tmp_path / "base", trained_dir, max_positions=64)
+    rows = _rows(24, 0)
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    assert main(["classify", "train", "--task", "regression", "--model", str(model), "--data", str(train),
+                 "--val-data", str(train), "--label-field", "good", "--max-length", "8", "--max-steps", "2",
+                 "--no-progress", "--out", str(tmp_path / "reg")]) == 0
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "reg" / "best" / "tokenizer.json"))
+    longer = sum(len(tok(r["text"])["input_ids"]) > 8 for r in rows)
+    assert 0 < longer < len(rows)
+    assert f"lmforge: {2 * longer} example(s) are longer than max_length 8 and were cut" in capsys.readouterr().err
+    # prediction cuts a text to the model's 64 positions, as transformers reads the first 64 ids
+    text = "".join(r["text"] for r in _rows(40, 3))
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 64
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "reg" / "best").eval()
+    with torch.no_grad():
+        cut, whole = (hf(torch.tensor([x])).logits[0, 0].item() for x in (ids[:64], ids))
+    assert abs(cut - whole) > 1e-3  # reading past the limit would give another value
+    _, ours = predict_values(tmp_path / "reg" / "best", [text])
+    assert ours[0][0] == pytest.approx(cut, abs=1e-4)
+    new = _jsonl(tmp_path / "new.jsonl", [{"text": text}])
+    assert main(["classify", "predict", "--model", str(tmp_path / "reg" / "best"), "--data", str(new)]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"]["good"] == pytest.approx(cut, abs=1e-4)

@@ -256,6 +256,9 @@ def run_regression(cfg) -> dict:
         print(f"regression: {k} target(s) ({', '.join(targets)}) on {model_dir} ({'encoder' if encoder else 'decoder'}"
               f", {pc['trainable']:,} trainable parameters); {len(ids_tr)} train / {len(ids_va)} validation examples;"
               f" {cfg.max_steps} steps", file=sys.stderr)
+        if cut_tr + cut_va:  # as a classifier's run says it (classify/run.py)
+            print(f"lmforge: {cut_tr + cut_va} example(s) are longer than max_length {cfg.max_length} and were cut",
+                  file=sys.stderr)
     summary = trainer.fit()
     summary["data"] = data_stats
     summary["parameters"] = parameter_counts(model)
@@ -268,9 +271,10 @@ def run_regression(cfg) -> dict:
 
 
 def predict_values(directory: str | Path, texts: list[str] | list[Scored], batch_size: int = 32,
-                   max_length: int = 512) -> tuple[list[str], list[list[float]]]:
+                   max_length: int | None = None) -> tuple[list[str], list[list[float]]]:
     """A saved regression head's target names and predictions (one list of target values per text or scored
-    record, in order)."""
+    record, in order); texts are cut to max_length tokens, at most the model's limit (its default), as
+    `classify predict` cuts a classifier's."""
     import torch
 
     from lmforge.classify.data import eval_batches
@@ -283,7 +287,8 @@ def predict_values(directory: str | Path, texts: list[str] | list[Scored], batch
         raise ConfigError(f"{d}: not a regression head (problem_type is not regression)")
     tok = load_tokenizer(d, backend="hf") if is_encoder_dir(d) else load_tokenizer(d)
     records = [t if isinstance(t, Scored) else Scored(t, []) for t in texts]
-    ids, _ = encode_scored(tok, records, max_length)
+    limit = model.backbone.cfg.max_seq_len
+    ids, _ = encode_scored(tok, records, min(max_length or limit, limit))
     k = len(model.labels)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # the order eval_batches puts them in
     preds: list[list[float]] = []
@@ -296,7 +301,7 @@ def predict_values(directory: str | Path, texts: list[str] | list[Scored], batch
     return model.labels, out
 
 
-def evaluate_regression_dir(directory: str | Path, records: list[Scored], max_length: int = 512) -> dict:
+def evaluate_regression_dir(directory: str | Path, records: list[Scored], max_length: int | None = None) -> dict:
     """Metrics of a saved regression head on scored records: overall (mean over targets) and per target."""
     import numpy as np
 
@@ -317,7 +322,7 @@ def regression_cli(args, mode: str) -> int:
                                   .items())]
     records = read_scored(data_files(args.data), args.text_field, names, args.text_pair_field, None, args.encoding,
                           need_targets=mode == "eval")
-    max_length = getattr(args, "max_length", None) or 512
+    max_length = getattr(args, "max_length", None)  # None: the model's limit
     if mode == "eval":
         report = evaluate_regression_dir(args.model, records, max_length)
         if args.json:
