@@ -95,9 +95,8 @@ void block(const float* __restrict x, int64_t K, const W* __restrict panel, cons
            const float* __restrict bias, float* __restrict y, int64_t N, int64_t width) {
   // 4 KB ahead: the hardware prefetcher alone leaves the loads waiting when 8 rows of FMAs sit between them
   // (measured on the AVX-512 Xeon VM: 8 rows 43 -> 30 ms for 700 MB of weights). One row goes through row_gemv,
-  // without: on the AMD EPYC VM it streams faster so (layers 13.4 -> 11.6 ms for 425 MB, head 8.9 -> 8.5 ms for
-  // 350 MB: the prefetches take load slots the hardware prefetcher does not need); it was 31 -> 29 ms with them
-  // on the Xeon.
+  // without: on the AMD EPYC VM it streams faster so (the prefetches take load slots the hardware prefetcher does
+  // not need; docs/benchmarks.md), though the Xeon had measured them a little faster at one row.
   constexpr int64_t ahead = 4096 / (kPanel * sizeof(W));
   vec16 acc[M][2];
   for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = vec16{};
@@ -117,8 +116,7 @@ void block(const float* __restrict x, int64_t K, const W* __restrict panel, cons
 }
 
 // One row of x (a single stream's decode step): two k steps per iteration into four accumulators, no software
-// prefetch. Reads float32 weights at the rate a plain sum over them does (AMD EPYC VM, one thread: 37.5 GB/s
-// against the 8-row loop's 34.9 in the same process).
+// prefetch: it reads float32 weights at the rate a plain sum over them does (docs/benchmarks.md).
 template <typename W>
 void row_gemv(const float* __restrict x, int64_t K, const W* __restrict panel, const float* __restrict scale,
               const float* __restrict bias, float* __restrict y, int64_t width) {
@@ -605,8 +603,8 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
 //   h = rms_norm(x); qkv = h W_qkv; RoPE on q, k; k, v written to the cache at `slot`; attention over slots 0..slot;
 //   x1, h2 = add_rms_norm(x, y W_o); x1 + down(gated(h2 W_gate_up)).
 // The same kernels and summation order as the module path, so the result is bit-identical to it; what it saves is
-// the Python around them: a decode step of a 30-layer model made ~500 module calls, views and cache writes (~3 ms a
-// token on one core, as much as llama.cpp's whole step spends outside its matmuls), now 30 calls.
+// the Python around them: a decode step of a 30-layer model made ~500 module calls, views and cache writes, now 30
+// calls (the time it saves: docs/benchmarks.md, "A layer in one call").
 // x (B, 1, d); caches (B, Hkv, slots, D); cos, sin (B or 1, 1, rotary dims) or none (a NoPE layer); mask (B, >=
 // slot + 1) bool (true = attend) or none.
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,

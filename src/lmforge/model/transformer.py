@@ -831,7 +831,7 @@ class Transformer(nn.Module):
 
     def _decode_fused(self, x: torch.Tensor, plan: list[tuple], ropes: list, mask, cache: KVCache) -> torch.Tensor:
         """The layers of a one-token step, one `lmforge::decode_layer` call each (the same kernels as the modules,
-        bit-identical results; ~3 ms less Python a token on a 30-layer model)."""
+        bit-identical results, without the modules' Python and dispatch: docs/benchmarks.md)."""
         slot = cache.length
         if slot + 1 > cache.max_len:
             raise ValueError(f"KV cache is full: {slot + 1} > {cache.max_len} positions")
