@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from lmforge.chat.templates import BUILTIN_TEMPLATES
+from lmforge.cli import main
 from lmforge.data.sources import CorpusError
 from lmforge.finetune.conversations import Conversation
 from lmforge.finetune.run import FinetuneConfig, run_finetune
@@ -181,19 +182,20 @@ def test_a_set_with_no_trained_token_fails_before_training(base_model, tmp_path)
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
-def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_file, tmp_path):
-    cli = [sys.executable, "-m", "lmforge", "finetune", "--model", str(base_model), "--data", str(alpaca_file),
-           "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--eval-every", "0", "--samples", "0"]
-    r = subprocess.run(cli + ["--out", str(tmp_path / "r"), "--method", "freeze", "--train-layers", "1"],
-                       capture_output=True, text=True)
+def test_cli_refuses_an_occupied_run_dir_and_unknown_methods(base_model, alpaca_file, tmp_path, capsys):
+    args = ["finetune", "--model", str(base_model), "--data", str(alpaca_file), "--max-steps", "2", "--batch-size", "2",
+            "--max-length", "64", "--eval-every", "0", "--samples", "0"]
+    r = subprocess.run([sys.executable, "-m", "lmforge", *args, "--out", str(tmp_path / "r"), "--method", "freeze",
+                        "--train-layers", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "one training example, the trained part in [[ ]]" in r.stderr
     assert r.stderr.count("would not stop") == 1  # ChatML's <|im_end|> is not this model's EOS: said once
     assert (tmp_path / "r" / "best" / "model.safetensors").exists()  # freeze: full HF checkpoints
-    r = subprocess.run(cli + ["--out", str(tmp_path / "r")], capture_output=True, text=True)
-    assert r.returncode == 2 and "already holds a training run" in r.stderr
-    r = subprocess.run(cli + ["--out", str(tmp_path / "q"), "--method", "ia3"], capture_output=True, text=True)
-    assert r.returncode == 2 and "not in this version yet" in r.stderr
+    # the refusals in this process (each a one-line error and exit status 2, before any work)
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "q"), "--method", "ia3"]) == 2
+    assert "not in this version yet" in capsys.readouterr().err
 
 
 @pytest.mark.slow
