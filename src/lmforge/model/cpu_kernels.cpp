@@ -640,9 +640,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
     const float *qw = q_norm->data_ptr<float>(), *kw = k_norm->data_ptr<float>();
     const float e = static_cast<float>(eps), off = static_cast<float>(offset);
     for (int64_t b = 0; b < B; b++) {
-      for (int64_t h = 0; h < n_heads + Hkv; h++) {
-        float* head = rows + b * row + h * D;
-        rms_row(head, h < n_heads ? qw : kw, off, e, D, head);
+      for (int64_t i = 0; i < n_heads + Hkv; i++) {  // q's heads, then k's
+        float* head = rows + b * row + i * D;
+        rms_row(head, i < n_heads ? qw : kw, off, e, D, head);
       }
     }
   }

@@ -197,12 +197,8 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
                                lambda linear: PackedLinear(linear.weight, linear.bias))
     # int8 weights (quantize_int8, an `export int8` directory) of a float32 model: the same integers as int8 panels
     if not model.inference_only or model.inference_only == "int8":
-        targets = [(name, m) for name, m in model.named_modules() if type(m) is Int8Linear
-                   and m.qweight.device.type == "cpu" and (m.bias is None or m.bias.dtype == torch.float32)]
-        for name, linear in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, PackedInt8Linear(linear))
-        replaced += len(targets)
+        replaced += replace_linears(model, lambda _, m: m.qweight.device.type == "cpu"
+                                    and (m.bias is None or m.bias.dtype == torch.float32), PackedInt8Linear, Int8Linear)
     if isinstance(model, Transformer) and model.lm_head is None and isinstance(model.embed, nn.Embedding) \
             and model.embed.weight.dtype == torch.float32 and model.embed.weight.device.type == "cpu":
         model.lm_head = PackedLinear(model.embed.weight)

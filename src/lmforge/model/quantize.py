@@ -73,10 +73,11 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def replace_linears(model: nn.Module, keep, build) -> int:
-    """Swap each nn.Linear named `name` for which keep(name, linear) is true with build(linear), in place; the
-    inference formats (int8 here, packed float32 in packed.py) share it. Returns how many were replaced."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and keep(name, m)]
+def replace_linears(model: nn.Module, keep, build, kind: type = nn.Linear) -> int:
+    """Swap each module of exactly type `kind` (nn.Linear unless given) named `name` for which keep(name, module) is
+    true with build(module), in place; the inference formats (int8 here, packed float32 and int8 panels in packed.py)
+    share it. Returns how many were replaced."""
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is kind and keep(name, m)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, build(linear))

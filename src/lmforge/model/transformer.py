@@ -800,7 +800,9 @@ class Transformer(nn.Module):
         for b in self.layers._modules.values():
             attn, mlp = b._modules["attn"]._modules, b._modules["mlp"]._modules
             modules.append((b, attn["qkv_proj"], attn["o_proj"], mlp.get("gate_up_proj"), mlp.get("down_proj")))
-        key = tuple(id(m) for group in modules for m in group)
+        # the config fields the plan copies are read at each call by the module path: a changed one rebuilds it
+        cfg = self.cfg
+        key = (*(id(m) for group in modules for m in group), id(cfg), cfg.attn_scale, cfg.attn_softcap)
         cached = self.__dict__.get("_fused_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
