@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from lmforge.config import ConfigError
 from lmforge.model import load_hf_model
@@ -116,7 +117,15 @@ def test_peft_adapter_loads_in_lmforge_with_equal_logits(base, tmp_path):
     model = load_adapter(load_hf_model(d).eval(), tmp_path / "adapter")
     if name in MOE:
         assert {s.leaf for s in model.peft.sites} >= {"gate_up_proj", "down_proj", "gate"}
-    assert (_logits(model, ids) - _logits(pm, ids)).abs().max() < TOL
+    ours = _logits(model, ids)
+    assert (ours - _logits(pm, ids)).abs().max() < TOL
+    # saved again by lmforge: the same tensors (a MoE model's dense layers too, where this peft adapts them), which
+    # peft reads back to the same model
+    save_adapter(model, tmp_path / "again", base_model_name_or_path=str(d))
+    assert set(load_file(tmp_path / "again" / "adapter_model.safetensors")) == \
+        set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    back = peft.PeftModel.from_pretrained(_hf(d), tmp_path / "again").eval()
+    assert (_logits(back, ids) - ours).abs().max() < TOL
 
 
 def test_export_merge_gives_a_directory_transformers_loads(base, tmp_path):

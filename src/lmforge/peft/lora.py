@@ -20,8 +20,9 @@ Where adapters go, and under which names, follows the transformers model peft ad
   DoRA. "all-linear" covers attention and experts; the router (HF `mlp.gate`, lmforge `mlp.router`) only when
   named ("gate"): a changed router moves tokens to other experts. peft's names for transformers 4's per-expert
   modules (gate_proj + up_proj; Mixtral's w1 + w3, w2) mean the stacked experts, as peft converts them (the fused
-  gate_up_proj then has rank 2r and alpha 2 alpha). The dense MLP layers of a model that mixes dense and MoE layers
-  get no adapters: peft on transformers 5 maps those names to the experts too.
+  gate_up_proj then has rank 2r and alpha 2 alpha). lmforge's own targets give the dense MLP layers of a model
+  that mixes dense and MoE layers no adapters (peft < 0.22 maps those names to the experts only); an adapter from
+  peft >= 0.22, which keeps them on the dense layers as well, loads with them (`LoraConfig.parameters`).
 
 Targets use the HF names, as peft's `target_modules` / `target_parameters` do: a list of names (a site matches
 when its HF name ends with `.NAME`), a regular expression (matched against the whole HF name), or "all-linear".
@@ -58,6 +59,11 @@ class LoraConfig:
     lora_plus_ratio: float = field(default=0.0, metadata={
         "help": "LoRA+: B's learning rate = this x the learning rate (0: off; the paper suggests 16)",
         "check": (lambda v: v >= 0, ">= 0")})
+    # peft's target_parameters as an adapter_config.json gives them (None: `targets` names modules and expert
+    # parameters alike). Given, `targets` names linear modules only (peft's target_modules, so on a model mixing
+    # dense and MoE layers the dense layers' gate_proj / up_proj / down_proj, as peft >= 0.22 writes them) and this
+    # list the stacked expert parameters and routers
+    parameters: list | None = field(default=None, metadata={"cli": False})
     # peft's per-site rank and alpha (regular expressions over HF names -> value); lmforge takes them for expert
     # parameters, which is where peft's own conversion of MoE adapters writes them
     rank_pattern: dict = field(default_factory=dict, metadata={"cli": False})
@@ -112,9 +118,9 @@ _EXPERT_ALIASES = {"qwen3_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_u
                    "mixtral": {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}}
 
 
-def adapter_sites(cfg, routers: bool = False) -> list[Site]:
+def adapter_sites(cfg, routers: bool = False, dense_moe: bool = False) -> list[Site]:
     """Every linear layer (or fused slice of one) and stacked expert parameter an adapter may target, with its HF
-    name; MoE routers only with `routers`."""
+    name; MoE routers only with `routers`; the MLP of a MoE model's dense layers only with `dense_moe`."""
     sites = []
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     for i in range(cfg.n_layers):
@@ -144,8 +150,8 @@ def adapter_sites(cfg, routers: bool = False) -> list[Site]:
                            "mlp.experts.down_proj")]
             if routers:
                 sites.append(Site(f"{ours}.mlp.router", 0, cfg.n_experts, f"{h}.mlp.gate", "mlp.gate.weight"))
-        elif cfg.n_experts:
-            continue  # a dense layer of a MoE model: peft on transformers 5 reads its names as the experts'
+        elif cfg.n_experts and not dense_moe:
+            continue  # a dense layer of a MoE model: lmforge's own targets give its names to the experts
         elif cfg.mlp in ("swiglu", "geglu"):  # gated: gate and up are slices of lmforge's fused gate_up_proj
             sites += [Site(f"{ours}.mlp.gate_up_proj", 0, cfg.d_ff, f"{h}.mlp.gate_proj"),
                       Site(f"{ours}.mlp.gate_up_proj", cfg.d_ff, 2 * cfg.d_ff, f"{h}.mlp.up_proj")]
@@ -156,9 +162,11 @@ def adapter_sites(cfg, routers: bool = False) -> list[Site]:
     return sites
 
 
-def model_sites(model: nn.Module, routers: bool = False) -> list[Site]:
+def model_sites(model: nn.Module, routers: bool = False, dense_moe: bool = False) -> list[Site]:
     """`adapter_sites` of the model's config, or on the portable path (model/portable.py) `portable_sites`."""
-    return portable_sites(model) if getattr(model, "portable", False) else adapter_sites(model.cfg, routers)
+    if getattr(model, "portable", False):
+        return portable_sites(model)
+    return adapter_sites(model.cfg, routers, dense_moe)
 
 
 def portable_sites(model: nn.Module) -> list[Site]:
@@ -196,9 +204,13 @@ def _expert_aliases(cfg, names: list[str]) -> tuple[list[str], dict]:
     return [aliases.get(n, n) for n in names], factors
 
 
-def select_sites(cfg, targets: list | str, model: nn.Module | None = None) -> list[Site]:
+def select_sites(cfg, targets: list | str, model: nn.Module | None = None,
+                 parameters: list | None = None) -> list[Site]:
     """The sites `targets` names (among `model`'s own where it names them, else cfg's), peft's matching rules; an
-    unknown name is an error naming the valid ones."""
+    unknown name is an error naming the valid ones. With `parameters` (an adapter_config.json's
+    target_parameters), `targets` selects linear modules and `parameters` expert parameters and routers."""
+    if parameters is not None:
+        return _select_split(cfg, targets, parameters, model)
     routers = targets != ALL_LINEAR
     sites = model_sites(model, routers) if model is not None else adapter_sites(cfg, routers)
     if targets == ALL_LINEAR:
@@ -217,6 +229,25 @@ def select_sites(cfg, targets: list | str, model: nn.Module | None = None) -> li
         raise ConfigError(f"lora.targets: {', '.join(unknown)} is not a module of this model; its linear modules "
                           f"are {', '.join(leaves)} (or all-linear)")
     return [s for s in sites if any(s.matches(t) for t in names)]
+
+
+def _select_split(cfg, modules: list, parameters: list, model: nn.Module | None) -> list[Site]:
+    """peft's saved form: target_modules over linear modules (every layer's, a MoE model's dense layers included:
+    peft >= 0.22 keeps a dense gate_proj / up_proj / down_proj a module when it converts an adapter), and
+    target_parameters over the stacked experts and routers."""
+    sites = model_sites(model, True, True) if model is not None else adapter_sites(cfg, True, True)
+    linear = [s for s in sites if s.parameter is None]
+    unknown = [t for t in modules if not any(s.matches(t) for s in linear)]
+    if unknown:
+        raise ConfigError(f"target_modules: {', '.join(map(str, unknown))} is not a linear module of this model; "
+                          f"they are {', '.join(sorted({s.leaf for s in linear}))}")
+    chosen = [s for s in linear if any(s.matches(t) for t in modules)]
+    stacked = [s for s in sites if s.parameter is not None]
+    unknown = [p for p in parameters if not any(s.matches(p) for s in stacked)]
+    if unknown:
+        raise ConfigError(f"target_parameters: {', '.join(map(str, unknown))} is not an expert parameter or router of "
+                          f"this model; they are {', '.join(sorted({s.parameter for s in stacked})) or 'none'}")
+    return chosen + [s for s in stacked if any(s.matches(p) for p in parameters)]
 
 
 # --- the adapted linear layer -------------------------------------------------------------------------------------
@@ -462,7 +493,7 @@ def resolve_config(cfg, lora: LoraConfig) -> LoraConfig:
     alpha peft's conversion gives the fused pair; a setting the sites cannot take is a ConfigError."""
     import dataclasses
 
-    if isinstance(lora.targets, str):
+    if isinstance(lora.targets, str) or lora.parameters is not None:  # (peft's saved form names the experts itself)
         return lora
     names, factors = _expert_aliases(cfg, [str(t) for t in lora.targets])
     if not factors:
@@ -493,7 +524,7 @@ class Lora(Adapter):
         from torch.nn.utils import parametrize
 
         lora = self.config = resolve_config(model.cfg, self.config)
-        self.sites = select_sites(model.cfg, lora.targets, model)
+        self.sites = select_sites(model.cfg, lora.targets, model, lora.parameters)
         for key in [*lora.rank_pattern, *lora.alpha_pattern]:
             if any(_pattern_matches(key, s.hf_name) for s in self.sites if not s.experts):
                 raise ConfigError(f"lora: a per-module rank or alpha ({key!r}) is supported on expert parameters "
@@ -576,14 +607,16 @@ class Lora(Adapter):
                 raise ConfigError(f"{where}: {key} is not supported yet")
         if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
             raise ConfigError(f"{where}: trained biases (bias={raw.get('bias')!r}) are not supported yet")
-        targets = raw.get("target_modules") or ([] if raw.get("target_parameters") else ALL_LINEAR)
+        parameters = raw.get("target_parameters") or None
+        targets = raw.get("target_modules") or ([] if parameters else ALL_LINEAR)
         if isinstance(targets, list):
-            targets = sorted(targets) + sorted(raw.get("target_parameters") or [])
-        elif raw.get("target_parameters"):
+            targets = sorted(targets)
+        elif parameters:
             raise ConfigError(f"{where}: target_parameters with a pattern or all-linear as target_modules is not "
                               "supported yet")
         return cls(LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)),
                               dropout=float(raw.get("lora_dropout", 0)), targets=targets,
+                              parameters=sorted(parameters) if parameters else None,
                               rslora=bool(raw.get("use_rslora")), dora=bool(raw.get("use_dora")),
                               rank_pattern=dict(raw.get("rank_pattern") or {}),
                               alpha_pattern=dict(raw.get("alpha_pattern") or {})))
