@@ -162,3 +162,12 @@ def test_cut_to_max_length_in_training_and_to_the_models_limit_in_prediction(tra
     new = _jsonl(tmp_path / "new.jsonl", [{"text": text}])
     assert main(["classify", "predict", "--model", str(tmp_path / "reg" / "best"), "--data", str(new)]) == 0
     assert json.loads(capsys.readouterr().out)["prediction"]["good"] == pytest.approx(cut, abs=1e-4)
+    # training with a max_length past the model's positions cuts to them (past them the position table would be
+    # indexed out of range), and says so
+    long = _jsonl(tmp_path / "long.jsonl", rows + [{"text": text, "good": 1.0}])
+    assert main(["classify", "train", "--task", "regression", "--model", str(model), "--data", str(long),
+                 "--val-data", str(long), "--label-field", "good", "--max-length", "512", "--max-steps", "1",
+                 "--no-progress", "--out", str(tmp_path / "long")]) == 0
+    err = capsys.readouterr().err
+    assert f"max_length 512 is past {model}'s 64 positions: examples are cut to 64 tokens" in err
+    assert "lmforge: 2 example(s) are longer than max_length 64 and were cut" in err

@@ -292,6 +292,50 @@ def test_moe_grouped_dispatch_gradients_equal_a_per_token_reference(grouped_mm, 
         assert (g - t.grad).abs().max() < 1e-4 * max(1.0, t.grad.abs().max().item())
 
 
+def test_moe_large_batch_without_autograd_runs_expert_by_expert_equal_to_transformers(monkeypatch):
+    """A no-grad batch of at least LOOP_ROWS rows per expert runs expert by expert: the same output as
+    transformers' eager Qwen3-MoE block and as the grouped dispatch autograd takes (bfloat16: within its rounding),
+    the same routing counts; a smaller batch keeps the grouped dispatch."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from lmforge.model import ModelConfig
+    from lmforge.model.transformer import Experts, MoE
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen3MoeConfig(hidden_size=32, num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=24, norm_topk_prob=True)
+    hf_cfg._experts_implementation = "eager"
+    theirs = Qwen3MoeSparseMoeBlock(hf_cfg)
+    ours = MoE(ModelConfig(d_model=32, n_heads=2, d_ff=24, n_experts=6, experts_top_k=2, moe_norm_topk=True))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(std=0.2)
+        ours.router.weight.copy_(theirs.gate.weight)
+        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
+        ours.experts.down_proj.copy_(theirs.experts.down_proj)
+    loops = []
+    by_expert = Experts._by_expert
+    monkeypatch.setattr(Experts, "_by_expert", lambda self, *a: loops.append(1) or by_expert(self, *a))
+    n = Experts.LOOP_ROWS * 6 // 2  # tokens x top-k = LOOP_ROWS x experts
+    x = torch.randn(1, n, 32)
+    with torch.no_grad():
+        want = theirs(x)
+        got = ours(x)
+        counts = ours.expert_counts
+    assert loops == [1]
+    assert (got - want).abs().max() < 1e-6
+    grouped = ours(x)  # autograd on: the grouped dispatch
+    assert loops == [1] and (grouped - got).abs().max() < 1e-6 and torch.equal(ours.expert_counts, counts)
+    with torch.no_grad():
+        ours(x[:, : n // 2])
+    assert loops == [1]  # half the rows per expert: grouped
+    ours.bfloat16()
+    with torch.no_grad():
+        low = ours(x.bfloat16())
+    assert loops == [1, 1]
+    assert (low.float() - ours(x.bfloat16()).float()).abs().max() <= 2 ** -7 * want.abs().max()
+
+
 def _config(family: str) -> dict:
     config_cls, _, _, extra = FAMILIES[family]
     cfg = getattr(transformers, config_cls)(**{"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,

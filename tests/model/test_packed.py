@@ -252,12 +252,14 @@ def test_packed_checkpoints_match_transformers(tmp_path, kind):
 
 @pytest.mark.parametrize("fields", [dict(qkv_bias=True), dict(no_rope_layers=(1,), mlp="geglu", norm_offset=1.0),
                                     dict(attn_softcap=20.0, n_kv_heads=4), dict(qk_norm=True),
-                                    dict(qkv_bias=True, int8=True)])
+                                    dict(qkv_bias=True, int8=True), dict(sliding_window=10)])
 def test_fused_decode_layers_equal_the_module_path(fields):
     """A one-token step runs each pre-norm layer as one `decode_layer` call: the same kernels in the same order as
     the modules, so its logits and KV cache equal the module path's bit for bit; here with q/k/v biases (Qwen2), a
-    NoPE layer, GeGLU and Gemma's 1 + w norm scale, soft-capped scores, GQA, and a left-padded batch. With Qwen3's
-    per-head q/k norms the module path rotates q and k with torch's ops instead of the RoPE kernel: equal to 1e-6."""
+    NoPE layer, GeGLU and Gemma's 1 + w norm scale, soft-capped scores, GQA, and a left-padded batch; a sliding
+    window of 10 runs fused while it holds every key (8 to 10 here) and through the modules once it masks (11 on).
+    With Qwen3's per-head q/k norms the module path rotates q and k with torch's ops instead of the RoPE kernel:
+    equal to 1e-6."""
     from lmforge.model import PackedInt8Linear, quantize_int8
 
     torch.manual_seed(0)
@@ -271,6 +273,10 @@ def test_fused_decode_layers_equal_the_module_path(fields):
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[0, :3] = 0  # row 0 is left-padded
 
+    calls = []
+    decode_fused = model._decode_fused
+    model._decode_fused = lambda *a: calls.append(a[-1].length) or decode_fused(*a)
+
     def steps(fused: bool):
         model.fused_decode = fused
         cache, out = KVCache(model.cfg, 2, 16), []
@@ -283,7 +289,8 @@ def test_fused_decode_layers_equal_the_module_path(fields):
         return torch.stack(out), cache
 
     (fused, fused_cache), (modules, module_cache) = steps(True), steps(False)
-    assert model.__dict__["_fused_plan"][1] is not None  # the fused path ran
+    # the fused path ran: every step, or with the window while it held every key (7, 8, 9 keys before the step)
+    assert calls == ([7, 8, 9] if cfg.sliding_window else [7, 8, 9, 10, 11, 12])
     pairs = [(fused, modules), *zip(fused_cache.k + fused_cache.v, module_cache.k + module_cache.v)]
     if fields.get("qk_norm"):
         assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in pairs)

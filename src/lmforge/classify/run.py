@@ -204,6 +204,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     from lmforge.peft import parameter_counts
 
     _check(cfg)
+    _fit_max_length(cfg, resolve_model_dir(cfg.model))
     if cfg.method == "cloze":  # a masked LM fills a pattern's [MASK] with a label word (PET)
         from lmforge.classify.cloze import run_cloze
 
@@ -285,6 +286,22 @@ def _check(cfg: ClassifyConfig) -> None:
             raise ConfigError(f"augment: {model_ops[0]} rewrites whole sentences, so entity spans cannot be kept: "
                               "the token task takes synonym insert swap delete char punct")
         check_augment_options(cfg)
+
+
+def _fit_max_length(cfg: ClassifyConfig, model_dir: Path) -> None:
+    """max_length cut to the backbone's positions (its config.json's max_position_embeddings or n_positions), as
+    `classify predict` cuts: a longer example would index past the position table. Says so when it cuts."""
+    import json
+
+    try:
+        hf = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the loader's own errors name the file
+    limit = hf.get("max_position_embeddings") or hf.get("n_positions")
+    if isinstance(limit, int) and 0 < limit < cfg.max_length:
+        print(f"lmforge: max_length {cfg.max_length} is past {model_dir}'s {limit} positions: examples are cut to "
+              f"{limit} tokens", file=sys.stderr)
+        cfg.max_length = limit
 
 
 def task_tokenizer(model_dir: Path):
