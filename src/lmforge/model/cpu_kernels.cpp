@@ -602,6 +602,8 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
 // A pre-norm layer (Llama's placement) for one new token per row, the ops above in the order the modules run them:
 //   h = rms_norm(x); qkv = h W_qkv; RoPE on q, k; k, v written to the cache at `slot`; attention over slots 0..slot;
 //   x1, h2 = add_rms_norm(x, y W_o); x1 + down(gated(h2 W_gate_up)).
+// With post_attn_norm and post_mlp_norm, Gemma's sandwich: x1 = x + rms_norm(y W_o); h2 = rms_norm(x1); and
+// x1 + rms_norm(down(...)).
 // The same kernels and summation order as the module path, so the result is bit-identical to it; what it saves is
 // the Python around them: a decode step of a 30-layer model made ~500 module calls, views and cache writes, now 30
 // calls (the time it saves: docs/benchmarks.md, "A layer in one call").
@@ -618,7 +620,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         double softcap, bool geglu, int64_t d_ff, const std::optional<at::Tensor>& q_norm,
                         const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& qkv_scale,
                         const std::optional<at::Tensor>& o_scale, const std::optional<at::Tensor>& gate_up_scale,
-                        const std::optional<at::Tensor>& down_scale) {
+                        const std::optional<at::Tensor>& down_scale,
+                        const std::optional<at::Tensor>& post_attn_norm,
+                        const std::optional<at::Tensor>& post_mlp_norm) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.is_contiguous(),
               "lmforge.decode_layer: x must be a contiguous (B, 1, d) tensor, got ", x.sizes());
   const int64_t B = x.size(0), d = x.size(2), Hkv = k_cache.size(1), D = head_dim;
@@ -661,11 +665,20 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   const at::Tensor y = decode_attention(q, k_cache.narrow(2, 0, slot + 1), v_cache.narrow(2, 0, slot + 1), mask,
                                         std::nullopt, scale, softcap);
   const at::Tensor o = packed_linear(y.view({B, 1, q_width}), o_panels, o_bias, d, o_scale);
-  auto [x1, h2] = add_rms_norm(x, o, mlp_norm, eps, offset);
+  const bool sandwich = post_attn_norm.has_value() && post_attn_norm->defined();
+  at::Tensor x1, h2;
+  if (sandwich) {  // Gemma: each branch's output normed before it joins the stream, x + norm(o), then norm(x1)
+    TORCH_CHECK(post_mlp_norm.has_value() && post_mlp_norm->defined(),
+                "lmforge.decode_layer: post_attn_norm needs post_mlp_norm");
+    x1 = x.add(rms_norm(o, *post_attn_norm, eps, offset));
+    h2 = rms_norm(x1, mlp_norm, eps, offset);
+  } else {
+    std::tie(x1, h2) = add_rms_norm(x, o, mlp_norm, eps, offset);
+  }
   const at::Tensor down =
       packed_linear(gated(packed_linear(h2, gate_up_panels, gate_up_bias, 2 * d_ff, gate_up_scale), geglu),
                     down_panels, down_bias, d, down_scale);
-  return x1.add_(down);
+  return x1.add_(sandwich ? rms_norm(down, *post_mlp_norm, eps, offset) : down);
 }
 
 }  // namespace
@@ -683,7 +696,8 @@ TORCH_LIBRARY(lmforge, m) {
         "Tensor down_panels, Tensor? down_bias, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int slot, Tensor? mask, int n_heads, int head_dim, float scale, float softcap, bool geglu, int d_ff, "
         "Tensor? q_norm=None, Tensor? k_norm=None, Tensor? qkv_scale=None, Tensor? o_scale=None, "
-        "Tensor? gate_up_scale=None, Tensor? down_scale=None) -> Tensor");
+        "Tensor? gate_up_scale=None, Tensor? down_scale=None, Tensor? post_attn_norm=None, "
+        "Tensor? post_mlp_norm=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {

@@ -818,9 +818,9 @@ class Transformer(nn.Module):
 
     def _fused_decode_plan(self) -> list[tuple] | None:
         """Each layer's arguments to `lmforge::decode_layer` (model/cpu_kernels.cpp: a whole one-token layer step in
-        one call), or None unless every layer is the pre-norm kind it runs: packed linears (pack_for_cpu), the
-        RMSNorm kernels, a gated MLP, q/k norms per head or none (Qwen3). Kept while the layers' modules stay the
-        same objects."""
+        one call), or None unless every layer is a kind it runs: pre-norm or Gemma's sandwich norms, packed
+        linears (pack_for_cpu), the RMSNorm kernels (one eps and offset per layer), a gated MLP, q/k norms per head
+        or none (Qwen3, Gemma 3). Kept while the layers' modules stay the same objects."""
         if not self.fused_decode:
             return None
         # the modules' own dicts: nn.Module.__getattr__ on 150 names costs ~0.3 ms a step
@@ -837,15 +837,16 @@ class Transformer(nn.Module):
         plan = []
         for block, qkv, o, gate_up, down in modules:
             attn, mlp, norms = block.attn, block.mlp, (getattr(block, "attn_norm", None), getattr(block, "mlp_norm", None))
+            post = (block.post_attn_norm, block.post_mlp_norm) if block.placement == "sandwich" else ()
             qk = (attn.q_norm, attn.k_norm) if attn.cfg.qk_norm else (None, None)
-            if (block.placement != "pre" or not attn.decode_kernel or not isinstance(mlp, MLP)
+            if (block.placement not in ("pre", "sandwich") or not attn.decode_kernel or not isinstance(mlp, MLP)
                     or (attn.cfg.qk_norm and (attn.cfg.qk_norm_scope != "head"
                                               or not all(isinstance(n, RMSNorm) and n.kernel for n in qk)
                                               or any((n.eps, n.offset) != (norms[0].eps, norms[0].offset)
                                                      for n in qk)))
                     or not (mlp.gated and mlp.kernel) or not all(hasattr(m, "panels") for m in (qkv, o, gate_up, down))
-                    or not all(isinstance(n, RMSNorm) and n.kernel for n in norms)
-                    or (norms[0].eps, norms[0].offset) != (norms[1].eps, norms[1].offset)):
+                    or not all(isinstance(n, RMSNorm) and n.kernel for n in (*norms, *post))
+                    or any((n.eps, n.offset) != (norms[0].eps, norms[0].offset) for n in (*norms[1:], *post))):
                 plan = None
                 break
             cfg = attn.cfg
@@ -855,7 +856,8 @@ class Transformer(nn.Module):
                          cfg.attn_softcap or 0.0, mlp.geglu, gate_up.out_features // 2,
                          None if qk[0] is None else qk[0].weight, None if qk[1] is None else qk[1].weight,
                          # int8 panels' row scales (PackedInt8Linear); None for float32 panels
-                         *(getattr(m, "scale", None) for m in (qkv, o, gate_up, down))))
+                         *(getattr(m, "scale", None) for m in (qkv, o, gate_up, down)),
+                         *((post[0].weight, post[1].weight) if post else (None, None))))
         self.__dict__["_fused_plan"] = (key, plan)
         return plan
 
@@ -868,12 +870,13 @@ class Transformer(nn.Module):
         mask = None if mask is None else mask[:, 0, 0]
         x = x.contiguous()
         for i, (an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b, heads, head_dim, scale, softcap,
-                geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s) in enumerate(plan):
+                geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s, post_attn, post_mlp) in enumerate(plan):
             rope = ropes[i]
             x = torch.ops.lmforge.decode_layer(x, an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b,
                                                None if rope is None else rope[0], None if rope is None else rope[1],
                                                cache.k[i], cache.v[i], slot, mask, heads, head_dim, scale, softcap,
-                                               geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s)
+                                               geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s, post_attn,
+                                               post_mlp)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
