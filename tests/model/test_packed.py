@@ -257,13 +257,19 @@ def test_packed_checkpoints_match_transformers(tmp_path, kind):
                                     dict(norm_placement="sandwich", norm_offset=1.0, qk_norm=True, mlp="geglu",
                                          sliding_window=12, attn_scale=0.3),
                                     # Gemma 2: sandwich norms, soft-capped scores
-                                    dict(norm_placement="sandwich", norm_offset=1.0, attn_softcap=30.0)])
+                                    dict(norm_placement="sandwich", norm_offset=1.0, attn_softcap=30.0),
+                                    # windows of 5 kept as rings (a server's cache): every layer, or Gemma 3's mix
+                                    dict(sliding_window=5, ring=True),
+                                    dict(norm_placement="sandwich", norm_offset=1.0, qk_norm=True, sliding_window=5,
+                                         layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                                         ring=True)])
 def test_fused_decode_layers_equal_the_module_path(fields):
     """A one-token step runs each pre-norm layer as one `decode_layer` call: the same kernels in the same order as
     the modules, so its logits and KV cache equal the module path's bit for bit; here with q/k/v biases (Qwen2), a
     NoPE layer, GeGLU and Gemma's 1 + w norm scale, soft-capped scores, GQA, a left-padded batch, Gemma 2 / 3's
     sandwich norms (each branch's output normed before it joins the stream); a sliding
-    window of 10 runs fused while it holds every key (8 to 10 here) and through the modules once it masks (11 on).
+    window of 10 runs fused while it holds every key (8 to 10 here) and through the modules once it masks (11 on);
+    windows kept as rings (each row writing its position's slot) run fused throughout.
     With per-head q/k norms (Qwen3, Gemma 3) the module path rotates q and k with torch's ops instead of the RoPE
     kernel: equal to float32 rounding (1e-5 relative)."""
     from lmforge.model import PackedInt8Linear, quantize_int8
@@ -271,6 +277,7 @@ def test_fused_decode_layers_equal_the_module_path(fields):
     torch.manual_seed(0)
     fields = dict(fields)
     int8 = fields.pop("int8", False)  # int8 weights as int8 panels (`--quantize int8` at float32)
+    ring = fields.pop("ring", False)  # sliding layers' caches as rings of their window's slots
     cfg = ModelConfig(**{"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 300, "d_ff": 96,
                          **fields})
     model = pack_for_cpu(quantize_int8(Transformer(cfg)) if int8 else Transformer(cfg))
@@ -281,11 +288,11 @@ def test_fused_decode_layers_equal_the_module_path(fields):
 
     calls = []
     decode_fused = model._decode_fused
-    model._decode_fused = lambda *a: calls.append(a[-1].length) or decode_fused(*a)
+    model._decode_fused = lambda *a: calls.append(a[4].length) or decode_fused(*a)
 
     def steps(fused: bool):
         model.fused_decode = fused
-        cache, out = KVCache(model.cfg, 2, 16), []
+        cache, out = KVCache(model.cfg, 2, 16, sliding=ring), []
         with torch.no_grad():
             model(ids, attention_mask=mask[:, :7], cache=cache)
             token = ids[:, -1:]
@@ -297,7 +304,8 @@ def test_fused_decode_layers_equal_the_module_path(fields):
     (fused, fused_cache), (modules, module_cache) = steps(True), steps(False)
     # the fused path ran: every step, or with a window while it held every key (window 10: 7, 8, 9 keys before the
     # step)
-    assert calls == [n for n in range(7, 13) if cfg.sliding_window is None or cfg.sliding_window > n]
+    assert calls == [n for n in range(7, 13) if cfg.sliding_window is None or cfg.sliding_window > n or ring]
+    assert fused_cache.has_rings == ring
     pairs = [(fused, modules), *zip(fused_cache.k + fused_cache.v, module_cache.k + module_cache.v)]
     if fields.get("qk_norm"):
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in pairs)

@@ -608,7 +608,8 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
 // the Python around them: a decode step of a 30-layer model made ~500 module calls, views and cache writes, now 30
 // calls (the time it saves: docs/benchmarks.md, "A layer in one call").
 // x (B, 1, d); caches (B, Hkv, slots, D); cos, sin (B or 1, 1, rotary dims) or none (a NoPE layer); mask (B, >=
-// slot + 1) bool (true = attend) or none.
+// slot + 1) bool (true = attend) or none. row_slots (B) int64: a ring layer's cache, each row's write slot, and
+// attention over every slot of the ring under `mask` (B, slots).
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
                         double offset, const at::Tensor& qkv_panels, const std::optional<at::Tensor>& qkv_bias,
                         const at::Tensor& o_panels, const std::optional<at::Tensor>& o_bias,
@@ -622,7 +623,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         const std::optional<at::Tensor>& o_scale, const std::optional<at::Tensor>& gate_up_scale,
                         const std::optional<at::Tensor>& down_scale,
                         const std::optional<at::Tensor>& post_attn_norm,
-                        const std::optional<at::Tensor>& post_mlp_norm) {
+                        const std::optional<at::Tensor>& post_mlp_norm,
+                        const std::optional<at::Tensor>& row_slots) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.is_contiguous(),
               "lmforge.decode_layer: x must be a contiguous (B, 1, d) tensor, got ", x.sizes());
   const int64_t B = x.size(0), d = x.size(2), Hkv = k_cache.size(1), D = head_dim;
@@ -632,6 +634,13 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                     c->scalar_type() == at::kFloat && slot >= 0 && slot < c->size(2) && c->sizes() == k_cache.sizes(),
                 "lmforge.decode_layer: caches must be contiguous float32 (", B, ", Hkv, > ", slot, ", ", D,
                 "), got ", k_cache.sizes(), " and ", v_cache.sizes());
+  }
+  // a ring (a sliding layer's window of slots, KVCache): each row writes its own slot and attends over the ring
+  const bool ring = row_slots.has_value() && row_slots->defined();
+  if (ring) {
+    TORCH_CHECK(row_slots->dim() == 1 && row_slots->size(0) == B && row_slots->scalar_type() == at::kLong &&
+                    row_slots->is_contiguous(),
+                "lmforge.decode_layer: row_slots must be a contiguous int64 (", B, ") tensor");
   }
   const at::Tensor h = rms_norm(x, attn_norm, eps, offset);
   at::Tensor qkv = packed_linear(h, qkv_panels, qkv_bias, q_width + 2 * kv_width, qkv_scale);
@@ -653,16 +662,20 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   if (cos.has_value() && cos->defined()) rope_(qkv, *cos, *sin, n_heads + Hkv, D);
   const float* src = qkv.data_ptr<float>();
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const int64_t* ring_slot = ring ? row_slots->data_ptr<int64_t>() : nullptr;
   for (int64_t b = 0; b < B; b++) {
+    const int64_t s = ring ? ring_slot[b] : slot;
+    TORCH_CHECK(s >= 0 && s < slots, "lmforge.decode_layer: slot ", s, " outside the cache's ", slots);
     for (int64_t hk = 0; hk < Hkv; hk++) {
-      const int64_t at_slot = ((b * Hkv + hk) * slots + slot) * D;
+      const int64_t at_slot = ((b * Hkv + hk) * slots + s) * D;
       std::memcpy(kc + at_slot, src + b * row + q_width + hk * D, D * sizeof(float));
       std::memcpy(vc + at_slot, src + b * row + q_width + kv_width + hk * D, D * sizeof(float));
     }
   }
   // q as (B, H, 1, D) views of qkv's rows; the keys and values as the cache's filled slots
   const at::Tensor q = qkv.narrow(2, 0, q_width).view({B, 1, n_heads, D}).transpose(1, 2);
-  const at::Tensor y = decode_attention(q, k_cache.narrow(2, 0, slot + 1), v_cache.narrow(2, 0, slot + 1), mask,
+  const int64_t seen = ring ? slots : slot + 1;
+  const at::Tensor y = decode_attention(q, k_cache.narrow(2, 0, seen), v_cache.narrow(2, 0, seen), mask,
                                         std::nullopt, scale, softcap);
   const at::Tensor o = packed_linear(y.view({B, 1, q_width}), o_panels, o_bias, d, o_scale);
   const bool sandwich = post_attn_norm.has_value() && post_attn_norm->defined();
@@ -697,7 +710,7 @@ TORCH_LIBRARY(lmforge, m) {
         "int slot, Tensor? mask, int n_heads, int head_dim, float scale, float softcap, bool geglu, int d_ff, "
         "Tensor? q_norm=None, Tensor? k_norm=None, Tensor? qkv_scale=None, Tensor? o_scale=None, "
         "Tensor? gate_up_scale=None, Tensor? down_scale=None, Tensor? post_attn_norm=None, "
-        "Tensor? post_mlp_norm=None) -> Tensor");
+        "Tensor? post_mlp_norm=None, Tensor? row_slots=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {

@@ -677,7 +677,7 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.inference_only: str | None = None  # "int8" (quantize_int8) or "packed float32" (pack_for_cpu)
-        # pack_for_cpu: one-token steps run each plain pre-norm layer as one kernel call (`_decode_fused`)
+        # pack_for_cpu: one-token steps run each pre-norm or sandwich-norm layer as one kernel call (`_decode_fused`)
         self.fused_decode = False
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
@@ -802,13 +802,16 @@ class Transformer(nn.Module):
                 masks[window] = mask.to(x.dtype) if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool \
                     else mask
         # (a sliding window that still holds every key, as Phi-3's 2047 or Mistral's 4096 do in a shorter cache,
-        # masks nothing: those layers' step is the plain one)
-        plan = self._fused_decode_plan() if (T == 1 and cache is not None and not static and not rings
+        # masks nothing: those layers' step is the plain one; a ring holds only its window)
+        plan = self._fused_decode_plan() if (T == 1 and cache is not None and not static
                                              and self.alibi is None and x.dtype == torch.float32
-                                             and all(w is None or w > start for w in windows)
+                                             and all(w is None or w > start or w in rings for w in windows)
                                              and not torch.compiler.is_compiling()) else None
         if plan is not None:
-            x = self._decode_fused(x, plan, [ropes[kind] for kind in kinds], masks[windows[0]], cache)
+            # each ring's write slot per row: position mod window (KVCache)
+            slots = {w: torch.remainder(positions[:, 0], w).contiguous() for w in rings}
+            x = self._decode_fused(x, plan, [ropes[kind] for kind in kinds], [masks[w] for w in windows], cache,
+                                   [slots.get(w) for w in cache.rings])
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, ropes[kinds[i]], masks[windows[i]], cache, i)
@@ -861,22 +864,24 @@ class Transformer(nn.Module):
         self.__dict__["_fused_plan"] = (key, plan)
         return plan
 
-    def _decode_fused(self, x: torch.Tensor, plan: list[tuple], ropes: list, mask, cache: KVCache) -> torch.Tensor:
+    def _decode_fused(self, x: torch.Tensor, plan: list[tuple], ropes: list, masks: list, cache: KVCache,
+                      ring_slots: list) -> torch.Tensor:
         """The layers of a one-token step, one `lmforge::decode_layer` call each (the same kernels as the modules,
-        bit-identical results, without the modules' Python and dispatch: docs/benchmarks.md)."""
+        bit-identical results, without the modules' Python and dispatch: docs/benchmarks.md). Per layer: its RoPE
+        tables, its mask (B, 1, 1, slots) or None, and for a ring layer each row's write slot."""
         slot = cache.length
         if slot + 1 > cache.max_len:
             raise ValueError(f"KV cache is full: {slot + 1} > {cache.max_len} positions")
-        mask = None if mask is None else mask[:, 0, 0]
         x = x.contiguous()
         for i, (an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b, heads, head_dim, scale, softcap,
                 geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s, post_attn, post_mlp) in enumerate(plan):
-            rope = ropes[i]
+            rope, mask, row_slots = ropes[i], masks[i], ring_slots[i]
             x = torch.ops.lmforge.decode_layer(x, an, mn, eps, offset, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b,
                                                None if rope is None else rope[0], None if rope is None else rope[1],
-                                               cache.k[i], cache.v[i], slot, mask, heads, head_dim, scale, softcap,
-                                               geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s, post_attn,
-                                               post_mlp)
+                                               cache.k[i], cache.v[i], 0 if row_slots is not None else slot,
+                                               None if mask is None else mask[:, 0, 0], heads, head_dim, scale,
+                                               softcap, geglu, d_ff, q_norm, k_norm, qkv_s, o_s, gu_s, down_s,
+                                               post_attn, post_mlp, row_slots)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
