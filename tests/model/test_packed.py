@@ -258,6 +258,8 @@ def test_packed_checkpoints_match_transformers(tmp_path, kind):
                                          sliding_window=12, attn_scale=0.3),
                                     # Gemma 2: sandwich norms, soft-capped scores
                                     dict(norm_placement="sandwich", norm_offset=1.0, attn_softcap=30.0),
+                                    # OLMo 2: norms after the branches, q/k norms over the whole projection
+                                    dict(norm_placement="post", qk_norm=True, qk_norm_scope="projection"),
                                     # windows of 5 kept as rings (a server's cache): every layer, or Gemma 3's mix
                                     dict(sliding_window=5, ring=True),
                                     dict(norm_placement="sandwich", norm_offset=1.0, qk_norm=True, sliding_window=5,
@@ -267,7 +269,8 @@ def test_fused_decode_layers_equal_the_module_path(fields):
     """A one-token step runs each pre-norm layer as one `decode_layer` call: the same kernels in the same order as
     the modules, so its logits and KV cache equal the module path's bit for bit; here with q/k/v biases (Qwen2), a
     NoPE layer, GeGLU and Gemma's 1 + w norm scale, soft-capped scores, GQA, a left-padded batch, Gemma 2 / 3's
-    sandwich norms (each branch's output normed before it joins the stream); a sliding
+    sandwich norms (each branch's output normed before it joins the stream), OLMo 2's norms after the branches
+    with q/k norms over the projection; a sliding
     window of 10 runs fused while it holds every key (8 to 10 here) and through the modules once it masks (11 on);
     windows kept as rings (each row writing its position's slot) run fused throughout.
     With per-head q/k norms (Qwen3, Gemma 3) the module path rotates q and k with torch's ops instead of the RoPE
@@ -314,12 +317,13 @@ def test_fused_decode_layers_equal_the_module_path(fields):
 
 
 def test_fused_decode_only_where_every_layer_is_the_plain_kind():
-    """Norms after the branches with q/k norms over the whole projection (OLMo 2), a layer whose norms differ in
-    eps, MoE, sliding windows that mask, or an unpacked model take the module path; Qwen3's per-head q/k norms and
-    Gemma's sandwich norms are fused."""
+    """A layer whose norms differ in eps, MoE, LayerNorm (GPT-2), sliding windows that mask, or an unpacked model
+    take the module path; Qwen3's per-head q/k norms, Gemma's sandwich norms and OLMo 2's norms after the branches
+    with q/k norms over the projection are fused."""
     small = dict(d_model=64, n_layers=2, n_heads=4, vocab_size=50)
     for cfg, fused in ((preset("tiny-llama"), True), (ModelConfig(**small, qk_norm=True), True),
-                       (ModelConfig(**small, qk_norm=True, qk_norm_scope="projection", norm_placement="post"), False),
+                       (ModelConfig(**small, qk_norm=True, qk_norm_scope="projection", norm_placement="post"), True),
+                       (preset("tiny-gpt2"), False),
                        (ModelConfig(**small, norm_placement="sandwich"), True),
                        (ModelConfig(**small, n_experts=4, experts_top_k=2), False)):
         model = pack_for_cpu(Transformer(cfg))

@@ -603,14 +603,15 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
 //   h = rms_norm(x); qkv = h W_qkv; RoPE on q, k; k, v written to the cache at `slot`; attention over slots 0..slot;
 //   x1, h2 = add_rms_norm(x, y W_o); x1 + down(gated(h2 W_gate_up)).
 // With post_attn_norm and post_mlp_norm, Gemma's sandwich: x1 = x + rms_norm(y W_o); h2 = rms_norm(x1); and
-// x1 + rms_norm(down(...)).
+// x1 + rms_norm(down(...)); without attn_norm and mlp_norm, OLMo 2's norms after the branches (h = x, h2 = x1).
 // The same kernels and summation order as the module path, so the result is bit-identical to it; what it saves is
 // the Python around them: a decode step of a 30-layer model made ~500 module calls, views and cache writes, now 30
 // calls (the time it saves: docs/benchmarks.md, "A layer in one call").
 // x (B, 1, d); caches (B, Hkv, slots, D); cos, sin (B or 1, 1, rotary dims) or none (a NoPE layer); mask (B, >=
 // slot + 1) bool (true = attend) or none. row_slots (B) int64: a ring layer's cache, each row's write slot, and
 // attention over every slot of the ring under `mask` (B, slots).
-at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
+at::Tensor decode_layer(const at::Tensor& x, const std::optional<at::Tensor>& attn_norm,
+                        const std::optional<at::Tensor>& mlp_norm, double eps,
                         double offset, const at::Tensor& qkv_panels, const std::optional<at::Tensor>& qkv_bias,
                         const at::Tensor& o_panels, const std::optional<at::Tensor>& o_bias,
                         const at::Tensor& gate_up_panels, const std::optional<at::Tensor>& gate_up_bias,
@@ -642,17 +643,30 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                     row_slots->is_contiguous(),
                 "lmforge.decode_layer: row_slots must be a contiguous int64 (", B, ") tensor");
   }
-  const at::Tensor h = rms_norm(x, attn_norm, eps, offset);
+  const auto given = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  const bool pre = given(attn_norm), sandwich_or_post = given(post_attn_norm);
+  TORCH_CHECK((pre || sandwich_or_post) && (given(mlp_norm) || !pre) && given(post_mlp_norm) == sandwich_or_post,
+              "lmforge.decode_layer: give attn_norm and mlp_norm (pre-norm), post_attn_norm and post_mlp_norm "
+              "(norms after the branches), or all four (sandwich)");
+  const at::Tensor h = pre ? rms_norm(x, *attn_norm, eps, offset) : x;  // OLMo 2: the branch reads x itself
   at::Tensor qkv = packed_linear(h, qkv_panels, qkv_bias, q_width + 2 * kv_width, qkv_scale);
   const int64_t row = q_width + 2 * kv_width, slots = k_cache.size(2);
-  if (q_norm.has_value() && q_norm->defined()) {  // Qwen3: each q and k head RMS-normed before RoPE, in place
-    TORCH_CHECK(q_norm->numel() == D && k_norm.has_value() && k_norm->numel() == D && q_norm->is_contiguous() &&
-                    k_norm->is_contiguous(),
-                "lmforge.decode_layer: q_norm and k_norm must be (", D, ") weights");
+  if (given(q_norm)) {  // q and k RMS-normed before RoPE, in place: each head (Qwen3, Gemma 3) or each whole
+                        // projection (OLMo 2)
+    const bool per_head = q_norm->numel() == D;
+    TORCH_CHECK(given(k_norm) && q_norm->is_contiguous() && k_norm->is_contiguous() &&
+                    (per_head ? k_norm->numel() == D : q_norm->numel() == q_width && k_norm->numel() == kv_width),
+                "lmforge.decode_layer: q_norm and k_norm must be (", D, ") weights, or (", q_width, ") and (",
+                kv_width, ")");
     float* rows = qkv.data_ptr<float>();
     const float *qw = q_norm->data_ptr<float>(), *kw = k_norm->data_ptr<float>();
     const float e = static_cast<float>(eps), off = static_cast<float>(offset);
     for (int64_t b = 0; b < B; b++) {
+      if (!per_head) {
+        rms_row(rows + b * row, qw, off, e, q_width, rows + b * row);
+        rms_row(rows + b * row + q_width, kw, off, e, kv_width, rows + b * row + q_width);
+        continue;
+      }
       for (int64_t i = 0; i < n_heads + Hkv; i++) {  // q's heads, then k's
         float* head = rows + b * row + i * D;
         rms_row(head, i < n_heads ? qw : kw, off, e, D, head);
@@ -678,20 +692,17 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   const at::Tensor y = decode_attention(q, k_cache.narrow(2, 0, seen), v_cache.narrow(2, 0, seen), mask,
                                         std::nullopt, scale, softcap);
   const at::Tensor o = packed_linear(y.view({B, 1, q_width}), o_panels, o_bias, d, o_scale);
-  const bool sandwich = post_attn_norm.has_value() && post_attn_norm->defined();
   at::Tensor x1, h2;
-  if (sandwich) {  // Gemma: each branch's output normed before it joins the stream, x + norm(o), then norm(x1)
-    TORCH_CHECK(post_mlp_norm.has_value() && post_mlp_norm->defined(),
-                "lmforge.decode_layer: post_attn_norm needs post_mlp_norm");
+  if (sandwich_or_post) {  // each branch's output normed before it joins the stream: x + norm(o)
     x1 = x.add(rms_norm(o, *post_attn_norm, eps, offset));
-    h2 = rms_norm(x1, mlp_norm, eps, offset);
+    h2 = pre ? rms_norm(x1, *mlp_norm, eps, offset) : x1;  // Gemma's sandwich norms the MLP's input too
   } else {
-    std::tie(x1, h2) = add_rms_norm(x, o, mlp_norm, eps, offset);
+    std::tie(x1, h2) = add_rms_norm(x, o, *mlp_norm, eps, offset);
   }
   const at::Tensor down =
       packed_linear(gated(packed_linear(h2, gate_up_panels, gate_up_bias, 2 * d_ff, gate_up_scale), geglu),
                     down_panels, down_bias, d, down_scale);
-  return x1.add_(sandwich ? rms_norm(down, *post_mlp_norm, eps, offset) : down);
+  return x1.add_(sandwich_or_post ? rms_norm(down, *post_mlp_norm, eps, offset) : down);
 }
 
 }  // namespace
@@ -704,7 +715,7 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("add_rms_norm(Tensor x, Tensor branch, Tensor weight, float eps, float offset) -> (Tensor, Tensor)");
   m.def("gated(Tensor x, bool geglu) -> Tensor");
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
-  m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor mlp_norm, float eps, float offset, Tensor qkv_panels, "
+  m.def("decode_layer(Tensor x, Tensor? attn_norm, Tensor? mlp_norm, float eps, float offset, Tensor qkv_panels, "
         "Tensor? qkv_bias, Tensor o_panels, Tensor? o_bias, Tensor gate_up_panels, Tensor? gate_up_bias, "
         "Tensor down_panels, Tensor? down_bias, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int slot, Tensor? mask, int n_heads, int head_dim, float scale, float softcap, bool geglu, int d_ff, "

@@ -677,7 +677,7 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.inference_only: str | None = None  # "int8" (quantize_int8) or "packed float32" (pack_for_cpu)
-        # pack_for_cpu: one-token steps run each pre-norm or sandwich-norm layer as one kernel call (`_decode_fused`)
+        # pack_for_cpu: one-token steps run each dense RMSNorm layer as one kernel call (`_decode_fused`)
         self.fused_decode = False
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the residual stream's variance stays bounded
@@ -821,9 +821,10 @@ class Transformer(nn.Module):
 
     def _fused_decode_plan(self) -> list[tuple] | None:
         """Each layer's arguments to `lmforge::decode_layer` (model/cpu_kernels.cpp: a whole one-token layer step in
-        one call), or None unless every layer is a kind it runs: pre-norm or Gemma's sandwich norms, packed
-        linears (pack_for_cpu), the RMSNorm kernels (one eps and offset per layer), a gated MLP, q/k norms per head
-        or none (Qwen3, Gemma 3). Kept while the layers' modules stay the same objects."""
+        one call), or None unless every layer is a kind it runs: its norms before the branches (pre), after them
+        (OLMo 2) or both (Gemma's sandwich), packed linears (pack_for_cpu), the RMSNorm kernels (one eps and
+        offset per layer), a gated MLP, q/k norms per head (Qwen3, Gemma 3), over the projection (OLMo 2) or none.
+        Kept while the layers' modules stay the same objects."""
         if not self.fused_decode:
             return None
         # the modules' own dicts: nn.Module.__getattr__ on 150 names costs ~0.3 ms a step
@@ -840,20 +841,19 @@ class Transformer(nn.Module):
         plan = []
         for block, qkv, o, gate_up, down in modules:
             attn, mlp, norms = block.attn, block.mlp, (getattr(block, "attn_norm", None), getattr(block, "mlp_norm", None))
-            post = (block.post_attn_norm, block.post_mlp_norm) if block.placement == "sandwich" else ()
+            post = (block.post_attn_norm, block.post_mlp_norm) if block.placement != "pre" else ()
             qk = (attn.q_norm, attn.k_norm) if attn.cfg.qk_norm else (None, None)
-            if (block.placement not in ("pre", "sandwich") or not attn.decode_kernel or not isinstance(mlp, MLP)
-                    or (attn.cfg.qk_norm and (attn.cfg.qk_norm_scope != "head"
-                                              or not all(isinstance(n, RMSNorm) and n.kernel for n in qk)
-                                              or any((n.eps, n.offset) != (norms[0].eps, norms[0].offset)
-                                                     for n in qk)))
+            # every norm of the layer through the RMSNorm kernel with one eps and offset (the call takes one pair)
+            every = [n for n in (*norms, *post, *qk) if n is not None]
+            if (not attn.decode_kernel or not isinstance(mlp, MLP)
                     or not (mlp.gated and mlp.kernel) or not all(hasattr(m, "panels") for m in (qkv, o, gate_up, down))
-                    or not all(isinstance(n, RMSNorm) and n.kernel for n in (*norms, *post))
-                    or any((n.eps, n.offset) != (norms[0].eps, norms[0].offset) for n in (*norms[1:], *post))):
+                    or not all(isinstance(n, RMSNorm) and n.kernel for n in every)
+                    or any((n.eps, n.offset) != (every[0].eps, every[0].offset) for n in every)):
                 plan = None
                 break
             cfg = attn.cfg
-            plan.append((norms[0].weight, norms[1].weight, norms[0].eps, norms[0].offset, qkv.panels, qkv.bias,
+            plan.append((*(None if n is None else n.weight for n in norms), every[0].eps, every[0].offset,
+                         qkv.panels, qkv.bias,
                          o.panels, o.bias, gate_up.panels, gate_up.bias, down.panels, down.bias, cfg.n_heads,
                          cfg.head_dim, cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5,
                          cfg.attn_softcap or 0.0, mlp.geglu, gate_up.out_features // 2,
