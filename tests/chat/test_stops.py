@@ -45,6 +45,7 @@ def seen(monkeypatch):
     return ids
 
 
+@pytest.mark.slow  # nine entry points end to end (~23 s): the slow tier, which CI runs too
 def test_every_entry_point_stops_at_the_same_ids(model_dir, seen, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
