@@ -291,12 +291,9 @@ def _check(cfg: ClassifyConfig) -> None:
 def _fit_max_length(cfg: ClassifyConfig, model_dir: Path) -> None:
     """max_length cut to the backbone's positions (its config.json's max_position_embeddings or n_positions), as
     `classify predict` cuts: a longer example would index past the position table. Says so when it cuts."""
-    import json
+    from lmforge.model.hf import read_config
 
-    try:
-        hf = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # the loader's own errors name the file
+    hf = read_config(model_dir)  # a missing or broken config.json: its one-line error, naming the file
     limit = hf.get("max_position_embeddings") or hf.get("n_positions")
     if isinstance(limit, int) and 0 < limit < cfg.max_length:
         print(f"lmforge: max_length {cfg.max_length} is past {model_dir}'s {limit} positions: examples are cut to "
